@@ -1,0 +1,205 @@
+//! The command line: `serve`, `migrate`, `token create|list|revoke`, `demo`.
+//!
+//! Configuration precedence: built-in defaults → `--config` TOML → environment → flags.
+
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use chrono::Utc;
+use clap::{Args, Parser, Subcommand};
+
+use crate::app::{Application, open_database};
+use crate::config::Settings;
+use crate::domain::auth::{Role, validate_binding};
+use crate::domain::ids::{PatientId, TokenId, UnitId};
+use crate::http::telemetry::init_tracing;
+use crate::persistence::{Db, migrations, tokens};
+
+/// SHERS: Smart Healthcare Emergency Response System.
+///
+/// Emergency medical dispatch backend: wearable vitals in, triage, incidents, ambulance
+/// dispatch, next-of-kin notification and billing out.
+#[derive(Debug, Parser)]
+#[command(name = "shers", version, propagate_version = true)]
+pub struct Cli {
+    /// TOML configuration file (keys as in the README's configuration reference).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Database URL (`sqlite://path` or `postgres://…`); overrides DATABASE_URL and the file.
+    #[arg(long, global = true, value_name = "URL")]
+    pub database_url: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (migrations are applied at start).
+    Serve(ServeArgs),
+    /// Apply pending database migrations and exit.
+    Migrate(MigrateArgs),
+    /// Manage API tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Run a demo on an embedded SQLite database and print the URL and tokens.
+    Demo(ServeArgs),
+}
+
+/// Options of `serve` and `demo`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (overrides SHERS_BIND).
+    #[arg(long, value_name = "ADDR")]
+    pub bind: Option<String>,
+}
+
+/// Options of `migrate`.
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    /// Revert every migration instead (destroys all data; for development).
+    #[arg(long)]
+    pub revert_all: bool,
+}
+
+/// `token` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token; the token is printed as the last line of stdout (shown once).
+    Create {
+        /// Role: admin, console, crew, gateway or patient.
+        #[arg(long, value_name = "ROLE")]
+        role: Role,
+        /// Unit a crew token acts for (required for crew).
+        #[arg(long, value_name = "ID")]
+        unit: Option<String>,
+        /// Patient a patient token acts for (required for patient).
+        #[arg(long, value_name = "ID")]
+        patient: Option<String>,
+        /// A label for people, e.g. the console desk or gateway site.
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+    },
+    /// List tokens (never their secrets).
+    List,
+    /// Revoke a token by id (running servers stop accepting it within auth.cache_ttl_s).
+    Revoke {
+        /// The token id shown by `token list`.
+        id: TokenId,
+    },
+}
+
+/// The SQLite file `demo` uses unless `--database-url` says otherwise.
+pub const DEMO_DATABASE_URL: &str = "sqlite://data/shers-demo.db";
+
+fn settings(cli: &Cli, bind: Option<String>) -> anyhow::Result<Settings> {
+    Ok(Settings::load(cli.config.as_deref())?.with_overrides(bind, cli.database_url.clone()))
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    rustls::crypto::ring::default_provider()
+        .install_default()
+        .ok();
+    match &cli.command {
+        Command::Serve(args) => {
+            let settings = settings(&cli, args.bind.clone())?;
+            init_tracing(settings.log.format);
+            tracing::info!(bind = %settings.bind, "starting SHERS");
+            let app = Application::build(settings).await?;
+            app.run_until_stopped().await?;
+            tracing::info!("stopped");
+        }
+        Command::Demo(args) => {
+            let mut settings = settings(&cli, args.bind.clone())?;
+            if cli.database_url.is_none() {
+                settings.database.url = crate::config::Secret::new(DEMO_DATABASE_URL.to_owned());
+            }
+            init_tracing(settings.log.format);
+            let db = open_database(&settings).await?;
+            let now = Utc::now();
+            let mut conn = db.conn().await?;
+            let console = tokens::create(&mut conn, Role::Console, None, None, "demo console", now).await?;
+            let admin = tokens::create(&mut conn, Role::Admin, None, None, "demo admin", now).await?;
+            drop(conn);
+            let app = Application::build_with_db(settings, db)?;
+            let port = app.port();
+            println!("SHERS demo is running.");
+            println!("dashboard: http://127.0.0.1:{port}/");
+            println!("api docs: http://127.0.0.1:{port}/api/openapi.json");
+            println!("console token: {}", console.token);
+            println!("admin token: {}", admin.token);
+            println!("Press Ctrl-C to stop.");
+            app.run_until_stopped().await?;
+        }
+        Command::Migrate(args) => {
+            let settings = settings(&cli, None)?;
+            init_tracing(settings.log.format);
+            let db = Db::connect(&settings.database).await?;
+            let url = settings.database.url.expose();
+            if args.revert_all {
+                let n = migrations::revert_all(&db, url).await?;
+                println!("reverted {n} migration(s)");
+            } else {
+                let n = migrations::run_pending(&db, url).await?;
+                println!("applied {n} migration(s); the {:?} schema is up to date", db.backend());
+            }
+        }
+        Command::Token(command) => {
+            let settings = settings(&cli, None)?;
+            init_tracing(settings.log.format);
+            let db = open_database(&settings).await?;
+            let mut conn = db.conn().await?;
+            match command {
+                TokenCommand::Create { role, unit, patient, name } => {
+                    let unit = unit.as_deref().map(UnitId::from);
+                    let patient = patient.as_deref().map(PatientId::from);
+                    validate_binding(*role, unit.as_ref(), patient.as_ref())?;
+                    let name = name.clone().unwrap_or_else(|| format!("{role} token"));
+                    let created = tokens::create(
+                        &mut conn,
+                        *role,
+                        unit.as_ref(),
+                        patient.as_ref(),
+                        &name,
+                        Utc::now(),
+                    )
+                    .await
+                    .context("storing the token")?;
+                    println!("created {role} token {} ({name})", created.record.id);
+                    println!("{}", created.token);
+                }
+                TokenCommand::List => {
+                    for t in tokens::list(&mut conn).await? {
+                        let binding = t
+                            .unit_id
+                            .as_ref()
+                            .map(|u| format!("unit={u}"))
+                            .or_else(|| t.patient_id.as_ref().map(|p| format!("patient={p}")))
+                            .unwrap_or_default();
+                        let state = t
+                            .revoked_at
+                            .map_or("active".to_owned(), |at| format!("revoked {}", at.to_rfc3339()));
+                        println!(
+                            "{}\t{}\t{}\t{}\t{}\t{}",
+                            t.id,
+                            t.role,
+                            binding,
+                            t.name,
+                            t.created_at.to_rfc3339(),
+                            state
+                        );
+                    }
+                }
+                TokenCommand::Revoke { id } => {
+                    tokens::revoke(&mut conn, *id, Utc::now())
+                        .await
+                        .with_context(|| format!("revoking token {id}"))?;
+                    println!("revoked token {id}");
+                }
+            }
+        }
+    }
+    Ok(())
+}

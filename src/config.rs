@@ -1,0 +1,403 @@
+//! Typed, layered configuration.
+//!
+//! Precedence (lowest to highest): built-in defaults → the `--config` TOML file → environment
+//! (`SHERS_<SECTION>__<KEY>`, plus the conventional `DATABASE_URL`, `REDIS_URL`, `SHERS_BIND`) →
+//! command-line flags. Every struct denies unknown fields so a typo fails start-up loudly instead
+//! of silently running with a default. Secrets live in [`Secret`], whose `Debug` prints
+//! `[REDACTED]`. There is no global config static: the [`Settings`] value is passed in.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Toml};
+use serde::Deserialize;
+
+/// A value that must never appear in logs or `Debug` output (database URLs, API keys, tokens).
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret<T>(T);
+
+impl<T> Secret<T> {
+    /// Wraps a secret value.
+    pub fn new(value: T) -> Self {
+        Self(value)
+    }
+
+    /// Reads the secret. Call sites are easy to grep for, which is the point.
+    pub fn expose(&self) -> &T {
+        &self.0
+    }
+}
+
+impl<T> fmt::Debug for Secret<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[REDACTED]")
+    }
+}
+
+/// All settings of a SHERS process.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Address the HTTP server binds to (`SHERS_BIND`, default `127.0.0.1:8080`; port 0 picks a
+    /// free port, which tests use).
+    pub bind: String,
+    /// Database connection.
+    pub database: DatabaseSettings,
+    /// Redis for multi-node fan-out; unset means single node.
+    pub redis: RedisSettings,
+    /// HTTP server limits and behaviour.
+    pub http: HttpSettings,
+    /// Log output.
+    pub log: LogSettings,
+    /// Token authentication.
+    pub auth: AuthSettings,
+    /// Vitals triage.
+    pub triage: TriageSettings,
+    /// Ambulance dispatch.
+    pub dispatch: DispatchSettings,
+    /// Routing / ETA provider.
+    pub routing: RoutingSettings,
+    /// Payment provider.
+    pub payments: PaymentSettings,
+    /// Insurance verification service.
+    pub insurance: InsuranceSettings,
+    /// Next-of-kin notification providers.
+    pub notify: NotifySettings,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            bind: "127.0.0.1:8080".to_owned(),
+            database: DatabaseSettings::default(),
+            redis: RedisSettings::default(),
+            http: HttpSettings::default(),
+            log: LogSettings::default(),
+            auth: AuthSettings::default(),
+            triage: TriageSettings::default(),
+            dispatch: DispatchSettings::default(),
+            routing: RoutingSettings::default(),
+            payments: PaymentSettings::default(),
+            insurance: InsuranceSettings::default(),
+            notify: NotifySettings::default(),
+        }
+    }
+}
+
+/// Database connection settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    /// `sqlite://path/to/file.db` (embedded default, directory created) or `postgres://…`
+    /// (`DATABASE_URL`). Any other scheme is refused.
+    pub url: Secret<String>,
+    /// Maximum pooled connections (PostgreSQL; SQLite uses at most 4 because it has one writer).
+    pub pool_size: usize,
+    /// How long a request waits for a pooled connection or a new connection, in milliseconds,
+    /// before the database counts as unavailable (503).
+    pub timeout_ms: u64,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("sqlite://data/shers.db".to_owned()),
+            pool_size: 16,
+            timeout_ms: 2_000,
+        }
+    }
+}
+
+/// Redis settings.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisSettings {
+    /// `redis://host:port/` (`REDIS_URL`); unset runs a single node.
+    pub url: Option<Secret<String>>,
+}
+
+/// HTTP server settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpSettings {
+    /// Largest accepted JSON body in bytes; larger bodies get 413. The default fits a batch of
+    /// 1,000 readings comfortably.
+    pub body_limit_bytes: usize,
+    /// Number of actix-web worker threads (default: one per physical core).
+    pub workers: Option<usize>,
+    /// Seconds a graceful shutdown waits for in-flight requests.
+    pub shutdown_timeout_s: u64,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            body_limit_bytes: 1024 * 1024,
+            workers: None,
+            shutdown_timeout_s: 30,
+        }
+    }
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// Log settings (levels come from `RUST_LOG`).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// `text` or `json` (`SHERS_LOG__FORMAT`).
+    pub format: LogFormat,
+}
+
+/// Authentication settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthSettings {
+    /// Seconds a verified token stays cached in memory. A token revoked through the admin API
+    /// stops working at once on this node; one revoked with `shers token revoke` (another
+    /// process) stops within this many seconds.
+    pub cache_ttl_s: u64,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        Self { cache_ttl_s: 10 }
+    }
+}
+
+/// Triage settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TriageSettings {
+    /// TOML file with threshold rules (`SHERS_TRIAGE__RULES_FILE`); the defaults are compiled in.
+    pub rules_file: Option<PathBuf>,
+    /// Seconds a fall without movement is given before it escalates to an emergency.
+    pub fall_grace_s: u64,
+    /// Seconds of silence after which a wearable is reported offline.
+    pub device_offline_s: u64,
+}
+
+impl Default for TriageSettings {
+    fn default() -> Self {
+        Self {
+            rules_file: None,
+            fall_grace_s: 60,
+            device_offline_s: 300,
+        }
+    }
+}
+
+/// Dispatch settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatchSettings {
+    /// Seconds an offer stays open before it expires.
+    pub offer_ttl_s: u64,
+    /// Units offered the job at once in each round.
+    pub offers_per_round: usize,
+    /// Rounds before the incident is escalated to the dispatchers.
+    pub max_rounds: u32,
+}
+
+impl Default for DispatchSettings {
+    fn default() -> Self {
+        Self {
+            offer_ttl_s: 30,
+            offers_per_round: 3,
+            max_rounds: 3,
+        }
+    }
+}
+
+/// Routing (ETA) settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingSettings {
+    /// OSRM base URL (`SHERS_ROUTING__BASE_URL`); unset uses the straight-line ETA.
+    pub base_url: Option<String>,
+    /// Milliseconds before a routing call is abandoned for the straight-line fallback.
+    pub timeout_ms: u64,
+}
+
+impl Default for RoutingSettings {
+    fn default() -> Self {
+        Self {
+            base_url: None,
+            timeout_ms: 300,
+        }
+    }
+}
+
+/// Payment provider kind.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PaymentProvider {
+    /// A Stripe-compatible REST API.
+    #[default]
+    Stripe,
+    /// Deterministic demo provider; refused anywhere else.
+    Sandbox,
+}
+
+/// Payment settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PaymentSettings {
+    /// `stripe` or `sandbox` (`SHERS_PAYMENTS__PROVIDER`).
+    pub provider: PaymentProvider,
+    /// Base URL of the Stripe-compatible API.
+    pub base_url: String,
+    /// API key for the payment provider.
+    pub api_key: Option<Secret<String>>,
+    /// ISO 4217 currency code for invoices.
+    pub currency: String,
+}
+
+impl Default for PaymentSettings {
+    fn default() -> Self {
+        Self {
+            provider: PaymentProvider::Stripe,
+            base_url: "https://api.stripe.com".to_owned(),
+            api_key: None,
+            currency: "usd".to_owned(),
+        }
+    }
+}
+
+/// Insurance verification service settings.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InsuranceSettings {
+    /// Base URL billing calls (default: this server's own `/insurance/v1`).
+    pub base_url: Option<String>,
+    /// Mount the insurance service in-process at `/insurance/v1`.
+    pub embedded: bool,
+}
+
+impl Default for InsuranceSettings {
+    fn default() -> Self {
+        Self {
+            base_url: None,
+            embedded: true,
+        }
+    }
+}
+
+/// Notification provider settings.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotifySettings {
+    /// Twilio-compatible SMS API base URL.
+    pub sms_base_url: Option<String>,
+    /// SMS account SID.
+    pub sms_account_sid: Option<String>,
+    /// SMS auth token.
+    pub sms_auth_token: Option<Secret<String>>,
+    /// SMS sender number.
+    pub sms_from: Option<String>,
+    /// SMTP URL (`smtp://user:pass@host:port`).
+    pub smtp_url: Option<Secret<String>>,
+    /// Generic webhook receiving signed JSON notifications.
+    pub webhook_url: Option<String>,
+    /// HMAC-SHA256 key for the webhook signature.
+    pub webhook_secret: Option<Secret<String>>,
+}
+
+/// Errors while loading configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(#[from] Box<figment::Error>);
+
+impl Settings {
+    /// Loads defaults → `config_file` → environment. Flags are applied by the caller afterwards
+    /// with [`Settings::with_overrides`].
+    pub fn load(config_file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::figment(config_file)
+            .extract()
+            .map_err(|e| ConfigError(Box::new(e)))
+    }
+
+    /// The layered configuration sources, exposed for tests.
+    pub fn figment(config_file: Option<&Path>) -> Figment {
+        let mut figment = Figment::new();
+        if let Some(path) = config_file {
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        figment
+            .merge(
+                Env::prefixed("SHERS_")
+                    .split("__")
+                    // Test harness variables share the prefix but are not settings.
+                    .filter(|key| !key.as_str().starts_with("test_")),
+            )
+            .merge(Env::raw().only(&["DATABASE_URL"]).map(|_| "database.url".into()))
+            .merge(Env::raw().only(&["REDIS_URL"]).map(|_| "redis.url".into()))
+    }
+
+    /// Applies command-line overrides (highest precedence).
+    pub fn with_overrides(mut self, bind: Option<String>, database_url: Option<String>) -> Self {
+        if let Some(bind) = bind {
+            self.bind = bind;
+        }
+        if let Some(url) = database_url {
+            self.database.url = Secret::new(url);
+        }
+        self
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_redacted_in_debug() {
+        let mut settings = Settings::default();
+        settings.database.url = Secret::new("postgres://user:hunter2@db/shers".into());
+        let debug = format!("{settings:?}");
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("[REDACTED]"));
+    }
+
+    #[test]
+    fn layers_apply_in_order_and_unknown_keys_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "shers.toml",
+                "bind = \"0.0.0.0:9000\"\n[dispatch]\noffer_ttl_s = 45\nmax_rounds = 5\n",
+            )?;
+            jail.set_env("SHERS_DISPATCH__OFFER_TTL_S", "20");
+            jail.set_env("DATABASE_URL", "postgres://localhost/x");
+            jail.set_env("SHERS_NOTIFY__SMS_FROM", "+15550001111");
+            jail.set_env("SHERS_TEST_DATABASE_URL", "ignored");
+            let s = Settings::figment(Some(Path::new("shers.toml")))
+                .extract::<Settings>()
+                .map_err(|e| e.to_string())?;
+            assert_eq!(s.bind, "0.0.0.0:9000");
+            assert_eq!(s.dispatch.offer_ttl_s, 20, "env beats file");
+            assert_eq!(s.dispatch.max_rounds, 5, "file beats default");
+            assert_eq!(s.dispatch.offers_per_round, 3, "default kept");
+            assert_eq!(s.database.url.expose(), "postgres://localhost/x");
+            assert_eq!(s.notify.sms_from.as_deref(), Some("+15550001111"));
+            let s = s.with_overrides(Some("127.0.0.1:1".into()), None);
+            assert_eq!(s.bind, "127.0.0.1:1", "flags beat everything");
+
+            jail.set_env("SHERS_DISPATCH__OFFER_TTL", "20");
+            let err = Settings::figment(None).extract::<Settings>().unwrap_err();
+            assert!(err.to_string().contains("offer_ttl"), "{err}");
+            Ok(())
+        });
+    }
+}

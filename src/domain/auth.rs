@@ -1,0 +1,219 @@
+//! Roles and principals: who is calling, and what each role may do.
+//!
+//! Pure: token hashing and role rules only. Token storage is in `persistence::tokens`, the
+//! HTTP extractor in `http::auth`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::ids::{PatientId, TokenId, UnitId};
+
+/// An API role (`api.md` "Conventions").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Operators: everything a console may do, plus reference data and `/admin`.
+    Admin,
+    /// Dispatchers at a dispatch-centre console.
+    Console,
+    /// An ambulance crew, bound to one unit.
+    Crew,
+    /// A wearable gateway pushing vitals.
+    Gateway,
+    /// A patient app, bound to one patient.
+    Patient,
+}
+
+impl Role {
+    /// Every role, in a stable order.
+    pub const ALL: [Role; 5] = [
+        Role::Admin,
+        Role::Console,
+        Role::Crew,
+        Role::Gateway,
+        Role::Patient,
+    ];
+
+    /// The role's wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Console => "console",
+            Role::Crew => "crew",
+            Role::Gateway => "gateway",
+            Role::Patient => "patient",
+        }
+    }
+
+    /// Whether a holder of `self` may use an endpoint open to `required`. `admin` may do
+    /// everything a `console` may; every other role is only itself.
+    pub fn satisfies(self, required: Role) -> bool {
+        self == required || (self == Role::Admin && required == Role::Console)
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An unknown role name.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown role {0:?} (expected admin, console, crew, gateway or patient)")]
+pub struct UnknownRole(pub String);
+
+impl FromStr for Role {
+    type Err = UnknownRole;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| UnknownRole(s.to_owned()))
+    }
+}
+
+/// The authenticated caller of a request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Principal {
+    /// The token's row id.
+    pub token_id: TokenId,
+    /// The role granted.
+    pub role: Role,
+    /// The unit a crew token is bound to.
+    pub unit_id: Option<UnitId>,
+    /// The patient a patient token is bound to.
+    pub patient_id: Option<PatientId>,
+    /// A label for people (not secret, not patient data).
+    pub name: String,
+}
+
+impl Principal {
+    /// Whether this caller may use an endpoint open to any of `allowed`.
+    pub fn is_allowed(&self, allowed: &[Role]) -> bool {
+        allowed.iter().any(|r| self.role.satisfies(*r))
+    }
+}
+
+/// Prefix of every SHERS token, so leaked tokens are easy to recognise and scan for.
+pub const TOKEN_PREFIX: &str = "shers_";
+
+/// The stored form of a token: lowercase hex SHA-256. Tokens carry 256 random bits, so a fast
+/// hash is enough (no password stretching needed) and lookups stay one index probe.
+pub fn hash_token(token: &str) -> String {
+    let digest = Sha256::digest(token.as_bytes());
+    let mut out = String::with_capacity(64);
+    for byte in digest {
+        out.push(char::from(HEX[usize::from(byte >> 4)]));
+        out.push(char::from(HEX[usize::from(byte & 0xf)]));
+    }
+    out
+}
+
+/// Formats 32 random bytes as a token.
+pub fn format_token(random: &[u8; 32]) -> String {
+    let mut out = String::with_capacity(TOKEN_PREFIX.len() + 64);
+    out.push_str(TOKEN_PREFIX);
+    for byte in random {
+        out.push(char::from(HEX[usize::from(byte >> 4)]));
+        out.push(char::from(HEX[usize::from(byte & 0xf)]));
+    }
+    out
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_satisfies_console_only() {
+        assert!(Role::Admin.satisfies(Role::Console));
+        assert!(Role::Admin.satisfies(Role::Admin));
+        assert!(!Role::Admin.satisfies(Role::Crew));
+        assert!(!Role::Console.satisfies(Role::Admin));
+        assert!(!Role::Gateway.satisfies(Role::Console));
+    }
+
+    #[test]
+    fn roles_round_trip() {
+        for role in Role::ALL {
+            assert_eq!(role.as_str().parse::<Role>().ok(), Some(role));
+        }
+        assert!("root".parse::<Role>().is_err());
+    }
+
+    #[test]
+    fn token_hash_is_sha256_hex() {
+        assert_eq!(
+            hash_token("abc"),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        let token = format_token(&[0xab; 32]);
+        assert!(token.starts_with("shers_abab"));
+        assert_eq!(token.len(), 6 + 64);
+    }
+}
+
+/// A token's binding does not fit its role.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BindingError {
+    /// Crew tokens act for exactly one unit.
+    #[error("a crew token must be bound to a unit (--unit)")]
+    CrewNeedsUnit,
+    /// Patient tokens act for exactly one patient.
+    #[error("a patient token must be bound to a patient (--patient)")]
+    PatientNeedsPatient,
+    /// Only crew tokens carry a unit.
+    #[error("only crew tokens can be bound to a unit")]
+    UnitNotAllowed,
+    /// Only patient tokens carry a patient.
+    #[error("only patient tokens can be bound to a patient")]
+    PatientNotAllowed,
+}
+
+/// Checks that a token's unit/patient binding fits its role.
+pub fn validate_binding(
+    role: Role,
+    unit: Option<&UnitId>,
+    patient: Option<&PatientId>,
+) -> Result<(), BindingError> {
+    match (role, unit, patient) {
+        (Role::Crew, None, _) => Err(BindingError::CrewNeedsUnit),
+        (Role::Patient, _, None) => Err(BindingError::PatientNeedsPatient),
+        (r, Some(_), _) if r != Role::Crew => Err(BindingError::UnitNotAllowed),
+        (r, _, Some(_)) if r != Role::Patient => Err(BindingError::PatientNotAllowed),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod binding_tests {
+    use super::*;
+
+    #[test]
+    fn bindings_follow_roles() {
+        let unit = UnitId::from("A1");
+        let patient = PatientId::from("p1");
+        assert_eq!(validate_binding(Role::Crew, None, None), Err(BindingError::CrewNeedsUnit));
+        assert_eq!(validate_binding(Role::Crew, Some(&unit), None), Ok(()));
+        assert_eq!(
+            validate_binding(Role::Patient, None, None),
+            Err(BindingError::PatientNeedsPatient)
+        );
+        assert_eq!(validate_binding(Role::Patient, None, Some(&patient)), Ok(()));
+        assert_eq!(
+            validate_binding(Role::Console, Some(&unit), None),
+            Err(BindingError::UnitNotAllowed)
+        );
+        assert_eq!(
+            validate_binding(Role::Admin, None, Some(&patient)),
+            Err(BindingError::PatientNotAllowed)
+        );
+        assert_eq!(validate_binding(Role::Gateway, None, None), Ok(()));
+    }
+}

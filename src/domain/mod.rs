@@ -1,0 +1,9 @@
+//! Pure domain logic: no actix, no diesel, no I/O, no clock reads (time is passed in).
+//!
+//! This is where the rules live (validation, triage, the incident state machine, dispatch
+//! ranking, billing transitions) and where most unit and property tests run without a runtime.
+
+pub mod auth;
+pub mod events;
+pub mod ids;
+pub mod validation;

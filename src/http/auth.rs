@@ -1,0 +1,163 @@
+//! Bearer-token authentication and role policies.
+//!
+//! Handlers take an [`Authorized<P>`] argument, where `P` names the roles allowed; a handler
+//! cannot forget the check because it cannot run without the extractor succeeding. Tokens come
+//! from `Authorization: Bearer …`, or, for WebSocket upgrades only (browsers cannot set headers
+//! there), from `?access_token=…`. Verified tokens are cached briefly so the hot path does not
+//! hit the database on every request.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use actix_web::dev::Payload;
+use actix_web::http::header;
+use actix_web::{FromRequest, HttpRequest, web};
+
+use super::error::ApiError;
+use crate::domain::auth::{Principal, Role, hash_token};
+use crate::persistence::{Db, tokens};
+
+/// Most cache entries kept before the cache is cleared (bounds memory under a flood of
+/// random tokens).
+const MAX_CACHE_ENTRIES: usize = 10_000;
+
+/// Verifies tokens against the database, with a short-lived in-memory cache.
+pub struct AuthService {
+    db: Db,
+    ttl: Duration,
+    cache: Mutex<HashMap<String, (Option<Principal>, Instant)>>,
+}
+
+impl AuthService {
+    /// A service over `db`, caching verdicts for `ttl`.
+    pub fn new(db: Db, ttl: Duration) -> Self {
+        Self {
+            db,
+            ttl,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The principal for `token`, or `None` when it is unknown or revoked.
+    pub async fn authenticate(&self, token: &str) -> Result<Option<Principal>, ApiError> {
+        let hash = hash_token(token);
+        let now = Instant::now();
+        if let Ok(cache) = self.cache.lock() {
+            if let Some((principal, at)) = cache.get(&hash) {
+                if now.duration_since(*at) < self.ttl {
+                    return Ok(principal.clone());
+                }
+            }
+        }
+        let mut conn = self.db.conn().await?;
+        let principal = tokens::find_active_by_hash(&mut conn, &hash)
+            .await?
+            .map(|record| record.principal());
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= MAX_CACHE_ENTRIES {
+                cache.clear();
+            }
+            cache.insert(hash, (principal.clone(), now));
+        }
+        Ok(principal)
+    }
+
+    /// Forgets every cached verdict (after a revocation through the API).
+    pub fn invalidate(&self) {
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.clear();
+        }
+    }
+}
+
+/// A set of roles allowed to use an endpoint.
+pub trait Policy {
+    /// The roles allowed (`admin` also passes wherever `console` does).
+    const ROLES: &'static [Role];
+}
+
+/// Operators only.
+pub struct AdminOnly;
+impl Policy for AdminOnly {
+    const ROLES: &'static [Role] = &[Role::Admin];
+}
+
+/// Dispatchers (and admins).
+pub struct ConsoleOnly;
+impl Policy for ConsoleOnly {
+    const ROLES: &'static [Role] = &[Role::Console];
+}
+
+/// Any authenticated caller.
+pub struct AnyRole;
+impl Policy for AnyRole {
+    const ROLES: &'static [Role] = &Role::ALL;
+}
+
+/// The caller, authenticated and allowed by policy `P`.
+pub struct Authorized<P> {
+    /// Who is calling.
+    pub principal: Principal,
+    _policy: PhantomData<P>,
+}
+
+fn bearer_token(req: &HttpRequest) -> Option<String> {
+    if let Some(value) = req.headers().get(header::AUTHORIZATION) {
+        let value = value.to_str().ok()?;
+        let (scheme, token) = value.split_once(' ')?;
+        return scheme
+            .eq_ignore_ascii_case("bearer")
+            .then(|| token.trim().to_owned());
+    }
+    let is_upgrade = req
+        .headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if !is_upgrade {
+        return None;
+    }
+    req.query_string()
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == "access_token")
+        .map(|(_, v)| v.to_owned())
+}
+
+impl<P: Policy + 'static> FromRequest for Authorized<P> {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        let token = bearer_token(req);
+        let service = req.app_data::<web::Data<AuthService>>().cloned();
+        Box::pin(async move {
+            let service = service.ok_or_else(|| {
+                ApiError::Internal(anyhow::anyhow!("AuthService is not registered"))
+            })?;
+            let token = token.filter(|t| !t.is_empty()).ok_or(ApiError::Unauthorized)?;
+            let principal = service
+                .authenticate(&token)
+                .await?
+                .ok_or(ApiError::Unauthorized)?;
+            if !principal.is_allowed(P::ROLES) {
+                let names: Vec<&str> = P::ROLES.iter().map(|r| r.as_str()).collect();
+                return Err(ApiError::Forbidden {
+                    detail: format!(
+                        "role {} may not use this endpoint (allowed: {})",
+                        principal.role,
+                        names.join(", ")
+                    ),
+                });
+            }
+            Ok(Authorized {
+                principal,
+                _policy: PhantomData,
+            })
+        })
+    }
+}

@@ -1,0 +1,156 @@
+//! Request body extraction with our error contract: 413 over the limit, 415 when not JSON,
+//! 400 for malformed JSON, 422 for valid JSON of the wrong shape, each with a JSON pointer.
+
+use std::future::Future;
+use std::pin::Pin;
+
+use actix_web::dev::Payload;
+use actix_web::http::header;
+use actix_web::web::{Bytes, BytesMut};
+use actix_web::{FromRequest, HttpRequest, web};
+use futures_util::StreamExt as _;
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+use crate::domain::validation::{FieldError, push_pointer_token};
+
+/// The JSON body size limit, registered as app data.
+#[derive(Clone, Copy, Debug)]
+pub struct BodyLimit(pub usize);
+
+/// A JSON request body deserialised into `T`, with problem+json errors.
+pub struct JsonBody<T>(pub T);
+
+fn is_json(req: &HttpRequest) -> bool {
+    let Some(ct) = req.headers().get(header::CONTENT_TYPE) else {
+        // Absent content type: accept (curl -d without -H is common); the parser decides.
+        return true;
+    };
+    let Ok(ct) = ct.to_str() else { return false };
+    let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || essence.ends_with("+json")
+}
+
+/// Reads the whole body, refusing it with 413 once it exceeds the configured limit.
+pub async fn read_body(req: &HttpRequest, payload: &mut Payload) -> Result<Bytes, ApiError> {
+    let limit = req
+        .app_data::<BodyLimit>()
+        .or_else(|| req.app_data::<web::Data<BodyLimit>>().map(|d| d.get_ref()))
+        .map_or(256 * 1024, |l| l.0);
+    if let Some(len) = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        if len > limit {
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+    }
+    let mut body = BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let chunk = chunk.map_err(|e| ApiError::Malformed {
+            detail: format!("could not read the request body: {e}"),
+            errors: Vec::new(),
+        })?;
+        if body.len() + chunk.len() > limit {
+            return Err(ApiError::PayloadTooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
+/// Converts a serde path into a JSON pointer.
+pub fn pointer_of(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut pointer = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => push_pointer_token(&mut pointer, &index.to_string()),
+            Segment::Map { key } => push_pointer_token(&mut pointer, key),
+            Segment::Enum { variant } => push_pointer_token(&mut pointer, variant),
+            Segment::Unknown => {}
+        }
+    }
+    pointer
+}
+
+/// Deserialises `bytes` into `T`, mapping errors to 400 (syntax) or 422 (shape) with pointers.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
+        let pointer = pointer_of(err.path());
+        classify(pointer, err.into_inner())
+    })?;
+    de.end().map_err(|e| classify(String::new(), e))?;
+    Ok(value)
+}
+
+fn classify(pointer: String, err: serde_json::Error) -> ApiError {
+    let message = err.to_string();
+    match err.classify() {
+        serde_json::error::Category::Data => ApiError::Validation {
+            detail: format!("{pointer}: {message}"),
+            errors: vec![FieldError::new(pointer, message)],
+        },
+        _ => ApiError::Malformed {
+            detail: format!("the body is not valid JSON: {message}"),
+            errors: vec![FieldError::new(pointer, message)],
+        },
+    }
+}
+
+impl<T: DeserializeOwned + 'static> FromRequest for JsonBody<T> {
+    type Error = ApiError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        let req = req.clone();
+        let mut payload = payload.take();
+        Box::pin(async move {
+            if !is_json(&req) {
+                return Err(ApiError::UnsupportedMediaType);
+            }
+            let bytes = read_body(&req, &mut payload).await?;
+            parse_json(&bytes).map(JsonBody)
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use actix_web::ResponseError;
+
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Batch {
+        readings: Vec<Item>,
+    }
+    #[derive(serde::Deserialize, Debug)]
+    #[allow(dead_code)]
+    struct Item {
+        heart_rate_bpm: f64,
+    }
+
+    #[test]
+    fn shape_errors_are_422_with_a_pointer() {
+        let err = parse_json::<Batch>(
+            br#"{"readings":[{"heart_rate_bpm":1},{"heart_rate_bpm":"fast"}]}"#,
+        )
+        .unwrap_err();
+        assert_eq!(err.status_code().as_u16(), 422);
+        let problem = err.problem();
+        assert_eq!(problem.errors[0].pointer, "/readings/1/heart_rate_bpm");
+    }
+
+    #[test]
+    fn syntax_errors_are_400() {
+        for bad in [&b"{"[..], b"{\"readings\": [}", b"", b"{} trailing"] {
+            let err = parse_json::<serde_json::Value>(bad).unwrap_err();
+            assert_eq!(err.status_code().as_u16(), 400, "{bad:?}");
+        }
+    }
+}

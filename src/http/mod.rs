@@ -1,0 +1,60 @@
+//! actix-web: REST handlers, WebSocket endpoints, admin endpoints.
+//!
+//! Handlers validate, authorise and send a message (or read a read-model); they hold no
+//! business rules. Every error leaves as problem+json ([`error::ApiError`]).
+
+pub mod admin;
+pub mod auth;
+pub mod error;
+pub mod json;
+pub mod openapi;
+pub mod ops;
+pub mod telemetry;
+
+use std::sync::Arc;
+
+use actix_web::{HttpRequest, web};
+
+use crate::config::Settings;
+use crate::persistence::Db;
+use error::ApiError;
+
+/// Shared state handed to every handler.
+pub struct AppState {
+    /// The database pool.
+    pub db: Db,
+    /// The effective settings.
+    pub settings: Arc<Settings>,
+}
+
+/// Registers every route.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(ops::healthz))
+        .route("/readyz", web::get().to(ops::readyz))
+        .route("/metrics", web::get().to(ops::metrics))
+        .route("/api/openapi.json", web::get().to(ops::openapi))
+        .route("/api/v1/whoami", web::get().to(ops::whoami))
+        .service(
+            web::resource("/admin/tokens")
+                .route(web::get().to(admin::list_tokens))
+                .route(web::post().to(admin::create_token))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .route(
+            "/admin/tokens/{id}/revoke",
+            web::post().to(admin::revoke_token),
+        );
+}
+
+async fn method_not_allowed() -> Result<actix_web::HttpResponse, ApiError> {
+    Err(ApiError::MethodNotAllowed)
+}
+
+/// Fallback for unknown routes: a problem+json 404.
+pub async fn not_found(req: HttpRequest) -> Result<actix_web::HttpResponse, ApiError> {
+    Err(ApiError::not_found(format!(
+        "no route for {} {}",
+        req.method(),
+        req.path()
+    )))
+}

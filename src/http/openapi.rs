@@ -1,0 +1,44 @@
+//! The generated OpenAPI document served at `/api/openapi.json`.
+
+use std::sync::OnceLock;
+
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+/// Registers the bearer security scheme.
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// The API description.
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "SHERS", description = "Smart Healthcare Emergency Response System API"),
+    paths(
+        super::ops::healthz,
+        super::ops::readyz,
+        super::ops::metrics,
+        super::ops::openapi,
+        super::ops::whoami,
+        super::admin::create_token,
+        super::admin::list_tokens,
+        super::admin::revoke_token,
+    ),
+    components(schemas(super::error::Problem, super::ops::Readiness, super::admin::CreateToken)),
+    modifiers(&BearerAuth),
+)]
+pub struct ApiDoc;
+
+/// The serialised document, built once.
+pub fn document() -> &'static str {
+    static DOC: OnceLock<String> = OnceLock::new();
+    DOC.get_or_init(|| ApiDoc::openapi().to_json().unwrap_or_else(|_| "{}".to_owned()))
+}

@@ -1,0 +1,106 @@
+//! Operational endpoints: liveness, readiness, metrics, the OpenAPI document, `whoami`.
+//!
+//! `/healthz` and `/readyz` are the only endpoints without a token: orchestrators probe them
+//! without credentials and they reveal nothing but up/down. Everything else needs a role.
+
+use std::time::Duration;
+
+use actix_web::{HttpResponse, web};
+use serde::Serialize;
+
+use super::AppState;
+use super::auth::{AdminOnly, AnyRole, Authorized};
+use super::error::ApiError;
+use crate::persistence::migrations;
+
+/// Liveness: the process is up and serving.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "alive")))]
+pub async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(serde_json::json!({"status": "ok"}))
+}
+
+/// The readiness verdict.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Readiness {
+    /// `ready` or `not_ready`.
+    pub status: &'static str,
+    /// `sqlite` or `postgres`.
+    #[schema(value_type = String)]
+    pub database: crate::persistence::Backend,
+    /// Why not ready, when not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// How long a readiness probe waits for the database.
+const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Readiness: the database answers and every embedded migration is applied; 503 otherwise.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
+pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
+    let db = &state.db;
+    let check = async {
+        let mut conn = db.conn().await.map_err(|e| e.to_string())?;
+        let missing = migrations::missing(db, &mut conn)
+            .await
+            .map_err(|e| e.to_string())?;
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("migrations not applied: {}", missing.join(", ")))
+        }
+    };
+    let verdict = match tokio::time::timeout(READINESS_TIMEOUT, check).await {
+        Ok(result) => result,
+        Err(_) => Err("database did not answer in time".to_owned()),
+    };
+    match verdict {
+        Ok(()) => HttpResponse::Ok().json(Readiness {
+            status: "ready",
+            database: db.backend(),
+            reason: None,
+        }),
+        Err(reason) => {
+            tracing::warn!(reason = %reason, "not ready");
+            HttpResponse::ServiceUnavailable()
+                .insert_header(("Retry-After", "2"))
+                .json(Readiness {
+                    status: "not_ready",
+                    database: db.backend(),
+                    reason: Some(reason),
+                })
+        }
+    }
+}
+
+/// Prometheus metrics in the text exposition format (role `admin`; configure the scraper
+/// with a bearer token).
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    security(("bearer" = [])),
+    responses((status = 200, description = "Prometheus text", content_type = "text/plain")))]
+pub async fn metrics(_auth: Authorized<AdminOnly>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(super::telemetry::prometheus().render())
+}
+
+/// The generated OpenAPI document (any role).
+#[utoipa::path(get, path = "/api/openapi.json", tag = "operations",
+    security(("bearer" = [])),
+    responses((status = 200, description = "OpenAPI 3.1 document")))]
+pub async fn openapi(_auth: Authorized<AnyRole>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(super::openapi::document())
+}
+
+/// Who the caller is (the dashboard's login check).
+#[utoipa::path(get, path = "/api/v1/whoami", tag = "operations",
+    security(("bearer" = [])),
+    responses((status = 200, description = "the caller's role and binding"),
+               (status = 401, body = super::error::Problem)))]
+pub async fn whoami(auth: Authorized<AnyRole>) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(&auth.principal))
+}

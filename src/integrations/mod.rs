@@ -1,0 +1,2 @@
+//! Outbound adapters behind traits (routing, payments, insurance, notifications), each a real
+//! HTTP/SMTP client with a base URL from configuration so tests point them at local fakes.

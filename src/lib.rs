@@ -1,0 +1,22 @@
+//! SHERS, the Smart Healthcare Emergency Response System: an emergency medical dispatch
+//! backend. Wearables push vitals; SHERS triages them, opens one incident per patient, tells
+//! the next of kin, offers the job to the nearest ambulance crews, follows the unit to the
+//! hospital and bills the incident. Dispatch consoles watch and steer it over WebSocket.
+//!
+//! # Layout
+//!
+//! - [`domain`]: pure logic (no actix, no diesel, no I/O, no clock reads).
+//! - [`actors`]: live state and time; one actor per wearable, ambulance and incident.
+//! - [`persistence`]: diesel + diesel-async on SQLite and PostgreSQL; the event store.
+//! - [`integrations`]: outbound adapters (routing, payments, insurance, notifications).
+//! - [`http`]: actix-web handlers; validate, authorise, send a message; no business rules.
+//! - [`app`]: the composition root; [`config`]: layered settings; [`cli`]: the command line.
+
+pub mod actors;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod domain;
+pub mod http;
+pub mod integrations;
+pub mod persistence;

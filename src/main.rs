@@ -1,0 +1,14 @@
+//! The `shers` binary: parses the command line and hands over to [`shers::cli::run`].
+
+use clap::Parser as _;
+
+fn main() -> std::process::ExitCode {
+    let cli = shers::cli::Cli::parse();
+    match actix_web::rt::System::new().block_on(shers::cli::run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

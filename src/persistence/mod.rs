@@ -1,0 +1,263 @@
+//! Persistence: diesel + diesel-async on SQLite (embedded default) and PostgreSQL.
+//!
+//! The backend is chosen by the database URL's scheme. [`Db`] is a small enum over the two
+//! pools; [`DbConn`] is a checked-out connection of either kind, and the [`db_run!`] macro
+//! compiles a query body once per backend (the habit of vaultwarden's `db_run!`). Query
+//! functions take a `&mut DbConn`, never the pool, so they compose inside one transaction.
+//!
+//! The schema in [`schema`] is portable: ids are `TEXT`, times are `TIMESTAMP` holding UTC,
+//! JSON payloads are `TEXT`. This module knows domain types, never actors or HTTP.
+
+pub mod events;
+pub mod migrations;
+pub mod schema;
+pub mod tokens;
+
+use std::path::Path;
+use std::time::Duration;
+
+use diesel::{ConnectionError, SqliteConnection};
+use diesel_async::pooled_connection::deadpool::{Object, Pool, PoolError};
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
+use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+
+use crate::config::DatabaseSettings;
+
+/// The SQLite connection type: diesel's synchronous connection driven on the blocking pool.
+pub type SqliteConn = SyncConnectionWrapper<SqliteConnection>;
+
+/// Which database backend a [`Db`] talks to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// Embedded SQLite file.
+    Sqlite,
+    /// PostgreSQL server.
+    Postgres,
+}
+
+/// A pool of connections to the configured database.
+#[derive(Clone)]
+pub enum Db {
+    /// SQLite pool (a handful of connections; one writer at a time).
+    Sqlite(Pool<SqliteConn>),
+    /// PostgreSQL pool.
+    Postgres(Pool<AsyncPgConnection>),
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Db({:?})", self.backend())
+    }
+}
+
+/// A connection checked out of a [`Db`] pool.
+pub enum DbConn {
+    /// SQLite connection.
+    Sqlite(Object<SqliteConn>),
+    /// PostgreSQL connection.
+    Postgres(Object<AsyncPgConnection>),
+}
+
+/// Errors of the persistence layer.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached (pool timeout, connection refused or closed).
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The row asked for does not exist.
+    #[error("not found")]
+    NotFound,
+    /// A uniqueness or version constraint was violated.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// Any other database error.
+    #[error("database error: {0}")]
+    Database(#[source] diesel::result::Error),
+    /// Stored data could not be decoded.
+    #[error("corrupt stored data: {0}")]
+    Corrupt(String),
+}
+
+impl From<diesel::result::Error> for StoreError {
+    fn from(err: diesel::result::Error) -> Self {
+        use diesel::result::{DatabaseErrorKind, Error};
+        match err {
+            Error::NotFound => Self::NotFound,
+            Error::DatabaseError(DatabaseErrorKind::UniqueViolation, info) => {
+                Self::Conflict(info.message().to_owned())
+            }
+            Error::DatabaseError(DatabaseErrorKind::ClosedConnection, info) => {
+                Self::Unavailable(info.message().to_owned())
+            }
+            Error::BrokenTransactionManager => {
+                Self::Unavailable("broken transaction manager".to_owned())
+            }
+            other => Self::Database(other),
+        }
+    }
+}
+
+impl From<PoolError> for StoreError {
+    fn from(err: PoolError) -> Self {
+        Self::Unavailable(err.to_string())
+    }
+}
+
+/// Errors opening the database at start-up.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The URL scheme is neither `sqlite://` nor `postgres://`/`postgresql://`.
+    #[error(
+        "unsupported database URL scheme {0:?}: use sqlite://path/to/file.db or postgres://user@host/db"
+    )]
+    UnsupportedScheme(String),
+    /// The SQLite file's directory could not be created.
+    #[error("cannot create the SQLite directory {path}: {source}")]
+    CreateDir {
+        /// The directory.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The pool could not be built.
+    #[error("cannot build the connection pool: {0}")]
+    Pool(String),
+    /// The database refused the first connection.
+    #[error("cannot connect to the database: {0}")]
+    Connect(#[from] StoreError),
+}
+
+/// Compiles `$body` once per backend with `$conn` bound to the concrete connection
+/// (`&mut SqliteConn` or `&mut AsyncPgConnection`).
+#[macro_export]
+macro_rules! db_run {
+    ($db_conn:expr, |$conn:ident| $body:expr) => {
+        match $db_conn {
+            $crate::persistence::DbConn::Sqlite(obj) => {
+                let $conn: &mut $crate::persistence::SqliteConn = &mut *obj;
+                $body
+            }
+            $crate::persistence::DbConn::Postgres(obj) => {
+                let $conn: &mut ::diesel_async::AsyncPgConnection = &mut *obj;
+                $body
+            }
+        }
+    };
+}
+
+/// Pragmas every SQLite connection gets: WAL for concurrent readers, a busy timeout instead of
+/// immediate "database is locked", full fsync so an acknowledged write survives power loss.
+const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 10000; \
+     PRAGMA foreign_keys = ON; PRAGMA synchronous = FULL;";
+
+/// Parses `sqlite://path` into the file path (`sqlite:///abs` → `/abs`).
+pub fn sqlite_path(url: &str) -> Option<&str> {
+    url.strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+        .filter(|p| !p.is_empty())
+}
+
+impl Db {
+    /// Opens the pool for `settings.url` and checks that one connection works.
+    pub async fn connect(settings: &DatabaseSettings) -> Result<Self, ConnectError> {
+        let url = settings.url.expose();
+        let timeout = Duration::from_millis(settings.timeout_ms);
+        let db = if let Some(path) = sqlite_path(url) {
+            if let Some(dir) = Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|source| ConnectError::CreateDir {
+                    path: dir.display().to_string(),
+                    source,
+                })?;
+            }
+            let mut cfg = ManagerConfig::<SqliteConn>::default();
+            cfg.custom_setup = Box::new(|url| {
+                let url = url.to_owned();
+                Box::pin(async move {
+                    let mut conn = SqliteConn::establish(&url).await?;
+                    diesel::sql_query(SQLITE_PRAGMAS)
+                        .execute(&mut conn)
+                        .await
+                        .map_err(ConnectionError::CouldntSetupConfiguration)?;
+                    Ok(conn)
+                })
+            });
+            let manager = AsyncDieselConnectionManager::new_with_config(path, cfg);
+            let pool = Pool::builder(manager)
+                .max_size(settings.pool_size.clamp(1, 4))
+                .runtime(deadpool::Runtime::Tokio1)
+                .wait_timeout(Some(timeout))
+                .create_timeout(Some(timeout))
+                .recycle_timeout(Some(timeout))
+                .build()
+                .map_err(|e| ConnectError::Pool(e.to_string()))?;
+            Db::Sqlite(pool)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url.as_str());
+            let pool = Pool::builder(manager)
+                .max_size(settings.pool_size.max(1))
+                .runtime(deadpool::Runtime::Tokio1)
+                .wait_timeout(Some(timeout))
+                .create_timeout(Some(timeout))
+                .recycle_timeout(Some(timeout))
+                .build()
+                .map_err(|e| ConnectError::Pool(e.to_string()))?;
+            Db::Postgres(pool)
+        } else {
+            let scheme = url.split_once(':').map_or(url.as_str(), |(s, _)| s);
+            return Err(ConnectError::UnsupportedScheme(scheme.to_owned()));
+        };
+        db.ping().await?;
+        Ok(db)
+    }
+
+    /// Which backend this pool talks to.
+    pub fn backend(&self) -> Backend {
+        match self {
+            Db::Sqlite(_) => Backend::Sqlite,
+            Db::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// Checks out a connection.
+    pub async fn conn(&self) -> Result<DbConn, StoreError> {
+        Ok(match self {
+            Db::Sqlite(pool) => DbConn::Sqlite(pool.get().await?),
+            Db::Postgres(pool) => DbConn::Postgres(pool.get().await?),
+        })
+    }
+
+    /// Runs `SELECT 1` on a pooled connection.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn().await?;
+        db_run!(&mut conn, |c| {
+            diesel::sql_query("SELECT 1").execute(c).await?;
+        });
+        Ok(())
+    }
+}
+
+/// Converts a UTC instant to the naive UTC value stored in `TIMESTAMP` columns.
+pub(crate) fn to_db_time(t: chrono::DateTime<chrono::Utc>) -> chrono::NaiveDateTime {
+    t.naive_utc()
+}
+
+/// Converts a stored naive UTC value back to an instant.
+pub(crate) fn from_db_time(t: chrono::NaiveDateTime) -> chrono::DateTime<chrono::Utc> {
+    t.and_utc()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_urls_parse() {
+        assert_eq!(sqlite_path("sqlite://data/shers.db"), Some("data/shers.db"));
+        assert_eq!(sqlite_path("sqlite:///var/lib/x.db"), Some("/var/lib/x.db"));
+        assert_eq!(sqlite_path("sqlite://"), None);
+        assert_eq!(sqlite_path("postgres://x"), None);
+    }
+}

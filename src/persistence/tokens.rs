@@ -1,0 +1,207 @@
+//! API tokens: only the SHA-256 of a token is stored, with its role, binding and lifetime.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+use serde::Serialize;
+
+use super::schema::api_tokens;
+use super::{DbConn, StoreError, from_db_time, to_db_time};
+use crate::db_run;
+use crate::domain::auth::{Principal, Role};
+use crate::domain::ids::{PatientId, TokenId, UnitId};
+
+/// A stored token, without its secret.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TokenRecord {
+    /// Row id.
+    pub id: TokenId,
+    /// Role granted.
+    pub role: Role,
+    /// Unit binding (crew).
+    pub unit_id: Option<UnitId>,
+    /// Patient binding (patient).
+    pub patient_id: Option<PatientId>,
+    /// Label.
+    pub name: String,
+    /// When it was created.
+    pub created_at: DateTime<Utc>,
+    /// When it was revoked, if it was.
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
+impl TokenRecord {
+    /// The principal this token authenticates as.
+    pub fn principal(&self) -> Principal {
+        Principal {
+            token_id: self.id,
+            role: self.role,
+            unit_id: self.unit_id.clone(),
+            patient_id: self.patient_id.clone(),
+            name: self.name.clone(),
+        }
+    }
+}
+
+/// The insert form of a token.
+#[derive(Insertable)]
+#[diesel(table_name = api_tokens, treat_none_as_default_value = false)]
+pub struct NewToken<'a> {
+    /// Row id.
+    pub id: String,
+    /// SHA-256 hex of the secret.
+    pub token_hash: &'a str,
+    /// Role name.
+    pub role: &'a str,
+    /// Unit binding.
+    pub unit_id: Option<&'a str>,
+    /// Patient binding.
+    pub patient_id: Option<&'a str>,
+    /// Label.
+    pub name: &'a str,
+    /// Creation time.
+    pub created_at: chrono::NaiveDateTime,
+}
+
+#[derive(Queryable, Selectable)]
+#[diesel(table_name = api_tokens)]
+struct TokenRow {
+    id: String,
+    role: String,
+    unit_id: Option<String>,
+    patient_id: Option<String>,
+    name: String,
+    created_at: chrono::NaiveDateTime,
+    revoked_at: Option<chrono::NaiveDateTime>,
+}
+
+impl TryFrom<TokenRow> for TokenRecord {
+    type Error = StoreError;
+    fn try_from(row: TokenRow) -> Result<Self, StoreError> {
+        Ok(TokenRecord {
+            id: row
+                .id
+                .parse()
+                .map_err(|e| StoreError::Corrupt(format!("token id: {e}")))?,
+            role: row
+                .role
+                .parse()
+                .map_err(|e| StoreError::Corrupt(format!("token role: {e}")))?,
+            unit_id: row.unit_id.map(UnitId),
+            patient_id: row.patient_id.map(PatientId),
+            name: row.name,
+            created_at: from_db_time(row.created_at),
+            revoked_at: row.revoked_at.map(from_db_time),
+        })
+    }
+}
+
+/// Stores a token's hash and metadata.
+pub async fn insert(
+    conn: &mut DbConn,
+    id: TokenId,
+    token_hash: &str,
+    role: Role,
+    unit_id: Option<&UnitId>,
+    patient_id: Option<&PatientId>,
+    name: &str,
+    now: DateTime<Utc>,
+) -> Result<TokenRecord, StoreError> {
+    let row = NewToken {
+        id: id.to_string(),
+        token_hash,
+        role: role.as_str(),
+        unit_id: unit_id.map(UnitId::as_str),
+        patient_id: patient_id.map(PatientId::as_str),
+        name,
+        created_at: to_db_time(now),
+    };
+    db_run!(conn, |c| {
+        diesel::insert_into(api_tokens::table)
+            .values(&row)
+            .execute(c)
+            .await?
+    });
+    Ok(TokenRecord {
+        id,
+        role,
+        unit_id: unit_id.cloned(),
+        patient_id: patient_id.cloned(),
+        name: name.to_owned(),
+        created_at: from_db_time(row.created_at),
+        revoked_at: None,
+    })
+}
+
+/// The live (not revoked) token whose hash is `token_hash`.
+pub async fn find_active_by_hash(
+    conn: &mut DbConn,
+    token_hash: &str,
+) -> Result<Option<TokenRecord>, StoreError> {
+    let row: Option<TokenRow> = db_run!(conn, |c| {
+        api_tokens::table
+            .filter(api_tokens::token_hash.eq(token_hash))
+            .filter(api_tokens::revoked_at.is_null())
+            .select(TokenRow::as_select())
+            .first(c)
+            .await
+            .optional()?
+    });
+    row.map(TokenRecord::try_from).transpose()
+}
+
+/// Every token, newest first.
+pub async fn list(conn: &mut DbConn) -> Result<Vec<TokenRecord>, StoreError> {
+    let rows: Vec<TokenRow> = db_run!(conn, |c| {
+        api_tokens::table
+            .order(api_tokens::created_at.desc())
+            .select(TokenRow::as_select())
+            .load(c)
+            .await?
+    });
+    rows.into_iter().map(TokenRecord::try_from).collect()
+}
+
+/// Revokes a token; `NotFound` when no live token has that id.
+pub async fn revoke(conn: &mut DbConn, id: TokenId, now: DateTime<Utc>) -> Result<(), StoreError> {
+    let updated = db_run!(conn, |c| {
+        diesel::update(
+            api_tokens::table
+                .filter(api_tokens::id.eq(id.to_string()))
+                .filter(api_tokens::revoked_at.is_null()),
+        )
+        .set(api_tokens::revoked_at.eq(Some(to_db_time(now))))
+        .execute(c)
+        .await?
+    });
+    if updated == 0 {
+        return Err(StoreError::NotFound);
+    }
+    Ok(())
+}
+
+/// A freshly created token: the secret (shown once) and its record.
+pub struct CreatedToken {
+    /// The bearer token. Only its hash is stored; it cannot be shown again.
+    pub token: String,
+    /// The stored record.
+    pub record: TokenRecord,
+}
+
+/// Generates a random token, stores its hash and returns both.
+pub async fn create(
+    conn: &mut DbConn,
+    role: Role,
+    unit_id: Option<&UnitId>,
+    patient_id: Option<&PatientId>,
+    name: &str,
+    now: DateTime<Utc>,
+) -> Result<CreatedToken, StoreError> {
+    let mut random = [0_u8; 32];
+    getrandom::fill(&mut random)
+        .map_err(|e| StoreError::Unavailable(format!("no randomness: {e}")))?;
+    let token = crate::domain::auth::format_token(&random);
+    let hash = crate::domain::auth::hash_token(&token);
+    let record = insert(conn, TokenId::new_v7(), &hash, role, unit_id, patient_id, name, now).await?;
+    Ok(CreatedToken { token, record })
+}
