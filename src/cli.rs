@@ -120,8 +120,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let db = open_database(&settings).await?;
             let now = Utc::now();
             let mut conn = db.conn().await?;
-            let console = tokens::create(&mut conn, Role::Console, None, None, "demo console", now).await?;
-            let admin = tokens::create(&mut conn, Role::Admin, None, None, "demo admin", now).await?;
+            let console =
+                tokens::create(&mut conn, Role::Console, None, None, "demo console", now).await?;
+            let admin =
+                tokens::create(&mut conn, Role::Admin, None, None, "demo admin", now).await?;
             drop(conn);
             let app = Application::build_with_db(settings, db)?;
             let port = app.port();
@@ -143,7 +145,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("reverted {n} migration(s)");
             } else {
                 let n = migrations::run_pending(&db, url).await?;
-                println!("applied {n} migration(s); the {:?} schema is up to date", db.backend());
+                println!(
+                    "applied {n} migration(s); the {:?} schema is up to date",
+                    db.backend()
+                );
             }
         }
         Command::Token(command) => {
@@ -152,7 +157,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let db = open_database(&settings).await?;
             let mut conn = db.conn().await?;
             match command {
-                TokenCommand::Create { role, unit, patient, name } => {
+                TokenCommand::Create {
+                    role,
+                    unit,
+                    patient,
+                    name,
+                } => {
                     let unit = unit.as_deref().map(UnitId::from);
                     let patient = patient.as_deref().map(PatientId::from);
                     validate_binding(*role, unit.as_ref(), patient.as_ref())?;
@@ -178,9 +188,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                             .map(|u| format!("unit={u}"))
                             .or_else(|| t.patient_id.as_ref().map(|p| format!("patient={p}")))
                             .unwrap_or_default();
-                        let state = t
-                            .revoked_at
-                            .map_or("active".to_owned(), |at| format!("revoked {}", at.to_rfc3339()));
+                        let state = t.revoked_at.map_or("active".to_owned(), |at| {
+                            format!("revoked {}", at.to_rfc3339())
+                        });
                         println!(
                             "{}\t{}\t{}\t{}\t{}\t{}",
                             t.id,

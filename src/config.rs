@@ -9,8 +9,9 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use figment::Figment;
-use figment::providers::{Env, Format, Toml};
+use std::collections::HashMap;
+
+use config::{Config, Environment, File, FileFormat};
 use serde::Deserialize;
 
 /// A value that must never appear in logs or `Debug` output (database URLs, API keys, tokens).
@@ -317,32 +318,51 @@ pub struct NotifySettings {
 /// Errors while loading configuration.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
-pub struct ConfigError(#[from] Box<figment::Error>);
+pub struct ConfigError(#[from] config::ConfigError);
+
+/// Environment variables with the conventional names outside the `SHERS_` prefix.
+const CONVENTIONAL_ENV: &[(&str, &str)] =
+    &[("DATABASE_URL", "database.url"), ("REDIS_URL", "redis.url")];
 
 impl Settings {
-    /// Loads defaults → `config_file` → environment. Flags are applied by the caller afterwards
-    /// with [`Settings::with_overrides`].
+    /// Loads defaults → `config_file` → the process environment. Flags are applied by the
+    /// caller afterwards with [`Settings::with_overrides`].
     pub fn load(config_file: Option<&Path>) -> Result<Self, ConfigError> {
-        Self::figment(config_file)
-            .extract()
-            .map_err(|e| ConfigError(Box::new(e)))
+        Self::load_from(config_file, std::env::vars().collect())
     }
 
-    /// The layered configuration sources, exposed for tests.
-    pub fn figment(config_file: Option<&Path>) -> Figment {
-        let mut figment = Figment::new();
+    /// Like [`Settings::load`] with an explicit environment (tests).
+    ///
+    /// Environment values stay strings until a field asks for a number or a boolean, so an SMS
+    /// sender like `+15550001111` or an all-digit secret arrives intact.
+    pub fn load_from(
+        config_file: Option<&Path>,
+        env: HashMap<String, String>,
+    ) -> Result<Self, ConfigError> {
+        let mut builder = Config::builder();
         if let Some(path) = config_file {
-            figment = figment.merge(Toml::file_exact(path));
+            builder = builder.add_source(File::from(path).format(FileFormat::Toml).required(true));
         }
-        figment
-            .merge(
-                Env::prefixed("SHERS_")
-                    .split("__")
-                    // Test harness variables share the prefix but are not settings.
-                    .filter(|key| !key.as_str().starts_with("test_")),
-            )
-            .merge(Env::raw().only(&["DATABASE_URL"]).map(|_| "database.url".into()))
-            .merge(Env::raw().only(&["REDIS_URL"]).map(|_| "redis.url".into()))
+        let prefixed: HashMap<String, String> = env
+            .iter()
+            // Test harness variables share the prefix but are not settings.
+            .filter(|(k, _)| k.starts_with("SHERS_") && !k.starts_with("SHERS_TEST_"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        builder = builder.add_source(
+            Environment::with_prefix("SHERS")
+                .prefix_separator("_")
+                .separator("__")
+                .source(Some(prefixed)),
+        );
+        // Conventional names sit at the same level as the prefixed ones (both are
+        // environment); they are applied last so the well-known name wins a tie.
+        for (var, key) in CONVENTIONAL_ENV {
+            if let Some(value) = env.get(*var) {
+                builder = builder.set_override(*key, value.clone())?;
+            }
+        }
+        Ok(builder.build()?.try_deserialize()?)
     }
 
     /// Applies command-line overrides (highest precedence).
@@ -371,33 +391,64 @@ mod tests {
         assert!(debug.contains("[REDACTED]"));
     }
 
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
     #[test]
     fn layers_apply_in_order_and_unknown_keys_are_refused() {
-        figment::Jail::expect_with(|jail| {
-            jail.create_file(
-                "shers.toml",
-                "bind = \"0.0.0.0:9000\"\n[dispatch]\noffer_ttl_s = 45\nmax_rounds = 5\n",
-            )?;
-            jail.set_env("SHERS_DISPATCH__OFFER_TTL_S", "20");
-            jail.set_env("DATABASE_URL", "postgres://localhost/x");
-            jail.set_env("SHERS_NOTIFY__SMS_FROM", "+15550001111");
-            jail.set_env("SHERS_TEST_DATABASE_URL", "ignored");
-            let s = Settings::figment(Some(Path::new("shers.toml")))
-                .extract::<Settings>()
-                .map_err(|e| e.to_string())?;
-            assert_eq!(s.bind, "0.0.0.0:9000");
-            assert_eq!(s.dispatch.offer_ttl_s, 20, "env beats file");
-            assert_eq!(s.dispatch.max_rounds, 5, "file beats default");
-            assert_eq!(s.dispatch.offers_per_round, 3, "default kept");
-            assert_eq!(s.database.url.expose(), "postgres://localhost/x");
-            assert_eq!(s.notify.sms_from.as_deref(), Some("+15550001111"));
-            let s = s.with_overrides(Some("127.0.0.1:1".into()), None);
-            assert_eq!(s.bind, "127.0.0.1:1", "flags beat everything");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("shers.toml");
+        std::fs::write(
+            &file,
+            "bind = \"0.0.0.0:9000\"\n[dispatch]\noffer_ttl_s = 45\nmax_rounds = 5\n",
+        )
+        .unwrap();
+        let s = Settings::load_from(
+            Some(&file),
+            env(&[
+                ("SHERS_DISPATCH__OFFER_TTL_S", "20"),
+                ("DATABASE_URL", "postgres://localhost/x"),
+                ("SHERS_NOTIFY__SMS_FROM", "+15550001111"),
+                ("SHERS_PAYMENTS__API_KEY", "0123456789"),
+                ("SHERS_INSURANCE__EMBEDDED", "false"),
+                ("SHERS_TEST_DATABASE_URL", "ignored"),
+                ("HOME", "/root"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.bind, "0.0.0.0:9000");
+        assert_eq!(s.dispatch.offer_ttl_s, 20, "env beats file");
+        assert_eq!(s.dispatch.max_rounds, 5, "file beats default");
+        assert_eq!(s.dispatch.offers_per_round, 3, "default kept");
+        assert_eq!(s.database.url.expose(), "postgres://localhost/x");
+        assert_eq!(s.notify.sms_from.as_deref(), Some("+15550001111"));
+        assert_eq!(
+            s.payments.api_key.as_ref().map(|k| k.expose().as_str()),
+            Some("0123456789")
+        );
+        assert!(!s.insurance.embedded);
+        let s = s.with_overrides(Some("127.0.0.1:1".into()), None);
+        assert_eq!(s.bind, "127.0.0.1:1", "flags beat everything");
 
-            jail.set_env("SHERS_DISPATCH__OFFER_TTL", "20");
-            let err = Settings::figment(None).extract::<Settings>().unwrap_err();
-            assert!(err.to_string().contains("offer_ttl"), "{err}");
-            Ok(())
-        });
+        let err = Settings::load_from(None, env(&[("SHERS_DISPATCH__OFFER_TTL", "20")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("offer_ttl"), "{err}");
+        let err = Settings::load_from(None, env(&[("SHERS_DISPATCH__OFFER_TTL_S", "soon")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("offer_ttl_s"), "{err}");
+        std::fs::write(&file, "[databse]\nurl = \"x\"\n").unwrap();
+        let err = Settings::load_from(Some(&file), HashMap::new())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("databse"), "{err}");
+        assert!(
+            Settings::load_from(Some(&dir.path().join("missing.toml")), HashMap::new()).is_err()
+        );
     }
 }

@@ -199,13 +199,19 @@ mod binding_tests {
     fn bindings_follow_roles() {
         let unit = UnitId::from("A1");
         let patient = PatientId::from("p1");
-        assert_eq!(validate_binding(Role::Crew, None, None), Err(BindingError::CrewNeedsUnit));
+        assert_eq!(
+            validate_binding(Role::Crew, None, None),
+            Err(BindingError::CrewNeedsUnit)
+        );
         assert_eq!(validate_binding(Role::Crew, Some(&unit), None), Ok(()));
         assert_eq!(
             validate_binding(Role::Patient, None, None),
             Err(BindingError::PatientNeedsPatient)
         );
-        assert_eq!(validate_binding(Role::Patient, None, Some(&patient)), Ok(()));
+        assert_eq!(
+            validate_binding(Role::Patient, None, Some(&patient)),
+            Ok(())
+        );
         assert_eq!(
             validate_binding(Role::Console, Some(&unit), None),
             Err(BindingError::UnitNotAllowed)

@@ -72,16 +72,21 @@ pub async fn create_token(
         };
         ApiError::field(pointer, e.to_string())
     })?;
-    let mut conn = state.db.conn().await?;
-    let created = tokens::create(
-        &mut conn,
-        body.role,
-        body.unit_id.as_ref(),
-        body.patient_id.as_ref(),
-        name,
-        Utc::now(),
-    )
-    .await?;
+    let name = name.to_owned();
+    let created = state
+        .db
+        .run(move |mut conn| async move {
+            tokens::create(
+                &mut conn,
+                body.role,
+                body.unit_id.as_ref(),
+                body.patient_id.as_ref(),
+                &name,
+                Utc::now(),
+            )
+            .await
+        })
+        .await?;
     tracing::info!(token.id = %created.record.id, token.role = %created.record.role, "token created");
     Ok(HttpResponse::Created().json(CreatedTokenBody {
         token: created.token,
@@ -96,8 +101,10 @@ pub async fn list_tokens(
     _auth: Authorized<AdminOnly>,
     state: web::Data<AppState>,
 ) -> Result<HttpResponse, ApiError> {
-    let mut conn = state.db.conn().await?;
-    let items = tokens::list(&mut conn).await?;
+    let items = state
+        .db
+        .run(|mut conn| async move { tokens::list(&mut conn).await })
+        .await?;
     Ok(HttpResponse::Ok().json(TokenPage {
         items,
         next_cursor: None,
@@ -118,8 +125,9 @@ pub async fn revoke_token(
     let id: TokenId = id
         .parse()
         .map_err(|_| ApiError::not_found("no live token with that id"))?;
-    let mut conn = state.db.conn().await?;
-    tokens::revoke(&mut conn, id, Utc::now())
+    state
+        .db
+        .run(move |mut conn| async move { tokens::revoke(&mut conn, id, Utc::now()).await })
         .await
         .map_err(|e| match e {
             crate::persistence::StoreError::NotFound => {

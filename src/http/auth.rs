@@ -46,15 +46,16 @@ impl AuthService {
     pub async fn authenticate(&self, token: &str) -> Result<Option<Principal>, ApiError> {
         let hash = hash_token(token);
         let now = Instant::now();
-        if let Ok(cache) = self.cache.lock() {
-            if let Some((principal, at)) = cache.get(&hash) {
-                if now.duration_since(*at) < self.ttl {
-                    return Ok(principal.clone());
-                }
-            }
+        if let Ok(cache) = self.cache.lock()
+            && let Some((principal, at)) = cache.get(&hash)
+            && now.duration_since(*at) < self.ttl
+        {
+            return Ok(principal.clone());
         }
-        let mut conn = self.db.conn().await?;
-        let principal = tokens::find_active_by_hash(&mut conn, &hash)
+        let lookup = hash.clone();
+        let principal = self
+            .db
+            .run(|mut conn| async move { tokens::find_active_by_hash(&mut conn, &lookup).await })
             .await?
             .map(|record| record.principal());
         if let Ok(mut cache) = self.cache.lock() {
@@ -139,7 +140,9 @@ impl<P: Policy + 'static> FromRequest for Authorized<P> {
             let service = service.ok_or_else(|| {
                 ApiError::Internal(anyhow::anyhow!("AuthService is not registered"))
             })?;
-            let token = token.filter(|t| !t.is_empty()).ok_or(ApiError::Unauthorized)?;
+            let token = token
+                .filter(|t| !t.is_empty())
+                .ok_or(ApiError::Unauthorized)?;
             let principal = service
                 .authenticate(&token)
                 .await?

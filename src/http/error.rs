@@ -113,7 +113,9 @@ impl ApiError {
 
     /// A 404 for `what`.
     pub fn not_found(what: impl Into<String>) -> Self {
-        Self::NotFound { detail: what.into() }
+        Self::NotFound {
+            detail: what.into(),
+        }
     }
 
     fn slug_title(&self) -> (&'static str, &'static str) {
@@ -304,7 +306,9 @@ mod tests {
                        "detail": "a valid bearer token is required (Authorization: Bearer <token>)"}),
             ),
             (
-                ApiError::Forbidden { detail: "requires role admin".into() },
+                ApiError::Forbidden {
+                    detail: "requires role admin".into(),
+                },
                 json!({"type": p("forbidden"), "title": "Forbidden", "status": 403,
                        "detail": "requires role admin"}),
             ),
@@ -350,8 +354,10 @@ mod tests {
                        "detail": "slow down and retry after 1 s"}),
             ),
             (
-                ApiError::Unavailable { detail: "the database is unavailable; retry shortly".into(),
-                                        retry_after_s: 2 },
+                ApiError::Unavailable {
+                    detail: "the database is unavailable; retry shortly".into(),
+                    retry_after_s: 2,
+                },
                 json!({"type": p("unavailable"), "title": "Service unavailable", "status": 503,
                        "detail": "the database is unavailable; retry shortly"}),
             ),
@@ -363,15 +369,25 @@ mod tests {
         ];
         for (err, expected) in cases {
             assert_eq!(body(&err), expected, "{err:?}");
-            assert_eq!(err.status_code().as_u16(), expected["status"].as_u64().unwrap() as u16);
+            assert_eq!(
+                err.status_code().as_u16(),
+                expected["status"].as_u64().unwrap() as u16
+            );
         }
     }
 
     #[test]
     fn headers_and_content_type() {
-        let resp = ApiError::Unavailable { detail: "x".into(), retry_after_s: 2 }.error_response();
+        let resp = ApiError::Unavailable {
+            detail: "x".into(),
+            retry_after_s: 2,
+        }
+        .error_response();
         assert_eq!(resp.headers().get("retry-after").unwrap(), "2");
-        assert_eq!(resp.headers().get("content-type").unwrap(), "application/problem+json");
+        assert_eq!(
+            resp.headers().get("content-type").unwrap(),
+            "application/problem+json"
+        );
         let resp = ApiError::Unauthorized.error_response();
         assert_eq!(resp.headers().get("www-authenticate").unwrap(), "Bearer");
     }

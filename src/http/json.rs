@@ -27,7 +27,12 @@ fn is_json(req: &HttpRequest) -> bool {
         return true;
     };
     let Ok(ct) = ct.to_str() else { return false };
-    let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     essence == "application/json" || essence.ends_with("+json")
 }
 
@@ -42,10 +47,9 @@ pub async fn read_body(req: &HttpRequest, payload: &mut Payload) -> Result<Bytes
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<usize>().ok())
+        && len > limit
     {
-        if len > limit {
-            return Err(ApiError::PayloadTooLarge { limit });
-        }
+        return Err(ApiError::PayloadTooLarge { limit });
     }
     let mut body = BytesMut::new();
     while let Some(chunk) = payload.next().await {
@@ -76,15 +80,21 @@ pub fn pointer_of(path: &serde_path_to_error::Path) -> String {
     pointer
 }
 
-/// Deserialises `bytes` into `T`, mapping errors to 400 (syntax) or 422 (shape) with pointers.
+/// Deserialises `bytes` into `T`: a body that is not JSON is a 400 with its position; JSON of
+/// the wrong shape is a 422 with a pointer to the field. (Parsing to a `Value` first keeps the
+/// two apart: serde_json reports some type errors, e.g. a number where an enum is expected, as
+/// syntax errors when deserialising straight from bytes. Hot paths have their own parsers.)
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|err| {
+    let value: serde_json::Value =
+        serde_json::from_slice(bytes).map_err(|e| classify(String::new(), e))?;
+    serde_path_to_error::deserialize(value).map_err(|err| {
         let pointer = pointer_of(err.path());
-        classify(pointer, err.into_inner())
-    })?;
-    de.end().map_err(|e| classify(String::new(), e))?;
-    Ok(value)
+        let message = err.into_inner().to_string();
+        ApiError::Validation {
+            detail: format!("{pointer}: {message}"),
+            errors: vec![FieldError::new(pointer, message)],
+        }
+    })
 }
 
 fn classify(pointer: String, err: serde_json::Error) -> ApiError {

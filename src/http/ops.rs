@@ -41,11 +41,11 @@ const READINESS_TIMEOUT: Duration = Duration::from_secs(2);
     responses((status = 200, body = Readiness), (status = 503, body = Readiness)))]
 pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
     let db = &state.db;
-    let check = async {
-        let mut conn = db.conn().await.map_err(|e| e.to_string())?;
-        let missing = migrations::missing(db, &mut conn)
+    let check = async move {
+        let missing = db
+            .run(|mut conn| async move { migrations::missing(&mut conn).await })
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e: crate::persistence::StoreError| e.to_string())?;
         if missing.is_empty() {
             Ok(())
         } else {

@@ -78,7 +78,9 @@ pub async fn observe(
 ) -> Result<ServiceResponse<impl MessageBody>, Error> {
     let started = Instant::now();
     let method = req.method().as_str().to_owned();
-    let route = req.match_pattern().unwrap_or_else(|| "unmatched".to_owned());
+    let route = req
+        .match_pattern()
+        .unwrap_or_else(|| "unmatched".to_owned());
     let request_id = req.extensions().get::<RequestId>().map(ToString::to_string);
     let result = next.call(req).await;
     let elapsed = started.elapsed();

@@ -7,7 +7,7 @@
 //! inserts the events. The unique `(stream_id, version)` constraint is the backstop: two writers
 //! of one stream can never both succeed, also across nodes.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound as _, Utc};
 use diesel::dsl::max;
 use diesel::prelude::*;
 use diesel_async::{AsyncConnection as _, RunQueryDsl};
@@ -98,7 +98,10 @@ impl InsertEvents for super::SqliteConn {
     async fn insert_events(&mut self, rows: &[NewEventRow<'_>]) -> QueryResult<usize> {
         let mut n = 0;
         for row in rows {
-            n += diesel::insert_into(events::table).values(row).execute(self).await?;
+            n += diesel::insert_into(events::table)
+                .values(row)
+                .execute(self)
+                .await?;
         }
         Ok(n)
     }
@@ -106,7 +109,10 @@ impl InsertEvents for super::SqliteConn {
 
 impl InsertEvents for diesel_async::AsyncPgConnection {
     async fn insert_events(&mut self, rows: &[NewEventRow<'_>]) -> QueryResult<usize> {
-        diesel::insert_into(events::table).values(rows).execute(self).await
+        diesel::insert_into(events::table)
+            .values(rows)
+            .execute(self)
+            .await
     }
 }
 
@@ -122,7 +128,8 @@ pub async fn append(
     if new.is_empty() {
         return Ok(Vec::new());
     }
-    let count = i64::try_from(new.len()).map_err(|_| StoreError::Conflict("batch too large".into()))?;
+    let count =
+        i64::try_from(new.len()).map_err(|_| StoreError::Conflict("batch too large".into()))?;
     let mut payloads = Vec::with_capacity(new.len());
     for event in new {
         payloads.push(
@@ -130,9 +137,10 @@ pub async fn append(
                 .map_err(|e| StoreError::Corrupt(format!("unserialisable payload: {e}")))?,
         );
     }
-    let recorded_at = to_db_time(now);
-    // Stored times have microsecond precision on both backends; report what was stored.
-    let at = from_db_time(recorded_at).with_nanosecond_micros();
+    // PostgreSQL keeps microseconds, SQLite whatever it is given: store microseconds on both
+    // so what `append` returns is exactly what a later read sees.
+    let at = now.trunc_subsecs(6);
+    let recorded_at = to_db_time(at);
 
     let payloads_ref = &payloads;
     let (first_seq, current) = db_run!(conn, |c| {
@@ -175,16 +183,16 @@ pub async fn append(
                     recorded_at,
                 })
                 .collect();
-            InsertEvents::insert_events(tx, &rows)
-                .await
-                .map_err(|e| match StoreError::from(e) {
+            InsertEvents::insert_events(tx, &rows).await.map_err(|e| {
+                match StoreError::from(e) {
                     StoreError::Conflict(_) => AppendError::Conflict {
                         stream: stream.to_owned(),
                         expected,
                         actual: -1,
                     },
                     other => AppendError::Store(other),
-                })?;
+                }
+            })?;
             Ok((first_seq, current))
         })
         .await
@@ -207,20 +215,11 @@ pub async fn append(
         .collect())
 }
 
-trait MicrosPrecision {
-    fn with_nanosecond_micros(self) -> Self;
-}
-
-impl MicrosPrecision for DateTime<Utc> {
-    fn with_nanosecond_micros(self) -> Self {
-        use chrono::Timelike;
-        let nanos = self.nanosecond() / 1_000 * 1_000;
-        self.with_nanosecond(nanos).unwrap_or(self)
-    }
-}
-
 /// Every event of `stream`, in version order.
-pub async fn read_stream(conn: &mut DbConn, stream: &str) -> Result<Vec<RecordedEvent>, StoreError> {
+pub async fn read_stream(
+    conn: &mut DbConn,
+    stream: &str,
+) -> Result<Vec<RecordedEvent>, StoreError> {
     let rows: Vec<EventRow> = db_run!(conn, |c| {
         events::table
             .filter(events::stream_id.eq(stream))

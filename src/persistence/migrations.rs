@@ -12,7 +12,7 @@ use diesel_async::AsyncMigrationHarness;
 use diesel_async::RunQueryDsl;
 use diesel_migrations::{EmbeddedMigrations, MigrationHarness, embed_migrations};
 
-use super::{Db, DbConn, StoreError, sqlite_path};
+use super::{Backend, Db, DbConn, StoreError, sqlite_path};
 use crate::db_run;
 
 /// SQLite migrations, compiled into the binary.
@@ -41,7 +41,11 @@ enum Direction {
     DownAll,
 }
 
-async fn run(db: &Db, sqlite_url: Option<String>, direction: Direction) -> Result<usize, StoreError> {
+async fn run(
+    db: &Db,
+    sqlite_url: Option<String>,
+    direction: Direction,
+) -> Result<usize, StoreError> {
     match db {
         Db::Sqlite(_) => {
             let url = sqlite_url.ok_or_else(|| StoreError::Unavailable("no SQLite path".into()))?;
@@ -83,10 +87,14 @@ pub async fn revert_all(db: &Db, url: &str) -> Result<usize, StoreError> {
 
 /// Versions of the embedded migrations for `db`'s backend.
 pub fn embedded_versions(db: &Db) -> Vec<String> {
-    let names = match db {
-        Db::Sqlite(_) => MigrationSource::<Sqlite>::migrations(&SQLITE)
+    versions_for(db.backend())
+}
+
+fn versions_for(backend: Backend) -> Vec<String> {
+    let names = match backend {
+        Backend::Sqlite => MigrationSource::<Sqlite>::migrations(&SQLITE)
             .map(|ms| ms.iter().map(|m| m.name().version().to_string()).collect()),
-        Db::Postgres(_) => MigrationSource::<Pg>::migrations(&POSTGRES)
+        Backend::Postgres => MigrationSource::<Pg>::migrations(&POSTGRES)
             .map(|ms| ms.iter().map(|m| m.name().version().to_string()).collect()),
     };
     names.unwrap_or_default()
@@ -116,9 +124,13 @@ pub async fn applied_versions(conn: &mut DbConn) -> Result<Vec<String>, StoreErr
 }
 
 /// Embedded migrations that the database has not applied.
-pub async fn missing(db: &Db, conn: &mut DbConn) -> Result<Vec<String>, StoreError> {
+pub async fn missing(conn: &mut DbConn) -> Result<Vec<String>, StoreError> {
+    let backend = match conn {
+        DbConn::Sqlite(_) => Backend::Sqlite,
+        DbConn::Postgres(_) => Backend::Postgres,
+    };
     let applied = applied_versions(conn).await?;
-    Ok(embedded_versions(db)
+    Ok(versions_for(backend)
         .into_iter()
         .filter(|v| !applied.contains(v))
         .collect())

@@ -1,7 +1,7 @@
 //! Persistence: diesel + diesel-async on SQLite (embedded default) and PostgreSQL.
 //!
 //! The backend is chosen by the database URL's scheme. [`Db`] is a small enum over the two
-//! pools; [`DbConn`] is a checked-out connection of either kind, and the [`db_run!`] macro
+//! pools; [`DbConn`] is a checked-out connection of either kind, and the [`db_run!`](crate::db_run) macro
 //! compiles a query body once per backend (the habit of vaultwarden's `db_run!`). Query
 //! functions take a `&mut DbConn`, never the pool, so they compose inside one transaction.
 //!
@@ -20,7 +20,7 @@ use diesel::{ConnectionError, SqliteConnection};
 use diesel_async::pooled_connection::deadpool::{Object, Pool, PoolError};
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
 use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
-use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection as _};
 
 use crate::config::DatabaseSettings;
 
@@ -53,6 +53,9 @@ impl std::fmt::Debug for Db {
 }
 
 /// A connection checked out of a [`Db`] pool.
+// The PostgreSQL variant is larger; connections are checked out once per unit of work and
+// never stored in bulk, so boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 pub enum DbConn {
     /// SQLite connection.
     Sqlite(Object<SqliteConn>),
@@ -150,7 +153,8 @@ macro_rules! db_run {
 
 /// Pragmas every SQLite connection gets: WAL for concurrent readers, a busy timeout instead of
 /// immediate "database is locked", full fsync so an acknowledged write survives power loss.
-const SQLITE_PRAGMAS: &str = "PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 10000; \
+/// `busy_timeout` comes first so that switching to WAL waits for other connections too.
+const SQLITE_PRAGMAS: &str = "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; \
      PRAGMA foreign_keys = ON; PRAGMA synchronous = FULL;";
 
 /// Parses `sqlite://path` into the file path (`sqlite:///abs` → `/abs`).
@@ -166,7 +170,10 @@ impl Db {
         let url = settings.url.expose();
         let timeout = Duration::from_millis(settings.timeout_ms);
         let db = if let Some(path) = sqlite_path(url) {
-            if let Some(dir) = Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
+            if let Some(dir) = Path::new(path)
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+            {
                 std::fs::create_dir_all(dir).map_err(|source| ConnectError::CreateDir {
                     path: dir.display().to_string(),
                     source,
@@ -177,8 +184,8 @@ impl Db {
                 let url = url.to_owned();
                 Box::pin(async move {
                     let mut conn = SqliteConn::establish(&url).await?;
-                    diesel::sql_query(SQLITE_PRAGMAS)
-                        .execute(&mut conn)
+                    // batch_execute: sql_query would run only the first statement.
+                    conn.batch_execute(SQLITE_PRAGMAS)
                         .await
                         .map_err(ConnectionError::CouldntSetupConfiguration)?;
                     Ok(conn)
@@ -231,11 +238,38 @@ impl Db {
 
     /// Runs `SELECT 1` on a pooled connection.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.conn().await?;
-        db_run!(&mut conn, |c| {
-            diesel::sql_query("SELECT 1").execute(c).await?;
+        self.run(|mut conn| async move {
+            db_run!(&mut conn, |c| {
+                diesel::sql_query("SELECT 1").execute(c).await?;
+            });
+            Ok(())
+        })
+        .await
+    }
+
+    /// Runs `work` with a pooled connection in its own task and awaits the result.
+    ///
+    /// Callers whose future may be dropped mid-flight (request handlers when a client hangs
+    /// up, timeouts, stopping actors) must use this: the database work then always runs to
+    /// completion, so an acknowledged write is never half-done, and diesel-async's SQLite
+    /// wrapper (which blocks in `Drop` when cancelled, a panic on actix's current-thread
+    /// runtime) is never cancelled. Must be called on an actix/tokio `LocalSet`.
+    pub async fn run<T, E, F, Fut>(&self, work: F) -> Result<T, E>
+    where
+        F: FnOnce(DbConn) -> Fut + 'static,
+        Fut: std::future::Future<Output = Result<T, E>> + 'static,
+        T: 'static,
+        E: From<StoreError> + 'static,
+    {
+        let db = self.clone();
+        let task = actix_web::rt::spawn(async move {
+            let conn = db.conn().await?;
+            work(conn).await
         });
-        Ok(())
+        match task.await {
+            Ok(result) => result,
+            Err(e) => Err(StoreError::Unavailable(format!("database task failed: {e}")).into()),
+        }
     }
 }
 

@@ -1,6 +1,6 @@
 //! API tokens: only the SHA-256 of a token is stored, with its role, binding and lifetime.
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound as _, Utc};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use serde::Serialize;
@@ -96,25 +96,20 @@ impl TryFrom<TokenRow> for TokenRecord {
     }
 }
 
-/// Stores a token's hash and metadata.
+/// Stores `record` under `token_hash`.
 pub async fn insert(
     conn: &mut DbConn,
-    id: TokenId,
     token_hash: &str,
-    role: Role,
-    unit_id: Option<&UnitId>,
-    patient_id: Option<&PatientId>,
-    name: &str,
-    now: DateTime<Utc>,
-) -> Result<TokenRecord, StoreError> {
+    record: &TokenRecord,
+) -> Result<(), StoreError> {
     let row = NewToken {
-        id: id.to_string(),
+        id: record.id.to_string(),
         token_hash,
-        role: role.as_str(),
-        unit_id: unit_id.map(UnitId::as_str),
-        patient_id: patient_id.map(PatientId::as_str),
-        name,
-        created_at: to_db_time(now),
+        role: record.role.as_str(),
+        unit_id: record.unit_id.as_ref().map(UnitId::as_str),
+        patient_id: record.patient_id.as_ref().map(PatientId::as_str),
+        name: &record.name,
+        created_at: to_db_time(record.created_at),
     };
     db_run!(conn, |c| {
         diesel::insert_into(api_tokens::table)
@@ -122,15 +117,7 @@ pub async fn insert(
             .execute(c)
             .await?
     });
-    Ok(TokenRecord {
-        id,
-        role,
-        unit_id: unit_id.cloned(),
-        patient_id: patient_id.cloned(),
-        name: name.to_owned(),
-        created_at: from_db_time(row.created_at),
-        revoked_at: None,
-    })
+    Ok(())
 }
 
 /// The live (not revoked) token whose hash is `token_hash`.
@@ -202,6 +189,16 @@ pub async fn create(
         .map_err(|e| StoreError::Unavailable(format!("no randomness: {e}")))?;
     let token = crate::domain::auth::format_token(&random);
     let hash = crate::domain::auth::hash_token(&token);
-    let record = insert(conn, TokenId::new_v7(), &hash, role, unit_id, patient_id, name, now).await?;
+    let record = TokenRecord {
+        id: TokenId::new_v7(),
+        role,
+        unit_id: unit_id.cloned(),
+        patient_id: patient_id.cloned(),
+        name: name.to_owned(),
+        // Stored with microsecond precision on both backends.
+        created_at: now.trunc_subsecs(6),
+        revoked_at: None,
+    };
+    insert(conn, &hash, &record).await?;
     Ok(CreatedToken { token, record })
 }

@@ -1,0 +1,224 @@
+//! The auth matrix: every role against every endpoint group, plus missing, invalid and revoked
+//! tokens and the WebSocket query-string token.
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use shers::domain::auth::Role;
+use shers::persistence::Backend;
+
+use crate::both_backends;
+use crate::helpers::TestApp;
+
+both_backends!(role_matrix, revoked_tokens_stop_working, token_admin_api);
+
+/// (method, path, roles allowed; empty = public)
+const ENDPOINTS: &[(&str, &str, &[Role])] = &[
+    ("GET", "/healthz", &[]),
+    ("GET", "/readyz", &[]),
+    ("GET", "/metrics", &[Role::Admin]),
+    ("GET", "/api/openapi.json", &Role::ALL),
+    ("GET", "/api/v1/whoami", &Role::ALL),
+    ("GET", "/admin/tokens", &[Role::Admin]),
+];
+
+async fn role_matrix(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    for (method, path, allowed) in ENDPOINTS {
+        assert_eq!(*method, "GET");
+        let public = allowed.is_empty();
+
+        let anonymous = app.get(path, None).await;
+        let expected = if public {
+            StatusCode::OK
+        } else {
+            StatusCode::UNAUTHORIZED
+        };
+        assert_eq!(anonymous.status(), expected, "anonymous {path}");
+        if !public {
+            assert_eq!(
+                anonymous.headers()["content-type"],
+                "application/problem+json"
+            );
+            assert_eq!(anonymous.headers()["www-authenticate"], "Bearer");
+        }
+
+        let garbage = app
+            .client
+            .get(app.url(path))
+            .bearer_auth("shers_not-a-real-token")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(garbage.status(), expected, "invalid token {path}");
+
+        for role in Role::ALL {
+            let resp = app.get(path, Some(role)).await;
+            let ok = public || allowed.iter().any(|a| role.satisfies(*a));
+            let expected = if ok {
+                StatusCode::OK
+            } else {
+                StatusCode::FORBIDDEN
+            };
+            assert_eq!(resp.status(), expected, "{role} {path}");
+            if !ok {
+                let body: Value = resp.json().await.unwrap();
+                assert_eq!(body["status"], 403);
+                assert!(body["detail"].as_str().unwrap().contains(role.as_str()));
+            }
+        }
+    }
+
+    // Tokens in the query string are honoured only for WebSocket upgrades.
+    let token = app.token(Role::Console).await;
+    let url = app.url(&format!("/api/v1/whoami?access_token={token}"));
+    let plain = app.client.get(&url).send().await.unwrap();
+    assert_eq!(plain.status(), StatusCode::UNAUTHORIZED);
+    let upgrade = app
+        .client
+        .get(&url)
+        .header("Connection", "Upgrade")
+        .header("Upgrade", "websocket")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(upgrade.status(), StatusCode::OK);
+    let me: Value = upgrade.json().await.unwrap();
+    assert_eq!(me["role"], "console");
+}
+
+async fn revoked_tokens_stop_working(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let victim = app.create_token(Role::Gateway).await;
+    let whoami = |t: String| {
+        let req = app.client.get(app.url("/api/v1/whoami")).bearer_auth(t);
+        async move { req.send().await.unwrap() }
+    };
+    assert_eq!(whoami(victim.clone()).await.status(), StatusCode::OK);
+    let list: Value = app
+        .get("/admin/tokens", Some(Role::Admin))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = list["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["role"] == "gateway")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let revoke = app
+        .post_json(
+            &format!("/admin/tokens/{id}/revoke"),
+            Some(Role::Admin),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(revoke.status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        whoami(victim).await.status(),
+        StatusCode::UNAUTHORIZED,
+        "revocation is immediate"
+    );
+    let again = app
+        .post_json(
+            &format!("/admin/tokens/{id}/revoke"),
+            Some(Role::Admin),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(again.status(), StatusCode::NOT_FOUND);
+}
+
+async fn token_admin_api(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let created = app
+        .post_json(
+            "/admin/tokens",
+            Some(Role::Admin),
+            &json!({"role": "crew", "unit_id": "M-12", "name": "Medic 12"}),
+        )
+        .await;
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let body: Value = created.json().await.unwrap();
+    let token = body["token"].as_str().unwrap().to_owned();
+    assert_eq!(body["unit_id"], "M-12");
+    let me: Value = app
+        .client
+        .get(app.url("/api/v1/whoami"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(me["role"], "crew");
+    assert_eq!(me["unit_id"], "M-12");
+
+    let list: Value = app
+        .get("/admin/tokens", Some(Role::Admin))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let text = list.to_string();
+    assert!(!text.contains(&token), "secrets are never listed");
+    assert!(
+        !text.contains(&shers::domain::auth::hash_token(&token)),
+        "nor their hashes"
+    );
+
+    let missing_unit = app
+        .post_json(
+            "/admin/tokens",
+            Some(Role::Admin),
+            &json!({"role": "crew", "name": "x"}),
+        )
+        .await;
+    assert_eq!(missing_unit.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let body: Value = missing_unit.json().await.unwrap();
+    assert_eq!(body["errors"][0]["pointer"], "/unit_id");
+
+    let console = app
+        .post_json(
+            "/admin/tokens",
+            Some(Role::Console),
+            &json!({"role": "admin", "name": "escalate"}),
+        )
+        .await;
+    assert_eq!(
+        console.status(),
+        StatusCode::FORBIDDEN,
+        "consoles cannot mint tokens"
+    );
+}
+
+both_backends!(acknowledged_tokens_survive_an_abrupt_stop);
+
+async fn acknowledged_tokens_survive_an_abrupt_stop(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let created: Value = app
+        .post_json(
+            "/admin/tokens",
+            Some(Role::Admin),
+            &json!({"role": "console", "name": "night desk"}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let token = created["token"].as_str().unwrap().to_owned();
+    let tdb = app.kill().await;
+    let app = TestApp::builder(backend).start_on(tdb).await;
+    let resp = app
+        .client
+        .get(app.url("/api/v1/whoami"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+}

@@ -1,0 +1,394 @@
+//! Test harness: [`TestDb`] (a fresh self-cleaning database per test), [`TestApp`] (the real
+//! application on port 0 with typed request helpers), a TCP proxy that can cut PostgreSQL, and
+//! the [`both_backends!`] macro that runs a test on SQLite and on PostgreSQL.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use actix_web::dev::ServerHandle;
+use chrono::Utc;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl as _};
+use shers::app::Application;
+use shers::config::{Secret, Settings};
+use shers::domain::auth::Role;
+use shers::domain::ids::{PatientId, UnitId};
+use shers::persistence::{Backend, Db, migrations, tokens};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+/// Runs `$test(Backend)` as two tests, `$test::sqlite` and `$test::postgres`.
+#[macro_export]
+macro_rules! both_backends {
+    ($($test:ident),* $(,)?) => {
+        $(
+            mod $test {
+                #[actix_web::test]
+                async fn sqlite() {
+                    super::$test(shers::persistence::Backend::Sqlite).await
+                }
+                #[actix_web::test]
+                async fn postgres() {
+                    if $crate::helpers::postgres_available().await {
+                        super::$test(shers::persistence::Backend::Postgres).await
+                    }
+                }
+            }
+        )*
+    };
+}
+
+/// Quiet logs unless `TEST_LOG=1`.
+pub fn init() {
+    rustls::crypto::ring::default_provider()
+        .install_default()
+        .ok();
+    if std::env::var("TEST_LOG").is_ok_and(|v| v == "1") {
+        shers::http::telemetry::init_tracing(shers::config::LogFormat::Text);
+    }
+}
+
+fn admin_url() -> String {
+    std::env::var("SHERS_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+}
+
+fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Whether PostgreSQL tests can run; in CI a missing server fails the test instead.
+pub async fn postgres_available() -> bool {
+    if std::env::var("SHERS_TEST_SKIP_POSTGRES").is_ok_and(|v| v == "1") {
+        assert!(!ci(), "CI=true but SHERS_TEST_SKIP_POSTGRES=1");
+        eprintln!("SKIPPED: PostgreSQL test (SHERS_TEST_SKIP_POSTGRES=1)");
+        return false;
+    }
+    match AsyncPgConnection::establish(&admin_url()).await {
+        Ok(_) => true,
+        Err(e) => {
+            assert!(!ci(), "CI=true and PostgreSQL is unreachable: {e}");
+            eprintln!("SKIPPED: PostgreSQL test, server unreachable ({e}); run scripts/test.sh");
+            false
+        }
+    }
+}
+
+/// Replaces the database name in a PostgreSQL URL.
+pub fn with_database(url: &str, name: &str) -> String {
+    let (base, query) = url
+        .split_once('?')
+        .map_or((url, None), |(b, q)| (b, Some(q)));
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let path_start = base[scheme_end..]
+        .find('/')
+        .map_or(base.len(), |i| scheme_end + i);
+    let mut out = format!("{}/{}", &base[..path_start], name);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+/// A fresh database for one test, removed on drop.
+pub struct TestDb {
+    pub url: String,
+    pg_name: Option<String>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> Self {
+        init();
+        match backend {
+            Backend::Sqlite => {
+                let dir = tempfile::tempdir().unwrap();
+                let url = format!("sqlite://{}/shers.db", dir.path().display());
+                Self {
+                    url,
+                    pg_name: None,
+                    _dir: Some(dir),
+                }
+            }
+            Backend::Postgres => {
+                let name = format!("shers_test_{}", uuid::Uuid::new_v4().simple());
+                let mut admin = AsyncPgConnection::establish(&admin_url()).await.unwrap();
+                diesel::sql_query(format!("CREATE DATABASE {name}"))
+                    .execute(&mut admin)
+                    .await
+                    .unwrap();
+                Self {
+                    url: with_database(&admin_url(), &name),
+                    pg_name: Some(name),
+                    _dir: None,
+                }
+            }
+        }
+    }
+
+    pub fn settings(&self) -> shers::config::DatabaseSettings {
+        let mut s = shers::config::DatabaseSettings::default();
+        s.url = Secret::new(self.url.clone());
+        s.pool_size = 8;
+        s.timeout_ms = 1_000;
+        s
+    }
+
+    /// Opens a pool on this database without migrating it.
+    pub async fn connect(&self) -> Db {
+        Db::connect(&self.settings()).await.unwrap()
+    }
+
+    /// Opens a pool and applies the migrations.
+    pub async fn migrated(&self) -> Db {
+        let db = self.connect().await;
+        migrations::run_pending(&db, &self.url).await.unwrap();
+        db
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some(name) = self.pg_name.take() else {
+            return;
+        };
+        let url = admin_url();
+        // Drop needs async I/O; do it on a private runtime so it works from any context.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                if let Ok(mut admin) = AsyncPgConnection::establish(&url).await {
+                    let _ =
+                        diesel::sql_query(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                            .execute(&mut admin)
+                            .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Builds a [`TestApp`].
+pub struct TestAppBuilder {
+    backend: Backend,
+    settings: Settings,
+    database_url: Option<String>,
+}
+
+impl TestAppBuilder {
+    /// Changes a setting before start.
+    pub fn with_settings(mut self, f: impl FnOnce(&mut Settings)) -> Self {
+        f(&mut self.settings);
+        self
+    }
+
+    /// Connects the app through `url` (e.g. a proxy) instead of directly.
+    pub fn database_url(mut self, url: String) -> Self {
+        self.database_url = Some(url);
+        self
+    }
+
+    pub async fn start(self) -> TestApp {
+        let db_guard = TestDb::new(self.backend).await;
+        self.start_on(db_guard).await
+    }
+
+    pub async fn start_on(mut self, db_guard: TestDb) -> TestApp {
+        let mut db_settings = db_guard.settings();
+        if let Some(url) = self.database_url.take() {
+            db_settings.url = Secret::new(url);
+        }
+        self.settings.database = db_settings;
+        let app = Application::build(self.settings).await.unwrap();
+        let port = app.port();
+        let db = app.db().clone();
+        let handle = app.handle();
+        actix_web::rt::spawn(app.run_until_stopped());
+        TestApp {
+            address: format!("http://127.0.0.1:{port}"),
+            db,
+            handle,
+            client: reqwest::Client::new(),
+            tokens: Mutex::new(HashMap::new()),
+            db_guard: Some(db_guard),
+        }
+    }
+}
+
+/// The running application and typed helpers to talk to it.
+pub struct TestApp {
+    pub address: String,
+    pub db: Db,
+    pub client: reqwest::Client,
+    handle: ServerHandle,
+    tokens: Mutex<HashMap<Role, String>>,
+    db_guard: Option<TestDb>,
+}
+
+impl TestApp {
+    pub fn builder(backend: Backend) -> TestAppBuilder {
+        init();
+        let mut settings = Settings::default();
+        settings.bind = "127.0.0.1:0".to_owned();
+        settings.http.workers = Some(1);
+        settings.http.shutdown_timeout_s = 1;
+        TestAppBuilder {
+            backend,
+            settings,
+            database_url: None,
+        }
+    }
+
+    pub async fn spawn(backend: Backend) -> TestApp {
+        Self::builder(backend).start().await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.address, path)
+    }
+
+    /// Creates a token with `role` directly in the database.
+    pub async fn create_token(&self, role: Role) -> String {
+        let unit = (role == Role::Crew).then(|| UnitId::from("UNIT-1"));
+        let patient = (role == Role::Patient).then(|| PatientId::from("patient-1"));
+        let mut conn = self.db.conn().await.unwrap();
+        tokens::create(
+            &mut conn,
+            role,
+            unit.as_ref(),
+            patient.as_ref(),
+            "test",
+            Utc::now(),
+        )
+        .await
+        .unwrap()
+        .token
+    }
+
+    /// A cached token for `role`.
+    pub async fn token(&self, role: Role) -> String {
+        if let Some(t) = self.tokens.lock().unwrap().get(&role) {
+            return t.clone();
+        }
+        let token = self.create_token(role).await;
+        self.tokens.lock().unwrap().insert(role, token.clone());
+        token
+    }
+
+    pub async fn get(&self, path: &str, role: Option<Role>) -> reqwest::Response {
+        let mut req = self.client.get(self.url(path));
+        if let Some(role) = role {
+            req = req.bearer_auth(self.token(role).await);
+        }
+        req.send().await.unwrap()
+    }
+
+    pub async fn post_json(
+        &self,
+        path: &str,
+        role: Option<Role>,
+        body: &serde_json::Value,
+    ) -> reqwest::Response {
+        let mut req = self.client.post(self.url(path)).json(body);
+        if let Some(role) = role {
+            req = req.bearer_auth(self.token(role).await);
+        }
+        req.send().await.unwrap()
+    }
+
+    /// Stops the server abruptly (no drain) and returns the database guard so a new app can
+    /// start on the same database.
+    pub async fn kill(mut self) -> TestDb {
+        self.handle.stop(false).await;
+        self.db_guard.take().unwrap()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        let handle = self.handle.clone();
+        actix_web::rt::spawn(async move { handle.stop(false).await });
+    }
+}
+
+/// A TCP proxy in front of a server that a test can cut (every connection reset, new ones
+/// refused) and restore, to simulate a database outage.
+pub struct TcpProxy {
+    pub port: u16,
+    cut: Arc<AtomicBool>,
+    connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    accept: JoinHandle<()>,
+}
+
+impl TcpProxy {
+    pub async fn start(upstream: String) -> TcpProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let accept = {
+            let cut = cut.clone();
+            let connections = connections.clone();
+            tokio::spawn(async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    if AtomicBool::load(&cut, Ordering::SeqCst) {
+                        drop(inbound);
+                        continue;
+                    }
+                    let upstream = upstream.clone();
+                    let task = tokio::spawn(async move {
+                        if let Ok(mut outbound) = TcpStream::connect(upstream).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                    connections.lock().unwrap().push(task);
+                }
+            })
+        };
+        TcpProxy {
+            port,
+            cut,
+            connections,
+            accept,
+        }
+    }
+
+    /// Resets every open connection and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        for task in self.connections.lock().unwrap().drain(..) {
+            task.abort();
+        }
+    }
+
+    /// Accepts connections again.
+    pub fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+/// `host:port` of a PostgreSQL URL.
+pub fn pg_host_port(url: &str) -> String {
+    let after = url.split_once("://").map_or(url, |(_, r)| r);
+    let after = after.rsplit_once('@').map_or(after, |(_, r)| r);
+    let host_port = after.split(['/', '?']).next().unwrap_or("127.0.0.1:5432");
+    if host_port.contains(':') {
+        host_port.to_owned()
+    } else {
+        format!("{host_port}:5432")
+    }
+}

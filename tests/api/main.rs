@@ -1,0 +1,15 @@
+//! The integration test binary: one binary, many modules, each test on its own fresh database
+//! (SQLite file or PostgreSQL database) so the suite runs in parallel.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::field_reassign_with_default,
+    missing_docs
+)]
+
+mod helpers;
+
+mod auth;
+mod errors;
+mod ops;
+mod persistence;

@@ -1,0 +1,159 @@
+//! Operational endpoints: readiness against a real outage, metrics, OpenAPI.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::Value;
+use shers::domain::auth::Role;
+use shers::persistence::Backend;
+
+use crate::helpers::{TcpProxy, TestApp, TestDb, pg_host_port, with_database};
+
+async fn wait_for_status(app: &TestApp, path: &str, want: StatusCode) -> Value {
+    let mut last = None;
+    for _ in 0..60 {
+        let resp = app.get(path, None).await;
+        if resp.status() == want {
+            return resp.json().await.unwrap();
+        }
+        last = Some(resp.status());
+        actix_web::rt::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("{path} never answered {want}; last {last:?}");
+}
+
+#[actix_web::test]
+async fn readyz_follows_a_postgres_outage_through_a_proxy() {
+    if !crate::helpers::postgres_available().await {
+        return;
+    }
+    let tdb = TestDb::new(Backend::Postgres).await;
+    let proxy = TcpProxy::start(pg_host_port(&tdb.url)).await;
+    let name = tdb
+        .url
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .split('?')
+        .next()
+        .unwrap()
+        .to_owned();
+    let via_proxy = with_database(
+        &tdb.url.replacen(
+            &pg_host_port(&tdb.url),
+            &format!("127.0.0.1:{}", proxy.port),
+            1,
+        ),
+        &name,
+    );
+    let app = TestApp::builder(Backend::Postgres)
+        .database_url(via_proxy)
+        .start_on(tdb)
+        .await;
+    let body = wait_for_status(&app, "/readyz", StatusCode::OK).await;
+    assert_eq!(body["database"], "postgres");
+
+    proxy.cut();
+    let body = wait_for_status(&app, "/readyz", StatusCode::SERVICE_UNAVAILABLE).await;
+    assert_eq!(body["status"], "not_ready");
+    // Liveness is unaffected: the process is fine, its dependency is not.
+    assert_eq!(app.get("/healthz", None).await.status(), StatusCode::OK);
+
+    proxy.restore();
+    wait_for_status(&app, "/readyz", StatusCode::OK).await;
+}
+
+#[actix_web::test]
+async fn readyz_is_503_while_migrations_are_missing() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    assert_eq!(app.get("/readyz", None).await.status(), StatusCode::OK);
+    let url = match &app.db {
+        shers::persistence::Db::Sqlite(_) => app_db_url(&app).await,
+        shers::persistence::Db::Postgres(_) => unreachable!(),
+    };
+    shers::persistence::migrations::revert_all(&app.db, &url)
+        .await
+        .unwrap();
+    let resp = app.get("/readyz", None).await;
+    assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(resp.headers()["retry-after"], "2");
+    let body: Value = resp.json().await.unwrap();
+    assert!(
+        body["reason"]
+            .as_str()
+            .unwrap()
+            .contains("migrations not applied"),
+        "{body}"
+    );
+}
+
+async fn app_db_url(app: &TestApp) -> String {
+    #[derive(diesel::QueryableByName)]
+    struct File {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        file: String,
+    }
+    let mut conn = app.db.conn().await.unwrap();
+    let rows: Vec<File> = shers::db_run!(&mut conn, |c| {
+        diesel_async::RunQueryDsl::load(
+            diesel::sql_query("SELECT file FROM pragma_database_list WHERE name = 'main'"),
+            c,
+        )
+        .await
+        .unwrap()
+    });
+    format!("sqlite://{}", rows[0].file)
+}
+
+#[actix_web::test]
+async fn metrics_count_requests_by_route() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    for _ in 0..3 {
+        app.get("/api/v1/whoami", Some(Role::Console)).await;
+    }
+    let text = app
+        .get("/metrics", Some(Role::Admin))
+        .await
+        .text()
+        .await
+        .unwrap();
+    let line = text
+        .lines()
+        .find(|l| {
+            l.starts_with("http_requests_total{")
+                && l.contains("route=\"/api/v1/whoami\"")
+                && l.contains("status=\"200\"")
+        })
+        .unwrap_or_else(|| panic!("no whoami counter in\n{text}"));
+    let count: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(count >= 3.0, "{line}");
+    assert!(
+        text.contains("http_request_duration_seconds_bucket{"),
+        "latency histogram present"
+    );
+}
+
+#[actix_web::test]
+async fn openapi_document_lists_the_endpoints() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let doc: Value = app
+        .get("/api/openapi.json", Some(Role::Gateway))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    for path in [
+        "/healthz",
+        "/readyz",
+        "/metrics",
+        "/api/v1/whoami",
+        "/admin/tokens",
+    ] {
+        assert!(
+            doc["paths"].get(path).is_some(),
+            "{path} missing from OpenAPI"
+        );
+    }
+    assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+}

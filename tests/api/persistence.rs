@@ -1,0 +1,362 @@
+//! Persistence on both backends: migrations, the event store, tokens.
+
+use chrono::Utc;
+use serde_json::json;
+use shers::domain::auth::Role;
+use shers::domain::events::{ExpectedVersion, NewEvent};
+use shers::persistence::events::{self, AppendError};
+use shers::persistence::{Backend, migrations, tokens};
+
+use crate::both_backends;
+use crate::helpers::TestDb;
+
+both_backends!(
+    migrations_go_up_down_up,
+    append_and_read_back,
+    append_conflicts_are_typed,
+    concurrent_appenders_exactly_one_wins,
+    sequence_is_gap_free_under_concurrency,
+    tokens_store_only_hashes,
+);
+
+fn event(kind: &str, n: i64) -> NewEvent {
+    let mut e = NewEvent::new(kind, json!({"n": n}));
+    e.incident_id = Some("inc-1".into());
+    e
+}
+
+async fn migrations_go_up_down_up(backend: Backend) {
+    let tdb = TestDb::new(backend).await;
+    let db = tdb.connect().await;
+    let mut conn = db.conn().await.unwrap();
+    assert_eq!(
+        migrations::missing(&mut conn).await.unwrap(),
+        migrations::embedded_versions(&db)
+    );
+    let up = migrations::run_pending(&db, &tdb.url).await.unwrap();
+    assert_eq!(up, migrations::embedded_versions(&db).len());
+    assert!(migrations::missing(&mut conn).await.unwrap().is_empty());
+    events::append(
+        &mut conn,
+        "s",
+        ExpectedVersion::NoStream,
+        &[event("a", 1)],
+        Utc::now(),
+    )
+    .await
+    .unwrap();
+
+    let down = migrations::revert_all(&db, &tdb.url).await.unwrap();
+    assert_eq!(down, up);
+    assert!(
+        events::read_stream(&mut conn, "s").await.is_err(),
+        "tables are gone"
+    );
+    assert!(!migrations::missing(&mut conn).await.unwrap().is_empty());
+
+    assert_eq!(migrations::run_pending(&db, &tdb.url).await.unwrap(), up);
+    assert!(
+        events::read_stream(&mut conn, "s")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // Running again is a no-op.
+    assert_eq!(migrations::run_pending(&db, &tdb.url).await.unwrap(), 0);
+}
+
+async fn append_and_read_back(backend: Backend) {
+    let tdb = TestDb::new(backend).await;
+    let db = tdb.migrated().await;
+    let mut conn = db.conn().await.unwrap();
+    let now = Utc::now();
+    let first = events::append(
+        &mut conn,
+        "incident-1",
+        ExpectedVersion::NoStream,
+        &[
+            event("incident.created", 1),
+            event("incident.status_changed", 2),
+        ],
+        now,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        first.iter().map(|e| (e.seq, e.version)).collect::<Vec<_>>(),
+        [(1, 1), (2, 2)]
+    );
+    let other = events::append(
+        &mut conn,
+        "unit-7",
+        ExpectedVersion::Any,
+        &[event("unit.location", 3)],
+        now,
+    )
+    .await
+    .unwrap();
+    assert_eq!((other[0].seq, other[0].version), (3, 1));
+    let more = events::append(
+        &mut conn,
+        "incident-1",
+        ExpectedVersion::Exact(2),
+        &[event("incident.closed", 4)],
+        now,
+    )
+    .await
+    .unwrap();
+    assert_eq!((more[0].seq, more[0].version), (4, 3));
+
+    let stream = events::read_stream(&mut conn, "incident-1").await.unwrap();
+    assert_eq!(stream.len(), 3);
+    assert_eq!(stream[0].kind, "incident.created");
+    assert_eq!(stream[0].data, json!({"n": 1}));
+    assert_eq!(stream[0].incident_id.as_deref(), Some("inc-1"));
+    assert_eq!(stream[0], first[0], "what append returns is what is stored");
+    assert_eq!(
+        stream.iter().map(|e| e.version).collect::<Vec<_>>(),
+        [1, 2, 3]
+    );
+
+    let page = events::read_since(&mut conn, 1, 2).await.unwrap();
+    assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), [2, 3]);
+    assert!(
+        events::read_since(&mut conn, 4, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(events::last_seq(&mut conn).await.unwrap(), 4);
+    // The console frame shape.
+    let frame = serde_json::to_value(&stream[0]).unwrap();
+    assert_eq!(frame["seq"], 1);
+    assert_eq!(frame["kind"], "incident.created");
+    assert!(frame.get("stream_id").is_none());
+}
+
+async fn append_conflicts_are_typed(backend: Backend) {
+    let tdb = TestDb::new(backend).await;
+    let db = tdb.migrated().await;
+    let mut conn = db.conn().await.unwrap();
+    let now = Utc::now();
+    events::append(
+        &mut conn,
+        "s",
+        ExpectedVersion::NoStream,
+        &[event("a", 1)],
+        now,
+    )
+    .await
+    .unwrap();
+    for expected in [
+        ExpectedVersion::NoStream,
+        ExpectedVersion::Exact(0),
+        ExpectedVersion::Exact(2),
+    ] {
+        match events::append(&mut conn, "s", expected, &[event("b", 2)], now).await {
+            Err(AppendError::Conflict { stream, actual, .. }) => {
+                assert_eq!(stream, "s");
+                assert_eq!(actual, 1);
+            }
+            other => panic!("expected a conflict for {expected:?}, got {other:?}"),
+        }
+    }
+    // A failed append leaves no trace and no gap in the sequence.
+    let ok = events::append(
+        &mut conn,
+        "s",
+        ExpectedVersion::Exact(1),
+        &[event("c", 3)],
+        now,
+    )
+    .await
+    .unwrap();
+    assert_eq!((ok[0].seq, ok[0].version), (2, 2));
+}
+
+async fn concurrent_appenders_exactly_one_wins(backend: Backend) {
+    let tdb = TestDb::new(backend).await;
+    let db = tdb.migrated().await;
+    for round in 0..10_i64 {
+        let stream = format!("race-{round}");
+        let mut a = db.conn().await.unwrap();
+        let mut b = db.conn().await.unwrap();
+        let now = Utc::now();
+        let ea = [event("offer.accepted", 1)];
+        let eb = [event("offer.accepted", 2)];
+        let (ra, rb) = futures_util::join!(
+            events::append(&mut a, &stream, ExpectedVersion::NoStream, &ea, now),
+            events::append(&mut b, &stream, ExpectedVersion::NoStream, &eb, now),
+        );
+        let wins = [ra.is_ok(), rb.is_ok()].iter().filter(|w| **w).count();
+        assert_eq!(wins, 1, "round {round}: {ra:?} / {rb:?}");
+        let loser = if ra.is_ok() { rb } else { ra };
+        assert!(
+            matches!(loser, Err(AppendError::Conflict { .. })),
+            "{loser:?}"
+        );
+        let stored = events::read_stream(&mut a, &stream).await.unwrap();
+        assert_eq!(stored.len(), 1);
+    }
+}
+
+async fn sequence_is_gap_free_under_concurrency(backend: Backend) {
+    let tdb = TestDb::new(backend).await;
+    let db = tdb.migrated().await;
+    let tasks: Vec<_> = (0..24_i64)
+        .map(|i| {
+            let db = db.clone();
+            actix_web::rt::spawn(async move {
+                let mut conn = db.conn().await.unwrap();
+                // Half of them collide on one stream and some lose; losers must leave no gap.
+                let stream = if i % 2 == 0 {
+                    format!("s-{i}")
+                } else {
+                    "shared".to_owned()
+                };
+                let expected = if i % 2 == 0 {
+                    ExpectedVersion::NoStream
+                } else {
+                    ExpectedVersion::Any
+                };
+                events::append(
+                    &mut conn,
+                    &stream,
+                    expected,
+                    &[event("k", i), event("k", i)],
+                    Utc::now(),
+                )
+                .await
+                .unwrap()
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let mut conn = db.conn().await.unwrap();
+    let all = events::read_since(&mut conn, 0, 1_000).await.unwrap();
+    assert_eq!(all.len(), 48);
+    assert_eq!(
+        all.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=48).collect::<Vec<_>>()
+    );
+    let shared = events::read_stream(&mut conn, "shared").await.unwrap();
+    assert_eq!(
+        shared.iter().map(|e| e.version).collect::<Vec<_>>(),
+        (1..=24).collect::<Vec<_>>()
+    );
+}
+
+async fn tokens_store_only_hashes(backend: Backend) {
+    let tdb = TestDb::new(backend).await;
+    let db = tdb.migrated().await;
+    let mut conn = db.conn().await.unwrap();
+    let now = Utc::now();
+    let created = tokens::create(&mut conn, Role::Console, None, None, "desk 1", now)
+        .await
+        .unwrap();
+    assert!(created.token.starts_with("shers_"));
+    let hash = shers::domain::auth::hash_token(&created.token);
+    let found = tokens::find_active_by_hash(&mut conn, &hash)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.id, created.record.id);
+    assert_eq!(found.role, Role::Console);
+    assert!(
+        tokens::find_active_by_hash(&mut conn, &created.token)
+            .await
+            .unwrap()
+            .is_none(),
+        "the raw token is not stored"
+    );
+    let crew = tokens::create(&mut conn, Role::Crew, Some(&"A7".into()), None, "A7", now)
+        .await
+        .unwrap();
+    assert_eq!(crew.record.unit_id.as_ref().map(|u| u.as_str()), Some("A7"));
+    assert_eq!(tokens::list(&mut conn).await.unwrap().len(), 2);
+    tokens::revoke(&mut conn, created.record.id, now)
+        .await
+        .unwrap();
+    assert!(
+        tokens::find_active_by_hash(&mut conn, &hash)
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(matches!(
+        tokens::revoke(&mut conn, created.record.id, now).await,
+        Err(shers::persistence::StoreError::NotFound)
+    ));
+    // The database refuses a crew token without a unit even if a caller skips validation.
+    let mut record = crew.record.clone();
+    record.id = shers::domain::ids::TokenId::new_v7();
+    record.unit_id = None;
+    let bad = tokens::insert(&mut conn, "another-hash", &record).await;
+    assert!(bad.is_err());
+}
+
+#[test]
+fn migration_trees_have_the_same_folders() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    let names = |backend: &str| {
+        let mut v: Vec<String> = std::fs::read_dir(root.join(backend))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let sqlite = names("sqlite");
+    assert!(!sqlite.is_empty());
+    assert_eq!(sqlite, names("postgres"));
+    for dir in &sqlite {
+        for backend in ["sqlite", "postgres"] {
+            for file in ["up.sql", "down.sql"] {
+                assert!(
+                    root.join(backend).join(dir).join(file).is_file(),
+                    "{backend}/{dir}/{file}"
+                );
+            }
+        }
+    }
+}
+
+#[actix_web::test]
+async fn unknown_database_scheme_is_refused_clearly() {
+    let mut s = shers::config::DatabaseSettings::default();
+    s.url = shers::config::Secret::new("mysql://root@localhost/shers".into());
+    let err = shers::persistence::Db::connect(&s)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("unsupported database URL scheme \"mysql\""),
+        "{err}"
+    );
+}
+
+#[actix_web::test]
+async fn sqlite_directory_is_created_and_wal_is_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = shers::config::DatabaseSettings::default();
+    s.url = shers::config::Secret::new(format!(
+        "sqlite://{}/nested/deeper/shers.db",
+        dir.path().display()
+    ));
+    let db = shers::persistence::Db::connect(&s).await.unwrap();
+    assert!(dir.path().join("nested/deeper/shers.db").exists());
+    #[derive(diesel::QueryableByName)]
+    struct Mode {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        journal_mode: String,
+    }
+    let mut conn = db.conn().await.unwrap();
+    let mode: Vec<Mode> = shers::db_run!(&mut conn, |c| {
+        diesel_async::RunQueryDsl::load(diesel::sql_query("PRAGMA journal_mode"), c)
+            .await
+            .unwrap()
+    });
+    assert_eq!(mode[0].journal_mode, "wal");
+}
