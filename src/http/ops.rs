@@ -96,6 +96,15 @@ pub async fn openapi(_auth: Authorized<AnyRole>) -> HttpResponse {
         .body(super::openapi::document())
 }
 
+/// The start page (static, embedded in the binary; no data without a token).
+pub async fn index() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .insert_header(("Content-Security-Policy", "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; object-src 'none'; frame-ancestors 'none'"))
+        .insert_header(("X-Content-Type-Options", "nosniff"))
+        .body(include_str!("../../web/index.html"))
+}
+
 /// Who the caller is (the dashboard's login check).
 #[utoipa::path(get, path = "/api/v1/whoami", tag = "operations",
     security(("bearer" = [])),

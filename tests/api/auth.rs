@@ -13,6 +13,7 @@ both_backends!(role_matrix, revoked_tokens_stop_working, token_admin_api);
 
 /// (method, path, roles allowed; empty = public)
 const ENDPOINTS: &[(&str, &str, &[Role])] = &[
+    ("GET", "/", &[]),
     ("GET", "/healthz", &[]),
     ("GET", "/readyz", &[]),
     ("GET", "/metrics", &[Role::Admin]),
