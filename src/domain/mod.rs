@@ -5,5 +5,7 @@
 
 pub mod auth;
 pub mod events;
+pub mod geo;
 pub mod ids;
+pub mod patients;
 pub mod validation;

@@ -9,6 +9,7 @@ pub mod error;
 pub mod json;
 pub mod openapi;
 pub mod ops;
+pub mod reference;
 pub mod telemetry;
 
 use std::sync::Arc;
@@ -35,6 +36,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/metrics", web::get().to(ops::metrics))
         .route("/api/openapi.json", web::get().to(ops::openapi))
         .route("/api/v1/whoami", web::get().to(ops::whoami))
+        .route("/api/v1/patients", web::post().to(reference::create_patient))
+        .route("/api/v1/patients/{id}", web::get().to(reference::get_patient))
+        .route("/api/v1/devices", web::post().to(reference::create_device))
         .service(
             web::resource("/admin/tokens")
                 .route(web::get().to(admin::list_tokens))

@@ -10,6 +10,7 @@
 
 pub mod events;
 pub mod migrations;
+pub mod patients;
 pub mod schema;
 pub mod tokens;
 

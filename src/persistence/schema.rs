@@ -35,3 +35,56 @@ diesel::table! {
         revoked_at -> Nullable<Timestamp>,
     }
 }
+
+diesel::table! {
+    patients (id) {
+        id -> Text,
+        name -> Text,
+        date_of_birth -> Nullable<Text>,
+        home_lat -> Nullable<Double>,
+        home_lng -> Nullable<Double>,
+        insurance_provider -> Nullable<Text>,
+        insurance_member_id -> Nullable<Text>,
+        created_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    next_of_kin (id) {
+        id -> Text,
+        patient_id -> Text,
+        position -> Integer,
+        name -> Text,
+        relation -> Nullable<Text>,
+        phone -> Nullable<Text>,
+        email -> Nullable<Text>,
+    }
+}
+
+diesel::table! {
+    devices (id) {
+        id -> Text,
+        patient_id -> Text,
+        model -> Nullable<Text>,
+        registered_at -> Timestamp,
+        last_status -> Nullable<Text>,
+        last_seen_at -> Nullable<Timestamp>,
+    }
+}
+
+diesel::table! {
+    readings (id) {
+        id -> BigInt,
+        device_id -> Text,
+        patient_id -> Text,
+        measured_at -> Timestamp,
+        received_at -> Timestamp,
+        status -> Text,
+        news2_score -> Nullable<Integer>,
+        reading -> Text,
+    }
+}
+
+diesel::joinable!(next_of_kin -> patients (patient_id));
+diesel::joinable!(devices -> patients (patient_id));
+diesel::allow_tables_to_appear_in_same_query!(events, event_sequence, api_tokens, patients, next_of_kin, devices, readings);
