@@ -11,7 +11,13 @@ use actix_web::{App, HttpServer, web};
 use anyhow::Context as _;
 use tracing_actix_web::TracingLogger;
 
+use actix::{Actor as _, Arbiter};
+
+use crate::actors::device::TriageRuntime;
+use crate::actors::devices::DeviceDirectory;
+use crate::actors::handoff::HandoffRecorder;
 use crate::config::Settings;
+use crate::domain::triage::TriageRules;
 use crate::http::auth::AuthService;
 use crate::http::json::BodyLimit;
 use crate::http::telemetry::{ShersRootSpan, observe, prometheus};
@@ -23,6 +29,7 @@ pub struct Application {
     port: u16,
     server: Server,
     db: Db,
+    devices: actix::Addr<DeviceDirectory>,
 }
 
 /// Opens the configured database and applies pending migrations.
@@ -39,6 +46,24 @@ pub async fn open_database(settings: &Settings) -> anyhow::Result<Db> {
     Ok(db)
 }
 
+/// Loads the triage rules: the compiled-in defaults, or the rules file (an invalid file is a
+/// start-up error naming the problem), with `triage.fall_grace_s` applied on top when set.
+pub fn load_triage_rules(settings: &Settings) -> anyhow::Result<TriageRules> {
+    let mut rules = match &settings.triage.rules_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the triage rules file {}", path.display()))?;
+            TriageRules::from_toml_str(&text)
+                .with_context(|| format!("invalid triage rules file {}", path.display()))?
+        }
+        None => TriageRules::default(),
+    };
+    if let Some(grace) = settings.triage.fall_grace_s {
+        rules.fall_grace_s = grace;
+    }
+    Ok(rules)
+}
+
 impl Application {
     /// Opens the database, migrates it and binds the listener.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
@@ -48,15 +73,40 @@ impl Application {
 
     /// Binds the listener and builds the server over an already opened database.
     pub fn build_with_db(settings: Settings, db: Db) -> anyhow::Result<Self> {
+        let rules = load_triage_rules(&settings)?;
         let listener = TcpListener::bind(&settings.bind)
             .with_context(|| format!("binding {}", settings.bind))?;
         let port = listener.local_addr()?.port();
         let _ = prometheus();
 
+        let triage = Arc::new(TriageRuntime {
+            rules,
+            offline_after: Duration::from_secs(settings.triage.device_offline_s.max(1)),
+            retention: settings.triage.raw_retention,
+        });
+        let handoff = HandoffRecorder::new(db.clone()).start().recipient();
+        // Device actors run on their own threads, one per core, sharded by device id.
+        let shards = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let arbiters: Vec<Arbiter> = (0..shards).map(|_| Arbiter::new()).collect();
+        let device_directory = DeviceDirectory::new(
+            db.clone(),
+            triage.clone(),
+            handoff,
+            arbiters.iter().map(Arbiter::handle).collect(),
+        )
+        .start();
+        let devices = device_directory.clone();
+
         let settings = Arc::new(settings);
         let state = web::Data::new(AppState {
             db: db.clone(),
             settings: settings.clone(),
+            triage,
+            devices: device_directory.clone(),
+            ingest_gate: Arc::new(tokio::sync::Semaphore::new(
+                settings.triage.max_in_flight_readings.max(1),
+            )),
+            _arbiters: Arc::new(arbiters),
         });
         let auth = web::Data::new(AuthService::new(
             db.clone(),
@@ -80,7 +130,12 @@ impl Application {
             server = server.workers(workers.max(1));
         }
         let server = server.listen(listener)?.run();
-        Ok(Self { port, server, db })
+        Ok(Self {
+            port,
+            server,
+            db,
+            devices,
+        })
     }
 
     /// The port actually bound (useful with port 0).
@@ -91,6 +146,11 @@ impl Application {
     /// The database pool.
     pub fn db(&self) -> &Db {
         &self.db
+    }
+
+    /// The device directory (tests drive device timers through it).
+    pub fn devices(&self) -> &actix::Addr<DeviceDirectory> {
+        &self.devices
     }
 
     /// A handle to stop the server.

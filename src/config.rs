@@ -177,24 +177,46 @@ impl Default for AuthSettings {
     }
 }
 
+/// Which raw readings are stored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Retention {
+    /// None (status events still carry their evidence).
+    None,
+    /// Those behind a status change.
+    #[default]
+    Evidence,
+    /// Every accepted reading, written in batches.
+    All,
+}
+
 /// Triage settings.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TriageSettings {
     /// TOML file with threshold rules (`SHERS_TRIAGE__RULES_FILE`); the defaults are compiled in.
+    /// An invalid file stops start-up.
     pub rules_file: Option<PathBuf>,
-    /// Seconds a fall without movement is given before it escalates to an emergency.
-    pub fall_grace_s: u64,
+    /// Seconds a fall without movement is given before it escalates to an emergency; when set,
+    /// overrides the rules file's `fall_grace_s` (default 60).
+    pub fall_grace_s: Option<u64>,
     /// Seconds of silence after which a wearable is reported offline.
     pub device_offline_s: u64,
+    /// Raw readings kept: `none`, `evidence` (behind a status change) or `all`.
+    pub raw_retention: Retention,
+    /// Most readings being triaged at once across all requests; beyond it ingest answers 503
+    /// with `Retry-After` instead of queueing without bound.
+    pub max_in_flight_readings: usize,
 }
 
 impl Default for TriageSettings {
     fn default() -> Self {
         Self {
             rules_file: None,
-            fall_grace_s: 60,
+            fall_grace_s: None,
             device_offline_s: 300,
+            raw_retention: Retention::Evidence,
+            max_in_flight_readings: 50_000,
         }
     }
 }

@@ -17,10 +17,16 @@ impl LatLng {
     /// Checks ranges, reporting problems under `pointer`.
     pub fn validate(&self, pointer: &str, errors: &mut Vec<FieldError>) {
         if !self.lat.is_finite() || !(-90.0..=90.0).contains(&self.lat) {
-            errors.push(FieldError::new(format!("{pointer}/lat"), "must be between -90 and 90"));
+            errors.push(FieldError::new(
+                format!("{pointer}/lat"),
+                "must be between -90 and 90",
+            ));
         }
         if !self.lng.is_finite() || !(-180.0..=180.0).contains(&self.lng) {
-            errors.push(FieldError::new(format!("{pointer}/lng"), "must be between -180 and 180"));
+            errors.push(FieldError::new(
+                format!("{pointer}/lng"),
+                "must be between -180 and 180",
+            ));
         }
     }
 
@@ -42,8 +48,14 @@ mod tests {
     #[test]
     fn haversine_matches_a_known_distance() {
         // London (Trafalgar Square) to Paris (Notre-Dame): about 342 km.
-        let london = LatLng { lat: 51.5080, lng: -0.1281 };
-        let paris = LatLng { lat: 48.8530, lng: 2.3499 };
+        let london = LatLng {
+            lat: 51.5080,
+            lng: -0.1281,
+        };
+        let paris = LatLng {
+            lat: 48.8530,
+            lng: 2.3499,
+        };
         let d = london.distance_m(&paris);
         assert!((d - 342_000.0).abs() < 3_000.0, "{d}");
         assert_eq!(london.distance_m(&london), 0.0);
@@ -52,7 +64,11 @@ mod tests {
     #[test]
     fn ranges_are_checked() {
         let mut errors = Vec::new();
-        LatLng { lat: 91.0, lng: -181.0 }.validate("/home_location", &mut errors);
+        LatLng {
+            lat: 91.0,
+            lng: -181.0,
+        }
+        .validate("/home_location", &mut errors);
         assert_eq!(errors.len(), 2);
         assert_eq!(errors[0].pointer, "/home_location/lat");
         assert_eq!(errors[1].pointer, "/home_location/lng");

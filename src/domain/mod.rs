@@ -7,5 +7,8 @@ pub mod auth;
 pub mod events;
 pub mod geo;
 pub mod ids;
+pub mod news2;
 pub mod patients;
+pub mod triage;
 pub mod validation;
+pub mod vitals;

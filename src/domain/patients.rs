@@ -94,7 +94,9 @@ pub struct Patient {
 pub fn valid_external_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= 128
-        && id.bytes().all(|b| b.is_ascii_graphic() && b != b'/' && b != b'?' && b != b'#')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b'?' && b != b'#')
 }
 
 fn valid_phone(phone: &str) -> bool {
@@ -119,7 +121,10 @@ fn valid_email(email: &str) -> bool {
 fn check_text(value: &str, pointer: &str, max: usize, errors: &mut Vec<FieldError>) {
     let len = value.trim().chars().count();
     if len == 0 || len > max {
-        errors.push(FieldError::new(pointer, format!("must be 1 to {max} characters")));
+        errors.push(FieldError::new(
+            pointer,
+            format!("must be 1 to {max} characters"),
+        ));
     }
 }
 
@@ -143,7 +148,10 @@ impl NewPatient {
         if let Some(dob) = self.date_of_birth
             && dob > now.date_naive()
         {
-            errors.push(FieldError::new("/date_of_birth", "must not be in the future"));
+            errors.push(FieldError::new(
+                "/date_of_birth",
+                "must not be in the future",
+            ));
         }
         if let Some(home) = &self.home_location {
             home.validate("/home_location", &mut errors);
@@ -172,10 +180,16 @@ impl NewPatient {
             if let Some(email) = &kin.email
                 && !valid_email(email)
             {
-                errors.push(FieldError::new(format!("{base}/email"), "must be an email address"));
+                errors.push(FieldError::new(
+                    format!("{base}/email"),
+                    "must be an email address",
+                ));
             }
             if kin.phone.is_none() && kin.email.is_none() {
-                errors.push(FieldError::new(base, "needs a phone or an email to be reachable"));
+                errors.push(FieldError::new(
+                    base,
+                    "needs a phone or an email to be reachable",
+                ));
             }
         }
         if !errors.is_empty() {

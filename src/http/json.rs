@@ -37,7 +37,10 @@ fn is_json(req: &HttpRequest) -> bool {
 }
 
 /// Reads the whole body, refusing it with 413 once it exceeds the configured limit.
-pub async fn read_body(req: &HttpRequest, payload: &mut Payload) -> Result<Bytes, ApiError> {
+pub async fn read_body<E: std::fmt::Display>(
+    req: &HttpRequest,
+    payload: &mut (impl futures_util::Stream<Item = Result<Bytes, E>> + Unpin),
+) -> Result<Bytes, ApiError> {
     let limit = req
         .app_data::<BodyLimit>()
         .or_else(|| req.app_data::<web::Data<BodyLimit>>().map(|d| d.get_ref()))

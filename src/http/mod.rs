@@ -11,11 +11,16 @@ pub mod openapi;
 pub mod ops;
 pub mod reference;
 pub mod telemetry;
+pub mod vitals;
 
 use std::sync::Arc;
 
 use actix_web::{HttpRequest, web};
 
+use actix::Addr;
+
+use crate::actors::device::TriageRuntime;
+use crate::actors::devices::DeviceDirectory;
 use crate::config::Settings;
 use crate::persistence::Db;
 use error::ApiError;
@@ -26,6 +31,14 @@ pub struct AppState {
     pub db: Db,
     /// The effective settings.
     pub settings: Arc<Settings>,
+    /// Triage rules and timers.
+    pub triage: Arc<TriageRuntime>,
+    /// The per-wearable actors.
+    pub devices: Addr<DeviceDirectory>,
+    /// Admission control for ingest: one permit per reading being triaged.
+    pub ingest_gate: Arc<tokio::sync::Semaphore>,
+    /// The arbiters (threads) device actors run on; kept alive with the state.
+    pub _arbiters: Arc<Vec<actix::Arbiter>>,
 }
 
 /// Registers every route.
@@ -36,9 +49,17 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/metrics", web::get().to(ops::metrics))
         .route("/api/openapi.json", web::get().to(ops::openapi))
         .route("/api/v1/whoami", web::get().to(ops::whoami))
-        .route("/api/v1/patients", web::post().to(reference::create_patient))
-        .route("/api/v1/patients/{id}", web::get().to(reference::get_patient))
+        .route(
+            "/api/v1/patients",
+            web::post().to(reference::create_patient),
+        )
+        .route(
+            "/api/v1/patients/{id}",
+            web::get().to(reference::get_patient),
+        )
         .route("/api/v1/devices", web::post().to(reference::create_device))
+        .route("/api/v1/vitals", web::post().to(vitals::ingest))
+        .route("/api/v1/ws/gateway", web::get().to(vitals::gateway_ws))
         .service(
             web::resource("/admin/tokens")
                 .route(web::get().to(admin::list_tokens))

@@ -34,6 +34,8 @@ impl Modify for BearerAuth {
         super::reference::create_patient,
         super::reference::get_patient,
         super::reference::create_device,
+        super::vitals::ingest,
+        super::vitals::gateway_ws,
     ),
     components(schemas(super::error::Problem, super::ops::Readiness, super::admin::CreateToken)),
     modifiers(&BearerAuth),

@@ -11,6 +11,7 @@
 pub mod events;
 pub mod migrations;
 pub mod patients;
+pub mod readings;
 pub mod schema;
 pub mod tokens;
 
@@ -135,9 +136,22 @@ pub enum ConnectError {
 }
 
 /// Compiles `$body` once per backend with `$conn` bound to the concrete connection
-/// (`&mut SqliteConn` or `&mut AsyncPgConnection`).
+/// (`&mut SqliteConn` or `&mut AsyncPgConnection`). The second form takes one body per backend
+/// (`db_run!(conn, |c| { sqlite } else |c| { postgres })`) for the rare differences.
 #[macro_export]
 macro_rules! db_run {
+    ($db_conn:expr, |$sq:ident| $sq_body:block else |$pg:ident| $pg_body:block) => {
+        match $db_conn {
+            $crate::persistence::DbConn::Sqlite(obj) => {
+                let $sq: &mut $crate::persistence::SqliteConn = &mut *obj;
+                $sq_body
+            }
+            $crate::persistence::DbConn::Postgres(obj) => {
+                let $pg: &mut ::diesel_async::AsyncPgConnection = &mut *obj;
+                $pg_body
+            }
+        }
+    };
     ($db_conn:expr, |$conn:ident| $body:expr) => {
         match $db_conn {
             $crate::persistence::DbConn::Sqlite(obj) => {
@@ -270,6 +284,58 @@ impl Db {
         match task.await {
             Ok(result) => result,
             Err(e) => Err(StoreError::Unavailable(format!("database task failed: {e}")).into()),
+        }
+    }
+}
+
+impl DbConn {
+    /// Runs `work` inside one write transaction: committed when it returns `Ok`, rolled back
+    /// otherwise. Query functions called inside that open their own transaction (such as
+    /// `events::append`) become savepoints, so an event and its projections commit together.
+    ///
+    /// On SQLite the transaction takes the write lock first (a no-op `UPDATE`), so it waits
+    /// for other writers through `busy_timeout` instead of failing on a lock upgrade.
+    pub async fn write_transaction<T, E>(
+        &mut self,
+        work: impl AsyncFnOnce(&mut DbConn) -> Result<T, E>,
+    ) -> Result<T, E>
+    where
+        E: From<StoreError>,
+    {
+        use diesel_async::TransactionManager as _;
+        let begun: Result<(), diesel::result::Error> = db_run!(self, |c| {
+            match <SqliteConn as AsyncConnection>::TransactionManager::begin_transaction(c).await {
+                Ok(()) => diesel::sql_query(
+                    "UPDATE event_sequence SET last_seq = last_seq WHERE 0 = 1",
+                )
+                .execute(c)
+                .await
+                .map(|_| ()),
+                Err(e) => Err(e),
+            }
+        } else |c| {
+            <AsyncPgConnection as AsyncConnection>::TransactionManager::begin_transaction(c).await
+        });
+        begun.map_err(StoreError::from)?;
+        let result = work(self).await;
+        let finished: Result<(), diesel::result::Error> = match &result {
+            Ok(_) => db_run!(self, |c| {
+                <SqliteConn as AsyncConnection>::TransactionManager::commit_transaction(c).await
+            } else |c| {
+                <AsyncPgConnection as AsyncConnection>::TransactionManager::commit_transaction(c)
+                    .await
+            }),
+            Err(_) => db_run!(self, |c| {
+                <SqliteConn as AsyncConnection>::TransactionManager::rollback_transaction(c).await
+            } else |c| {
+                <AsyncPgConnection as AsyncConnection>::TransactionManager::rollback_transaction(c)
+                    .await
+            }),
+        };
+        match (result, finished) {
+            (Ok(value), Ok(())) => Ok(value),
+            (Ok(_), Err(e)) => Err(StoreError::from(e).into()),
+            (Err(e), _) => Err(e),
         }
     }
 }

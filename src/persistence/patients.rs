@@ -83,7 +83,10 @@ pub async fn insert_patient(conn: &mut DbConn, patient: &Patient) -> Result<(), 
 }
 
 /// The patient with `id`, if any.
-pub async fn find_patient(conn: &mut DbConn, id: &PatientId) -> Result<Option<Patient>, StoreError> {
+pub async fn find_patient(
+    conn: &mut DbConn,
+    id: &PatientId,
+) -> Result<Option<Patient>, StoreError> {
     let found: Option<(PatientRow, Vec<KinRow>)> = db_run!(conn, |c| {
         let row: Option<PatientRow> = patients::table
             .find(id.as_str())
@@ -104,7 +107,9 @@ pub async fn find_patient(conn: &mut DbConn, id: &PatientId) -> Result<Option<Pa
             }
         }
     });
-    let Some((row, kin)) = found else { return Ok(None) };
+    let Some((row, kin)) = found else {
+        return Ok(None);
+    };
     let date_of_birth = row
         .date_of_birth
         .map(|d| d.parse::<NaiveDate>())
@@ -114,11 +119,16 @@ pub async fn find_patient(conn: &mut DbConn, id: &PatientId) -> Result<Option<Pa
         id: PatientId(row.id),
         name: row.name,
         date_of_birth,
-        home_location: row.home_lat.zip(row.home_lng).map(|(lat, lng)| LatLng { lat, lng }),
-        insurance: row
-            .insurance_provider
-            .zip(row.insurance_member_id)
-            .map(|(provider, member_id)| Insurance { provider, member_id }),
+        home_location: row
+            .home_lat
+            .zip(row.home_lng)
+            .map(|(lat, lng)| LatLng { lat, lng }),
+        insurance: row.insurance_provider.zip(row.insurance_member_id).map(
+            |(provider, member_id)| Insurance {
+                provider,
+                member_id,
+            },
+        ),
         next_of_kin: kin
             .into_iter()
             .map(|k| NextOfKin {
@@ -186,7 +196,10 @@ pub async fn insert_device(conn: &mut DbConn, device: &Device) -> Result<(), Sto
 }
 
 /// The device with `id` and its last known status, if registered.
-pub async fn find_device(conn: &mut DbConn, id: &DeviceId) -> Result<Option<DeviceState>, StoreError> {
+pub async fn find_device(
+    conn: &mut DbConn,
+    id: &DeviceId,
+) -> Result<Option<DeviceState>, StoreError> {
     let row: Option<DeviceRow> = db_run!(conn, |c| {
         devices::table
             .find(id.as_str())

@@ -87,4 +87,12 @@ diesel::table! {
 
 diesel::joinable!(next_of_kin -> patients (patient_id));
 diesel::joinable!(devices -> patients (patient_id));
-diesel::allow_tables_to_appear_in_same_query!(events, event_sequence, api_tokens, patients, next_of_kin, devices, readings);
+diesel::allow_tables_to_appear_in_same_query!(
+    events,
+    event_sequence,
+    api_tokens,
+    patients,
+    next_of_kin,
+    devices,
+    readings
+);

@@ -208,11 +208,13 @@ impl TestAppBuilder {
         let app = Application::build(self.settings).await.unwrap();
         let port = app.port();
         let db = app.db().clone();
+        let devices = app.devices().clone();
         let handle = app.handle();
         actix_web::rt::spawn(app.run_until_stopped());
         TestApp {
             address: format!("http://127.0.0.1:{port}"),
             db,
+            devices,
             handle,
             client: reqwest::Client::new(),
             tokens: Mutex::new(HashMap::new()),
@@ -225,6 +227,7 @@ impl TestAppBuilder {
 pub struct TestApp {
     pub address: String,
     pub db: Db,
+    pub devices: actix::Addr<shers::actors::devices::DeviceDirectory>,
     pub client: reqwest::Client,
     handle: ServerHandle,
     tokens: Mutex<HashMap<Role, String>>,
@@ -300,6 +303,47 @@ impl TestApp {
             req = req.bearer_auth(self.token(role).await);
         }
         req.send().await.unwrap()
+    }
+
+    /// Registers a patient (with one next of kin) and a device for them, as admin.
+    pub async fn register_wearer(&self, patient: &str, device: &str) {
+        let resp = self
+            .post_json(
+                "/api/v1/patients",
+                Some(Role::Admin),
+                &serde_json::json!({
+                    "id": patient, "name": "Test Patient",
+                    "home_location": {"lat": 51.5, "lng": -0.12},
+                    "next_of_kin": [{"name": "Kin", "phone": "+447700900123"}]
+                }),
+            )
+            .await;
+        assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+        let resp = self
+            .post_json(
+                "/api/v1/devices",
+                Some(Role::Admin),
+                &serde_json::json!({"id": device, "patient_id": patient, "model": "test-watch"}),
+            )
+            .await;
+        assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+    }
+
+    /// Posts an ingest body as a gateway.
+    pub async fn post_vitals(&self, body: &serde_json::Value) -> reqwest::Response {
+        self.post_json("/api/v1/vitals", Some(Role::Gateway), body)
+            .await
+    }
+
+    /// Every stored event of `kind`, in order.
+    pub async fn events_of(&self, kind: &str) -> Vec<shers::domain::events::RecordedEvent> {
+        let mut conn = self.db.conn().await.unwrap();
+        shers::persistence::events::read_since(&mut conn, 0, 100_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == kind)
+            .collect()
     }
 
     /// Stops the server abruptly (no drain) and returns the database guard so a new app can

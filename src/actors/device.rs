@@ -1,0 +1,730 @@
+//! `DeviceActor`: one per wearable. It holds a short window of readings and the device's
+//! triage status, emits `vitals.status_changed` only when the status changes (persisted, with
+//! the readings behind it as evidence), runs the fall grace window, reports `device.offline`
+//! after a silence, and stops when idle (the [`DeviceDirectory`](super::devices::DeviceDirectory)
+//! starts a fresh one on the next reading, which resumes from the persisted status).
+//!
+//! Triage of a reading is pure and already done by the caller; this actor decides what the
+//! reading means for the device over time. Handlers never panic; a persistence failure answers
+//! the batch as unavailable and stops the actor so the next one reloads the persisted state.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::json;
+
+use super::handoff::EmergencyDetected;
+pub use crate::config::Retention;
+use crate::domain::events::{ExpectedVersion, NewEvent};
+use crate::domain::ids::{DeviceId, IncidentId, PatientId};
+use crate::domain::news2::News2;
+use crate::domain::triage::{Assessment, FallEvent, FallWatch, TriageRules, TriageStatus};
+use crate::domain::vitals::Reading;
+use crate::persistence::readings::{self, RetainedReading};
+use crate::persistence::{Db, StoreError, events, patients};
+
+/// Readings kept in the window (evidence for the next status change).
+pub const WINDOW: usize = 10;
+/// Pending messages a device mailbox holds before senders wait (back-pressure).
+pub const MAILBOX_CAPACITY: usize = 64;
+
+/// Triage settings shared by every device actor.
+#[derive(Debug)]
+pub struct TriageRuntime {
+    /// Thresholds.
+    pub rules: TriageRules,
+    /// Silence before `device.offline`.
+    pub offline_after: Duration,
+    /// Raw reading retention.
+    pub retention: Retention,
+}
+
+/// One triaged reading for a device.
+#[derive(Clone, Debug)]
+pub struct Scored {
+    /// Position in the request.
+    pub index: usize,
+    /// The reading.
+    pub reading: Reading,
+    /// Its triage.
+    pub assessment: Assessment,
+}
+
+/// The verdict for one reading.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Accepted {
+    /// The device.
+    pub device_id: DeviceId,
+    /// Its wearer.
+    pub patient_id: PatientId,
+    /// Status for this reading (includes the fall window's verdict for in-order readings).
+    pub status: TriageStatus,
+    /// Why.
+    pub reasons: Vec<String>,
+    /// The (partial) NEWS2.
+    pub news2: News2,
+    /// The incident this reading was handed to, once incidents exist.
+    pub incident_id: Option<IncidentId>,
+}
+
+/// What happened to one reading.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ReadingOutcome {
+    /// Triaged and applied.
+    Accepted(Accepted),
+    /// The device is not registered.
+    UnknownDevice,
+    /// The reading names a different patient than the device is registered to.
+    PatientMismatch,
+    /// The device's state could not be loaded or persisted; retry later.
+    Unavailable,
+}
+
+/// Apply triaged readings (in request order) to the device.
+#[derive(Message, Debug)]
+#[rtype(result = "Vec<(usize, ReadingOutcome)>")]
+pub struct ProcessReadings(pub Vec<Scored>);
+
+/// Evaluate timers as of `now` (sent by the actor's own timers; tests send it with a chosen
+/// time instead of sleeping).
+#[derive(Message, Debug)]
+#[rtype(result = "Option<TriageStatus>")]
+pub struct CheckTimers {
+    /// The time to evaluate at.
+    pub now: DateTime<Utc>,
+}
+
+/// The wearer pressed "I'm OK" on the device.
+#[derive(Message, Debug)]
+#[rtype(result = "Option<TriageStatus>")]
+pub struct CancelFall {
+    /// When.
+    pub now: DateTime<Utc>,
+}
+
+/// The actor's live state, for `/admin/actors/device/{id}`.
+#[derive(Message, Debug)]
+#[rtype(result = "serde_json::Value")]
+pub struct InspectDevice;
+
+/// A summary line for `/admin/actors`.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeviceSummary {
+    /// Device id.
+    pub id: DeviceId,
+    /// Current status.
+    pub status: String,
+    /// When the last message arrived.
+    pub last_message_at: Option<DateTime<Utc>>,
+}
+
+/// Ask for a [`DeviceSummary`].
+#[derive(Message, Debug)]
+#[rtype(result = "DeviceSummary")]
+pub struct Summarise;
+
+struct Live {
+    patient_id: PatientId,
+    status: TriageStatus,
+    window: VecDeque<Reading>,
+    last_measured: Option<DateTime<Utc>>,
+    /// The newest in-order reading's own triage (what the status returns to after a fall
+    /// alert is cancelled).
+    last_assessed: TriageStatus,
+    fall: FallWatch,
+    offline_timer: Option<SpawnHandle>,
+    fall_timer: Option<SpawnHandle>,
+}
+
+enum Phase {
+    Loading,
+    Unknown,
+    Failed,
+    Ready(Box<Live>),
+}
+
+/// A status transition to persist.
+struct Change {
+    from: TriageStatus,
+    to: TriageStatus,
+    reasons: Vec<String>,
+    measured_at: DateTime<Utc>,
+    evidence: Vec<Reading>,
+}
+
+/// The per-wearable actor.
+pub struct DeviceActor {
+    id: DeviceId,
+    db: Db,
+    runtime: Arc<TriageRuntime>,
+    handoff: Recipient<EmergencyDetected>,
+    phase: Phase,
+    messages: u64,
+    last_message_at: Option<DateTime<Utc>>,
+}
+
+impl DeviceActor {
+    /// A device actor; it loads its registration when started.
+    pub fn new(
+        id: DeviceId,
+        db: Db,
+        runtime: Arc<TriageRuntime>,
+        handoff: Recipient<EmergencyDetected>,
+    ) -> Self {
+        Self {
+            id,
+            db,
+            runtime,
+            handoff,
+            phase: Phase::Loading,
+            messages: 0,
+            last_message_at: None,
+        }
+    }
+
+    fn live(&mut self) -> Option<&mut Live> {
+        match &mut self.phase {
+            Phase::Ready(live) => Some(live),
+            _ => None,
+        }
+    }
+
+    fn arm_offline_timer(&mut self, ctx: &mut Context<Self>) {
+        let after = self.runtime.offline_after;
+        let handle = ctx.run_later(after, |act, ctx| act.went_offline(ctx));
+        if let Some(live) = self.live()
+            && let Some(old) = live.offline_timer.replace(handle)
+        {
+            ctx.cancel_future(old);
+        }
+    }
+
+    fn arm_fall_timer(&mut self, ctx: &mut Context<Self>) {
+        let Some(live) = self.live() else { return };
+        if let Some(old) = live.fall_timer.take() {
+            ctx.cancel_future(old);
+        }
+        let Some(deadline) = live.fall.deadline() else {
+            return;
+        };
+        let wait = (deadline - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        let handle = ctx.run_later(wait, |act, ctx| {
+            ctx.notify(CheckTimers { now: Utc::now() });
+            if let Some(live) = act.live() {
+                live.fall_timer = None;
+            }
+        });
+        if let Some(live) = self.live() {
+            live.fall_timer = Some(handle);
+        }
+    }
+
+    /// Silence for `offline_after`: record `device.offline`, then stop (idle).
+    fn went_offline(&mut self, ctx: &mut Context<Self>) {
+        let Some(live) = self.live() else { return };
+        let last_seen = live.last_measured;
+        let patient_id = live.patient_id.clone();
+        let mut event = NewEvent::new(
+            "device.offline",
+            json!({
+                "device_id": self.id,
+                "patient_id": patient_id,
+                "last_seen_at": last_seen,
+                "silent_s": self.runtime.offline_after.as_secs(),
+            }),
+        );
+        event.device_id = Some(self.id.0.clone());
+        let stream = format!("device-{}", self.id);
+        let db = self.db.clone();
+        let id = self.id.clone();
+        ctx.wait(
+            async move {
+                db.run(move |mut conn| async move {
+                    events::append(&mut conn, &stream, ExpectedVersion::Any, &[event], Utc::now())
+                        .await
+                        .map_err(|e| StoreError::Unavailable(e.to_string()))
+                })
+                .await
+            }
+            .into_actor(self)
+            .map(move |res, _act, ctx| {
+                match res {
+                    Ok(_) => tracing::info!(device.id = %id, "device offline"),
+                    Err(e) => tracing::warn!(device.id = %id, error = %e, "could not record device.offline"),
+                }
+                ctx.stop();
+            }),
+        );
+    }
+
+    /// Applies one in-order reading to the live state; returns the effective status and a
+    /// change to persist, if any.
+    fn apply(
+        live: &mut Live,
+        scored: &Scored,
+        now: DateTime<Utc>,
+    ) -> (TriageStatus, Vec<String>, Option<Change>) {
+        let reading = &scored.reading;
+        live.last_measured = Some(reading.timestamp);
+        live.window.push_back(reading.clone());
+        while live.window.len() > WINDOW {
+            live.window.pop_front();
+        }
+        let mut status = scored.assessment.status;
+        live.last_assessed = status;
+        let mut reasons = scored.assessment.reasons.clone();
+        match live.fall.on_reading(reading, &scored.assessment, now) {
+            FallEvent::Escalated => {
+                status = TriageStatus::Emergency;
+                reasons.push(live.fall.escalation_reason());
+            }
+            FallEvent::StoodDown => reasons.push("fall alert stood down: wearer moving".to_owned()),
+            FallEvent::None | FallEvent::Started => {}
+        }
+        if live.fall.deadline().is_some() && status < TriageStatus::Abnormal {
+            status = TriageStatus::Abnormal;
+            reasons.push("fall detected, awaiting movement".to_owned());
+        }
+        let change = (status != live.status).then(|| Change {
+            from: live.status,
+            to: status,
+            reasons: reasons.clone(),
+            measured_at: reading.timestamp,
+            evidence: live.window.iter().cloned().collect(),
+        });
+        live.status = status;
+        (status, reasons, change)
+    }
+}
+
+impl Actor for DeviceActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+        let db = self.db.clone();
+        let id = self.id.clone();
+        let grace = self.runtime.rules.fall_grace_s;
+        // `wait`: no reading is processed before the registration is known.
+        ctx.wait(
+            async move {
+                db.run(move |mut conn| async move { patients::find_device(&mut conn, &id).await })
+                    .await
+            }
+            .into_actor(self)
+            .map(move |res, act, ctx| {
+                act.phase = match res {
+                    Ok(Some(state)) => Phase::Ready(Box::new(Live {
+                        patient_id: state.device.patient_id,
+                        status: match state.last_status.as_deref() {
+                            Some("emergency") => TriageStatus::Emergency,
+                            Some("abnormal") => TriageStatus::Abnormal,
+                            _ => TriageStatus::Normal,
+                        },
+                        window: VecDeque::with_capacity(WINDOW + 1),
+                        last_measured: state.last_seen_at,
+                        last_assessed: TriageStatus::Normal,
+                        fall: FallWatch::new(grace),
+                        offline_timer: None,
+                        fall_timer: None,
+                    })),
+                    Ok(None) => Phase::Unknown,
+                    Err(e) => {
+                        tracing::warn!(device.id = %act.id, error = %e, "could not load device");
+                        Phase::Failed
+                    }
+                };
+                if matches!(act.phase, Phase::Ready(_)) {
+                    act.arm_offline_timer(ctx);
+                }
+            }),
+        );
+    }
+}
+
+impl Handler<ProcessReadings> for DeviceActor {
+    type Result = AtomicResponse<Self, Vec<(usize, ReadingOutcome)>>;
+
+    fn handle(&mut self, msg: ProcessReadings, ctx: &mut Self::Context) -> Self::Result {
+        let now = Utc::now();
+        self.messages += 1;
+        self.last_message_at = Some(now);
+        let id = self.id.clone();
+        let retention = self.runtime.retention;
+        let refuse = |outcome: ReadingOutcome, readings: Vec<Scored>| {
+            readings
+                .into_iter()
+                .map(|s| (s.index, outcome.clone()))
+                .collect::<Vec<_>>()
+        };
+        let live = match &mut self.phase {
+            Phase::Ready(live) => live,
+            // Answer, then stop: the next reading starts a fresh actor that looks again (the
+            // device may have been registered meanwhile, or the database may be back).
+            Phase::Unknown => {
+                return AtomicResponse::new(Box::pin(
+                    fut::ready(refuse(ReadingOutcome::UnknownDevice, msg.0)).map(
+                        |outcomes, _, ctx: &mut Context<Self>| {
+                            ctx.stop();
+                            outcomes
+                        },
+                    ),
+                ));
+            }
+            Phase::Loading | Phase::Failed => {
+                return AtomicResponse::new(Box::pin(
+                    fut::ready(refuse(ReadingOutcome::Unavailable, msg.0)).map(
+                        |outcomes, _, ctx: &mut Context<Self>| {
+                            ctx.stop();
+                            outcomes
+                        },
+                    ),
+                ));
+            }
+        };
+        let patient_id = live.patient_id.clone();
+        let mut outcomes = Vec::with_capacity(msg.0.len());
+        let mut changes = Vec::new();
+        let mut handoffs = Vec::new();
+        let mut evidence_rows = Vec::new();
+        let mut any_in_order = false;
+        for scored in &msg.0 {
+            if scored
+                .reading
+                .patient_id
+                .as_deref()
+                .is_some_and(|p| p != patient_id.as_str())
+            {
+                outcomes.push((scored.index, ReadingOutcome::PatientMismatch));
+                continue;
+            }
+            let in_order = live
+                .last_measured
+                .is_none_or(|last| scored.reading.timestamp > last);
+            let (status, reasons) = if in_order {
+                any_in_order = true;
+                let (status, reasons, change) = Self::apply(live, scored, now);
+                let onset = change.is_some();
+                if let Some(change) = change {
+                    changes.push(change);
+                }
+                if status == TriageStatus::Emergency {
+                    handoffs.push((
+                        outcomes.len(),
+                        EmergencyDetected {
+                            patient_id: patient_id.clone(),
+                            device_id: id.clone(),
+                            location: scored.reading.location,
+                            reasons: reasons.clone(),
+                            evidence: live.window.iter().cloned().collect(),
+                            detected_at: scored.reading.timestamp,
+                            onset,
+                        },
+                    ));
+                }
+                (status, reasons)
+            } else {
+                // Out of order: answered, never allowed to roll the state back.
+                (scored.assessment.status, scored.assessment.reasons.clone())
+            };
+            outcomes.push((
+                scored.index,
+                ReadingOutcome::Accepted(Accepted {
+                    device_id: id.clone(),
+                    patient_id: patient_id.clone(),
+                    status,
+                    reasons,
+                    news2: scored.assessment.news2.clone(),
+                    incident_id: None,
+                }),
+            ));
+        }
+        if retention == Retention::Evidence {
+            for change in &changes {
+                for r in &change.evidence {
+                    evidence_rows.push(retained(r, &patient_id, change.to, now));
+                }
+            }
+        }
+        let final_status = live.status;
+        let last_seen = live.last_measured;
+        if any_in_order {
+            self.arm_offline_timer(ctx);
+            self.arm_fall_timer(ctx);
+        }
+
+        let db = self.db.clone();
+        let handoff = self.handoff.clone();
+        let persist_id = id.clone();
+        let persist_patient = patient_id.clone();
+        let work = async move {
+            if !changes.is_empty() {
+                persist_changes(
+                    &db,
+                    persist_id,
+                    persist_patient,
+                    changes,
+                    evidence_rows,
+                    final_status,
+                    last_seen.unwrap_or(now),
+                )
+                .await?;
+            }
+            let mut incidents = Vec::with_capacity(handoffs.len());
+            for (slot, detected) in handoffs {
+                let incident = handoff
+                    .send(detected)
+                    .await
+                    .map_err(|e| StoreError::Unavailable(format!("incident hand-off: {e}")))??;
+                incidents.push((slot, incident));
+            }
+            Ok::<_, StoreError>(incidents)
+        };
+        AtomicResponse::new(Box::pin(work.into_actor(self).map(
+            move |result, act, ctx| match result {
+                Ok(incidents) => {
+                    for (slot, incident) in incidents {
+                        if let Some((_, ReadingOutcome::Accepted(a))) = outcomes.get_mut(slot) {
+                            a.incident_id = incident;
+                        }
+                    }
+                    outcomes
+                }
+                Err(e) => {
+                    tracing::warn!(device.id = %act.id, error = %e, "device state not persisted; batch refused");
+                    ctx.stop();
+                    outcomes
+                        .into_iter()
+                        .map(|(i, _)| (i, ReadingOutcome::Unavailable))
+                        .collect()
+                }
+            },
+        )))
+    }
+}
+
+fn retained(
+    reading: &Reading,
+    patient_id: &PatientId,
+    status: TriageStatus,
+    now: DateTime<Utc>,
+) -> RetainedReading {
+    RetainedReading {
+        device_id: reading.device_id.clone(),
+        patient_id: patient_id.0.clone(),
+        measured_at: reading.timestamp,
+        received_at: now,
+        status: status.as_str(),
+        news2_score: None,
+        reading: serde_json::to_string(reading).unwrap_or_default(),
+    }
+}
+
+/// Appends the status events and updates the device projection (and evidence readings) in one
+/// transaction.
+async fn persist_changes(
+    db: &Db,
+    device_id: DeviceId,
+    patient_id: PatientId,
+    changes: Vec<Change>,
+    evidence: Vec<RetainedReading>,
+    final_status: TriageStatus,
+    last_seen: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let stream = format!("device-{device_id}");
+    let events: Vec<NewEvent> = changes
+        .into_iter()
+        .map(|c| {
+            let mut e = NewEvent::new(
+                "vitals.status_changed",
+                json!({
+                    "device_id": device_id,
+                    "patient_id": patient_id,
+                    "from": c.from,
+                    "to": c.to,
+                    "reasons": c.reasons,
+                    "measured_at": c.measured_at,
+                    "evidence": c.evidence,
+                }),
+            );
+            e.device_id = Some(device_id.0.clone());
+            e
+        })
+        .collect();
+    db.run(move |mut conn| async move {
+        conn.write_transaction(async |tx| {
+            events::append(tx, &stream, ExpectedVersion::Any, &events, Utc::now())
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            patients::set_device_status(tx, &device_id, final_status.as_str(), last_seen).await?;
+            if !evidence.is_empty() {
+                readings::insert_many(tx, &evidence).await?;
+            }
+            Ok::<_, StoreError>(())
+        })
+        .await
+    })
+    .await
+}
+
+impl Handler<CheckTimers> for DeviceActor {
+    type Result = AtomicResponse<Self, Option<TriageStatus>>;
+
+    fn handle(&mut self, msg: CheckTimers, ctx: &mut Self::Context) -> Self::Result {
+        self.fall_verdict(msg.now, false, ctx)
+    }
+}
+
+impl Handler<CancelFall> for DeviceActor {
+    type Result = AtomicResponse<Self, Option<TriageStatus>>;
+
+    fn handle(&mut self, msg: CancelFall, ctx: &mut Self::Context) -> Self::Result {
+        self.fall_verdict(msg.now, true, ctx)
+    }
+}
+
+impl DeviceActor {
+    /// Runs the fall watch at `now` (a tick, or a wearer cancel) and persists what follows.
+    fn fall_verdict(
+        &mut self,
+        now: DateTime<Utc>,
+        cancel: bool,
+        ctx: &mut Context<Self>,
+    ) -> AtomicResponse<Self, Option<TriageStatus>> {
+        let id = self.id.clone();
+        let Some(live) = self.live() else {
+            return AtomicResponse::new(Box::pin(fut::ready(None)));
+        };
+        let event = if cancel {
+            live.fall.on_cancel(now)
+        } else {
+            live.fall.on_tick(now)
+        };
+        let (to, reasons) = match event {
+            FallEvent::Escalated => (TriageStatus::Emergency, vec![live.fall.escalation_reason()]),
+            FallEvent::StoodDown => (
+                live.last_assessed,
+                vec!["fall alert cancelled by the wearer".to_owned()],
+            ),
+            FallEvent::None | FallEvent::Started => {
+                let status = live.status;
+                return AtomicResponse::new(Box::pin(fut::ready(Some(status))));
+            }
+        };
+        let from = live.status;
+        if to == from {
+            return AtomicResponse::new(Box::pin(fut::ready(Some(to))));
+        }
+        live.status = to;
+        let patient_id = live.patient_id.clone();
+        let last_seen = live.last_measured.unwrap_or(now);
+        let evidence: Vec<Reading> = live.window.iter().cloned().collect();
+        let location = live.window.iter().rev().find_map(|r| r.location);
+        let change = Change {
+            from,
+            to,
+            reasons: reasons.clone(),
+            measured_at: now,
+            evidence: evidence.clone(),
+        };
+        let db = self.db.clone();
+        let handoff = self.handoff.clone();
+        let retention = self.runtime.retention;
+        let rows = if retention == Retention::Evidence {
+            evidence
+                .iter()
+                .map(|r| retained(r, &patient_id, to, now))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        self.arm_fall_timer(ctx);
+        let work = async move {
+            persist_changes(
+                &db,
+                id.clone(),
+                patient_id.clone(),
+                vec![change],
+                rows,
+                to,
+                last_seen,
+            )
+            .await?;
+            if to == TriageStatus::Emergency {
+                handoff
+                    .send(EmergencyDetected {
+                        patient_id,
+                        device_id: id,
+                        location,
+                        reasons,
+                        evidence,
+                        detected_at: now,
+                        onset: true,
+                    })
+                    .await
+                    .map_err(|e| StoreError::Unavailable(format!("incident hand-off: {e}")))??;
+            }
+            Ok::<_, StoreError>(())
+        };
+        AtomicResponse::new(Box::pin(work.into_actor(self).map(
+            move |res, act, ctx| match res {
+                Ok(()) => Some(to),
+                Err(e) => {
+                    tracing::warn!(device.id = %act.id, error = %e, "fall verdict not persisted");
+                    ctx.stop();
+                    None
+                }
+            },
+        )))
+    }
+}
+
+impl Handler<InspectDevice> for DeviceActor {
+    type Result = MessageResult<InspectDevice>;
+
+    fn handle(&mut self, _: InspectDevice, _: &mut Self::Context) -> Self::Result {
+        let phase = match &self.phase {
+            Phase::Loading => json!({"phase": "loading"}),
+            Phase::Unknown => json!({"phase": "unknown_device"}),
+            Phase::Failed => json!({"phase": "failed"}),
+            Phase::Ready(live) => json!({
+                "phase": "ready",
+                "patient_id": live.patient_id,
+                "status": live.status,
+                "last_measured_at": live.last_measured,
+                "fall_watch": live.fall,
+                "fall_deadline": live.fall.deadline(),
+                "window": live.window,
+            }),
+        };
+        MessageResult(json!({
+            "kind": "device",
+            "id": self.id,
+            "messages": self.messages,
+            "last_message_at": self.last_message_at,
+            "state": phase,
+        }))
+    }
+}
+
+impl Handler<Summarise> for DeviceActor {
+    type Result = MessageResult<Summarise>;
+
+    fn handle(&mut self, _: Summarise, _: &mut Self::Context) -> Self::Result {
+        let status = match &self.phase {
+            Phase::Ready(live) => live.status.as_str().to_owned(),
+            Phase::Loading => "loading".to_owned(),
+            Phase::Unknown => "unknown_device".to_owned(),
+            Phase::Failed => "failed".to_owned(),
+        };
+        MessageResult(DeviceSummary {
+            id: self.id.clone(),
+            status,
+            last_message_at: self.last_message_at,
+        })
+    }
+}

@@ -1,0 +1,213 @@
+//! `DeviceDirectory`: routes triaged readings to the per-wearable actors, starting an actor on
+//! a device's first reading (and again after an idle one stopped). Device actors are spread
+//! over a few arbiters (threads) by device id, so devices are processed in parallel while each
+//! device's readings stay strictly ordered.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
+
+use actix::prelude::*;
+use futures_util::future::join_all;
+
+use super::device::{
+    DeviceActor, DeviceSummary, InspectDevice, ProcessReadings, ReadingOutcome, Scored, Summarise,
+    TriageRuntime,
+};
+use super::handoff::EmergencyDetected;
+use crate::domain::ids::DeviceId;
+use crate::domain::triage::assess;
+use crate::domain::vitals::Reading;
+use crate::persistence::Db;
+
+struct Entry {
+    addr: Addr<DeviceActor>,
+    /// How many times an actor was started for this device (restarts = starts − 1).
+    starts: u32,
+}
+
+/// The directory of live device actors.
+pub struct DeviceDirectory {
+    db: Db,
+    runtime: Arc<TriageRuntime>,
+    handoff: Recipient<EmergencyDetected>,
+    arbiters: Vec<ArbiterHandle>,
+    hasher: RandomState,
+    devices: HashMap<DeviceId, Entry>,
+}
+
+impl DeviceDirectory {
+    /// A directory spreading device actors over `arbiters` (the current one when empty).
+    pub fn new(
+        db: Db,
+        runtime: Arc<TriageRuntime>,
+        handoff: Recipient<EmergencyDetected>,
+        arbiters: Vec<ArbiterHandle>,
+    ) -> Self {
+        Self {
+            db,
+            runtime,
+            handoff,
+            arbiters,
+            hasher: RandomState::new(),
+            devices: HashMap::new(),
+        }
+    }
+
+    /// The triage runtime (rules and timers) shared by all devices.
+    pub fn runtime(&self) -> &Arc<TriageRuntime> {
+        &self.runtime
+    }
+
+    fn actor_for(&mut self, id: &DeviceId) -> Addr<DeviceActor> {
+        if let Some(entry) = self.devices.get(id)
+            && entry.addr.connected()
+        {
+            return entry.addr.clone();
+        }
+        let make = {
+            let (id, db, runtime, handoff) = (
+                id.clone(),
+                self.db.clone(),
+                self.runtime.clone(),
+                self.handoff.clone(),
+            );
+            move |_: &mut Context<DeviceActor>| DeviceActor::new(id, db, runtime, handoff)
+        };
+        let addr = if self.arbiters.is_empty() {
+            DeviceActor::create(make)
+        } else {
+            let shard =
+                usize::try_from(self.hasher.hash_one(id)).unwrap_or(0) % self.arbiters.len();
+            DeviceActor::start_in_arbiter(&self.arbiters[shard], make)
+        };
+        let entry = self.devices.entry(id.clone()).or_insert(Entry {
+            addr: addr.clone(),
+            starts: 0,
+        });
+        entry.addr = addr.clone();
+        entry.starts += 1;
+        addr
+    }
+}
+
+impl Actor for DeviceDirectory {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // The directory is the ingest front door: let it queue generously; HTTP admission
+        // control bounds what can be in flight.
+        ctx.set_mailbox_capacity(1024);
+        // Forget stopped actors now and then so the map does not grow with idle devices.
+        ctx.run_interval(std::time::Duration::from_secs(60), |act, _| {
+            act.devices.retain(|_, e| e.addr.connected());
+        });
+    }
+}
+
+/// Triage readings (pure, on the caller's thread) and apply them to their devices.
+#[derive(Message, Debug)]
+#[rtype(result = "Vec<(usize, ReadingOutcome)>")]
+pub struct Ingest(pub Vec<Scored>);
+
+/// Scores readings with the rules (pure; runs on the caller's thread, not in an actor).
+pub fn score(runtime: &TriageRuntime, readings: Vec<(usize, Reading)>) -> Vec<Scored> {
+    readings
+        .into_iter()
+        .map(|(index, reading)| {
+            let assessment = assess(&runtime.rules, &reading);
+            Scored {
+                index,
+                reading,
+                assessment,
+            }
+        })
+        .collect()
+}
+
+impl Handler<Ingest> for DeviceDirectory {
+    type Result = ResponseFuture<Vec<(usize, ReadingOutcome)>>;
+
+    fn handle(&mut self, msg: Ingest, _: &mut Self::Context) -> Self::Result {
+        let mut groups: HashMap<String, Vec<Scored>> = HashMap::new();
+        for scored in msg.0 {
+            groups
+                .entry(scored.reading.device_id.clone())
+                .or_default()
+                .push(scored);
+        }
+        let sends: Vec<_> = groups
+            .into_iter()
+            .map(|(device, readings)| {
+                let addr = self.actor_for(&DeviceId(device));
+                let indices: Vec<usize> = readings.iter().map(|s| s.index).collect();
+                async move {
+                    match addr.send(ProcessReadings(readings)).await {
+                        Ok(outcomes) => outcomes,
+                        Err(_) => indices
+                            .into_iter()
+                            .map(|i| (i, ReadingOutcome::Unavailable))
+                            .collect(),
+                    }
+                }
+            })
+            .collect();
+        Box::pin(async move {
+            let mut all: Vec<(usize, ReadingOutcome)> =
+                join_all(sends).await.into_iter().flatten().collect();
+            all.sort_by_key(|(i, _)| *i);
+            all
+        })
+    }
+}
+
+/// The live actor of a device, if one is running.
+#[derive(Message, Debug)]
+#[rtype(result = "Option<(Addr<DeviceActor>, u32)>")]
+pub struct Lookup(pub DeviceId);
+
+impl Handler<Lookup> for DeviceDirectory {
+    type Result = Option<(Addr<DeviceActor>, u32)>;
+
+    fn handle(&mut self, msg: Lookup, _: &mut Self::Context) -> Self::Result {
+        self.devices
+            .get(&msg.0)
+            .filter(|e| e.addr.connected())
+            .map(|e| (e.addr.clone(), e.starts.saturating_sub(1)))
+    }
+}
+
+/// A page of live device actors for `/admin/actors`.
+#[derive(Message, Debug)]
+#[rtype(result = "(usize, Vec<(DeviceSummary, u32)>)")]
+pub struct ListDevices {
+    /// Most entries returned.
+    pub limit: usize,
+}
+
+impl Handler<ListDevices> for DeviceDirectory {
+    type Result = ResponseFuture<(usize, Vec<(DeviceSummary, u32)>)>;
+
+    fn handle(&mut self, msg: ListDevices, _: &mut Self::Context) -> Self::Result {
+        let live: Vec<_> = self
+            .devices
+            .values()
+            .filter(|e| e.addr.connected())
+            .map(|e| (e.addr.clone(), e.starts.saturating_sub(1)))
+            .collect();
+        let total = live.len();
+        let page: Vec<_> = live.into_iter().take(msg.limit).collect();
+        Box::pin(async move {
+            let summaries = join_all(page.into_iter().map(|(addr, restarts)| async move {
+                addr.send(Summarise).await.ok().map(|s| (s, restarts))
+            }))
+            .await;
+            (total, summaries.into_iter().flatten().collect())
+        })
+    }
+}
+
+/// The full in-memory state of one device actor.
+pub async fn inspect(addr: &Addr<DeviceActor>) -> Option<serde_json::Value> {
+    addr.send(InspectDevice).await.ok()
+}

@@ -1,0 +1,384 @@
+//! Vitals ingest: `POST /api/v1/vitals` and the gateway WebSocket `GET /api/v1/ws/gateway`.
+//!
+//! Both take the same bodies and give the same answer. The body is parsed and validated by
+//! `domain::vitals`, scored by `domain::triage` on this worker thread, and applied by the
+//! per-device actors; the answer is sent once the device state (and any status event) is
+//! durable. Admission control bounds the readings in flight: beyond it, 503 + `Retry-After`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use chrono::Utc;
+use futures_util::StreamExt as _;
+use serde::Serialize;
+
+use super::AppState;
+use super::auth::{Authorized, Policy};
+use super::error::ApiError;
+use super::json::read_body;
+use crate::actors::device::{ReadingOutcome, Retention};
+use crate::actors::devices::{Ingest, score};
+use crate::domain::auth::Role;
+use crate::domain::ids::{DeviceId, IncidentId};
+use crate::domain::news2::{News2, News2Param, News2Risk};
+use crate::domain::triage::TriageStatus;
+use crate::domain::validation::FieldError;
+use crate::domain::vitals::{BodyError, IngestLimits, parse_body};
+use crate::persistence::readings::{self, RetainedReading};
+
+/// Wearable gateways only.
+pub struct GatewayOnly;
+impl Policy for GatewayOnly {
+    const ROLES: &'static [Role] = &[Role::Gateway];
+}
+
+/// NEWS2 as the API shows it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct News2Brief {
+    /// Aggregate of the parameters present.
+    pub score: u8,
+    /// `low`, `low_medium`, `medium` or `high`.
+    #[schema(value_type = String)]
+    pub risk: News2Risk,
+    /// Parameters the reading did not supply (never counted as 0).
+    #[schema(value_type = Vec<String>)]
+    pub missing: Vec<News2Param>,
+}
+
+impl From<News2> for News2Brief {
+    fn from(n: News2) -> Self {
+        Self {
+            score: n.score,
+            risk: n.risk,
+            missing: n.missing,
+        }
+    }
+}
+
+/// The triage of one accepted reading.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ReadingResult {
+    /// Position in the request.
+    pub index: usize,
+    /// Device.
+    #[schema(value_type = String)]
+    pub device_id: DeviceId,
+    /// `normal`, `abnormal` or `emergency`.
+    #[schema(value_type = String)]
+    pub status: TriageStatus,
+    /// Why, for people.
+    pub reasons: Vec<String>,
+    /// NEWS2 (partial when parameters are missing).
+    pub news2: News2Brief,
+    /// The incident the reading was handed to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub incident_id: Option<IncidentId>,
+}
+
+/// A rejected reading and why.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Rejected {
+    /// Position in the request.
+    pub index: usize,
+    /// Every problem, with a pointer into the request.
+    #[schema(value_type = Vec<Object>)]
+    pub errors: Vec<FieldError>,
+}
+
+/// The answer to an ingest body.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct IngestResponse {
+    /// How many readings were accepted.
+    pub accepted: usize,
+    /// The readings refused, with reasons.
+    pub rejected: Vec<Rejected>,
+    /// The triage of each accepted reading.
+    pub results: Vec<ReadingResult>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Single,
+    Batch,
+    Bundle,
+}
+
+/// Where a body's readings sit, for error pointers (only computed when a reading is refused
+/// after parsing, which is rare).
+fn shape_of(body: &[u8]) -> Shape {
+    #[derive(serde::Deserialize)]
+    struct Probe<'a> {
+        readings: Option<serde::de::IgnoredAny>,
+        #[serde(rename = "resourceType", borrow)]
+        resource_type: Option<&'a str>,
+    }
+    match serde_json::from_slice::<Probe<'_>>(body) {
+        Ok(p) if p.readings.is_some() => Shape::Batch,
+        Ok(p) if p.resource_type == Some("Bundle") => Shape::Bundle,
+        _ => Shape::Single,
+    }
+}
+
+fn pointer(shape: Shape, index: usize, field: &str) -> String {
+    match (shape, field) {
+        (Shape::Single, f) => format!("/{f}"),
+        (Shape::Batch, f) => format!("/readings/{index}/{f}"),
+        (Shape::Bundle, "device_id") => format!("/entry/{index}/resource/device/identifier/value"),
+        (Shape::Bundle, _) => format!("/entry/{index}/resource/subject/reference"),
+    }
+}
+
+fn body_error(e: BodyError) -> ApiError {
+    let pointer = e.pointer().to_owned();
+    let message = e.to_string();
+    match e {
+        BodyError::Malformed { .. } => ApiError::Malformed {
+            detail: message.clone(),
+            errors: vec![FieldError::new(pointer, message)],
+        },
+        BodyError::TooMany { .. } | BodyError::NotAReading { .. } => ApiError::Validation {
+            detail: format!("{pointer}: {message}"),
+            errors: vec![FieldError::new(pointer, message)],
+        },
+    }
+}
+
+/// Parses, triages and applies one ingest body.
+pub async fn ingest_body(state: &AppState, body: &[u8]) -> Result<IngestResponse, ApiError> {
+    let now = Utc::now();
+    let parsed = parse_body(body, now, &IngestLimits::default()).map_err(body_error)?;
+    let total = parsed.items.len();
+    let mut rejected = Vec::new();
+    let mut readings = Vec::with_capacity(total);
+    for item in parsed.items {
+        match item.outcome {
+            Ok(reading) => readings.push((item.index, reading)),
+            Err(errors) => rejected.push(Rejected {
+                index: item.index,
+                errors,
+            }),
+        }
+    }
+
+    let mut results = Vec::with_capacity(readings.len());
+    if !readings.is_empty() {
+        let permits = u32::try_from(readings.len()).unwrap_or(u32::MAX);
+        let _permit = state
+            .ingest_gate
+            .clone()
+            .try_acquire_many_owned(permits)
+            .map_err(|_| ApiError::Unavailable {
+                detail: "ingest is at capacity; retry shortly".to_owned(),
+                retry_after_s: 1,
+            })?;
+        let retention = state.triage.retention;
+        let retained_json: Vec<(usize, String)> = if retention == Retention::All {
+            readings
+                .iter()
+                .map(|(i, r)| (*i, serde_json::to_string(r).unwrap_or_default()))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let scored = score(&state.triage, readings);
+        let measured: Vec<(usize, chrono::DateTime<Utc>)> = scored
+            .iter()
+            .map(|s| (s.index, s.reading.timestamp))
+            .collect();
+        let outcomes =
+            state
+                .devices
+                .send(Ingest(scored))
+                .await
+                .map_err(|_| ApiError::Unavailable {
+                    detail: "the device directory is unavailable; retry shortly".to_owned(),
+                    retry_after_s: 1,
+                })?;
+        let mut shape = None;
+        let mut keep = Vec::new();
+        for (index, outcome) in outcomes {
+            match outcome {
+                ReadingOutcome::Accepted(a) => {
+                    if retention == Retention::All
+                        && let Some((_, json)) = retained_json.iter().find(|(i, _)| *i == index)
+                        && let Some((_, at)) = measured.iter().find(|(i, _)| *i == index)
+                    {
+                        keep.push(RetainedReading {
+                            device_id: a.device_id.0.clone(),
+                            patient_id: a.patient_id.0.clone(),
+                            measured_at: *at,
+                            received_at: now,
+                            status: a.status.as_str(),
+                            news2_score: Some(i32::from(a.news2.score)),
+                            reading: json.clone(),
+                        });
+                    }
+                    results.push(ReadingResult {
+                        index,
+                        device_id: a.device_id,
+                        status: a.status,
+                        reasons: a.reasons,
+                        news2: a.news2.into(),
+                        incident_id: a.incident_id,
+                    });
+                }
+                ReadingOutcome::UnknownDevice => {
+                    let shape = *shape.get_or_insert_with(|| shape_of(body));
+                    rejected.push(Rejected {
+                        index,
+                        errors: vec![FieldError::new(
+                            pointer(shape, index, "device_id"),
+                            "unknown device: register it with POST /api/v1/devices",
+                        )],
+                    });
+                }
+                ReadingOutcome::PatientMismatch => {
+                    let shape = *shape.get_or_insert_with(|| shape_of(body));
+                    rejected.push(Rejected {
+                        index,
+                        errors: vec![FieldError::new(
+                            pointer(shape, index, "patient_id"),
+                            "the device is registered to a different patient",
+                        )],
+                    });
+                }
+                ReadingOutcome::Unavailable => {
+                    return Err(ApiError::Unavailable {
+                        detail: "device state could not be stored; retry the request \
+                                 (repeated readings are recognised)"
+                            .to_owned(),
+                        retry_after_s: 1,
+                    });
+                }
+            }
+        }
+        if !keep.is_empty() {
+            state
+                .db
+                .run(move |mut conn| async move { readings::insert_many(&mut conn, &keep).await })
+                .await?;
+        }
+    }
+    rejected.sort_by_key(|r| r.index);
+    let batch = total > 1 || shape_of_is_batch(body);
+    if results.is_empty() && !rejected.is_empty() && (!batch || total > 0) {
+        let errors: Vec<FieldError> = rejected.into_iter().flat_map(|r| r.errors).collect();
+        let detail = errors
+            .iter()
+            .map(|e| format!("{}: {}", e.pointer, e.message))
+            .collect::<Vec<_>>()
+            .join("; ");
+        return Err(ApiError::Validation { detail, errors });
+    }
+    Ok(IngestResponse {
+        accepted: results.len(),
+        rejected,
+        results,
+    })
+}
+
+fn shape_of_is_batch(body: &[u8]) -> bool {
+    shape_of(body) != Shape::Single
+}
+
+/// Ingests one reading or a batch of up to 1,000 (native, legacy wearable or FHIR shapes).
+#[utoipa::path(post, path = "/api/v1/vitals", tag = "vitals", security(("bearer" = [])),
+    request_body(content = Object, description = "a reading, {readings: [..]}, or a FHIR Observation/Bundle"),
+    responses((status = 200, body = IngestResponse),
+              (status = 400, body = super::error::Problem),
+              (status = 413, body = super::error::Problem),
+              (status = 422, body = super::error::Problem),
+              (status = 503, body = super::error::Problem)))]
+pub async fn ingest(
+    _auth: Authorized<GatewayOnly>,
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    mut payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_body(&req, &mut payload).await?;
+    let response = ingest_body(&state, &body).await?;
+    Ok(HttpResponse::Ok().json(response))
+}
+
+/// How often the server pings a gateway connection.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a gateway may stay silent (no frame, no pong) before it is disconnected.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The gateway WebSocket: each text frame is an ingest body, answered by one frame.
+#[utoipa::path(get, path = "/api/v1/ws/gateway", tag = "vitals", security(("bearer" = [])),
+    responses((status = 101, description = "WebSocket upgrade")))]
+pub async fn gateway_ws(
+    _auth: Authorized<GatewayOnly>,
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Payload,
+) -> Result<HttpResponse, actix_web::Error> {
+    let (response, mut session, stream) = actix_ws::handle(&req, body)?;
+    let limit = state.settings.http.body_limit_bytes;
+    let state: Arc<AppState> = state.into_inner();
+    let mut stream = stream
+        .max_frame_size(limit)
+        .aggregate_continuations()
+        .max_continuation_size(limit);
+    actix_web::rt::spawn(async move {
+        let mut last_heard = Instant::now();
+        let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
+        let reason = loop {
+            tokio::select! {
+                message = stream.next() => match message {
+                    Some(Ok(actix_ws::AggregatedMessage::Text(text))) => {
+                        last_heard = Instant::now();
+                        let reply = match ingest_body(&state, text.as_bytes()).await {
+                            Ok(answer) => serde_json::to_string(&answer),
+                            Err(err) => serde_json::to_string(&err.problem()),
+                        };
+                        let Ok(reply) = reply else { break None };
+                        if session.text(reply).await.is_err() {
+                            break None;
+                        }
+                    }
+                    Some(Ok(actix_ws::AggregatedMessage::Binary(_))) => {
+                        last_heard = Instant::now();
+                        let err = ApiError::UnsupportedMediaType.problem();
+                        let Ok(reply) = serde_json::to_string(&err) else { break None };
+                        if session.text(reply).await.is_err() {
+                            break None;
+                        }
+                    }
+                    Some(Ok(actix_ws::AggregatedMessage::Ping(bytes))) => {
+                        last_heard = Instant::now();
+                        if session.pong(&bytes).await.is_err() {
+                            break None;
+                        }
+                    }
+                    Some(Ok(actix_ws::AggregatedMessage::Pong(_))) => last_heard = Instant::now(),
+                    Some(Ok(actix_ws::AggregatedMessage::Close(reason))) => break reason,
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "gateway websocket protocol error");
+                        break Some(actix_ws::CloseReason {
+                            code: actix_ws::CloseCode::Protocol,
+                            description: Some("protocol error".to_owned()),
+                        });
+                    }
+                    None => break None,
+                },
+                _ = heartbeat.tick() => {
+                    if last_heard.elapsed() > CLIENT_TIMEOUT {
+                        break Some(actix_ws::CloseReason {
+                            code: actix_ws::CloseCode::Policy,
+                            description: Some("heartbeat timeout".to_owned()),
+                        });
+                    }
+                    if session.ping(b"").await.is_err() {
+                        break None;
+                    }
+                }
+            }
+        };
+        let _ = session.close(reason).await;
+    });
+    Ok(response)
+}

@@ -1,0 +1,85 @@
+//! Retained raw readings (`triage.raw_retention`): one multi-row insert per flush.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+
+use super::schema::readings;
+use super::{DbConn, StoreError, to_db_time};
+use crate::db_run;
+
+/// A reading to retain.
+#[derive(Clone, Debug)]
+pub struct RetainedReading {
+    /// Device.
+    pub device_id: String,
+    /// Wearer.
+    pub patient_id: String,
+    /// When measured.
+    pub measured_at: DateTime<Utc>,
+    /// When SHERS accepted it.
+    pub received_at: DateTime<Utc>,
+    /// Its triage status.
+    pub status: &'static str,
+    /// Its (partial) NEWS2 score.
+    pub news2_score: Option<i32>,
+    /// The normalised reading as JSON.
+    pub reading: String,
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = readings, treat_none_as_default_value = false)]
+struct Row<'a> {
+    device_id: &'a str,
+    patient_id: &'a str,
+    measured_at: chrono::NaiveDateTime,
+    received_at: chrono::NaiveDateTime,
+    status: &'a str,
+    news2_score: Option<i32>,
+    reading: &'a str,
+}
+
+/// Rows per statement: PostgreSQL allows 65,535 bind parameters; 7 per row.
+const CHUNK: usize = 5_000;
+
+/// Inserts `batch` (multi-row statements on PostgreSQL; per-row inside the caller's
+/// transaction on SQLite, where that is as fast).
+pub async fn insert_many(
+    conn: &mut DbConn,
+    batch: &[RetainedReading],
+) -> Result<usize, StoreError> {
+    let rows: Vec<Row<'_>> = batch
+        .iter()
+        .map(|r| Row {
+            device_id: &r.device_id,
+            patient_id: &r.patient_id,
+            measured_at: to_db_time(r.measured_at),
+            received_at: to_db_time(r.received_at),
+            status: r.status,
+            news2_score: r.news2_score,
+            reading: &r.reading,
+        })
+        .collect();
+    let mut n = 0;
+    db_run!(conn, |c| {
+        for row in &rows {
+            n += diesel::insert_into(readings::table).values(row).execute(c).await?;
+        }
+    } else |c| {
+        for chunk in rows.chunks(CHUNK) {
+            n += diesel::insert_into(readings::table).values(chunk).execute(c).await?;
+        }
+    });
+    Ok(n)
+}
+
+/// How many readings are retained for `device_id`.
+pub async fn count_for_device(conn: &mut DbConn, device_id: &str) -> Result<i64, StoreError> {
+    Ok(db_run!(conn, |c| {
+        readings::table
+            .filter(readings::device_id.eq(device_id))
+            .count()
+            .get_result(c)
+            .await?
+    }))
+}

@@ -1,0 +1,430 @@
+//! Vitals ingest over HTTP and WebSocket, the device actors, status events and the fall window.
+
+use chrono::{Duration, SecondsFormat, Utc};
+use futures_util::{SinkExt as _, StreamExt as _};
+use proptest::strategy::{Strategy, ValueTree};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use shers::actors::device::CheckTimers;
+use shers::actors::devices::Lookup;
+use shers::domain::auth::Role;
+use shers::domain::ids::DeviceId;
+use shers::domain::triage::TriageStatus;
+use shers::persistence::Backend;
+
+use crate::both_backends;
+use crate::helpers::TestApp;
+
+both_backends!(
+    emergency_reading_is_triaged_and_recorded,
+    status_events_only_on_change,
+    batches_accept_good_and_reject_bad,
+    fall_without_movement_escalates,
+    fall_with_movement_stands_down,
+    retention_all_keeps_every_reading,
+);
+
+fn ts(offset_s: i64) -> String {
+    (Utc::now() - Duration::seconds(600) + Duration::seconds(offset_s))
+        .to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn normal(device: &str, t: i64) -> Value {
+    json!({"device_id": device, "timestamp": ts(t), "heart_rate_bpm": 72, "spo2_pct": 98,
+           "respiration_rate_bpm": 14, "body_temp_c": 36.8})
+}
+
+fn emergency(device: &str, t: i64) -> Value {
+    json!({"device_id": device, "timestamp": ts(t), "heart_rate_bpm": 165, "spo2_pct": 86,
+           "location": {"lat": 51.51, "lng": -0.13}})
+}
+
+async fn emergency_reading_is_triaged_and_recorded(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.register_wearer("p-1", "watch-1").await;
+    let resp = app.post_vitals(&emergency("watch-1", 0)).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["accepted"], 1);
+    assert_eq!(body["rejected"], json!([]));
+    let result = &body["results"][0];
+    assert_eq!(result["index"], 0);
+    assert_eq!(result["device_id"], "watch-1");
+    assert_eq!(result["status"], "emergency");
+    let reasons = result["reasons"].as_array().unwrap();
+    assert!(
+        reasons.iter().any(|r| r.as_str().unwrap().contains("SpO2")),
+        "{reasons:?}"
+    );
+    assert!(
+        result["news2"]["missing"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("systolic_bp"))
+    );
+
+    let changes = app.events_of("vitals.status_changed").await;
+    assert_eq!(changes.len(), 1);
+    assert_eq!(changes[0].device_id.as_deref(), Some("watch-1"));
+    assert_eq!(changes[0].data["to"], "emergency");
+    assert_eq!(changes[0].data["evidence"][0]["heart_rate_bpm"], 165.0);
+    // The hand-off to incidents is recorded (not faked as an incident).
+    let handoffs = app.events_of("triage.emergency_detected").await;
+    assert_eq!(handoffs.len(), 1);
+    assert_eq!(handoffs[0].data["patient_id"], "p-1");
+    assert_eq!(handoffs[0].data["location"]["lat"], 51.51);
+    // Evidence readings are retained by default.
+    let mut conn = app.db.conn().await.unwrap();
+    let kept = shers::persistence::readings::count_for_device(&mut conn, "watch-1")
+        .await
+        .unwrap();
+    assert_eq!(kept, 1);
+}
+
+async fn status_events_only_on_change(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.register_wearer("p-1", "a").await;
+    app.register_wearer("p-2", "b").await;
+    // E, E → one event.
+    for t in [0, 1] {
+        assert_eq!(
+            app.post_vitals(&emergency("a", t)).await.status(),
+            StatusCode::OK
+        );
+    }
+    // E, N, E → three events.
+    for body in [emergency("b", 0), normal("b", 1), emergency("b", 2)] {
+        assert_eq!(app.post_vitals(&body).await.status(), StatusCode::OK);
+    }
+    let events = app.events_of("vitals.status_changed").await;
+    let for_device = |d: &str| {
+        events
+            .iter()
+            .filter(|e| e.device_id.as_deref() == Some(d))
+            .map(|e| e.data["to"].as_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(for_device("a"), ["emergency"]);
+    assert_eq!(for_device("b"), ["emergency", "normal", "emergency"]);
+
+    // An out-of-order normal reading is answered but does not roll the state back.
+    let late = app.post_vitals(&normal("b", -100)).await;
+    let body: Value = late.json().await.unwrap();
+    assert_eq!(body["results"][0]["status"], "normal");
+    assert_eq!(app.events_of("vitals.status_changed").await.len(), 4);
+    let (addr, _) = app
+        .devices
+        .send(Lookup(DeviceId::from("b")))
+        .await
+        .unwrap()
+        .unwrap();
+    let status = addr.send(CheckTimers { now: Utc::now() }).await.unwrap();
+    assert_eq!(status, Some(TriageStatus::Emergency));
+}
+
+async fn batches_accept_good_and_reject_bad(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.register_wearer("p-1", "w1").await;
+    let batch = json!({"readings": [
+        normal("w1", 0),
+        {"device_id": "w1", "timestamp": ts(1), "heart_rate_bpm": "fast"},
+        {"device_id": "nobody", "timestamp": ts(2), "heart_rate_bpm": 80},
+        {"device_id": "w1", "timestamp": ts(3)},
+        {"device_id": "w1", "timestamp": ts(4), "systolic_bp_mmhg": 80, "diastolic_bp_mmhg": 90},
+        {"device_id": "w1", "timestamp": (Utc::now() + Duration::hours(1)).to_rfc3339(), "heart_rate_bpm": 80},
+        {"device_id": "w1", "patient_id": "someone-else", "timestamp": ts(6), "heart_rate_bpm": 80},
+        emergency("w1", 7),
+    ]});
+    let resp = app.post_vitals(&batch).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["accepted"], 2);
+    let rejected: Vec<(u64, String)> = body["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["index"].as_u64().unwrap(),
+                r["errors"][0]["pointer"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rejected,
+        [
+            (1, "/readings/1/heart_rate_bpm".to_owned()),
+            (2, "/readings/2/device_id".to_owned()),
+            (3, "/readings/3".to_owned()),
+            (4, "/readings/4/diastolic_bp_mmhg".to_owned()),
+            (5, "/readings/5/timestamp".to_owned()),
+            (6, "/readings/6/patient_id".to_owned()),
+        ],
+        "{body}"
+    );
+    assert_eq!(body["results"][1]["index"], 7);
+    assert_eq!(body["results"][1]["status"], "emergency");
+
+    // A single bad reading is a 422 naming the field.
+    for (reading, pointer) in [
+        (
+            json!({"device_id": "w1", "timestamp": ts(10), "heart_rate_bpm": "NaN"}),
+            "/heart_rate_bpm",
+        ),
+        (
+            json!({"device_id": "w1", "timestamp": ts(10), "heart_rate_bpm": 400}),
+            "/heart_rate_bpm",
+        ),
+        (
+            json!({"device_id": "ghost", "timestamp": ts(10), "heart_rate_bpm": 80}),
+            "/device_id",
+        ),
+    ] {
+        let resp = app.post_vitals(&reading).await;
+        assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
+        let problem: Value = resp.json().await.unwrap();
+        assert_eq!(problem["errors"][0]["pointer"], pointer, "{problem}");
+    }
+}
+
+async fn fall_without_movement_escalates(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.register_wearer("p-1", "f1").await;
+    let fall =
+        json!({"device_id": "f1", "timestamp": ts(0), "heart_rate_bpm": 80, "fall_detected": true});
+    let body: Value = app.post_vitals(&fall).await.json().await.unwrap();
+    assert_eq!(body["results"][0]["status"], "abnormal");
+    let (addr, _) = app
+        .devices
+        .send(Lookup(DeviceId::from("f1")))
+        .await
+        .unwrap()
+        .unwrap();
+    let now = Utc::now();
+    // Inside the grace window nothing happens…
+    let status = addr
+        .send(CheckTimers {
+            now: now + Duration::seconds(30),
+        })
+        .await
+        .unwrap();
+    assert_eq!(status, Some(TriageStatus::Abnormal));
+    // …after it, without movement, it escalates.
+    let status = addr
+        .send(CheckTimers {
+            now: now + Duration::seconds(61),
+        })
+        .await
+        .unwrap();
+    assert_eq!(status, Some(TriageStatus::Emergency));
+    let changes: Vec<String> = app
+        .events_of("vitals.status_changed")
+        .await
+        .iter()
+        .map(|e| e.data["to"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(changes, ["abnormal", "emergency"]);
+    let handoffs = app.events_of("triage.emergency_detected").await;
+    assert_eq!(handoffs.len(), 1);
+    assert!(
+        handoffs[0].data["reasons"][0]
+            .as_str()
+            .unwrap()
+            .contains("fall without movement")
+    );
+}
+
+async fn fall_with_movement_stands_down(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.register_wearer("p-1", "f2").await;
+    let fall =
+        json!({"device_id": "f2", "timestamp": ts(0), "heart_rate_bpm": 80, "fall_detected": true});
+    app.post_vitals(&fall).await;
+    let moving =
+        json!({"device_id": "f2", "timestamp": ts(20), "heart_rate_bpm": 85, "moving": true});
+    let body: Value = app.post_vitals(&moving).await.json().await.unwrap();
+    assert_eq!(body["results"][0]["status"], "normal", "{body}");
+    let (addr, _) = app
+        .devices
+        .send(Lookup(DeviceId::from("f2")))
+        .await
+        .unwrap()
+        .unwrap();
+    let status = addr
+        .send(CheckTimers {
+            now: Utc::now() + Duration::seconds(120),
+        })
+        .await
+        .unwrap();
+    assert_eq!(status, Some(TriageStatus::Normal));
+    assert!(app.events_of("triage.emergency_detected").await.is_empty());
+}
+
+async fn retention_all_keeps_every_reading(backend: Backend) {
+    let app = TestApp::builder(backend)
+        .with_settings(|s| s.triage.raw_retention = shers::config::Retention::All)
+        .start()
+        .await;
+    app.register_wearer("p-1", "r1").await;
+    let readings: Vec<Value> = (0..50).map(|t| normal("r1", t)).collect();
+    let body: Value = app
+        .post_vitals(&json!({"readings": readings}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["accepted"], 50);
+    let mut conn = app.db.conn().await.unwrap();
+    let kept = shers::persistence::readings::count_for_device(&mut conn, "r1")
+        .await
+        .unwrap();
+    assert_eq!(kept, 50);
+}
+
+#[actix_web::test]
+async fn body_level_errors() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    app.register_wearer("p-1", "w1").await;
+    let gateway = app.token(Role::Gateway).await;
+    let send = |body: Vec<u8>| {
+        let req = app
+            .client
+            .post(app.url("/api/v1/vitals"))
+            .bearer_auth(&gateway)
+            .header("content-type", "application/json")
+            .body(body);
+        async move { req.send().await.unwrap() }
+    };
+    // 1,001 readings.
+    let many: Vec<Value> = (0..1001).map(|t| normal("w1", t % 500)).collect();
+    let resp = send(json!({"readings": many}).to_string().into_bytes()).await;
+    assert_eq!(resp.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let problem: Value = resp.json().await.unwrap();
+    assert_eq!(problem["errors"][0]["pointer"], "/readings");
+    // 2 MB.
+    let resp = send(vec![b' '; 2 * 1024 * 1024]).await;
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    // Invalid JSON.
+    let resp = send(b"{\"device_id\": \"w1\",".to_vec()).await;
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    // Wrong role.
+    let resp = app
+        .post_json("/api/v1/vitals", Some(Role::Console), &normal("w1", 0))
+        .await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+}
+
+#[actix_web::test]
+async fn random_json_never_breaks_the_endpoint() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    app.register_wearer("p-1", "w1").await;
+    let leaf = proptest::prop_oneof![
+        proptest::strategy::Just(Value::Null),
+        proptest::bool::ANY.prop_map(Value::from),
+        (-1e6f64..1e6).prop_map(Value::from),
+        "[a-z_0-9]{0,12}".prop_map(Value::from),
+        proptest::strategy::Just(Value::from("w1")),
+        proptest::strategy::Just(Value::from(ts(0))),
+    ];
+    let keys = proptest::prop_oneof![
+        proptest::strategy::Just("device_id".to_owned()),
+        proptest::strategy::Just("timestamp".to_owned()),
+        proptest::strategy::Just("heart_rate_bpm".to_owned()),
+        proptest::strategy::Just("readings".to_owned()),
+        proptest::strategy::Just("resourceType".to_owned()),
+        proptest::strategy::Just("metrics".to_owned()),
+        "[a-z]{1,6}",
+    ];
+    let json = leaf.prop_recursive(4, 48, 6, move |inner| {
+        proptest::prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+            proptest::collection::hash_map(keys.clone(), inner, 0..6)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    });
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    for _ in 0..150 {
+        let value = json.new_tree(&mut runner).unwrap().current();
+        let resp = app.post_vitals(&value).await;
+        let status = resp.status().as_u16();
+        assert!(matches!(status, 200 | 400 | 422), "{status} for {value}");
+        if status != 200 {
+            assert_eq!(resp.headers()["content-type"], "application/problem+json");
+        }
+    }
+    // The service is still healthy afterwards.
+    assert_eq!(
+        app.post_vitals(&normal("w1", 0)).await.status(),
+        StatusCode::OK
+    );
+}
+
+#[actix_web::test]
+async fn gateway_websocket_round_trip() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    app.register_wearer("p-1", "ws1").await;
+    let token = app.token(Role::Gateway).await;
+    let url = format!(
+        "ws://127.0.0.1:{}/api/v1/ws/gateway?access_token={token}",
+        app.address.rsplit(':').next().unwrap()
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    use tokio_tungstenite::tungstenite::Message;
+    socket
+        .send(Message::text(emergency("ws1", 0).to_string()))
+        .await
+        .unwrap();
+    let reply = next_text(&mut socket).await;
+    assert_eq!(reply["results"][0]["status"], "emergency");
+    let batch = json!({"readings": [normal("ws1", 1), normal("ws1", 2)]});
+    socket.send(Message::text(batch.to_string())).await.unwrap();
+    let reply = next_text(&mut socket).await;
+    assert_eq!(reply["accepted"], 2);
+    socket.send(Message::text("{not json")).await.unwrap();
+    let reply = next_text(&mut socket).await;
+    assert_eq!(reply["status"], 400);
+    socket.close(None).await.unwrap();
+
+    // Without a token the upgrade is refused.
+    let bare = format!(
+        "ws://127.0.0.1:{}/api/v1/ws/gateway",
+        app.address.rsplit(':').next().unwrap()
+    );
+    assert!(tokio_tungstenite::connect_async(bare).await.is_err());
+}
+
+async fn next_text(
+    socket: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+) -> Value {
+    loop {
+        match socket.next().await.unwrap().unwrap() {
+            tokio_tungstenite::tungstenite::Message::Text(t) => {
+                return serde_json::from_str(&t).unwrap();
+            }
+            tokio_tungstenite::tungstenite::Message::Ping(_) => continue,
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+}
+
+#[actix_web::test]
+async fn an_invalid_rules_file_stops_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rules.toml");
+    std::fs::write(
+        &file,
+        "[heart_rate]\nabnormal_above = 200\nemergency_above = 150\n",
+    )
+    .unwrap();
+    let mut settings = shers::config::Settings::default();
+    settings.triage.rules_file = Some(file.clone());
+    let err = shers::app::load_triage_rules(&settings).unwrap_err();
+    let text = format!("{err:#}");
+    assert!(text.contains("invalid triage rules file"), "{text}");
+    assert!(text.contains("heart_rate"), "{text}");
+    std::fs::write(&file, "[heart_rate]\nemergency_above = 160\n").unwrap();
+    let rules = shers::app::load_triage_rules(&settings).unwrap();
+    assert_eq!(rules.fall_grace_s, 60);
+}
