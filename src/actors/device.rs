@@ -89,8 +89,9 @@ pub enum ReadingOutcome {
 #[rtype(result = "Vec<(usize, ReadingOutcome)>")]
 pub struct ProcessReadings(pub Vec<Scored>);
 
-/// Evaluate timers as of `now` (sent by the actor's own timers; tests send it with a chosen
-/// time instead of sleeping).
+/// Evaluate timers as of `now`: the fall grace window, and silence longer than
+/// `offline_after` (which records `device.offline` and stops the idle actor). Sent by the
+/// actor's own timers; tests send it with a chosen time instead of sleeping.
 #[derive(Message, Debug)]
 #[rtype(result = "Option<TriageStatus>")]
 pub struct CheckTimers {
@@ -132,6 +133,8 @@ struct Live {
     status: TriageStatus,
     window: VecDeque<Reading>,
     last_measured: Option<DateTime<Utc>>,
+    /// When the last reading arrived (wall clock), for the offline timer.
+    last_received: DateTime<Utc>,
     /// The newest in-order reading's own triage (what the status returns to after a fall
     /// alert is cancelled).
     last_assessed: TriageStatus,
@@ -195,7 +198,7 @@ impl DeviceActor {
 
     fn arm_offline_timer(&mut self, ctx: &mut Context<Self>) {
         let after = self.runtime.offline_after;
-        let handle = ctx.run_later(after, |act, ctx| act.went_offline(ctx));
+        let handle = ctx.run_later(after, |_, ctx| ctx.notify(CheckTimers { now: Utc::now() }));
         if let Some(live) = self.live()
             && let Some(old) = live.offline_timer.replace(handle)
         {
@@ -327,6 +330,7 @@ impl Actor for DeviceActor {
                         },
                         window: VecDeque::with_capacity(WINDOW + 1),
                         last_measured: state.last_seen_at,
+                        last_received: Utc::now(),
                         last_assessed: TriageStatus::Normal,
                         fall: FallWatch::new(grace),
                         offline_timer: None,
@@ -387,6 +391,7 @@ impl Handler<ProcessReadings> for DeviceActor {
             }
         };
         let patient_id = live.patient_id.clone();
+        live.last_received = now;
         let mut outcomes = Vec::with_capacity(msg.0.len());
         let mut changes = Vec::new();
         let mut handoffs = Vec::new();
@@ -452,8 +457,8 @@ impl Handler<ProcessReadings> for DeviceActor {
         }
         let final_status = live.status;
         let last_seen = live.last_measured;
+        self.arm_offline_timer(ctx);
         if any_in_order {
-            self.arm_offline_timer(ctx);
             self.arm_fall_timer(ctx);
         }
 
@@ -575,6 +580,16 @@ impl Handler<CheckTimers> for DeviceActor {
     type Result = AtomicResponse<Self, Option<TriageStatus>>;
 
     fn handle(&mut self, msg: CheckTimers, ctx: &mut Self::Context) -> Self::Result {
+        let offline_after =
+            chrono::Duration::from_std(self.runtime.offline_after).unwrap_or(chrono::Duration::MAX);
+        if let Some(live) = self.live()
+            && live.fall.deadline().is_none()
+            && msg.now - live.last_received >= offline_after
+        {
+            let status = live.status;
+            self.went_offline(ctx);
+            return AtomicResponse::new(Box::pin(fut::ready(Some(status))));
+        }
         self.fall_verdict(msg.now, false, ctx)
     }
 }

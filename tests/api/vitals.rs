@@ -428,3 +428,69 @@ async fn an_invalid_rules_file_stops_start_up() {
     let rules = shers::app::load_triage_rules(&settings).unwrap();
     assert_eq!(rules.fall_grace_s, 60);
 }
+
+both_backends!(silent_devices_go_offline_and_come_back);
+
+async fn silent_devices_go_offline_and_come_back(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.register_wearer("p-1", "o1").await;
+    app.post_vitals(&emergency("o1", 0)).await;
+    let (addr, restarts) = app
+        .devices
+        .send(Lookup(DeviceId::from("o1")))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(restarts, 0);
+    // Before the silence limit nothing happens.
+    let status = addr
+        .send(CheckTimers {
+            now: Utc::now() + Duration::seconds(200),
+        })
+        .await
+        .unwrap();
+    assert_eq!(status, Some(TriageStatus::Emergency));
+    assert!(app.events_of("device.offline").await.is_empty());
+    // After it, device.offline is recorded and the idle actor stops.
+    addr.send(CheckTimers {
+        now: Utc::now() + Duration::seconds(301),
+    })
+    .await
+    .unwrap();
+    for _ in 0..50 {
+        if !addr.connected() {
+            break;
+        }
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(!addr.connected(), "the idle actor stopped");
+    let offline = app.events_of("device.offline").await;
+    assert_eq!(offline.len(), 1);
+    assert_eq!(offline[0].device_id.as_deref(), Some("o1"));
+    // The next reading restarts it transparently, resuming from the persisted status:
+    // another emergency is not a status change.
+    let body: Value = app
+        .post_vitals(&emergency("o1", 5))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["results"][0]["status"], "emergency");
+    let (_, restarts) = app
+        .devices
+        .send(Lookup(DeviceId::from("o1")))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(restarts, 1);
+    assert_eq!(app.events_of("vitals.status_changed").await.len(), 1);
+    // An older reading than the last persisted one does not roll the state back either.
+    let body: Value = app
+        .post_vitals(&normal("o1", 1))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["accepted"], 1);
+    assert_eq!(app.events_of("vitals.status_changed").await.len(), 1);
+}
