@@ -277,8 +277,14 @@ impl DeviceActor {
         while live.window.len() > WINDOW {
             live.window.pop_front();
         }
-        let mut status = scored.assessment.status;
-        live.last_assessed = status;
+        // A reading with only `moving`/`fall_detected` says nothing about vitals: it must not
+        // read as a return to normal, so it keeps the last vitals-based verdict.
+        let mut status = if reading.has_vital_sign() {
+            live.last_assessed = scored.assessment.status;
+            scored.assessment.status
+        } else {
+            live.last_assessed.max(scored.assessment.status)
+        };
         let mut reasons = scored.assessment.reasons.clone();
         match live.fall.on_reading(reading, &scored.assessment, now) {
             FallEvent::Escalated => {

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod events;
 pub mod geo;
 pub mod ids;
+pub mod incident;
 pub mod news2;
 pub mod patients;
 pub mod triage;

@@ -194,3 +194,316 @@ fn temperature_points(celsius: f64) -> u8 {
         _ => 2,
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use chrono::DateTime;
+
+    fn empty() -> Reading {
+        Reading {
+            device_id: "d".into(),
+            patient_id: None,
+            timestamp: DateTime::UNIX_EPOCH,
+            heart_rate_bpm: None,
+            spo2_pct: None,
+            respiration_rate_bpm: None,
+            body_temp_c: None,
+            systolic_bp_mmhg: None,
+            diastolic_bp_mmhg: None,
+            fall_detected: false,
+            moving: None,
+            on_oxygen: None,
+            consciousness: None,
+            location: None,
+            steps: None,
+        }
+    }
+
+    /// All seven parameters present and scoring 0.
+    fn complete() -> Reading {
+        Reading {
+            respiration_rate_bpm: Some(16.0),
+            spo2_pct: Some(98.0),
+            on_oxygen: Some(false),
+            systolic_bp_mmhg: Some(120.0),
+            heart_rate_bpm: Some(70.0),
+            consciousness: Some(Consciousness::Alert),
+            body_temp_c: Some(37.0),
+            ..empty()
+        }
+    }
+
+    fn points_for(reading: &Reading, param: News2Param) -> Option<u8> {
+        let news2 = score(reading);
+        news2
+            .parameters
+            .iter()
+            .find(|c| c.param == param)
+            .map(|c| c.points)
+    }
+
+    fn check_bands(param: News2Param, set: fn(&mut Reading, f64), table: &[(f64, u8)]) {
+        for &(value, expected) in table {
+            let mut reading = empty();
+            set(&mut reading, value);
+            assert_eq!(
+                points_for(&reading, param),
+                Some(expected),
+                "{param:?} {value}"
+            );
+        }
+    }
+
+    #[test]
+    fn respiration_rate_bands() {
+        let table = [
+            (0.0, 3),
+            (8.0, 3),
+            (9.0, 1),
+            (11.0, 1),
+            (12.0, 0),
+            (20.0, 0),
+            (20.4, 0),
+            (20.5, 2),
+            (21.0, 2),
+            (24.0, 2),
+            (25.0, 3),
+            (60.0, 3),
+        ];
+        check_bands(
+            News2Param::RespirationRate,
+            |r, v| r.respiration_rate_bpm = Some(v),
+            &table,
+        );
+    }
+
+    #[test]
+    fn spo2_scale_1_bands() {
+        let table = [
+            (50.0, 3),
+            (91.0, 3),
+            (92.0, 2),
+            (93.0, 2),
+            (94.0, 1),
+            (95.0, 1),
+            (96.0, 0),
+            (100.0, 0),
+        ];
+        check_bands(News2Param::Spo2, |r, v| r.spo2_pct = Some(v), &table);
+    }
+
+    #[test]
+    fn systolic_bands() {
+        let table = [
+            (60.0, 3),
+            (90.0, 3),
+            (91.0, 2),
+            (100.0, 2),
+            (101.0, 1),
+            (110.0, 1),
+            (111.0, 0),
+            (219.0, 0),
+            (220.0, 3),
+        ];
+        check_bands(
+            News2Param::SystolicBp,
+            |r, v| r.systolic_bp_mmhg = Some(v),
+            &table,
+        );
+    }
+
+    #[test]
+    fn pulse_bands() {
+        let table = [
+            (30.0, 3),
+            (40.0, 3),
+            (41.0, 1),
+            (50.0, 1),
+            (51.0, 0),
+            (90.0, 0),
+            (91.0, 1),
+            (110.0, 1),
+            (111.0, 2),
+            (130.0, 2),
+            (131.0, 3),
+        ];
+        check_bands(News2Param::Pulse, |r, v| r.heart_rate_bpm = Some(v), &table);
+    }
+
+    #[test]
+    fn temperature_bands_in_tenths() {
+        let table = [
+            (34.0, 3),
+            (35.0, 3),
+            (35.04, 3),
+            (35.1, 1),
+            (36.0, 1),
+            (36.04, 1),
+            (36.06, 0),
+            (36.1, 0),
+            (38.0, 0),
+            (38.1, 1),
+            (39.0, 1),
+            (39.1, 2),
+            (41.0, 2),
+        ];
+        check_bands(
+            News2Param::Temperature,
+            |r, v| r.body_temp_c = Some(v),
+            &table,
+        );
+    }
+
+    #[test]
+    fn air_or_oxygen_and_consciousness() {
+        for (oxygen, expected) in [(true, 2), (false, 0)] {
+            let reading = Reading {
+                on_oxygen: Some(oxygen),
+                ..empty()
+            };
+            assert_eq!(
+                points_for(&reading, News2Param::AirOrOxygen),
+                Some(expected)
+            );
+        }
+        for (level, expected) in [
+            (Consciousness::Alert, 0),
+            (Consciousness::Confusion, 3),
+            (Consciousness::Voice, 3),
+            (Consciousness::Pain, 3),
+            (Consciousness::Unresponsive, 3),
+        ] {
+            let reading = Reading {
+                consciousness: Some(level),
+                ..empty()
+            };
+            assert_eq!(
+                points_for(&reading, News2Param::Consciousness),
+                Some(expected)
+            );
+        }
+    }
+
+    #[test]
+    fn aggregate_risk_bands() {
+        type Adjust = fn(&mut Reading);
+        let cases: [(Adjust, u8, News2Risk); 6] = [
+            (|_| {}, 0, News2Risk::Low),
+            // 1 + 1 + 2 = 4, no single 3
+            (
+                |r| {
+                    r.heart_rate_bpm = Some(95.0);
+                    r.body_temp_c = Some(38.5);
+                    r.on_oxygen = Some(true)
+                },
+                4,
+                News2Risk::Low,
+            ),
+            // a single 3, aggregate 3
+            (
+                |r| r.consciousness = Some(Consciousness::Confusion),
+                3,
+                News2Risk::LowMedium,
+            ),
+            // a 3 plus 2 = 5: medium, not low-medium
+            (
+                |r| {
+                    r.spo2_pct = Some(90.0);
+                    r.on_oxygen = Some(true)
+                },
+                5,
+                News2Risk::Medium,
+            ),
+            (
+                |r| {
+                    r.respiration_rate_bpm = Some(22.0);
+                    r.systolic_bp_mmhg = Some(95.0);
+                    r.on_oxygen = Some(true)
+                },
+                6,
+                News2Risk::Medium,
+            ),
+            (
+                |r| {
+                    r.respiration_rate_bpm = Some(25.0);
+                    r.spo2_pct = Some(91.0);
+                    r.on_oxygen = Some(true);
+                    r.heart_rate_bpm = Some(131.0);
+                    r.body_temp_c = Some(35.0);
+                    r.systolic_bp_mmhg = Some(85.0);
+                    r.consciousness = Some(Consciousness::Unresponsive)
+                },
+                20,
+                News2Risk::High,
+            ),
+        ];
+        for (i, (adjust, expected_score, expected_risk)) in cases.into_iter().enumerate() {
+            let mut reading = complete();
+            adjust(&mut reading);
+            let news2 = score(&reading);
+            assert_eq!(
+                (news2.score, news2.risk),
+                (expected_score, expected_risk),
+                "case {i}"
+            );
+            assert!(news2.complete && news2.missing.is_empty());
+        }
+        let mut seven = complete();
+        seven.respiration_rate_bpm = Some(25.0);
+        seven.spo2_pct = Some(94.0);
+        seven.on_oxygen = Some(true);
+        seven.heart_rate_bpm = Some(95.0);
+        assert_eq!(score(&seven).risk, News2Risk::High);
+    }
+
+    #[test]
+    fn partial_scores_list_what_is_missing() {
+        let reading = Reading {
+            heart_rate_bpm: Some(135.0),
+            spo2_pct: Some(93.0),
+            ..empty()
+        };
+        let news2 = score(&reading);
+        assert_eq!(news2.score, 5);
+        assert_eq!(news2.risk, News2Risk::Medium);
+        assert!(!news2.complete);
+        assert_eq!(
+            news2.missing,
+            [
+                News2Param::RespirationRate,
+                News2Param::AirOrOxygen,
+                News2Param::SystolicBp,
+                News2Param::Consciousness,
+                News2Param::Temperature,
+            ]
+        );
+        let nothing = score(&empty());
+        assert_eq!(
+            (nothing.score, nothing.risk, nothing.missing.len()),
+            (0, News2Risk::Low, 7)
+        );
+    }
+
+    #[test]
+    fn serialises_for_the_api() {
+        let reading = Reading {
+            consciousness: Some(Consciousness::Pain),
+            ..complete()
+        };
+        let json = serde_json::to_value(score(&Reading {
+            on_oxygen: None,
+            ..reading
+        }))
+        .unwrap();
+        assert_eq!(json["score"], 3);
+        assert_eq!(json["risk"], "low_medium");
+        assert_eq!(json["missing"], serde_json::json!(["air_or_oxygen"]));
+        assert_eq!(
+            json["parameters"][0],
+            serde_json::json!({"param": "respiration_rate", "points": 0})
+        );
+        assert_eq!(json["complete"], false);
+    }
+}

@@ -13,13 +13,10 @@ use super::news2::{self, News2, News2Risk};
 use super::vitals::{Reading, Vital};
 
 /// How urgent a reading is. Ordered, so `max()` is the worst.
-#[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TriageStatus {
     /// Nothing to act on.
-    #[default]
     Normal,
     /// Worth a look; no dispatch by itself.
     Abnormal,
@@ -446,5 +443,512 @@ impl FallWatch {
             self.active = None;
         }
         expired
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::domain::vitals::Consciousness;
+
+    fn t0() -> DateTime<Utc> {
+        "2026-11-23T08:00:00Z".parse().unwrap()
+    }
+
+    fn secs(s: i64) -> TimeDelta {
+        TimeDelta::seconds(s)
+    }
+
+    fn empty() -> Reading {
+        Reading {
+            device_id: "d".into(),
+            patient_id: None,
+            timestamp: t0(),
+            heart_rate_bpm: None,
+            spo2_pct: None,
+            respiration_rate_bpm: None,
+            body_temp_c: None,
+            systolic_bp_mmhg: None,
+            diastolic_bp_mmhg: None,
+            fall_detected: false,
+            moving: None,
+            on_oxygen: None,
+            consciousness: None,
+            location: None,
+            steps: None,
+        }
+    }
+
+    fn status_for(vital: Vital, value: f64) -> TriageStatus {
+        let mut reading = empty();
+        match vital {
+            Vital::HeartRate => reading.heart_rate_bpm = Some(value),
+            Vital::Spo2 => reading.spo2_pct = Some(value),
+            Vital::RespirationRate => reading.respiration_rate_bpm = Some(value),
+            Vital::Temperature => reading.body_temp_c = Some(value),
+            Vital::SystolicBp | Vital::DiastolicBp => unreachable!(),
+        }
+        assess(&TriageRules::default(), &reading).status
+    }
+
+    #[test]
+    fn default_threshold_boundaries() {
+        use TriageStatus::{Abnormal as A, Emergency as E, Normal as N};
+        let cases = [
+            (
+                Vital::HeartRate,
+                [
+                    (151.0, E),
+                    (150.0, A),
+                    (101.0, A),
+                    (100.0, N),
+                    (50.0, N),
+                    (49.0, A),
+                    (40.0, A),
+                    (39.0, E),
+                ],
+            ),
+            (
+                Vital::Spo2,
+                [
+                    (100.0, N),
+                    (95.0, N),
+                    (94.9, A),
+                    (94.0, A),
+                    (91.0, A),
+                    (90.9, E),
+                    (90.0, E),
+                    (50.0, E),
+                ],
+            ),
+            (
+                Vital::Temperature,
+                [
+                    (39.1, E),
+                    (39.0, A),
+                    (37.6, A),
+                    (37.5, N),
+                    (36.0, N),
+                    (35.9, A),
+                    (35.0, A),
+                    (34.9, E),
+                ],
+            ),
+            (
+                Vital::RespirationRate,
+                [
+                    (31.0, E),
+                    (30.0, A),
+                    (25.0, A),
+                    (24.0, N),
+                    (10.0, N),
+                    (9.0, A),
+                    (8.0, A),
+                    (7.0, E),
+                ],
+            ),
+        ];
+        for (vital, table) in cases {
+            for (value, expected) in table {
+                assert_eq!(status_for(vital, value), expected, "{vital:?} {value}");
+            }
+        }
+    }
+
+    #[test]
+    fn threshold_reasons_name_value_threshold_and_level() {
+        let rules = TriageRules::default();
+        let reading = Reading {
+            spo2_pct: Some(89.0),
+            heart_rate_bpm: Some(151.0),
+            body_temp_c: Some(37.6),
+            respiration_rate_bpm: Some(9.0),
+            ..empty()
+        };
+        let assessment = assess(&rules, &reading);
+        assert_eq!(assessment.status, TriageStatus::Emergency);
+        assert_eq!(
+            assessment.reasons,
+            [
+                "SpO2 89% below 91% (emergency)",
+                "heart rate 151/min above 150/min (emergency)",
+                "temperature 37.6 °C above 37.5 °C (abnormal)",
+                "respiration rate 9/min below 10/min (abnormal)",
+                "NEWS2 7 (high)",
+            ]
+        );
+        assert_eq!(assessment.fall, FallSignal::None);
+    }
+
+    #[test]
+    fn missing_vitals_never_trigger() {
+        let reading = Reading {
+            consciousness: Some(Consciousness::Alert),
+            ..empty()
+        };
+        let assessment = assess(&TriageRules::default(), &reading);
+        assert_eq!(assessment.status, TriageStatus::Normal);
+        assert!(assessment.reasons.is_empty());
+        assert_eq!(assessment.news2.missing.len(), 6);
+    }
+
+    #[test]
+    fn news2_raises_the_status_when_no_threshold_fires() {
+        // RR 22 → 2, SpO2 96 → 0, oxygen → 2, systolic 100 → 2, pulse 95 → 1, alert, 37 °C.
+        let high = Reading {
+            respiration_rate_bpm: Some(22.0),
+            spo2_pct: Some(96.0),
+            on_oxygen: Some(true),
+            systolic_bp_mmhg: Some(100.0),
+            heart_rate_bpm: Some(95.0),
+            consciousness: Some(Consciousness::Alert),
+            body_temp_c: Some(37.0),
+            ..empty()
+        };
+        let rules = TriageRules::default();
+        let assessment = assess(&rules, &high);
+        assert_eq!(
+            (assessment.status, assessment.reasons),
+            (TriageStatus::Emergency, vec!["NEWS2 7 (high)".to_owned()])
+        );
+
+        let medium = Reading {
+            heart_rate_bpm: Some(80.0),
+            ..high
+        };
+        let assessment = assess(&rules, &medium);
+        assert_eq!(
+            (assessment.status, assessment.reasons),
+            (TriageStatus::Abnormal, vec!["NEWS2 6 (medium)".to_owned()])
+        );
+
+        let voice = Reading {
+            consciousness: Some(Consciousness::Voice),
+            ..empty()
+        };
+        let assessment = assess(&rules, &voice);
+        assert_eq!(
+            (assessment.status, assessment.reasons),
+            (
+                TriageStatus::Abnormal,
+                vec!["NEWS2 3 (low_medium)".to_owned()]
+            )
+        );
+    }
+
+    #[test]
+    fn fall_alone_is_abnormal_and_with_abnormal_vitals_an_emergency() {
+        let rules = TriageRules::default();
+        let fall = Reading {
+            fall_detected: true,
+            heart_rate_bpm: Some(72.0),
+            ..empty()
+        };
+        let alone = assess(&rules, &fall);
+        assert_eq!(alone.status, TriageStatus::Abnormal);
+        assert_eq!(alone.fall, FallSignal::AwaitingMovement);
+        assert_eq!(alone.reasons, ["fall detected, awaiting movement"]);
+
+        let only_fall = assess(
+            &rules,
+            &Reading {
+                fall_detected: true,
+                ..empty()
+            },
+        );
+        assert_eq!(only_fall.fall, FallSignal::AwaitingMovement);
+
+        for abnormal in [
+            Reading {
+                heart_rate_bpm: Some(120.0),
+                ..fall.clone()
+            },
+            Reading {
+                consciousness: Some(Consciousness::Pain),
+                ..fall.clone()
+            },
+        ] {
+            let assessment = assess(&rules, &abnormal);
+            assert_eq!(assessment.status, TriageStatus::Emergency);
+            assert_eq!(assessment.fall, FallSignal::WithAbnormalVitals);
+            assert_eq!(
+                assessment.reasons.last().unwrap(),
+                "fall detected with abnormal vitals"
+            );
+        }
+    }
+
+    #[test]
+    fn status_orders_worst_last_and_serialises_snake_case() {
+        let worst = [
+            TriageStatus::Abnormal,
+            TriageStatus::Emergency,
+            TriageStatus::Normal,
+        ]
+        .into_iter()
+        .max();
+        assert_eq!(worst, Some(TriageStatus::Emergency));
+        assert_eq!(
+            serde_json::to_value(TriageStatus::Abnormal).unwrap(),
+            "abnormal"
+        );
+        let assessment = assess(
+            &TriageRules::default(),
+            &Reading {
+                fall_detected: true,
+                ..empty()
+            },
+        );
+        let json = serde_json::to_value(&assessment).unwrap();
+        assert_eq!(json["status"], "abnormal");
+        assert_eq!(json["fall"], "awaiting_movement");
+        assert_eq!(json["news2"]["risk"], "low");
+    }
+
+    #[test]
+    fn rules_default_and_round_trip() {
+        assert_eq!(
+            TriageRules::from_toml_str("").unwrap(),
+            TriageRules::default()
+        );
+        let text = toml::to_string(&TriageRules::default()).unwrap();
+        assert_eq!(
+            TriageRules::from_toml_str(&text).unwrap(),
+            TriageRules::default()
+        );
+        assert!(TriageRules::default().validate().is_ok());
+    }
+
+    #[test]
+    fn partial_rules_override_only_their_keys() {
+        let rules =
+            TriageRules::from_toml_str("fall_grace_s = 90\n[heart_rate]\nabnormal_above = 110\n")
+                .unwrap();
+        let defaults = TriageRules::default();
+        assert_eq!(rules.fall_grace_s, 90);
+        assert_eq!(rules.heart_rate.abnormal_above, Some(110.0));
+        assert_eq!(
+            rules.heart_rate.emergency_above,
+            defaults.heart_rate.emergency_above
+        );
+        assert_eq!(
+            rules.heart_rate.abnormal_below,
+            defaults.heart_rate.abnormal_below
+        );
+        assert_eq!(rules.spo2, defaults.spo2);
+        let reading = Reading {
+            heart_rate_bpm: Some(105.0),
+            ..empty()
+        };
+        assert_eq!(assess(&rules, &reading).status, TriageStatus::Normal);
+        assert_eq!(assess(&defaults, &reading).status, TriageStatus::Abnormal);
+    }
+
+    #[test]
+    fn unknown_rule_keys_are_rejected() {
+        for text in [
+            "heartrate = 1",
+            "[spo2]\nemergency_beneath = 90",
+            "[blood_sugar]\nabnormal_above = 9",
+        ] {
+            let err = TriageRules::from_toml_str(text).unwrap_err();
+            assert!(matches!(err, RulesError::Toml(_)), "{text}: {err}");
+            assert!(err.to_string().contains("unknown field"), "{err}");
+        }
+        assert!(matches!(
+            TriageRules::from_toml_str("fall_grace_s = \"60\"").unwrap_err(),
+            RulesError::Toml(_)
+        ));
+    }
+
+    #[test]
+    fn inconsistent_rules_are_rejected_naming_the_key() {
+        let cases = [
+            (
+                "[heart_rate]\nemergency_below = 55",
+                "heart_rate.abnormal_below",
+                "50 must not be below heart_rate.emergency_below (55)",
+            ),
+            (
+                "[heart_rate]\nemergency_above = 90",
+                "heart_rate.emergency_above",
+                "90 must not be below heart_rate.abnormal_above (100)",
+            ),
+            (
+                "[temperature]\nabnormal_below = 38.0",
+                "temperature.abnormal_above",
+                "37.5 must not be below temperature.abnormal_below (38)",
+            ),
+            (
+                "[spo2]\nemergency_above = 94",
+                "spo2.emergency_above",
+                "94 must not be below spo2.abnormal_below (95)",
+            ),
+            (
+                "[respiration_rate]\nabnormal_above = nan",
+                "respiration_rate.abnormal_above",
+                "must be a finite number",
+            ),
+            ("fall_grace_s = 0", "fall_grace_s", "must be 1–3600 seconds"),
+        ];
+        for (text, key, message) in cases {
+            match TriageRules::from_toml_str(text).unwrap_err() {
+                RulesError::Inconsistent { key: k, message: m } => {
+                    assert_eq!((k.as_str(), m.as_str()), (key, message), "{text}")
+                }
+                other => panic!("{text}: {other}"),
+            }
+        }
+        let err = TriageRules::from_toml_str("fall_grace_s = 0").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "triage rules: fall_grace_s: must be 1–3600 seconds"
+        );
+    }
+
+    mod fall_watch {
+        use super::*;
+
+        fn fall(at: DateTime<Utc>) -> Reading {
+            Reading {
+                fall_detected: true,
+                timestamp: at,
+                ..empty()
+            }
+        }
+
+        fn moving(at: DateTime<Utc>, moving: bool) -> Reading {
+            Reading {
+                moving: Some(moving),
+                heart_rate_bpm: Some(72.0),
+                timestamp: at,
+                ..empty()
+            }
+        }
+
+        /// Assesses and feeds one reading received at `now`.
+        fn feed(watch: &mut FallWatch, reading: &Reading, now: DateTime<Utc>) -> FallEvent {
+            let assessment = assess(&TriageRules::default(), reading);
+            watch.on_reading(reading, &assessment, now)
+        }
+
+        fn started() -> FallWatch {
+            let mut watch = FallWatch::new(60);
+            assert_eq!(feed(&mut watch, &fall(t0()), t0()), FallEvent::Started);
+            assert_eq!(watch.deadline(), Some(t0() + secs(60)));
+            watch
+        }
+
+        #[test]
+        fn movement_inside_the_window_stands_down() {
+            let mut watch = started();
+            assert_eq!(
+                feed(&mut watch, &moving(t0() + secs(10), false), t0() + secs(10)),
+                FallEvent::None
+            );
+            assert_eq!(
+                feed(&mut watch, &moving(t0() + secs(20), true), t0() + secs(21)),
+                FallEvent::StoodDown
+            );
+            assert_eq!(watch.deadline(), None);
+            assert_eq!(watch.on_tick(t0() + secs(60)), FallEvent::None);
+        }
+
+        #[test]
+        fn no_movement_escalates_at_the_deadline() {
+            let mut watch = started();
+            assert_eq!(watch.on_tick(t0() + secs(59)), FallEvent::None);
+            assert_eq!(watch.on_tick(t0() + secs(60)), FallEvent::Escalated);
+            assert_eq!(watch.deadline(), None);
+            assert_eq!(watch.on_tick(t0() + secs(61)), FallEvent::None);
+            assert_eq!(watch.escalation_reason(), "fall without movement for 60 s");
+        }
+
+        #[test]
+        fn movement_arriving_after_the_deadline_is_too_late() {
+            let mut watch = started();
+            let late = moving(t0() + secs(30), true);
+            assert_eq!(
+                feed(&mut watch, &late, t0() + secs(61)),
+                FallEvent::Escalated
+            );
+        }
+
+        #[test]
+        fn wearer_cancel() {
+            let mut watch = started();
+            assert_eq!(watch.on_cancel(t0() + secs(59)), FallEvent::StoodDown);
+            assert_eq!(watch.on_cancel(t0() + secs(59)), FallEvent::None);
+
+            let mut late = started();
+            assert_eq!(late.on_cancel(t0() + secs(60)), FallEvent::Escalated);
+        }
+
+        #[test]
+        fn out_of_order_movement_before_the_fall_does_not_stand_down() {
+            let mut watch = started();
+            let stale = moving(t0() - secs(5), true);
+            assert_eq!(feed(&mut watch, &stale, t0() + secs(5)), FallEvent::None);
+            let same_instant = moving(t0(), true);
+            assert_eq!(
+                feed(&mut watch, &same_instant, t0() + secs(6)),
+                FallEvent::None
+            );
+            assert_eq!(watch.on_tick(t0() + secs(60)), FallEvent::Escalated);
+        }
+
+        #[test]
+        fn a_fall_reported_after_later_movement_is_already_answered() {
+            let mut watch = FallWatch::new(60);
+            assert_eq!(
+                feed(&mut watch, &moving(t0() + secs(10), true), t0() + secs(10)),
+                FallEvent::None
+            );
+            assert_eq!(
+                feed(&mut watch, &fall(t0()), t0() + secs(11)),
+                FallEvent::StoodDown
+            );
+            assert_eq!(watch.deadline(), None);
+        }
+
+        #[test]
+        fn a_fall_reading_never_stands_itself_down_or_extends_the_window() {
+            let mut watch = FallWatch::new(60);
+            let fall_moving = Reading {
+                moving: Some(true),
+                ..fall(t0())
+            };
+            assert_eq!(feed(&mut watch, &fall_moving, t0()), FallEvent::Started);
+            let again = Reading {
+                moving: Some(true),
+                ..fall(t0() + secs(30))
+            };
+            assert_eq!(feed(&mut watch, &again, t0() + secs(30)), FallEvent::None);
+            assert_eq!(watch.deadline(), Some(t0() + secs(60)));
+        }
+
+        #[test]
+        fn a_fall_with_abnormal_vitals_needs_no_watch() {
+            let mut watch = FallWatch::new(60);
+            let urgent = Reading {
+                heart_rate_bpm: Some(160.0),
+                ..fall(t0())
+            };
+            assert_eq!(feed(&mut watch, &urgent, t0()), FallEvent::None);
+            assert_eq!(watch.deadline(), None);
+        }
+
+        #[test]
+        fn grace_comes_from_the_rules() {
+            let rules = TriageRules::from_toml_str("fall_grace_s = 90").unwrap();
+            let mut watch = FallWatch::new(rules.fall_grace_s);
+            assert_eq!(
+                feed(&mut watch, &fall(t0()), t0() + secs(2)),
+                FallEvent::Started
+            );
+            assert_eq!(watch.deadline(), Some(t0() + secs(92)));
+            assert_eq!(watch.escalation_reason(), "fall without movement for 90 s");
+        }
     }
 }

@@ -12,9 +12,11 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
+use std::marker::PhantomData;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use serde::de::{Deserializer, IgnoredAny, Visitor};
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use serde_json::value::RawValue;
@@ -307,6 +309,10 @@ pub fn parse_body(
 ) -> Result<ParsedBody, BodyError> {
     let text = std::str::from_utf8(body).map_err(|e| invalid_utf8(body, &e))?;
     let probe: Probe<'_> = serde_json::from_str(text).map_err(|e| probe_error(text, &e))?;
+    // serde_json also fills a struct from an array; only an object is a reading shape.
+    if !text.trim_start().starts_with('{') {
+        return Err(not_a_reading());
+    }
     let ctx = Ctx {
         latest: now.checked_add_signed(limits.max_future),
         earliest: now.checked_sub_signed(limits.max_age),
@@ -523,11 +529,11 @@ struct RawReading {
     on_oxygen: Option<bool>,
     #[serde(deserialize_with = "non_null")]
     consciousness: Option<Consciousness>,
-    #[serde(deserialize_with = "non_null")]
+    #[serde(deserialize_with = "object")]
     location: Option<RawLocation>,
-    #[serde(deserialize_with = "non_null")]
+    #[serde(deserialize_with = "object")]
     device: Option<LegacyDevice>,
-    #[serde(deserialize_with = "non_null")]
+    #[serde(deserialize_with = "object")]
     metrics: Option<LegacyMetrics>,
     #[serde(rename = "resourceType")]
     resource_type: Option<IgnoredAny>,
@@ -574,6 +580,30 @@ where
     T: Deserialize<'de>,
 {
     T::deserialize(d).map(Some)
+}
+
+/// Deserialises a present field that must be a JSON object (serde_json would also fill a struct
+/// from an array, e.g. read `[lng, lat]` as `{lat, lng}`).
+fn object<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct ObjectVisitor<T>(PhantomData<T>);
+
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectVisitor<T> {
+        type Value = T;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an object")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+            T::deserialize(MapAccessDeserializer::new(map))
+        }
+    }
+
+    d.deserialize_map(ObjectVisitor(PhantomData)).map(Some)
 }
 
 /// A timestamp as sent: `None` when it is a string or integer that is not a valid time (a
@@ -771,6 +801,15 @@ impl RawLocation {
 
 /// Parses one reading of any shape at `base` and appends its outcome(s) to `out`.
 fn parse_item(raw: &str, index: usize, base: Base<'_>, ctx: &Ctx<'_>, out: &mut Vec<ParsedItem>) {
+    // serde_json also fills a struct from an array; only an object is a reading.
+    if !raw.trim_start().starts_with('{') {
+        let error = FieldError::new(base.join(""), "expected a reading object");
+        out.push(ParsedItem {
+            index,
+            outcome: Err(vec![error]),
+        });
+        return;
+    }
     match serde_json::from_str::<RawReading>(raw) {
         Ok(reading) if reading.resource_type.is_none() => out.push(ParsedItem {
             index,
@@ -800,9 +839,6 @@ fn parse_item(raw: &str, index: usize, base: Base<'_>, ctx: &Ctx<'_>, out: &mut 
 /// allocation per key), so the failing reading is parsed again with `serde_path_to_error`.
 fn type_error(raw: &str, base: Base<'_>, first: &serde_json::Error) -> FieldError {
     let mut pointer = base.join("");
-    if !raw.trim_start().starts_with('{') {
-        return FieldError::new(pointer, "expected a reading object");
-    }
     let mut de = serde_json::Deserializer::from_str(raw);
     let message = match serde_path_to_error::deserialize::<_, RawReading>(&mut de) {
         Ok(_) => without_position(first),
@@ -870,12 +906,15 @@ fn probe_error(text: &str, e: &serde_json::Error) -> BodyError {
             message: "must be an array of readings".into(),
         }
     } else {
-        BodyError::NotAReading {
-            pointer: String::new(),
-            message: "expected a reading object, {\"readings\": [..]}, \
-                      or a FHIR Observation or Bundle"
-                .into(),
-        }
+        not_a_reading()
+    }
+}
+
+fn not_a_reading() -> BodyError {
+    BodyError::NotAReading {
+        pointer: String::new(),
+        message: "expected a reading object, {\"readings\": [..]}, or a FHIR Observation or Bundle"
+            .into(),
     }
 }
 
@@ -945,6 +984,7 @@ struct Group {
     time_at: String,
     patient: Option<String>,
     measures: Measures,
+    rejected: bool,
     problems: Vec<FieldError>,
 }
 
@@ -954,6 +994,8 @@ struct ObservationParts {
     time_at: String,
     patient: Option<(String, String)>,
     measures: Vec<(Vital, Measure)>,
+    /// Whether a value with a known LOINC code was rejected (so "no vital sign" would repeat it).
+    rejected: bool,
     problems: Vec<FieldError>,
 }
 
@@ -970,28 +1012,25 @@ fn observations<'v>(
             continue;
         }
         let parts = read_observation(obs, &at);
-        let mut new_group = |key| {
-            groups.push(Group {
-                index,
-                at: at.clone(),
-                key,
-                time_at: parts.time_at.clone(),
-                patient: None,
-                measures: Default::default(),
-                problems: Vec::new(),
-            });
-            groups.len() - 1
-        };
-        let slot = match &parts.key {
-            Some(key) => match by_key.get(key) {
-                Some(&slot) => slot,
-                None => {
-                    let slot = new_group(Some(key.clone()));
-                    by_key.insert(key.clone(), slot);
-                    slot
+        let known = parts.key.as_ref().and_then(|key| by_key.get(key));
+        let slot = match known {
+            Some(&slot) => slot,
+            None => {
+                if let Some(key) = &parts.key {
+                    by_key.insert(key.clone(), groups.len());
                 }
-            },
-            None => new_group(None),
+                groups.push(Group {
+                    index,
+                    at,
+                    key: parts.key.clone(),
+                    time_at: parts.time_at.clone(),
+                    patient: None,
+                    measures: Default::default(),
+                    rejected: false,
+                    problems: Vec::new(),
+                });
+                groups.len() - 1
+            }
         };
         if let Some(group) = groups.get_mut(slot) {
             group.absorb(parts);
@@ -1003,6 +1042,7 @@ fn observations<'v>(
 impl Group {
     fn absorb(&mut self, parts: ObservationParts) {
         self.problems.extend(parts.problems);
+        self.rejected |= parts.rejected;
         if let Some((patient, at)) = parts.patient {
             match &self.patient {
                 Some(known) if *known != patient => self.problems.push(FieldError::new(
@@ -1039,7 +1079,7 @@ impl Group {
             Some((device_id, timestamp)) => {
                 p.check_time(&self.time_at, timestamp, ctx);
                 check_measures(&mut p, &self.measures);
-                if self.measures.iter().all(Option::is_none) {
+                if !self.rejected && self.measures.iter().all(Option::is_none) {
                     p.add(
                         &self.at,
                         "no vital sign: no Observation for this device and time has a \
@@ -1125,6 +1165,7 @@ fn read_observation(obs: &Value, at: &str) -> ObservationParts {
     });
 
     let mut measures = Vec::new();
+    let mut rejected = false;
     let components = obs
         .get("component")
         .and_then(Value::as_array)
@@ -1139,8 +1180,13 @@ fn read_observation(obs: &Value, at: &str) -> ObservationParts {
             Some(i) => format!("{at}/component/{i}"),
             None => at.to_owned(),
         };
-        if let Some(measure) = quantity(node, vital, &node_at, &mut problems) {
-            measures.push((vital, measure));
+        match quantity(node, vital, &node_at) {
+            Ok(Some(measure)) => measures.push((vital, measure)),
+            Ok(None) => {}
+            Err(problem) => {
+                problems.push(problem);
+                rejected = true;
+            }
         }
     }
 
@@ -1149,6 +1195,7 @@ fn read_observation(obs: &Value, at: &str) -> ObservationParts {
         time_at,
         patient,
         measures,
+        rejected,
         problems,
     }
 }
@@ -1163,30 +1210,25 @@ fn loinc_vital(code: &Value) -> Option<Vital> {
     })
 }
 
-/// The `valueQuantity` of an Observation or component at `at`, unit-checked and in our units.
-fn quantity(
-    node: &Value,
-    vital: Vital,
-    at: &str,
-    problems: &mut Vec<FieldError>,
-) -> Option<Measure> {
+/// The `valueQuantity` of an Observation or component at `at`, unit-checked and converted to
+/// our units; `Ok(None)` when the value is explained as absent (`dataAbsentReason`).
+fn quantity(node: &Value, vital: Vital, at: &str) -> Result<Option<Measure>, FieldError> {
     let Some(q) = node.get("valueQuantity") else {
-        // A value explained as absent is missing, not wrong.
-        if node.get("dataAbsentReason").is_none() {
-            let message = format!("required for {}", vital.label());
-            problems.push(FieldError::new(format!("{at}/valueQuantity"), message));
+        if node.get("dataAbsentReason").is_some() {
+            return Ok(None);
         }
-        return None;
+        let message = format!("required for {}", vital.label());
+        return Err(FieldError::new(format!("{at}/valueQuantity"), message));
     };
     let value_at = format!("{at}/valueQuantity/value");
     let Some(value) = q.get("value").and_then(Value::as_f64) else {
-        problems.push(FieldError::new(value_at, "must be a number"));
-        return None;
+        return Err(FieldError::new(value_at, "must be a number"));
     };
     if q.get("system").is_some_and(|s| s != UCUM) {
-        problems.push(FieldError::new(
+        let message = format!("must be {UCUM}");
+        return Err(FieldError::new(
             format!("{at}/valueQuantity/system"),
-            format!("must be {UCUM}"),
+            message,
         ));
     }
     let (field, unit) = match (q.get("code"), q.get("unit")) {
@@ -1200,22 +1242,18 @@ fn quantity(
         Some(unit) if expected.contains(&unit) => value,
         _ => {
             let got = unit.map_or_else(|| "missing".to_owned(), |u| format!("{u:?}"));
-            let message = format!(
-                "unit {got} is not {} for {}",
-                expected.join(" or "),
-                vital.label()
-            );
-            problems.push(FieldError::new(
+            let (expected, name) = (expected.join(" or "), vital.label());
+            let message = format!("unit {got} is not {expected} for {name}");
+            return Err(FieldError::new(
                 format!("{at}/valueQuantity/{field}"),
                 message,
             ));
-            return None;
         }
     };
-    Some(Measure {
+    Ok(Some(Measure {
         value,
         at: Cow::Owned(value_at),
-    })
+    }))
 }
 
 /// "5 min", "24 h" or "90 s", for messages.
@@ -1227,5 +1265,804 @@ fn human(d: TimeDelta) -> String {
         format!("{} min", s / 60)
     } else {
         format!("{s} s")
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn now() -> DateTime<Utc> {
+        "2026-11-23T08:05:00Z".parse().unwrap()
+    }
+
+    fn ts() -> DateTime<Utc> {
+        "2026-11-23T08:00:00Z".parse().unwrap()
+    }
+
+    fn parse(body: &Value) -> ParsedBody {
+        parse_body(body.to_string().as_bytes(), now(), &IngestLimits::default()).unwrap()
+    }
+
+    fn body_error(body: &[u8]) -> BodyError {
+        parse_body(body, now(), &IngestLimits::default()).unwrap_err()
+    }
+
+    /// The only reading of a body, which must be valid.
+    fn one(body: &Value) -> Reading {
+        let mut items = parse(body).items;
+        assert_eq!(items.len(), 1, "{items:?}");
+        items.remove(0).outcome.unwrap()
+    }
+
+    /// The errors of the only reading of a body, which must be invalid.
+    fn errors(body: &Value) -> Vec<FieldError> {
+        let mut items = parse(body).items;
+        assert_eq!(items.len(), 1, "{items:?}");
+        items.remove(0).outcome.unwrap_err()
+    }
+
+    fn pointers(errors: &[FieldError]) -> Vec<&str> {
+        errors.iter().map(|e| e.pointer.as_str()).collect()
+    }
+
+    fn native() -> Value {
+        json!({
+            "device_id": "dev-1",
+            "patient_id": "p-1",
+            "timestamp": "2026-11-23T08:00:00Z",
+            "heart_rate_bpm": 72,
+            "spo2_pct": 97,
+            "respiration_rate_bpm": 16,
+            "body_temp_c": 37.0,
+        })
+    }
+
+    fn with(mut value: Value, key: &str, field: Value) -> Value {
+        value[key] = field;
+        value
+    }
+
+    fn without(mut value: Value, key: &str) -> Value {
+        value.as_object_mut().unwrap().remove(key);
+        value
+    }
+
+    fn expected() -> Reading {
+        Reading {
+            device_id: "dev-1".into(),
+            patient_id: Some("p-1".into()),
+            timestamp: ts(),
+            heart_rate_bpm: Some(72.0),
+            spo2_pct: Some(97.0),
+            respiration_rate_bpm: Some(16.0),
+            body_temp_c: Some(37.0),
+            systolic_bp_mmhg: None,
+            diastolic_bp_mmhg: None,
+            fall_detected: false,
+            moving: None,
+            on_oxygen: None,
+            consciousness: None,
+            location: None,
+            steps: None,
+        }
+    }
+
+    fn quantity(value: Value, code: &str) -> Value {
+        json!({"value": value, "unit": code, "system": UCUM, "code": code})
+    }
+
+    fn coded(loinc: &str) -> Value {
+        json!({"coding": [{"system": LOINC, "code": loinc}]})
+    }
+
+    fn observation(loinc: &str, value: Value, unit: &str) -> Value {
+        json!({
+            "resourceType": "Observation",
+            "status": "final",
+            "code": coded(loinc),
+            "subject": {"reference": "Patient/p-1"},
+            "device": {"identifier": {"value": "dev-1"}},
+            "effectiveDateTime": "2026-11-23T08:00:00Z",
+            "valueQuantity": quantity(value, unit),
+        })
+    }
+
+    fn bp_panel(systolic: Value, diastolic: Value) -> Value {
+        json!({
+            "resourceType": "Observation",
+            "status": "final",
+            "code": coded("85354-9"),
+            "subject": {"reference": "Patient/p-1"},
+            "device": {"identifier": {"value": "dev-1"}},
+            "effectiveInstant": "2026-11-23T08:00:00.000Z",
+            "component": [
+                {"code": coded("8480-6"), "valueQuantity": quantity(systolic, "mm[Hg]")},
+                {"code": coded("8462-4"), "valueQuantity": quantity(diastolic, "mm[Hg]")},
+            ],
+        })
+    }
+
+    fn bundle(resources: Vec<Value>) -> Value {
+        let entry: Vec<Value> = resources
+            .into_iter()
+            .map(|r| json!({"resource": r}))
+            .collect();
+        json!({"resourceType": "Bundle", "type": "collection", "entry": entry})
+    }
+
+    #[test]
+    fn every_shape_normalises_to_the_same_reading() {
+        let epoch_ms = ts().timestamp_millis();
+        let shapes = [
+            native(),
+            with(native(), "timestamp", json!(epoch_ms)),
+            with(native(), "timestamp", json!("2026-11-23T09:00:00+01:00")),
+            with(without(native(), "body_temp_c"), "body_temp_f", json!(98.6)),
+            json!({
+                "patient_id": "p-1",
+                "device": {"id": "dev-1", "model": "W-2"},
+                "timestamp": "2026-11-23T08:00:00Z",
+                "metrics": {
+                    "heartRateBpm": 72,
+                    "spO2Percentage": 97,
+                    "respirationRateBpm": 16,
+                    "bodyTemperatureCelsius": 37.0,
+                },
+            }),
+            bundle(vec![
+                observation("8867-4", json!(72), "/min"),
+                observation("59408-5", json!(97), "%"),
+                observation("9279-1", json!(16), "/min"),
+                observation("8310-5", json!(98.6), "[degF]"),
+            ]),
+        ];
+        for shape in shapes {
+            assert_eq!(one(&shape), expected(), "{shape}");
+            let batch = json!({"readings": [shape]});
+            assert_eq!(one(&batch), expected(), "{batch}");
+        }
+    }
+
+    #[test]
+    fn fhir_blood_pressure_components_match_the_native_reading() {
+        let native = json!({
+            "device_id": "dev-1",
+            "patient_id": "p-1",
+            "timestamp": "2026-11-23T08:00:00Z",
+            "systolic_bp_mmhg": 128,
+            "diastolic_bp_mmhg": 82,
+        });
+        let fhir = one(&bp_panel(json!(128), json!(82)));
+        assert_eq!(fhir, one(&native));
+        assert_eq!(fhir.systolic_bp_mmhg, Some(128.0));
+        assert_eq!(fhir.diastolic_bp_mmhg, Some(82.0));
+    }
+
+    #[test]
+    fn a_bundle_groups_observations_by_device_and_time() {
+        let mut other = observation("8867-4", json!(90), "/min");
+        other["device"]["identifier"]["value"] = json!("dev-2");
+        let mut spo2 = observation("2708-6", json!(97), "%");
+        spo2["code"]["coding"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"system": LOINC, "code": "59408-5"}));
+        let body = bundle(vec![
+            json!({"resourceType": "Patient", "id": "p-1"}),
+            observation("8867-4", json!(72), "/min"),
+            other,
+            bp_panel(json!(128), json!(82)),
+            spo2,
+            observation("29463-7", json!(70), "kg"),
+        ]);
+        let items = parse(&body).items;
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[0].index, 1);
+        let first = items[0].outcome.as_ref().unwrap();
+        assert_eq!(
+            (first.heart_rate_bpm, first.spo2_pct, first.systolic_bp_mmhg),
+            (Some(72.0), Some(97.0), Some(128.0))
+        );
+        assert_eq!(items[1].index, 2);
+        assert_eq!(items[1].outcome.as_ref().unwrap().device_id, "dev-2");
+    }
+
+    #[test]
+    fn fhir_skips_cancelled_observations_and_unknown_codes() {
+        let mut cancelled = observation("8867-4", json!(500), "/min");
+        cancelled["status"] = json!("entered-in-error");
+        let items = parse(&bundle(vec![
+            cancelled,
+            observation("8867-4", json!(72), "/min"),
+        ]))
+        .items;
+        assert_eq!(items.len(), 1);
+        assert_eq!(items[0].index, 1);
+        assert!(items[0].outcome.is_ok());
+
+        let weight_only = errors(&observation("29463-7", json!(70), "kg"));
+        assert_eq!(pointers(&weight_only), [""]);
+        assert!(weight_only[0].message.starts_with("no vital sign"));
+    }
+
+    #[test]
+    fn legacy_location_and_steps_are_kept() {
+        let reading = one(&json!({
+            "patient_id": "p-1",
+            "device": {"id": "dev-1", "model": "W-2"},
+            "location": {"lat": 51.5, "lng": -0.12},
+            "timestamp": "2026-11-23T08:00:00Z",
+            "metrics": {"heartRateBpm": 72, "stepsSinceLastReading": 40},
+        }));
+        let location = GeoPoint {
+            lat: 51.5,
+            lng: -0.12,
+            accuracy_m: None,
+        };
+        assert_eq!(reading.location, Some(location));
+        assert_eq!(reading.steps, Some(40));
+    }
+
+    #[test]
+    fn native_optional_fields_and_unknown_fields() {
+        let body = json!({
+            "device_id": "dev-1",
+            "timestamp": "2026-11-23T08:00:00Z",
+            "fall_detected": true,
+            "moving": false,
+            "on_oxygen": true,
+            "consciousness": "voice",
+            "location": {"lat": -33.9, "lng": 151.2, "accuracy_m": 12.5},
+            "firmware": {"version": [1, 2]},
+        });
+        let reading = one(&body);
+        assert!(reading.fall_detected);
+        assert_eq!(reading.moving, Some(false));
+        assert_eq!(reading.on_oxygen, Some(true));
+        assert_eq!(reading.consciousness, Some(Consciousness::Voice));
+        assert_eq!(reading.location.unwrap().accuracy_m, Some(12.5));
+        assert!(reading.has_vital_sign());
+    }
+
+    #[test]
+    fn fahrenheit_is_converted_exactly_at_rule_boundaries() {
+        for (f, c) in [(98.6, 37.0), (102.2, 39.0), (95.0, 35.0), (99.5, 37.5)] {
+            let body = with(without(native(), "body_temp_c"), "body_temp_f", json!(f));
+            assert_eq!(one(&body).body_temp_c, Some(c), "{f} °F");
+        }
+    }
+
+    #[test]
+    fn type_errors_name_the_field_in_every_shape() {
+        for bad in [
+            json!("72"),
+            json!("NaN"),
+            json!(null),
+            json!(true),
+            json!([72]),
+        ] {
+            let single = errors(&with(native(), "heart_rate_bpm", bad.clone()));
+            assert_eq!(pointers(&single), ["/heart_rate_bpm"], "{bad}");
+
+            let batch = json!({"readings": [native(), with(native(), "spo2_pct", bad.clone())]});
+            let items = parse(&batch).items;
+            assert!(items[0].outcome.is_ok());
+            let errs = items[1].outcome.as_ref().unwrap_err();
+            assert_eq!(pointers(errs), ["/readings/1/spo2_pct"], "{bad}");
+
+            let legacy = json!({"readings": [{
+                "device": {"id": "d"}, "timestamp": "2026-11-23T08:00:00Z",
+                "metrics": {"heartRateBpm": bad},
+            }]});
+            let errs = errors(&legacy);
+            assert_eq!(pointers(&errs), ["/readings/0/metrics/heartRateBpm"]);
+        }
+        let errs = errors(&with(native(), "heart_rate_bpm", json!("72")));
+        assert_eq!(errs[0].message, "invalid type: string \"72\", expected f64");
+    }
+
+    #[test]
+    fn nested_and_enum_type_errors_point_at_the_field() {
+        let cases = [
+            ("consciousness", json!("drowsy"), "/consciousness"),
+            ("location", json!({"lat": "51", "lng": 0}), "/location/lat"),
+            ("timestamp", json!(true), "/timestamp"),
+            ("timestamp", json!(1.5e12), "/timestamp"),
+            ("device_id", json!(42), "/device_id"),
+            ("fall_detected", json!("yes"), "/fall_detected"),
+            ("location", json!([-0.12, 51.5]), "/location"),
+            ("metrics", json!([72]), "/metrics"),
+            ("device", json!(null), "/device"),
+        ];
+        for (key, value, pointer) in cases {
+            let errs = errors(&with(native(), key, value));
+            assert_eq!(pointers(&errs), [pointer]);
+        }
+        let steps = json!({"device_id": "d", "timestamp": "2026-11-23T08:00:00Z",
+            "metrics": {"heartRateBpm": 70, "stepsSinceLastReading": -1}});
+        assert_eq!(
+            pointers(&errors(&steps)),
+            ["/metrics/stepsSinceLastReading"]
+        );
+    }
+
+    #[test]
+    fn values_outside_the_valid_ranges_are_rejected_not_clamped() {
+        let cases = [
+            ("heart_rate_bpm", 19.9, 20.0, 300.0, 300.1),
+            ("spo2_pct", 49.0, 50.0, 100.0, 100.5),
+            ("respiration_rate_bpm", -1.0, 0.0, 80.0, 81.0),
+            ("body_temp_c", 24.9, 25.0, 45.0, 45.1),
+            ("systolic_bp_mmhg", 39.0, 40.0, 300.0, 301.0),
+            ("diastolic_bp_mmhg", 19.0, 20.0, 200.0, 201.0),
+        ];
+        let base = json!({"device_id": "d", "timestamp": "2026-11-23T08:00:00Z"});
+        for (key, too_low, lo, hi, too_high) in cases {
+            for ok in [lo, hi] {
+                assert_eq!(
+                    one(&with(base.clone(), key, json!(ok)))
+                        .vital(Vital::ALL[cases.iter().position(|c| c.0 == key).unwrap()]),
+                    Some(ok)
+                );
+            }
+            for bad in [too_low, too_high] {
+                let errs = errors(&with(base.clone(), key, json!(bad)));
+                assert_eq!(pointers(&errs), [format!("/{key}")], "{key} {bad}");
+                assert!(errs[0].message.contains("outside"), "{}", errs[0].message);
+            }
+        }
+        let hot = with(base.clone(), "body_temp_f", json!(120));
+        let errs = errors(&hot);
+        assert_eq!(pointers(&errs), ["/body_temp_f"]);
+        assert_eq!(errs[0].message, "temperature 48.89 °C outside 25–45 °C");
+    }
+
+    #[test]
+    fn diastolic_must_be_below_systolic() {
+        let base = json!({"device_id": "d", "timestamp": "2026-11-23T08:00:00Z"});
+        for (sys, dia) in [(120, 120), (100, 130)] {
+            let body = with(
+                with(base.clone(), "systolic_bp_mmhg", json!(sys)),
+                "diastolic_bp_mmhg",
+                json!(dia),
+            );
+            assert_eq!(pointers(&errors(&body)), ["/diastolic_bp_mmhg"]);
+        }
+        let ok = with(
+            with(base, "systolic_bp_mmhg", json!(120)),
+            "diastolic_bp_mmhg",
+            json!(119),
+        );
+        assert_eq!(one(&ok).diastolic_bp_mmhg, Some(119.0));
+    }
+
+    #[test]
+    fn timestamps_outside_the_window_are_rejected() {
+        let limits = IngestLimits::default();
+        let at = |t: DateTime<Utc>| with(native(), "timestamp", json!(t.to_rfc3339()));
+        assert!(
+            parse(&at(now() + limits.max_future)).items[0]
+                .outcome
+                .is_ok()
+        );
+        assert!(parse(&at(now() - limits.max_age)).items[0].outcome.is_ok());
+
+        let future = errors(&at(now() + limits.max_future + TimeDelta::seconds(1)));
+        assert_eq!(pointers(&future), ["/timestamp"]);
+        assert!(
+            future[0]
+                .message
+                .ends_with("is more than 5 min in the future")
+        );
+        let old = errors(&at(now() - limits.max_age - TimeDelta::milliseconds(1)));
+        assert_eq!(pointers(&old), ["/timestamp"]);
+        assert!(old[0].message.ends_with("is older than 24 h"));
+
+        for bad in [
+            json!("yesterday"),
+            json!("2026-11-23"),
+            json!("2026-11-23T08:00:00"),
+            json!(u64::MAX),
+        ] {
+            let errs = errors(&with(native(), "timestamp", bad));
+            assert_eq!(errs, [FieldError::new("/timestamp", BAD_TIME)]);
+        }
+        assert_eq!(
+            pointers(&errors(&without(native(), "timestamp"))),
+            ["/timestamp"]
+        );
+    }
+
+    #[test]
+    fn every_problem_of_a_reading_is_reported() {
+        let body = json!({"readings": [{
+            "device_id": "",
+            "heart_rate_bpm": 350,
+            "spo2_pct": 20,
+            "body_temp_c": 37,
+            "body_temp_f": 99,
+            "location": {"lat": 91, "accuracy_m": -1},
+        }]});
+        let errs = errors(&body);
+        assert_eq!(
+            pointers(&errs),
+            [
+                "/readings/0/device_id",
+                "/readings/0/timestamp",
+                "/readings/0/body_temp_f",
+                "/readings/0/heart_rate_bpm",
+                "/readings/0/spo2_pct",
+                "/readings/0/location/lat",
+                "/readings/0/location/lng",
+                "/readings/0/location/accuracy_m",
+            ]
+        );
+    }
+
+    #[test]
+    fn identity_rules() {
+        let long = "x".repeat(129);
+        assert_eq!(
+            pointers(&errors(&without(native(), "device_id"))),
+            ["/device_id"]
+        );
+        assert_eq!(
+            pointers(&errors(&with(native(), "device_id", json!(long)))),
+            ["/device_id"]
+        );
+        assert_eq!(
+            pointers(&errors(&with(native(), "patient_id", json!("")))),
+            ["/patient_id"]
+        );
+        assert_eq!(
+            one(&with(native(), "device_id", json!("é".repeat(128))))
+                .device_id
+                .chars()
+                .count(),
+            128
+        );
+        let conflict = with(native(), "device", json!({"id": "other"}));
+        assert_eq!(pointers(&errors(&conflict)), ["/device/id"]);
+        let twice = with(native(), "metrics", json!({"heartRateBpm": 72}));
+        assert_eq!(pointers(&errors(&twice)), ["/metrics/heartRateBpm"]);
+    }
+
+    #[test]
+    fn a_reading_needs_something_to_triage() {
+        let bare = json!({"device_id": "d", "timestamp": "2026-11-23T08:00:00Z",
+            "location": {"lat": 1, "lng": 2}, "on_oxygen": false, "moving": false});
+        let errs = errors(&json!({"readings": [bare.clone()]}));
+        assert_eq!(pointers(&errs), ["/readings/0"]);
+        assert!(errs[0].message.starts_with("no vital sign"));
+        assert_eq!(pointers(&errors(&bare)), [""]);
+
+        let fall = one(&with(bare.clone(), "fall_detected", json!(true)));
+        assert!(fall.fall_detected && !fall.has_vital_sign());
+        assert_eq!(
+            one(&with(bare.clone(), "moving", json!(true))).moving,
+            Some(true)
+        );
+        assert!(one(&with(bare, "consciousness", json!("alert"))).has_vital_sign());
+    }
+
+    #[test]
+    fn a_batch_keeps_good_readings_beside_bad_ones() {
+        let body = json!({"readings": [
+            native(),
+            with(native(), "heart_rate_bpm", json!(-5)),
+            7,
+            bundle(vec![observation("8867-4", json!(72), "/min")]),
+            {"resourceType": "Patient"},
+            ["dev-1", "p-1", "2026-11-23T08:00:00Z", 72],
+        ]});
+        let items = parse(&body).items;
+        let summary: Vec<(usize, Result<(), Vec<&str>>)> = items
+            .iter()
+            .map(|i| {
+                (
+                    i.index,
+                    i.outcome.as_ref().map(|_| ()).map_err(|e| pointers(e)),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (0, Ok(())),
+                (1, Err(vec!["/readings/1/heart_rate_bpm"])),
+                (2, Err(vec!["/readings/2"])),
+                (3, Ok(())),
+                (4, Err(vec!["/readings/4/resourceType"])),
+                (5, Err(vec!["/readings/5"])),
+            ]
+        );
+    }
+
+    #[test]
+    fn batch_size_is_limited() {
+        let batch = |n: usize| json!({"readings": vec![native(); n]});
+        assert_eq!(parse(&batch(1000)).items.len(), 1000);
+        let err = body_error(batch(1001).to_string().as_bytes());
+        assert_eq!(
+            err,
+            BodyError::TooMany {
+                pointer: "/readings".into(),
+                max: 1000,
+                got: 1001
+            }
+        );
+        assert_eq!(err.pointer(), "/readings");
+        assert!(parse(&json!({"readings": []})).items.is_empty());
+
+        let entries = vec![observation("8867-4", json!(72), "/min"); 1001];
+        assert_eq!(
+            body_error(bundle(entries).to_string().as_bytes()).pointer(),
+            "/entry"
+        );
+    }
+
+    #[test]
+    fn malformed_bodies_are_not_json() {
+        for (body, line, column) in [
+            (&b""[..], 1, 0),
+            (b"{\"device_id\": ", 1, 14),
+            (b"{\n  \"readings\": [1,]\n}", 2, 18),
+            (b"{\"readings\": 5, oops}", 1, 17),
+            (b"{\"a\": \"\xff\"}", 1, 8),
+            (b"{} {}", 1, 4),
+        ] {
+            match body_error(body) {
+                BodyError::Malformed {
+                    line: l, column: c, ..
+                } => {
+                    assert_eq!((l, c), (line, column), "{}", String::from_utf8_lossy(body))
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn json_that_is_not_a_reading_shape() {
+        for body in ["42", "[]", "\"x\"", "null", "[{\"device_id\": \"d\"}]"] {
+            let err = body_error(body.as_bytes());
+            assert!(
+                matches!(&err, BodyError::NotAReading { pointer, .. } if pointer.is_empty()),
+                "{err:?}"
+            );
+        }
+        for body in [
+            r#"{"readings": {}}"#,
+            r#"{"readings": null}"#,
+            r#"{"readings": "x"}"#,
+        ] {
+            assert_eq!(body_error(body.as_bytes()).pointer(), "/readings", "{body}");
+        }
+        let patient = json!({"resourceType": "Patient", "id": "p"});
+        assert_eq!(
+            body_error(patient.to_string().as_bytes()).pointer(),
+            "/resourceType"
+        );
+        let entries = json!({"resourceType": "Bundle", "entry": {}});
+        assert_eq!(
+            body_error(entries.to_string().as_bytes()).pointer(),
+            "/entry"
+        );
+    }
+
+    #[test]
+    fn fhir_units_and_values_are_checked() {
+        let wrong_unit = bundle(vec![
+            observation("8867-4", json!(72), "/min"),
+            observation("8310-5", json!(37), "K"),
+        ]);
+        assert_eq!(
+            errors(&wrong_unit),
+            [FieldError::new(
+                "/entry/1/resource/valueQuantity/code",
+                "unit \"K\" is not Cel or [degF] for temperature"
+            )]
+        );
+
+        let mut unit_only = observation("8867-4", json!(72), "/min");
+        unit_only["valueQuantity"] = json!({"value": 72, "unit": "bpm"});
+        assert_eq!(pointers(&errors(&unit_only)), ["/valueQuantity/unit"]);
+        unit_only["valueQuantity"] = json!({"value": 72, "unit": "/min"});
+        assert_eq!(one(&unit_only).heart_rate_bpm, Some(72.0));
+
+        let panel = bp_panel(json!(128), json!(82));
+        let mut mmhg = panel.clone();
+        mmhg["component"][1]["valueQuantity"]["code"] = json!("mmHg");
+        assert_eq!(
+            pointers(&errors(&mmhg)),
+            ["/component/1/valueQuantity/code"]
+        );
+        let mut system = panel.clone();
+        system["component"][0]["valueQuantity"]["system"] = json!("http://example.org");
+        assert_eq!(
+            pointers(&errors(&system)),
+            ["/component/0/valueQuantity/system"]
+        );
+
+        let text = bundle(vec![observation("8867-4", json!("72"), "/min")]);
+        assert_eq!(
+            pointers(&errors(&text)),
+            ["/entry/0/resource/valueQuantity/value"]
+        );
+        let high = json!({"readings": [bundle(vec![observation("8867-4", json!(400), "/min")])]});
+        let errs = errors(&high);
+        assert_eq!(
+            pointers(&errs),
+            ["/readings/0/entry/0/resource/valueQuantity/value"]
+        );
+        let inverted = bp_panel(json!(80), json!(90));
+        assert_eq!(
+            pointers(&errors(&inverted)),
+            ["/component/1/valueQuantity/value"]
+        );
+
+        let mut absent = observation("8867-4", json!(72), "/min");
+        let map = absent.as_object_mut().unwrap();
+        map.remove("valueQuantity");
+        map.insert("dataAbsentReason".into(), json!({"text": "off wrist"}));
+        assert!(errors(&absent)[0].message.starts_with("no vital sign"));
+    }
+
+    #[test]
+    fn fhir_identity_time_and_duplicates() {
+        let mut anonymous = observation("8867-4", json!(72), "/min");
+        anonymous.as_object_mut().unwrap().remove("device");
+        anonymous["effectiveDateTime"] = json!("2026-11-23");
+        anonymous["subject"]["reference"] = json!("Group/7");
+        assert_eq!(
+            pointers(&errors(&anonymous)),
+            [
+                "/device/identifier/value",
+                "/effectiveDateTime",
+                "/subject/reference"
+            ]
+        );
+
+        let mut url = observation("8867-4", json!(72), "/min");
+        url["subject"]["reference"] = json!("https://fhir.example/Patient/p-1/_history/2");
+        assert_eq!(one(&url).patient_id.as_deref(), Some("p-1"));
+
+        let mut late = observation("8867-4", json!(72), "/min");
+        late["effectiveDateTime"] = json!("2026-11-23T09:00:00Z");
+        assert_eq!(pointers(&errors(&late)), ["/effectiveDateTime"]);
+
+        let twice = bundle(vec![
+            observation("8867-4", json!(72), "/min"),
+            observation("8867-4", json!(74), "/min"),
+        ]);
+        assert_eq!(
+            pointers(&errors(&twice)),
+            ["/entry/1/resource/valueQuantity/value"]
+        );
+
+        let mut other_patient = observation("2708-6", json!(97), "%");
+        other_patient["subject"]["reference"] = json!("Patient/p-2");
+        let conflict = bundle(vec![
+            observation("8867-4", json!(72), "/min"),
+            other_patient,
+        ]);
+        assert_eq!(
+            pointers(&errors(&conflict)),
+            ["/entry/1/resource/subject/reference"]
+        );
+    }
+
+    #[test]
+    fn json_pointer_tokens_are_escaped() {
+        let mut pointer = String::from("/readings/0");
+        push_pointer_token(&mut pointer, "a/b~c");
+        assert_eq!(pointer, "/readings/0/a~1b~0c");
+    }
+
+    mod never_panics {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn any_json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<u64>().prop_map(Value::from),
+                any::<f64>().prop_map(Value::from),
+                "[a-zA-Z0-9:./+ -]{0,30}".prop_map(Value::from),
+                Just(json!("2026-11-23T08:00:00Z")),
+                Just(json!("NaN")),
+            ];
+            leaf.prop_recursive(4, 64, 8, |inner| {
+                let keys = prop_oneof![
+                    "[a-zA-Z_]{1,12}",
+                    Just("readings".to_owned()),
+                    Just("resourceType".to_owned()),
+                    Just("entry".to_owned()),
+                    Just("resource".to_owned()),
+                    Just("component".to_owned()),
+                    Just("valueQuantity".to_owned()),
+                    Just("metrics".to_owned()),
+                    Just("device".to_owned()),
+                    Just("location".to_owned()),
+                ];
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+                    prop::collection::btree_map(keys, inner, 0..6)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// Valid readings of each shape, to be mutated.
+        fn seeds() -> Vec<Value> {
+            let legacy = json!({"device": {"id": "d"}, "timestamp": 1_795_420_800_000_i64,
+                "location": {"lat": 1, "lng": 2}, "metrics": {"heartRateBpm": 70}});
+            vec![
+                native(),
+                legacy,
+                bundle(vec![
+                    observation("8867-4", json!(72), "/min"),
+                    bp_panel(json!(120), json!(80)),
+                ]),
+                bp_panel(json!(120), json!(80)),
+            ]
+        }
+
+        /// Replaces the value at a path (chosen by `choice`) with `replacement`.
+        fn mutate(value: &mut Value, mut choice: usize, replacement: Value) {
+            let mut node = value;
+            loop {
+                let len = match &*node {
+                    Value::Object(m) => m.len(),
+                    Value::Array(a) => a.len(),
+                    _ => 0,
+                };
+                if len == 0 || choice.is_multiple_of(4) {
+                    *node = replacement;
+                    return;
+                }
+                let i = (choice / 4) % len;
+                choice /= 7;
+                node = match node {
+                    Value::Object(m) => m.values_mut().nth(i).unwrap(),
+                    Value::Array(a) => &mut a[i],
+                    _ => unreachable!(),
+                };
+            }
+        }
+
+        proptest! {
+            #[test]
+            fn random_json(value in any_json()) {
+                let _ = parse_body(value.to_string().as_bytes(), now(), &IngestLimits::default());
+                let batch = json!({"readings": [value]});
+                let _ = parse_body(batch.to_string().as_bytes(), now(), &IngestLimits::default());
+            }
+
+            #[test]
+            fn mutated_readings(seed in 0..4_usize, choice in any::<usize>(), replacement in any_json(), batch in any::<bool>()) {
+                let mut value = seeds().swap_remove(seed);
+                mutate(&mut value, choice, replacement);
+                let body = if batch { json!({"readings": [native(), value]}) } else { value };
+                let parsed = parse_body(body.to_string().as_bytes(), now(), &IngestLimits::default());
+                if batch {
+                    let items = parsed.unwrap().items;
+                    prop_assert!(items[0].outcome.is_ok());
+                }
+            }
+
+            #[test]
+            fn mangled_bytes(seed in 0..4_usize, at in any::<usize>(), byte in any::<u8>(), cut in any::<bool>()) {
+                let mut bytes = seeds().swap_remove(seed).to_string().into_bytes();
+                let at = at % bytes.len();
+                if cut { bytes.truncate(at) } else { bytes[at] = byte }
+                let _ = parse_body(&bytes, now(), &IngestLimits::default());
+            }
+        }
     }
 }

@@ -96,3 +96,90 @@ diesel::allow_tables_to_appear_in_same_query!(
     devices,
     readings
 );
+
+diesel::table! {
+    incidents (id) {
+        id -> Text,
+        reference -> Text,
+        status -> Text,
+        priority -> Text,
+        source -> Text,
+        patient_id -> Nullable<Text>,
+        open_patient_id -> Nullable<Text>,
+        lat -> Double,
+        lng -> Double,
+        description -> Nullable<Text>,
+        escalated -> Bool,
+        assigned_unit_id -> Nullable<Text>,
+        hospital_id -> Nullable<Text>,
+        dispatch_round -> Integer,
+        evidence_count -> Integer,
+        cancel_reason -> Nullable<Text>,
+        call_received -> Nullable<Timestamp>,
+        unit_notified -> Nullable<Timestamp>,
+        unit_enroute -> Nullable<Timestamp>,
+        unit_on_scene -> Nullable<Timestamp>,
+        unit_left_scene -> Nullable<Timestamp>,
+        at_destination -> Nullable<Timestamp>,
+        closed_at -> Nullable<Timestamp>,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+        version -> BigInt,
+    }
+}
+
+diesel::table! {
+    incident_evidence (id) {
+        id -> Text,
+        incident_id -> Text,
+        added_at -> Timestamp,
+        evidence -> Text,
+    }
+}
+
+diesel::table! {
+    incident_references (year) {
+        year -> Integer,
+        last_number -> BigInt,
+    }
+}
+
+diesel::table! {
+    deadlines (incident_id, kind) {
+        incident_id -> Text,
+        kind -> Text,
+        due_at -> Timestamp,
+        data -> Text,
+    }
+}
+
+diesel::table! {
+    idempotency_keys (principal, idem_key) {
+        principal -> Text,
+        idem_key -> Text,
+        route -> Text,
+        status -> Nullable<Integer>,
+        body -> Nullable<Text>,
+        created_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    notifications (id) {
+        id -> Text,
+        incident_id -> Text,
+        recipient_name -> Text,
+        channel -> Text,
+        address -> Text,
+        template -> Text,
+        idempotency_key -> Text,
+        status -> Text,
+        attempts -> Integer,
+        next_attempt_at -> Timestamp,
+        last_error -> Nullable<Text>,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::allow_tables_to_appear_in_same_query!(incidents, incident_evidence, notifications);
