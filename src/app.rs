@@ -15,7 +15,7 @@ use actix::{Actor as _, Arbiter};
 
 use crate::actors::device::TriageRuntime;
 use crate::actors::devices::DeviceDirectory;
-use crate::actors::handoff::HandoffRecorder;
+use crate::actors::incidents::{IncidentDirectory, Recover};
 use crate::config::Settings;
 use crate::domain::triage::TriageRules;
 use crate::http::auth::AuthService;
@@ -30,6 +30,7 @@ pub struct Application {
     server: Server,
     db: Db,
     devices: actix::Addr<DeviceDirectory>,
+    incidents: actix::Addr<IncidentDirectory>,
 }
 
 /// Opens the configured database and applies pending migrations.
@@ -68,11 +69,12 @@ impl Application {
     /// Opens the database, migrates it and binds the listener.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
         let db = open_database(&settings).await?;
-        Self::build_with_db(settings, db)
+        Self::build_with_db(settings, db).await
     }
 
-    /// Binds the listener and builds the server over an already opened database.
-    pub fn build_with_db(settings: Settings, db: Db) -> anyhow::Result<Self> {
+    /// Binds the listener and builds the server over an already opened database; recovers the
+    /// open incidents before serving.
+    pub async fn build_with_db(settings: Settings, db: Db) -> anyhow::Result<Self> {
         let rules = load_triage_rules(&settings)?;
         let listener = TcpListener::bind(&settings.bind)
             .with_context(|| format!("binding {}", settings.bind))?;
@@ -84,7 +86,16 @@ impl Application {
             offline_after: Duration::from_secs(settings.triage.device_offline_s.max(1)),
             retention: settings.triage.raw_retention,
         });
-        let handoff = HandoffRecorder::new(db.clone()).start().recipient();
+        let incidents = IncidentDirectory::new(db.clone()).start();
+        let recovered = incidents
+            .send(Recover)
+            .await
+            .context("recovering open incidents")?
+            .context("recovering open incidents")?;
+        if recovered > 0 {
+            tracing::info!(incidents.recovered = recovered, "resumed open incidents");
+        }
+        let handoff = incidents.clone().recipient();
         // Device actors run on their own threads, one per core, sharded by device id.
         let shards = std::thread::available_parallelism().map_or(2, |n| n.get());
         let arbiters: Vec<Arbiter> = (0..shards).map(|_| Arbiter::new()).collect();
@@ -102,6 +113,7 @@ impl Application {
             db: db.clone(),
             settings: settings.clone(),
             triage,
+            incidents: incidents.clone(),
             devices: device_directory.clone(),
             ingest_gate: Arc::new(tokio::sync::Semaphore::new(
                 settings.triage.max_in_flight_readings.max(1),
@@ -135,6 +147,7 @@ impl Application {
             server,
             db,
             devices,
+            incidents,
         })
     }
 
@@ -151,6 +164,11 @@ impl Application {
     /// The device directory (tests drive device timers through it).
     pub fn devices(&self) -> &actix::Addr<DeviceDirectory> {
         &self.devices
+    }
+
+    /// The incident directory.
+    pub fn incidents(&self) -> &actix::Addr<IncidentDirectory> {
+        &self.incidents
     }
 
     /// A handle to stop the server.

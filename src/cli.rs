@@ -53,6 +53,9 @@ pub struct ServeArgs {
     /// Address to listen on (overrides SHERS_BIND).
     #[arg(long, value_name = "ADDR")]
     pub bind: Option<String>,
+    /// Expose the admin crash endpoint for resilience drills (never in production).
+    #[arg(long)]
+    pub enable_fault_injection: bool,
 }
 
 /// Options of `migrate`.
@@ -104,7 +107,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         .ok();
     match &cli.command {
         Command::Serve(args) => {
-            let settings = settings(&cli, args.bind.clone())?;
+            let mut settings = settings(&cli, args.bind.clone())?;
+            settings.admin.enable_fault_injection |= args.enable_fault_injection;
             init_tracing(settings.log.format);
             tracing::info!(bind = %settings.bind, "starting SHERS");
             let app = Application::build(settings).await?;
@@ -113,6 +117,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Demo(args) => {
             let mut settings = settings(&cli, args.bind.clone())?;
+            settings.admin.enable_fault_injection |= args.enable_fault_injection;
             if cli.database_url.is_none() {
                 settings.database.url = crate::config::Secret::new(DEMO_DATABASE_URL.to_owned());
             }
@@ -125,7 +130,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let admin =
                 tokens::create(&mut conn, Role::Admin, None, None, "demo admin", now).await?;
             drop(conn);
-            let app = Application::build_with_db(settings, db)?;
+            let app = Application::build_with_db(settings, db).await?;
             let port = app.port();
             println!("SHERS demo is running.");
             println!("dashboard: http://127.0.0.1:{port}/");

@@ -66,6 +66,17 @@ pub struct Settings {
     pub insurance: InsuranceSettings,
     /// Next-of-kin notification providers.
     pub notify: NotifySettings,
+    /// Operations and admin endpoints.
+    pub admin: AdminSettings,
+}
+
+/// Operations settings.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSettings {
+    /// Expose `POST /admin/actors/incident/{id}/crash` (for resilience drills and tests only;
+    /// `serve --enable-fault-injection`).
+    pub enable_fault_injection: bool,
 }
 
 impl Default for Settings {
@@ -83,6 +94,7 @@ impl Default for Settings {
             payments: PaymentSettings::default(),
             insurance: InsuranceSettings::default(),
             notify: NotifySettings::default(),
+            admin: AdminSettings::default(),
         }
     }
 }

@@ -5,3 +5,4 @@
 pub mod device;
 pub mod devices;
 pub mod handoff;
+pub mod incidents;

@@ -139,3 +139,173 @@ pub async fn revoke_token(
     tracing::info!(token.id = %id, "token revoked");
     Ok(HttpResponse::NoContent().finish())
 }
+
+/// `GET /admin/actors` query.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActorsQuery {
+    /// Only this kind (`device`, `unit`, `incident`).
+    pub kind: Option<String>,
+    /// Most actors listed per kind (default 100, at most 1000).
+    pub limit: Option<usize>,
+}
+
+/// One live actor.
+#[derive(Debug, Serialize)]
+pub struct ActorSummary {
+    /// `device`, `unit` or `incident`.
+    pub kind: &'static str,
+    /// Its id.
+    pub id: String,
+    /// Its status.
+    pub status: String,
+    /// Pending messages, when actix exposes it (it does not for `Addr`).
+    pub mailbox_len: Option<usize>,
+    /// Restarts so far.
+    pub restarts: u32,
+    /// When it last handled a message.
+    pub last_message_at: Option<chrono::DateTime<Utc>>,
+}
+
+/// Live actor counts and a page of actors.
+#[utoipa::path(get, path = "/admin/actors", tag = "admin", security(("bearer" = [])),
+    params(("kind" = Option<String>, Query), ("limit" = Option<usize>, Query)),
+    responses((status = 200, description = "{counts, items}")))]
+pub async fn list_actors(
+    _auth: Authorized<AdminOnly>,
+    state: web::Data<AppState>,
+    req: actix_web::HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    use crate::actors::devices::ListDevices;
+    use crate::actors::incidents::ListIncidents;
+    let query = web::Query::<ActorsQuery>::from_query(req.query_string())
+        .map_err(|e| ApiError::field("/query", e.to_string()))?
+        .into_inner();
+    if let Some(kind) = &query.kind
+        && !["device", "unit", "incident"].contains(&kind.as_str())
+    {
+        return Err(ApiError::field(
+            "/query/kind",
+            "must be device, unit or incident",
+        ));
+    }
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    let wants = |k: &str| query.kind.as_deref().is_none_or(|q| q == k);
+    let busy = |_| ApiError::Unavailable {
+        detail: "actor directory busy".to_owned(),
+        retry_after_s: 1,
+    };
+    let mut items = Vec::new();
+    let (devices, page) = state
+        .devices
+        .send(ListDevices { limit })
+        .await
+        .map_err(busy)?;
+    if wants("device") {
+        items.extend(page.into_iter().map(|(s, restarts)| ActorSummary {
+            kind: "device",
+            id: s.id.0,
+            status: s.status,
+            mailbox_len: None,
+            restarts,
+            last_message_at: s.last_message_at,
+        }));
+    }
+    let (incidents, page) = state
+        .incidents
+        .send(ListIncidents { limit })
+        .await
+        .map_err(busy)?;
+    if wants("incident") {
+        items.extend(page.into_iter().map(|i| ActorSummary {
+            kind: "incident",
+            id: i.id.to_string(),
+            status: i.status,
+            mailbox_len: None,
+            restarts: i.restarts,
+            last_message_at: i.last_message_at,
+        }));
+    }
+    Ok(HttpResponse::Ok().json(serde_json::json!({
+        "counts": {"device": devices, "unit": 0, "incident": incidents},
+        "items": items,
+    })))
+}
+
+/// One live actor's full in-memory state.
+#[utoipa::path(get, path = "/admin/actors/{kind}/{id}", tag = "admin", security(("bearer" = [])),
+    params(("kind" = String, Path), ("id" = String, Path)),
+    responses((status = 200, description = "summary fields plus `state`"), (status = 404, body = super::error::Problem)))]
+pub async fn inspect_actor(
+    _auth: Authorized<AdminOnly>,
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    use crate::actors::devices::{Lookup, inspect};
+    use crate::actors::incidents::{InspectIncident, LookupIncident};
+    let (kind, id) = path.into_inner();
+    let gone = || ApiError::not_found(format!("no live {kind} actor with this id"));
+    match kind.as_str() {
+        "device" => {
+            let (addr, restarts) = state
+                .devices
+                .send(Lookup(crate::domain::ids::DeviceId(id.clone())))
+                .await
+                .ok()
+                .flatten()
+                .ok_or_else(gone)?;
+            let mut view = inspect(&addr).await.ok_or_else(gone)?;
+            if let Some(obj) = view.as_object_mut() {
+                obj.insert("restarts".to_owned(), restarts.into());
+                obj.insert("mailbox_len".to_owned(), serde_json::Value::Null);
+                let status = obj
+                    .get("state")
+                    .and_then(|s| s.get("status").or_else(|| s.get("phase")))
+                    .cloned()
+                    .unwrap_or_default();
+                obj.insert("status".to_owned(), status);
+            }
+            Ok(HttpResponse::Ok().json(view))
+        }
+        "incident" => {
+            let incident: crate::domain::ids::IncidentId = id.parse().map_err(|_| gone())?;
+            let addr = state
+                .incidents
+                .send(LookupIncident(incident))
+                .await
+                .ok()
+                .flatten()
+                .ok_or_else(gone)?;
+            let view = addr.send(InspectIncident).await.map_err(|_| gone())?;
+            Ok(HttpResponse::Ok().json(view))
+        }
+        _ => Err(gone()),
+    }
+}
+
+/// Fault injection: stops an incident actor as a crash would (404 unless the server runs with
+/// `--enable-fault-injection`).
+#[utoipa::path(post, path = "/admin/actors/incident/{id}/crash", tag = "admin", security(("bearer" = [])),
+    params(("id" = String, Path)),
+    responses((status = 202, description = "crash injected"), (status = 404, body = super::error::Problem)))]
+pub async fn crash_incident(
+    _auth: Authorized<AdminOnly>,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    use crate::actors::incidents::{Crash, LookupIncident};
+    if !state.settings.admin.enable_fault_injection {
+        return Err(ApiError::not_found("fault injection is disabled"));
+    }
+    let gone = || ApiError::not_found("no live incident actor with this id");
+    let incident: crate::domain::ids::IncidentId = id.parse().map_err(|_| gone())?;
+    let addr = state
+        .incidents
+        .send(LookupIncident(incident))
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(gone)?;
+    addr.do_send(Crash);
+    Ok(HttpResponse::Accepted().json(serde_json::json!({"crashed": incident})))
+}

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod auth;
 pub mod error;
+pub mod incidents;
 pub mod json;
 pub mod openapi;
 pub mod ops;
@@ -21,6 +22,7 @@ use actix::Addr;
 
 use crate::actors::device::TriageRuntime;
 use crate::actors::devices::DeviceDirectory;
+use crate::actors::incidents::IncidentDirectory;
 use crate::config::Settings;
 use crate::persistence::Db;
 use error::ApiError;
@@ -33,6 +35,8 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// Triage rules and timers.
     pub triage: Arc<TriageRuntime>,
+    /// The incident directory (creation, dedup, commands).
+    pub incidents: Addr<IncidentDirectory>,
     /// The per-wearable actors.
     pub devices: Addr<DeviceDirectory>,
     /// Admission control for ingest: one permit per reading being triaged.
@@ -58,6 +62,17 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             web::get().to(reference::get_patient),
         )
         .route("/api/v1/devices", web::post().to(reference::create_device))
+        .service(
+            web::resource("/api/v1/incidents")
+                .route(web::get().to(incidents::list))
+                .route(web::post().to(incidents::create))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .route("/api/v1/incidents/{id}", web::get().to(incidents::get))
+        .route(
+            "/api/v1/incidents/{id}/cancel",
+            web::post().to(incidents::cancel),
+        )
         .route("/api/v1/vitals", web::post().to(vitals::ingest))
         .route("/api/v1/ws/gateway", web::get().to(vitals::gateway_ws))
         .service(
@@ -69,6 +84,15 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route(
             "/admin/tokens/{id}/revoke",
             web::post().to(admin::revoke_token),
+        )
+        .route("/admin/actors", web::get().to(admin::list_actors))
+        .route(
+            "/admin/actors/{kind}/{id}",
+            web::get().to(admin::inspect_actor),
+        )
+        .route(
+            "/admin/actors/incident/{id}/crash",
+            web::post().to(admin::crash_incident),
         );
 }
 

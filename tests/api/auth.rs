@@ -20,6 +20,8 @@ const ENDPOINTS: &[(&str, &str, &[Role])] = &[
     ("GET", "/api/openapi.json", &Role::ALL),
     ("GET", "/api/v1/whoami", &Role::ALL),
     ("GET", "/admin/tokens", &[Role::Admin]),
+    ("GET", "/admin/actors", &[Role::Admin]),
+    ("GET", "/api/v1/incidents", &[Role::Console]),
 ];
 
 async fn role_matrix(backend: Backend) {

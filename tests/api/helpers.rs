@@ -209,12 +209,14 @@ impl TestAppBuilder {
         let port = app.port();
         let db = app.db().clone();
         let devices = app.devices().clone();
+        let incidents = app.incidents().clone();
         let handle = app.handle();
         actix_web::rt::spawn(app.run_until_stopped());
         TestApp {
             address: format!("http://127.0.0.1:{port}"),
             db,
             devices,
+            incidents,
             handle,
             client: reqwest::Client::new(),
             tokens: Mutex::new(HashMap::new()),
@@ -228,6 +230,7 @@ pub struct TestApp {
     pub address: String,
     pub db: Db,
     pub devices: actix::Addr<shers::actors::devices::DeviceDirectory>,
+    pub incidents: actix::Addr<shers::actors::incidents::IncidentDirectory>,
     pub client: reqwest::Client,
     handle: ServerHandle,
     tokens: Mutex<HashMap<Role, String>>,

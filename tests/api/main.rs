@@ -11,6 +11,7 @@ mod helpers;
 
 mod auth;
 mod errors;
+mod incidents;
 mod ops;
 mod persistence;
 mod vitals;

@@ -68,11 +68,16 @@ async fn emergency_reading_is_triaged_and_recorded(backend: Backend) {
     assert_eq!(changes[0].device_id.as_deref(), Some("watch-1"));
     assert_eq!(changes[0].data["to"], "emergency");
     assert_eq!(changes[0].data["evidence"][0]["heart_rate_bpm"], 165.0);
-    // The hand-off to incidents is recorded (not faked as an incident).
-    let handoffs = app.events_of("triage.emergency_detected").await;
-    assert_eq!(handoffs.len(), 1);
-    assert_eq!(handoffs[0].data["patient_id"], "p-1");
-    assert_eq!(handoffs[0].data["location"]["lat"], 51.51);
+    // The hand-off opened the patient's incident at the reading's location.
+    let created = app.events_of("incident.created").await;
+    assert_eq!(created.len(), 1);
+    assert_eq!(
+        result["incident_id"],
+        created[0].incident_id.clone().unwrap().as_str()
+    );
+    assert_eq!(created[0].data["patient_id"], "p-1");
+    assert_eq!(created[0].data["source"], "wearable");
+    assert_eq!(created[0].data["location"]["lat"], 51.51);
     // Evidence readings are retained by default.
     let mut conn = app.db.conn().await.unwrap();
     let kept = shers::persistence::readings::count_for_device(&mut conn, "watch-1")
@@ -224,10 +229,10 @@ async fn fall_without_movement_escalates(backend: Backend) {
         .map(|e| e.data["to"].as_str().unwrap().to_owned())
         .collect();
     assert_eq!(changes, ["abnormal", "emergency"]);
-    let handoffs = app.events_of("triage.emergency_detected").await;
-    assert_eq!(handoffs.len(), 1);
+    let created = app.events_of("incident.created").await;
+    assert_eq!(created.len(), 1);
     assert!(
-        handoffs[0].data["reasons"][0]
+        created[0].data["description"]
             .as_str()
             .unwrap()
             .contains("fall without movement")
@@ -257,7 +262,7 @@ async fn fall_with_movement_stands_down(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(status, Some(TriageStatus::Normal));
-    assert!(app.events_of("triage.emergency_detected").await.is_empty());
+    assert!(app.events_of("incident.created").await.is_empty());
 }
 
 async fn retention_all_keeps_every_reading(backend: Backend) {

@@ -1,0 +1,517 @@
+//! Incidents over HTTP (`api.md` "Incidents"): create (idempotent), list, detail, cancel.
+//! Handlers validate and authorise, then send a message to the incident directory.
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::AppState;
+use super::auth::{Authorized, Policy};
+use super::error::ApiError;
+use super::json::JsonBody;
+use crate::actors::incidents::{IncidentError, OpenIncident, OpenRequest, Route};
+use crate::domain::auth::{Principal, Role};
+use crate::domain::geo::LatLng;
+use crate::domain::ids::{IncidentId, PatientId};
+use crate::domain::incident::{Command, Incident, Priority, Source, Times};
+use crate::domain::validation::FieldError;
+use crate::persistence::incidents::{
+    self as store, IdempotencyState, NotificationView, StatusFilter,
+};
+
+/// Dispatchers (and admins), and patients for themselves.
+pub struct ConsoleOrPatient;
+impl Policy for ConsoleOrPatient {
+    const ROLES: &'static [Role] = &[Role::Console, Role::Patient];
+}
+
+/// Who is calling in about the incident (patient data: stored as evidence, never logged).
+#[derive(Clone, Debug, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Caller {
+    /// Name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Call-back number.
+    #[serde(default)]
+    pub phone: Option<String>,
+}
+
+/// `POST /api/v1/incidents` body.
+#[derive(Clone, Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewIncident {
+    /// The patient (a patient token may only name itself; omitted means itself).
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub patient_id: Option<PatientId>,
+    /// Where help is needed (defaults to the patient's home).
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub location: Option<LatLng>,
+    /// `emergency` (default), `urgent` or `non_urgent`.
+    #[serde(default)]
+    pub priority: Option<Priority>,
+    /// What happened.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Who is calling.
+    #[serde(default)]
+    pub caller: Option<Caller>,
+}
+
+/// The full incident as `api.md` shows it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct IncidentView {
+    /// Id.
+    #[schema(value_type = String)]
+    pub id: IncidentId,
+    /// `INC-2026-000042`.
+    pub reference: String,
+    /// Lifecycle status.
+    #[schema(value_type = String)]
+    pub status: crate::domain::incident::IncidentStatus,
+    /// Priority.
+    #[schema(value_type = String)]
+    pub priority: Priority,
+    /// Origin.
+    #[schema(value_type = String)]
+    pub source: Source,
+    /// Patient.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub patient_id: Option<PatientId>,
+    /// Where.
+    #[schema(value_type = Object)]
+    pub location: LatLng,
+    /// What happened.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Opened at.
+    pub created_at: DateTime<Utc>,
+    /// Handed to dispatchers.
+    pub escalated: bool,
+    /// Unit on the job.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub assigned_unit_id: Option<crate::domain::ids::UnitId>,
+    /// Destination.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub hospital_id: Option<crate::domain::ids::HospitalId>,
+    /// ETA of the assigned unit in seconds (with dispatch).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eta_s: Option<u32>,
+    /// NEMSIS times.
+    pub times: Times,
+    /// Why it was cancelled.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cancel_reason: Option<String>,
+    /// Offers made (with dispatch).
+    #[schema(value_type = Vec<Object>)]
+    pub offers: Vec<serde_json::Value>,
+    /// Evidence, oldest first.
+    #[schema(value_type = Vec<Object>)]
+    pub evidence: Vec<serde_json::Value>,
+    /// Next-of-kin notifications.
+    #[schema(value_type = Vec<Object>)]
+    pub notifications: Vec<NotificationView>,
+    /// The invoice (with billing).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub invoice: Option<serde_json::Value>,
+}
+
+fn summary(i: Incident) -> IncidentView {
+    IncidentView {
+        id: i.id,
+        reference: i.reference,
+        status: i.status,
+        priority: i.priority,
+        source: i.source,
+        patient_id: i.patient_id,
+        location: i.location,
+        description: i.description,
+        created_at: i.created_at,
+        escalated: i.escalated,
+        assigned_unit_id: i.assigned_unit_id,
+        hospital_id: i.hospital_id,
+        eta_s: None,
+        times: i.times,
+        cancel_reason: i.cancel_reason,
+        offers: Vec::new(),
+        evidence: Vec::new(),
+        notifications: Vec::new(),
+        invoice: None,
+    }
+}
+
+async fn detail(state: &AppState, incident: Incident) -> Result<IncidentView, ApiError> {
+    let id = incident.id;
+    let (evidence, notifications) = state
+        .db
+        .run(move |mut conn| async move {
+            let evidence = store::evidence_for(&mut conn, id).await?;
+            let notifications = store::notifications_for(&mut conn, id).await?;
+            Ok::<_, crate::persistence::StoreError>((evidence, notifications))
+        })
+        .await?;
+    let mut view = summary(incident);
+    view.evidence = evidence
+        .into_iter()
+        .map(|(at, mut e)| {
+            if let Some(obj) = e.as_object_mut() {
+                obj.insert("added_at".to_owned(), json!(at));
+            }
+            e
+        })
+        .collect();
+    view.notifications = notifications;
+    Ok(view)
+}
+
+fn incident_error(e: IncidentError) -> ApiError {
+    match e {
+        IncidentError::Rejected(r) => ApiError::Conflict {
+            detail: r.to_string(),
+            extensions: Default::default(),
+        },
+        IncidentError::Conflict => ApiError::Conflict {
+            detail: e.to_string(),
+            extensions: Default::default(),
+        },
+        IncidentError::NotFound => ApiError::not_found("no incident with this id"),
+        IncidentError::UnknownPatient => ApiError::field("/patient_id", e.to_string()),
+        IncidentError::NoLocation => ApiError::field("/location", e.to_string()),
+        IncidentError::Store(s) => s.into(),
+    }
+}
+
+fn mailbox(_: actix::MailboxError) -> ApiError {
+    ApiError::Unavailable {
+        detail: "the incident directory is busy; retry shortly".to_owned(),
+        retry_after_s: 1,
+    }
+}
+
+fn validate(body: &NewIncident) -> Result<(), ApiError> {
+    let mut errors = Vec::new();
+    if let Some(l) = &body.location {
+        l.validate("/location", &mut errors);
+    }
+    if body
+        .description
+        .as_ref()
+        .is_some_and(|d| d.chars().count() > 2000)
+    {
+        errors.push(FieldError::new("/description", "at most 2000 characters"));
+    }
+    if let Some(c) = &body.caller {
+        if c.name.as_ref().is_some_and(|n| n.chars().count() > 200) {
+            errors.push(FieldError::new("/caller/name", "at most 200 characters"));
+        }
+        if c.phone.as_ref().is_some_and(|p| p.chars().count() > 32) {
+            errors.push(FieldError::new("/caller/phone", "at most 32 characters"));
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::Validation {
+            detail: errors
+                .iter()
+                .map(|e| format!("{}: {}", e.pointer, e.message))
+                .collect::<Vec<_>>()
+                .join("; "),
+            errors,
+        })
+    }
+}
+
+fn source_for(principal: &Principal) -> Source {
+    if principal.role == Role::Patient {
+        Source::Request
+    } else {
+        Source::Console
+    }
+}
+
+/// Maximum `Idempotency-Key` length (Stripe's limit).
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// Opens an incident, or returns the patient's open one (200).
+#[utoipa::path(post, path = "/api/v1/incidents", tag = "incidents", request_body = NewIncident,
+    security(("bearer" = [])),
+    params(("Idempotency-Key" = Option<String>, Header, description = "retries with the same key return the first response")),
+    responses((status = 201, body = IncidentView), (status = 200, body = IncidentView),
+              (status = 409, body = super::error::Problem), (status = 422, body = super::error::Problem)))]
+pub async fn create(
+    auth: Authorized<ConsoleOrPatient>,
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: JsonBody<NewIncident>,
+) -> Result<HttpResponse, ApiError> {
+    let mut body = body.0;
+    validate(&body)?;
+    let principal = auth.principal;
+    if principal.role == Role::Patient {
+        match (&body.patient_id, &principal.patient_id) {
+            (Some(named), Some(own)) if named != own => {
+                return Err(ApiError::Forbidden {
+                    detail: "a patient token may only request help for its own patient".to_owned(),
+                });
+            }
+            _ => body.patient_id = principal.patient_id.clone(),
+        }
+    }
+    let key = req
+        .headers()
+        .get("Idempotency-Key")
+        .map(|v| v.to_str().map(str::to_owned))
+        .transpose()
+        .map_err(|_| ApiError::field("/headers/Idempotency-Key", "must be visible ASCII"))?;
+    if key
+        .as_ref()
+        .is_some_and(|k| k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY)
+    {
+        return Err(ApiError::field(
+            "/headers/Idempotency-Key",
+            "must be 1 to 255 characters",
+        ));
+    }
+    let Some(key) = key else {
+        let (status, text, id) = open(&state, &principal, body).await?;
+        return Ok(respond(status, text, id));
+    };
+    let owner = principal.token_id.to_string();
+    let claim = {
+        let (owner, key) = (owner.clone(), key.clone());
+        state
+            .db
+            .run(move |mut conn| async move {
+                store::idempotency_claim(
+                    &mut conn,
+                    &owner,
+                    &key,
+                    "POST /api/v1/incidents",
+                    Utc::now(),
+                )
+                .await
+            })
+            .await?
+    };
+    match claim {
+        IdempotencyState::Done { status, body } => Ok(HttpResponse::build(
+            actix_web::http::StatusCode::from_u16(status)
+                .unwrap_or(actix_web::http::StatusCode::OK),
+        )
+        .insert_header(("Idempotent-Replayed", "true"))
+        .content_type("application/json")
+        .body(body)),
+        IdempotencyState::InProgress => Err(ApiError::Conflict {
+            detail: "a request with this Idempotency-Key is still being processed".to_owned(),
+            extensions: Default::default(),
+        }),
+        IdempotencyState::New => {
+            let result = open(&state, &principal, body).await;
+            let record = result
+                .as_ref()
+                .ok()
+                .map(|(status, text, _)| (*status, text.clone()));
+            state
+                .db
+                .run(move |mut conn| async move {
+                    store::idempotency_finish(
+                        &mut conn,
+                        &owner,
+                        &key,
+                        record.as_ref().map(|(s, b)| (*s, b.as_str())),
+                    )
+                    .await
+                })
+                .await?;
+            let (status, text, id) = result?;
+            Ok(respond(status, text, id))
+        }
+    }
+}
+
+fn respond(status: u16, text: String, id: IncidentId) -> HttpResponse {
+    HttpResponse::build(
+        actix_web::http::StatusCode::from_u16(status).unwrap_or(actix_web::http::StatusCode::OK),
+    )
+    .insert_header(("Location", format!("/api/v1/incidents/{id}")))
+    .content_type("application/json")
+    .body(text)
+}
+
+/// Opens (or finds) the incident; returns the status (201 created / 200 existing), the body and
+/// the id.
+async fn open(
+    state: &AppState,
+    principal: &Principal,
+    body: NewIncident,
+) -> Result<(u16, String, IncidentId), ApiError> {
+    let request = OpenRequest {
+        source: source_for(principal),
+        priority: body.priority.unwrap_or_default(),
+        patient_id: body.patient_id,
+        location: body.location,
+        description: body.description,
+        evidence: body
+            .caller
+            .map(|c| json!({"kind": "caller", "name": c.name, "phone": c.phone})),
+    };
+    let opened = state
+        .incidents
+        .send(OpenIncident(request))
+        .await
+        .map_err(mailbox)?
+        .map_err(incident_error)?;
+    let view = detail(state, opened.incident).await?;
+    let text = serde_json::to_string(&view).map_err(|e| ApiError::Internal(e.into()))?;
+    Ok((if opened.created { 201 } else { 200 }, text, view.id))
+}
+
+/// List query.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    /// `open` (default), `closed` or `all`.
+    #[serde(default)]
+    pub status: StatusFilter,
+    /// Page size, 1–200 (default 50).
+    pub limit: Option<i64>,
+    /// From the previous page's `next_cursor`.
+    pub cursor: Option<String>,
+}
+
+/// A page of incidents.
+#[derive(Debug, Serialize)]
+pub struct IncidentPage {
+    /// Incidents, newest first.
+    pub items: Vec<IncidentView>,
+    /// Pass as `cursor` for the next page; null at the end.
+    pub next_cursor: Option<String>,
+}
+
+fn parse_cursor(cursor: &str) -> Option<(DateTime<Utc>, String)> {
+    let (micros, id) = cursor.split_once('_')?;
+    let at = DateTime::from_timestamp_micros(micros.parse().ok()?)?;
+    Some((at, id.to_owned()))
+}
+
+/// Lists incidents (dispatchers), newest first, with cursor paging.
+#[utoipa::path(get, path = "/api/v1/incidents", tag = "incidents", security(("bearer" = [])),
+    params(("status" = Option<String>, Query, description = "open | closed | all"),
+           ("limit" = Option<i64>, Query), ("cursor" = Option<String>, Query)),
+    responses((status = 200, description = "{items, next_cursor}")))]
+pub async fn list(
+    _auth: Authorized<super::auth::ConsoleOnly>,
+    state: web::Data<AppState>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let query = web::Query::<ListQuery>::from_query(req.query_string())
+        .map_err(|e| ApiError::field("/query", e.to_string()))?
+        .into_inner();
+    let limit = query.limit.unwrap_or(50);
+    if !(1..=200).contains(&limit) {
+        return Err(ApiError::field("/query/limit", "must be between 1 and 200"));
+    }
+    let after = match &query.cursor {
+        Some(c) => Some(
+            parse_cursor(c)
+                .ok_or_else(|| ApiError::field("/query/cursor", "is not a cursor from this API"))?,
+        ),
+        None => None,
+    };
+    let filter = query.status;
+    let mut items = state
+        .db
+        .run(move |mut conn| async move { store::page(&mut conn, filter, after, limit + 1).await })
+        .await?;
+    let more = items.len() > usize::try_from(limit).unwrap_or(usize::MAX);
+    items.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    let next_cursor = more
+        .then(|| {
+            items
+                .last()
+                .map(|i| format!("{}_{}", i.created_at.timestamp_micros(), i.id))
+        })
+        .flatten();
+    Ok(HttpResponse::Ok().json(IncidentPage {
+        items: items.into_iter().map(summary).collect(),
+        next_cursor,
+    }))
+}
+
+async fn load(state: &AppState, principal: &Principal, id: &str) -> Result<Incident, ApiError> {
+    let id: IncidentId = id
+        .parse()
+        .map_err(|_| ApiError::not_found("no incident with this id"))?;
+    let found = state
+        .db
+        .run(move |mut conn| async move { store::find(&mut conn, id).await })
+        .await?
+        .map(|(i, _)| i)
+        .ok_or_else(|| ApiError::not_found("no incident with this id"))?;
+    if principal.role == Role::Patient && found.patient_id.as_ref() != principal.patient_id.as_ref()
+    {
+        // Do not reveal other patients' incidents.
+        return Err(ApiError::not_found("no incident with this id"));
+    }
+    Ok(found)
+}
+
+/// One incident in full.
+#[utoipa::path(get, path = "/api/v1/incidents/{id}", tag = "incidents", security(("bearer" = [])),
+    params(("id" = String, Path)),
+    responses((status = 200, body = IncidentView), (status = 404, body = super::error::Problem)))]
+pub async fn get(
+    auth: Authorized<ConsoleOrPatient>,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let incident = load(&state, &auth.principal, &id).await?;
+    Ok(HttpResponse::Ok().json(detail(&state, incident).await?))
+}
+
+/// `POST /api/v1/incidents/{id}/cancel` body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CancelBody {
+    /// Why.
+    pub reason: String,
+}
+
+/// Cancels an incident (any state before `at_hospital`; 409 after).
+#[utoipa::path(post, path = "/api/v1/incidents/{id}/cancel", tag = "incidents", request_body = CancelBody,
+    security(("bearer" = [])), params(("id" = String, Path)),
+    responses((status = 200, body = IncidentView), (status = 404, body = super::error::Problem),
+              (status = 409, body = super::error::Problem)))]
+pub async fn cancel(
+    auth: Authorized<ConsoleOrPatient>,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    body: JsonBody<CancelBody>,
+) -> Result<HttpResponse, ApiError> {
+    let reason = body.0.reason.trim().to_owned();
+    if reason.is_empty() || reason.chars().count() > 500 {
+        return Err(ApiError::field("/reason", "must be 1 to 500 characters"));
+    }
+    let incident = load(&state, &auth.principal, &id).await?;
+    let updated = state
+        .incidents
+        .send(Route {
+            id: incident.id,
+            command: Command::Cancel {
+                reason,
+                by: auth.principal.role.as_str().to_owned(),
+            },
+        })
+        .await
+        .map_err(mailbox)?
+        .map_err(incident_error)?;
+    Ok(HttpResponse::Ok().json(detail(&state, updated).await?))
+}

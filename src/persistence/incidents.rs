@@ -1,0 +1,517 @@
+//! Incident projections (the `incidents` row, evidence), references, the notification outbox
+//! and the idempotency-key store. Written in the same transaction as the events they follow.
+
+use chrono::{DateTime, Datelike, Utc};
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+
+use super::schema::{
+    idempotency_keys, incident_evidence, incident_references, incidents, notifications,
+};
+use super::{DbConn, StoreError, from_db_time, to_db_time};
+use crate::db_run;
+use crate::domain::geo::LatLng;
+use crate::domain::ids::{HospitalId, IncidentId, PatientId, UnitId};
+use crate::domain::incident::{Incident, IncidentStatus, Priority, Source, Times};
+
+#[derive(Insertable, AsChangeset, Queryable, Selectable, Clone, Debug)]
+#[diesel(table_name = incidents, treat_none_as_default_value = false, treat_none_as_null = true)]
+struct IncidentRow {
+    id: String,
+    reference: String,
+    status: String,
+    priority: String,
+    source: String,
+    patient_id: Option<String>,
+    open_patient_id: Option<String>,
+    lat: f64,
+    lng: f64,
+    description: Option<String>,
+    escalated: bool,
+    assigned_unit_id: Option<String>,
+    hospital_id: Option<String>,
+    dispatch_round: i32,
+    evidence_count: i32,
+    cancel_reason: Option<String>,
+    call_received: Option<chrono::NaiveDateTime>,
+    unit_notified: Option<chrono::NaiveDateTime>,
+    unit_enroute: Option<chrono::NaiveDateTime>,
+    unit_on_scene: Option<chrono::NaiveDateTime>,
+    unit_left_scene: Option<chrono::NaiveDateTime>,
+    at_destination: Option<chrono::NaiveDateTime>,
+    closed_at: Option<chrono::NaiveDateTime>,
+    created_at: chrono::NaiveDateTime,
+    updated_at: chrono::NaiveDateTime,
+    version: i64,
+}
+
+fn enum_str<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+fn enum_parse<T: serde::de::DeserializeOwned>(s: &str, what: &str) -> Result<T, StoreError> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned()))
+        .map_err(|e| StoreError::Corrupt(format!("incident {what} {s:?}: {e}")))
+}
+
+impl IncidentRow {
+    fn from_domain(i: &Incident, version: i64, now: DateTime<Utc>) -> Self {
+        let t = |x: Option<DateTime<Utc>>| x.map(to_db_time);
+        Self {
+            id: i.id.to_string(),
+            reference: i.reference.clone(),
+            status: i.status.as_str().to_owned(),
+            priority: enum_str(&i.priority),
+            source: enum_str(&i.source),
+            patient_id: i.patient_id.as_ref().map(|p| p.0.clone()),
+            open_patient_id: i
+                .patient_id
+                .as_ref()
+                .filter(|_| i.status.is_open())
+                .map(|p| p.0.clone()),
+            lat: i.location.lat,
+            lng: i.location.lng,
+            description: i.description.clone(),
+            escalated: i.escalated,
+            assigned_unit_id: i.assigned_unit_id.as_ref().map(|u| u.0.clone()),
+            hospital_id: i.hospital_id.as_ref().map(|h| h.0.clone()),
+            dispatch_round: i32::try_from(i.dispatch_round).unwrap_or(i32::MAX),
+            evidence_count: i32::try_from(i.evidence_count).unwrap_or(i32::MAX),
+            cancel_reason: i.cancel_reason.clone(),
+            call_received: t(i.times.call_received),
+            unit_notified: t(i.times.unit_notified),
+            unit_enroute: t(i.times.unit_enroute),
+            unit_on_scene: t(i.times.unit_on_scene),
+            unit_left_scene: t(i.times.unit_left_scene),
+            at_destination: t(i.times.at_destination),
+            closed_at: t(i.times.closed),
+            created_at: to_db_time(i.created_at),
+            updated_at: to_db_time(now),
+            version,
+        }
+    }
+
+    fn into_domain(self) -> Result<(Incident, i64), StoreError> {
+        let t = |x: Option<chrono::NaiveDateTime>| x.map(from_db_time);
+        let incident = Incident {
+            id: self
+                .id
+                .parse()
+                .map_err(|e| StoreError::Corrupt(format!("incident id: {e}")))?,
+            reference: self.reference,
+            status: IncidentStatus::parse(&self.status)
+                .ok_or_else(|| StoreError::Corrupt(format!("incident status {}", self.status)))?,
+            priority: enum_parse::<Priority>(&self.priority, "priority")?,
+            source: enum_parse::<Source>(&self.source, "source")?,
+            patient_id: self.patient_id.map(PatientId),
+            location: LatLng {
+                lat: self.lat,
+                lng: self.lng,
+            },
+            description: self.description,
+            created_at: from_db_time(self.created_at),
+            escalated: self.escalated,
+            assigned_unit_id: self.assigned_unit_id.map(UnitId),
+            hospital_id: self.hospital_id.map(HospitalId),
+            dispatch_round: u32::try_from(self.dispatch_round).unwrap_or(0),
+            times: Times {
+                call_received: t(self.call_received),
+                unit_notified: t(self.unit_notified),
+                unit_enroute: t(self.unit_enroute),
+                unit_on_scene: t(self.unit_on_scene),
+                unit_left_scene: t(self.unit_left_scene),
+                at_destination: t(self.at_destination),
+                closed: t(self.closed_at),
+            },
+            evidence_count: u32::try_from(self.evidence_count).unwrap_or(0),
+            cancel_reason: self.cancel_reason,
+        };
+        Ok((incident, self.version))
+    }
+}
+
+/// Allocates the next human-readable reference for `year` (`INC-2026-000042`).
+pub async fn next_reference(conn: &mut DbConn, now: DateTime<Utc>) -> Result<String, StoreError> {
+    let year = now.year();
+    let number: i64 = db_run!(conn, |c| {
+        diesel::insert_into(incident_references::table)
+            .values((
+                incident_references::year.eq(year),
+                incident_references::last_number.eq(0_i64),
+            ))
+            .on_conflict_do_nothing()
+            .execute(c)
+            .await?;
+        diesel::update(incident_references::table.find(year))
+            .set(incident_references::last_number.eq(incident_references::last_number + 1))
+            .execute(c)
+            .await?;
+        incident_references::table
+            .find(year)
+            .select(incident_references::last_number)
+            .first(c)
+            .await?
+    });
+    Ok(format!("INC-{year}-{number:06}"))
+}
+
+/// Inserts the projection of a new incident. A second open incident for the same patient
+/// violates `open_patient_id`'s uniqueness: `StoreError::Conflict`.
+pub async fn insert(
+    conn: &mut DbConn,
+    incident: &Incident,
+    version: i64,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let row = IncidentRow::from_domain(incident, version, now);
+    db_run!(conn, |c| {
+        diesel::insert_into(incidents::table)
+            .values(&row)
+            .execute(c)
+            .await?
+    });
+    Ok(())
+}
+
+/// Rewrites the projection of an incident after new events.
+pub async fn update(
+    conn: &mut DbConn,
+    incident: &Incident,
+    version: i64,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let row = IncidentRow::from_domain(incident, version, now);
+    db_run!(conn, |c| {
+        diesel::update(incidents::table.find(&row.id))
+            .set(&row)
+            .execute(c)
+            .await?
+    });
+    Ok(())
+}
+
+/// Stores one evidence item.
+pub async fn add_evidence(
+    conn: &mut DbConn,
+    incident: IncidentId,
+    at: DateTime<Utc>,
+    evidence: &serde_json::Value,
+) -> Result<(), StoreError> {
+    let body = serde_json::to_string(evidence)
+        .map_err(|e| StoreError::Corrupt(format!("evidence: {e}")))?;
+    db_run!(conn, |c| {
+        diesel::insert_into(incident_evidence::table)
+            .values((
+                incident_evidence::id.eq(uuid::Uuid::now_v7().to_string()),
+                incident_evidence::incident_id.eq(incident.to_string()),
+                incident_evidence::added_at.eq(to_db_time(at)),
+                incident_evidence::evidence.eq(body),
+            ))
+            .execute(c)
+            .await?
+    });
+    Ok(())
+}
+
+/// The evidence of an incident, oldest first.
+pub async fn evidence_for(
+    conn: &mut DbConn,
+    incident: IncidentId,
+) -> Result<Vec<(DateTime<Utc>, serde_json::Value)>, StoreError> {
+    let rows: Vec<(chrono::NaiveDateTime, String)> = db_run!(conn, |c| {
+        incident_evidence::table
+            .filter(incident_evidence::incident_id.eq(incident.to_string()))
+            .order((
+                incident_evidence::added_at.asc(),
+                incident_evidence::id.asc(),
+            ))
+            .select((incident_evidence::added_at, incident_evidence::evidence))
+            .load(c)
+            .await?
+    });
+    rows.into_iter()
+        .map(|(at, body)| {
+            serde_json::from_str(&body)
+                .map(|v| (from_db_time(at), v))
+                .map_err(|e| StoreError::Corrupt(format!("evidence: {e}")))
+        })
+        .collect()
+}
+
+/// One incident's projection and version.
+pub async fn find(
+    conn: &mut DbConn,
+    id: IncidentId,
+) -> Result<Option<(Incident, i64)>, StoreError> {
+    let row: Option<IncidentRow> = db_run!(conn, |c| {
+        incidents::table
+            .find(id.to_string())
+            .select(IncidentRow::as_select())
+            .first(c)
+            .await
+            .optional()?
+    });
+    row.map(IncidentRow::into_domain).transpose()
+}
+
+/// The open incident of a patient, if any.
+pub async fn open_for_patient(
+    conn: &mut DbConn,
+    patient: &PatientId,
+) -> Result<Option<IncidentId>, StoreError> {
+    let id: Option<String> = db_run!(conn, |c| {
+        incidents::table
+            .filter(incidents::open_patient_id.eq(patient.as_str()))
+            .select(incidents::id)
+            .first(c)
+            .await
+            .optional()?
+    });
+    id.map(|s| {
+        s.parse()
+            .map_err(|e| StoreError::Corrupt(format!("incident id: {e}")))
+    })
+    .transpose()
+}
+
+/// Ids of every open incident (recovery at start-up).
+pub async fn open_ids(conn: &mut DbConn) -> Result<Vec<IncidentId>, StoreError> {
+    let ids: Vec<String> = db_run!(conn, |c| {
+        incidents::table
+            .filter(incidents::status.ne_all(["closed", "cancelled"]))
+            .select(incidents::id)
+            .load(c)
+            .await?
+    });
+    ids.into_iter()
+        .map(|s| {
+            s.parse()
+                .map_err(|e| StoreError::Corrupt(format!("incident id: {e}")))
+        })
+        .collect()
+}
+
+/// Which incidents a list shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum StatusFilter {
+    /// Not closed or cancelled.
+    #[default]
+    Open,
+    /// Closed or cancelled.
+    Closed,
+    /// Everything.
+    All,
+}
+
+/// A page of incidents, newest first, after the keyset cursor `(created_at, id)`.
+pub async fn page(
+    conn: &mut DbConn,
+    filter: StatusFilter,
+    after: Option<(DateTime<Utc>, String)>,
+    limit: i64,
+) -> Result<Vec<Incident>, StoreError> {
+    let rows: Vec<IncidentRow> = db_run!(conn, |c| {
+        let mut q = incidents::table.into_boxed();
+        q = match filter {
+            StatusFilter::Open => q.filter(incidents::status.ne_all(["closed", "cancelled"])),
+            StatusFilter::Closed => q.filter(incidents::status.eq_any(["closed", "cancelled"])),
+            StatusFilter::All => q,
+        };
+        if let Some((at, id)) = &after {
+            let at = to_db_time(*at);
+            q = q.filter(
+                incidents::created_at.lt(at).or(incidents::created_at
+                    .eq(at)
+                    .and(incidents::id.lt(id.clone()))),
+            );
+        }
+        q.order((incidents::created_at.desc(), incidents::id.desc()))
+            .limit(limit)
+            .select(IncidentRow::as_select())
+            .load(c)
+            .await?
+    });
+    rows.into_iter()
+        .map(|r| r.into_domain().map(|(i, _)| i))
+        .collect()
+}
+
+/// A notification to queue.
+#[derive(Clone, Debug)]
+pub struct NewNotification {
+    /// Row id.
+    pub id: String,
+    /// Incident.
+    pub incident_id: IncidentId,
+    /// Who (a name: patient data, never logged).
+    pub recipient_name: String,
+    /// `sms`, `email` or `webhook`.
+    pub channel: &'static str,
+    /// Phone, email or URL (patient data, never logged).
+    pub address: String,
+    /// Template name.
+    pub template: &'static str,
+    /// `(incident, recipient, template)` key that makes delivery at-least-once but not twice.
+    pub idempotency_key: String,
+}
+
+/// Queues notifications (outbox rows); an already queued key is left alone.
+pub async fn queue_notifications(
+    conn: &mut DbConn,
+    batch: &[NewNotification],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let now = to_db_time(now);
+    for n in batch {
+        let values = (
+            notifications::id.eq(&n.id),
+            notifications::incident_id.eq(n.incident_id.to_string()),
+            notifications::recipient_name.eq(&n.recipient_name),
+            notifications::channel.eq(n.channel),
+            notifications::address.eq(&n.address),
+            notifications::template.eq(n.template),
+            notifications::idempotency_key.eq(&n.idempotency_key),
+            notifications::status.eq("queued"),
+            notifications::attempts.eq(0),
+            notifications::next_attempt_at.eq(now),
+            notifications::created_at.eq(now),
+            notifications::updated_at.eq(now),
+        );
+        db_run!(conn, |c| {
+            diesel::insert_into(notifications::table)
+                .values(values)
+                .on_conflict(notifications::idempotency_key)
+                .do_nothing()
+                .execute(c)
+                .await?
+        });
+    }
+    Ok(())
+}
+
+/// A notification as shown on an incident (no address: patient data stays in the outbox).
+#[derive(Clone, Debug, serde::Serialize, Queryable)]
+pub struct NotificationView {
+    /// Row id.
+    pub id: String,
+    /// Recipient's name.
+    pub recipient_name: String,
+    /// Channel.
+    pub channel: String,
+    /// Template.
+    pub template: String,
+    /// `queued`, `sent` or `failed`.
+    pub status: String,
+    /// Delivery attempts so far.
+    pub attempts: i32,
+    /// Last error, if any.
+    pub last_error: Option<String>,
+}
+
+/// The notifications of an incident.
+pub async fn notifications_for(
+    conn: &mut DbConn,
+    incident: IncidentId,
+) -> Result<Vec<NotificationView>, StoreError> {
+    Ok(db_run!(conn, |c| {
+        notifications::table
+            .filter(notifications::incident_id.eq(incident.to_string()))
+            .order(notifications::created_at.asc())
+            .select((
+                notifications::id,
+                notifications::recipient_name,
+                notifications::channel,
+                notifications::template,
+                notifications::status,
+                notifications::attempts,
+                notifications::last_error,
+            ))
+            .load(c)
+            .await?
+    }))
+}
+
+/// What the idempotency store says about a key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdempotencyState {
+    /// First use: the caller goes ahead and records the response.
+    New,
+    /// A request with this key is still running.
+    InProgress,
+    /// The first response, to replay.
+    Done {
+        /// HTTP status.
+        status: u16,
+        /// Body.
+        body: String,
+    },
+}
+
+/// Claims `key` for `principal` on `route`, or reports what an earlier request left.
+pub async fn idempotency_claim(
+    conn: &mut DbConn,
+    principal: &str,
+    key: &str,
+    route: &str,
+    now: DateTime<Utc>,
+) -> Result<IdempotencyState, StoreError> {
+    let inserted = db_run!(conn, |c| {
+        diesel::insert_into(idempotency_keys::table)
+            .values((
+                idempotency_keys::principal.eq(principal),
+                idempotency_keys::idem_key.eq(key),
+                idempotency_keys::route.eq(route),
+                idempotency_keys::created_at.eq(to_db_time(now)),
+            ))
+            .on_conflict_do_nothing()
+            .execute(c)
+            .await?
+    });
+    if inserted == 1 {
+        return Ok(IdempotencyState::New);
+    }
+    let (status, body): (Option<i32>, Option<String>) = db_run!(conn, |c| {
+        idempotency_keys::table
+            .find((principal, key))
+            .select((idempotency_keys::status, idempotency_keys::body))
+            .first(c)
+            .await?
+    });
+    Ok(match (status, body) {
+        (Some(status), Some(body)) => IdempotencyState::Done {
+            status: u16::try_from(status).unwrap_or(500),
+            body,
+        },
+        _ => IdempotencyState::InProgress,
+    })
+}
+
+/// Records the response to a claimed key (or releases the claim when `response` is `None`, so
+/// a failed request can be retried with the same key).
+pub async fn idempotency_finish(
+    conn: &mut DbConn,
+    principal: &str,
+    key: &str,
+    response: Option<(u16, &str)>,
+) -> Result<(), StoreError> {
+    let target = idempotency_keys::table.find((principal, key));
+    db_run!(conn, |c| {
+        match response {
+            Some((status, body)) => {
+                diesel::update(target)
+                    .set((
+                        idempotency_keys::status.eq(Some(i32::from(status))),
+                        idempotency_keys::body.eq(Some(body)),
+                    ))
+                    .execute(c)
+                    .await?
+            }
+            None => diesel::delete(target).execute(c).await?,
+        }
+    });
+    Ok(())
+}
