@@ -15,13 +15,15 @@ use actix::{Actor as _, Arbiter};
 
 use crate::actors::device::TriageRuntime;
 use crate::actors::devices::DeviceDirectory;
-use crate::actors::incidents::{IncidentDirectory, Recover};
+use crate::actors::fleet::{Fleet, LoadFleet, SetUnitFreeRecipient};
+use crate::actors::incidents::{IncidentDeps, IncidentDirectory, Recover};
 use crate::config::Settings;
 use crate::domain::triage::TriageRules;
 use crate::http::auth::AuthService;
 use crate::http::json::BodyLimit;
 use crate::http::telemetry::{ShersRootSpan, observe, prometheus};
 use crate::http::{self, AppState};
+use crate::integrations::routing::{OsrmRouting, Routing, RoutingWithFallback};
 use crate::persistence::{Db, migrations};
 
 /// A built, not yet running, SHERS server.
@@ -86,7 +88,28 @@ impl Application {
             offline_after: Duration::from_secs(settings.triage.device_offline_s.max(1)),
             retention: settings.triage.raw_retention,
         });
-        let incidents = IncidentDirectory::new(db.clone()).start();
+        let routing = Arc::new(RoutingWithFallback::new(match &settings.routing.base_url {
+            Some(url) => Some(Arc::new(
+                OsrmRouting::new(url, Duration::from_millis(settings.routing.timeout_ms))
+                    .context("configuring the routing service")?,
+            ) as Arc<dyn Routing>),
+            None => None,
+        }));
+        let fleet = Fleet::new(db.clone(), routing).start();
+        let units = fleet
+            .send(LoadFleet)
+            .await
+            .context("loading the fleet")?
+            .context("loading the fleet")?;
+        tracing::info!(units, "fleet loaded");
+        let incidents = IncidentDirectory::new(IncidentDeps {
+            db: db.clone(),
+            directory: None,
+            fleet: Some(fleet.clone()),
+            dispatch: settings.dispatch.clone(),
+        })
+        .start();
+        fleet.do_send(SetUnitFreeRecipient(incidents.clone().recipient()));
         let recovered = incidents
             .send(Recover)
             .await
@@ -114,6 +137,7 @@ impl Application {
             settings: settings.clone(),
             triage,
             incidents: incidents.clone(),
+            fleet: fleet.clone(),
             devices: device_directory.clone(),
             ingest_gate: Arc::new(tokio::sync::Semaphore::new(
                 settings.triage.max_in_flight_readings.max(1),

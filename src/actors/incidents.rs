@@ -12,7 +12,8 @@
 //! never panic); the supervisor restarts it and it rebuilds its state from the event store. An
 //! actor whose mailbox has closed anyway (a panic) is re-created by the directory.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
@@ -21,14 +22,20 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::sync::oneshot;
 
+use super::fleet::{
+    ACTOR_TIMEOUT, Commit, FindCandidates, Fleet, IncidentOver, PublishOffer, Release, Reserve,
+    StopWaiting, Uncommit, UnitAddr, UnitFree, WaitForUnit,
+};
 use super::handoff::EmergencyDetected;
+use crate::config::DispatchSettings;
 use crate::domain::events::{ExpectedVersion, NewEvent, RecordedEvent};
 use crate::domain::geo::LatLng;
-use crate::domain::ids::{IncidentId, PatientId};
+use crate::domain::ids::{IncidentId, OfferId, PatientId, UnitId};
 use crate::domain::incident::{
-    Command, Incident, IncidentEvent, Priority, Rejection, Source, handle, replay,
+    Command, Incident, IncidentEvent, IncidentStatus, Priority, Rejection, Source, handle, replay,
 };
 use crate::persistence::events::{self, AppendError};
+use crate::persistence::fleet::{self as fleet_store, OfferRecord};
 use crate::persistence::incidents::{self as store, NewNotification};
 use crate::persistence::{Db, DbConn, StoreError, patients};
 
@@ -170,15 +177,41 @@ pub struct IncidentInspection {
     pub version: i64,
     /// The state machine's state.
     pub state: Option<serde_json::Value>,
-    /// Pending timers (none until dispatch arrives).
+    /// Pending timers (offer expiries) and the offers they guard.
     pub timers: Vec<serde_json::Value>,
+}
+
+/// What every incident actor needs besides its own state.
+#[derive(Clone)]
+pub struct IncidentDeps {
+    /// The database.
+    pub db: Db,
+    /// The directory (told when an incident ends).
+    pub directory: Option<Addr<IncidentDirectory>>,
+    /// The fleet (dispatch); `None` leaves incidents waiting in `dispatching`.
+    pub fleet: Option<Addr<Fleet>>,
+    /// Offer timing and rounds.
+    pub dispatch: DispatchSettings,
+}
+
+#[derive(Clone, Debug, Serialize)]
+struct PendingOffer {
+    unit_id: UnitId,
+    round: u32,
+    expires_at: DateTime<Utc>,
 }
 
 /// The actor of one incident.
 pub struct IncidentActor {
     id: IncidentId,
     db: Db,
+    deps: IncidentDeps,
     directory: Option<Recipient<IncidentEnded>>,
+    /// Offers out now, by id.
+    pending: HashMap<OfferId, PendingOffer>,
+    /// Units that declined or let an offer lapse (not offered again).
+    excluded: HashSet<UnitId>,
+    round_timer: Option<SpawnHandle>,
     state: Option<Incident>,
     version: i64,
     loaded: bool,
@@ -189,11 +222,15 @@ pub struct IncidentActor {
 
 impl IncidentActor {
     /// An actor that loads its state from the event store when started.
-    pub fn recover(id: IncidentId, db: Db, directory: Option<Recipient<IncidentEnded>>) -> Self {
+    pub fn recover(id: IncidentId, deps: IncidentDeps) -> Self {
         Self {
             id,
-            db,
-            directory,
+            db: deps.db.clone(),
+            directory: deps.directory.clone().map(Addr::recipient),
+            deps,
+            pending: HashMap::new(),
+            excluded: HashSet::new(),
+            round_timer: None,
             state: None,
             version: 0,
             loaded: false,
@@ -204,36 +241,37 @@ impl IncidentActor {
     }
 
     /// An actor for an incident just created (its state is known; nothing to load).
-    pub fn created(
-        incident: Incident,
-        version: i64,
-        db: Db,
-        directory: Option<Recipient<IncidentEnded>>,
-    ) -> Self {
+    pub fn created(incident: Incident, version: i64, deps: IncidentDeps) -> Self {
         Self {
             id: incident.id,
             state: Some(incident),
             version,
             loaded: true,
-            ..Self::recover(IncidentId(uuid::Uuid::nil()), db, directory)
+            ..Self::recover(IncidentId(uuid::Uuid::nil()), deps)
         }
     }
 
     fn load(&mut self, ctx: &mut Context<Self>) {
         let db = self.db.clone();
         let stream = stream_of(self.id);
+        let id = self.id;
         ctx.wait(
             async move {
-                db.run(move |mut conn| async move { events::read_stream(&mut conn, &stream).await })
-                    .await
+                db.run(move |mut conn| async move {
+                    let stored = events::read_stream(&mut conn, &stream).await?;
+                    let offers = fleet_store::offers_for(&mut conn, id).await?;
+                    Ok::<_, StoreError>((stored, offers))
+                })
+                .await
             }
             .into_actor(self)
-            .map(|res, act, _| match res {
-                Ok(stored) => {
+            .map(|res, act, ctx| match res {
+                Ok((stored, offers)) => {
                     let (state, version) = rebuild(&stored);
                     act.state = state;
                     act.version = version;
                     act.loaded = true;
+                    act.resume_dispatch(offers, ctx);
                 }
                 Err(e) => {
                     tracing::warn!(incident.id = %act.id, error = %e, "could not load incident; will retry on the next message");
@@ -261,6 +299,9 @@ impl Supervised for IncidentActor {
         self.state = None;
         self.version = 0;
         self.loaded = false;
+        self.pending.clear();
+        self.excluded.clear();
+        self.round_timer = None;
         tracing::warn!(incident.id = %self.id, restarts = self.restarts, "incident actor restarting");
     }
 }
@@ -294,10 +335,24 @@ impl Handler<Execute> for IncidentActor {
         let db = self.db.clone();
         let expected = self.version;
         let to_store = next.clone();
+        // A cancelled incident withdraws its offers in the same transaction.
+        let withdrawn: Vec<(OfferId, PendingOffer)> = if next.status == IncidentStatus::Cancelled {
+            self.pending.iter().map(|(k, v)| (*k, v.clone())).collect()
+        } else {
+            Vec::new()
+        };
+        let closing: Vec<(OfferId, UnitId)> = withdrawn
+            .iter()
+            .map(|(o, p)| (*o, p.unit_id.clone()))
+            .collect();
+        let assigned_before = current.assigned_unit_id.clone();
         let work = async move {
             db.run(move |mut conn| async move {
                 conn.write_transaction(async |tx| {
-                    persist(tx, &to_store, expected, &events, Vec::new(), now).await
+                    let extra =
+                        close_offers(tx, to_store.id, &closing, "withdrawn", "cancelled", now)
+                            .await?;
+                    persist(tx, &to_store, expected, &events, extra, now).await
                 })
                 .await
             })
@@ -308,6 +363,21 @@ impl Handler<Execute> for IncidentActor {
                 Ok(version) => {
                     act.version = version;
                     act.state = Some(next.clone());
+                    if next.status == IncidentStatus::Cancelled {
+                        act.end_dispatch(ctx, "cancelled");
+                        if let (Some(unit), Some(fleet)) = (assigned_before, act.deps.fleet.clone())
+                        {
+                            let id = act.id;
+                            actix::spawn(async move {
+                                if let Ok(Some(addr)) = fleet.send(UnitAddr(unit)).await {
+                                    addr.do_send(IncidentOver {
+                                        incident_id: id,
+                                        reason: "cancelled",
+                                    });
+                                }
+                            });
+                        }
+                    }
                     if !next.status.is_open()
                         && let Some(directory) = &act.directory
                     {
@@ -360,6 +430,656 @@ impl Handler<InspectIncident> for IncidentActor {
                 .and_then(|s| serde_json::to_value(s).ok()),
             timers: Vec::new(),
         })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch: offer rounds, first accept wins, expiry, escalation, manual assignment
+
+/// Closes pending offers in the store and returns the events that record it
+/// (`dispatch.offer_<status>`).
+async fn close_offers(
+    tx: &mut DbConn,
+    incident: IncidentId,
+    offers: &[(OfferId, UnitId)],
+    status: &str,
+    reason: &str,
+    now: DateTime<Utc>,
+) -> Result<Vec<NewEvent>, IncidentError> {
+    let mut out = Vec::with_capacity(offers.len());
+    for (offer, unit) in offers {
+        let decline = (status == "declined").then_some(reason);
+        if fleet_store::close_offer(tx, *offer, status, now, decline).await? {
+            let mut e = NewEvent::new(
+                format!("dispatch.offer_{status}"),
+                json!({"offer_id": offer, "incident_id": incident, "unit_id": unit, "reason": reason, "at": now}),
+            );
+            e.incident_id = Some(incident.to_string());
+            e.unit_id = Some(unit.0.clone());
+            out.push(e);
+        }
+    }
+    Ok(out)
+}
+
+/// Why an offer could not be accepted (`api.md`: 409 `{outcome}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OfferOutcome {
+    /// This unit got the job.
+    Assigned,
+    /// Another unit was first.
+    Taken,
+    /// The offer lapsed.
+    Expired,
+    /// The incident was cancelled.
+    Cancelled,
+    /// The decline was recorded.
+    Declined,
+}
+
+/// Start the next offer round (after creation, a decline, an expiry, or a unit freeing up).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct NextRound;
+
+/// The offers of `round` lapsed.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct RoundExpired {
+    /// The round.
+    pub round: u32,
+}
+
+/// A crew accepts its offer.
+#[derive(Message, Debug)]
+#[rtype(result = "Result<OfferOutcome, IncidentError>")]
+pub struct AcceptOffer {
+    /// Offer.
+    pub offer_id: OfferId,
+    /// The crew's unit.
+    pub unit_id: UnitId,
+}
+
+/// A crew declines its offer.
+#[derive(Message, Debug)]
+#[rtype(result = "Result<OfferOutcome, IncidentError>")]
+pub struct DeclineOffer {
+    /// Offer.
+    pub offer_id: OfferId,
+    /// The crew's unit.
+    pub unit_id: UnitId,
+    /// Why.
+    pub reason: String,
+}
+
+/// A dispatcher assigns a unit by hand.
+#[derive(Message, Debug)]
+#[rtype(result = "Result<Incident, IncidentError>")]
+pub struct ManualAssign {
+    /// The unit.
+    pub unit_id: UnitId,
+}
+
+fn ready<T: 'static>(v: T) -> AtomicResponse<IncidentActor, T> {
+    AtomicResponse::new(Box::pin(fut::ready(v)))
+}
+
+impl IncidentActor {
+    /// After loading: re-arm offer timers from the stored deadlines (expiring lapsed ones at
+    /// once) and continue dispatching where it stopped.
+    fn resume_dispatch(&mut self, offers: Vec<OfferRecord>, ctx: &mut Context<Self>) {
+        self.pending.clear();
+        self.excluded.clear();
+        for o in offers {
+            match o.status.as_str() {
+                "pending" => {
+                    self.pending.insert(
+                        o.id,
+                        PendingOffer {
+                            unit_id: o.unit_id,
+                            round: o.round,
+                            expires_at: o.expires_at,
+                        },
+                    );
+                }
+                "declined" | "expired" => {
+                    self.excluded.insert(o.unit_id);
+                }
+                _ => {}
+            }
+        }
+        let Some(state) = &self.state else { return };
+        if state.status != IncidentStatus::Dispatching || self.deps.fleet.is_none() {
+            return;
+        }
+        if let Some((round, due)) = self
+            .pending
+            .values()
+            .map(|p| (p.round, p.expires_at))
+            .min_by_key(|(_, d)| *d)
+        {
+            self.arm_round_timer(round, due, ctx);
+        } else if state.escalated {
+            self.wait_for_unit();
+        } else {
+            ctx.notify(NextRound);
+        }
+    }
+
+    fn arm_round_timer(&mut self, round: u32, due: DateTime<Utc>, ctx: &mut Context<Self>) {
+        if let Some(old) = self.round_timer.take() {
+            ctx.cancel_future(old);
+        }
+        let wait = (due - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+        self.round_timer =
+            Some(ctx.run_later(wait, move |_, ctx| ctx.notify(RoundExpired { round })));
+    }
+
+    fn wait_for_unit(&self) {
+        if let (Some(fleet), Some(state)) = (&self.deps.fleet, &self.state) {
+            fleet.do_send(WaitForUnit {
+                incident_id: state.id,
+                priority: state.priority,
+                since: state.created_at,
+            });
+        }
+    }
+
+    /// The incident no longer needs units: withdraw offers (already closed in the store) and
+    /// stop timers.
+    fn end_dispatch(&mut self, ctx: &mut Context<Self>, reason: &'static str) {
+        if let Some(t) = self.round_timer.take() {
+            ctx.cancel_future(t);
+        }
+        let pending: Vec<(OfferId, UnitId)> =
+            self.pending.drain().map(|(o, p)| (o, p.unit_id)).collect();
+        if let Some(fleet) = self.deps.fleet.clone() {
+            fleet.do_send(StopWaiting(self.id));
+            actix::spawn(async move {
+                for (offer_id, unit) in pending {
+                    if let Ok(Some(addr)) = fleet.send(UnitAddr(unit)).await {
+                        addr.do_send(Release { offer_id, reason });
+                    }
+                }
+            });
+        }
+    }
+
+    /// Persists `events` for `next` with extra raw events, in one transaction.
+    fn commit(
+        &mut self,
+        next: Incident,
+        events: Vec<IncidentEvent>,
+        offers_to_insert: Vec<OfferRecord>,
+        closing: Vec<(OfferId, UnitId, &'static str, String)>,
+        now: DateTime<Utc>,
+    ) -> impl std::future::Future<Output = Result<i64, IncidentError>> + 'static {
+        let db = self.db.clone();
+        let expected = self.version;
+        async move {
+            db.run(move |mut conn| async move {
+                conn.write_transaction(async |tx| {
+                    let mut extra = Vec::new();
+                    for (offer, unit, status, reason) in &closing {
+                        extra.extend(
+                            close_offers(
+                                tx,
+                                next.id,
+                                &[(*offer, unit.clone())],
+                                status,
+                                reason,
+                                now,
+                            )
+                            .await?,
+                        );
+                    }
+                    fleet_store::insert_offers(tx, &offers_to_insert).await?;
+                    persist(tx, &next, expected, &events, extra, now).await
+                })
+                .await
+            })
+            .await
+        }
+    }
+}
+
+impl Handler<NextRound> for IncidentActor {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, _: NextRound, _: &mut Self::Context) -> Self::Result {
+        let (Some(fleet), Some(state)) = (self.deps.fleet.clone(), self.state.clone()) else {
+            return ready(());
+        };
+        if state.status != IncidentStatus::Dispatching || !self.pending.is_empty() {
+            return ready(());
+        }
+        let settings = self.deps.dispatch.clone();
+        let exclude = self.excluded.clone();
+        let id = state.id;
+        // 1. Rank and reserve units (no state change yet).
+        let find = async move {
+            let candidates = fleet
+                .send(FindCandidates {
+                    scene: state.location,
+                    priority: state.priority,
+                    exclude,
+                })
+                .timeout(ACTOR_TIMEOUT)
+                .await
+                .unwrap_or_default();
+            let expires_at = Utc::now()
+                + chrono::Duration::seconds(i64::try_from(settings.offer_ttl_s).unwrap_or(30));
+            let mut reserved = Vec::new();
+            for c in candidates {
+                if reserved.len() >= settings.offers_per_round.max(1) {
+                    break;
+                }
+                let Ok(Some(addr)) = fleet.send(UnitAddr(c.unit_id.clone())).await else {
+                    continue;
+                };
+                let offer_id = OfferId::new_v7();
+                if let Ok(Ok(())) = addr
+                    .send(Reserve {
+                        offer_id,
+                        incident_id: id,
+                        expires_at,
+                    })
+                    .timeout(ACTOR_TIMEOUT)
+                    .await
+                {
+                    reserved.push((offer_id, c, addr));
+                }
+            }
+            (reserved, expires_at)
+        };
+        AtomicResponse::new(Box::pin(find.into_actor(self).then(move |(reserved, expires_at), act, _| {
+            let now = Utc::now();
+            let round = state.dispatch_round + 1;
+            let max_rounds = act.deps.dispatch.max_rounds.max(1);
+            // 2a. Nobody: escalate to the dispatchers (once) and wait for a free unit.
+            if reserved.is_empty() || round > max_rounds {
+                let release: Vec<_> = reserved.iter().map(|(o, _, a)| (*o, a.clone())).collect();
+                for (offer_id, addr) in release {
+                    addr.do_send(Release { offer_id, reason: "cancelled" });
+                }
+                let reason = if round > max_rounds {
+                    format!("no unit accepted after {max_rounds} rounds")
+                } else {
+                    "no available unit".to_owned()
+                };
+                let outcome = handle(Some(&state), &Command::Escalate { reason }, now);
+                let fut: std::pin::Pin<Box<dyn ActorFuture<Self, Output = ()>>> = match outcome {
+                    Ok((next, events)) if !events.is_empty() => Box::pin(
+                        act.commit(next.clone(), events, Vec::new(), Vec::new(), now)
+                            .into_actor(act)
+                            .map(move |res, act, _| match res {
+                                Ok(v) => {
+                                    act.version = v;
+                                    act.state = Some(next);
+                                    act.wait_for_unit();
+                                }
+                                Err(e) => tracing::warn!(incident.id = %act.id, error = %e, "escalation not persisted"),
+                            }),
+                    ),
+                    _ => {
+                        act.wait_for_unit();
+                        Box::pin(fut::ready(()))
+                    }
+                };
+                return fut;
+            }
+            // 2b. Record the round and its offers before anyone is told.
+            let unit_ids: Vec<UnitId> = reserved.iter().map(|(_, c, _)| c.unit_id.clone()).collect();
+            let (next, events) = match handle(Some(&state), &Command::RecordOffers { unit_ids }, now) {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(incident.id = %act.id, error = %e, "offer round refused");
+                    for (offer_id, _, addr) in &reserved {
+                        addr.do_send(Release { offer_id: *offer_id, reason: "cancelled" });
+                    }
+                    return Box::pin(fut::ready(()));
+                }
+            };
+            let records: Vec<OfferRecord> = reserved
+                .iter()
+                .map(|(offer_id, c, _)| OfferRecord {
+                    id: *offer_id,
+                    incident_id: state.id,
+                    unit_id: c.unit_id.clone(),
+                    round,
+                    status: "pending".to_owned(),
+                    eta_s: c.eta_s,
+                    reason: serde_json::to_value(c.reason).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
+                    offered_at: now,
+                    expires_at,
+                    responded_at: None,
+                    decline_reason: None,
+                })
+                .collect();
+            let priority = state.priority;
+            let location = state.location;
+            Box::pin(act.commit(next.clone(), events, records.clone(), Vec::new(), now).into_actor(act).map(
+                move |res, act, ctx| match res {
+                    Ok(version) => {
+                        act.version = version;
+                        act.state = Some(next);
+                        for (record, (_, _, addr)) in records.iter().zip(reserved.iter()) {
+                            act.pending.insert(
+                                record.id,
+                                PendingOffer { unit_id: record.unit_id.clone(), round, expires_at },
+                            );
+                            addr.do_send(PublishOffer {
+                                offer_id: record.id,
+                                frame: json!({"type": "offer", "offer_id": record.id, "incident_id": record.incident_id,
+                                              "priority": priority, "location": location, "eta_s": record.eta_s,
+                                              "expires_at": expires_at}),
+                            });
+                        }
+                        act.arm_round_timer(round, expires_at, ctx);
+                    }
+                    Err(e) => {
+                        tracing::warn!(incident.id = %act.id, error = %e, "offer round not persisted; units released");
+                        for (offer_id, _, addr) in &reserved {
+                            addr.do_send(Release { offer_id: *offer_id, reason: "cancelled" });
+                        }
+                        ctx.run_later(Duration::from_secs(1), |_, ctx| ctx.notify(NextRound));
+                    }
+                },
+            ))
+        })))
+    }
+}
+
+impl Handler<RoundExpired> for IncidentActor {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, msg: RoundExpired, _: &mut Self::Context) -> Self::Result {
+        self.round_timer = None;
+        let Some(state) = self.state.clone() else {
+            return ready(());
+        };
+        let lapsed: Vec<(OfferId, UnitId)> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.round == msg.round)
+            .map(|(o, p)| (*o, p.unit_id.clone()))
+            .collect();
+        if lapsed.is_empty() {
+            return ready(());
+        }
+        let now = Utc::now();
+        let closing = lapsed
+            .iter()
+            .map(|(o, u)| (*o, u.clone(), "expired", "no answer in time".to_owned()))
+            .collect();
+        AtomicResponse::new(Box::pin(self.commit(state.clone(), Vec::new(), Vec::new(), closing, now).into_actor(self).map(
+            move |res, act, ctx| {
+                match res {
+                    Ok(v) => act.version = v,
+                    Err(e) => tracing::warn!(incident.id = %act.id, error = %e, "offer expiry not persisted"),
+                }
+                let fleet = act.deps.fleet.clone();
+                for (offer_id, unit) in lapsed {
+                    act.pending.remove(&offer_id);
+                    act.excluded.insert(unit.clone());
+                    if let Some(fleet) = fleet.clone() {
+                        actix::spawn(async move {
+                            if let Ok(Some(addr)) = fleet.send(UnitAddr(unit)).await {
+                                addr.do_send(Release { offer_id, reason: "expired" });
+                            }
+                        });
+                    }
+                }
+                ctx.notify(NextRound);
+            },
+        )))
+    }
+}
+
+impl Handler<AcceptOffer> for IncidentActor {
+    type Result = AtomicResponse<Self, Result<OfferOutcome, IncidentError>>;
+
+    fn handle(&mut self, msg: AcceptOffer, _: &mut Self::Context) -> Self::Result {
+        let Some(state) = self.state.clone() else {
+            return ready(Err(IncidentError::NotFound));
+        };
+        if state.status == IncidentStatus::Cancelled {
+            return ready(Ok(OfferOutcome::Cancelled));
+        }
+        if state.assigned_unit_id.as_ref() == Some(&msg.unit_id) {
+            return ready(Ok(OfferOutcome::Assigned)); // a retried accept
+        }
+        let Some(offer) = self.pending.get(&msg.offer_id).cloned() else {
+            return ready(Ok(if state.assigned_unit_id.is_some() {
+                OfferOutcome::Taken
+            } else {
+                OfferOutcome::Expired
+            }));
+        };
+        if offer.unit_id != msg.unit_id {
+            return ready(Ok(OfferOutcome::Taken));
+        }
+        let now = Utc::now();
+        if now >= offer.expires_at {
+            return ready(Ok(OfferOutcome::Expired));
+        }
+        let (next, events) = match handle(
+            Some(&state),
+            &Command::Assign {
+                unit_id: msg.unit_id.clone(),
+                manual: false,
+            },
+            now,
+        ) {
+            Ok(x) => x,
+            Err(_) => return ready(Ok(OfferOutcome::Taken)),
+        };
+        let fleet = self.deps.fleet.clone();
+        let (id, offer_id, unit_id) = (self.id, msg.offer_id, msg.unit_id.clone());
+        let mut closing: Vec<(OfferId, UnitId, &'static str, String)> =
+            vec![(offer_id, unit_id.clone(), "accepted", "accepted".to_owned())];
+        closing.extend(
+            self.pending
+                .iter()
+                .filter(|(o, _)| **o != offer_id)
+                .map(|(o, p)| (*o, p.unit_id.clone(), "withdrawn", "taken".to_owned())),
+        );
+        let persist = self.commit(next.clone(), events, Vec::new(), closing, now);
+        // The unit must still hold the offer (it is the arbiter of its own commitments).
+        let work = async move {
+            let fleet = fleet.ok_or(IncidentError::NotFound)?;
+            let addr = fleet
+                .send(UnitAddr(unit_id))
+                .await
+                .ok()
+                .flatten()
+                .ok_or(IncidentError::NotFound)?;
+            match addr
+                .send(Commit {
+                    incident_id: id,
+                    offer_id: Some(offer_id),
+                })
+                .timeout(ACTOR_TIMEOUT)
+                .await
+            {
+                Ok(Ok(_)) => {}
+                _ => return Ok((false, 0)),
+            }
+            match persist.await {
+                Ok(v) => Ok((true, v)),
+                Err(e) => {
+                    addr.do_send(Uncommit { incident_id: id });
+                    Err(e)
+                }
+            }
+        };
+        AtomicResponse::new(Box::pin(work.into_actor(self).map(
+            move |res, act, ctx| match res {
+                Ok((true, version)) => {
+                    act.version = version;
+                    act.state = Some(next);
+                    act.pending.remove(&offer_id);
+                    act.end_dispatch(ctx, "taken");
+                    Ok(OfferOutcome::Assigned)
+                }
+                Ok((false, _)) => Ok(OfferOutcome::Expired),
+                Err(e) => Err(e),
+            },
+        )))
+    }
+}
+
+impl Handler<DeclineOffer> for IncidentActor {
+    type Result = AtomicResponse<Self, Result<OfferOutcome, IncidentError>>;
+
+    fn handle(&mut self, msg: DeclineOffer, _: &mut Self::Context) -> Self::Result {
+        let Some(state) = self.state.clone() else {
+            return ready(Err(IncidentError::NotFound));
+        };
+        let Some(offer) = self.pending.get(&msg.offer_id).cloned() else {
+            return ready(Ok(if state.status == IncidentStatus::Cancelled {
+                OfferOutcome::Cancelled
+            } else {
+                OfferOutcome::Expired
+            }));
+        };
+        if offer.unit_id != msg.unit_id {
+            return ready(Ok(OfferOutcome::Taken));
+        }
+        let now = Utc::now();
+        let closing = vec![(
+            msg.offer_id,
+            msg.unit_id.clone(),
+            "declined",
+            msg.reason.clone(),
+        )];
+        let fleet = self.deps.fleet.clone();
+        AtomicResponse::new(Box::pin(
+            self.commit(state, Vec::new(), Vec::new(), closing, now)
+                .into_actor(self)
+                .map(move |res, act, ctx| {
+                    let version = res?;
+                    act.version = version;
+                    act.pending.remove(&msg.offer_id);
+                    act.excluded.insert(msg.unit_id.clone());
+                    if let Some(fleet) = fleet {
+                        let (unit, offer_id) = (msg.unit_id, msg.offer_id);
+                        actix::spawn(async move {
+                            if let Ok(Some(addr)) = fleet.send(UnitAddr(unit)).await {
+                                addr.do_send(Release {
+                                    offer_id,
+                                    reason: "declined",
+                                });
+                            }
+                        });
+                    }
+                    if act.pending.is_empty() {
+                        if let Some(t) = act.round_timer.take() {
+                            ctx.cancel_future(t);
+                        }
+                        ctx.notify(NextRound);
+                    }
+                    Ok(OfferOutcome::Declined)
+                }),
+        ))
+    }
+}
+
+impl Handler<ManualAssign> for IncidentActor {
+    type Result = AtomicResponse<Self, Result<Incident, IncidentError>>;
+
+    fn handle(&mut self, msg: ManualAssign, _: &mut Self::Context) -> Self::Result {
+        let Some(state) = self.state.clone() else {
+            return ready(Err(IncidentError::NotFound));
+        };
+        let now = Utc::now();
+        let (next, events) = match handle(
+            Some(&state),
+            &Command::Assign {
+                unit_id: msg.unit_id.clone(),
+                manual: true,
+            },
+            now,
+        ) {
+            Ok(x) => x,
+            Err(e) => return ready(Err(e.into())),
+        };
+        let closing: Vec<(OfferId, UnitId, &'static str, String)> = self
+            .pending
+            .iter()
+            .map(|(o, p)| {
+                (
+                    *o,
+                    p.unit_id.clone(),
+                    "withdrawn",
+                    "manual assignment".to_owned(),
+                )
+            })
+            .collect();
+        let persist = self.commit(next.clone(), events, Vec::new(), closing, now);
+        let (fleet, directory, id, unit_id) = (
+            self.deps.fleet.clone(),
+            self.deps.directory.clone(),
+            self.id,
+            msg.unit_id,
+        );
+        let work = async move {
+            let fleet = fleet.ok_or(IncidentError::NotFound)?;
+            let addr = fleet
+                .send(UnitAddr(unit_id.clone()))
+                .await
+                .ok()
+                .flatten()
+                .ok_or(IncidentError::Rejected(Rejection::Invalid(
+                    "no such unit".into(),
+                )))?;
+            let displaced = match addr
+                .send(Commit {
+                    incident_id: id,
+                    offer_id: None,
+                })
+                .timeout(ACTOR_TIMEOUT)
+                .await
+            {
+                Ok(Ok(d)) => d,
+                Ok(Err(refusal)) => {
+                    return Err(IncidentError::Rejected(Rejection::Invalid(format!(
+                        "cannot assign {unit_id}: {refusal}"
+                    ))));
+                }
+                Err(_) => {
+                    return Err(IncidentError::Store(StoreError::Unavailable(
+                        "unit did not answer".into(),
+                    )));
+                }
+            };
+            match persist.await {
+                Ok(v) => {
+                    // The unit was holding an offer for another incident: that one declines.
+                    if let (Some((offer_id, other)), Some(directory)) = (displaced, directory) {
+                        directory.do_send(ForwardDecline {
+                            incident_id: other,
+                            offer_id,
+                            unit_id,
+                            reason: "reassigned by a dispatcher".into(),
+                        });
+                    }
+                    Ok(v)
+                }
+                Err(e) => {
+                    addr.do_send(Uncommit { incident_id: id });
+                    Err(e)
+                }
+            }
+        };
+        AtomicResponse::new(Box::pin(work.into_actor(self).map(move |res, act, ctx| {
+            let version = res?;
+            act.version = version;
+            act.state = Some(next.clone());
+            act.end_dispatch(ctx, "taken");
+            Ok(next)
+        })))
     }
 }
 
@@ -440,6 +1160,7 @@ type Waiter = oneshot::Sender<Result<Opened, String>>;
 /// The only place incidents are created.
 pub struct IncidentDirectory {
     db: Db,
+    deps: IncidentDeps,
     incidents: HashMap<IncidentId, Addr<IncidentActor>>,
     open_by_patient: HashMap<PatientId, IncidentId>,
     /// Patients whose incident is being created, with the requests waiting for it.
@@ -447,10 +1168,12 @@ pub struct IncidentDirectory {
 }
 
 impl IncidentDirectory {
-    /// An empty directory; send [`Recover`] to load open incidents.
-    pub fn new(db: Db) -> Self {
+    /// An empty directory; send [`Recover`] to load open incidents. `deps.directory` is filled
+    /// in when the directory starts.
+    pub fn new(deps: IncidentDeps) -> Self {
         Self {
-            db,
+            db: deps.db.clone(),
+            deps,
             incidents: HashMap::new(),
             open_by_patient: HashMap::new(),
             creating: HashMap::new(),
@@ -460,16 +1183,15 @@ impl IncidentDirectory {
     fn start_actor(
         &mut self,
         actor: IncidentActor,
-        ctx: &mut Context<Self>,
+        _ctx: &mut Context<Self>,
     ) -> Addr<IncidentActor> {
         let id = actor.id;
         let mut actor = Some(actor);
-        let me = ctx.address().recipient();
-        let db = self.db.clone();
+        let deps = self.deps.clone();
         let addr = Supervisor::start(move |_| {
             actor
                 .take()
-                .unwrap_or_else(|| IncidentActor::recover(id, db, Some(me)))
+                .unwrap_or_else(|| IncidentActor::recover(id, deps))
         });
         self.incidents.insert(id, addr.clone());
         addr
@@ -479,10 +1201,7 @@ impl IncidentDirectory {
     fn actor_for(&mut self, id: IncidentId, ctx: &mut Context<Self>) -> Addr<IncidentActor> {
         match self.incidents.get(&id) {
             Some(addr) if addr.connected() => addr.clone(),
-            _ => {
-                let me = ctx.address().recipient();
-                self.start_actor(IncidentActor::recover(id, self.db.clone(), Some(me)), ctx)
-            }
+            _ => self.start_actor(IncidentActor::recover(id, self.deps.clone()), ctx),
         }
     }
 }
@@ -492,6 +1211,7 @@ impl Actor for IncidentDirectory {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(1024);
+        self.deps.directory = Some(ctx.address());
     }
 }
 
@@ -638,9 +1358,10 @@ impl Handler<OpenIncident> for IncidentDirectory {
                     if let Some(p) = &incident.patient_id {
                         act.open_by_patient.insert(p.clone(), incident.id);
                     }
-                    let me = ctx.address().recipient();
-                    let actor = IncidentActor::created(incident.clone(), version, db.clone(), Some(me));
-                    act.start_actor(actor, ctx);
+                    let actor = IncidentActor::created(incident.clone(), version, act.deps.clone());
+                    let addr = act.start_actor(actor, ctx);
+                    // Dispatch starts as soon as the incident exists (notifications are queued).
+                    addr.do_send(NextRound);
                     tracing::info!(incident.id = %incident.id, incident.reference = %incident.reference, "incident created");
                     Ok(Opened { incident, created: true })
                 }
@@ -790,8 +1511,7 @@ impl Handler<Recover> for IncidentDirectory {
                     if let Some(p) = patient {
                         act.open_by_patient.insert(p.clone(), *id);
                     }
-                    let me = ctx.address().recipient();
-                    act.start_actor(IncidentActor::recover(*id, act.db.clone(), Some(me)), ctx);
+                    act.start_actor(IncidentActor::recover(*id, act.deps.clone()), ctx);
                 }
                 tracing::info!(incidents.recovered = open.len(), "open incidents recovered");
                 Ok(open.len())
@@ -831,5 +1551,110 @@ impl Handler<ListIncidents> for IncidentDirectory {
             .await;
             (total, page.into_iter().flatten().collect())
         })
+    }
+}
+
+/// Forward a crew's accept to the incident's actor.
+#[derive(Message, Debug)]
+#[rtype(result = "Result<OfferOutcome, IncidentError>")]
+pub struct ForwardAccept {
+    /// Incident.
+    pub incident_id: IncidentId,
+    /// Offer.
+    pub offer_id: OfferId,
+    /// Unit.
+    pub unit_id: UnitId,
+}
+
+impl Handler<ForwardAccept> for IncidentDirectory {
+    type Result = ResponseFuture<Result<OfferOutcome, IncidentError>>;
+
+    fn handle(&mut self, msg: ForwardAccept, ctx: &mut Self::Context) -> Self::Result {
+        let addr = self.actor_for(msg.incident_id, ctx);
+        Box::pin(async move {
+            addr.send(AcceptOffer {
+                offer_id: msg.offer_id,
+                unit_id: msg.unit_id,
+            })
+            .await
+            .map_err(|_| {
+                IncidentError::Store(StoreError::Unavailable(
+                    "incident actor restarting; retry".into(),
+                ))
+            })?
+        })
+    }
+}
+
+/// Forward a crew's decline to the incident's actor.
+#[derive(Message, Debug)]
+#[rtype(result = "Result<OfferOutcome, IncidentError>")]
+pub struct ForwardDecline {
+    /// Incident.
+    pub incident_id: IncidentId,
+    /// Offer.
+    pub offer_id: OfferId,
+    /// Unit.
+    pub unit_id: UnitId,
+    /// Why.
+    pub reason: String,
+}
+
+impl Handler<ForwardDecline> for IncidentDirectory {
+    type Result = ResponseFuture<Result<OfferOutcome, IncidentError>>;
+
+    fn handle(&mut self, msg: ForwardDecline, ctx: &mut Self::Context) -> Self::Result {
+        let addr = self.actor_for(msg.incident_id, ctx);
+        Box::pin(async move {
+            addr.send(DeclineOffer {
+                offer_id: msg.offer_id,
+                unit_id: msg.unit_id,
+                reason: msg.reason,
+            })
+            .await
+            .map_err(|_| {
+                IncidentError::Store(StoreError::Unavailable(
+                    "incident actor restarting; retry".into(),
+                ))
+            })?
+        })
+    }
+}
+
+/// Forward a dispatcher's manual assignment to the incident's actor.
+#[derive(Message, Debug)]
+#[rtype(result = "Result<Incident, IncidentError>")]
+pub struct ForwardManualAssign {
+    /// Incident.
+    pub incident_id: IncidentId,
+    /// Unit.
+    pub unit_id: UnitId,
+}
+
+impl Handler<ForwardManualAssign> for IncidentDirectory {
+    type Result = ResponseFuture<Result<Incident, IncidentError>>;
+
+    fn handle(&mut self, msg: ForwardManualAssign, ctx: &mut Self::Context) -> Self::Result {
+        let addr = self.actor_for(msg.incident_id, ctx);
+        Box::pin(async move {
+            addr.send(ManualAssign {
+                unit_id: msg.unit_id,
+            })
+            .await
+            .map_err(|_| {
+                IncidentError::Store(StoreError::Unavailable(
+                    "incident actor restarting; retry".into(),
+                ))
+            })?
+        })
+    }
+}
+
+impl Handler<UnitFree> for IncidentDirectory {
+    type Result = ();
+
+    fn handle(&mut self, msg: UnitFree, ctx: &mut Self::Context) {
+        let addr = self.actor_for(msg.incident_id, ctx);
+        addr.do_send(NextRound);
     }
 }

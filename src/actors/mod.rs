@@ -2,7 +2,9 @@
 //! hubs (incident directory, fleet, broadcaster, notifier). Handlers never panic: faults become
 //! `ctx.stop()` after logging so supervisors can restart them.
 
+pub mod crew;
 pub mod device;
 pub mod devices;
+pub mod fleet;
 pub mod handoff;
 pub mod incidents;

@@ -4,6 +4,7 @@
 //! ranking, billing transitions) and where most unit and property tests run without a runtime.
 
 pub mod auth;
+pub mod dispatch;
 pub mod events;
 pub mod geo;
 pub mod ids;

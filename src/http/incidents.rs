@@ -123,6 +123,11 @@ pub struct IncidentView {
     pub invoice: Option<serde_json::Value>,
 }
 
+/// The incident without its evidence, offers and notifications.
+pub fn summary_of(i: Incident) -> IncidentView {
+    summary(i)
+}
+
 fn summary(i: Incident) -> IncidentView {
     IncidentView {
         id: i.id,
@@ -149,12 +154,13 @@ fn summary(i: Incident) -> IncidentView {
 
 async fn detail(state: &AppState, incident: Incident) -> Result<IncidentView, ApiError> {
     let id = incident.id;
-    let (evidence, notifications) = state
+    let (evidence, notifications, offers) = state
         .db
         .run(move |mut conn| async move {
             let evidence = store::evidence_for(&mut conn, id).await?;
             let notifications = store::notifications_for(&mut conn, id).await?;
-            Ok::<_, crate::persistence::StoreError>((evidence, notifications))
+            let offers = crate::persistence::fleet::offers_for(&mut conn, id).await?;
+            Ok::<_, crate::persistence::StoreError>((evidence, notifications, offers))
         })
         .await?;
     let mut view = summary(incident);
@@ -168,6 +174,14 @@ async fn detail(state: &AppState, incident: Incident) -> Result<IncidentView, Ap
         })
         .collect();
     view.notifications = notifications;
+    view.eta_s = offers
+        .iter()
+        .find(|o| o.status == "accepted")
+        .map(|o| o.eta_s);
+    view.offers = offers
+        .into_iter()
+        .filter_map(|o| serde_json::to_value(o).ok())
+        .collect();
     Ok(view)
 }
 

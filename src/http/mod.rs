@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod auth;
 pub mod error;
+pub mod fleet;
 pub mod incidents;
 pub mod json;
 pub mod openapi;
@@ -22,6 +23,7 @@ use actix::Addr;
 
 use crate::actors::device::TriageRuntime;
 use crate::actors::devices::DeviceDirectory;
+use crate::actors::fleet::Fleet;
 use crate::actors::incidents::IncidentDirectory;
 use crate::config::Settings;
 use crate::persistence::Db;
@@ -37,6 +39,8 @@ pub struct AppState {
     pub triage: Arc<TriageRuntime>,
     /// The incident directory (creation, dedup, commands).
     pub incidents: Addr<IncidentDirectory>,
+    /// The fleet hub (units, hospitals).
+    pub fleet: Addr<Fleet>,
     /// The per-wearable actors.
     pub devices: Addr<DeviceDirectory>,
     /// Admission control for ingest: one permit per reading being triaged.
@@ -69,6 +73,40 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
                 .default_service(web::to(method_not_allowed)),
         )
         .route("/api/v1/incidents/{id}", web::get().to(incidents::get))
+        .route(
+            "/api/v1/incidents/{id}/assign",
+            web::post().to(fleet::assign),
+        )
+        .service(
+            web::resource("/api/v1/units")
+                .route(web::get().to(fleet::list_units))
+                .route(web::post().to(fleet::create_unit))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .route("/api/v1/units/{id}", web::get().to(fleet::get_unit))
+        .route(
+            "/api/v1/units/{id}/location",
+            web::post().to(fleet::unit_location),
+        )
+        .route(
+            "/api/v1/units/{id}/status",
+            web::post().to(fleet::unit_status),
+        )
+        .service(
+            web::resource("/api/v1/hospitals")
+                .route(web::get().to(fleet::list_hospitals))
+                .route(web::post().to(fleet::create_hospital))
+                .default_service(web::to(method_not_allowed)),
+        )
+        .route(
+            "/api/v1/offers/{id}/accept",
+            web::post().to(fleet::accept_offer),
+        )
+        .route(
+            "/api/v1/offers/{id}/decline",
+            web::post().to(fleet::decline_offer),
+        )
+        .route("/api/v1/ws/crew", web::get().to(fleet::crew_ws))
         .route(
             "/api/v1/incidents/{id}/cancel",
             web::post().to(incidents::cancel),

@@ -9,6 +9,7 @@
 //! JSON payloads are `TEXT`. This module knows domain types, never actors or HTTP.
 
 pub mod events;
+pub mod fleet;
 pub mod incidents;
 pub mod migrations;
 pub mod patients;

@@ -183,3 +183,49 @@ diesel::table! {
 }
 
 diesel::allow_tables_to_appear_in_same_query!(incidents, incident_evidence, notifications);
+
+diesel::table! {
+    units (id) {
+        id -> Text,
+        call_sign -> Text,
+        capability -> Text,
+        status -> Text,
+        lat -> Double,
+        lng -> Double,
+        fix_at -> Timestamp,
+        base_lat -> Nullable<Double>,
+        base_lng -> Nullable<Double>,
+        current_incident_id -> Nullable<Text>,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    hospitals (id) {
+        id -> Text,
+        name -> Text,
+        lat -> Double,
+        lng -> Double,
+        capabilities -> Text,
+        capacity -> Integer,
+        occupied -> Integer,
+        created_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    offers (id) {
+        id -> Text,
+        incident_id -> Text,
+        unit_id -> Text,
+        round -> Integer,
+        status -> Text,
+        eta_s -> Integer,
+        reason -> Text,
+        offered_at -> Timestamp,
+        expires_at -> Timestamp,
+        responded_at -> Nullable<Timestamp>,
+        decline_reason -> Nullable<Text>,
+    }
+}

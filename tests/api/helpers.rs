@@ -277,6 +277,73 @@ impl TestApp {
         .token
     }
 
+    /// A crew token bound to `unit`.
+    pub async fn crew_token(&self, unit: &str) -> String {
+        let mut conn = self.db.conn().await.unwrap();
+        tokens::create(
+            &mut conn,
+            Role::Crew,
+            Some(&UnitId::from(unit)),
+            None,
+            "crew",
+            Utc::now(),
+        )
+        .await
+        .unwrap()
+        .token
+    }
+
+    /// Registers a unit at a position, as admin.
+    pub async fn add_unit(&self, id: &str, lat: f64, lng: f64, capability: &str) {
+        let resp = self
+            .post_json(
+                "/api/v1/units",
+                Some(Role::Admin),
+                &serde_json::json!({"id": id, "call_sign": id, "capability": capability,
+                                    "location": {"lat": lat, "lng": lng}}),
+            )
+            .await;
+        assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+    }
+
+    /// Posts as a crew with `token`.
+    pub async fn crew_post(
+        &self,
+        token: &str,
+        path: &str,
+        body: &serde_json::Value,
+    ) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Polls `GET /api/v1/incidents/{id}` until `pred` holds (or panics after ~5 s).
+    pub async fn wait_incident(
+        &self,
+        id: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let mut last = serde_json::Value::Null;
+        for _ in 0..250 {
+            last = self
+                .get(&format!("/api/v1/incidents/{id}"), Some(Role::Console))
+                .await
+                .json()
+                .await
+                .unwrap();
+            if pred(&last) {
+                return last;
+            }
+            actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("incident never reached the expected state: {last}");
+    }
+
     /// A cached token for `role`.
     pub async fn token(&self, role: Role) -> String {
         if let Some(t) = self.tokens.lock().unwrap().get(&role) {

@@ -1,0 +1,662 @@
+//! Fleet over HTTP (`api.md` "Reference data" and "Crews"): units, hospitals, offers, crew
+//! status and position, manual assignment, and the crew WebSocket.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use actix_web::{HttpRequest, HttpResponse, web};
+use chrono::{DateTime, Utc};
+use futures_util::StreamExt as _;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::AppState;
+use super::auth::{AdminOnly, Authorized, ConsoleOnly, Policy};
+use super::error::ApiError;
+use super::json::JsonBody;
+use crate::actors::crew::{Crew, CrewError};
+use crate::actors::fleet::{
+    AllUnits, AttachSession, DetachSession, ListHospitals, RegisterHospital, RegisterUnit,
+    UnitAddr, ViewUnit,
+};
+use crate::actors::incidents::{ForwardManualAssign, IncidentError};
+use crate::domain::auth::{Principal, Role};
+use crate::domain::dispatch::{Capability, CrewReport, UnitStatus};
+use crate::domain::geo::LatLng;
+use crate::domain::ids::{HospitalId, OfferId, UnitId};
+use crate::domain::patients::valid_external_id;
+use crate::domain::validation::FieldError;
+use crate::persistence::StoreError;
+use crate::persistence::fleet::{self as store, HospitalRecord, UnitRecord};
+
+/// Crews (bound to a unit).
+pub struct CrewOnly;
+impl Policy for CrewOnly {
+    const ROLES: &'static [Role] = &[Role::Crew];
+}
+
+/// Crews, dispatchers and admins.
+pub struct CrewOrConsole;
+impl Policy for CrewOrConsole {
+    const ROLES: &'static [Role] = &[Role::Crew, Role::Console];
+}
+
+fn crew(state: &AppState) -> Crew {
+    Crew {
+        fleet: state.fleet.clone(),
+        incidents: state.incidents.clone(),
+        db: state.db.clone(),
+    }
+}
+
+fn busy<E>(_: E) -> ApiError {
+    ApiError::Unavailable {
+        detail: "the fleet is busy; retry shortly".into(),
+        retry_after_s: 1,
+    }
+}
+
+fn crew_error(e: CrewError) -> ApiError {
+    match e {
+        CrewError::UnknownUnit => ApiError::not_found("no such unit"),
+        CrewError::UnknownOffer => ApiError::not_found("no such offer for this unit"),
+        CrewError::Lost(outcome) => {
+            let mut ext = serde_json::Map::new();
+            ext.insert("outcome".into(), json!(outcome));
+            ApiError::Conflict {
+                detail: format!(
+                    "the offer can no longer be accepted: {}",
+                    json!(outcome).as_str().unwrap_or("")
+                ),
+                extensions: ext,
+            }
+        }
+        CrewError::Rejected(reason) => ApiError::Conflict {
+            detail: reason,
+            extensions: Default::default(),
+        },
+        CrewError::Invalid(pointer, message) => ApiError::field(pointer, message),
+        CrewError::Unavailable(detail) => ApiError::Unavailable {
+            detail,
+            retry_after_s: 1,
+        },
+    }
+}
+
+fn own_unit(principal: &Principal, unit: &UnitId) -> Result<(), ApiError> {
+    if principal.role == Role::Crew && principal.unit_id.as_ref() != Some(unit) {
+        return Err(ApiError::Forbidden {
+            detail: "a crew token may only act for its own unit".into(),
+        });
+    }
+    Ok(())
+}
+
+fn bound_unit(principal: &Principal) -> Result<UnitId, ApiError> {
+    principal
+        .unit_id
+        .clone()
+        .ok_or_else(|| ApiError::Forbidden {
+            detail: "the token is not bound to a unit".into(),
+        })
+}
+
+fn validation(errors: Vec<FieldError>) -> Result<(), ApiError> {
+    if errors.is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::Validation {
+        detail: errors
+            .iter()
+            .map(|e| format!("{}: {}", e.pointer, e.message))
+            .collect::<Vec<_>>()
+            .join("; "),
+        errors,
+    })
+}
+
+/// `POST /api/v1/units` body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewUnit {
+    /// Unit id.
+    pub id: String,
+    /// Radio call sign.
+    pub call_sign: String,
+    /// `als` or `bls`.
+    #[schema(value_type = String)]
+    pub capability: Capability,
+    /// Current position.
+    #[schema(value_type = Object)]
+    pub location: LatLng,
+    /// Home station.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub base: Option<LatLng>,
+}
+
+/// Registers an ambulance unit (available at its location).
+#[utoipa::path(post, path = "/api/v1/units", tag = "fleet", request_body = NewUnit, security(("bearer" = [])),
+    responses((status = 201, description = "the unit"), (status = 409, body = super::error::Problem), (status = 422, body = super::error::Problem)))]
+pub async fn create_unit(
+    _auth: Authorized<AdminOnly>,
+    state: web::Data<AppState>,
+    body: JsonBody<NewUnit>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.0;
+    let mut errors = Vec::new();
+    if !valid_external_id(&body.id) {
+        errors.push(FieldError::new(
+            "/id",
+            "must be 1 to 128 printable characters without spaces, '/', '?' or '#'",
+        ));
+    }
+    if body.call_sign.trim().is_empty() || body.call_sign.chars().count() > 64 {
+        errors.push(FieldError::new("/call_sign", "must be 1 to 64 characters"));
+    }
+    body.location.validate("/location", &mut errors);
+    if let Some(b) = &body.base {
+        b.validate("/base", &mut errors);
+    }
+    validation(errors)?;
+    let now = Utc::now();
+    let record = UnitRecord {
+        id: UnitId(body.id),
+        call_sign: body.call_sign.trim().to_owned(),
+        capability: body.capability.as_str().to_owned(),
+        status: UnitStatus::Available.as_str().to_owned(),
+        location: body.location,
+        fix_at: now,
+        base: body.base,
+        current_incident_id: None,
+    };
+    let stored = record.clone();
+    state
+        .db
+        .run(move |mut conn| async move { store::insert_unit(&mut conn, &stored, now).await })
+        .await
+        .map_err(|e| match e {
+            StoreError::Conflict(_) => ApiError::Conflict {
+                detail: "a unit with this id exists".into(),
+                extensions: Default::default(),
+            },
+            other => other.into(),
+        })?;
+    let addr = state.fleet.send(RegisterUnit(record)).await.map_err(busy)?;
+    let view = addr.send(ViewUnit).await.map_err(busy)?;
+    Ok(HttpResponse::Created().json(view))
+}
+
+/// Every unit with its live status and position.
+#[utoipa::path(get, path = "/api/v1/units", tag = "fleet", security(("bearer" = [])),
+    responses((status = 200, description = "{items, next_cursor}")))]
+pub async fn list_units(
+    _auth: Authorized<CrewOrConsole>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let addrs = state.fleet.send(AllUnits).await.map_err(busy)?;
+    let views = futures_util::future::join_all(addrs.iter().map(|a| a.send(ViewUnit))).await;
+    let items: Vec<_> = views.into_iter().flatten().collect();
+    Ok(HttpResponse::Ok().json(json!({"items": items, "next_cursor": null})))
+}
+
+/// One unit.
+#[utoipa::path(get, path = "/api/v1/units/{id}", tag = "fleet", security(("bearer" = [])),
+    params(("id" = String, Path)), responses((status = 200, description = "the unit"), (status = 404, body = super::error::Problem)))]
+pub async fn get_unit(
+    _auth: Authorized<CrewOrConsole>,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let addr = state
+        .fleet
+        .send(UnitAddr(UnitId(id.into_inner())))
+        .await
+        .map_err(busy)?
+        .ok_or_else(|| ApiError::not_found("no such unit"))?;
+    Ok(HttpResponse::Ok().json(addr.send(ViewUnit).await.map_err(busy)?))
+}
+
+/// `POST /api/v1/hospitals` body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewHospital {
+    /// Id (generated when absent).
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Name.
+    pub name: String,
+    /// Emergency entrance.
+    #[schema(value_type = Object)]
+    pub location: LatLng,
+    /// Services (e.g. `stroke`, `trauma`).
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    /// Beds for ambulance arrivals.
+    pub capacity: u32,
+}
+
+/// Registers a hospital.
+#[utoipa::path(post, path = "/api/v1/hospitals", tag = "fleet", request_body = NewHospital, security(("bearer" = [])),
+    responses((status = 201, description = "the hospital"), (status = 422, body = super::error::Problem)))]
+pub async fn create_hospital(
+    _auth: Authorized<AdminOnly>,
+    state: web::Data<AppState>,
+    body: JsonBody<NewHospital>,
+) -> Result<HttpResponse, ApiError> {
+    let body = body.0;
+    let mut errors = Vec::new();
+    if body.id.as_deref().is_some_and(|i| !valid_external_id(i)) {
+        errors.push(FieldError::new(
+            "/id",
+            "must be 1 to 128 printable characters without spaces, '/', '?' or '#'",
+        ));
+    }
+    if body.name.trim().is_empty() || body.name.chars().count() > 200 {
+        errors.push(FieldError::new("/name", "must be 1 to 200 characters"));
+    }
+    body.location.validate("/location", &mut errors);
+    if body.capacity > 10_000 {
+        errors.push(FieldError::new("/capacity", "must be at most 10000"));
+    }
+    validation(errors)?;
+    let record = HospitalRecord {
+        id: HospitalId(body.id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string())),
+        name: body.name.trim().to_owned(),
+        location: body.location,
+        capabilities: body.capabilities,
+        capacity: body.capacity,
+        occupied: 0,
+    };
+    let stored = record.clone();
+    state
+        .db
+        .run(move |mut conn| async move { store::insert_hospital(&mut conn, &stored, Utc::now()).await })
+        .await
+        .map_err(|e| match e {
+            StoreError::Conflict(_) => ApiError::Conflict { detail: "a hospital with this id exists".into(), extensions: Default::default() },
+            other => other.into(),
+        })?;
+    state
+        .fleet
+        .send(RegisterHospital(record.clone()))
+        .await
+        .map_err(busy)?;
+    Ok(HttpResponse::Created().json(record))
+}
+
+/// Hospitals with capacity.
+#[utoipa::path(get, path = "/api/v1/hospitals", tag = "fleet", security(("bearer" = [])),
+    responses((status = 200, description = "{items, next_cursor}")))]
+pub async fn list_hospitals(
+    _auth: Authorized<CrewOrConsole>,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ApiError> {
+    let items = state.fleet.send(ListHospitals).await.map_err(busy)?;
+    Ok(HttpResponse::Ok().json(json!({"items": items, "next_cursor": null})))
+}
+
+fn offer_id(raw: &str) -> Result<OfferId, ApiError> {
+    raw.parse()
+        .map_err(|_| ApiError::not_found("no such offer for this unit"))
+}
+
+/// The crew accepts an offer: `{outcome: "assigned"}`, or 409 `{outcome: taken|expired|cancelled}`.
+#[utoipa::path(post, path = "/api/v1/offers/{id}/accept", tag = "crews", security(("bearer" = [])),
+    params(("id" = String, Path)),
+    responses((status = 200, description = "{outcome: assigned}"), (status = 409, body = super::error::Problem)))]
+pub async fn accept_offer(
+    auth: Authorized<CrewOnly>,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let unit = bound_unit(&auth.principal)?;
+    let outcome = crew(&state)
+        .accept(&unit, offer_id(&id)?)
+        .await
+        .map_err(crew_error)?;
+    Ok(HttpResponse::Ok().json(json!({"outcome": outcome})))
+}
+
+/// `POST /api/v1/offers/{id}/decline` body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeclineBody {
+    /// Why (optional).
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// The crew declines an offer; the next round skips this unit.
+#[utoipa::path(post, path = "/api/v1/offers/{id}/decline", tag = "crews", security(("bearer" = [])),
+    params(("id" = String, Path)),
+    responses((status = 200, description = "{outcome: declined}"), (status = 409, body = super::error::Problem)))]
+pub async fn decline_offer(
+    auth: Authorized<CrewOnly>,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    req: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let unit = bound_unit(&auth.principal)?;
+    let mut payload = payload;
+    let bytes = super::json::read_body(&req, &mut payload).await?;
+    let body: DeclineBody = if bytes.iter().all(u8::is_ascii_whitespace) {
+        DeclineBody::default()
+    } else {
+        super::json::parse_json(&bytes)?
+    };
+    let reason = body.reason.unwrap_or_else(|| "declined".into());
+    if reason.chars().count() > 500 {
+        return Err(ApiError::field("/reason", "at most 500 characters"));
+    }
+    let outcome = crew(&state)
+        .decline(&unit, offer_id(&id)?, reason)
+        .await
+        .map_err(crew_error)?;
+    Ok(HttpResponse::Ok().json(json!({"outcome": outcome})))
+}
+
+/// `POST /api/v1/units/{id}/location` body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LocationBody {
+    /// Latitude.
+    pub lat: f64,
+    /// Longitude.
+    pub lng: f64,
+    /// When measured (default: now).
+    #[serde(default)]
+    pub at: Option<DateTime<Utc>>,
+    /// Speed, m/s.
+    #[serde(default)]
+    pub speed_mps: Option<f64>,
+    /// Heading, degrees.
+    #[serde(default)]
+    pub heading_deg: Option<f64>,
+}
+
+/// A position fix for a unit (its crew).
+#[utoipa::path(post, path = "/api/v1/units/{id}/location", tag = "crews", request_body = LocationBody,
+    security(("bearer" = [])), params(("id" = String, Path)),
+    responses((status = 204, description = "recorded"), (status = 422, body = super::error::Problem)))]
+pub async fn unit_location(
+    auth: Authorized<CrewOnly>,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    body: JsonBody<LocationBody>,
+) -> Result<HttpResponse, ApiError> {
+    let unit = UnitId(id.into_inner());
+    own_unit(&auth.principal, &unit)?;
+    let b = body.0;
+    crew(&state)
+        .locate(
+            &unit,
+            LatLng {
+                lat: b.lat,
+                lng: b.lng,
+            },
+            b.at,
+            b.speed_mps,
+            b.heading_deg,
+        )
+        .await
+        .map_err(crew_error)?;
+    Ok(HttpResponse::NoContent().finish())
+}
+
+/// `POST /api/v1/units/{id}/status` body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StatusBody {
+    /// `enroute`, `on_scene`, `transporting`, `at_hospital`, `available`, `out_of_service`.
+    #[schema(value_type = String)]
+    pub status: CrewReport,
+    /// Destination when transporting (default: nearest with capacity).
+    #[serde(default)]
+    #[schema(value_type = Option<String>)]
+    pub hospital_id: Option<HospitalId>,
+}
+
+/// A status report for a unit (its crew; dispatchers may set available/out of service).
+#[utoipa::path(post, path = "/api/v1/units/{id}/status", tag = "crews", request_body = StatusBody,
+    security(("bearer" = [])), params(("id" = String, Path)),
+    responses((status = 200, description = "{unit_id, from, to, incident_id}"), (status = 409, body = super::error::Problem)))]
+pub async fn unit_status(
+    auth: Authorized<CrewOrConsole>,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    body: JsonBody<StatusBody>,
+) -> Result<HttpResponse, ApiError> {
+    let unit = UnitId(id.into_inner());
+    own_unit(&auth.principal, &unit)?;
+    let b = body.0;
+    if auth.principal.role != Role::Crew
+        && !matches!(b.status, CrewReport::Available | CrewReport::OutOfService)
+    {
+        return Err(ApiError::field(
+            "/status",
+            "dispatchers may only set available or out_of_service",
+        ));
+    }
+    let update = crew(&state)
+        .report(&unit, b.status, b.hospital_id)
+        .await
+        .map_err(crew_error)?;
+    Ok(HttpResponse::Ok().json(update))
+}
+
+/// `POST /api/v1/incidents/{id}/assign` body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AssignBody {
+    /// The unit to send.
+    pub unit_id: String,
+}
+
+/// A dispatcher assigns a unit by hand (also after escalation).
+#[utoipa::path(post, path = "/api/v1/incidents/{id}/assign", tag = "incidents", request_body = AssignBody,
+    security(("bearer" = [])), params(("id" = String, Path)),
+    responses((status = 200, description = "the incident"), (status = 404, body = super::error::Problem), (status = 409, body = super::error::Problem)))]
+pub async fn assign(
+    _auth: Authorized<ConsoleOnly>,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    body: JsonBody<AssignBody>,
+) -> Result<HttpResponse, ApiError> {
+    let incident_id = id
+        .parse()
+        .map_err(|_| ApiError::not_found("no incident with this id"))?;
+    let unit = UnitId(body.0.unit_id);
+    if state
+        .fleet
+        .send(UnitAddr(unit.clone()))
+        .await
+        .map_err(busy)?
+        .is_none()
+    {
+        return Err(ApiError::field("/unit_id", "no such unit"));
+    }
+    let incident = state
+        .incidents
+        .send(ForwardManualAssign {
+            incident_id,
+            unit_id: unit,
+        })
+        .await
+        .map_err(busy)?
+        .map_err(|e| match e {
+            IncidentError::NotFound => ApiError::not_found("no incident with this id"),
+            IncidentError::Store(s) => s.into(),
+            other => ApiError::Conflict {
+                detail: other.to_string(),
+                extensions: Default::default(),
+            },
+        })?;
+    Ok(HttpResponse::Ok().json(super::incidents::summary_of(incident)))
+}
+
+/// How often the server pings a crew connection.
+pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a crew connection may stay silent before it is closed.
+pub const CLIENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+enum CrewFrame {
+    Accept {
+        offer_id: String,
+    },
+    Decline {
+        offer_id: String,
+        #[serde(default)]
+        reason: Option<String>,
+    },
+    Location {
+        lat: f64,
+        lng: f64,
+        #[serde(default)]
+        at: Option<DateTime<Utc>>,
+        #[serde(default)]
+        speed_mps: Option<f64>,
+        #[serde(default)]
+        heading_deg: Option<f64>,
+    },
+    Status {
+        status: CrewReport,
+        #[serde(default)]
+        hospital_id: Option<HospitalId>,
+    },
+}
+
+async fn crew_frame(crew: &Crew, unit: &UnitId, text: &str) -> Value {
+    let frame: CrewFrame = match super::json::parse_json(text.as_bytes()) {
+        Ok(f) => f,
+        Err(e) => return json!({"type": "error", "error": e.problem()}),
+    };
+    let error = |e: CrewError| json!({"type": "error", "error": crew_error(e).problem()});
+    match frame {
+        CrewFrame::Accept { offer_id: raw } => match raw.parse::<OfferId>() {
+            Ok(offer) => match crew.accept(unit, offer).await {
+                Ok(outcome) => {
+                    json!({"type": "accept_result", "offer_id": offer, "outcome": outcome})
+                }
+                Err(CrewError::Lost(outcome)) => {
+                    json!({"type": "accept_result", "offer_id": offer, "outcome": outcome})
+                }
+                Err(e) => error(e),
+            },
+            Err(_) => error(CrewError::UnknownOffer),
+        },
+        CrewFrame::Decline {
+            offer_id: raw,
+            reason,
+        } => match raw.parse::<OfferId>() {
+            Ok(offer) => match crew
+                .decline(unit, offer, reason.unwrap_or_else(|| "declined".into()))
+                .await
+            {
+                Ok(outcome) => {
+                    json!({"type": "decline_result", "offer_id": offer, "outcome": outcome})
+                }
+                Err(e) => error(e),
+            },
+            Err(_) => error(CrewError::UnknownOffer),
+        },
+        CrewFrame::Location {
+            lat,
+            lng,
+            at,
+            speed_mps,
+            heading_deg,
+        } => {
+            match crew
+                .locate(unit, LatLng { lat, lng }, at, speed_mps, heading_deg)
+                .await
+            {
+                Ok(()) => json!({"type": "location_ack"}),
+                Err(e) => error(e),
+            }
+        }
+        CrewFrame::Status {
+            status,
+            hospital_id,
+        } => match crew.report(unit, status, hospital_id).await {
+            Ok(update) => {
+                json!({"type": "status_result", "unit_id": update.unit_id, "from": update.from, "to": update.to, "incident_id": update.incident_id})
+            }
+            Err(e) => error(e),
+        },
+    }
+}
+
+/// The crew WebSocket: offers are pushed; accept/decline/location/status frames come in.
+/// A reconnecting crew gets its pending offer or assignment again.
+#[utoipa::path(get, path = "/api/v1/ws/crew", tag = "crews", security(("bearer" = [])),
+    responses((status = 101, description = "WebSocket upgrade")))]
+pub async fn crew_ws(
+    auth: Authorized<CrewOnly>,
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Payload,
+) -> Result<HttpResponse, actix_web::Error> {
+    let unit = bound_unit(&auth.principal)?;
+    let addr = state
+        .fleet
+        .send(UnitAddr(unit.clone()))
+        .await
+        .map_err(busy)?
+        .ok_or_else(|| ApiError::not_found("the token's unit is not registered"))?;
+    let (response, session, stream) = actix_ws::handle(&req, body)?;
+    let limit = state.settings.http.body_limit_bytes;
+    let state: Arc<AppState> = state.into_inner();
+    let session_id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
+    addr.do_send(AttachSession {
+        id: session_id,
+        session: session.clone(),
+    });
+    let mut session = session;
+    let mut stream = stream
+        .max_frame_size(limit)
+        .aggregate_continuations()
+        .max_continuation_size(limit);
+    actix_web::rt::spawn(async move {
+        let crew = crew(&state);
+        let mut last_heard = Instant::now();
+        let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
+        let reason = loop {
+            tokio::select! {
+                message = stream.next() => match message {
+                    Some(Ok(actix_ws::AggregatedMessage::Text(text))) => {
+                        last_heard = Instant::now();
+                        let reply = crew_frame(&crew, &unit, &text).await;
+                        if session.text(reply.to_string()).await.is_err() { break None; }
+                    }
+                    Some(Ok(actix_ws::AggregatedMessage::Ping(bytes))) => {
+                        last_heard = Instant::now();
+                        if session.pong(&bytes).await.is_err() { break None; }
+                    }
+                    Some(Ok(actix_ws::AggregatedMessage::Pong(_))) => last_heard = Instant::now(),
+                    Some(Ok(actix_ws::AggregatedMessage::Binary(_))) => {
+                        let err = json!({"type": "error", "error": ApiError::UnsupportedMediaType.problem()});
+                        if session.text(err.to_string()).await.is_err() { break None; }
+                    }
+                    Some(Ok(actix_ws::AggregatedMessage::Close(reason))) => break reason,
+                    Some(Err(_)) => break Some(actix_ws::CloseReason { code: actix_ws::CloseCode::Protocol, description: Some("protocol error".into()) }),
+                    None => break None,
+                },
+                _ = heartbeat.tick() => {
+                    if last_heard.elapsed() > CLIENT_TIMEOUT {
+                        break Some(actix_ws::CloseReason { code: actix_ws::CloseCode::Policy, description: Some("heartbeat timeout".into()) });
+                    }
+                    if session.ping(b"").await.is_err() { break None; }
+                }
+            }
+        };
+        addr.do_send(DetachSession(session_id));
+        let _ = session.close(reason).await;
+    });
+    Ok(response)
+}

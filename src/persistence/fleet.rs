@@ -1,0 +1,374 @@
+//! Units, hospitals and dispatch offers.
+
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use diesel_async::RunQueryDsl;
+use serde::Serialize;
+
+use super::schema::{hospitals, offers, units};
+use super::{DbConn, StoreError, from_db_time, to_db_time};
+use crate::db_run;
+use crate::domain::geo::LatLng;
+use crate::domain::ids::{HospitalId, IncidentId, OfferId, UnitId};
+
+/// A stored unit.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct UnitRecord {
+    /// Id.
+    pub id: UnitId,
+    /// Radio call sign.
+    pub call_sign: String,
+    /// `als` or `bls`.
+    pub capability: String,
+    /// Current status.
+    pub status: String,
+    /// Last position.
+    pub location: LatLng,
+    /// When the position was fixed.
+    pub fix_at: DateTime<Utc>,
+    /// Home station.
+    pub base: Option<LatLng>,
+    /// Incident the unit is committed to.
+    pub current_incident_id: Option<String>,
+}
+
+#[derive(Insertable, AsChangeset, Queryable, Selectable)]
+#[diesel(table_name = units, treat_none_as_default_value = false, treat_none_as_null = true)]
+struct UnitRow {
+    id: String,
+    call_sign: String,
+    capability: String,
+    status: String,
+    lat: f64,
+    lng: f64,
+    fix_at: chrono::NaiveDateTime,
+    base_lat: Option<f64>,
+    base_lng: Option<f64>,
+    current_incident_id: Option<String>,
+    created_at: chrono::NaiveDateTime,
+    updated_at: chrono::NaiveDateTime,
+}
+
+impl UnitRow {
+    fn from_record(u: &UnitRecord, now: DateTime<Utc>) -> Self {
+        Self {
+            id: u.id.0.clone(),
+            call_sign: u.call_sign.clone(),
+            capability: u.capability.clone(),
+            status: u.status.clone(),
+            lat: u.location.lat,
+            lng: u.location.lng,
+            fix_at: to_db_time(u.fix_at),
+            base_lat: u.base.map(|b| b.lat),
+            base_lng: u.base.map(|b| b.lng),
+            current_incident_id: u.current_incident_id.clone(),
+            created_at: to_db_time(now),
+            updated_at: to_db_time(now),
+        }
+    }
+
+    fn into_record(self) -> UnitRecord {
+        UnitRecord {
+            id: UnitId(self.id),
+            call_sign: self.call_sign,
+            capability: self.capability,
+            status: self.status,
+            location: LatLng {
+                lat: self.lat,
+                lng: self.lng,
+            },
+            fix_at: from_db_time(self.fix_at),
+            base: self
+                .base_lat
+                .zip(self.base_lng)
+                .map(|(lat, lng)| LatLng { lat, lng }),
+            current_incident_id: self.current_incident_id,
+        }
+    }
+}
+
+/// Registers a unit (`Conflict` when the id exists).
+pub async fn insert_unit(
+    conn: &mut DbConn,
+    unit: &UnitRecord,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let row = UnitRow::from_record(unit, now);
+    db_run!(conn, |c| {
+        diesel::insert_into(units::table)
+            .values(&row)
+            .execute(c)
+            .await?
+    });
+    Ok(())
+}
+
+/// Saves a unit's live state (status, position, commitment).
+pub async fn save_unit(
+    conn: &mut DbConn,
+    unit: &UnitRecord,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let row = UnitRow::from_record(unit, now);
+    db_run!(conn, |c| {
+        diesel::update(units::table.find(&row.id))
+            .set((
+                units::status.eq(&row.status),
+                units::lat.eq(row.lat),
+                units::lng.eq(row.lng),
+                units::fix_at.eq(row.fix_at),
+                units::current_incident_id.eq(&row.current_incident_id),
+                units::updated_at.eq(row.updated_at),
+            ))
+            .execute(c)
+            .await?
+    });
+    Ok(())
+}
+
+/// Every unit.
+pub async fn all_units(conn: &mut DbConn) -> Result<Vec<UnitRecord>, StoreError> {
+    let rows: Vec<UnitRow> = db_run!(conn, |c| {
+        units::table
+            .order(units::id.asc())
+            .select(UnitRow::as_select())
+            .load(c)
+            .await?
+    });
+    Ok(rows.into_iter().map(UnitRow::into_record).collect())
+}
+
+/// A stored hospital.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct HospitalRecord {
+    /// Id.
+    pub id: HospitalId,
+    /// Name.
+    pub name: String,
+    /// Where.
+    pub location: LatLng,
+    /// What it can treat (e.g. `stroke`, `trauma`, `cardiac`).
+    pub capabilities: Vec<String>,
+    /// Beds for ambulance arrivals.
+    pub capacity: u32,
+    /// Taken by patients in transport or not yet handed over.
+    pub occupied: u32,
+}
+
+/// Registers a hospital.
+pub async fn insert_hospital(
+    conn: &mut DbConn,
+    h: &HospitalRecord,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let caps =
+        serde_json::to_string(&h.capabilities).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    db_run!(conn, |c| {
+        diesel::insert_into(hospitals::table)
+            .values((
+                hospitals::id.eq(h.id.as_str()),
+                hospitals::name.eq(&h.name),
+                hospitals::lat.eq(h.location.lat),
+                hospitals::lng.eq(h.location.lng),
+                hospitals::capabilities.eq(&caps),
+                hospitals::capacity.eq(i32::try_from(h.capacity).unwrap_or(i32::MAX)),
+                hospitals::occupied.eq(i32::try_from(h.occupied).unwrap_or(i32::MAX)),
+                hospitals::created_at.eq(to_db_time(now)),
+            ))
+            .execute(c)
+            .await?
+    });
+    Ok(())
+}
+
+/// Sets how many beds of a hospital are taken.
+pub async fn set_occupied(
+    conn: &mut DbConn,
+    id: &HospitalId,
+    occupied: u32,
+) -> Result<(), StoreError> {
+    db_run!(conn, |c| {
+        diesel::update(hospitals::table.find(id.as_str()))
+            .set(hospitals::occupied.eq(i32::try_from(occupied).unwrap_or(i32::MAX)))
+            .execute(c)
+            .await?
+    });
+    Ok(())
+}
+
+/// Every hospital.
+pub async fn all_hospitals(conn: &mut DbConn) -> Result<Vec<HospitalRecord>, StoreError> {
+    let rows: Vec<(String, String, f64, f64, String, i32, i32)> = db_run!(conn, |c| {
+        hospitals::table
+            .order(hospitals::id.asc())
+            .select((
+                hospitals::id,
+                hospitals::name,
+                hospitals::lat,
+                hospitals::lng,
+                hospitals::capabilities,
+                hospitals::capacity,
+                hospitals::occupied,
+            ))
+            .load(c)
+            .await?
+    });
+    rows.into_iter()
+        .map(|(id, name, lat, lng, caps, capacity, occupied)| {
+            Ok(HospitalRecord {
+                id: HospitalId(id),
+                name,
+                location: LatLng { lat, lng },
+                capabilities: serde_json::from_str(&caps)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                capacity: u32::try_from(capacity).unwrap_or(0),
+                occupied: u32::try_from(occupied).unwrap_or(0),
+            })
+        })
+        .collect()
+}
+
+/// A dispatch offer.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct OfferRecord {
+    /// Id.
+    pub id: OfferId,
+    /// Incident.
+    pub incident_id: IncidentId,
+    /// Unit offered.
+    pub unit_id: UnitId,
+    /// Round (1-based).
+    pub round: u32,
+    /// `pending`, `accepted`, `declined`, `expired` or `withdrawn`.
+    pub status: String,
+    /// ETA to the scene when offered.
+    pub eta_s: u32,
+    /// Why this unit (`closest_by_eta`, `closest_by_distance`, `manual`).
+    pub reason: String,
+    /// When offered (NEMSIS eTimes.03 for the first).
+    pub offered_at: DateTime<Utc>,
+    /// When it lapses.
+    pub expires_at: DateTime<Utc>,
+    /// When the crew answered (or it lapsed / was withdrawn).
+    pub responded_at: Option<DateTime<Utc>>,
+    /// A crew's reason for declining.
+    pub decline_reason: Option<String>,
+}
+
+#[derive(Insertable, Queryable, Selectable)]
+#[diesel(table_name = offers, treat_none_as_default_value = false)]
+struct OfferRow {
+    id: String,
+    incident_id: String,
+    unit_id: String,
+    round: i32,
+    status: String,
+    eta_s: i32,
+    reason: String,
+    offered_at: chrono::NaiveDateTime,
+    expires_at: chrono::NaiveDateTime,
+    responded_at: Option<chrono::NaiveDateTime>,
+    decline_reason: Option<String>,
+}
+
+/// Stores new offers.
+pub async fn insert_offers(conn: &mut DbConn, batch: &[OfferRecord]) -> Result<(), StoreError> {
+    for o in batch {
+        let row = OfferRow {
+            id: o.id.to_string(),
+            incident_id: o.incident_id.to_string(),
+            unit_id: o.unit_id.0.clone(),
+            round: i32::try_from(o.round).unwrap_or(i32::MAX),
+            status: o.status.clone(),
+            eta_s: i32::try_from(o.eta_s).unwrap_or(i32::MAX),
+            reason: o.reason.clone(),
+            offered_at: to_db_time(o.offered_at),
+            expires_at: to_db_time(o.expires_at),
+            responded_at: o.responded_at.map(to_db_time),
+            decline_reason: o.decline_reason.clone(),
+        };
+        db_run!(conn, |c| {
+            diesel::insert_into(offers::table)
+                .values(&row)
+                .execute(c)
+                .await?
+        });
+    }
+    Ok(())
+}
+
+/// Moves a pending offer to `status`; false when it was no longer pending.
+pub async fn close_offer(
+    conn: &mut DbConn,
+    id: OfferId,
+    status: &str,
+    at: DateTime<Utc>,
+    decline_reason: Option<&str>,
+) -> Result<bool, StoreError> {
+    let n = db_run!(conn, |c| {
+        diesel::update(
+            offers::table
+                .filter(offers::id.eq(id.to_string()))
+                .filter(offers::status.eq("pending")),
+        )
+        .set((
+            offers::status.eq(status),
+            offers::responded_at.eq(Some(to_db_time(at))),
+            offers::decline_reason.eq(decline_reason),
+        ))
+        .execute(c)
+        .await?
+    });
+    Ok(n == 1)
+}
+
+fn offer_from_row(r: OfferRow) -> Result<OfferRecord, StoreError> {
+    Ok(OfferRecord {
+        id: r
+            .id
+            .parse()
+            .map_err(|e| StoreError::Corrupt(format!("offer id: {e}")))?,
+        incident_id: r
+            .incident_id
+            .parse()
+            .map_err(|e| StoreError::Corrupt(format!("offer incident: {e}")))?,
+        unit_id: UnitId(r.unit_id),
+        round: u32::try_from(r.round).unwrap_or(0),
+        status: r.status,
+        eta_s: u32::try_from(r.eta_s).unwrap_or(0),
+        reason: r.reason,
+        offered_at: from_db_time(r.offered_at),
+        expires_at: from_db_time(r.expires_at),
+        responded_at: r.responded_at.map(from_db_time),
+        decline_reason: r.decline_reason,
+    })
+}
+
+/// The offers of an incident, oldest first.
+pub async fn offers_for(
+    conn: &mut DbConn,
+    incident: IncidentId,
+) -> Result<Vec<OfferRecord>, StoreError> {
+    let rows: Vec<OfferRow> = db_run!(conn, |c| {
+        offers::table
+            .filter(offers::incident_id.eq(incident.to_string()))
+            .order((offers::offered_at.asc(), offers::id.asc()))
+            .select(OfferRow::as_select())
+            .load(c)
+            .await?
+    });
+    rows.into_iter().map(offer_from_row).collect()
+}
+
+/// One offer.
+pub async fn find_offer(conn: &mut DbConn, id: OfferId) -> Result<Option<OfferRecord>, StoreError> {
+    let row: Option<OfferRow> = db_run!(conn, |c| {
+        offers::table
+            .find(id.to_string())
+            .select(OfferRow::as_select())
+            .first(c)
+            .await
+            .optional()?
+    });
+    row.map(offer_from_row).transpose()
+}

@@ -1,0 +1,523 @@
+//! Fleet and dispatch: offers to the nearest units, first accept wins, rounds, escalation,
+//! manual assignment, crew WebSocket, status reports and hospital capacity.
+
+use std::collections::HashSet;
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use shers::actors::incidents::{LookupIncident, RoundExpired};
+use shers::domain::auth::Role;
+use shers::persistence::Backend;
+
+use crate::both_backends;
+use crate::helpers::TestApp;
+
+both_backends!(
+    offers_go_to_the_nearest_and_the_first_accept_wins,
+    three_crews_racing_for_one_incident_200_times,
+    decline_and_expiry_lead_to_new_rounds_then_escalation,
+    one_unit_two_incidents_one_assignment,
+    crew_reports_carry_the_incident_to_hospital,
+);
+
+const SCENE: (f64, f64) = (51.5000, -0.1200);
+
+async fn open_incident(app: &TestApp, priority: &str) -> String {
+    let body: Value = app
+        .post_json(
+            "/api/v1/incidents",
+            Some(Role::Console),
+            &json!({"location": {"lat": SCENE.0, "lng": SCENE.1}, "priority": priority}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    body["id"].as_str().unwrap().to_owned()
+}
+
+fn pending_offers(incident: &Value) -> Vec<(String, String)> {
+    incident["offers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["status"] == "pending")
+        .map(|o| {
+            (
+                o["id"].as_str().unwrap().to_owned(),
+                o["unit_id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+async fn offers_go_to_the_nearest_and_the_first_accept_wins(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    // Distances from the scene: U1 < U2 < U3 < U4.
+    for (i, id) in ["U1", "U2", "U3", "U4"].iter().enumerate() {
+        app.add_unit(id, SCENE.0 + 0.005 * (i as f64 + 1.0), SCENE.1, "als")
+            .await;
+    }
+    let id = open_incident(&app, "emergency").await;
+    let incident = app
+        .wait_incident(&id, |i| pending_offers(i).len() == 3)
+        .await;
+    let offered: HashSet<String> = pending_offers(&incident)
+        .into_iter()
+        .map(|(_, u)| u)
+        .collect();
+    assert_eq!(
+        offered,
+        ["U1", "U2", "U3"].iter().map(|s| s.to_string()).collect()
+    );
+    assert!(
+        incident["times"]["unit_notified"].is_string(),
+        "eTimes.03 set by the first offer"
+    );
+    assert_eq!(incident["offers"][0]["reason"], "closest_by_distance");
+
+    // All three crews accept at once: exactly one wins.
+    let mut tasks = Vec::new();
+    for (offer, unit) in pending_offers(&incident) {
+        let token = app.crew_token(&unit).await;
+        let (client, url) = (
+            app.client.clone(),
+            app.url(&format!("/api/v1/offers/{offer}/accept")),
+        );
+        tasks.push(actix_web::rt::spawn(async move {
+            let resp = client.post(url).bearer_auth(token).send().await.unwrap();
+            let status = resp.status();
+            let body: Value = resp.json().await.unwrap();
+            (
+                unit,
+                status,
+                body["outcome"].as_str().unwrap_or_default().to_owned(),
+            )
+        }));
+    }
+    let mut winners = Vec::new();
+    for t in tasks {
+        let (unit, status, outcome) = t.await.unwrap();
+        if status == StatusCode::OK {
+            assert_eq!(outcome, "assigned");
+            winners.push(unit);
+        } else {
+            assert_eq!(status, StatusCode::CONFLICT);
+            assert_eq!(outcome, "taken");
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one assignment");
+    let incident = app.wait_incident(&id, |i| i["status"] == "assigned").await;
+    assert_eq!(incident["assigned_unit_id"], winners[0].as_str());
+    let statuses: Vec<&str> = incident["offers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses.iter().filter(|s| **s == "accepted").count(), 1);
+    assert_eq!(statuses.iter().filter(|s| **s == "withdrawn").count(), 2);
+    // The losers are available again; the winner is assigned.
+    let units: Value = app
+        .get("/api/v1/units", Some(Role::Console))
+        .await
+        .json()
+        .await
+        .unwrap();
+    for u in units["items"].as_array().unwrap() {
+        let expected = if u["id"] == winners[0].as_str() {
+            "assigned"
+        } else {
+            "available"
+        };
+        assert_eq!(u["status"], expected, "{u}");
+    }
+    assert_eq!(app.events_of("dispatch.assigned").await.len(), 1);
+    assert_eq!(app.events_of("dispatch.offer_withdrawn").await.len(), 2);
+}
+
+async fn three_crews_racing_for_one_incident_200_times(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let units = ["R1", "R2", "R3"];
+    let mut tokens = Vec::new();
+    for (i, id) in units.iter().enumerate() {
+        app.add_unit(id, SCENE.0 + 0.001 * (i as f64 + 1.0), SCENE.1, "bls")
+            .await;
+        tokens.push(app.crew_token(id).await);
+    }
+    for round in 0..200 {
+        let id = open_incident(&app, "urgent").await;
+        let incident = app
+            .wait_incident(&id, |i| pending_offers(i).len() == 3)
+            .await;
+        let mut tasks = Vec::new();
+        for (offer, unit) in pending_offers(&incident) {
+            let token = tokens[units.iter().position(|u| *u == unit).unwrap()].clone();
+            let (client, url) = (
+                app.client.clone(),
+                app.url(&format!("/api/v1/offers/{offer}/accept")),
+            );
+            tasks.push(actix_web::rt::spawn(async move {
+                client
+                    .post(url)
+                    .bearer_auth(token)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+            }));
+        }
+        let mut ok = 0;
+        for t in tasks {
+            if t.await.unwrap() == StatusCode::OK {
+                ok += 1;
+            }
+        }
+        assert_eq!(ok, 1, "round {round}: exactly one accept wins");
+        // Cancel to free the unit for the next round.
+        let resp = app
+            .post_json(
+                &format!("/api/v1/incidents/{id}/cancel"),
+                Some(Role::Console),
+                &json!({"reason": "drill"}),
+            )
+            .await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        // Wait until all three units are available again.
+        for _ in 0..250 {
+            let list: Value = app
+                .get("/api/v1/units", Some(Role::Console))
+                .await
+                .json()
+                .await
+                .unwrap();
+            if list["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|u| u["status"] == "available")
+            {
+                break;
+            }
+            actix_web::rt::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+    assert_eq!(app.events_of("dispatch.assigned").await.len(), 200);
+}
+
+async fn decline_and_expiry_lead_to_new_rounds_then_escalation(backend: Backend) {
+    let app = TestApp::builder(backend)
+        .with_settings(|s| {
+            s.dispatch.offers_per_round = 1;
+            s.dispatch.max_rounds = 3;
+        })
+        .start()
+        .await;
+    app.add_unit("A", SCENE.0 + 0.001, SCENE.1, "als").await;
+    app.add_unit("B", SCENE.0 + 0.002, SCENE.1, "als").await;
+    app.add_unit("C", SCENE.0 + 0.003, SCENE.1, "als").await;
+    let id = open_incident(&app, "emergency").await;
+    // Round 1: A. A declines → round 2: B.
+    let incident = app
+        .wait_incident(&id, |i| pending_offers(i).len() == 1)
+        .await;
+    let (offer, unit) = pending_offers(&incident)[0].clone();
+    assert_eq!(unit, "A");
+    let token = app.crew_token("A").await;
+    let resp = app
+        .crew_post(
+            &token,
+            &format!("/api/v1/offers/{offer}/decline"),
+            &json!({"reason": "fuel"}),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let incident = app
+        .wait_incident(&id, |i| {
+            pending_offers(i).first().is_some_and(|(_, u)| u == "B")
+        })
+        .await;
+    assert_eq!(incident["offers"][0]["status"], "declined");
+    // Round 2 expires (timer message sent directly: no sleeping) → round 3: C (A and B skipped).
+    let actor = app
+        .incidents
+        .send(LookupIncident(id.parse().unwrap()))
+        .await
+        .unwrap()
+        .unwrap();
+    actor.send(RoundExpired { round: 2 }).await.unwrap();
+    let incident = app
+        .wait_incident(&id, |i| {
+            pending_offers(i).first().is_some_and(|(_, u)| u == "C")
+        })
+        .await;
+    assert_eq!(incident["offers"][1]["status"], "expired");
+    // A crew accepting the expired offer is told so.
+    let expired_offer = incident["offers"][1]["id"].as_str().unwrap();
+    let resp = app
+        .crew_post(
+            &app.crew_token("B").await,
+            &format!("/api/v1/offers/{expired_offer}/accept"),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["outcome"], "expired");
+    // Round 3 expires: after the last round the incident is escalated to the dispatchers.
+    actor.send(RoundExpired { round: 3 }).await.unwrap();
+    let incident = app.wait_incident(&id, |i| i["escalated"] == true).await;
+    assert_eq!(incident["status"], "dispatching");
+    assert_eq!(app.events_of("incident.escalated").await.len(), 1);
+    // A dispatcher assigns by hand.
+    let resp = app
+        .post_json(
+            &format!("/api/v1/incidents/{id}/assign"),
+            Some(Role::Console),
+            &json!({"unit_id": "B"}),
+        )
+        .await;
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "{}",
+        resp.text().await.unwrap()
+    );
+    let incident = app.wait_incident(&id, |i| i["status"] == "assigned").await;
+    assert_eq!(incident["assigned_unit_id"], "B");
+    // A second manual assignment is refused.
+    let resp = app
+        .post_json(
+            &format!("/api/v1/incidents/{id}/assign"),
+            Some(Role::Console),
+            &json!({"unit_id": "A"}),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+}
+
+async fn one_unit_two_incidents_one_assignment(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.add_unit("SOLO", SCENE.0 + 0.001, SCENE.1, "bls").await;
+    let x = open_incident(&app, "emergency").await;
+    let ix = app
+        .wait_incident(&x, |i| pending_offers(i).len() == 1)
+        .await;
+    let (offer_x, _) = pending_offers(&ix)[0].clone();
+    // A second incident finds no free unit: escalated.
+    let y = open_incident(&app, "emergency").await;
+    app.wait_incident(&y, |i| i["escalated"] == true).await;
+    // The dispatcher sends the unit to Y by hand, displacing X's offer.
+    let resp = app
+        .post_json(
+            &format!("/api/v1/incidents/{y}/assign"),
+            Some(Role::Console),
+            &json!({"unit_id": "SOLO"}),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    // The crew now accepts X's offer as well: refused.
+    let token = app.crew_token("SOLO").await;
+    let resp = app
+        .crew_post(
+            &token,
+            &format!("/api/v1/offers/{offer_x}/accept"),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+    let assigned: Vec<Value> = app
+        .events_of("dispatch.assigned")
+        .await
+        .into_iter()
+        .map(|e| e.data)
+        .collect();
+    assert_eq!(assigned.len(), 1);
+    assert_eq!(assigned[0]["unit_id"], "SOLO");
+    let unit: Value = app
+        .get("/api/v1/units/SOLO", Some(Role::Console))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(unit["incident_id"], y.as_str());
+    let ix = app
+        .wait_incident(&x, |i| i["offers"][0]["status"] == "declined")
+        .await;
+    assert_eq!(ix["status"], "dispatching");
+}
+
+async fn crew_reports_carry_the_incident_to_hospital(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.add_unit("M1", SCENE.0 + 0.001, SCENE.1, "als").await;
+    for (id, lat, cap) in [("far", SCENE.0 + 0.2, 5), ("near", SCENE.0 + 0.01, 1)] {
+        let resp = app
+            .post_json("/api/v1/hospitals", Some(Role::Admin),
+                &json!({"id": id, "name": id, "location": {"lat": lat, "lng": SCENE.1}, "capacity": cap}))
+            .await;
+        assert_eq!(resp.status(), StatusCode::CREATED);
+    }
+    let id = open_incident(&app, "emergency").await;
+    let incident = app
+        .wait_incident(&id, |i| pending_offers(i).len() == 1)
+        .await;
+    let (offer, _) = pending_offers(&incident)[0].clone();
+    let token = app.crew_token("M1").await;
+    assert_eq!(
+        app.crew_post(
+            &token,
+            &format!("/api/v1/offers/{offer}/accept"),
+            &json!({})
+        )
+        .await
+        .status(),
+        StatusCode::OK
+    );
+    let status = |s: &'static str| json!({"status": s});
+    // Out of order: on scene before en route.
+    let resp = app
+        .crew_post(&token, "/api/v1/units/M1/status", &status("on_scene"))
+        .await;
+    assert_eq!(resp.status(), StatusCode::CONFLICT);
+    for s in ["enroute", "on_scene", "transporting"] {
+        let resp = app
+            .crew_post(&token, "/api/v1/units/M1/status", &status(s))
+            .await;
+        assert_eq!(
+            resp.status(),
+            StatusCode::OK,
+            "{s}: {}",
+            resp.text().await.unwrap()
+        );
+    }
+    let incident = app
+        .wait_incident(&id, |i| i["status"] == "transporting")
+        .await;
+    assert_eq!(incident["hospital_id"], "near", "nearest with capacity");
+    let hospitals: Value = app
+        .get("/api/v1/hospitals", Some(Role::Console))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let near = hospitals["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["id"] == "near")
+        .unwrap()
+        .clone();
+    assert_eq!(near["occupied"], 1, "a bed is taken on transport");
+    let resp = app
+        .crew_post(&token, "/api/v1/units/M1/status", &status("at_hospital"))
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let incident = app.wait_incident(&id, |i| i["status"] == "billing").await;
+    for t in [
+        "call_received",
+        "unit_notified",
+        "unit_enroute",
+        "unit_on_scene",
+        "unit_left_scene",
+        "at_destination",
+    ] {
+        assert!(incident["times"][t].is_string(), "{t} missing: {incident}");
+    }
+    let hospitals: Value = app
+        .get("/api/v1/hospitals", Some(Role::Console))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let near = hospitals["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|h| h["id"] == "near")
+        .unwrap()
+        .clone();
+    assert_eq!(near["occupied"], 0, "released at handover");
+    let resp = app
+        .crew_post(&token, "/api/v1/units/M1/status", &status("available"))
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    // Another unit's crew cannot report for M1.
+    app.add_unit("M2", SCENE.0, SCENE.1, "bls").await;
+    let other = app.crew_token("M2").await;
+    let resp = app
+        .crew_post(&other, "/api/v1/units/M1/status", &status("out_of_service"))
+        .await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+}
+
+#[actix_web::test]
+async fn crew_websocket_gets_offers_and_replays_after_reconnect() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    app.add_unit("W1", SCENE.0 + 0.001, SCENE.1, "als").await;
+    let token = app.crew_token("W1").await;
+    let port = app.address.rsplit(':').next().unwrap().to_owned();
+    let url = format!("ws://127.0.0.1:{port}/api/v1/ws/crew?access_token={token}");
+    let (mut socket, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let id = open_incident(&app, "emergency").await;
+    let offer = next_json(&mut socket).await;
+    assert_eq!(offer["type"], "offer");
+    assert_eq!(offer["incident_id"], id.as_str());
+    assert!(offer["eta_s"].as_u64().unwrap() > 0);
+    assert!(offer["expires_at"].is_string());
+    socket.close(None).await.unwrap();
+    // Reconnect: the pending offer comes again.
+    let (mut socket, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    let again = next_json(&mut socket).await;
+    assert_eq!(again["offer_id"], offer["offer_id"]);
+    use tokio_tungstenite::tungstenite::Message;
+    socket
+        .send(Message::text(
+            json!({"type": "accept", "offer_id": offer["offer_id"]}).to_string(),
+        ))
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        seen.push(next_json(&mut socket).await);
+    }
+    assert!(seen.iter().any(|f| f["type"] == "assigned"), "{seen:?}");
+    assert!(
+        seen.iter()
+            .any(|f| f["type"] == "accept_result" && f["outcome"] == "assigned"),
+        "{seen:?}"
+    );
+    socket
+        .send(Message::text(
+            json!({"type": "location", "lat": 51.51, "lng": -0.11}).to_string(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(next_json(&mut socket).await["type"], "location_ack");
+    socket
+        .send(Message::text(json!({"type": "dance"}).to_string()))
+        .await
+        .unwrap();
+    assert_eq!(next_json(&mut socket).await["type"], "error");
+}
+
+async fn next_json(
+    socket: &mut tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >,
+) -> Value {
+    loop {
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(5), socket.next())
+            .await
+            .expect("a frame within 5 s")
+            .unwrap()
+            .unwrap();
+        match frame {
+            tokio_tungstenite::tungstenite::Message::Text(t) => {
+                return serde_json::from_str(&t).unwrap();
+            }
+            tokio_tungstenite::tungstenite::Message::Ping(_) => continue,
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+}
