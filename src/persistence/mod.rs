@@ -22,7 +22,9 @@ use std::time::Duration;
 
 use diesel::{ConnectionError, SqliteConnection};
 use diesel_async::pooled_connection::deadpool::{Object, Pool, PoolError};
-use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
+use diesel_async::pooled_connection::{
+    AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
+};
 use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection as _};
 
@@ -197,6 +199,7 @@ impl Db {
                 })?;
             }
             let mut cfg = ManagerConfig::<SqliteConn>::default();
+            cfg.recycling_method = RecyclingMethod::Fast;
             cfg.custom_setup = Box::new(|url| {
                 let url = url.to_owned();
                 Box::pin(async move {
@@ -219,7 +222,14 @@ impl Db {
                 .map_err(|e| ConnectError::Pool(e.to_string()))?;
             Db::Sqlite(pool)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new(url.as_str());
+            // `Fast` recycling: no test query on every checkout (a round trip per request);
+            // a closed connection is still detected (`is_broken` checks it) and discarded.
+            let mut cfg = ManagerConfig::<AsyncPgConnection>::default();
+            cfg.recycling_method = RecyclingMethod::Fast;
+            let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(
+                url.as_str(),
+                cfg,
+            );
             let pool = Pool::builder(manager)
                 .max_size(settings.pool_size.max(1))
                 .runtime(deadpool::Runtime::Tokio1)

@@ -494,6 +494,23 @@ async fn crew_websocket_gets_offers_and_replays_after_reconnect() {
         .await
         .unwrap();
     assert_eq!(next_json(&mut socket).await["type"], "location_ack");
+    let mut located = Vec::new();
+    for _ in 0..100 {
+        located = app.events_of("unit.location").await;
+        if !located.is_empty() {
+            break;
+        }
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(located.len(), 1);
+    assert_eq!(located[0].data["lat"], 51.51);
+    let unit: Value = app
+        .get("/api/v1/units/W1", Some(Role::Console))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(unit["location"]["lat"], 51.51);
     socket
         .send(Message::text(json!({"type": "dance"}).to_string()))
         .await
@@ -520,4 +537,146 @@ async fn next_json(
             other => panic!("unexpected frame {other:?}"),
         }
     }
+}
+
+both_backends!(freed_units_serve_waiting_incidents_by_priority_then_age);
+
+async fn freed_units_serve_waiting_incidents_by_priority_then_age(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.add_unit("ONLY", SCENE.0 + 0.001, SCENE.1, "als").await;
+    app.add_unit("OFF", SCENE.0, SCENE.1, "als").await;
+    // Out of service units are never offered.
+    let resp = app
+        .post_json(
+            "/api/v1/units/OFF/status",
+            Some(Role::Console),
+            &json!({"status": "out_of_service"}),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let busy = open_incident(&app, "emergency").await;
+    let incident = app
+        .wait_incident(&busy, |i| pending_offers(i).len() == 1)
+        .await;
+    assert_eq!(pending_offers(&incident)[0].1, "ONLY");
+    let token = app.crew_token("ONLY").await;
+    let (offer, _) = pending_offers(&incident)[0].clone();
+    assert_eq!(
+        app.crew_post(
+            &token,
+            &format!("/api/v1/offers/{offer}/accept"),
+            &json!({})
+        )
+        .await
+        .status(),
+        StatusCode::OK
+    );
+    // Two incidents wait: an older non-urgent one and a newer emergency.
+    let older = open_incident(&app, "non_urgent").await;
+    app.wait_incident(&older, |i| i["escalated"] == true).await;
+    let newer = open_incident(&app, "emergency").await;
+    app.wait_incident(&newer, |i| i["escalated"] == true).await;
+    // The unit frees up (its incident is called off): the emergency gets it first.
+    app.post_json(
+        &format!("/api/v1/incidents/{busy}/cancel"),
+        Some(Role::Console),
+        &json!({"reason": "stood down"}),
+    )
+    .await;
+    let served = app
+        .wait_incident(&newer, |i| pending_offers(i).len() == 1)
+        .await;
+    assert_eq!(pending_offers(&served)[0].1, "ONLY");
+    let waiting: Value = app
+        .get(&format!("/api/v1/incidents/{older}"), Some(Role::Console))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(pending_offers(&waiting).is_empty());
+}
+
+#[actix_web::test]
+async fn routed_etas_beat_straight_line_and_fall_back_when_routing_is_down() {
+    use actix_web::{App, HttpResponse, HttpServer, web};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    // A fake OSRM: the farther unit (second source) is much faster by road.
+    let up = Arc::new(AtomicBool::new(true));
+    let flag = up.clone();
+    let server = HttpServer::new(move || {
+        let flag = flag.clone();
+        App::new().route(
+            "/table/v1/driving/{coords}",
+            web::get().to(move |coords: web::Path<String>| {
+                let flag = flag.clone();
+                async move {
+                    if !flag.load(Ordering::SeqCst) {
+                        return HttpResponse::InternalServerError().finish();
+                    }
+                    let n = coords.split(';').count();
+                    // Sources in order; the destination last. Unit order is by distance (NEAR, FAR).
+                    let durations: Vec<Vec<Option<f64>>> = (0..n - 1)
+                        .map(|i| vec![Some(if i == 0 { 900.0 } else { 60.0 })])
+                        .collect();
+                    HttpResponse::Ok().json(json!({"code": "Ok", "durations": durations}))
+                }
+            }),
+        )
+    })
+    .workers(1)
+    .bind("127.0.0.1:0")
+    .unwrap();
+    let osrm_port = server.addrs()[0].port();
+    actix_web::rt::spawn(server.run());
+
+    let app = TestApp::builder(Backend::Sqlite)
+        .with_settings(|s| {
+            s.routing.base_url = Some(format!("http://127.0.0.1:{osrm_port}"));
+            s.routing.timeout_ms = 2_000;
+            s.dispatch.offers_per_round = 1;
+        })
+        .start()
+        .await;
+    app.add_unit("NEAR", SCENE.0 + 0.002, SCENE.1, "als").await;
+    app.add_unit("FAR", SCENE.0 + 0.02, SCENE.1, "als").await;
+    let id = open_incident(&app, "urgent").await;
+    let incident = app
+        .wait_incident(&id, |i| pending_offers(i).len() == 1)
+        .await;
+    assert_eq!(pending_offers(&incident)[0].1, "FAR", "routed ETA wins");
+    assert_eq!(incident["offers"][0]["reason"], "closest_by_eta");
+    assert_eq!(incident["offers"][0]["eta_s"], 60);
+    app.post_json(
+        &format!("/api/v1/incidents/{id}/cancel"),
+        Some(Role::Console),
+        &json!({"reason": "x"}),
+    )
+    .await;
+
+    // Routing down: straight-line fallback picks the nearer unit.
+    up.store(false, Ordering::SeqCst);
+    for _ in 0..100 {
+        let units: Value = app
+            .get("/api/v1/units", Some(Role::Console))
+            .await
+            .json()
+            .await
+            .unwrap();
+        if units["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|u| u["status"] == "available")
+        {
+            break;
+        }
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let id = open_incident(&app, "urgent").await;
+    let incident = app
+        .wait_incident(&id, |i| pending_offers(i).len() == 1)
+        .await;
+    assert_eq!(pending_offers(&incident)[0].1, "NEAR");
+    assert_eq!(incident["offers"][0]["reason"], "closest_by_distance");
 }
