@@ -472,8 +472,15 @@ impl Handler<ProcessReadings> for DeviceActor {
         let handoff = self.handoff.clone();
         let persist_id = id.clone();
         let persist_patient = patient_id.clone();
+        // The status change and the hand-off commit in parallel: an emergency must not wait
+        // for the device's own bookkeeping before its incident exists. The answer waits for
+        // both; if the status change failed, the batch is refused (and a retry is deduplicated
+        // into the same incident).
         let work = async move {
-            if !changes.is_empty() {
+            let persist = async {
+                if changes.is_empty() {
+                    return Ok(());
+                }
                 persist_changes(
                     &db,
                     persist_id,
@@ -483,17 +490,22 @@ impl Handler<ProcessReadings> for DeviceActor {
                     final_status,
                     last_seen.unwrap_or(now),
                 )
-                .await?;
-            }
-            let mut incidents = Vec::with_capacity(handoffs.len());
-            for (slot, detected) in handoffs {
-                let incident = handoff
-                    .send(detected)
-                    .await
-                    .map_err(|e| StoreError::Unavailable(format!("incident hand-off: {e}")))??;
-                incidents.push((slot, incident));
-            }
-            Ok::<_, StoreError>(incidents)
+                .await
+            };
+            let hand_off = async {
+                let mut incidents = Vec::with_capacity(handoffs.len());
+                for (slot, detected) in handoffs {
+                    let incident = handoff
+                        .send(detected)
+                        .await
+                        .map_err(|e| StoreError::Unavailable(format!("incident hand-off: {e}")))??;
+                    incidents.push((slot, incident));
+                }
+                Ok::<_, StoreError>(incidents)
+            };
+            let (persisted, incidents) = futures_util::join!(persist, hand_off);
+            persisted?;
+            incidents
         };
         AtomicResponse::new(Box::pin(work.into_actor(self).map(
             move |result, act, ctx| match result {
