@@ -17,12 +17,14 @@ use crate::actors::device::TriageRuntime;
 use crate::actors::devices::DeviceDirectory;
 use crate::actors::fleet::{Fleet, LoadFleet, SetUnitFreeRecipient};
 use crate::actors::incidents::{IncidentDeps, IncidentDirectory, Recover};
+use crate::actors::notifier::{Channels, NotifierActor};
 use crate::config::Settings;
 use crate::domain::triage::TriageRules;
 use crate::http::auth::AuthService;
 use crate::http::json::BodyLimit;
 use crate::http::telemetry::{ShersRootSpan, observe, prometheus};
 use crate::http::{self, AppState};
+use crate::integrations::notify::{LogOnlyNotifier, Notifier, SignedWebhook, SmtpEmail, TwilioSms};
 use crate::integrations::routing::{OsrmRouting, Routing, RoutingWithFallback};
 use crate::persistence::{Db, migrations};
 
@@ -65,6 +67,64 @@ pub fn load_triage_rules(settings: &Settings) -> anyhow::Result<TriageRules> {
         rules.fall_grace_s = grace;
     }
     Ok(rules)
+}
+
+/// The notification providers configured in `notify.*`; unconfigured channels go to the
+/// log-only sink (with a warning at start-up, so nobody believes SMS are being sent).
+pub fn notification_channels(settings: &Settings) -> anyhow::Result<Channels> {
+    let n = &settings.notify;
+    let timeout = Duration::from_secs(n.timeout_s.unwrap_or(10));
+    let sms: Option<Arc<dyn Notifier>> = match (
+        &n.sms_base_url,
+        &n.sms_account_sid,
+        &n.sms_auth_token,
+        &n.sms_from,
+    ) {
+        (Some(base), Some(sid), Some(token), Some(from)) => Some(Arc::new(
+            TwilioSms::new(base, sid, token.expose(), from, timeout)
+                .context("configuring SMS (notify.sms_*)")?,
+        )),
+        (None, None, None, None) => None,
+        _ => anyhow::bail!(
+            "notify.sms_base_url, sms_account_sid, sms_auth_token and sms_from must be set together"
+        ),
+    };
+    let email: Option<Arc<dyn Notifier>> = match &n.smtp_url {
+        Some(url) => Some(Arc::new(
+            SmtpEmail::new(
+                url.expose(),
+                n.email_from
+                    .as_deref()
+                    .unwrap_or("SHERS <noreply@shers.invalid>"),
+            )
+            .context("configuring email (notify.smtp_url)")?,
+        )),
+        None => None,
+    };
+    let webhook: Option<Arc<dyn Notifier>> = match (&n.webhook_url, &n.webhook_secret) {
+        (Some(url), Some(secret)) => Some(Arc::new(
+            SignedWebhook::new(url, secret.expose().as_bytes(), timeout)
+                .context("configuring the webhook (notify.webhook_*)")?,
+        )),
+        (None, _) => None,
+        (Some(_), None) => {
+            anyhow::bail!("notify.webhook_url needs notify.webhook_secret to sign requests")
+        }
+    };
+    for (name, configured) in [("SMS", sms.is_some()), ("email", email.is_some())] {
+        if !configured {
+            tracing::warn!(
+                channel = name,
+                "no {name} provider configured: those notifications are logged, not delivered"
+            );
+        }
+    }
+    Ok(Channels {
+        sms,
+        email,
+        webhook,
+        fallback: Arc::new(LogOnlyNotifier),
+    })
 }
 
 impl Application {
@@ -131,6 +191,8 @@ impl Application {
         .start();
         let devices = device_directory.clone();
 
+        let notifier = NotifierActor::new(db.clone(), notification_channels(&settings)?).start();
+
         let settings = Arc::new(settings);
         let state = web::Data::new(AppState {
             db: db.clone(),
@@ -138,6 +200,7 @@ impl Application {
             triage,
             incidents: incidents.clone(),
             fleet: fleet.clone(),
+            notifier: notifier.clone(),
             devices: device_directory.clone(),
             ingest_gate: Arc::new(tokio::sync::Semaphore::new(
                 settings.triage.max_in_flight_readings.max(1),
@@ -149,14 +212,23 @@ impl Application {
             Duration::from_secs(settings.auth.cache_ttl_s),
         ));
         let body_limit = BodyLimit(settings.http.body_limit_bytes);
+        let db_data = web::Data::new(db.clone());
+        let embed_insurance = settings.insurance.embedded;
 
         let mut server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
                 .app_data(auth.clone())
                 .app_data(body_limit)
+                .app_data(db_data.clone())
                 .configure(http::routes)
+                .configure(|cfg| {
+                    if embed_insurance {
+                        crate::http::insurance::routes(cfg);
+                    }
+                })
                 .default_service(web::to(http::not_found))
+                .wrap(from_fn(crate::http::auth::authenticate))
                 .wrap(from_fn(observe))
                 // Outermost, so every log line of a request carries its span.
                 .wrap(TracingLogger::<ShersRootSpan>::new())
@@ -204,4 +276,37 @@ impl Application {
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         self.server.await
     }
+}
+
+/// Runs the insurance verification service alone (`shers insurance`): its routes, the probes
+/// and token authentication, on the configured database.
+pub async fn serve_insurance(settings: Settings) -> anyhow::Result<()> {
+    let db = open_database(&settings).await?;
+    let listener =
+        TcpListener::bind(&settings.bind).with_context(|| format!("binding {}", settings.bind))?;
+    let _ = prometheus();
+    let auth = web::Data::new(AuthService::new(
+        db.clone(),
+        Duration::from_secs(settings.auth.cache_ttl_s),
+    ));
+    let db_data = web::Data::new(db);
+    let body_limit = BodyLimit(settings.http.body_limit_bytes);
+    tracing::info!(bind = %settings.bind, "insurance service listening");
+    HttpServer::new(move || {
+        App::new()
+            .app_data(auth.clone())
+            .app_data(db_data.clone())
+            .app_data(body_limit)
+            .route("/healthz", web::get().to(crate::http::ops::healthz))
+            .configure(crate::http::insurance::routes)
+            .default_service(web::to(http::not_found))
+            .wrap(from_fn(crate::http::auth::authenticate))
+            .wrap(from_fn(observe))
+            .wrap(TracingLogger::<ShersRootSpan>::new())
+    })
+    .shutdown_timeout(settings.http.shutdown_timeout_s)
+    .listen(listener)?
+    .run()
+    .await?;
+    Ok(())
 }

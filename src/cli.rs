@@ -45,6 +45,8 @@ pub enum Command {
     Token(TokenCommand),
     /// Run a demo on an embedded SQLite database and print the URL and tokens.
     Demo(ServeArgs),
+    /// Run the insurance verification service alone (`/insurance/v1`).
+    Insurance(ServeArgs),
 }
 
 /// Options of `serve` and `demo`.
@@ -139,6 +141,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("admin token: {}", admin.token);
             println!("Press Ctrl-C to stop.");
             app.run_until_stopped().await?;
+        }
+        Command::Insurance(args) => {
+            let settings = settings(&cli, args.bind.clone())?;
+            init_tracing(settings.log.format);
+            crate::app::serve_insurance(settings).await?;
         }
         Command::Migrate(args) => {
             let settings = settings(&cli, None)?;

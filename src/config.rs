@@ -341,8 +341,12 @@ pub struct NotifySettings {
     pub sms_auth_token: Option<Secret<String>>,
     /// SMS sender number.
     pub sms_from: Option<String>,
-    /// SMTP URL (`smtp://user:pass@host:port`).
+    /// SMTP URL (`smtp://user:pass@host:port`, `smtps://…`).
     pub smtp_url: Option<Secret<String>>,
+    /// Sender of notification emails (default `SHERS <noreply@shers.invalid>`).
+    pub email_from: Option<String>,
+    /// Seconds an SMS or webhook call may take.
+    pub timeout_s: Option<u64>,
     /// Generic webhook receiving signed JSON notifications.
     pub webhook_url: Option<String>,
     /// HMAC-SHA256 key for the webhook signature.

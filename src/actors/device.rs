@@ -495,10 +495,9 @@ impl Handler<ProcessReadings> for DeviceActor {
             let hand_off = async {
                 let mut incidents = Vec::with_capacity(handoffs.len());
                 for (slot, detected) in handoffs {
-                    let incident = handoff
-                        .send(detected)
-                        .await
-                        .map_err(|e| StoreError::Unavailable(format!("incident hand-off: {e}")))??;
+                    let incident = handoff.send(detected).await.map_err(|e| {
+                        StoreError::Unavailable(format!("incident hand-off: {e}"))
+                    })??;
                     incidents.push((slot, incident));
                 }
                 Ok::<_, StoreError>(incidents)

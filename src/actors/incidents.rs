@@ -553,13 +553,10 @@ impl IncidentActor {
         if state.status != IncidentStatus::Dispatching || self.deps.fleet.is_none() {
             return;
         }
-        if let Some((round, due)) = self
-            .pending
-            .values()
-            .map(|p| (p.round, p.expires_at))
-            .min_by_key(|(_, d)| *d)
-        {
-            self.arm_round_timer(round, due, ctx);
+        if !self.pending.is_empty() {
+            // Offers outstanding at a crash: the units' reservations did not survive the
+            // restart, so withdraw them (without counting against the units) and offer again.
+            ctx.notify(ReofferAfterRestart);
         } else if state.escalated {
             self.wait_for_unit();
         } else {
@@ -788,6 +785,45 @@ impl Handler<NextRound> for IncidentActor {
                 },
             ))
         })))
+    }
+}
+
+/// Offers recovered as pending after a restart are withdrawn and the round is run again.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct ReofferAfterRestart;
+
+impl Handler<ReofferAfterRestart> for IncidentActor {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, _: ReofferAfterRestart, _: &mut Self::Context) -> Self::Result {
+        let Some(state) = self.state.clone() else {
+            return ready(());
+        };
+        let closing: Vec<(OfferId, UnitId, &'static str, String)> = self
+            .pending
+            .iter()
+            .map(|(o, p)| (*o, p.unit_id.clone(), "withdrawn", "restart".to_owned()))
+            .collect();
+        if closing.is_empty() {
+            return ready(());
+        }
+        let now = Utc::now();
+        AtomicResponse::new(Box::pin(
+            self.commit(state, Vec::new(), Vec::new(), closing, now)
+                .into_actor(self)
+                .map(|res, act, ctx| match res {
+                    Ok(v) => {
+                        act.version = v;
+                        act.pending.clear();
+                        ctx.notify(NextRound);
+                    }
+                    Err(e) => {
+                        tracing::warn!(incident.id = %act.id, error = %e, "could not withdraw offers after restart; retrying");
+                        ctx.run_later(Duration::from_secs(1), |_, ctx| ctx.notify(ReofferAfterRestart));
+                    }
+                }),
+        ))
     }
 }
 

@@ -8,3 +8,4 @@ pub mod devices;
 pub mod fleet;
 pub mod handoff;
 pub mod incidents;
+pub mod notifier;

@@ -4,12 +4,14 @@
 //! ranking, billing transitions) and where most unit and property tests run without a runtime.
 
 pub mod auth;
+pub mod billing;
 pub mod dispatch;
 pub mod events;
 pub mod geo;
 pub mod ids;
 pub mod incident;
 pub mod news2;
+pub mod notify;
 pub mod patients;
 pub mod triage;
 pub mod validation;

@@ -7,9 +7,7 @@
 //! hit the database on every request.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::marker::PhantomData;
-use std::pin::Pin;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -129,38 +127,62 @@ fn bearer_token(req: &HttpRequest) -> Option<String> {
         .map(|(_, v)| v.to_owned())
 }
 
+/// Set on requests whose token could not be checked because the database was unreachable.
+#[derive(Clone, Copy, Debug)]
+struct AuthUnavailable;
+
+/// Middleware: authenticates the bearer token (if any) before routing and extraction, so a
+/// missing or wrong credential is answered with 401/403 before the body is even read, and the
+/// [`Authorized`] extractor is a synchronous role check.
+pub async fn authenticate(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
+) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
+    use actix_web::HttpMessage as _;
+    if let Some(token) = bearer_token(req.request()).filter(|t| !t.is_empty())
+        && let Some(service) = req.app_data::<web::Data<AuthService>>().cloned()
+    {
+        match service.authenticate(&token).await {
+            Ok(Some(principal)) => {
+                req.extensions_mut().insert(principal);
+            }
+            Ok(None) => {}
+            Err(_) => {
+                req.extensions_mut().insert(AuthUnavailable);
+            }
+        }
+    }
+    next.call(req).await
+}
+
 impl<P: Policy + 'static> FromRequest for Authorized<P> {
     type Error = ApiError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self, ApiError>>>>;
+    type Future = std::future::Ready<Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let token = bearer_token(req);
-        let service = req.app_data::<web::Data<AuthService>>().cloned();
-        Box::pin(async move {
-            let service = service.ok_or_else(|| {
-                ApiError::Internal(anyhow::anyhow!("AuthService is not registered"))
-            })?;
-            let token = token
-                .filter(|t| !t.is_empty())
-                .ok_or(ApiError::Unauthorized)?;
-            let principal = service
-                .authenticate(&token)
-                .await?
-                .ok_or(ApiError::Unauthorized)?;
-            if !principal.is_allowed(P::ROLES) {
+        use actix_web::HttpMessage as _;
+        let extensions = req.extensions();
+        let result = match extensions.get::<Principal>() {
+            Some(principal) if principal.is_allowed(P::ROLES) => Ok(Authorized {
+                principal: principal.clone(),
+                _policy: PhantomData,
+            }),
+            Some(principal) => {
                 let names: Vec<&str> = P::ROLES.iter().map(|r| r.as_str()).collect();
-                return Err(ApiError::Forbidden {
+                Err(ApiError::Forbidden {
                     detail: format!(
                         "role {} may not use this endpoint (allowed: {})",
                         principal.role,
                         names.join(", ")
                     ),
-                });
+                })
             }
-            Ok(Authorized {
-                principal,
-                _policy: PhantomData,
-            })
-        })
+            None if extensions.get::<AuthUnavailable>().is_some() => Err(ApiError::Unavailable {
+                detail: "credentials cannot be checked right now; retry shortly".to_owned(),
+                retry_after_s: 2,
+            }),
+            None => Err(ApiError::Unauthorized),
+        };
+        std::future::ready(result)
     }
 }

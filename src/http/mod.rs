@@ -8,6 +8,7 @@ pub mod auth;
 pub mod error;
 pub mod fleet;
 pub mod incidents;
+pub mod insurance;
 pub mod json;
 pub mod openapi;
 pub mod ops;
@@ -41,6 +42,8 @@ pub struct AppState {
     pub incidents: Addr<IncidentDirectory>,
     /// The fleet hub (units, hospitals).
     pub fleet: Addr<Fleet>,
+    /// The notification outbox worker.
+    pub notifier: Addr<crate::actors::notifier::NotifierActor>,
     /// The per-wearable actors.
     pub devices: Addr<DeviceDirectory>,
     /// Admission control for ingest: one permit per reading being triaged.

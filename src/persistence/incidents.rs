@@ -515,3 +515,77 @@ pub async fn idempotency_finish(
     });
     Ok(())
 }
+
+/// A due notification, with what the worker needs to deliver it.
+#[derive(Clone, Debug, Queryable)]
+pub struct DueNotification {
+    /// Row id.
+    pub id: String,
+    /// Incident.
+    pub incident_id: String,
+    /// Recipient's name (patient data: never logged).
+    pub recipient_name: String,
+    /// `sms`, `email`, `webhook`.
+    pub channel: String,
+    /// Phone, email or URL (patient data: never logged).
+    pub address: String,
+    /// Template name.
+    pub template: String,
+    /// Delivery idempotency key.
+    pub idempotency_key: String,
+    /// Attempts so far.
+    pub attempts: i32,
+}
+
+/// Queued notifications whose next attempt is due, oldest first.
+pub async fn due_notifications(
+    conn: &mut DbConn,
+    now: DateTime<Utc>,
+    limit: i64,
+) -> Result<Vec<DueNotification>, StoreError> {
+    Ok(db_run!(conn, |c| {
+        notifications::table
+            .filter(notifications::status.eq("queued"))
+            .filter(notifications::next_attempt_at.le(to_db_time(now)))
+            .order(notifications::next_attempt_at.asc())
+            .limit(limit)
+            .select((
+                notifications::id,
+                notifications::incident_id,
+                notifications::recipient_name,
+                notifications::channel,
+                notifications::address,
+                notifications::template,
+                notifications::idempotency_key,
+                notifications::attempts,
+            ))
+            .load(c)
+            .await?
+    }))
+}
+
+/// Records a delivery attempt's outcome: `sent`, `failed`, or still `queued` for a retry at
+/// `next_attempt_at`.
+pub async fn record_attempt(
+    conn: &mut DbConn,
+    id: &str,
+    status: &str,
+    attempts: i32,
+    next_attempt_at: DateTime<Utc>,
+    last_error: Option<&str>,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    db_run!(conn, |c| {
+        diesel::update(notifications::table.find(id))
+            .set((
+                notifications::status.eq(status),
+                notifications::attempts.eq(attempts),
+                notifications::next_attempt_at.eq(to_db_time(next_attempt_at)),
+                notifications::last_error.eq(last_error),
+                notifications::updated_at.eq(to_db_time(now)),
+            ))
+            .execute(c)
+            .await?
+    });
+    Ok(())
+}

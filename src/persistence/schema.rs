@@ -229,3 +229,28 @@ diesel::table! {
         decline_reason -> Nullable<Text>,
     }
 }
+
+diesel::table! {
+    insurance_policies (id) {
+        id -> Text,
+        patient_id -> Text,
+        provider -> Text,
+        member_id -> Text,
+        remaining_cents -> BigInt,
+        created_at -> Timestamp,
+    }
+}
+
+diesel::table! {
+    insurance_claims (id) {
+        id -> Text,
+        policy_id -> Nullable<Text>,
+        patient_id -> Text,
+        incident_id -> Text,
+        amount_cents -> BigInt,
+        covered_cents -> BigInt,
+        status -> Text,
+        created_at -> Timestamp,
+        released_at -> Nullable<Timestamp>,
+    }
+}

@@ -60,8 +60,11 @@ async fn offers_go_to_the_nearest_and_the_first_accept_wins(backend: Backend) {
             .await;
     }
     let id = open_incident(&app, "emergency").await;
+    // The offers and eTimes.03 commit together; the detail reads them one after the other.
     let incident = app
-        .wait_incident(&id, |i| pending_offers(i).len() == 3)
+        .wait_incident(&id, |i| {
+            pending_offers(i).len() == 3 && i["times"]["unit_notified"].is_string()
+        })
         .await;
     let offered: HashSet<String> = pending_offers(&incident)
         .into_iter()
@@ -679,4 +682,46 @@ async fn routed_etas_beat_straight_line_and_fall_back_when_routing_is_down() {
         .await;
     assert_eq!(pending_offers(&incident)[0].1, "NEAR");
     assert_eq!(incident["offers"][0]["reason"], "closest_by_distance");
+}
+
+both_backends!(pending_offers_are_offered_again_after_an_abrupt_stop);
+
+async fn pending_offers_are_offered_again_after_an_abrupt_stop(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.add_unit("K1", SCENE.0 + 0.001, SCENE.1, "als").await;
+    let id = open_incident(&app, "emergency").await;
+    let before = app
+        .wait_incident(&id, |i| pending_offers(i).len() == 1)
+        .await;
+    let (old_offer, _) = pending_offers(&before)[0].clone();
+    let tdb = app.kill().await;
+    let app = TestApp::builder(backend).start_on(tdb).await;
+    // The recovered incident withdraws the stale offer and offers the unit again.
+    let after = app
+        .wait_incident(&id, |i| {
+            pending_offers(i).len() == 1 && pending_offers(i)[0].0 != old_offer
+        })
+        .await;
+    assert_eq!(pending_offers(&after)[0].1, "K1");
+    let token = app.crew_token("K1").await;
+    let resp = app
+        .crew_post(
+            &token,
+            &format!("/api/v1/offers/{}/accept", pending_offers(&after)[0].0),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let stale = app
+        .crew_post(
+            &token,
+            &format!("/api/v1/offers/{old_offer}/accept"),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(
+        stale.status(),
+        StatusCode::CONFLICT,
+        "the pre-restart offer was withdrawn"
+    );
 }

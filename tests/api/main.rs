@@ -13,6 +13,8 @@ mod auth;
 mod dispatch;
 mod errors;
 mod incidents;
+mod insurance;
+mod notifications;
 mod ops;
 mod persistence;
 mod vitals;

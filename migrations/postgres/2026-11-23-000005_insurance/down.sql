@@ -1,0 +1,2 @@
+DROP TABLE insurance_claims;
+DROP TABLE insurance_policies;

@@ -1,0 +1,197 @@
+//! `Notifier`: the outbox worker. It delivers queued next-of-kin notifications over SMS, email
+//! or a signed webhook, at least once (each carries its idempotency key), retrying transient
+//! failures with capped exponential backoff (honouring `Retry-After`) and recording the final
+//! outcome as `notification.sent` / `notification.failed`. Message content, phone numbers and
+//! addresses never reach the logs.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use chrono::Utc;
+use serde_json::json;
+
+use crate::domain::events::{ExpectedVersion, NewEvent};
+use crate::domain::notify::{Channel, MAX_ATTEMPTS, MessageContext, Template, backoff, render};
+use crate::integrations::notify::{DeliveryError, Notifier, Outgoing};
+use crate::persistence::incidents::{self as store, DueNotification};
+use crate::persistence::{Db, StoreError, events, patients};
+
+/// How often the outbox is polled (a `Kick` delivers at once).
+pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+/// Notifications handled per poll.
+pub const BATCH: i64 = 50;
+
+/// The provider for each channel (`None`: not configured; the message is logged, not sent).
+#[derive(Clone)]
+pub struct Channels {
+    /// SMS provider.
+    pub sms: Option<Arc<dyn Notifier>>,
+    /// Email provider.
+    pub email: Option<Arc<dyn Notifier>>,
+    /// Webhook.
+    pub webhook: Option<Arc<dyn Notifier>>,
+    /// Where messages for unconfigured channels go (the log-only sink).
+    pub fallback: Arc<dyn Notifier>,
+}
+
+/// The outbox worker.
+pub struct NotifierActor {
+    db: Db,
+    channels: Channels,
+    busy: bool,
+}
+
+impl NotifierActor {
+    /// A worker over `db` delivering through `channels`.
+    pub fn new(db: Db, channels: Channels) -> Self {
+        Self {
+            db,
+            channels,
+            busy: false,
+        }
+    }
+
+    fn tick(&mut self, ctx: &mut Context<Self>) {
+        if self.busy {
+            return;
+        }
+        self.busy = true;
+        let (db, channels) = (self.db.clone(), self.channels.clone());
+        ctx.spawn(
+            async move {
+                if let Err(e) = deliver_due(&db, &channels).await {
+                    tracing::warn!(error = %e, "notification outbox pass failed");
+                }
+            }
+            .into_actor(self)
+            .map(|(), act, _| act.busy = false),
+        );
+    }
+}
+
+impl Actor for NotifierActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(POLL_INTERVAL, |act, ctx| act.tick(ctx));
+    }
+}
+
+/// Deliver due notifications now.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Kick;
+
+impl Handler<Kick> for NotifierActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Kick, ctx: &mut Self::Context) {
+        self.tick(ctx);
+    }
+}
+
+async fn context_for(db: &Db, n: &DueNotification) -> Result<MessageContext, StoreError> {
+    let (incident_id, recipient) = (n.incident_id.clone(), n.recipient_name.clone());
+    db.run(move |mut conn| async move {
+        let mut ctx = MessageContext {
+            recipient_name: Some(recipient),
+            ..MessageContext::default()
+        };
+        if let Ok(id) = incident_id.parse()
+            && let Some((incident, _)) = store::find(&mut conn, id).await?
+        {
+            ctx.incident_reference = incident.reference;
+            if let Some(pid) = &incident.patient_id {
+                ctx.patient_name = patients::find_patient(&mut conn, pid)
+                    .await?
+                    .map(|p| p.name);
+            }
+        }
+        if ctx.incident_reference.is_empty() {
+            ctx.incident_reference = incident_id;
+        }
+        Ok(ctx)
+    })
+    .await
+}
+
+async fn deliver_due(db: &Db, channels: &Channels) -> Result<(), StoreError> {
+    let due = db
+        .run(|mut conn| async move { store::due_notifications(&mut conn, Utc::now(), BATCH).await })
+        .await?;
+    for n in due {
+        let channel = Channel::parse(&n.channel).unwrap_or(Channel::Sms);
+        let template = Template::parse(&n.template).unwrap_or(Template::IncidentCreated);
+        let ctx = context_for(db, &n).await?;
+        let rendered = render(template, &ctx);
+        let provider = match channel {
+            Channel::Sms => channels.sms.clone(),
+            Channel::Email => channels.email.clone(),
+            Channel::Webhook => channels.webhook.clone(),
+        }
+        .unwrap_or_else(|| channels.fallback.clone());
+        let outgoing = Outgoing {
+            channel,
+            to: n.address.clone(),
+            subject: rendered.subject,
+            body: if channel == Channel::Sms {
+                rendered.sms
+            } else {
+                rendered.body
+            },
+            idempotency_key: n.idempotency_key.clone(),
+            incident_id: n.incident_id.clone(),
+            template: n.template.clone(),
+        };
+        let result = provider.send(&outgoing).await;
+        let attempts = n.attempts.saturating_add(1);
+        let now = Utc::now();
+        let (status, next, error, event) = match result {
+            Ok(_) => ("sent", now, None, Some("notification.sent")),
+            Err(DeliveryError::Transient {
+                retry_after,
+                reason,
+            }) => {
+                if u32::try_from(attempts).unwrap_or(u32::MAX) >= MAX_ATTEMPTS {
+                    ("failed", now, Some(reason), Some("notification.failed"))
+                } else {
+                    let wait = backoff(u32::try_from(attempts).unwrap_or(0), retry_after);
+                    let next =
+                        now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX);
+                    ("queued", next, Some(reason), None)
+                }
+            }
+            Err(DeliveryError::Permanent { reason }) => {
+                ("failed", now, Some(reason), Some("notification.failed"))
+            }
+        };
+        tracing::info!(notification.id = %n.id, notification.channel = %n.channel, notification.status = status, attempts, "notification attempt");
+        let (id, incident, channel_name, template_name) = (
+            n.id.clone(),
+            n.incident_id.clone(),
+            n.channel.clone(),
+            n.template.clone(),
+        );
+        db.run(move |mut conn| async move {
+            conn.write_transaction(async |tx| {
+                store::record_attempt(tx, &id, status, attempts, next, error.as_deref(), now).await?;
+                if let Some(kind) = event {
+                    let mut e = NewEvent::new(
+                        kind,
+                        json!({"notification_id": id, "incident_id": incident, "channel": channel_name,
+                               "template": template_name, "attempts": attempts, "reason": error}),
+                    );
+                    e.incident_id = Some(incident.clone());
+                    events::append(tx, &format!("notifications-{incident}"), ExpectedVersion::Any, &[e], now)
+                        .await
+                        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                }
+                Ok::<_, StoreError>(())
+            })
+            .await
+        })
+        .await?;
+    }
+    Ok(())
+}

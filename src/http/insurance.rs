@@ -1,0 +1,192 @@
+//! The insurance verification service (`api.md` "Billing and insurance"), mounted at
+//! `/insurance/v1`: in-process by `shers serve`/`demo` (unless `insurance.embedded = false`),
+//! or alone by `shers insurance`. Billing always calls it over HTTP.
+//!
+//! Service-to-service and administrative: every endpoint needs an `admin` token.
+
+use actix_web::{HttpResponse, web};
+use chrono::Utc;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::auth::{AdminOnly, Authorized};
+use super::error::ApiError;
+use super::json::JsonBody;
+use crate::domain::patients::valid_external_id;
+use crate::domain::validation::FieldError;
+use crate::persistence::insurance::{self as store, Policy};
+use crate::persistence::{Db, StoreError};
+
+/// The largest amount accepted (10 million in major units).
+const MAX_AMOUNT_CENTS: i64 = 1_000_000_000;
+
+/// `POST /insurance/v1/verify` body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyRequest {
+    /// The insured patient.
+    pub patient_id: String,
+    /// The incident being billed (one claim per incident).
+    pub incident_id: String,
+    /// The bill, minor units; a positive integer.
+    pub amount_cents: i64,
+}
+
+fn check(errors: Vec<FieldError>) -> Result<(), ApiError> {
+    if errors.is_empty() {
+        return Ok(());
+    }
+    Err(ApiError::Validation {
+        detail: errors
+            .iter()
+            .map(|e| format!("{}: {}", e.pointer, e.message))
+            .collect::<Vec<_>>()
+            .join("; "),
+        errors,
+    })
+}
+
+/// Verifies coverage and holds the covered amount:
+/// `{verified, coverage_status, covered_cents, patient_due_cents, claim_id}`.
+#[utoipa::path(post, path = "/insurance/v1/verify", tag = "insurance", request_body = VerifyRequest,
+    security(("bearer" = [])),
+    responses((status = 200, description = "the decision"), (status = 409, body = super::error::Problem),
+              (status = 422, body = super::error::Problem)))]
+pub async fn verify(
+    _auth: Authorized<AdminOnly>,
+    db: web::Data<Db>,
+    body: JsonBody<VerifyRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let b = body.0;
+    let mut errors = Vec::new();
+    if !valid_external_id(&b.patient_id) {
+        errors.push(FieldError::new("/patient_id", "is not a valid id"));
+    }
+    if !valid_external_id(&b.incident_id) {
+        errors.push(FieldError::new("/incident_id", "is not a valid id"));
+    }
+    if b.amount_cents <= 0 || b.amount_cents > MAX_AMOUNT_CENTS {
+        errors.push(FieldError::new(
+            "/amount_cents",
+            "must be a positive integer number of cents",
+        ));
+    }
+    check(errors)?;
+    let decision = db
+        .run(move |mut conn| async move {
+            conn.write_transaction(async |tx| {
+                store::verify(
+                    tx,
+                    &b.patient_id,
+                    &b.incident_id,
+                    b.amount_cents,
+                    Utc::now(),
+                )
+                .await
+            })
+            .await
+        })
+        .await
+        .map_err(|e| match e {
+            StoreError::Conflict(detail) => ApiError::Conflict {
+                detail,
+                extensions: Default::default(),
+            },
+            other => other.into(),
+        })?;
+    Ok(HttpResponse::Ok().json(json!({
+        "verified": true,
+        "coverage_status": decision.coverage,
+        "covered_cents": decision.covered_cents,
+        "patient_due_cents": decision.patient_due_cents,
+        "claim_id": decision.claim_id,
+    })))
+}
+
+/// Releases a claim hold (compensation when billing fails); idempotent.
+#[utoipa::path(post, path = "/insurance/v1/claims/{id}/release", tag = "insurance",
+    security(("bearer" = [])), params(("id" = String, Path)),
+    responses((status = 200, description = "released"), (status = 404, body = super::error::Problem)))]
+pub async fn release(
+    _auth: Authorized<AdminOnly>,
+    db: web::Data<Db>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = id.into_inner();
+    let claim = id.clone();
+    db.run(move |mut conn| async move {
+        conn.write_transaction(async |tx| store::release(tx, &claim, Utc::now()).await)
+            .await
+    })
+    .await
+    .map_err(|e| match e {
+        StoreError::NotFound => ApiError::not_found("no such claim"),
+        other => other.into(),
+    })?;
+    Ok(HttpResponse::Ok().json(json!({"claim_id": id, "status": "released"})))
+}
+
+/// `POST /insurance/v1/policies` body.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewPolicy {
+    /// Insured patient.
+    pub patient_id: String,
+    /// Insurer.
+    pub provider: String,
+    /// Member number.
+    pub member_id: String,
+    /// Coverage available, minor units.
+    pub coverage_cents: i64,
+}
+
+/// Creates or replaces a patient's policy.
+#[utoipa::path(post, path = "/insurance/v1/policies", tag = "insurance", request_body = NewPolicy,
+    security(("bearer" = [])), responses((status = 201, description = "the policy"), (status = 422, body = super::error::Problem)))]
+pub async fn create_policy(
+    _auth: Authorized<AdminOnly>,
+    db: web::Data<Db>,
+    body: JsonBody<NewPolicy>,
+) -> Result<HttpResponse, ApiError> {
+    let b = body.0;
+    let mut errors = Vec::new();
+    if !valid_external_id(&b.patient_id) {
+        errors.push(FieldError::new("/patient_id", "is not a valid id"));
+    }
+    if b.provider.trim().is_empty() || b.provider.len() > 200 {
+        errors.push(FieldError::new("/provider", "must be 1 to 200 characters"));
+    }
+    if b.member_id.trim().is_empty() || b.member_id.len() > 100 {
+        errors.push(FieldError::new("/member_id", "must be 1 to 100 characters"));
+    }
+    if b.coverage_cents < 0 || b.coverage_cents > MAX_AMOUNT_CENTS {
+        errors.push(FieldError::new(
+            "/coverage_cents",
+            "must be a non-negative integer number of cents",
+        ));
+    }
+    check(errors)?;
+    let policy = Policy {
+        id: format!("pol_{}", uuid::Uuid::now_v7().simple()),
+        patient_id: b.patient_id,
+        provider: b.provider.trim().to_owned(),
+        member_id: b.member_id.trim().to_owned(),
+        remaining_cents: b.coverage_cents,
+    };
+    let stored = policy.clone();
+    db.run(
+        move |mut conn| async move { store::upsert_policy(&mut conn, &stored, Utc::now()).await },
+    )
+    .await?;
+    Ok(HttpResponse::Created().json(policy))
+}
+
+/// Registers the insurance routes under `/insurance/v1`.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.service(
+        web::scope("/insurance/v1")
+            .route("/verify", web::post().to(verify))
+            .route("/claims/{id}/release", web::post().to(release))
+            .route("/policies", web::post().to(create_policy)),
+    );
+}

@@ -1,0 +1,118 @@
+//! Next-of-kin notifications: the outbox worker delivers over a real HTTP client to a local
+//! fake Twilio, honours `Retry-After`, records the outcome on the incident, and never drops an
+//! alert whose reading had no vital signs.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+use chrono::{Duration, SecondsFormat, Utc};
+use serde_json::{Value, json};
+use shers::domain::auth::Role;
+use shers::persistence::Backend;
+
+use crate::both_backends;
+use crate::helpers::TestApp;
+
+both_backends!(next_of_kin_get_an_sms_even_without_vitals);
+
+#[derive(Default)]
+struct Fake {
+    calls: AtomicUsize,
+    bodies: Mutex<Vec<String>>,
+    auth: Mutex<Vec<String>>,
+}
+
+async fn fake_twilio(fake: Arc<Fake>, fail_first_with_429: bool) -> u16 {
+    let server = HttpServer::new(move || {
+        let fake = fake.clone();
+        App::new().route(
+            "/2010-04-01/Accounts/{sid}/Messages.json",
+            web::post().to(move |req: HttpRequest, body: String| {
+                let fake = fake.clone();
+                async move {
+                    let n = fake.calls.fetch_add(1, Ordering::SeqCst);
+                    fake.bodies.lock().unwrap().push(body);
+                    let auth = req
+                        .headers()
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned();
+                    fake.auth.lock().unwrap().push(auth);
+                    if fail_first_with_429 && n == 0 {
+                        return HttpResponse::TooManyRequests()
+                            .insert_header(("Retry-After", "1"))
+                            .finish();
+                    }
+                    HttpResponse::Created()
+                        .json(json!({"sid": format!("SM{n:032}"), "status": "queued"}))
+                }
+            }),
+        )
+    })
+    .workers(1)
+    .bind("127.0.0.1:0")
+    .unwrap();
+    let port = server.addrs()[0].port();
+    actix_web::rt::spawn(server.run());
+    port
+}
+
+async fn next_of_kin_get_an_sms_even_without_vitals(backend: Backend) {
+    let fake = Arc::new(Fake::default());
+    let port = fake_twilio(fake.clone(), true).await;
+    let app = TestApp::builder(backend)
+        .with_settings(|s| {
+            s.notify.sms_base_url = Some(format!("http://127.0.0.1:{port}"));
+            s.notify.sms_account_sid = Some("AC123".into());
+            s.notify.sms_auth_token = Some(shers::config::Secret::new("tok".into()));
+            s.notify.sms_from = Some("+15550000000".into());
+        })
+        .start()
+        .await;
+    app.register_wearer("p-1", "w1").await;
+    // A fall with no vital signs at all, and abnormal vitals right after: emergency.
+    let ts = (Utc::now() - Duration::seconds(30)).to_rfc3339_opts(SecondsFormat::Millis, true);
+    let body: Value = app
+        .post_vitals(&json!({"device_id": "w1", "timestamp": ts, "fall_detected": true, "heart_rate_bpm": 160}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let incident = body["results"][0]["incident_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The worker retries after the 429's Retry-After and then delivers.
+    let mut detail = Value::Null;
+    for _ in 0..200 {
+        detail = app
+            .get(
+                &format!("/api/v1/incidents/{incident}"),
+                Some(Role::Console),
+            )
+            .await
+            .json()
+            .await
+            .unwrap();
+        if detail["notifications"][0]["status"] == "sent" {
+            break;
+        }
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let note = &detail["notifications"][0];
+    assert_eq!(note["status"], "sent", "{detail}");
+    assert_eq!(note["attempts"], 2, "one 429, then delivered");
+    assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
+    let sent_body = fake.bodies.lock().unwrap()[1].clone();
+    assert!(sent_body.contains("To=%2B447700900123"), "{sent_body}");
+    assert!(sent_body.contains("From=%2B15550000000"), "{sent_body}");
+    assert!(
+        sent_body.contains("INC-"),
+        "the message names the incident reference: {sent_body}"
+    );
+    assert!(fake.auth.lock().unwrap()[0].starts_with("Basic "));
+    assert_eq!(app.events_of("notification.sent").await.len(), 1);
+}
