@@ -13,19 +13,23 @@ use tracing_actix_web::TracingLogger;
 
 use actix::{Actor as _, Arbiter};
 
+use crate::actors::billing::{Billing, BillingDeps, PaymentsNotConfigured, ResumeBilling};
 use crate::actors::device::TriageRuntime;
 use crate::actors::devices::DeviceDirectory;
 use crate::actors::fleet::{Fleet, LoadFleet, SetUnitFreeRecipient};
 use crate::actors::incidents::{IncidentDeps, IncidentDirectory, Recover};
 use crate::actors::notifier::{Channels, NotifierActor};
 use crate::config::Settings;
+use crate::domain::billing::Tariff;
 use crate::domain::triage::TriageRules;
 use crate::http::auth::AuthService;
 use crate::http::json::BodyLimit;
 use crate::http::telemetry::{ShersRootSpan, observe, prometheus};
 use crate::http::{self, AppState};
 use crate::integrations::notify::{LogOnlyNotifier, Notifier, SignedWebhook, SmtpEmail, TwilioSms};
+use crate::integrations::payments::{PaymentProvider, SandboxPayments, StripeClient};
 use crate::integrations::routing::{OsrmRouting, Routing, RoutingWithFallback};
+use crate::persistence::tokens;
 use crate::persistence::{Db, migrations};
 
 /// A built, not yet running, SHERS server.
@@ -192,6 +196,71 @@ impl Application {
         let devices = device_directory.clone();
 
         let notifier = NotifierActor::new(db.clone(), notification_channels(&settings)?).start();
+        let insurance_token = match &settings.insurance.api_token {
+            Some(t) => t.expose().clone(),
+            None => {
+                let mut conn = db.conn().await?;
+                tokens::create(
+                    &mut conn,
+                    crate::domain::auth::Role::Admin,
+                    None,
+                    None,
+                    "billing (internal)",
+                    chrono::Utc::now(),
+                )
+                .await
+                .context("minting the internal billing token")?
+                .token
+            }
+        };
+        let payments: Arc<dyn PaymentProvider> = match (
+            settings.payments.provider,
+            &settings.payments.api_key,
+        ) {
+            (crate::config::PaymentProvider::Sandbox, _) => {
+                tracing::warn!("payments: SANDBOX provider (demo only): no real money moves");
+                Arc::new(SandboxPayments::new())
+            }
+            (crate::config::PaymentProvider::Stripe, Some(key)) => Arc::new(
+                StripeClient::new(
+                    &settings.payments.base_url,
+                    key.expose(),
+                    Duration::from_secs(10),
+                )
+                .map_err(|e| anyhow::anyhow!("configuring payments: {e}"))?,
+            ),
+            (crate::config::PaymentProvider::Stripe, None) => {
+                tracing::warn!(
+                    "payments: no api_key configured; charges are refused and invoices end failed"
+                );
+                Arc::new(PaymentsNotConfigured)
+            }
+        };
+        let insurance_base = settings
+            .insurance
+            .base_url
+            .clone()
+            .unwrap_or_else(|| format!("http://127.0.0.1:{port}"));
+        let billing = Billing::new(BillingDeps {
+            db: db.clone(),
+            insurance_base,
+            insurance_token,
+            payments,
+            tariff: Tariff {
+                base_cents: settings.payments.base_fee_cents,
+                per_km_cents: settings.payments.per_km_cents,
+                als_surcharge_cents: settings.payments.als_surcharge_cents,
+                currency: settings.payments.currency.clone(),
+            },
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .context("building the HTTP client")?,
+            fleet: fleet.clone(),
+            incidents: incidents.clone(),
+        })
+        .start();
+        billing.do_send(ResumeBilling);
 
         let settings = Arc::new(settings);
         let state = web::Data::new(AppState {
@@ -201,6 +270,7 @@ impl Application {
             incidents: incidents.clone(),
             fleet: fleet.clone(),
             notifier: notifier.clone(),
+            billing: billing.clone(),
             devices: device_directory.clone(),
             ingest_gate: Arc::new(tokio::sync::Semaphore::new(
                 settings.triage.max_in_flight_readings.max(1),

@@ -123,6 +123,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if cli.database_url.is_none() {
                 settings.database.url = crate::config::Secret::new(DEMO_DATABASE_URL.to_owned());
             }
+            // The demo never moves real money: the labelled sandbox provider.
+            settings.payments.provider = crate::config::PaymentProvider::Sandbox;
             init_tracing(settings.log.format);
             let db = open_database(&settings).await?;
             let now = Utc::now();

@@ -297,6 +297,12 @@ pub struct PaymentSettings {
     pub api_key: Option<Secret<String>>,
     /// ISO 4217 currency code for invoices.
     pub currency: String,
+    /// Tariff: base fee, minor units.
+    pub base_fee_cents: i64,
+    /// Tariff: per km scene → hospital, minor units.
+    pub per_km_cents: i64,
+    /// Tariff: ALS surcharge, minor units.
+    pub als_surcharge_cents: i64,
 }
 
 impl Default for PaymentSettings {
@@ -306,6 +312,9 @@ impl Default for PaymentSettings {
             base_url: "https://api.stripe.com".to_owned(),
             api_key: None,
             currency: "usd".to_owned(),
+            base_fee_cents: 50_000,
+            per_km_cents: 1_200,
+            als_surcharge_cents: 15_000,
         }
     }
 }
@@ -318,6 +327,9 @@ pub struct InsuranceSettings {
     pub base_url: Option<String>,
     /// Mount the insurance service in-process at `/insurance/v1`.
     pub embedded: bool,
+    /// Bearer token (role admin on the insurance service) billing uses; when unset and the
+    /// service is embedded, an internal token is minted at start-up.
+    pub api_token: Option<Secret<String>>,
 }
 
 impl Default for InsuranceSettings {
@@ -325,6 +337,7 @@ impl Default for InsuranceSettings {
         Self {
             base_url: None,
             embedded: true,
+            api_token: None,
         }
     }
 }

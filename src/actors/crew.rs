@@ -29,6 +29,8 @@ pub struct Crew {
     pub incidents: Addr<IncidentDirectory>,
     /// The database (offer look-ups).
     pub db: Db,
+    /// Billing (started at hospital handover).
+    pub billing: Option<Addr<super::billing::Billing>>,
 }
 
 /// Why a crew action failed.
@@ -267,7 +269,10 @@ impl Crew {
                     if let Some(h) = incident.hospital_id {
                         self.fleet.do_send(ReleaseBed(h));
                     }
-                    route(Command::StartBilling).await?;
+                    let billed = route(Command::StartBilling).await?;
+                    if let Some(billing) = &self.billing {
+                        billing.do_send(super::billing::StartBilling(billed.id));
+                    }
                 }
                 CrewReport::Available | CrewReport::OutOfService => {}
             }

@@ -981,3 +981,16 @@ impl Handler<ListHospitals> for Fleet {
         MessageResult(list)
     }
 }
+
+/// Where a hospital is (billing mileage).
+#[derive(Message, Debug)]
+#[rtype(result = "Option<LatLng>")]
+pub struct HospitalLocation(pub HospitalId);
+
+impl Handler<HospitalLocation> for Fleet {
+    type Result = Option<LatLng>;
+
+    fn handle(&mut self, msg: HospitalLocation, _: &mut Self::Context) -> Self::Result {
+        self.hospitals.get(&msg.0).map(|h| h.snapshot.location)
+    }
+}

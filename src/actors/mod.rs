@@ -2,6 +2,7 @@
 //! hubs (incident directory, fleet, broadcaster, notifier). Handlers never panic: faults become
 //! `ctx.stop()` after logging so supervisors can restart them.
 
+pub mod billing;
 pub mod crew;
 pub mod device;
 pub mod devices;

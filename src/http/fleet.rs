@@ -47,6 +47,7 @@ fn crew(state: &AppState) -> Crew {
         fleet: state.fleet.clone(),
         incidents: state.incidents.clone(),
         db: state.db.clone(),
+        billing: Some(state.billing.clone()),
     }
 }
 

@@ -154,13 +154,15 @@ fn summary(i: Incident) -> IncidentView {
 
 async fn detail(state: &AppState, incident: Incident) -> Result<IncidentView, ApiError> {
     let id = incident.id;
-    let (evidence, notifications, offers) = state
+    let (evidence, notifications, offers, invoice) = state
         .db
         .run(move |mut conn| async move {
             let evidence = store::evidence_for(&mut conn, id).await?;
             let notifications = store::notifications_for(&mut conn, id).await?;
             let offers = crate::persistence::fleet::offers_for(&mut conn, id).await?;
-            Ok::<_, crate::persistence::StoreError>((evidence, notifications, offers))
+            let invoice =
+                crate::persistence::invoices::for_incident(&mut conn, &id.to_string()).await?;
+            Ok::<_, crate::persistence::StoreError>((evidence, notifications, offers, invoice))
         })
         .await?;
     let mut view = summary(incident);
@@ -174,6 +176,7 @@ async fn detail(state: &AppState, incident: Incident) -> Result<IncidentView, Ap
         })
         .collect();
     view.notifications = notifications;
+    view.invoice = invoice.map(|inv| invoice_view(&inv));
     view.eta_s = offers
         .iter()
         .find(|o| o.status == "accepted")
@@ -528,4 +531,46 @@ pub async fn cancel(
         .map_err(mailbox)?
         .map_err(incident_error)?;
     Ok(HttpResponse::Ok().json(detail(&state, updated).await?))
+}
+
+/// The invoice as `api.md` shows it.
+pub fn invoice_view(inv: &crate::persistence::invoices::Invoice) -> serde_json::Value {
+    let saga = &inv.saga;
+    let (covered, due) = saga.insurance.as_ref().map_or((0, saga.amount_cents), |d| {
+        (d.covered_cents, d.patient_due_cents)
+    });
+    json!({
+        "id": inv.id,
+        "incident_id": saga.incident_id,
+        "status": saga.status,
+        "amount_cents": saga.amount_cents,
+        "covered_cents": covered,
+        "patient_due_cents": due,
+        "currency": saga.currency,
+        "provider": inv.provider,
+        "sandbox": inv.provider == "sandbox",
+        "failure": saga.failure,
+        "steps": saga.steps,
+    })
+}
+
+/// The invoice of an incident (console, or the bound patient).
+#[utoipa::path(get, path = "/api/v1/incidents/{id}/invoice", tag = "billing", security(("bearer" = [])),
+    params(("id" = String, Path)),
+    responses((status = 200, description = "the invoice"), (status = 404, body = super::error::Problem)))]
+pub async fn invoice(
+    auth: Authorized<ConsoleOrPatient>,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let incident = load(&state, &auth.principal, &id).await?;
+    let key = incident.id.to_string();
+    let found = state
+        .db
+        .run(move |mut conn| async move {
+            crate::persistence::invoices::for_incident(&mut conn, &key).await
+        })
+        .await?
+        .ok_or_else(|| ApiError::not_found("this incident has no invoice yet"))?;
+    Ok(HttpResponse::Ok().json(invoice_view(&found)))
 }

@@ -42,6 +42,8 @@ pub struct AppState {
     pub incidents: Addr<IncidentDirectory>,
     /// The fleet hub (units, hospitals).
     pub fleet: Addr<Fleet>,
+    /// The billing sagas.
+    pub billing: Addr<crate::actors::billing::Billing>,
     /// The notification outbox worker.
     pub notifier: Addr<crate::actors::notifier::NotifierActor>,
     /// The per-wearable actors.
@@ -79,6 +81,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route(
             "/api/v1/incidents/{id}/assign",
             web::post().to(fleet::assign),
+        )
+        .route(
+            "/api/v1/incidents/{id}/invoice",
+            web::get().to(incidents::invoice),
         )
         .service(
             web::resource("/api/v1/units")

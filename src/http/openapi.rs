@@ -42,6 +42,7 @@ impl Modify for BearerAuth {
         super::incidents::list,
         super::incidents::get,
         super::incidents::cancel,
+        super::incidents::invoice,
         super::fleet::assign,
         super::fleet::create_unit,
         super::fleet::list_units,

@@ -12,6 +12,7 @@ pub mod events;
 pub mod fleet;
 pub mod incidents;
 pub mod insurance;
+pub mod invoices;
 pub mod migrations;
 pub mod patients;
 pub mod readings;

@@ -254,3 +254,20 @@ diesel::table! {
         released_at -> Nullable<Timestamp>,
     }
 }
+
+diesel::table! {
+    invoices (id) {
+        id -> Text,
+        incident_id -> Text,
+        status -> Text,
+        amount_cents -> BigInt,
+        covered_cents -> BigInt,
+        patient_due_cents -> BigInt,
+        currency -> Text,
+        provider -> Text,
+        saga -> Text,
+        done -> Bool,
+        created_at -> Timestamp,
+        updated_at -> Timestamp,
+    }
+}

@@ -10,6 +10,7 @@
 mod helpers;
 
 mod auth;
+mod billing;
 mod dispatch;
 mod errors;
 mod incidents;

@@ -1,0 +1,531 @@
+//! `Billing`: runs one billing saga per incident that reached the hospital.
+//!
+//! Each step is decided by the pure saga (`domain::billing`), executed against the insurance
+//! service (always over HTTP) or the payment provider, and its outcome persisted on the
+//! invoice before the next step; every outbound call carries an idempotency key derived from
+//! the incident and the step, so a saga resumed after a crash never charges twice (the
+//! provider replays the first answer). Failures run the compensations in reverse order. When
+//! the saga ends the incident closes and its unit is released.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use actix::prelude::*;
+use chrono::Utc;
+use serde_json::{Value, json};
+
+use super::fleet::{Fleet, HospitalLocation, IncidentOver, UnitAddr, ViewUnit};
+use super::incidents::{IncidentDirectory, Route};
+use crate::domain::billing::{
+    self, Coverage, InsuranceDecision, Saga, Step, StepResult, Tariff, apply, backoff, is_done,
+    next_step,
+};
+use crate::domain::dispatch::Capability;
+use crate::domain::events::{ExpectedVersion, NewEvent};
+use crate::domain::ids::IncidentId;
+use crate::domain::incident::Command;
+use crate::integrations::payments::{ChargeRequest, PaymentError, PaymentProvider};
+use crate::persistence::incidents as incident_store;
+use crate::persistence::invoices;
+use crate::persistence::{Db, StoreError, events, patients};
+
+/// How billing reaches its dependencies.
+#[derive(Clone)]
+pub struct BillingDeps {
+    /// Database.
+    pub db: Db,
+    /// Insurance service base URL (`…` without `/insurance/v1`).
+    pub insurance_base: String,
+    /// Token for the insurance service (role admin).
+    pub insurance_token: String,
+    /// Payment provider.
+    pub payments: Arc<dyn PaymentProvider>,
+    /// Tariff.
+    pub tariff: Tariff,
+    /// HTTP client.
+    pub http: reqwest::Client,
+    /// Fleet (hospital location, unit capability, releasing the unit).
+    pub fleet: Addr<Fleet>,
+    /// Incidents (closing).
+    pub incidents: Addr<IncidentDirectory>,
+}
+
+/// The billing hub.
+pub struct Billing {
+    deps: BillingDeps,
+    running: HashSet<IncidentId>,
+}
+
+impl Billing {
+    /// A hub; send [`ResumeBilling`] at start-up.
+    pub fn new(deps: BillingDeps) -> Self {
+        Self {
+            deps,
+            running: HashSet::new(),
+        }
+    }
+
+    fn run(&mut self, incident: IncidentId, ctx: &mut Context<Self>) {
+        if !self.running.insert(incident) {
+            return;
+        }
+        let deps = self.deps.clone();
+        ctx.spawn(async move { drive(deps, incident).await }.into_actor(self).map(move |res, act, _| {
+            act.running.remove(&incident);
+            if let Err(e) = res {
+                tracing::warn!(incident.id = %incident, error = %e, "billing saga interrupted; it resumes at the next start");
+            }
+        }));
+    }
+}
+
+impl Actor for Billing {
+    type Context = Context<Self>;
+}
+
+/// Start (or resume) billing an incident.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct StartBilling(pub IncidentId);
+
+impl Handler<StartBilling> for Billing {
+    type Result = ();
+
+    fn handle(&mut self, msg: StartBilling, ctx: &mut Self::Context) {
+        self.run(msg.0, ctx);
+    }
+}
+
+/// Resume every unfinished saga (start-up).
+#[derive(Message, Debug)]
+#[rtype(result = "Result<usize, StoreError>")]
+pub struct ResumeBilling;
+
+impl Handler<ResumeBilling> for Billing {
+    type Result = ResponseActFuture<Self, Result<usize, StoreError>>;
+
+    fn handle(&mut self, _: ResumeBilling, _: &mut Self::Context) -> Self::Result {
+        let db = self.deps.db.clone();
+        Box::pin(
+            async move {
+                db.run(|mut conn| async move { invoices::unfinished(&mut conn).await })
+                    .await
+            }
+            .into_actor(self)
+            .map(|res, act, ctx| {
+                let open = res?;
+                for inv in &open {
+                    if let Ok(id) = inv.saga.incident_id.parse() {
+                        act.run(id, ctx);
+                    }
+                }
+                Ok(open.len())
+            }),
+        )
+    }
+}
+
+async fn record(db: &Db, saga: &Saga, kind: Option<&str>, data: Value) -> Result<(), StoreError> {
+    let (saga, kind) = (saga.clone(), kind.map(str::to_owned));
+    let done = is_done(&saga);
+    db.run(move |mut conn| async move {
+        conn.write_transaction(async |tx| {
+            invoices::save(tx, &saga, done, Utc::now()).await?;
+            if let Some(kind) = kind {
+                let mut e = NewEvent::new(kind, data);
+                e.incident_id = Some(saga.incident_id.clone());
+                events::append(
+                    tx,
+                    &format!("billing-{}", saga.incident_id),
+                    ExpectedVersion::Any,
+                    &[e],
+                    Utc::now(),
+                )
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            }
+            Ok::<_, StoreError>(())
+        })
+        .await
+    })
+    .await
+}
+
+/// Loads or creates the invoice: tariff from the scene→hospital distance and the unit's level.
+async fn load_or_create(
+    deps: &BillingDeps,
+    incident: IncidentId,
+) -> Result<(Saga, String), StoreError> {
+    let db = deps.db.clone();
+    let id = incident.to_string();
+    if let Some(inv) = db
+        .run(move |mut conn| async move { invoices::for_incident(&mut conn, &id).await })
+        .await?
+    {
+        return Ok((inv.saga, inv.id));
+    }
+    let found = db
+        .run(move |mut conn| async move { incident_store::find(&mut conn, incident).await })
+        .await?
+        .ok_or(StoreError::NotFound)?;
+    let (state, _) = found;
+    let mut distance_m = 0.0;
+    if let Some(h) = &state.hospital_id
+        && let Ok(Some(location)) = deps.fleet.send(HospitalLocation(h.clone())).await
+    {
+        distance_m = state.location.distance_m(&location);
+    }
+    let mut als = false;
+    if let Some(u) = &state.assigned_unit_id
+        && let Ok(Some(addr)) = deps.fleet.send(UnitAddr(u.clone())).await
+        && let Ok(view) = addr.send(ViewUnit).await
+    {
+        als = view.capability == Capability::Als;
+    }
+    let amount = billing::amount_cents(&deps.tariff, distance_m, als);
+    let saga = billing::start(incident.to_string(), amount, deps.tariff.currency.clone());
+    let invoice_id = format!("inv_{}", uuid::Uuid::now_v7().simple());
+    let (stored, id2, provider) = (saga.clone(), invoice_id.clone(), deps.payments.name());
+    let inserted = db
+        .run(move |mut conn| async move {
+            invoices::insert(&mut conn, &id2, &stored, provider, Utc::now()).await
+        })
+        .await;
+    match inserted {
+        Ok(()) => {
+            record(&db, &saga, Some("billing.started"), json!({"incident_id": incident, "invoice_id": invoice_id,
+                "amount_cents": amount, "currency": saga.currency, "distance_m": distance_m.round(), "als": als}))
+            .await?;
+            Ok((saga, invoice_id))
+        }
+        // Another run created it first: use that one (one invoice per incident).
+        Err(StoreError::Conflict(_)) => {
+            let id = incident.to_string();
+            let inv = db
+                .run(move |mut conn| async move { invoices::for_incident(&mut conn, &id).await })
+                .await?
+                .ok_or(StoreError::NotFound)?;
+            Ok((inv.saga, inv.id))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn verify_insurance(
+    deps: &BillingDeps,
+    saga: &Saga,
+    patient_id: Option<String>,
+) -> StepResult {
+    let Some(patient_id) = patient_id else {
+        // No patient on file: nobody to insure; the bill is the caller's (not covered).
+        return match InsuranceDecision::new(Coverage::NotCovered, 0, saga.amount_cents, None) {
+            Ok(d) => StepResult::InsuranceVerified(d),
+            Err(e) => StepResult::InsuranceRejected(e.to_string()),
+        };
+    };
+    let url = format!(
+        "{}/insurance/v1/verify",
+        deps.insurance_base.trim_end_matches('/')
+    );
+    let resp = deps
+        .http
+        .post(url)
+        .bearer_auth(&deps.insurance_token)
+        .header("Idempotency-Key", billing::idempotency_key(&saga.incident_id, Step::VerifyInsurance))
+        .json(&json!({"patient_id": patient_id, "incident_id": saga.incident_id, "amount_cents": saga.amount_cents}))
+        .send()
+        .await;
+    let resp = match resp {
+        Ok(r) => r,
+        Err(e) => {
+            return StepResult::Transient(format!("insurance unreachable: {}", e.without_url()));
+        }
+    };
+    let status = resp.status();
+    if status.is_server_error() || status.as_u16() == 429 {
+        return StepResult::Transient(format!("insurance answered {status}"));
+    }
+    if !status.is_success() {
+        return StepResult::InsuranceRejected(format!("insurance answered {status}"));
+    }
+    let body: Value = match resp.json().await {
+        Ok(v) => v,
+        Err(_) => return StepResult::Transient("insurance answer unreadable".into()),
+    };
+    let coverage = match body["coverage_status"].as_str() {
+        Some("fully_covered") => Coverage::FullyCovered,
+        Some("partially_covered") => Coverage::PartiallyCovered,
+        _ => Coverage::NotCovered,
+    };
+    match InsuranceDecision::new(
+        coverage,
+        body["covered_cents"].as_i64().unwrap_or(0),
+        body["patient_due_cents"]
+            .as_i64()
+            .unwrap_or(saga.amount_cents),
+        body["claim_id"].as_str().map(str::to_owned),
+    ) {
+        Ok(d) => StepResult::InsuranceVerified(d),
+        Err(e) => StepResult::InsuranceRejected(e.to_string()),
+    }
+}
+
+async fn release_claim(deps: &BillingDeps, claim: &str) -> StepResult {
+    let url = format!(
+        "{}/insurance/v1/claims/{claim}/release",
+        deps.insurance_base.trim_end_matches('/')
+    );
+    match deps
+        .http
+        .post(url)
+        .bearer_auth(&deps.insurance_token)
+        .send()
+        .await
+    {
+        Ok(r) if r.status().is_success() || r.status().as_u16() == 404 => StepResult::Released,
+        Ok(r) => StepResult::Transient(format!("claim release answered {}", r.status())),
+        Err(e) => StepResult::Transient(format!("insurance unreachable: {}", e.without_url())),
+    }
+}
+
+fn payment_result(
+    r: Result<crate::integrations::payments::PaymentIntent, PaymentError>,
+) -> StepResult {
+    match r {
+        Ok(intent) => StepResult::Charged {
+            intent_id: intent.id,
+            status: intent.status.as_str().to_owned(),
+        },
+        Err(PaymentError::Declined {
+            code, intent_id, ..
+        }) => StepResult::ChargeFailed {
+            intent_id,
+            reason: code,
+        },
+        Err(PaymentError::Transient { reason, .. }) => StepResult::Transient(reason),
+        Err(e) => StepResult::ChargeFailed {
+            intent_id: None,
+            reason: e.to_string(),
+        },
+    }
+}
+
+/// Drives one saga to its end.
+async fn drive(deps: BillingDeps, incident: IncidentId) -> Result<(), StoreError> {
+    let (mut saga, _) = load_or_create(&deps, incident).await?;
+    let db = deps.db.clone();
+    let (patient_id, member_ref) = db
+        .run(move |mut conn| async move {
+            let Some((i, _)) = incident_store::find(&mut conn, incident).await? else {
+                return Ok::<_, StoreError>((None, None));
+            };
+            let member = match &i.patient_id {
+                Some(p) => patients::find_patient(&mut conn, p)
+                    .await?
+                    .and_then(|p| p.insurance.map(|ins| ins.member_id)),
+                None => None,
+            };
+            Ok((i.patient_id.map(|p| p.0), member))
+        })
+        .await?;
+    loop {
+        let step = next_step(&saga);
+        if step == Step::Done {
+            break;
+        }
+        let key = billing::idempotency_key(&saga.incident_id, step);
+        let result = match step {
+            Step::VerifyInsurance => verify_insurance(&deps, &saga, patient_id.clone()).await,
+            Step::Charge => {
+                let due = saga
+                    .insurance
+                    .as_ref()
+                    .map_or(saga.amount_cents, |d| d.patient_due_cents);
+                payment_result(
+                    deps.payments
+                        .create_and_confirm(ChargeRequest {
+                            amount_cents: due,
+                            currency: saga.currency.clone(),
+                            customer_ref: member_ref
+                                .clone()
+                                .or_else(|| patient_id.clone())
+                                .unwrap_or_default(),
+                            description: format!(
+                                "Ambulance service, incident {}",
+                                saga.incident_id
+                            ),
+                            idempotency_key: key.clone(),
+                        })
+                        .await,
+                )
+            }
+            Step::Complete => StepResult::Completed,
+            Step::RefundPayment => match &saga.payment {
+                Some(p) => {
+                    let due = saga
+                        .insurance
+                        .as_ref()
+                        .map_or(saga.amount_cents, |d| d.patient_due_cents);
+                    match deps.payments.refund(&p.intent_id, due, &key).await {
+                        Ok(_) => StepResult::Refunded,
+                        Err(PaymentError::Transient { reason, .. }) => {
+                            StepResult::Transient(reason)
+                        }
+                        Err(e) => StepResult::Transient(format!("refund failed: {e}")),
+                    }
+                }
+                None => StepResult::Refunded,
+            },
+            Step::CancelPayment => match &saga.payment {
+                Some(p) => match deps.payments.cancel(&p.intent_id, &key).await {
+                    Ok(intent) if intent.status.as_str() == "canceled" => StepResult::Cancelled,
+                    other => payment_result(other),
+                },
+                None => StepResult::Cancelled,
+            },
+            Step::ReleaseClaim => match saga.insurance.as_ref().and_then(|d| d.claim_id.clone()) {
+                Some(claim) => release_claim(&deps, &claim).await,
+                None => StepResult::Released,
+            },
+            Step::VoidInvoice => StepResult::Voided,
+            Step::Done => break,
+        };
+        let transient = matches!(result, StepResult::Transient(_));
+        let event = match (&step, &result) {
+            (Step::VerifyInsurance, StepResult::InsuranceVerified(d)) => Some((
+                "billing.insurance_verified",
+                json!({"coverage_status": d.coverage, "covered_cents": d.covered_cents, "patient_due_cents": d.patient_due_cents}),
+            )),
+            (Step::Charge, StepResult::Charged { status, .. }) if status == "succeeded" => {
+                Some(("billing.payment_succeeded", json!({"status": status})))
+            }
+            (Step::Charge, StepResult::Charged { status, .. }) => {
+                Some(("billing.payment_failed", json!({"status": status})))
+            }
+            (Step::Charge, StepResult::ChargeFailed { reason, .. }) => {
+                Some(("billing.payment_failed", json!({"reason": reason})))
+            }
+            (
+                Step::RefundPayment | Step::CancelPayment | Step::ReleaseClaim | Step::VoidInvoice,
+                r,
+            ) if !matches!(r, StepResult::Transient(_)) => {
+                Some(("billing.compensated", json!({"step": step})))
+            }
+            _ => None,
+        };
+        saga = match apply(&saga, step, result, Utc::now()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(incident.id = %incident, error = %e, "billing saga refused a step result");
+                return Err(StoreError::Corrupt(e.to_string()));
+            }
+        };
+        let (kind, mut data) = event.map_or((None, json!({})), |(k, d)| (Some(k), d));
+        if let Some(obj) = data.as_object_mut() {
+            obj.insert("incident_id".into(), json!(incident));
+        }
+        record(&db, &saga, kind, data).await?;
+        if transient {
+            actix_web::rt::time::sleep(backoff(saga.attempts)).await;
+        }
+    }
+    // The saga is over: record the outcome, close the incident, release the unit.
+    let paid = saga.status == billing::InvoiceStatus::Paid;
+    let outcome = if paid { "paid" } else { "failed" };
+    record(
+        &db,
+        &saga,
+        Some(if paid {
+            "billing.completed"
+        } else {
+            "billing.failed"
+        }),
+        json!({"incident_id": incident, "status": saga.status, "reason": saga.failure}),
+    )
+    .await?;
+    let closed = deps
+        .incidents
+        .send(Route {
+            id: incident,
+            command: Command::Close {
+                outcome: outcome.into(),
+            },
+        })
+        .await;
+    if let Ok(Ok(state)) = closed
+        && let Some(unit) = state.assigned_unit_id
+        && let Ok(Some(addr)) = deps.fleet.send(UnitAddr(unit)).await
+    {
+        addr.do_send(IncidentOver {
+            incident_id: incident,
+            reason: "closed",
+        });
+    }
+    Ok(())
+}
+
+/// The provider used when payments are not configured: every charge is refused with a clear
+/// reason (the saga then compensates and the invoice ends `failed`), never faked.
+pub struct PaymentsNotConfigured;
+
+impl PaymentProvider for PaymentsNotConfigured {
+    fn create_and_confirm(
+        &self,
+        _: ChargeRequest,
+    ) -> crate::integrations::payments::PaymentFuture<
+        '_,
+        crate::integrations::payments::PaymentIntent,
+    > {
+        Box::pin(async {
+            Err(PaymentError::Rejected {
+                status: 0,
+                message: "no payment provider configured (payments.api_key)".into(),
+            })
+        })
+    }
+    fn cancel<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a str,
+    ) -> crate::integrations::payments::PaymentFuture<
+        'a,
+        crate::integrations::payments::PaymentIntent,
+    > {
+        Box::pin(async {
+            Err(PaymentError::Rejected {
+                status: 0,
+                message: "no payment provider configured".into(),
+            })
+        })
+    }
+    fn refund<'a>(
+        &'a self,
+        _: &'a str,
+        _: i64,
+        _: &'a str,
+    ) -> crate::integrations::payments::PaymentFuture<'a, String> {
+        Box::pin(async {
+            Err(PaymentError::Rejected {
+                status: 0,
+                message: "no payment provider configured".into(),
+            })
+        })
+    }
+    fn retrieve<'a>(
+        &'a self,
+        _: &'a str,
+    ) -> crate::integrations::payments::PaymentFuture<
+        'a,
+        crate::integrations::payments::PaymentIntent,
+    > {
+        Box::pin(async {
+            Err(PaymentError::Rejected {
+                status: 0,
+                message: "no payment provider configured".into(),
+            })
+        })
+    }
+    fn name(&self) -> &'static str {
+        "none"
+    }
+}

@@ -1,0 +1,171 @@
+//! The whole lifecycle to `closed`: dispatch, crew reports, the billing saga through the
+//! in-process insurance service (over HTTP) and the sandbox payment provider, compensation on
+//! a declined charge, and the unit back to available.
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use shers::domain::auth::Role;
+use shers::persistence::Backend;
+
+use crate::both_backends;
+use crate::helpers::TestApp;
+
+both_backends!(
+    partial_coverage_is_charged_and_closes,
+    declined_charge_is_compensated
+);
+
+const SCENE: (f64, f64) = (51.5000, -0.1200);
+
+async fn run_to_hospital(
+    app: &TestApp,
+    patient: &str,
+    member_id: &str,
+    coverage_cents: i64,
+) -> String {
+    let resp = app
+        .post_json(
+            "/api/v1/patients",
+            Some(Role::Admin),
+            &json!({"id": patient, "name": "Billed Patient", "home_location": {"lat": SCENE.0, "lng": SCENE.1},
+                    "insurance": {"provider": "Acme Health", "member_id": member_id},
+                    "next_of_kin": [{"name": "Kin", "email": "kin@example.org"}]}),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let resp = app
+        .post_json(
+            "/insurance/v1/policies",
+            Some(Role::Admin),
+            &json!({"patient_id": patient, "provider": "Acme Health", "member_id": member_id, "coverage_cents": coverage_cents}),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    app.add_unit("A1", SCENE.0 + 0.002, SCENE.1, "als").await;
+    let resp = app
+        .post_json("/api/v1/hospitals", Some(Role::Admin),
+            &json!({"id": "h1", "name": "General", "location": {"lat": SCENE.0 + 0.1, "lng": SCENE.1}, "capacity": 3}))
+        .await;
+    assert_eq!(resp.status(), StatusCode::CREATED);
+    let body: Value = app
+        .post_json(
+            "/api/v1/incidents",
+            Some(Role::Console),
+            &json!({"patient_id": patient}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = body["id"].as_str().unwrap().to_owned();
+    let incident = app
+        .wait_incident(&id, |i| {
+            i["offers"]
+                .as_array()
+                .is_some_and(|o| o.iter().any(|o| o["status"] == "pending"))
+        })
+        .await;
+    let offer = incident["offers"][0]["id"].as_str().unwrap().to_owned();
+    let token = app.crew_token("A1").await;
+    assert_eq!(
+        app.crew_post(
+            &token,
+            &format!("/api/v1/offers/{offer}/accept"),
+            &json!({})
+        )
+        .await
+        .status(),
+        StatusCode::OK
+    );
+    for s in ["enroute", "on_scene", "transporting", "at_hospital"] {
+        let resp = app
+            .crew_post(&token, "/api/v1/units/A1/status", &json!({"status": s}))
+            .await;
+        assert_eq!(resp.status(), StatusCode::OK, "{s}");
+    }
+    id
+}
+
+async fn partial_coverage_is_charged_and_closes(backend: Backend) {
+    let app = TestApp::builder(backend)
+        .with_settings(|s| s.payments.provider = shers::config::PaymentProvider::Sandbox)
+        .start()
+        .await;
+    let id = run_to_hospital(&app, "pb-1", "M-12345", 40_000).await;
+    let incident = app.wait_incident(&id, |i| i["status"] == "closed").await;
+    let invoice = &incident["invoice"];
+    assert_eq!(invoice["status"], "paid", "{invoice}");
+    // Tariff: 50,000 base + 15,000 ALS + 1,200 per km (scene → hospital about 11.1 km).
+    let amount = invoice["amount_cents"].as_i64().unwrap();
+    assert!((75_000..80_000).contains(&amount), "{amount}");
+    assert_eq!(invoice["covered_cents"], 40_000);
+    assert_eq!(invoice["patient_due_cents"], amount - 40_000);
+    assert_eq!(invoice["sandbox"], true);
+    let resp = app
+        .get(
+            &format!("/api/v1/incidents/{id}/invoice"),
+            Some(Role::Console),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    for kind in [
+        "billing.started",
+        "billing.insurance_verified",
+        "billing.payment_succeeded",
+        "billing.completed",
+        "incident.closed",
+    ] {
+        assert_eq!(app.events_of(kind).await.len(), 1, "{kind}");
+    }
+    assert!(incident["times"]["closed"].is_string());
+    // The unit is available again.
+    let mut unit = Value::Null;
+    for _ in 0..100 {
+        unit = app
+            .get("/api/v1/units/A1", Some(Role::Console))
+            .await
+            .json()
+            .await
+            .unwrap();
+        if unit["status"] == "available" {
+            break;
+        }
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(unit["status"], "available");
+}
+
+async fn declined_charge_is_compensated(backend: Backend) {
+    let app = TestApp::builder(backend)
+        .with_settings(|s| s.payments.provider = shers::config::PaymentProvider::Sandbox)
+        .start()
+        .await;
+    // Sandbox rule: a member id ending in 0 is declined. Coverage 10,000 so a share is due.
+    let id = run_to_hospital(&app, "pb-2", "M-12340", 10_000).await;
+    let incident = app.wait_incident(&id, |i| i["status"] == "closed").await;
+    let invoice = &incident["invoice"];
+    assert_eq!(invoice["status"], "failed", "{invoice}");
+    let steps: Vec<&str> = invoice["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert!(steps.contains(&"release_claim"), "{steps:?}");
+    assert_eq!(steps.last(), Some(&"void_invoice"), "{steps:?}");
+    assert_eq!(app.events_of("billing.payment_failed").await.len(), 1);
+    assert!(!app.events_of("billing.compensated").await.is_empty());
+    assert_eq!(app.events_of("billing.failed").await.len(), 1);
+    // The claim hold was released: the policy covers its full 10,000 again.
+    let check: Value = app
+        .post_json(
+            "/insurance/v1/verify",
+            Some(Role::Admin),
+            &json!({"patient_id": "pb-2", "incident_id": "other", "amount_cents": 10_000}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(check["coverage_status"], "fully_covered");
+}
