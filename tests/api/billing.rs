@@ -169,3 +169,110 @@ async fn declined_charge_is_compensated(backend: Backend) {
         .unwrap();
     assert_eq!(check["coverage_status"], "fully_covered");
 }
+
+/// A Stripe-compatible fake that replays by `Idempotency-Key` (as Stripe does) and can hold its
+/// first answer long enough for the test to kill SHERS mid-charge.
+mod fake_stripe {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+    use serde_json::json;
+
+    #[derive(Default)]
+    pub struct Stripe {
+        pub requests: AtomicUsize,
+        pub intents: Mutex<HashMap<String, String>>,
+        pub hold_first: AtomicBool,
+    }
+
+    pub async fn start(state: Arc<Stripe>) -> u16 {
+        let server = HttpServer::new(move || {
+            let state = state.clone();
+            App::new().route(
+                "/v1/payment_intents",
+                web::post().to(move |req: HttpRequest| {
+                    let state = state.clone();
+                    async move {
+                        state.requests.fetch_add(1, Ordering::SeqCst);
+                        let key = req
+                            .headers()
+                            .get("Idempotency-Key")
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or_default()
+                            .to_owned();
+                        // The charge happens (once per key) before any answer is sent.
+                        let id = {
+                            let mut intents = state.intents.lock().unwrap();
+                            let n = intents.len();
+                            intents.entry(key).or_insert_with(|| format!("pi_{n:024}")).clone()
+                        };
+                        if state.hold_first.swap(false, Ordering::SeqCst) {
+                            actix_web::rt::time::sleep(std::time::Duration::from_secs(30)).await;
+                        }
+                        HttpResponse::Ok().json(json!({"id": id, "object": "payment_intent", "status": "succeeded", "amount": 1}))
+                    }
+                }),
+            )
+        })
+        .workers(1)
+        .bind("127.0.0.1:0")
+        .unwrap();
+        let port = server.addrs()[0].port();
+        actix_web::rt::spawn(server.run());
+        port
+    }
+}
+
+both_backends!(a_crash_after_the_charge_never_charges_twice);
+
+async fn a_crash_after_the_charge_never_charges_twice(backend: Backend) {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+    let stripe = Arc::new(fake_stripe::Stripe::default());
+    stripe.hold_first.store(true, Ordering::SeqCst);
+    let port = fake_stripe::start(stripe.clone()).await;
+    let configure = move |s: &mut shers::config::Settings| {
+        s.payments.provider = shers::config::PaymentProvider::Stripe;
+        s.payments.base_url = format!("http://127.0.0.1:{port}");
+        s.payments.api_key = Some(shers::config::Secret::new("sk_test_fake".into()));
+    };
+    let app = TestApp::builder(backend)
+        .with_settings(configure)
+        .start()
+        .await;
+    let id = run_to_hospital(&app, "pc-1", "M-777", 0).await;
+    // Wait until the charge request reached the provider (which charged and is holding its
+    // answer), then kill SHERS without a graceful shutdown.
+    for _ in 0..250 {
+        if stripe.requests.load(Ordering::SeqCst) >= 1 {
+            break;
+        }
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(stripe.requests.load(Ordering::SeqCst), 1);
+    let tdb = app.kill().await;
+    // A new process resumes the saga: the charge is retried with the same idempotency key and
+    // the provider replays the first result.
+    let app = TestApp::builder(backend)
+        .with_settings(configure)
+        .start_on(tdb)
+        .await;
+    let incident = app.wait_incident(&id, |i| i["status"] == "closed").await;
+    assert_eq!(
+        incident["invoice"]["status"], "paid",
+        "{}",
+        incident["invoice"]
+    );
+    assert!(
+        stripe.requests.load(Ordering::SeqCst) >= 2,
+        "the charge was retried"
+    );
+    assert_eq!(
+        stripe.intents.lock().unwrap().len(),
+        1,
+        "exactly one charge"
+    );
+    assert_eq!(app.events_of("billing.payment_succeeded").await.len(), 1);
+}
