@@ -107,6 +107,60 @@ fn rebuild(stored: &[RecordedEvent]) -> (Option<Incident>, i64) {
     (replay(events.iter()), version)
 }
 
+/// Outbox rows and `notification.queued` events telling the patient's next of kin about
+/// `template` (one per contact and channel; the idempotency key makes a repeat a no-op).
+fn next_of_kin_outbox(
+    patient: Option<&crate::domain::patients::Patient>,
+    id: IncidentId,
+    template: &'static str,
+) -> (Vec<NewNotification>, Vec<NewEvent>) {
+    let mut outbox = Vec::new();
+    let mut queued = Vec::new();
+    for kin in patient.iter().flat_map(|p| p.next_of_kin.iter()) {
+        let channels = [("sms", kin.phone.as_ref()), ("email", kin.email.as_ref())];
+        for (channel, address) in channels {
+            let Some(address) = address else { continue };
+            let notification_id = uuid::Uuid::now_v7().to_string();
+            let key = format!("{id}:{channel}:{address}:{template}");
+            let mut event = NewEvent::new(
+                "notification.queued",
+                json!({
+                    "notification_id": notification_id,
+                    "incident_id": id,
+                    "recipient": kin.name,
+                    "channel": channel,
+                    "template": template,
+                }),
+            );
+            event.incident_id = Some(id.to_string());
+            queued.push(event);
+            outbox.push(NewNotification {
+                id: notification_id,
+                incident_id: id,
+                recipient_name: kin.name.clone(),
+                channel,
+                address: address.clone(),
+                template,
+                idempotency_key: key,
+            });
+        }
+    }
+    (outbox, queued)
+}
+
+/// Which next-of-kin message an incident event calls for (creation is queued by `create`).
+fn template_for(event: &IncidentEvent) -> Option<&'static str> {
+    match event {
+        IncidentEvent::Assigned { .. } => Some("unit_assigned"),
+        IncidentEvent::StatusChanged {
+            to: IncidentStatus::AtHospital,
+            ..
+        } => Some("arrived_at_hospital"),
+        IncidentEvent::Closed { .. } => Some("billing_outcome"),
+        _ => None,
+    }
+}
+
 /// Persists `events` (and their projections) at `expected` version; returns the new version.
 async fn persist(
     conn: &mut DbConn,
@@ -119,6 +173,19 @@ async fn persist(
     let id = incident.id;
     let mut new: Vec<NewEvent> = events.iter().map(|e| to_new_event(id, e)).collect();
     new.extend(extra);
+    // Next-of-kin messages the transition calls for are queued in the same transaction.
+    let mut outbox = Vec::new();
+    let templates: Vec<&'static str> = events.iter().filter_map(template_for).collect();
+    if !templates.is_empty()
+        && let Some(pid) = &incident.patient_id
+    {
+        let patient = patients::find_patient(conn, pid).await?;
+        for template in templates {
+            let (rows, queued) = next_of_kin_outbox(patient.as_ref(), id, template);
+            outbox.extend(rows);
+            new.extend(queued);
+        }
+    }
     let expected_version = if expected == 0 {
         ExpectedVersion::NoStream
     } else {
@@ -135,6 +202,9 @@ async fn persist(
         if let IncidentEvent::EvidenceAdded { evidence } = event {
             store::add_evidence(conn, id, now, evidence).await?;
         }
+    }
+    if !outbox.is_empty() {
+        store::queue_notifications(conn, &outbox, now).await?;
     }
     Ok(version)
 }
@@ -1285,37 +1355,7 @@ async fn create(db: Db, req: OpenRequest) -> Result<(Incident, i64), IncidentErr
             let (dispatching, more) = handle(Some(&opened), &Command::StartDispatch, now)?;
             events.extend(more);
 
-            let mut outbox = Vec::new();
-            let mut queued = Vec::new();
-            for kin in patient.iter().flat_map(|p| p.next_of_kin.iter()) {
-                let channels = [("sms", kin.phone.as_ref()), ("email", kin.email.as_ref())];
-                for (channel, address) in channels {
-                    let Some(address) = address else { continue };
-                    let notification_id = uuid::Uuid::now_v7().to_string();
-                    let key = format!("{id}:{channel}:{address}:incident_created");
-                    let mut event = NewEvent::new(
-                        "notification.queued",
-                        json!({
-                            "notification_id": notification_id,
-                            "incident_id": id,
-                            "recipient": kin.name,
-                            "channel": channel,
-                            "template": "incident_created",
-                        }),
-                    );
-                    event.incident_id = Some(id.to_string());
-                    queued.push(event);
-                    outbox.push(NewNotification {
-                        id: notification_id,
-                        incident_id: id,
-                        recipient_name: kin.name.clone(),
-                        channel,
-                        address: address.clone(),
-                        template: "incident_created",
-                        idempotency_key: key,
-                    });
-                }
-            }
+            let (outbox, queued) = next_of_kin_outbox(patient.as_ref(), id, "incident_created");
             let version = persist(tx, &dispatching, 0, &events, queued, now).await?;
             store::queue_notifications(tx, &outbox, now).await?;
             Ok::<_, IncidentError>((dispatching, version))

@@ -91,7 +91,11 @@ impl Handler<Kick> for NotifierActor {
     }
 }
 
-async fn context_for(db: &Db, n: &DueNotification) -> Result<MessageContext, StoreError> {
+async fn context_for(
+    db: &Db,
+    n: &DueNotification,
+    template: Template,
+) -> Result<MessageContext, StoreError> {
     let (incident_id, recipient) = (n.incident_id.clone(), n.recipient_name.clone());
     db.run(move |mut conn| async move {
         let mut ctx = MessageContext {
@@ -106,6 +110,34 @@ async fn context_for(db: &Db, n: &DueNotification) -> Result<MessageContext, Sto
                 ctx.patient_name = patients::find_patient(&mut conn, pid)
                     .await?
                     .map(|p| p.name);
+            }
+            match template {
+                Template::UnitAssigned => {
+                    let offers = crate::persistence::fleet::offers_for(&mut conn, id).await?;
+                    if let Some(o) = offers.iter().find(|o| o.status == "accepted") {
+                        ctx.eta_s = Some(o.eta_s);
+                        ctx.unit_call_sign = Some(o.unit_id.0.clone());
+                    }
+                }
+                Template::BillingOutcome => {
+                    if let Some(inv) =
+                        crate::persistence::invoices::for_incident(&mut conn, &incident_id).await?
+                    {
+                        let saga = inv.saga;
+                        let paid = saga.status == crate::domain::billing::InvoiceStatus::Paid;
+                        ctx.billing_status =
+                            Some(if paid { "paid" } else { "not completed" }.to_owned());
+                        ctx.amount_due_cents = Some(if paid {
+                            0
+                        } else {
+                            saga.insurance
+                                .as_ref()
+                                .map_or(saga.amount_cents, |d| d.patient_due_cents)
+                        });
+                        ctx.currency = Some(saga.currency.to_uppercase());
+                    }
+                }
+                Template::IncidentCreated | Template::ArrivedAtHospital => {}
             }
         }
         if ctx.incident_reference.is_empty() {
@@ -123,7 +155,7 @@ async fn deliver_due(db: &Db, channels: &Channels) -> Result<(), StoreError> {
     for n in due {
         let channel = Channel::parse(&n.channel).unwrap_or(Channel::Sms);
         let template = Template::parse(&n.template).unwrap_or(Template::IncidentCreated);
-        let ctx = context_for(db, &n).await?;
+        let ctx = context_for(db, &n, template).await?;
         let rendered = render(template, &ctx);
         let provider = match channel {
             Channel::Sms => channels.sms.clone(),

@@ -276,3 +276,60 @@ async fn a_crash_after_the_charge_never_charges_twice(backend: Backend) {
     );
     assert_eq!(app.events_of("billing.payment_succeeded").await.len(), 1);
 }
+
+both_backends!(full_coverage_charges_nothing_and_every_message_is_queued);
+
+async fn full_coverage_charges_nothing_and_every_message_is_queued(backend: Backend) {
+    let app = TestApp::builder(backend)
+        .with_settings(|s| s.payments.provider = shers::config::PaymentProvider::Sandbox)
+        .start()
+        .await;
+    let id = run_to_hospital(&app, "pf-1", "M-55555", 10_000_000).await;
+    let incident = app.wait_incident(&id, |i| i["status"] == "closed").await;
+    let invoice = &incident["invoice"];
+    assert_eq!(invoice["status"], "paid");
+    assert_eq!(invoice["patient_due_cents"], 0);
+    assert_eq!(invoice["covered_cents"], invoice["amount_cents"]);
+    let steps: Vec<&str> = invoice["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
+    assert!(
+        !steps.contains(&"charge"),
+        "a zero share charges nothing: {steps:?}"
+    );
+    assert!(app.events_of("billing.payment_succeeded").await.is_empty());
+    // Next of kin hear about every stage (email; no SMTP configured here, so logged, not sent).
+    let mut templates: Vec<String> = Vec::new();
+    for _ in 0..100 {
+        let detail: Value = app
+            .get(&format!("/api/v1/incidents/{id}"), Some(Role::Console))
+            .await
+            .json()
+            .await
+            .unwrap();
+        templates = detail["notifications"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["status"] == "sent")
+            .map(|n| n["template"].as_str().unwrap().to_owned())
+            .collect();
+        if templates.len() == 4 {
+            break;
+        }
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    templates.sort();
+    assert_eq!(
+        templates,
+        [
+            "arrived_at_hospital",
+            "billing_outcome",
+            "incident_created",
+            "unit_assigned"
+        ]
+    );
+}
