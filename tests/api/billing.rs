@@ -333,3 +333,65 @@ async fn full_coverage_charges_nothing_and_every_message_is_queued(backend: Back
         ]
     );
 }
+
+#[actix_web::test]
+async fn an_insurer_outage_is_retried_until_it_answers() {
+    use actix_web::{App, HttpResponse, HttpServer, web};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // A separate insurance service that is down (503) for its first two calls.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = calls.clone();
+    let server = HttpServer::new(move || {
+        let seen = seen.clone();
+        App::new().route(
+            "/insurance/v1/verify",
+            web::post().to(move |body: web::Json<Value>| {
+                let seen = seen.clone();
+                async move {
+                    if seen.fetch_add(1, Ordering::SeqCst) < 2 {
+                        return HttpResponse::ServiceUnavailable().finish();
+                    }
+                    let amount = body["amount_cents"].as_i64().unwrap_or(0);
+                    HttpResponse::Ok()
+                        .json(json!({"verified": true, "coverage_status": "fully_covered",
+                        "covered_cents": amount, "patient_due_cents": 0, "claim_id": "clm_ext"}))
+                }
+            }),
+        )
+    })
+    .workers(1)
+    .bind("127.0.0.1:0")
+    .unwrap();
+    let port = server.addrs()[0].port();
+    actix_web::rt::spawn(server.run());
+    let app = TestApp::builder(Backend::Sqlite)
+        .with_settings(move |s| {
+            s.payments.provider = shers::config::PaymentProvider::Sandbox;
+            s.insurance.base_url = Some(format!("http://127.0.0.1:{port}"));
+            s.insurance.api_token = Some(shers::config::Secret::new("external-token".into()));
+        })
+        .start()
+        .await;
+    let id = run_to_hospital(&app, "po-1", "M-1", 0).await;
+    let incident = app.wait_incident(&id, |i| i["status"] == "closed").await;
+    assert_eq!(incident["invoice"]["status"], "paid");
+    assert_eq!(
+        incident["invoice"]["covered_cents"],
+        incident["invoice"]["amount_cents"]
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        3,
+        "two failures, then verified"
+    );
+    let steps = incident["invoice"]["steps"].as_array().unwrap();
+    assert!(
+        steps
+            .iter()
+            .filter(|s| s["step"] == "verify_insurance")
+            .count()
+            >= 3,
+        "{steps:?}"
+    );
+}
