@@ -39,6 +39,7 @@ pub struct Application {
     db: Db,
     devices: actix::Addr<DeviceDirectory>,
     incidents: actix::Addr<IncidentDirectory>,
+    billing: actix::Addr<Billing>,
 }
 
 /// Opens the configured database and applies pending migrations.
@@ -314,6 +315,7 @@ impl Application {
             db,
             devices,
             incidents,
+            billing,
         })
     }
 
@@ -330,6 +332,11 @@ impl Application {
     /// The device directory (tests drive device timers through it).
     pub fn devices(&self) -> &actix::Addr<DeviceDirectory> {
         &self.devices
+    }
+
+    /// The billing sagas.
+    pub fn billing(&self) -> &actix::Addr<Billing> {
+        &self.billing
     }
 
     /// The incident directory.

@@ -313,6 +313,9 @@ fn payment_result(
 /// Drives one saga to its end.
 async fn drive(deps: BillingDeps, incident: IncidentId) -> Result<(), StoreError> {
     let (mut saga, _) = load_or_create(&deps, incident).await?;
+    // Asked again after it finished: the outcome is recorded already; only make sure the
+    // incident is closed (idempotent), never run or record anything twice.
+    let already_done = is_done(&saga);
     let db = deps.db.clone();
     let (patient_id, member_ref) = db
         .run(move |mut conn| async move {
@@ -432,17 +435,19 @@ async fn drive(deps: BillingDeps, incident: IncidentId) -> Result<(), StoreError
     // The saga is over: record the outcome, close the incident, release the unit.
     let paid = saga.status == billing::InvoiceStatus::Paid;
     let outcome = if paid { "paid" } else { "failed" };
-    record(
-        &db,
-        &saga,
-        Some(if paid {
-            "billing.completed"
-        } else {
-            "billing.failed"
-        }),
-        json!({"incident_id": incident, "status": saga.status, "reason": saga.failure}),
-    )
-    .await?;
+    if !already_done {
+        record(
+            &db,
+            &saga,
+            Some(if paid {
+                "billing.completed"
+            } else {
+                "billing.failed"
+            }),
+            json!({"incident_id": incident, "status": saga.status, "reason": saga.failure}),
+        )
+        .await?;
+    }
     let closed = deps
         .incidents
         .send(Route {

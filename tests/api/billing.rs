@@ -395,3 +395,52 @@ async fn an_insurer_outage_is_retried_until_it_answers() {
         "{steps:?}"
     );
 }
+
+both_backends!(the_same_billing_command_twice_charges_once);
+
+async fn the_same_billing_command_twice_charges_once(backend: Backend) {
+    use shers::actors::billing::StartBilling;
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+    let stripe = Arc::new(fake_stripe::Stripe::default());
+    let port = fake_stripe::start(stripe.clone()).await;
+    let app = TestApp::builder(backend)
+        .with_settings(move |s| {
+            s.payments.provider = shers::config::PaymentProvider::Stripe;
+            s.payments.base_url = format!("http://127.0.0.1:{port}");
+            s.payments.api_key = Some(shers::config::Secret::new("sk_test_fake".into()));
+        })
+        .start()
+        .await;
+    let id = run_to_hospital(&app, "pt-1", "M-4242", 0).await;
+    // Billing was started by the handover; a dispatcher's tool (or a retry) asks again, twice.
+    for _ in 0..2 {
+        app.billing.do_send(StartBilling(id.parse().unwrap()));
+    }
+    let incident = app.wait_incident(&id, |i| i["status"] == "closed").await;
+    assert_eq!(incident["invoice"]["status"], "paid");
+    // And once more after it finished.
+    app.billing
+        .send(StartBilling(id.parse().unwrap()))
+        .await
+        .unwrap();
+    actix_web::rt::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(stripe.intents.lock().unwrap().len(), 1, "one charge");
+    let steps: Vec<String> = incident["invoice"]["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| format!("{}:{}", s["step"], s["outcome"]))
+        .collect();
+    assert_eq!(
+        stripe.requests.load(Ordering::SeqCst),
+        1,
+        "one charge request: {steps:?}"
+    );
+    assert_eq!(
+        app.events_of("billing.started").await.len(),
+        1,
+        "one invoice"
+    );
+    assert_eq!(app.events_of("billing.completed").await.len(), 1);
+}

@@ -210,6 +210,7 @@ impl TestAppBuilder {
         let db = app.db().clone();
         let devices = app.devices().clone();
         let incidents = app.incidents().clone();
+        let billing = app.billing().clone();
         let handle = app.handle();
         actix_web::rt::spawn(app.run_until_stopped());
         TestApp {
@@ -217,6 +218,7 @@ impl TestAppBuilder {
             db,
             devices,
             incidents,
+            billing,
             handle,
             client: reqwest::Client::new(),
             tokens: Mutex::new(HashMap::new()),
@@ -231,6 +233,7 @@ pub struct TestApp {
     pub db: Db,
     pub devices: actix::Addr<shers::actors::devices::DeviceDirectory>,
     pub incidents: actix::Addr<shers::actors::incidents::IncidentDirectory>,
+    pub billing: actix::Addr<shers::actors::billing::Billing>,
     pub client: reqwest::Client,
     handle: ServerHandle,
     tokens: Mutex<HashMap<Role, String>>,
