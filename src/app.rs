@@ -14,6 +14,7 @@ use tracing_actix_web::TracingLogger;
 use actix::{Actor as _, Arbiter};
 
 use crate::actors::billing::{Billing, BillingDeps, PaymentsNotConfigured, ResumeBilling};
+use crate::actors::broadcaster::Broadcaster;
 use crate::actors::device::TriageRuntime;
 use crate::actors::devices::DeviceDirectory;
 use crate::actors::fleet::{Fleet, LoadFleet, SetUnitFreeRecipient};
@@ -197,6 +198,10 @@ impl Application {
         let devices = device_directory.clone();
 
         let notifier = NotifierActor::new(db.clone(), notification_channels(&settings)?).start();
+        let broadcaster = Broadcaster::new(db.clone())
+            .await
+            .context("starting the event broadcaster")?
+            .start();
         let insurance_token = match &settings.insurance.api_token {
             Some(t) => t.expose().clone(),
             None => {
@@ -271,6 +276,7 @@ impl Application {
             incidents: incidents.clone(),
             fleet: fleet.clone(),
             notifier: notifier.clone(),
+            broadcaster: broadcaster.clone(),
             billing: billing.clone(),
             devices: device_directory.clone(),
             ingest_gate: Arc::new(tokio::sync::Semaphore::new(

@@ -3,6 +3,7 @@
 //! `ctx.stop()` after logging so supervisors can restart them.
 
 pub mod billing;
+pub mod broadcaster;
 pub mod crew;
 pub mod device;
 pub mod devices;

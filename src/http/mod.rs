@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod auth;
 pub mod error;
+pub mod events;
 pub mod fleet;
 pub mod incidents;
 pub mod insurance;
@@ -44,6 +45,8 @@ pub struct AppState {
     pub fleet: Addr<Fleet>,
     /// The billing sagas.
     pub billing: Addr<crate::actors::billing::Billing>,
+    /// The console event fan-out.
+    pub broadcaster: Addr<crate::actors::broadcaster::Broadcaster>,
     /// The notification outbox worker.
     pub notifier: Addr<crate::actors::notifier::NotifierActor>,
     /// The per-wearable actors.
@@ -120,6 +123,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             "/api/v1/incidents/{id}/cancel",
             web::post().to(incidents::cancel),
         )
+        .route("/api/v1/events", web::get().to(events::page))
+        .route("/api/v1/events/stream", web::get().to(events::stream))
+        .route("/api/v1/ws/console", web::get().to(events::console_ws))
         .route("/api/v1/vitals", web::post().to(vitals::ingest))
         .route("/api/v1/ws/gateway", web::get().to(vitals::gateway_ws))
         .service(

@@ -17,6 +17,14 @@ use super::{DbConn, StoreError, from_db_time, to_db_time};
 use crate::db_run;
 use crate::domain::events::{ExpectedVersion, NewEvent, RecordedEvent};
 
+/// Woken after events may have been committed, so tailers (the console broadcaster) look at
+/// once instead of waiting for their next poll. A wake-up before the commit is harmless: the
+/// tailer reads by sequence and finds the events on its next look.
+pub fn appended() -> &'static tokio::sync::Notify {
+    static NOTIFY: std::sync::OnceLock<tokio::sync::Notify> = std::sync::OnceLock::new();
+    NOTIFY.get_or_init(tokio::sync::Notify::new)
+}
+
 /// Why an append failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AppendError {
@@ -198,6 +206,7 @@ pub async fn append(
         .await
     })?;
 
+    appended().notify_waiters();
     Ok(new
         .iter()
         .zip(0_i64..)

@@ -346,6 +346,9 @@ impl DbConn {
                     .await
             }),
         };
+        if finished.is_ok() && result.is_ok() {
+            events::appended().notify_waiters();
+        }
         match (result, finished) {
             (Ok(value), Ok(())) => Ok(value),
             (Ok(_), Err(e)) => Err(StoreError::from(e).into()),

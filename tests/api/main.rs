@@ -13,6 +13,7 @@ mod auth;
 mod billing;
 mod dispatch;
 mod errors;
+mod events;
 mod incidents;
 mod insurance;
 mod notifications;

@@ -1,0 +1,246 @@
+//! The event stream for dispatch consoles (`api.md` "Event stream"): a page of events, Server-
+//! Sent Events honouring `Last-Event-ID`, and the console WebSocket. Every connected console
+//! receives every event (fan-out), in sequence order, with no gap after a reconnect.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_web::http::header;
+use actix_web::web::Bytes;
+use actix_web::{HttpRequest, HttpResponse, web};
+use futures_util::StreamExt as _;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::AppState;
+use super::auth::{Authorized, ConsoleOnly};
+use super::error::ApiError;
+use crate::actors::broadcaster::{FeedItem, Stats, feed};
+use crate::domain::events::RecordedEvent;
+use crate::persistence::events;
+
+/// `?since=SEQ&limit=N`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    /// Events after this sequence (default: the live head for streams, 0 for pages).
+    pub since: Option<i64>,
+    /// Page size (1–1000, default 100).
+    pub limit: Option<i64>,
+    /// WebSocket token (accepted on upgrades only).
+    pub access_token: Option<String>,
+}
+
+fn query(req: &HttpRequest) -> Result<EventsQuery, ApiError> {
+    let q = web::Query::<EventsQuery>::from_query(req.query_string())
+        .map_err(|e| ApiError::field("/query", e.to_string()))?
+        .into_inner();
+    if q.since.is_some_and(|s| s < 0) {
+        return Err(ApiError::field(
+            "/query/since",
+            "must be a sequence number (≥ 0)",
+        ));
+    }
+    Ok(q)
+}
+
+/// A page of events after `since`: `{items, next_cursor}` (`next_cursor` is the last `seq`).
+#[utoipa::path(get, path = "/api/v1/events", tag = "events", security(("bearer" = [])),
+    params(("since" = Option<i64>, Query), ("limit" = Option<i64>, Query)),
+    responses((status = 200, description = "{items, next_cursor}")))]
+pub async fn page(
+    _auth: Authorized<ConsoleOnly>,
+    state: web::Data<AppState>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let q = query(&req)?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::field(
+            "/query/limit",
+            "must be between 1 and 1000",
+        ));
+    }
+    let since = q.since.unwrap_or(0);
+    let items = state
+        .db
+        .run(move |mut conn| async move { events::read_since(&mut conn, since, limit).await })
+        .await?;
+    let next = items.last().map(|e| e.seq);
+    Ok(HttpResponse::Ok().json(json!({"items": items, "next_cursor": next})))
+}
+
+async fn head(state: &AppState) -> Result<i64, ApiError> {
+    state
+        .broadcaster
+        .send(Stats)
+        .await
+        .map(|(_, head)| head)
+        .map_err(|_| ApiError::Unavailable {
+            detail: "the event stream is restarting".into(),
+            retry_after_s: 1,
+        })
+}
+
+fn sse_frame(event: &RecordedEvent) -> Bytes {
+    let data = serde_json::to_string(event).unwrap_or_default();
+    Bytes::from(format!(
+        "id: {}\nevent: {}\ndata: {}\n\n",
+        event.seq, event.kind, data
+    ))
+}
+
+/// Server-Sent Events: every event after `since` (or after `Last-Event-ID`), then live.
+#[utoipa::path(get, path = "/api/v1/events/stream", tag = "events", security(("bearer" = [])),
+    params(("since" = Option<i64>, Query)),
+    responses((status = 200, description = "text/event-stream; `id:` is the seq")))]
+pub async fn stream(
+    _auth: Authorized<ConsoleOnly>,
+    state: web::Data<AppState>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let q = query(&req)?;
+    let last_event_id = req
+        .headers()
+        .get("Last-Event-ID")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<i64>().ok());
+    let since = match last_event_id.or(q.since) {
+        Some(s) => s,
+        None => head(&state).await?,
+    };
+    let rx = feed(state.db.clone(), state.broadcaster.clone(), since);
+    let body = tokio_stream_from(rx).map(|item| {
+        Ok::<_, actix_web::Error>(match item {
+            FeedItem::Event(e) => sse_frame(&e),
+            FeedItem::Resync(seq) => Bytes::from(format!(
+                "event: resync\ndata: {{\"type\":\"resync\",\"since\":{seq}}}\n\n"
+            )),
+        })
+    });
+    Ok(HttpResponse::Ok()
+        .insert_header((header::CONTENT_TYPE, "text/event-stream"))
+        .insert_header((header::CACHE_CONTROL, "no-cache"))
+        .insert_header(("X-Accel-Buffering", "no"))
+        .streaming(body))
+}
+
+fn tokio_stream_from<T: 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// How often a console gets a heartbeat frame.
+pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long a console may stay silent before it is closed.
+pub const CLIENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+#[derive(Debug, Default, Deserialize)]
+struct Filter {
+    #[serde(default)]
+    kinds: Option<Vec<String>>,
+    #[serde(default)]
+    incident_id: Option<String>,
+}
+
+impl Filter {
+    fn wants(&self, e: &RecordedEvent) -> bool {
+        self.kinds
+            .as_ref()
+            .is_none_or(|k| k.contains(&e.kind))
+            && self
+                .incident_id
+                .as_ref()
+                .is_none_or(|i| e.incident_id.as_deref() == Some(i.as_str()))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ConsoleFrame {
+    Subscribe {
+        #[serde(default)]
+        kinds: Option<Vec<String>>,
+        #[serde(default)]
+        incident_id: Option<String>,
+    },
+}
+
+/// The console WebSocket: replays events after `since`, then streams live ones; each event is
+/// one text frame holding exactly the event; other frames carry a `type`.
+#[utoipa::path(get, path = "/api/v1/ws/console", tag = "events", security(("bearer" = [])),
+    params(("since" = Option<i64>, Query)), responses((status = 101, description = "WebSocket upgrade")))]
+pub async fn console_ws(
+    _auth: Authorized<ConsoleOnly>,
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    body: web::Payload,
+) -> Result<HttpResponse, actix_web::Error> {
+    let q = query(&req)?;
+    let since = match q.since {
+        Some(s) => s,
+        None => head(&state).await?,
+    };
+    let (response, mut session, stream) = actix_ws::handle(&req, body)?;
+    let state: Arc<AppState> = state.into_inner();
+    let mut stream = stream
+        .max_frame_size(64 * 1024)
+        .aggregate_continuations()
+        .max_continuation_size(64 * 1024);
+    let mut rx = feed(state.db.clone(), state.broadcaster.clone(), since);
+    actix_web::rt::spawn(async move {
+        let mut filter = Filter::default();
+        let mut last_heard = Instant::now();
+        let mut last_seq = since;
+        let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
+        let reason = loop {
+            tokio::select! {
+                item = rx.recv() => match item {
+                    Some(FeedItem::Event(e)) => {
+                        last_seq = e.seq;
+                        if filter.wants(&e) {
+                            let Ok(text) = serde_json::to_string(&*e) else { continue };
+                            if session.text(text).await.is_err() { break None; }
+                        }
+                    }
+                    Some(FeedItem::Resync(seq)) => {
+                        let frame = json!({"type": "resync", "since": seq}).to_string();
+                        if session.text(frame).await.is_err() { break None; }
+                    }
+                    None => break None,
+                },
+                message = stream.next() => match message {
+                    Some(Ok(actix_ws::AggregatedMessage::Text(text))) => {
+                        last_heard = Instant::now();
+                        let reply = match super::json::parse_json::<ConsoleFrame>(text.as_bytes()) {
+                            Ok(ConsoleFrame::Subscribe { kinds, incident_id }) => {
+                                filter = Filter { kinds, incident_id };
+                                json!({"type": "subscribed", "kinds": filter.kinds, "incident_id": filter.incident_id})
+                            }
+                            Err(e) => json!({"type": "error", "error": e.problem()}),
+                        };
+                        if session.text(reply.to_string()).await.is_err() { break None; }
+                    }
+                    Some(Ok(actix_ws::AggregatedMessage::Ping(b))) => {
+                        last_heard = Instant::now();
+                        if session.pong(&b).await.is_err() { break None; }
+                    }
+                    Some(Ok(actix_ws::AggregatedMessage::Pong(_))) => last_heard = Instant::now(),
+                    Some(Ok(actix_ws::AggregatedMessage::Binary(_))) => {}
+                    Some(Ok(actix_ws::AggregatedMessage::Close(reason))) => break reason,
+                    Some(Err(_)) | None => break None,
+                },
+                _ = heartbeat.tick() => {
+                    if last_heard.elapsed() > CLIENT_TIMEOUT {
+                        break Some(actix_ws::CloseReason { code: actix_ws::CloseCode::Policy, description: Some("heartbeat timeout".into()) });
+                    }
+                    let frame = json!({"type": "heartbeat", "seq": last_seq}).to_string();
+                    if session.text(frame).await.is_err() || session.ping(b"").await.is_err() { break None; }
+                }
+            }
+        };
+        let _ = session.close(reason).await;
+    });
+    Ok(response)
+}

@@ -1,0 +1,162 @@
+//! The console event stream: pages, SSE with Last-Event-ID, and the console WebSocket with
+//! replay then live, no gap and no duplicate at the seam, fan-out to every console.
+
+use futures_util::StreamExt as _;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use shers::domain::auth::Role;
+use shers::persistence::Backend;
+
+use crate::both_backends;
+use crate::helpers::TestApp;
+
+both_backends!(
+    consoles_see_every_event_in_order_across_the_seam,
+    sse_resumes_from_last_event_id
+);
+
+async fn make_events(app: &TestApp, n: usize) {
+    for i in 0..n {
+        let resp = app
+            .post_json(
+                "/api/v1/incidents",
+                Some(Role::Console),
+                &json!({"location": {"lat": 1.0 + i as f64 * 0.001, "lng": 2.0}}),
+            )
+            .await;
+        assert_eq!(resp.status(), StatusCode::CREATED);
+    }
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn next_event(socket: &mut Socket) -> Value {
+    loop {
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(10), socket.next())
+            .await
+            .expect("an event within 10 s")
+            .unwrap()
+            .unwrap();
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = frame {
+            let v: Value = serde_json::from_str(&t).unwrap();
+            if v.get("seq").is_some() && v.get("type").is_none() {
+                return v;
+            }
+        }
+    }
+}
+
+async fn connect(app: &TestApp, since: i64) -> Socket {
+    let token = app.token(Role::Console).await;
+    let port = app.address.rsplit(':').next().unwrap().to_owned();
+    let url = format!("ws://127.0.0.1:{port}/api/v1/ws/console?since={since}&access_token={token}");
+    tokio_tungstenite::connect_async(url).await.unwrap().0
+}
+
+async fn consoles_see_every_event_in_order_across_the_seam(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    make_events(&app, 5).await; // history before anyone connects
+    let first = connect(&app, 0).await;
+    // Events keep being appended while the second console connects and replays.
+    let writer = {
+        let client = app.client.clone();
+        let url = app.url("/api/v1/incidents");
+        let token = app.token(Role::Console).await;
+        actix_web::rt::spawn(async move {
+            for i in 0..10 {
+                client
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .json(&json!({"location": {"lat": 10.0 + f64::from(i) * 0.001, "lng": 2.0}}))
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let second = connect(&app, 0).await;
+    writer.await.unwrap();
+    let mut conn = app.db.conn().await.unwrap();
+    let total = shers::persistence::events::last_seq(&mut conn)
+        .await
+        .unwrap();
+    for mut socket in [first, second] {
+        let mut seqs = Vec::new();
+        while seqs.len() < total as usize {
+            seqs.push(next_event(&mut socket).await["seq"].as_i64().unwrap());
+        }
+        assert_eq!(
+            seqs,
+            (1..=total).collect::<Vec<_>>(),
+            "every event exactly once, in order"
+        );
+    }
+    // Resume after a disconnect: only what came after.
+    let mut resumed = connect(&app, total).await;
+    make_events(&app, 1).await;
+    let next = next_event(&mut resumed).await;
+    assert_eq!(next["seq"].as_i64().unwrap(), total + 1);
+    // A console can filter.
+    let mut filtered = connect(&app, total).await;
+    use futures_util::SinkExt as _;
+    filtered
+        .send(tokio_tungstenite::tungstenite::Message::text(
+            json!({"type": "subscribe", "kinds": ["incident.created"]}).to_string(),
+        ))
+        .await
+        .unwrap();
+    make_events(&app, 1).await;
+    let only = next_event(&mut filtered).await;
+    assert_eq!(only["kind"], "incident.created");
+    // The page endpoint agrees.
+    let page: Value = app
+        .get(
+            &format!("/api/v1/events?since={}&limit=2", total - 2),
+            Some(Role::Console),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(page["items"].as_array().unwrap().len(), 2);
+    assert_eq!(page["next_cursor"], total);
+    let denied = app.get("/api/v1/events", Some(Role::Crew)).await;
+    assert_eq!(denied.status(), StatusCode::FORBIDDEN);
+}
+
+async fn sse_resumes_from_last_event_id(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    make_events(&app, 3).await;
+    let mut conn = app.db.conn().await.unwrap();
+    let total = shers::persistence::events::last_seq(&mut conn)
+        .await
+        .unwrap();
+    let token = app.token(Role::Console).await;
+    let resp = app
+        .client
+        .get(app.url("/api/v1/events/stream"))
+        .bearer_auth(&token)
+        .header("Last-Event-ID", (total - 2).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["content-type"], "text/event-stream");
+    let mut resp = resp;
+    let mut text = String::new();
+    while text.matches("\n\n").count() < 2 {
+        let chunk = tokio::time::timeout(std::time::Duration::from_secs(10), resp.chunk())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    let ids: Vec<i64> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("id: "))
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert_eq!(ids, [total - 1, total]);
+}
