@@ -68,6 +68,8 @@ pub struct Settings {
     pub notify: NotifySettings,
     /// Operations and admin endpoints.
     pub admin: AdminSettings,
+    /// Response-time standards (seconds per NEMSIS interval) for analytics compliance.
+    pub analytics: crate::domain::analytics::Thresholds,
 }
 
 /// Operations settings.
@@ -95,6 +97,7 @@ impl Default for Settings {
             insurance: InsuranceSettings::default(),
             notify: NotifySettings::default(),
             admin: AdminSettings::default(),
+            analytics: crate::domain::analytics::Thresholds::default(),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! This is where the rules live (validation, triage, the incident state machine, dispatch
 //! ranking, billing transitions) and where most unit and property tests run without a runtime.
 
+pub mod analytics;
 pub mod auth;
 pub mod billing;
 pub mod dispatch;

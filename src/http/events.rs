@@ -146,9 +146,7 @@ struct Filter {
 
 impl Filter {
     fn wants(&self, e: &RecordedEvent) -> bool {
-        self.kinds
-            .as_ref()
-            .is_none_or(|k| k.contains(&e.kind))
+        self.kinds.as_ref().is_none_or(|k| k.contains(&e.kind))
             && self
                 .incident_id
                 .as_ref()

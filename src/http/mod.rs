@@ -4,6 +4,7 @@
 //! business rules. Every error leaves as problem+json ([`error::ApiError`]).
 
 pub mod admin;
+pub mod analytics;
 pub mod auth;
 pub mod error;
 pub mod events;
@@ -122,6 +123,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route(
             "/api/v1/incidents/{id}/cancel",
             web::post().to(incidents::cancel),
+        )
+        .route(
+            "/api/v1/analytics/response-times",
+            web::get().to(analytics::response_times_handler),
         )
         .route("/api/v1/events", web::get().to(events::page))
         .route("/api/v1/events/stream", web::get().to(events::stream))

@@ -39,6 +39,7 @@ impl Modify for BearerAuth {
         super::reference::create_device,
         super::vitals::ingest,
         super::events::page,
+        super::analytics::response_times_handler,
         super::events::stream,
         super::events::console_ws,
         super::incidents::create,

@@ -589,3 +589,26 @@ pub async fn record_attempt(
     });
     Ok(())
 }
+
+/// The NEMSIS times of incidents created in `[from, to)`, optionally of one priority.
+pub async fn times_in_range(
+    conn: &mut DbConn,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    priority: Option<Priority>,
+) -> Result<Vec<Times>, StoreError> {
+    let priority = priority.map(|p| enum_str(&p));
+    let rows: Vec<IncidentRow> = db_run!(conn, |c| {
+        let mut q = incidents::table
+            .filter(incidents::created_at.ge(to_db_time(from)))
+            .filter(incidents::created_at.lt(to_db_time(to)))
+            .into_boxed();
+        if let Some(p) = &priority {
+            q = q.filter(incidents::priority.eq(p.clone()));
+        }
+        q.select(IncidentRow::as_select()).load(c).await?
+    });
+    rows.into_iter()
+        .map(|r| r.into_domain().map(|(i, _)| i.times))
+        .collect()
+}

@@ -160,3 +160,84 @@ async fn sse_resumes_from_last_event_id(backend: Backend) {
         .collect();
     assert_eq!(ids, [total - 1, total]);
 }
+
+both_backends!(analytics_report_nemsis_intervals);
+
+async fn analytics_report_nemsis_intervals(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.add_unit("AN1", 1.0, 2.0, "bls").await;
+    let created: Value = app
+        .post_json(
+            "/api/v1/incidents",
+            Some(Role::Console),
+            &json!({"location": {"lat": 1.001, "lng": 2.0}}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    // Wait for the automatic offer, then let the crew accept and drive to the scene.
+    let incident = app
+        .wait_incident(&id, |i| {
+            i["offers"]
+                .as_array()
+                .is_some_and(|o| o.iter().any(|o| o["status"] == "pending"))
+        })
+        .await;
+    let offer = incident["offers"][0]["id"].as_str().unwrap().to_owned();
+    let token = app.crew_token("AN1").await;
+    app.crew_post(
+        &token,
+        &format!("/api/v1/offers/{offer}/accept"),
+        &json!({}),
+    )
+    .await;
+    for s in ["enroute", "on_scene"] {
+        let resp = app
+            .crew_post(&token, "/api/v1/units/AN1/status", &json!({"status": s}))
+            .await;
+        assert_eq!(resp.status(), StatusCode::OK);
+    }
+    let report: Value = app
+        .get("/api/v1/analytics/response-times", Some(Role::Console))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(report["incidents"], 1);
+    for interval in ["call_to_notified", "turnout", "travel", "response"] {
+        let s = &report["intervals"][interval];
+        assert_eq!(s["count"], 1, "{interval}: {s}");
+        assert!(s["p50_s"].as_f64().unwrap() >= 0.0);
+        assert_eq!(
+            s["compliance_pct"], 100.0,
+            "{interval} took well under its standard"
+        );
+    }
+    assert_eq!(report["intervals"]["transport"]["count"], 0);
+    assert_eq!(report["intervals"]["turnout"]["threshold_s"], 60);
+    let urgent: Value = app
+        .get(
+            "/api/v1/analytics/response-times?priority=urgent",
+            Some(Role::Console),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(urgent["incidents"], 0);
+    let bad = app
+        .get(
+            "/api/v1/analytics/response-times?from=2026-11-23T10:00:00Z&to=2026-11-23T09:00:00Z",
+            Some(Role::Console),
+        )
+        .await;
+    assert_eq!(bad.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(
+        app.get("/api/v1/analytics/response-times", Some(Role::Crew))
+            .await
+            .status(),
+        StatusCode::FORBIDDEN
+    );
+}
