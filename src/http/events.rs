@@ -163,6 +163,153 @@ enum ConsoleFrame {
         #[serde(default)]
         incident_id: Option<String>,
     },
+    /// Open an incident (as `POST /api/v1/incidents`).
+    CreateIncident {
+        #[serde(default)]
+        request_id: Option<String>,
+        #[serde(flatten)]
+        incident: super::incidents::NewIncident,
+    },
+    /// Assign a unit by hand (as `POST /api/v1/incidents/{id}/assign`).
+    Assign {
+        #[serde(default)]
+        request_id: Option<String>,
+        incident_id: String,
+        unit_id: String,
+    },
+    /// Cancel (as `POST /api/v1/incidents/{id}/cancel`).
+    Cancel {
+        #[serde(default)]
+        request_id: Option<String>,
+        incident_id: String,
+        reason: String,
+    },
+    /// Mark a unit out of service or back in service.
+    UnitStatus {
+        #[serde(default)]
+        request_id: Option<String>,
+        unit_id: String,
+        status: crate::domain::dispatch::CrewReport,
+    },
+}
+
+/// Runs a console command; the answer is `{type: "command_result", request_id, result}` or
+/// `{type: "error", request_id, error}` with the same problem+json as the REST twin.
+async fn command(
+    state: &AppState,
+    principal: &crate::domain::auth::Principal,
+    frame: ConsoleFrame,
+) -> serde_json::Value {
+    use crate::actors::incidents::{ForwardManualAssign, Route};
+    use crate::domain::incident::Command;
+    let (request_id, result): (Option<String>, Result<serde_json::Value, ApiError>) = match frame {
+        ConsoleFrame::Subscribe { .. } => return json!({"type": "error"}),
+        ConsoleFrame::CreateIncident {
+            request_id,
+            incident,
+        } => {
+            let result = async {
+                super::incidents::validate(&incident)?;
+                let (status, text, _) = super::incidents::open(state, principal, incident).await?;
+                let mut body: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|e| ApiError::Internal(e.into()))?;
+                if let Some(o) = body.as_object_mut() {
+                    o.insert("created".into(), json!(status == 201));
+                }
+                Ok(body)
+            }
+            .await;
+            (request_id, result)
+        }
+        ConsoleFrame::Assign {
+            request_id,
+            incident_id,
+            unit_id,
+        } => {
+            let result =
+                async {
+                    let id = incident_id
+                        .parse()
+                        .map_err(|_| ApiError::not_found("no incident with this id"))?;
+                    let incident = state
+                        .incidents
+                        .send(ForwardManualAssign {
+                            incident_id: id,
+                            unit_id: crate::domain::ids::UnitId(unit_id),
+                        })
+                        .await
+                        .map_err(|_| ApiError::Unavailable {
+                            detail: "busy".into(),
+                            retry_after_s: 1,
+                        })?
+                        .map_err(super::incidents::incident_error)?;
+                    Ok(serde_json::to_value(super::incidents::summary_of(incident))
+                        .unwrap_or_default())
+                }
+                .await;
+            (request_id, result)
+        }
+        ConsoleFrame::Cancel {
+            request_id,
+            incident_id,
+            reason,
+        } => {
+            let result =
+                async {
+                    let id = incident_id
+                        .parse()
+                        .map_err(|_| ApiError::not_found("no incident with this id"))?;
+                    if reason.trim().is_empty() {
+                        return Err(ApiError::field("/reason", "must not be empty"));
+                    }
+                    let incident = state
+                        .incidents
+                        .send(Route {
+                            id,
+                            command: Command::Cancel {
+                                reason,
+                                by: principal.role.as_str().to_owned(),
+                            },
+                        })
+                        .await
+                        .map_err(|_| ApiError::Unavailable {
+                            detail: "busy".into(),
+                            retry_after_s: 1,
+                        })?
+                        .map_err(super::incidents::incident_error)?;
+                    Ok(serde_json::to_value(super::incidents::summary_of(incident))
+                        .unwrap_or_default())
+                }
+                .await;
+            (request_id, result)
+        }
+        ConsoleFrame::UnitStatus {
+            request_id,
+            unit_id,
+            status,
+        } => {
+            use crate::domain::dispatch::CrewReport;
+            let result = async {
+                if !matches!(status, CrewReport::Available | CrewReport::OutOfService) {
+                    return Err(ApiError::field(
+                        "/status",
+                        "dispatchers may only set available or out_of_service",
+                    ));
+                }
+                let update = super::fleet::crew(state)
+                    .report(&crate::domain::ids::UnitId(unit_id), status, None)
+                    .await
+                    .map_err(super::fleet::crew_error)?;
+                Ok(serde_json::to_value(update).unwrap_or_default())
+            }
+            .await;
+            (request_id, result)
+        }
+    };
+    match result {
+        Ok(result) => json!({"type": "command_result", "request_id": request_id, "result": result}),
+        Err(e) => json!({"type": "error", "request_id": request_id, "error": e.problem()}),
+    }
 }
 
 /// The console WebSocket: replays events after `since`, then streams live ones; each event is
@@ -170,7 +317,7 @@ enum ConsoleFrame {
 #[utoipa::path(get, path = "/api/v1/ws/console", tag = "events", security(("bearer" = [])),
     params(("since" = Option<i64>, Query)), responses((status = 101, description = "WebSocket upgrade")))]
 pub async fn console_ws(
-    _auth: Authorized<ConsoleOnly>,
+    auth: Authorized<ConsoleOnly>,
     state: web::Data<AppState>,
     req: HttpRequest,
     body: web::Payload,
@@ -187,6 +334,7 @@ pub async fn console_ws(
         .aggregate_continuations()
         .max_continuation_size(64 * 1024);
     let mut rx = feed(state.db.clone(), state.broadcaster.clone(), since);
+    let principal = auth.principal;
     actix_web::rt::spawn(async move {
         let mut filter = Filter::default();
         let mut last_heard = Instant::now();
@@ -216,6 +364,7 @@ pub async fn console_ws(
                                 filter = Filter { kinds, incident_id };
                                 json!({"type": "subscribed", "kinds": filter.kinds, "incident_id": filter.incident_id})
                             }
+                            Ok(other) => command(&state, &principal, other).await,
                             Err(e) => json!({"type": "error", "error": e.problem()}),
                         };
                         if session.text(reply.to_string()).await.is_err() { break None; }

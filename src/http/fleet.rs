@@ -42,7 +42,7 @@ impl Policy for CrewOrConsole {
     const ROLES: &'static [Role] = &[Role::Crew, Role::Console];
 }
 
-fn crew(state: &AppState) -> Crew {
+pub(crate) fn crew(state: &AppState) -> Crew {
     Crew {
         fleet: state.fleet.clone(),
         incidents: state.incidents.clone(),
@@ -58,7 +58,7 @@ fn busy<E>(_: E) -> ApiError {
     }
 }
 
-fn crew_error(e: CrewError) -> ApiError {
+pub(crate) fn crew_error(e: CrewError) -> ApiError {
     match e {
         CrewError::UnknownUnit => ApiError::not_found("no such unit"),
         CrewError::UnknownOffer => ApiError::not_found("no such offer for this unit"),

@@ -188,7 +188,7 @@ async fn detail(state: &AppState, incident: Incident) -> Result<IncidentView, Ap
     Ok(view)
 }
 
-fn incident_error(e: IncidentError) -> ApiError {
+pub(crate) fn incident_error(e: IncidentError) -> ApiError {
     match e {
         IncidentError::Rejected(r) => ApiError::Conflict {
             detail: r.to_string(),
@@ -212,7 +212,7 @@ fn mailbox(_: actix::MailboxError) -> ApiError {
     }
 }
 
-fn validate(body: &NewIncident) -> Result<(), ApiError> {
+pub(crate) fn validate(body: &NewIncident) -> Result<(), ApiError> {
     let mut errors = Vec::new();
     if let Some(l) = &body.location {
         l.validate("/location", &mut errors);
@@ -365,7 +365,7 @@ fn respond(status: u16, text: String, id: IncidentId) -> HttpResponse {
 
 /// Opens (or finds) the incident; returns the status (201 created / 200 existing), the body and
 /// the id.
-async fn open(
+pub(crate) async fn open(
     state: &AppState,
     principal: &Principal,
     body: NewIncident,

@@ -241,3 +241,91 @@ async fn analytics_report_nemsis_intervals(backend: Backend) {
         StatusCode::FORBIDDEN
     );
 }
+
+#[actix_web::test]
+async fn console_commands_over_the_websocket() {
+    use futures_util::SinkExt as _;
+    use tokio_tungstenite::tungstenite::Message;
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    app.add_unit("C1", 5.0, 5.0, "als").await;
+    let mut socket = connect(&app, 0).await;
+    async fn answer(socket: &mut Socket, request_id: &str) -> Value {
+        loop {
+            let frame = tokio::time::timeout(std::time::Duration::from_secs(10), socket.next())
+                .await
+                .expect("an answer")
+                .unwrap()
+                .unwrap();
+            if let Message::Text(t) = frame {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                if v["request_id"] == request_id {
+                    return v;
+                }
+            }
+        }
+    }
+    // Out of service first, so the new incident is not offered automatically.
+    socket
+        .send(Message::text(json!({"type": "unit_status", "request_id": "r0", "unit_id": "C1", "status": "out_of_service"}).to_string()))
+        .await
+        .unwrap();
+    assert_eq!(
+        answer(&mut socket, "r0").await["result"]["to"],
+        "out_of_service"
+    );
+    socket
+        .send(Message::text(json!({"type": "create_incident", "request_id": "r1", "location": {"lat": 5.001, "lng": 5.0}, "priority": "urgent"}).to_string()))
+        .await
+        .unwrap();
+    let created = answer(&mut socket, "r1").await;
+    assert_eq!(created["type"], "command_result", "{created}");
+    assert_eq!(created["result"]["created"], true);
+    let id = created["result"]["id"].as_str().unwrap().to_owned();
+    // Back in service, then assigned by hand.
+    socket
+        .send(Message::text(json!({"type": "unit_status", "request_id": "r2", "unit_id": "C1", "status": "available"}).to_string()))
+        .await
+        .unwrap();
+    answer(&mut socket, "r2").await;
+    socket
+        .send(Message::text(
+            json!({"type": "assign", "request_id": "r3", "incident_id": id, "unit_id": "C1"})
+                .to_string(),
+        ))
+        .await
+        .unwrap();
+    let assigned = answer(&mut socket, "r3").await;
+    // The freed unit may have been offered automatically first; either way it ends on this job.
+    let detail = app
+        .wait_incident(&id, |i| {
+            i["assigned_unit_id"] == "C1" || i["offers"].as_array().is_some_and(|o| !o.is_empty())
+        })
+        .await;
+    assert!(
+        assigned["type"] == "command_result"
+            || detail["offers"].as_array().is_some_and(|o| !o.is_empty()),
+        "{assigned}"
+    );
+    socket
+        .send(Message::text(
+            json!({"type": "cancel", "request_id": "r4", "incident_id": id, "reason": "test over"})
+                .to_string(),
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        answer(&mut socket, "r4").await["result"]["status"],
+        "cancelled"
+    );
+    // Errors carry the problem+json of the REST twin.
+    socket
+        .send(Message::text(
+            json!({"type": "cancel", "request_id": "r5", "incident_id": id, "reason": " "})
+                .to_string(),
+        ))
+        .await
+        .unwrap();
+    let err = answer(&mut socket, "r5").await;
+    assert_eq!(err["type"], "error");
+    assert_eq!(err["error"]["errors"][0]["pointer"], "/reason");
+}
