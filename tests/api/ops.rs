@@ -157,3 +157,38 @@ async fn openapi_document_lists_the_endpoints() {
     }
     assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
 }
+
+#[actix_web::test]
+async fn the_dashboard_is_served_and_inserts_data_as_text_only() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let resp = app.get("/", None).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        resp.headers()["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("default-src 'self'")
+    );
+    let page = resp.text().await.unwrap();
+    assert!(
+        page.contains("/api/v1/ws/console"),
+        "the dashboard streams events live"
+    );
+    assert!(page.contains("textContent"));
+    for unsafe_sink in [
+        "innerHTML",
+        "outerHTML",
+        "insertAdjacentHTML",
+        "document.write",
+        "eval(",
+    ] {
+        assert!(
+            !page.contains(unsafe_sink),
+            "the dashboard must not use {unsafe_sink}"
+        );
+    }
+    assert!(
+        !page.contains("src=\"http") && !page.contains("href=\"http") && !page.contains("@import"),
+        "no CDN or external resources"
+    );
+}
