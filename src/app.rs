@@ -41,6 +41,7 @@ pub struct Application {
     devices: actix::Addr<DeviceDirectory>,
     incidents: actix::Addr<IncidentDirectory>,
     billing: actix::Addr<Billing>,
+    broadcaster: actix::Addr<Broadcaster>,
 }
 
 /// Opens the configured database and applies pending migrations.
@@ -322,6 +323,7 @@ impl Application {
             devices,
             incidents,
             billing,
+            broadcaster,
         })
     }
 
@@ -338,6 +340,11 @@ impl Application {
     /// The device directory (tests drive device timers through it).
     pub fn devices(&self) -> &actix::Addr<DeviceDirectory> {
         &self.devices
+    }
+
+    /// The console event fan-out.
+    pub fn broadcaster(&self) -> &actix::Addr<Broadcaster> {
+        &self.broadcaster
     }
 
     /// The billing sagas.

@@ -329,3 +329,46 @@ async fn console_commands_over_the_websocket() {
     assert_eq!(err["type"], "error");
     assert_eq!(err["error"]["errors"][0]["pointer"], "/reason");
 }
+
+#[actix_web::test]
+async fn a_slow_consumer_is_told_to_resync_and_loses_nothing() {
+    use shers::actors::broadcaster::{FeedItem, SUBSCRIBER_BUFFER, feed};
+    use shers::domain::events::{ExpectedVersion, NewEvent};
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let mut conn = app.db.conn().await.unwrap();
+    let start = shers::persistence::events::last_seq(&mut conn)
+        .await
+        .unwrap();
+    // A feed nobody reads for a while.
+    let mut rx = feed(app.db.clone(), app.broadcaster.clone(), start);
+    let n = SUBSCRIBER_BUFFER * 2;
+    let batch: Vec<NewEvent> = (0..n)
+        .map(|i| NewEvent::new("test.bulk", json!({"i": i})))
+        .collect();
+    shers::persistence::events::append(
+        &mut conn,
+        "bulk",
+        ExpectedVersion::Any,
+        &batch,
+        chrono::Utc::now(),
+    )
+    .await
+    .unwrap();
+    // Give the broadcaster time to overflow this subscriber's buffer.
+    actix_web::rt::time::sleep(std::time::Duration::from_millis(800)).await;
+    let mut seqs = Vec::new();
+    let mut resyncs = 0;
+    while seqs.len() < n {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            FeedItem::Event(e) => seqs.push(e.seq),
+            FeedItem::Resync(_) => resyncs += 1,
+        }
+    }
+    assert!(resyncs >= 1, "the slow consumer was told to resync");
+    let expected: Vec<i64> = (start + 1..=start + n as i64).collect();
+    assert_eq!(seqs, expected, "and caught up with no gap and no duplicate");
+}

@@ -211,6 +211,7 @@ impl TestAppBuilder {
         let devices = app.devices().clone();
         let incidents = app.incidents().clone();
         let billing = app.billing().clone();
+        let broadcaster = app.broadcaster().clone();
         let handle = app.handle();
         actix_web::rt::spawn(app.run_until_stopped());
         TestApp {
@@ -219,6 +220,7 @@ impl TestAppBuilder {
             devices,
             incidents,
             billing,
+            broadcaster,
             handle,
             client: reqwest::Client::new(),
             tokens: Mutex::new(HashMap::new()),
@@ -234,6 +236,7 @@ pub struct TestApp {
     pub devices: actix::Addr<shers::actors::devices::DeviceDirectory>,
     pub incidents: actix::Addr<shers::actors::incidents::IncidentDirectory>,
     pub billing: actix::Addr<shers::actors::billing::Billing>,
+    pub broadcaster: actix::Addr<shers::actors::broadcaster::Broadcaster>,
     pub client: reqwest::Client,
     handle: ServerHandle,
     tokens: Mutex<HashMap<Role, String>>,
