@@ -98,39 +98,42 @@ impl AmbulanceActor {
 
     /// Persists the unit's status change (event + projection) in the background; a failure is
     /// logged (the live state stays authoritative and is saved again on the next change).
-    fn persist_status(&self, from: UnitStatus) {
+    /// Appends `event` to the unit's stream and saves its projection, in one transaction, in
+    /// the background; a failure is logged (the live state stays authoritative and is saved
+    /// again with the next change).
+    fn persist_event(&self, mut event: NewEvent, what: &'static str) {
         let db = self.db.clone();
         let record = self.record.clone();
-        let to = self.status;
+        event.unit_id = Some(record.id.0.clone());
         actix::spawn(async move {
-            let mut event = NewEvent::new(
-                "unit.status_changed",
-                json!({"unit_id": record.id, "from": from, "to": to, "incident_id": record.current_incident_id}),
-            );
-            event.unit_id = Some(record.id.0.clone());
-            event.incident_id = record.current_incident_id.clone();
             let id = record.id.clone();
             let result = db
                 .run(move |mut conn| async move {
                     conn.write_transaction(async |tx| {
-                        events::append(
-                            tx,
-                            &format!("unit-{}", record.id),
-                            ExpectedVersion::Any,
-                            &[event],
-                            Utc::now(),
-                        )
-                        .await
-                        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                        let stream = format!("unit-{}", record.id);
+                        events::append(tx, &stream, ExpectedVersion::Any, &[event], Utc::now())
+                            .await
+                            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
                         store::save_unit(tx, &record, Utc::now()).await
                     })
                     .await
                 })
                 .await;
             if let Err(e) = result {
-                tracing::warn!(unit.id = %id, error = %e, "unit status not persisted");
+                tracing::warn!(unit.id = %id, error = %e, "unit {what} not persisted");
             }
         });
+    }
+
+    /// Persists the unit's status change (event + projection).
+    fn persist_status(&self, from: UnitStatus) {
+        let mut event = NewEvent::new(
+            "unit.status_changed",
+            json!({"unit_id": self.record.id, "from": from, "to": self.status,
+                   "incident_id": self.record.current_incident_id}),
+        );
+        event.incident_id = self.record.current_incident_id.clone();
+        self.persist_event(event, "status");
     }
 
     fn set_status(&mut self, to: UnitStatus) {
@@ -418,34 +421,13 @@ impl Handler<Locate> for AmbulanceActor {
             .is_none_or(|t| t.elapsed() >= LOCATION_EVENT_INTERVAL);
         if due {
             self.last_location_event = Some(Instant::now());
-            let db = self.db.clone();
-            let record = self.record.clone();
-            let mut event = NewEvent::new(
+            let event = NewEvent::new(
                 "unit.location",
-                json!({"unit_id": record.id, "lat": msg.position.lat, "lng": msg.position.lng,
+                json!({"unit_id": self.record.id, "lat": msg.position.lat, "lng": msg.position.lng,
                        "at": msg.at, "speed_mps": msg.speed_mps, "heading_deg": msg.heading_deg,
-                       "status": record.status}),
+                       "status": self.record.status}),
             );
-            event.unit_id = Some(record.id.0.clone());
-            actix::spawn(async move {
-                let _ = db
-                    .run(move |mut conn| async move {
-                        conn.write_transaction(async |tx| {
-                            events::append(
-                                tx,
-                                &format!("unit-{}", record.id),
-                                ExpectedVersion::Any,
-                                &[event],
-                                Utc::now(),
-                            )
-                            .await
-                            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-                            store::save_unit(tx, &record, Utc::now()).await
-                        })
-                        .await
-                    })
-                    .await;
-            });
+            self.persist_event(event, "location");
         }
     }
 }

@@ -111,6 +111,25 @@ impl ApiError {
         }
     }
 
+    /// A 422 listing every field problem (the detail joins them for people).
+    pub fn fields(errors: Vec<FieldError>) -> Self {
+        let detail = errors
+            .iter()
+            .map(|e| format!("{}: {}", e.pointer, e.message))
+            .collect::<Vec<_>>()
+            .join("; ");
+        Self::Validation { detail, errors }
+    }
+
+    /// `Ok` when `errors` is empty, otherwise [`ApiError::fields`].
+    pub fn check(errors: Vec<FieldError>) -> Result<(), Self> {
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(Self::fields(errors))
+        }
+    }
+
     /// A 404 for `what`.
     pub fn not_found(what: impl Into<String>) -> Self {
         Self::NotFound {

@@ -103,20 +103,6 @@ fn bound_unit(principal: &Principal) -> Result<UnitId, ApiError> {
         })
 }
 
-fn validation(errors: Vec<FieldError>) -> Result<(), ApiError> {
-    if errors.is_empty() {
-        return Ok(());
-    }
-    Err(ApiError::Validation {
-        detail: errors
-            .iter()
-            .map(|e| format!("{}: {}", e.pointer, e.message))
-            .collect::<Vec<_>>()
-            .join("; "),
-        errors,
-    })
-}
-
 /// `POST /api/v1/units` body.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -160,7 +146,7 @@ pub async fn create_unit(
     if let Some(b) = &body.base {
         b.validate("/base", &mut errors);
     }
-    validation(errors)?;
+    ApiError::check(errors)?;
     let now = Utc::now();
     let record = UnitRecord {
         id: UnitId(body.id),
@@ -261,7 +247,7 @@ pub async fn create_hospital(
     if body.capacity > 10_000 {
         errors.push(FieldError::new("/capacity", "must be at most 10000"));
     }
-    validation(errors)?;
+    ApiError::check(errors)?;
     let record = HospitalRecord {
         id: HospitalId(body.id.unwrap_or_else(|| uuid::Uuid::now_v7().to_string())),
         name: body.name.trim().to_owned(),

@@ -232,18 +232,7 @@ pub(crate) fn validate(body: &NewIncident) -> Result<(), ApiError> {
             errors.push(FieldError::new("/caller/phone", "at most 32 characters"));
         }
     }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(ApiError::Validation {
-            detail: errors
-                .iter()
-                .map(|e| format!("{}: {}", e.pointer, e.message))
-                .collect::<Vec<_>>()
-                .join("; "),
-            errors,
-        })
-    }
+    ApiError::check(errors)
 }
 
 fn source_for(principal: &Principal) -> Source {

@@ -32,20 +32,6 @@ pub struct VerifyRequest {
     pub amount_cents: i64,
 }
 
-fn check(errors: Vec<FieldError>) -> Result<(), ApiError> {
-    if errors.is_empty() {
-        return Ok(());
-    }
-    Err(ApiError::Validation {
-        detail: errors
-            .iter()
-            .map(|e| format!("{}: {}", e.pointer, e.message))
-            .collect::<Vec<_>>()
-            .join("; "),
-        errors,
-    })
-}
-
 /// Verifies coverage and holds the covered amount:
 /// `{verified, coverage_status, covered_cents, patient_due_cents, claim_id}`.
 #[utoipa::path(post, path = "/insurance/v1/verify", tag = "insurance", request_body = VerifyRequest,
@@ -71,7 +57,7 @@ pub async fn verify(
             "must be a positive integer number of cents",
         ));
     }
-    check(errors)?;
+    ApiError::check(errors)?;
     let decision = db
         .run(move |mut conn| async move {
             conn.write_transaction(async |tx| {
@@ -165,7 +151,7 @@ pub async fn create_policy(
             "must be a non-negative integer number of cents",
         ));
     }
-    check(errors)?;
+    ApiError::check(errors)?;
     let policy = Policy {
         id: format!("pol_{}", uuid::Uuid::now_v7().simple()),
         patient_id: b.patient_id,

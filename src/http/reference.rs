@@ -21,15 +21,6 @@ impl Policy for ConsoleOrPatient {
     const ROLES: &'static [Role] = &[Role::Console, Role::Patient];
 }
 
-fn validation(errors: Vec<crate::domain::validation::FieldError>) -> ApiError {
-    let detail = errors
-        .iter()
-        .map(|e| format!("{}: {}", e.pointer, e.message))
-        .collect::<Vec<_>>()
-        .join("; ");
-    ApiError::Validation { detail, errors }
-}
-
 /// Registers a patient with their next of kin and insurance.
 #[utoipa::path(post, path = "/api/v1/patients", tag = "reference data",
     request_body = NewPatient, security(("bearer" = [])),
@@ -44,7 +35,7 @@ pub async fn create_patient(
     let patient = body
         .0
         .validate(|| PatientId(uuid::Uuid::now_v7().to_string()), Utc::now())
-        .map_err(validation)?;
+        .map_err(ApiError::fields)?;
     let stored = patient.clone();
     state
         .db
@@ -100,7 +91,7 @@ pub async fn create_device(
     state: web::Data<AppState>,
     body: JsonBody<NewDevice>,
 ) -> Result<HttpResponse, ApiError> {
-    let device = body.0.validate(Utc::now()).map_err(validation)?;
+    let device = body.0.validate(Utc::now()).map_err(ApiError::fields)?;
     let stored = device.clone();
     let outcome = state
         .db

@@ -262,25 +262,18 @@ pub async fn ingest_body(state: &AppState, body: &[u8]) -> Result<IngestResponse
         }
     }
     rejected.sort_by_key(|r| r.index);
-    let batch = total > 1 || shape_of_is_batch(body);
-    if results.is_empty() && !rejected.is_empty() && (!batch || total > 0) {
-        let errors: Vec<FieldError> = rejected.into_iter().flat_map(|r| r.errors).collect();
-        let detail = errors
-            .iter()
-            .map(|e| format!("{}: {}", e.pointer, e.message))
-            .collect::<Vec<_>>()
-            .join("; ");
-        return Err(ApiError::Validation { detail, errors });
+    // Nothing accepted (a single bad reading, or a batch of only bad ones): a 422 naming the
+    // fields, rather than a 200 that reads like success.
+    if results.is_empty() && !rejected.is_empty() {
+        return Err(ApiError::fields(
+            rejected.into_iter().flat_map(|r| r.errors).collect(),
+        ));
     }
     Ok(IngestResponse {
         accepted: results.len(),
         rejected,
         results,
     })
-}
-
-fn shape_of_is_batch(body: &[u8]) -> bool {
-    shape_of(body) != Shape::Single
 }
 
 /// Ingests one reading or a batch of up to 1,000 (native, legacy wearable or FHIR shapes).
