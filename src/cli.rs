@@ -43,10 +43,23 @@ pub enum Command {
     /// Manage API tokens.
     #[command(subcommand)]
     Token(TokenCommand),
-    /// Run a demo on an embedded SQLite database and print the URL and tokens.
-    Demo(ServeArgs),
+    /// Run the living demo city on an embedded SQLite database; prints the URL and tokens.
+    Demo(DemoArgs),
     /// Run the insurance verification service alone (`/insurance/v1`).
     Insurance(ServeArgs),
+    /// Measure a running SHERS under load (ingest, detect-to-offer, accept-race, fanout).
+    Loadgen(crate::sim::loadgen::LoadgenArgs),
+}
+
+/// Options of `demo`: the server's and the simulation's.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Server options.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// Simulation options.
+    #[command(flatten)]
+    pub sim: crate::sim::demo::DemoOptions,
 }
 
 /// Options of `serve` and `demo`.
@@ -117,9 +130,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             app.run_until_stopped().await?;
             tracing::info!("stopped");
         }
-        Command::Demo(args) => {
+        Command::Demo(DemoArgs { serve: args, sim }) => {
             let mut settings = settings(&cli, args.bind.clone())?;
             settings.admin.enable_fault_injection |= args.enable_fault_injection;
+            crate::sim::demo::scale_settings(&mut settings, sim.time_scale);
             if cli.database_url.is_none() {
                 settings.database.url = crate::config::Secret::new(DEMO_DATABASE_URL.to_owned());
             }
@@ -142,12 +156,49 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("console token: {}", console.token);
             println!("admin token: {}", admin.token);
             println!("Press Ctrl-C to stop.");
-            app.run_until_stopped().await?;
+            let handle = app.handle();
+            let db = app.db().clone();
+            let base_url = format!("http://127.0.0.1:{port}");
+            let server = app.run_until_stopped();
+            tokio::pin!(server);
+            let simulation = async {
+                if sim.no_simulation {
+                    std::future::pending::<anyhow::Result<()>>().await
+                } else {
+                    crate::sim::demo::run(&base_url, &admin.token, sim).await
+                }
+            };
+            let deadline = async {
+                match sim.duration {
+                    Some(s) => tokio::time::sleep(std::time::Duration::from_secs(s)).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                // Ctrl-C / SIGTERM: actix-web stops the server gracefully.
+                r = &mut server => r?,
+                r = simulation => {
+                    if let Err(e) = r {
+                        tracing::error!(error = %e, "demo simulation stopped");
+                    }
+                    handle.stop(true).await;
+                    server.await?;
+                }
+                () = deadline => {
+                    handle.stop(true).await;
+                    server.await?;
+                }
+            }
+            crate::sim::demo::print_summary(&db).await?;
         }
         Command::Insurance(args) => {
             let settings = settings(&cli, args.bind.clone())?;
             init_tracing(settings.log.format);
             crate::app::serve_insurance(settings).await?;
+        }
+        Command::Loadgen(args) => {
+            init_tracing(crate::config::LogFormat::Text);
+            crate::sim::loadgen::run(args.clone()).await?;
         }
         Command::Migrate(args) => {
             let settings = settings(&cli, None)?;

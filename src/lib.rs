@@ -10,6 +10,7 @@
 //! - [`persistence`]: diesel + diesel-async on SQLite and PostgreSQL; the event store.
 //! - [`integrations`]: outbound adapters (routing, payments, insurance, notifications).
 //! - [`http`]: actix-web handlers; validate, authorise, send a message; no business rules.
+//! - [`sim`]: the demo city and the load generator, which use only the public API.
 //! - [`app`]: the composition root; [`config`]: layered settings; [`cli`]: the command line.
 
 pub mod actors;
@@ -20,3 +21,4 @@ pub mod domain;
 pub mod http;
 pub mod integrations;
 pub mod persistence;
+pub mod sim;
