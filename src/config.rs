@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::collections::HashMap;
 
 use config::{Config, Environment, File, FileFormat};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// A value that must never appear in logs or `Debug` output (database URLs, API keys, tokens).
 #[derive(Clone, Deserialize, PartialEq, Eq)]
@@ -70,6 +70,50 @@ pub struct Settings {
     pub admin: AdminSettings,
     /// Response-time standards (seconds per NEMSIS interval) for analytics compliance.
     pub analytics: crate::domain::analytics::Thresholds,
+    /// The embedded dashboard.
+    pub dashboard: DashboardSettings,
+}
+
+/// Dashboard settings.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DashboardSettings {
+    /// Map tile server URL template with `{z}`, `{x}`, `{y}` (e.g. a local OpenStreetMap tile
+    /// server, `https://tiles.example.org/{z}/{x}/{y}.png`). Unset draws the map on a plain
+    /// background, which needs no network at all.
+    pub tile_url: Option<String>,
+    /// Attribution text shown on the map when tiles are used (e.g. "© OpenStreetMap").
+    pub tile_attribution: Option<String>,
+}
+
+impl DashboardSettings {
+    /// The tile server's origin (`scheme://host[:port]`), for the page's Content-Security-Policy.
+    pub fn tile_origin(&self) -> Option<&str> {
+        let url = self.tile_url.as_deref()?;
+        let rest = url.split_once("://")?.1;
+        let end = url.len() - rest.len() + rest.find('/').unwrap_or(rest.len());
+        Some(&url[..end])
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let Some(url) = self.tile_url.as_deref() else {
+            return Ok(());
+        };
+        let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
+        let host_ok = self.tile_origin().is_some_and(|o| !o.ends_with("://"));
+        let safe = !url
+            .chars()
+            .any(|c| c.is_whitespace() || matches!(c, '"' | '\'' | ';' | '<' | '>'));
+        if !(scheme_ok && host_ok && safe) {
+            return Err("dashboard.tile_url must be an http(s) URL with a host".to_owned());
+        }
+        for part in ["{z}", "{x}", "{y}"] {
+            if !url.contains(part) {
+                return Err(format!("dashboard.tile_url must contain {part}"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// Operations settings.
@@ -98,6 +142,7 @@ impl Default for Settings {
             notify: NotifySettings::default(),
             admin: AdminSettings::default(),
             analytics: crate::domain::analytics::Thresholds::default(),
+            dashboard: DashboardSettings::default(),
         }
     }
 }
@@ -416,7 +461,12 @@ impl Settings {
                 builder = builder.set_override(*key, value.clone())?;
             }
         }
-        Ok(builder.build()?.try_deserialize()?)
+        let settings: Self = builder.build()?.try_deserialize()?;
+        settings
+            .dashboard
+            .check()
+            .map_err(|m| ConfigError(config::ConfigError::Message(m)))?;
+        Ok(settings)
     }
 
     /// Applies command-line overrides (highest precedence).
@@ -435,6 +485,31 @@ impl Settings {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tile_url_is_checked_and_its_origin_feeds_the_csp() {
+        let env =
+            |url: &str| HashMap::from([("SHERS_DASHBOARD__TILE_URL".to_owned(), url.to_owned())]);
+        let ok = Settings::load_from(
+            None,
+            env("https://tiles.example.org:8443/osm/{z}/{x}/{y}.png"),
+        )
+        .unwrap();
+        assert_eq!(
+            ok.dashboard.tile_origin(),
+            Some("https://tiles.example.org:8443")
+        );
+        for bad in [
+            "ftp://tiles.example.org/{z}/{x}/{y}.png",
+            "https://tiles.example.org/{z}/{x}.png",
+            "https:///{z}/{x}/{y}",
+            "https://x.org/{z}/{x}/{y}.png; script-src *",
+        ] {
+            let err = Settings::load_from(None, env(bad)).unwrap_err().to_string();
+            assert!(err.contains("dashboard.tile_url"), "{bad}: {err}");
+        }
+        assert_eq!(Settings::default().dashboard.tile_origin(), None);
+    }
 
     #[test]
     fn secrets_are_redacted_in_debug() {

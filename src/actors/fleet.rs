@@ -539,6 +539,51 @@ impl Handler<ViewUnit> for AmbulanceActor {
     }
 }
 
+/// The unit's full in-memory state, for the admin actor inspector.
+#[derive(Message, Debug)]
+#[rtype(result = "Value")]
+pub struct InspectUnit;
+
+impl Handler<InspectUnit> for AmbulanceActor {
+    type Result = MessageResult<InspectUnit>;
+
+    fn handle(&mut self, _: InspectUnit, _: &mut Self::Context) -> Self::Result {
+        let pending = self.pending.as_ref().map(|p| {
+            serde_json::json!({
+                "offer_id": p.offer_id,
+                "incident_id": p.incident_id,
+                "expires_at": p.expires_at,
+                "frame_ready": p.frame.is_some(),
+            })
+        });
+        MessageResult(serde_json::json!({
+            "kind": "unit",
+            "id": self.record.id,
+            "status": self.status,
+            // actix does not expose the queue length of an `Addr`.
+            "mailbox_len": null,
+            // Unit actors are not supervised: a stopped unit is reloaded at start-up.
+            "restarts": 0,
+            "last_message_at": self.last_message_at,
+            "state": {
+                "call_sign": self.record.call_sign,
+                "capability": self.capability,
+                "status": self.status,
+                "position": self.record.location,
+                "fix_at": self.record.fix_at,
+                "base": self.record.base,
+                "assignment": self.assignment,
+                "pending_offer": pending,
+                "crew_sessions": self.sessions.len(),
+                "messages": self.messages,
+                "location_event_throttled_for_ms": self.last_location_event.map(|t| {
+                    1000u128.saturating_sub(t.elapsed().as_millis())
+                }),
+            },
+        }))
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Fleet hub
 

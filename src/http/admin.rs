@@ -177,6 +177,7 @@ pub async fn list_actors(
     req: actix_web::HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
     use crate::actors::devices::ListDevices;
+    use crate::actors::fleet::{AllUnits, ViewUnit};
     use crate::actors::incidents::ListIncidents;
     let query = web::Query::<ActorsQuery>::from_query(req.query_string())
         .map_err(|e| ApiError::field("/query", e.to_string()))?
@@ -226,8 +227,22 @@ pub async fn list_actors(
             last_message_at: i.last_message_at,
         }));
     }
+    let units = state.fleet.send(AllUnits).await.map_err(busy)?;
+    if wants("unit") {
+        let views =
+            futures_util::future::join_all(units.iter().take(limit).map(|a| a.send(ViewUnit)))
+                .await;
+        items.extend(views.into_iter().flatten().map(|u| ActorSummary {
+            kind: "unit",
+            id: u.id.0,
+            status: u.status.as_str().to_owned(),
+            mailbox_len: None,
+            restarts: 0,
+            last_message_at: u.last_message_at,
+        }));
+    }
     Ok(HttpResponse::Ok().json(serde_json::json!({
-        "counts": {"device": devices, "unit": 0, "incident": incidents},
+        "counts": {"device": devices, "unit": units.len(), "incident": incidents},
         "items": items,
     })))
 }
@@ -242,6 +257,7 @@ pub async fn inspect_actor(
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
     use crate::actors::devices::{Lookup, inspect};
+    use crate::actors::fleet::{InspectUnit, UnitAddr};
     use crate::actors::incidents::{InspectIncident, LookupIncident};
     let (kind, id) = path.into_inner();
     let gone = || ApiError::not_found(format!("no live {kind} actor with this id"));
@@ -277,6 +293,17 @@ pub async fn inspect_actor(
                 .flatten()
                 .ok_or_else(gone)?;
             let view = addr.send(InspectIncident).await.map_err(|_| gone())?;
+            Ok(HttpResponse::Ok().json(view))
+        }
+        "unit" => {
+            let addr = state
+                .fleet
+                .send(UnitAddr(crate::domain::ids::UnitId(id.clone())))
+                .await
+                .ok()
+                .flatten()
+                .ok_or_else(gone)?;
+            let view = addr.send(InspectUnit).await.map_err(|_| gone())?;
             Ok(HttpResponse::Ok().json(view))
         }
         _ => Err(gone()),

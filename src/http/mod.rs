@@ -67,6 +67,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/api/openapi.json", web::get().to(ops::openapi))
         .route("/api/v1/whoami", web::get().to(ops::whoami))
         .route(
+            "/api/v1/dashboard/config",
+            web::get().to(ops::dashboard_config),
+        )
+        .route(
             "/api/v1/patients",
             web::post().to(reference::create_patient),
         )

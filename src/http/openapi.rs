@@ -28,6 +28,7 @@ impl Modify for BearerAuth {
         super::ops::metrics,
         super::ops::openapi,
         super::ops::whoami,
+        super::ops::dashboard_config,
         super::admin::create_token,
         super::admin::list_tokens,
         super::admin::revoke_token,

@@ -96,13 +96,36 @@ pub async fn openapi(_auth: Authorized<AnyRole>) -> HttpResponse {
         .body(super::openapi::document())
 }
 
-/// The start page (static, embedded in the binary; no data without a token).
-pub async fn index() -> HttpResponse {
+/// The start page (static, embedded in the binary; no data without a token). The page may load
+/// images from the configured map tile server and nothing else from outside.
+pub async fn index(state: web::Data<AppState>) -> HttpResponse {
+    let img_src = match state.settings.dashboard.tile_origin() {
+        Some(origin) => format!("img-src 'self' data: {origin}"),
+        None => "img-src 'self' data:".to_owned(),
+    };
     HttpResponse::Ok()
         .content_type("text/html; charset=utf-8")
-        .insert_header(("Content-Security-Policy", "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; object-src 'none'; frame-ancestors 'none'"))
+        .insert_header((
+            "Content-Security-Policy",
+            format!(
+                "default-src 'self'; script-src 'self' 'unsafe-inline'; style-src 'self' \
+                 'unsafe-inline'; {img_src}; object-src 'none'; frame-ancestors 'none'"
+            ),
+        ))
         .insert_header(("X-Content-Type-Options", "nosniff"))
         .body(include_str!("../../web/index.html"))
+}
+
+/// The dashboard's settings (map tiles).
+#[utoipa::path(get, path = "/api/v1/dashboard/config", tag = "operations",
+    security(("bearer" = [])),
+    responses((status = 200, description = "{tile_url, tile_attribution}"),
+               (status = 401, body = super::error::Problem)))]
+pub async fn dashboard_config(
+    _auth: Authorized<AnyRole>,
+    state: web::Data<AppState>,
+) -> HttpResponse {
+    HttpResponse::Ok().json(&state.settings.dashboard)
 }
 
 /// Who the caller is (the dashboard's login check).

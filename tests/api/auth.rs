@@ -19,6 +19,7 @@ const ENDPOINTS: &[(&str, &str, &[Role])] = &[
     ("GET", "/metrics", &[Role::Admin]),
     ("GET", "/api/openapi.json", &Role::ALL),
     ("GET", "/api/v1/whoami", &Role::ALL),
+    ("GET", "/api/v1/dashboard/config", &Role::ALL),
     ("GET", "/admin/tokens", &[Role::Admin]),
     ("GET", "/admin/actors", &[Role::Admin]),
     ("GET", "/api/v1/incidents", &[Role::Console]),

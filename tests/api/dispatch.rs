@@ -725,3 +725,38 @@ async fn pending_offers_are_offered_again_after_an_abrupt_stop(backend: Backend)
         "the pre-restart offer was withdrawn"
     );
 }
+
+#[actix_web::test]
+async fn unit_actors_are_listed_and_inspected_with_their_pending_offer() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    app.add_unit("INS-1", SCENE.0 + 0.01, SCENE.1, "als").await;
+    let actors: Value = app
+        .get("/admin/actors?kind=unit", Some(Role::Admin))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(actors["counts"]["unit"], 1, "{actors}");
+    assert_eq!(actors["items"][0]["id"], "INS-1", "{actors}");
+    assert_eq!(actors["items"][0]["status"], "available", "{actors}");
+
+    let id = open_incident(&app, "emergency").await;
+    app.wait_incident(&id, |i| pending_offers(i).len() == 1)
+        .await;
+    let view: Value = app
+        .get("/admin/actors/unit/INS-1", Some(Role::Admin))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(view["kind"], "unit");
+    assert_eq!(view["status"], "offered", "{view}");
+    assert_eq!(view["state"]["pending_offer"]["incident_id"], id.as_str());
+    assert!(view["state"]["position"]["lat"].is_number(), "{view}");
+    let missing = app.get("/admin/actors/unit/NOPE", Some(Role::Admin)).await;
+    assert_eq!(missing.status(), StatusCode::NOT_FOUND);
+    let console = app
+        .get("/admin/actors/unit/INS-1", Some(Role::Console))
+        .await;
+    assert_eq!(console.status(), StatusCode::FORBIDDEN);
+}

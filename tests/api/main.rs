@@ -11,6 +11,7 @@ mod helpers;
 
 mod auth;
 mod billing;
+mod browser;
 mod dispatch;
 mod errors;
 mod events;

@@ -192,3 +192,49 @@ async fn the_dashboard_is_served_and_inserts_data_as_text_only() {
         "no CDN or external resources"
     );
 }
+
+#[actix_web::test]
+async fn a_tile_server_is_allowed_by_the_csp_and_offered_to_the_dashboard() {
+    let plain = TestApp::spawn(Backend::Sqlite).await;
+    let csp = plain.get("/", None).await.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(csp.contains("img-src 'self' data:;"), "{csp}");
+    let config: Value = plain
+        .get("/api/v1/dashboard/config", Some(Role::Console))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(config["tile_url"], Value::Null);
+
+    let app = TestApp::builder(Backend::Sqlite)
+        .with_settings(|s| {
+            s.dashboard.tile_url = Some("http://127.0.0.1:8099/osm/{z}/{x}/{y}.png".into());
+            s.dashboard.tile_attribution = Some("© OpenStreetMap contributors".into());
+        })
+        .start()
+        .await;
+    let csp = app.get("/", None).await.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        csp.contains("img-src 'self' data: http://127.0.0.1:8099;"),
+        "{csp}"
+    );
+    let unauthenticated = app.get("/api/v1/dashboard/config", None).await;
+    assert_eq!(unauthenticated.status(), StatusCode::UNAUTHORIZED);
+    let config: Value = app
+        .get("/api/v1/dashboard/config", Some(Role::Console))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        config["tile_url"],
+        "http://127.0.0.1:8099/osm/{z}/{x}/{y}.png"
+    );
+    assert_eq!(config["tile_attribution"], "© OpenStreetMap contributors");
+}
