@@ -174,6 +174,7 @@ impl Application {
             directory: None,
             fleet: Some(fleet.clone()),
             dispatch: settings.dispatch.clone(),
+            writer: crate::persistence::group::GroupCommit::start(db.clone(), 64),
         })
         .start();
         fleet.do_send(SetUnitFreeRecipient(incidents.clone().recipient()));

@@ -36,6 +36,7 @@ use crate::domain::incident::{
 };
 use crate::persistence::events::{self, AppendError};
 use crate::persistence::fleet::{self as fleet_store, OfferRecord};
+use crate::persistence::group::GroupCommit;
 use crate::persistence::incidents::{self as store, NewNotification};
 use crate::persistence::{Db, DbConn, StoreError, patients};
 
@@ -262,6 +263,8 @@ pub struct IncidentDeps {
     pub fleet: Option<Addr<Fleet>>,
     /// Offer timing and rounds.
     pub dispatch: DispatchSettings,
+    /// The group-commit writer every incident change goes through.
+    pub writer: GroupCommit,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -402,7 +405,7 @@ impl Handler<Execute> for IncidentActor {
         if events.is_empty() {
             return AtomicResponse::new(Box::pin(fut::ready(Ok(next))));
         }
-        let db = self.db.clone();
+        let writer = self.deps.writer.clone();
         let expected = self.version;
         let to_store = next.clone();
         // A cancelled incident withdraws its offers in the same transaction.
@@ -417,16 +420,16 @@ impl Handler<Execute> for IncidentActor {
             .collect();
         let assigned_before = current.assigned_unit_id.clone();
         let work = async move {
-            db.run(move |mut conn| async move {
-                conn.write_transaction(async |tx| {
-                    let extra =
-                        close_offers(tx, to_store.id, &closing, "withdrawn", "cancelled", now)
-                            .await?;
-                    persist(tx, &to_store, expected, &events, extra, now).await
+            writer
+                .write(move |tx| {
+                    Box::pin(async move {
+                        let extra =
+                            close_offers(tx, to_store.id, &closing, "withdrawn", "cancelled", now)
+                                .await?;
+                        persist(tx, &to_store, expected, &events, extra, now).await
+                    })
                 })
                 .await
-            })
-            .await
         };
         AtomicResponse::new(Box::pin(work.into_actor(self).map(move |res, act, ctx| {
             match res {
@@ -682,31 +685,31 @@ impl IncidentActor {
         closing: Vec<(OfferId, UnitId, &'static str, String)>,
         now: DateTime<Utc>,
     ) -> impl std::future::Future<Output = Result<i64, IncidentError>> + 'static {
-        let db = self.db.clone();
+        let writer = self.deps.writer.clone();
         let expected = self.version;
         async move {
-            db.run(move |mut conn| async move {
-                conn.write_transaction(async |tx| {
-                    let mut extra = Vec::new();
-                    for (offer, unit, status, reason) in &closing {
-                        extra.extend(
-                            close_offers(
-                                tx,
-                                next.id,
-                                &[(*offer, unit.clone())],
-                                status,
-                                reason,
-                                now,
-                            )
-                            .await?,
-                        );
-                    }
-                    fleet_store::insert_offers(tx, &offers_to_insert).await?;
-                    persist(tx, &next, expected, &events, extra, now).await
+            writer
+                .write(move |tx| {
+                    Box::pin(async move {
+                        let mut extra = Vec::new();
+                        for (offer, unit, status, reason) in &closing {
+                            extra.extend(
+                                close_offers(
+                                    tx,
+                                    next.id,
+                                    &[(*offer, unit.clone())],
+                                    status,
+                                    reason,
+                                    now,
+                                )
+                                .await?,
+                            );
+                        }
+                        fleet_store::insert_offers(tx, &offers_to_insert).await?;
+                        persist(tx, &next, expected, &events, extra, now).await
+                    })
                 })
                 .await
-            })
-            .await
         }
     }
 }
@@ -1323,46 +1326,46 @@ impl Actor for IncidentDirectory {
 
 /// Creates an incident in one transaction: reference, events (created, evidence, dispatch
 /// started, next-of-kin notifications queued) and projections.
-async fn create(db: Db, req: OpenRequest) -> Result<(Incident, i64), IncidentError> {
-    db.run(move |mut conn| async move {
-        conn.write_transaction(async |tx| {
-            let now = Utc::now();
-            let patient = match &req.patient_id {
-                Some(pid) => Some(
-                    patients::find_patient(tx, pid)
-                        .await?
-                        .ok_or(IncidentError::UnknownPatient)?,
-                ),
-                None => None,
-            };
-            let location = req
-                .location
-                .or_else(|| patient.as_ref().and_then(|p| p.home_location))
-                .ok_or(IncidentError::NoLocation)?;
-            let reference = store::next_reference(tx, now).await?;
-            let id = IncidentId::new_v7();
-            let open = Command::Open {
-                id,
-                reference,
-                priority: req.priority,
-                source: req.source,
-                patient_id: req.patient_id.clone(),
-                location,
-                description: req.description.clone(),
-                evidence: req.evidence.clone(),
-            };
-            let (opened, mut events) = handle(None, &open, now)?;
-            let (dispatching, more) = handle(Some(&opened), &Command::StartDispatch, now)?;
-            events.extend(more);
+async fn create(writer: GroupCommit, req: OpenRequest) -> Result<(Incident, i64), IncidentError> {
+    writer
+        .write(move |tx| {
+            Box::pin(async move {
+                let now = Utc::now();
+                let patient = match &req.patient_id {
+                    Some(pid) => Some(
+                        patients::find_patient(tx, pid)
+                            .await?
+                            .ok_or(IncidentError::UnknownPatient)?,
+                    ),
+                    None => None,
+                };
+                let location = req
+                    .location
+                    .or_else(|| patient.as_ref().and_then(|p| p.home_location))
+                    .ok_or(IncidentError::NoLocation)?;
+                let reference = store::next_reference(tx, now).await?;
+                let id = IncidentId::new_v7();
+                let open = Command::Open {
+                    id,
+                    reference,
+                    priority: req.priority,
+                    source: req.source,
+                    patient_id: req.patient_id.clone(),
+                    location,
+                    description: req.description.clone(),
+                    evidence: req.evidence.clone(),
+                };
+                let (opened, mut events) = handle(None, &open, now)?;
+                let (dispatching, more) = handle(Some(&opened), &Command::StartDispatch, now)?;
+                events.extend(more);
 
-            let (outbox, queued) = next_of_kin_outbox(patient.as_ref(), id, "incident_created");
-            let version = persist(tx, &dispatching, 0, &events, queued, now).await?;
-            store::queue_notifications(tx, &outbox, now).await?;
-            Ok::<_, IncidentError>((dispatching, version))
+                let (outbox, queued) = next_of_kin_outbox(patient.as_ref(), id, "incident_created");
+                let version = persist(tx, &dispatching, 0, &events, queued, now).await?;
+                store::queue_notifications(tx, &outbox, now).await?;
+                Ok::<_, IncidentError>((dispatching, version))
+            })
         })
         .await
-    })
-    .await
 }
 
 impl Handler<OpenIncident> for IncidentDirectory {
@@ -1424,7 +1427,7 @@ impl Handler<OpenIncident> for IncidentDirectory {
         }
         let db = self.db.clone();
         let patient = req.patient_id.clone();
-        Box::pin(create(db.clone(), req).into_actor(self).then(move |res, act, ctx| {
+        Box::pin(create(self.deps.writer.clone(), req).into_actor(self).then(move |res, act, ctx| {
             let waiters = patient
                 .as_ref()
                 .and_then(|p| act.creating.remove(p))

@@ -10,6 +10,7 @@
 
 pub mod events;
 pub mod fleet;
+pub mod group;
 pub mod incidents;
 pub mod insurance;
 pub mod invoices;

@@ -17,6 +17,7 @@ both_backends!(
     concurrent_appenders_exactly_one_wins,
     sequence_is_gap_free_under_concurrency,
     tokens_store_only_hashes,
+    group_commit_shares_commits_and_isolates_a_failed_write,
 );
 
 fn event(kind: &str, n: i64) -> NewEvent {
@@ -359,4 +360,68 @@ async fn sqlite_directory_is_created_and_wal_is_on() {
             .unwrap()
     });
     assert_eq!(mode[0].journal_mode, "wal");
+}
+
+async fn group_commit_shares_commits_and_isolates_a_failed_write(backend: Backend) {
+    use shers::persistence::group::GroupCommit;
+    let tdb = TestDb::new(backend).await;
+    let db = tdb.migrated().await;
+    let writer = GroupCommit::start(db.clone(), 64);
+    // Stream "taken" exists, so a write expecting no stream there must fail on its own.
+    let mut conn = db.conn().await.unwrap();
+    events::append(
+        &mut conn,
+        "taken",
+        ExpectedVersion::NoStream,
+        &[event("a", 0)],
+        Utc::now(),
+    )
+    .await
+    .unwrap();
+    let writes = (0..40_i64).map(|i| {
+        let writer = writer.clone();
+        async move {
+            let (stream, expected) = if i == 17 {
+                ("taken".to_owned(), ExpectedVersion::NoStream)
+            } else {
+                (format!("g-{i}"), ExpectedVersion::NoStream)
+            };
+            writer
+                .write(move |tx| {
+                    Box::pin(async move {
+                        events::append(
+                            tx,
+                            &stream,
+                            expected,
+                            &[event("k", i), event("k", i)],
+                            Utc::now(),
+                        )
+                        .await
+                    })
+                })
+                .await
+        }
+    });
+    let results = futures_util::future::join_all(writes).await;
+    for (i, r) in results.iter().enumerate() {
+        if i == 17 {
+            assert!(matches!(r, Err(AppendError::Conflict { .. })), "{r:?}");
+        } else {
+            assert_eq!(r.as_ref().unwrap().len(), 2, "write {i}");
+        }
+    }
+    let (attempted, commits) = writer.counts();
+    assert_eq!(attempted, 40);
+    assert!(commits < 10, "40 concurrent writes took {commits} commits");
+    // Everything acknowledged is stored, the failed write left nothing, the sequence has no gap.
+    let all = events::read_since(&mut conn, 0, 1_000).await.unwrap();
+    assert_eq!(all.len(), 1 + 39 * 2);
+    assert_eq!(
+        all.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=79).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        events::read_stream(&mut conn, "taken").await.unwrap().len(),
+        1
+    );
 }
