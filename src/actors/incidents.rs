@@ -594,6 +594,96 @@ pub struct ManualAssign {
     pub unit_id: UnitId,
 }
 
+/// Units reserved for one offer round: the offer id, the ranked candidate and its actor.
+type Reserved = Vec<(
+    OfferId,
+    crate::domain::dispatch::Candidate,
+    Addr<crate::actors::fleet::AmbulanceActor>,
+)>;
+
+/// Ranks the available units for a scene and reserves the best `offers_per_round` of them
+/// for `incident` (each unit's actor arbitrates its own commitments). Nothing is stored.
+async fn reserve_round(
+    fleet: Addr<Fleet>,
+    id: IncidentId,
+    scene: LatLng,
+    priority: Priority,
+    exclude: HashSet<UnitId>,
+    settings: DispatchSettings,
+) -> (Reserved, DateTime<Utc>) {
+    let candidates = fleet
+        .send(FindCandidates {
+            scene,
+            priority,
+            exclude,
+        })
+        .timeout(ACTOR_TIMEOUT)
+        .await
+        .unwrap_or_default();
+    let expires_at =
+        Utc::now() + chrono::Duration::seconds(i64::try_from(settings.offer_ttl_s).unwrap_or(30));
+    let mut reserved = Vec::new();
+    for c in candidates {
+        if reserved.len() >= settings.offers_per_round.max(1) {
+            break;
+        }
+        let Ok(Some(addr)) = fleet.send(UnitAddr(c.unit_id.clone())).await else {
+            continue;
+        };
+        let offer_id = OfferId::new_v7();
+        if let Ok(Ok(())) = addr
+            .send(Reserve {
+                offer_id,
+                incident_id: id,
+                expires_at,
+            })
+            .timeout(ACTOR_TIMEOUT)
+            .await
+        {
+            reserved.push((offer_id, c, addr));
+        }
+    }
+    (reserved, expires_at)
+}
+
+/// The stored offers of a reserved round.
+fn offer_records(
+    incident: IncidentId,
+    reserved: &Reserved,
+    round: u32,
+    now: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+) -> Vec<OfferRecord> {
+    reserved
+        .iter()
+        .map(|(offer_id, c, _)| OfferRecord {
+            id: *offer_id,
+            incident_id: incident,
+            unit_id: c.unit_id.clone(),
+            round,
+            status: "pending".to_owned(),
+            eta_s: c.eta_s,
+            reason: serde_json::to_value(c.reason)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default(),
+            offered_at: now,
+            expires_at,
+            responded_at: None,
+            decline_reason: None,
+        })
+        .collect()
+}
+
+fn release_all(reserved: &Reserved) {
+    for (offer_id, _, addr) in reserved {
+        addr.do_send(Release {
+            offer_id: *offer_id,
+            reason: "cancelled",
+        });
+    }
+}
+
 fn ready<T: 'static>(v: T) -> AtomicResponse<IncidentActor, T> {
     AtomicResponse::new(Box::pin(fut::ready(v)))
 }
@@ -635,6 +725,36 @@ impl IncidentActor {
         } else {
             ctx.notify(NextRound);
         }
+    }
+
+    /// A round's offers are stored: track them, tell the crews, and arm the round's expiry.
+    fn publish_round(
+        &mut self,
+        records: &[OfferRecord],
+        reserved: &Reserved,
+        round: u32,
+        expires_at: DateTime<Utc>,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(state) = &self.state else { return };
+        let (priority, location) = (state.priority, state.location);
+        for (record, (_, _, addr)) in records.iter().zip(reserved.iter()) {
+            self.pending.insert(
+                record.id,
+                PendingOffer {
+                    unit_id: record.unit_id.clone(),
+                    round,
+                    expires_at,
+                },
+            );
+            addr.do_send(PublishOffer {
+                offer_id: record.id,
+                frame: json!({"type": "offer", "offer_id": record.id, "incident_id": record.incident_id,
+                              "priority": priority, "location": location, "eta_s": record.eta_s,
+                              "expires_at": expires_at}),
+            });
+        }
+        self.arm_round_timer(round, expires_at, ctx);
     }
 
     fn arm_round_timer(&mut self, round: u32, due: DateTime<Utc>, ctx: &mut Context<Self>) {
@@ -728,41 +848,7 @@ impl Handler<NextRound> for IncidentActor {
         let exclude = self.excluded.clone();
         let id = state.id;
         // 1. Rank and reserve units (no state change yet).
-        let find = async move {
-            let candidates = fleet
-                .send(FindCandidates {
-                    scene: state.location,
-                    priority: state.priority,
-                    exclude,
-                })
-                .timeout(ACTOR_TIMEOUT)
-                .await
-                .unwrap_or_default();
-            let expires_at = Utc::now()
-                + chrono::Duration::seconds(i64::try_from(settings.offer_ttl_s).unwrap_or(30));
-            let mut reserved = Vec::new();
-            for c in candidates {
-                if reserved.len() >= settings.offers_per_round.max(1) {
-                    break;
-                }
-                let Ok(Some(addr)) = fleet.send(UnitAddr(c.unit_id.clone())).await else {
-                    continue;
-                };
-                let offer_id = OfferId::new_v7();
-                if let Ok(Ok(())) = addr
-                    .send(Reserve {
-                        offer_id,
-                        incident_id: id,
-                        expires_at,
-                    })
-                    .timeout(ACTOR_TIMEOUT)
-                    .await
-                {
-                    reserved.push((offer_id, c, addr));
-                }
-            }
-            (reserved, expires_at)
-        };
+        let find = reserve_round(fleet, id, state.location, state.priority, exclude, settings);
         AtomicResponse::new(Box::pin(find.into_actor(self).then(move |(reserved, expires_at), act, _| {
             let now = Utc::now();
             let round = state.dispatch_round + 1;
@@ -811,53 +897,40 @@ impl Handler<NextRound> for IncidentActor {
                     return Box::pin(fut::ready(()));
                 }
             };
-            let records: Vec<OfferRecord> = reserved
-                .iter()
-                .map(|(offer_id, c, _)| OfferRecord {
-                    id: *offer_id,
-                    incident_id: state.id,
-                    unit_id: c.unit_id.clone(),
-                    round,
-                    status: "pending".to_owned(),
-                    eta_s: c.eta_s,
-                    reason: serde_json::to_value(c.reason).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
-                    offered_at: now,
-                    expires_at,
-                    responded_at: None,
-                    decline_reason: None,
-                })
-                .collect();
-            let priority = state.priority;
-            let location = state.location;
+            let records = offer_records(state.id, &reserved, round, now, expires_at);
             Box::pin(act.commit(next.clone(), events, records.clone(), Vec::new(), now).into_actor(act).map(
                 move |res, act, ctx| match res {
                     Ok(version) => {
                         act.version = version;
                         act.state = Some(next);
-                        for (record, (_, _, addr)) in records.iter().zip(reserved.iter()) {
-                            act.pending.insert(
-                                record.id,
-                                PendingOffer { unit_id: record.unit_id.clone(), round, expires_at },
-                            );
-                            addr.do_send(PublishOffer {
-                                offer_id: record.id,
-                                frame: json!({"type": "offer", "offer_id": record.id, "incident_id": record.incident_id,
-                                              "priority": priority, "location": location, "eta_s": record.eta_s,
-                                              "expires_at": expires_at}),
-                            });
-                        }
-                        act.arm_round_timer(round, expires_at, ctx);
+                        act.publish_round(&records, &reserved, round, expires_at, ctx);
                     }
                     Err(e) => {
                         tracing::warn!(incident.id = %act.id, error = %e, "offer round not persisted; units released");
-                        for (offer_id, _, addr) in &reserved {
-                            addr.do_send(Release { offer_id: *offer_id, reason: "cancelled" });
-                        }
+                        release_all(&reserved);
                         ctx.run_later(Duration::from_secs(1), |_, ctx| ctx.notify(NextRound));
                     }
                 },
             ))
         })))
+    }
+}
+
+/// The first round, stored with the incident: tell the crews and arm the expiry.
+#[derive(Message)]
+#[rtype(result = "()")]
+struct PublishFirstRound(FirstRound);
+
+impl Handler<PublishFirstRound> for IncidentActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: PublishFirstRound, ctx: &mut Self::Context) {
+        let FirstRound {
+            reserved,
+            records,
+            expires_at,
+        } = msg.0;
+        self.publish_round(&records, &reserved, 1, expires_at, ctx);
     }
 }
 
@@ -1326,11 +1399,24 @@ impl Actor for IncidentDirectory {
 
 /// Creates an incident in one transaction: reference, events (created, evidence, dispatch
 /// started, next-of-kin notifications queued) and projections.
-async fn create(writer: GroupCommit, req: OpenRequest) -> Result<(Incident, i64), IncidentError> {
+/// A first offer round reserved before the incident is stored.
+struct FirstRound {
+    reserved: Reserved,
+    records: Vec<OfferRecord>,
+    expires_at: DateTime<Utc>,
+}
+
+/// Creates incident `id`, with its first offer round when one was reserved, in one commit.
+async fn create(
+    writer: GroupCommit,
+    id: IncidentId,
+    req: OpenRequest,
+    first_offers: Vec<OfferRecord>,
+    now: DateTime<Utc>,
+) -> Result<(Incident, i64), IncidentError> {
     writer
         .write(move |tx| {
             Box::pin(async move {
-                let now = Utc::now();
                 let patient = match &req.patient_id {
                     Some(pid) => Some(
                         patients::find_patient(tx, pid)
@@ -1344,7 +1430,6 @@ async fn create(writer: GroupCommit, req: OpenRequest) -> Result<(Incident, i64)
                     .or_else(|| patient.as_ref().and_then(|p| p.home_location))
                     .ok_or(IncidentError::NoLocation)?;
                 let reference = store::next_reference(tx, now).await?;
-                let id = IncidentId::new_v7();
                 let open = Command::Open {
                     id,
                     reference,
@@ -1356,13 +1441,21 @@ async fn create(writer: GroupCommit, req: OpenRequest) -> Result<(Incident, i64)
                     evidence: req.evidence.clone(),
                 };
                 let (opened, mut events) = handle(None, &open, now)?;
-                let (dispatching, more) = handle(Some(&opened), &Command::StartDispatch, now)?;
+                let (mut state, more) = handle(Some(&opened), &Command::StartDispatch, now)?;
                 events.extend(more);
+                if !first_offers.is_empty() {
+                    let unit_ids = first_offers.iter().map(|o| o.unit_id.clone()).collect();
+                    let (offered, more) =
+                        handle(Some(&state), &Command::RecordOffers { unit_ids }, now)?;
+                    events.extend(more);
+                    state = offered;
+                }
 
                 let (outbox, queued) = next_of_kin_outbox(patient.as_ref(), id, "incident_created");
-                let version = persist(tx, &dispatching, 0, &events, queued, now).await?;
+                let version = persist(tx, &state, 0, &events, queued, now).await?;
+                fleet_store::insert_offers(tx, &first_offers).await?;
                 store::queue_notifications(tx, &outbox, now).await?;
-                Ok::<_, IncidentError>((dispatching, version))
+                Ok::<_, IncidentError>((state, version))
             })
         })
         .await
@@ -1427,7 +1520,42 @@ impl Handler<OpenIncident> for IncidentDirectory {
         }
         let db = self.db.clone();
         let patient = req.patient_id.clone();
-        Box::pin(create(self.deps.writer.clone(), req).into_actor(self).then(move |res, act, ctx| {
+        let writer = self.deps.writer.clone();
+        let fleet = self.deps.fleet.clone();
+        let settings = self.deps.dispatch.clone();
+        let id = IncidentId::new_v7();
+        // The first offer round is reserved before the incident is stored, so the incident,
+        // its dispatch start and its first offers share one commit: one fsync on the path from
+        // the reading to the crew's offer frame instead of two.
+        let creation = async move {
+            let first = match (fleet, req.location) {
+                (Some(fleet), Some(scene)) => {
+                    let (reserved, expires_at) =
+                        reserve_round(fleet, id, scene, req.priority, HashSet::new(), settings)
+                            .await;
+                    (!reserved.is_empty()).then_some((reserved, expires_at))
+                }
+                _ => None,
+            };
+            let now = Utc::now();
+            let first = first.map(|(reserved, expires_at)| FirstRound {
+                records: offer_records(id, &reserved, 1, now, expires_at),
+                reserved,
+                expires_at,
+            });
+            let records = first
+                .as_ref()
+                .map(|f| f.records.clone())
+                .unwrap_or_default();
+            let created = create(writer, id, req, records, now).await;
+            if created.is_err()
+                && let Some(first) = &first
+            {
+                release_all(&first.reserved);
+            }
+            (created, first)
+        };
+        Box::pin(creation.into_actor(self).then(move |(res, first), act, ctx| {
             let waiters = patient
                 .as_ref()
                 .and_then(|p| act.creating.remove(p))
@@ -1440,7 +1568,10 @@ impl Handler<OpenIncident> for IncidentDirectory {
                     let actor = IncidentActor::created(incident.clone(), version, act.deps.clone());
                     let addr = act.start_actor(actor, ctx);
                     // Dispatch starts as soon as the incident exists (notifications are queued).
-                    addr.do_send(NextRound);
+                    match first {
+                        Some(first) => addr.do_send(PublishFirstRound(first)),
+                        None => addr.do_send(NextRound),
+                    }
                     tracing::info!(incident.id = %incident.id, incident.reference = %incident.reference, "incident created");
                     Ok(Opened { incident, created: true })
                 }

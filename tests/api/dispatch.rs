@@ -760,3 +760,39 @@ async fn unit_actors_are_listed_and_inspected_with_their_pending_offer() {
         .await;
     assert_eq!(console.status(), StatusCode::FORBIDDEN);
 }
+
+/// The first offer round commits with the incident itself: the moment the ingest answer names
+/// the incident, its offer is stored (no second commit on the path to the crew).
+#[actix_web::test]
+async fn the_first_offer_round_is_stored_with_the_incident() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    app.add_unit("F-1", SCENE.0 + 0.01, SCENE.1, "als").await;
+    app.register_wearer("p-first", "w-first").await;
+    let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let answer: Value = app
+        .post_vitals(
+            &json!({"device_id": "w-first", "timestamp": at, "heart_rate_bpm": 165,
+            "spo2_pct": 86, "location": {"lat": SCENE.0, "lng": SCENE.1}}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = answer["results"][0]["incident_id"].as_str().unwrap();
+    let incident: Value = app
+        .get(&format!("/api/v1/incidents/{id}"), Some(Role::Console))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(pending_offers(&incident).len(), 1, "{incident}");
+    assert!(incident["times"]["unit_notified"].is_string(), "{incident}");
+    let created = app.events_of("incident.created").await;
+    let offered = app.events_of("dispatch.offered").await;
+    assert_eq!(offered.len(), 1);
+    assert!(offered[0].seq > created[0].seq);
+    assert_eq!(
+        offered[0].at, created[0].at,
+        "one transaction, one clock reading"
+    );
+}

@@ -96,7 +96,11 @@ async fn wearable_emergencies_open_one_incident_per_patient(backend: Backend) {
     let notes = detail["notifications"].as_array().unwrap();
     assert_eq!(notes.len(), 1);
     assert_eq!(notes[0]["channel"], "sms");
-    assert_eq!(notes[0]["status"], "queued");
+    // The outbox worker may already have delivered it (to the log-only sink).
+    assert!(
+        ["queued", "sent"].contains(&notes[0]["status"].as_str().unwrap()),
+        "{notes:?}"
+    );
     assert!(
         notes[0].get("address").is_none(),
         "addresses stay in the outbox"
