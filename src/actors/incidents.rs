@@ -288,6 +288,8 @@ pub struct IncidentActor {
     state: Option<Incident>,
     version: i64,
     loaded: bool,
+    /// Offers loaded in bulk with the state, to resume dispatch from when started.
+    resume: Option<Vec<OfferRecord>>,
     restarts: u32,
     messages: u64,
     last_message_at: Option<DateTime<Utc>>,
@@ -307,9 +309,29 @@ impl IncidentActor {
             state: None,
             version: 0,
             loaded: false,
+            resume: None,
             restarts: 0,
             messages: 0,
             last_message_at: None,
+        }
+    }
+
+    /// An actor for an incident whose events and offers were loaded in bulk (start-up): it
+    /// resumes dispatching from them when started, without a query of its own.
+    fn resumed(
+        id: IncidentId,
+        stored: &[RecordedEvent],
+        offers: Vec<OfferRecord>,
+        deps: IncidentDeps,
+    ) -> Self {
+        let (state, version) = rebuild(stored);
+        Self {
+            id,
+            state,
+            version,
+            loaded: true,
+            resume: Some(offers),
+            ..Self::recover(IncidentId(uuid::Uuid::nil()), deps)
         }
     }
 
@@ -361,6 +383,8 @@ impl Actor for IncidentActor {
     fn started(&mut self, ctx: &mut Self::Context) {
         if !self.loaded {
             self.load(ctx);
+        } else if let Some(offers) = self.resume.take() {
+            self.resume_dispatch(offers, ctx);
         }
     }
 }
@@ -1702,29 +1726,40 @@ impl Handler<Recover> for IncidentDirectory {
         let db = self.db.clone();
         Box::pin(
             async move {
+                // Three queries for all of them (ids, events, offers), not three per incident.
                 db.run(|mut conn| async move {
                     let ids = store::open_ids(&mut conn).await?;
-                    let mut open = Vec::with_capacity(ids.len());
-                    for id in ids {
-                        if let Some((incident, _)) = store::find(&mut conn, id).await? {
-                            open.push((id, incident.patient_id));
-                        }
-                    }
-                    Ok::<_, StoreError>(open)
+                    let streams: Vec<String> = ids.iter().map(|id| stream_of(*id)).collect();
+                    let mut events = events::read_streams(&mut conn, &streams).await?;
+                    let mut offers = fleet_store::offers_for_many(&mut conn, &ids).await?;
+                    Ok::<_, StoreError>(
+                        ids.into_iter()
+                            .zip(streams)
+                            .map(|(id, stream)| {
+                                (
+                                    id,
+                                    events.remove(&stream).unwrap_or_default(),
+                                    offers.remove(&id).unwrap_or_default(),
+                                )
+                            })
+                            .collect::<Vec<_>>(),
+                    )
                 })
                 .await
             }
             .into_actor(self)
             .map(|res, act, ctx| {
                 let open = res?;
-                for (id, patient) in &open {
-                    if let Some(p) = patient {
-                        act.open_by_patient.insert(p.clone(), *id);
+                let count = open.len();
+                for (id, stored, offers) in open {
+                    let actor = IncidentActor::resumed(id, &stored, offers, act.deps.clone());
+                    if let Some(p) = actor.state.as_ref().and_then(|s| s.patient_id.clone()) {
+                        act.open_by_patient.insert(p, id);
                     }
-                    act.start_actor(IncidentActor::recover(*id, act.deps.clone()), ctx);
+                    act.start_actor(actor, ctx);
                 }
-                tracing::info!(incidents.recovered = open.len(), "open incidents recovered");
-                Ok(open.len())
+                tracing::info!(incidents.recovered = count, "open incidents recovered");
+                Ok(count)
             }),
         )
     }

@@ -240,6 +240,35 @@ pub async fn read_stream(
     rows.into_iter().map(RecordedEvent::try_from).collect()
 }
 
+/// Every event of each of `streams`, grouped by stream, each in version order: the bulk
+/// load used when many actors are resumed at once (start-up).
+pub async fn read_streams(
+    conn: &mut DbConn,
+    streams: &[String],
+) -> Result<std::collections::HashMap<String, Vec<RecordedEvent>>, StoreError> {
+    let mut by_stream: std::collections::HashMap<String, Vec<RecordedEvent>> =
+        std::collections::HashMap::with_capacity(streams.len());
+    // Bounded IN lists keep every backend well inside its bind-parameter limit.
+    for chunk in streams.chunks(500) {
+        let rows: Vec<EventRow> = db_run!(conn, |c| {
+            events::table
+                .filter(events::stream_id.eq_any(chunk))
+                .order((events::stream_id.asc(), events::version.asc()))
+                .select(EventRow::as_select())
+                .load(c)
+                .await?
+        });
+        for row in rows {
+            let event = RecordedEvent::try_from(row)?;
+            by_stream
+                .entry(event.stream_id.clone())
+                .or_default()
+                .push(event);
+        }
+    }
+    Ok(by_stream)
+}
+
 /// Up to `limit` events with `seq > since`, in sequence order.
 pub async fn read_since(
     conn: &mut DbConn,

@@ -360,6 +360,34 @@ pub async fn offers_for(
     rows.into_iter().map(offer_from_row).collect()
 }
 
+/// The offers of each of `incidents` (bulk form of [`offers_for`], for start-up).
+pub async fn offers_for_many(
+    conn: &mut DbConn,
+    incidents: &[IncidentId],
+) -> Result<std::collections::HashMap<IncidentId, Vec<OfferRecord>>, StoreError> {
+    let mut by_incident: std::collections::HashMap<IncidentId, Vec<OfferRecord>> =
+        std::collections::HashMap::new();
+    for chunk in incidents.chunks(500) {
+        let ids: Vec<String> = chunk.iter().map(ToString::to_string).collect();
+        let rows: Vec<OfferRow> = db_run!(conn, |c| {
+            offers::table
+                .filter(offers::incident_id.eq_any(&ids))
+                .order((offers::offered_at.asc(), offers::id.asc()))
+                .select(OfferRow::as_select())
+                .load(c)
+                .await?
+        });
+        for row in rows {
+            let offer = offer_from_row(row)?;
+            by_incident
+                .entry(offer.incident_id)
+                .or_default()
+                .push(offer);
+        }
+    }
+    Ok(by_incident)
+}
+
 /// One offer.
 pub async fn find_offer(conn: &mut DbConn, id: OfferId) -> Result<Option<OfferRecord>, StoreError> {
     let row: Option<OfferRow> = db_run!(conn, |c| {

@@ -178,15 +178,28 @@ async fn three_crews_racing_for_one_incident_200_times(backend: Backend) {
             }
         }
         assert_eq!(ok, 1, "round {round}: exactly one accept wins");
-        // Cancel to free the unit for the next round.
-        let resp = app
-            .post_json(
-                &format!("/api/v1/incidents/{id}/cancel"),
-                Some(Role::Console),
-                &json!({"reason": "drill"}),
-            )
-            .await;
-        assert_eq!(resp.status(), StatusCode::OK);
+        // Cancel to free the unit for the next round (retrying a 503 after its Retry-After,
+        // as a console does, when the loaded test machine makes the database wait).
+        let mut status = StatusCode::SERVICE_UNAVAILABLE;
+        for _ in 0..5 {
+            let resp = app
+                .post_json(
+                    &format!("/api/v1/incidents/{id}/cancel"),
+                    Some(Role::Console),
+                    &json!({"reason": "drill"}),
+                )
+                .await;
+            status = resp.status();
+            if status != StatusCode::SERVICE_UNAVAILABLE {
+                break;
+            }
+            eprintln!(
+                "round {round}: cancel answered 503: {}",
+                resp.text().await.unwrap()
+            );
+            actix_web::rt::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+        assert_eq!(status, StatusCode::OK);
         // Wait until all three units are available again.
         for _ in 0..250 {
             let list: Value = app
