@@ -128,10 +128,11 @@ async fn main() -> anyhow::Result<()> {
             .json(&json!({ "readings": readings }));
         async move {
             let resp = req.send().await?;
+            let status = resp.status();
             anyhow::ensure!(
-                resp.status().is_success(),
-                "ingest answered {}",
-                resp.status()
+                status.is_success(),
+                "ingest answered {status}: {}",
+                resp.text().await.unwrap_or_default()
             );
             Ok::<_, anyhow::Error>(())
         }

@@ -871,19 +871,34 @@ impl Handler<NextRound> for IncidentActor {
         let settings = self.deps.dispatch.clone();
         let exclude = self.excluded.clone();
         let id = state.id;
-        // 1. Rank and reserve units (no state change yet).
-        let find = reserve_round(fleet, id, state.location, state.priority, exclude, settings);
+        let round = state.dispatch_round + 1;
+        let max_rounds = settings.max_rounds.max(1);
+        // 1. Rank and reserve units (no state change yet). Once the rounds are used up the
+        // incident is escalated; after that it keeps offering to units as they become free
+        // (dispatchers may also assign by hand), without reserving units it cannot offer to.
+        let out_of_rounds = round > max_rounds && !state.escalated;
+        let find: std::pin::Pin<Box<dyn std::future::Future<Output = (Reserved, DateTime<Utc>)>>> =
+            if out_of_rounds {
+                Box::pin(fut::ready((Vec::new(), Utc::now())))
+            } else {
+                Box::pin(reserve_round(
+                    fleet,
+                    id,
+                    state.location,
+                    state.priority,
+                    exclude,
+                    settings,
+                ))
+            };
         AtomicResponse::new(Box::pin(find.into_actor(self).then(move |(reserved, expires_at), act, _| {
             let now = Utc::now();
-            let round = state.dispatch_round + 1;
-            let max_rounds = act.deps.dispatch.max_rounds.max(1);
             // 2a. Nobody: escalate to the dispatchers (once) and wait for a free unit.
-            if reserved.is_empty() || round > max_rounds {
+            if reserved.is_empty() {
                 let release: Vec<_> = reserved.iter().map(|(o, _, a)| (*o, a.clone())).collect();
                 for (offer_id, addr) in release {
                     addr.do_send(Release { offer_id, reason: "cancelled" });
                 }
-                let reason = if round > max_rounds {
+                let reason = if out_of_rounds {
                     format!("no unit accepted after {max_rounds} rounds")
                 } else {
                     "no available unit".to_owned()

@@ -809,3 +809,74 @@ async fn the_first_offer_round_is_stored_with_the_incident() {
         "one transaction, one clock reading"
     );
 }
+
+/// An incident escalated after its last round is offered the next unit that becomes free,
+/// once; before the fix it reserved and released that unit in a tight loop (each toggle a
+/// stored status event), which exhausted the database pool under load.
+#[actix_web::test]
+async fn an_escalated_incident_is_offered_a_freed_unit_without_churning_it() {
+    let app = TestApp::builder(Backend::Sqlite)
+        .with_settings(|s| {
+            s.dispatch.offers_per_round = 1;
+            s.dispatch.max_rounds = 1;
+        })
+        .start()
+        .await;
+    app.add_unit("NEAR", SCENE.0 + 0.001, SCENE.1, "als").await;
+    app.add_unit("FAR", SCENE.0 + 0.05, SCENE.1, "als").await;
+    // B holds FAR (assigned by hand); A's only round goes to NEAR and lapses.
+    let b = open_incident(&app, "urgent").await;
+    app.wait_incident(&b, |i| pending_offers(i).len() == 1)
+        .await;
+    let resp = app
+        .post_json(
+            &format!("/api/v1/incidents/{b}/assign"),
+            Some(Role::Console),
+            &json!({"unit_id": "FAR"}),
+        )
+        .await;
+    assert_eq!(
+        resp.status(),
+        StatusCode::OK,
+        "{}",
+        resp.text().await.unwrap()
+    );
+    let a = open_incident(&app, "emergency").await;
+    let incident = app
+        .wait_incident(&a, |i| pending_offers(i).len() == 1)
+        .await;
+    assert_eq!(pending_offers(&incident)[0].1, "NEAR");
+    let actor = app
+        .incidents
+        .send(LookupIncident(a.parse().unwrap()))
+        .await
+        .unwrap()
+        .unwrap();
+    actor.send(RoundExpired { round: 1 }).await.unwrap();
+    app.wait_incident(&a, |i| i["escalated"] == true).await;
+
+    // B is cancelled: FAR is free, and escalated A gets it (NEAR lapsed and is not asked again).
+    let resp = app
+        .post_json(
+            &format!("/api/v1/incidents/{b}/cancel"),
+            Some(Role::Console),
+            &json!({"reason": "duplicate call"}),
+        )
+        .await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let incident = app
+        .wait_incident(&a, |i| {
+            pending_offers(i).first().is_some_and(|(_, u)| u == "FAR")
+        })
+        .await;
+    assert_eq!(incident["status"], "dispatching");
+    actix_web::rt::time::sleep(std::time::Duration::from_millis(500)).await;
+    let far_changes = app
+        .events_of("unit.status_changed")
+        .await
+        .into_iter()
+        .filter(|e| e.unit_id.as_deref() == Some("FAR"))
+        .count();
+    // offered → available (manual take), assigned, available (cancel), offered: a handful.
+    assert!(far_changes <= 6, "FAR changed status {far_changes} times");
+}
