@@ -17,6 +17,7 @@ mod errors;
 mod events;
 mod incidents;
 mod insurance;
+mod loadgen;
 mod notifications;
 mod ops;
 mod persistence;
