@@ -128,10 +128,76 @@ pub struct DeviceSummary {
 #[rtype(result = "DeviceSummary")]
 pub struct Summarise;
 
+/// A reading as the window keeps it: 100,000 live devices hold ten each, so the entry is
+/// compact. The device id is the actor's own (not repeated), and absent vitals are NaN rather
+/// than `Option<f64>` (8 bytes instead of 16; validated vitals are always finite).
+#[derive(Clone, Debug)]
+struct WindowEntry {
+    patient_id: Option<String>,
+    timestamp: DateTime<Utc>,
+    vitals: [f64; 6],
+    location: Option<crate::domain::vitals::GeoPoint>,
+    steps: Option<u32>,
+    fall_detected: bool,
+    moving: Option<bool>,
+    on_oxygen: Option<bool>,
+    consciousness: Option<crate::domain::vitals::Consciousness>,
+}
+
+impl WindowEntry {
+    fn new(r: &Reading) -> Self {
+        let v = |x: Option<f64>| x.unwrap_or(f64::NAN);
+        Self {
+            patient_id: r.patient_id.clone(),
+            timestamp: r.timestamp,
+            vitals: [
+                v(r.heart_rate_bpm),
+                v(r.spo2_pct),
+                v(r.respiration_rate_bpm),
+                v(r.body_temp_c),
+                v(r.systolic_bp_mmhg),
+                v(r.diastolic_bp_mmhg),
+            ],
+            location: r.location,
+            steps: r.steps,
+            fall_detected: r.fall_detected,
+            moving: r.moving,
+            on_oxygen: r.on_oxygen,
+            consciousness: r.consciousness,
+        }
+    }
+
+    /// The reading as it arrived from `device`.
+    fn reading(&self, device: &DeviceId) -> Reading {
+        let v = |i: usize| Some(self.vitals[i]).filter(|x| !x.is_nan());
+        Reading {
+            device_id: device.0.clone(),
+            patient_id: self.patient_id.clone(),
+            timestamp: self.timestamp,
+            heart_rate_bpm: v(0),
+            spo2_pct: v(1),
+            respiration_rate_bpm: v(2),
+            body_temp_c: v(3),
+            systolic_bp_mmhg: v(4),
+            diastolic_bp_mmhg: v(5),
+            fall_detected: self.fall_detected,
+            moving: self.moving,
+            on_oxygen: self.on_oxygen,
+            consciousness: self.consciousness,
+            location: self.location,
+            steps: self.steps,
+        }
+    }
+}
+
+fn evidence(window: &VecDeque<WindowEntry>, device: &DeviceId) -> Vec<Reading> {
+    window.iter().map(|e| e.reading(device)).collect()
+}
+
 struct Live {
     patient_id: PatientId,
     status: TriageStatus,
-    window: VecDeque<Reading>,
+    window: VecDeque<WindowEntry>,
     last_measured: Option<DateTime<Utc>>,
     /// When the last reading arrived (wall clock), for the offline timer.
     last_received: DateTime<Utc>,
@@ -273,10 +339,10 @@ impl DeviceActor {
     ) -> (TriageStatus, Vec<String>, Option<Change>) {
         let reading = &scored.reading;
         live.last_measured = Some(reading.timestamp);
-        live.window.push_back(reading.clone());
-        while live.window.len() > WINDOW {
+        if live.window.len() >= WINDOW {
             live.window.pop_front();
         }
+        live.window.push_back(WindowEntry::new(reading));
         // A reading with only `moving`/`fall_detected` says nothing about vitals: it must not
         // read as a return to normal, so it keeps the last vitals-based verdict.
         let mut status = if reading.has_vital_sign() {
@@ -303,7 +369,7 @@ impl DeviceActor {
             to: status,
             reasons: reasons.clone(),
             measured_at: reading.timestamp,
-            evidence: live.window.iter().cloned().collect(),
+            evidence: evidence(&live.window, &DeviceId(reading.device_id.clone())),
         });
         live.status = status;
         (status, reasons, change)
@@ -334,7 +400,7 @@ impl Actor for DeviceActor {
                             Some("abnormal") => TriageStatus::Abnormal,
                             _ => TriageStatus::Normal,
                         },
-                        window: VecDeque::with_capacity(WINDOW + 1),
+                        window: VecDeque::with_capacity(WINDOW),
                         last_measured: state.last_seen_at,
                         last_received: Utc::now(),
                         last_assessed: TriageStatus::Normal,
@@ -431,7 +497,7 @@ impl Handler<ProcessReadings> for DeviceActor {
                             device_id: id.clone(),
                             location: scored.reading.location,
                             reasons: reasons.clone(),
-                            evidence: live.window.iter().cloned().collect(),
+                            evidence: evidence(&live.window, &id),
                             detected_at: scored.reading.timestamp,
                             onset,
                         },
@@ -654,7 +720,7 @@ impl DeviceActor {
         live.status = to;
         let patient_id = live.patient_id.clone();
         let last_seen = live.last_measured.unwrap_or(now);
-        let evidence: Vec<Reading> = live.window.iter().cloned().collect();
+        let evidence: Vec<Reading> = evidence(&live.window, &id);
         let location = live.window.iter().rev().find_map(|r| r.location);
         let change = Change {
             from,
@@ -730,7 +796,7 @@ impl Handler<InspectDevice> for DeviceActor {
                 "last_measured_at": live.last_measured,
                 "fall_watch": live.fall,
                 "fall_deadline": live.fall.deadline(),
-                "window": live.window,
+                "window": evidence(&live.window, &self.id),
             }),
         };
         MessageResult(json!({
