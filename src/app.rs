@@ -30,6 +30,7 @@ use crate::http::{self, AppState};
 use crate::integrations::notify::{LogOnlyNotifier, Notifier, SignedWebhook, SmtpEmail, TwilioSms};
 use crate::integrations::payments::{PaymentProvider, SandboxPayments, StripeClient};
 use crate::integrations::routing::{OsrmRouting, Routing, RoutingWithFallback};
+use crate::persistence::group::GroupCommit;
 use crate::persistence::tokens;
 use crate::persistence::{Db, migrations};
 
@@ -150,7 +151,11 @@ impl Application {
         let port = listener.local_addr()?.port();
         let _ = prometheus();
 
+        // Every event-store write of the hot paths (device status, unit status and location,
+        // incidents) goes through one group-commit writer: one fsync per batch.
+        let writer = GroupCommit::start(db.clone(), 128);
         let triage = Arc::new(TriageRuntime {
+            writer: writer.clone(),
             rules,
             offline_after: Duration::from_secs(settings.triage.device_offline_s.max(1)),
             retention: settings.triage.raw_retention,
@@ -162,7 +167,7 @@ impl Application {
             ) as Arc<dyn Routing>),
             None => None,
         }));
-        let fleet = Fleet::new(db.clone(), routing).start();
+        let fleet = Fleet::new(db.clone(), writer.clone(), routing).start();
         let units = fleet
             .send(LoadFleet)
             .await
@@ -174,7 +179,7 @@ impl Application {
             directory: None,
             fleet: Some(fleet.clone()),
             dispatch: settings.dispatch.clone(),
-            writer: crate::persistence::group::GroupCommit::start(db.clone(), 64),
+            writer: writer.clone(),
         })
         .start();
         fleet.do_send(SetUnitFreeRecipient(incidents.clone().recipient()));

@@ -24,6 +24,7 @@ use crate::domain::ids::{DeviceId, IncidentId, PatientId};
 use crate::domain::news2::News2;
 use crate::domain::triage::{Assessment, FallEvent, FallWatch, TriageRules, TriageStatus};
 use crate::domain::vitals::Reading;
+use crate::persistence::group::GroupCommit;
 use crate::persistence::readings::{self, RetainedReading};
 use crate::persistence::{Db, StoreError, events, patients};
 
@@ -41,6 +42,8 @@ pub struct TriageRuntime {
     pub offline_after: Duration,
     /// Raw reading retention.
     pub retention: Retention,
+    /// The group-commit writer status changes go through (shared with incidents and units).
+    pub writer: GroupCommit,
 }
 
 /// One triaged reading for a device.
@@ -308,16 +311,19 @@ impl DeviceActor {
         );
         event.device_id = Some(self.id.0.clone());
         let stream = format!("device-{}", self.id);
-        let db = self.db.clone();
+        let writer = self.runtime.writer.clone();
         let id = self.id.clone();
         ctx.wait(
             async move {
-                db.run(move |mut conn| async move {
-                    events::append(&mut conn, &stream, ExpectedVersion::Any, &[event], Utc::now())
-                        .await
-                        .map_err(|e| StoreError::Unavailable(e.to_string()))
-                })
-                .await
+                writer
+                    .write(move |tx| {
+                        Box::pin(async move {
+                            events::append(tx, &stream, ExpectedVersion::Any, &[event], Utc::now())
+                                .await
+                                .map_err(|e| StoreError::Unavailable(e.to_string()))
+                        })
+                    })
+                    .await
             }
             .into_actor(self)
             .map(move |res, _act, ctx| {
@@ -534,7 +540,7 @@ impl Handler<ProcessReadings> for DeviceActor {
             self.arm_fall_timer(ctx);
         }
 
-        let db = self.db.clone();
+        let writer = self.runtime.writer.clone();
         let handoff = self.handoff.clone();
         let persist_id = id.clone();
         let persist_patient = patient_id.clone();
@@ -548,7 +554,7 @@ impl Handler<ProcessReadings> for DeviceActor {
                     return Ok(());
                 }
                 persist_changes(
-                    &db,
+                    &writer,
                     persist_id,
                     persist_patient,
                     changes,
@@ -615,7 +621,7 @@ fn retained(
 /// Appends the status events and updates the device projection (and evidence readings) in one
 /// transaction.
 async fn persist_changes(
-    db: &Db,
+    writer: &GroupCommit,
     device_id: DeviceId,
     patient_id: PatientId,
     changes: Vec<Change>,
@@ -643,20 +649,21 @@ async fn persist_changes(
             e
         })
         .collect();
-    db.run(move |mut conn| async move {
-        conn.write_transaction(async |tx| {
-            events::append(tx, &stream, ExpectedVersion::Any, &events, Utc::now())
-                .await
-                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-            patients::set_device_status(tx, &device_id, final_status.as_str(), last_seen).await?;
-            if !evidence.is_empty() {
-                readings::insert_many(tx, &evidence).await?;
-            }
-            Ok::<_, StoreError>(())
+    writer
+        .write(move |tx| {
+            Box::pin(async move {
+                events::append(tx, &stream, ExpectedVersion::Any, &events, Utc::now())
+                    .await
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                patients::set_device_status(tx, &device_id, final_status.as_str(), last_seen)
+                    .await?;
+                if !evidence.is_empty() {
+                    readings::insert_many(tx, &evidence).await?;
+                }
+                Ok::<_, StoreError>(())
+            })
         })
         .await
-    })
-    .await
 }
 
 impl Handler<CheckTimers> for DeviceActor {
@@ -729,7 +736,7 @@ impl DeviceActor {
             measured_at: now,
             evidence: evidence.clone(),
         };
-        let db = self.db.clone();
+        let writer = self.runtime.writer.clone();
         let handoff = self.handoff.clone();
         let retention = self.runtime.retention;
         let rows = if retention == Retention::Evidence {
@@ -743,7 +750,7 @@ impl DeviceActor {
         self.arm_fall_timer(ctx);
         let work = async move {
             persist_changes(
-                &db,
+                &writer,
                 id.clone(),
                 patient_id.clone(),
                 vec![change],

@@ -24,6 +24,7 @@ use crate::domain::ids::{HospitalId, IncidentId, OfferId, UnitId};
 use crate::domain::incident::Priority;
 use crate::integrations::routing::RoutingWithFallback;
 use crate::persistence::fleet::{self as store, HospitalRecord, UnitRecord};
+use crate::persistence::group::GroupCommit;
 use crate::persistence::{Db, StoreError, events};
 
 /// Most time an actor waits for another actor's answer before giving up (no cross-actor wait
@@ -51,7 +52,7 @@ pub struct AmbulanceActor {
     pending: Option<PendingOffer>,
     assignment: Option<IncidentId>,
     sessions: Vec<(u64, actix_ws::Session)>,
-    db: Db,
+    writer: GroupCommit,
     fleet: Addr<Fleet>,
     last_location_event: Option<Instant>,
     messages: u64,
@@ -102,21 +103,20 @@ impl AmbulanceActor {
     /// the background; a failure is logged (the live state stays authoritative and is saved
     /// again with the next change).
     fn persist_event(&self, mut event: NewEvent, what: &'static str) {
-        let db = self.db.clone();
+        let writer = self.writer.clone();
         let record = self.record.clone();
         event.unit_id = Some(record.id.0.clone());
         actix::spawn(async move {
             let id = record.id.clone();
-            let result = db
-                .run(move |mut conn| async move {
-                    conn.write_transaction(async |tx| {
+            let result = writer
+                .write(move |tx| {
+                    Box::pin(async move {
                         let stream = format!("unit-{}", record.id);
                         events::append(tx, &stream, ExpectedVersion::Any, &[event], Utc::now())
                             .await
                             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
                         store::save_unit(tx, &record, Utc::now()).await
                     })
-                    .await
                 })
                 .await;
             if let Err(e) = result {
@@ -605,6 +605,7 @@ struct HospitalEntry {
 /// The fleet hub.
 pub struct Fleet {
     db: Db,
+    writer: GroupCommit,
     routing: Arc<RoutingWithFallback>,
     units: HashMap<UnitId, UnitEntry>,
     index: FleetIndex,
@@ -616,9 +617,10 @@ pub struct Fleet {
 
 impl Fleet {
     /// An empty fleet; send [`LoadFleet`] to load units and hospitals.
-    pub fn new(db: Db, routing: Arc<RoutingWithFallback>) -> Self {
+    pub fn new(db: Db, writer: GroupCommit, routing: Arc<RoutingWithFallback>) -> Self {
         Self {
             db,
+            writer,
             routing,
             units: HashMap::new(),
             index: FleetIndex::new(),
@@ -647,7 +649,7 @@ impl Fleet {
             pending: None,
             assignment,
             sessions: Vec::new(),
-            db: self.db.clone(),
+            writer: self.writer.clone(),
             fleet: ctx.address(),
             last_location_event: None,
             messages: 0,

@@ -21,15 +21,16 @@ use super::{Db, DbConn, StoreError};
 /// A write's answer, given once the batch's commit is known.
 type Completion = Box<dyn FnOnce()>;
 
-/// A queued write: runs in its savepoint and returns how to answer once committed.
-type Job =
-    Box<dyn for<'a> FnOnce(&'a mut DbConn) -> Pin<Box<dyn Future<Output = Completion> + 'a>>>;
+/// A queued write: runs in its savepoint and returns how to answer once committed. Jobs come
+/// from any thread (device actors run on their own arbiters); they run on the writer's.
+type Job = Box<
+    dyn for<'a> FnOnce(&'a mut DbConn) -> Pin<Box<dyn Future<Output = Completion> + 'a>> + Send,
+>;
 
 /// The future a write's work returns, borrowing the connection.
 pub type WriteFuture<'a, T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + 'a>>;
 
-/// Handle to the group-commit writer; cheap to clone. Must be used on the arbiter (thread) it
-/// was started on.
+/// Handle to the group-commit writer; cheap to clone and usable from any thread.
 #[derive(Clone, Debug)]
 pub struct GroupCommit {
     jobs: mpsc::UnboundedSender<Job>,
@@ -65,9 +66,9 @@ impl GroupCommit {
     /// caller stops waiting, the write still completes or rolls back as a whole.
     pub async fn write<T, E, F>(&self, work: F) -> Result<T, E>
     where
-        F: for<'a> FnOnce(&'a mut DbConn) -> WriteFuture<'a, T, E> + 'static,
-        T: 'static,
-        E: From<StoreError> + 'static,
+        F: for<'a> FnOnce(&'a mut DbConn) -> WriteFuture<'a, T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
     {
         let (answer, answered) = oneshot::channel::<Result<T, E>>();
         let job: Job = Box::new(move |conn| {
