@@ -181,12 +181,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     if let Err(e) = r {
                         tracing::error!(error = %e, "demo simulation stopped");
                     }
-                    handle.stop(true).await;
-                    server.await?;
+                    // The server future handles the stop command: poll both together.
+                    let ((), served) = tokio::join!(handle.stop(true), &mut server);
+                    served?;
                 }
                 () = deadline => {
-                    handle.stop(true).await;
-                    server.await?;
+                    let ((), served) = tokio::join!(handle.stop(true), &mut server);
+                    served?;
                 }
             }
             crate::sim::demo::print_summary(&db).await?;

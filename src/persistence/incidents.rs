@@ -294,6 +294,18 @@ pub async fn open_ids(conn: &mut DbConn) -> Result<Vec<IncidentId>, StoreError> 
         .collect()
 }
 
+/// How many incidents there are in each status (`(status, count)`, one row per status present).
+pub async fn count_by_status(conn: &mut DbConn) -> Result<Vec<(String, i64)>, StoreError> {
+    Ok(db_run!(conn, |c| {
+        incidents::table
+            .group_by(incidents::status)
+            .select((incidents::status, diesel::dsl::count_star()))
+            .order_by(incidents::status)
+            .load::<(String, i64)>(c)
+            .await?
+    }))
+}
+
 /// Which incidents a list shows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, Default)]
 #[serde(rename_all = "snake_case")]

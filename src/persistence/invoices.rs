@@ -141,3 +141,15 @@ pub async fn unfinished(conn: &mut DbConn) -> Result<Vec<Invoice>, StoreError> {
     });
     rows.into_iter().map(decode).collect()
 }
+
+/// How many invoices there are in each status (`(status, count)`, one row per status present).
+pub async fn count_by_status(conn: &mut DbConn) -> Result<Vec<(String, i64)>, StoreError> {
+    Ok(db_run!(conn, |c| {
+        invoices::table
+            .group_by(invoices::status)
+            .select((invoices::status, diesel::dsl::count_star()))
+            .order_by(invoices::status)
+            .load::<(String, i64)>(c)
+            .await?
+    }))
+}

@@ -2,6 +2,11 @@
 //! HTTP/WebSocket API only: the living demo city ([`demo`]) and the load generator
 //! ([`loadgen`]). Nothing here reaches into actors or the database.
 
+pub mod city;
 pub mod client;
+pub mod clock;
+pub mod crews;
 pub mod demo;
 pub mod loadgen;
+pub mod rng;
+pub mod wearables;

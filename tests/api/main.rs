@@ -12,6 +12,7 @@ mod helpers;
 mod auth;
 mod billing;
 mod browser;
+mod demo;
 mod dispatch;
 mod errors;
 mod events;

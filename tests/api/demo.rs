@@ -1,0 +1,151 @@
+//! `shers demo` end to end: the real binary seeds Edinburgh, runs its wearables and crews at
+//! twenty times real speed for a minute and stops; by then incidents have gone the whole way
+//! from a wearable alarm to `closed` with a paid invoice, on SQLite and on PostgreSQL.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::process::{Child, Command, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use shers::domain::billing::InvoiceStatus;
+use shers::domain::incident::IncidentStatus;
+use shers::persistence::incidents::{self, StatusFilter};
+use shers::persistence::{Backend, invoices};
+
+use crate::both_backends;
+use crate::helpers::TestDb;
+
+both_backends!(twenty_simulated_minutes_close_and_bill_incidents);
+
+/// How long the demo runs (wall clock) and how fast.
+const DURATION_S: &str = "60";
+const TIME_SCALE: &str = "20";
+/// Beyond this (the minute, start-up and a graceful stop, with room for a busy machine) the
+/// child is killed and the test fails.
+const HARD_LIMIT: Duration = Duration::from_secs(120);
+
+fn read_all(mut from: impl Read + Send + 'static) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = from.read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// `shers demo` on `url`, with nothing from the caller's environment configuring it.
+fn start_demo(url: &str) -> Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_shers"));
+    command
+        .args(["demo", "--bind", "127.0.0.1:0", "--time-scale", TIME_SCALE])
+        .args(["--duration", DURATION_S, "--database-url", url])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("SHERS_") || key == "DATABASE_URL" || key == "REDIS_URL" {
+            command.env_remove(key.as_ref());
+        }
+    }
+    // The simulators' progress (incidents accepted and closed) for the failure message.
+    command.env("RUST_LOG", "warn,shers::sim=debug");
+    command.spawn().unwrap()
+}
+
+/// `key=value` pairs of the summary line.
+fn summary_counts(line: &str) -> HashMap<String, i64> {
+    line.split([' ', ';'])
+        .filter_map(|pair| pair.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.parse().unwrap()))
+        .collect()
+}
+
+async fn twenty_simulated_minutes_close_and_bill_incidents(backend: Backend) {
+    let db = TestDb::new(backend).await;
+    let mut child = start_demo(&db.url);
+    let stdout = read_all(child.stdout.take().unwrap());
+    let stderr = read_all(child.stderr.take().unwrap());
+    let started = Instant::now();
+    let exit = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if started.elapsed() > HARD_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(250)).await;
+    };
+    let (stdout, stderr) = (stdout.join().unwrap(), stderr.join().unwrap());
+    let context = format!(
+        "stdout:\n{stdout}\nstderr (last lines):\n{}",
+        tail(&stderr, 60)
+    );
+    let exit = exit.unwrap_or_else(|| panic!("demo still running after {HARD_LIMIT:?}\n{context}"));
+    assert!(exit.success(), "demo failed: {exit}\n{context}");
+
+    // The dashboard address carries the port the OS picked.
+    let port: u16 = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("dashboard: http://127.0.0.1:"))
+        .and_then(|rest| rest.strip_suffix('/'))
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no dashboard line\n{context}"));
+    assert_ne!(port, 0);
+
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("demo summary: "))
+        .unwrap_or_else(|| panic!("no summary line\n{context}"));
+    let counts = summary_counts(line);
+    let count = |key: &str| counts.get(key).copied().unwrap_or(-1);
+    assert!(
+        count("closed") >= 1,
+        "no incident closed: {line}\n{context}"
+    );
+    assert!(count("paid") >= 1, "no invoice paid: {line}\n{context}");
+    assert_eq!(
+        count("created"),
+        count("closed") + count("cancelled") + count("open"),
+        "{line}"
+    );
+
+    // The database agrees: a closed incident whose invoice was paid.
+    let store = db.connect().await;
+    let mut conn = store.conn().await.unwrap();
+    let finished = incidents::page(&mut conn, StatusFilter::Closed, None, 200)
+        .await
+        .unwrap();
+    let closed: Vec<_> = finished
+        .iter()
+        .filter(|i| i.status == IncidentStatus::Closed)
+        .collect();
+    assert_eq!(closed.len() as i64, count("closed"), "{line}");
+    let mut paid = 0;
+    for incident in &closed {
+        let invoice = invoices::for_incident(&mut conn, &incident.id.to_string())
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("closed incident {} has no invoice", incident.id));
+        assert!(
+            matches!(
+                invoice.saga.status,
+                InvoiceStatus::Paid | InvoiceStatus::Failed
+            ),
+            "a closed incident's billing has finished: {:?}",
+            invoice.saga.status
+        );
+        paid += i64::from(invoice.saga.status == InvoiceStatus::Paid);
+        // Wearables opened these, and crews took them all the way.
+        assert!(incident.patient_id.is_some());
+        assert!(incident.times.at_destination.is_some());
+    }
+    assert!(paid >= 1, "{line}");
+}
