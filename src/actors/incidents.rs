@@ -121,8 +121,13 @@ fn next_of_kin_outbox(
         let channels = [("sms", kin.phone.as_ref()), ("email", kin.email.as_ref())];
         for (channel, address) in channels {
             let Some(address) = address else { continue };
+            let Some(known) = crate::domain::notify::Template::parse(template) else {
+                tracing::error!(template, "unknown notification template; not queued");
+                continue;
+            };
             let notification_id = uuid::Uuid::now_v7().to_string();
-            let key = format!("{id}:{channel}:{address}:{template}");
+            // A hash: the key is logged and sent to providers, and must not reveal the address.
+            let key = crate::domain::notify::idempotency_key(&id.to_string(), address, known);
             let mut event = NewEvent::new(
                 "notification.queued",
                 json!({

@@ -22,6 +22,7 @@ struct Fake {
     calls: AtomicUsize,
     bodies: Mutex<Vec<String>>,
     auth: Mutex<Vec<String>>,
+    keys: Mutex<Vec<String>>,
 }
 
 async fn fake_twilio(fake: Arc<Fake>, fail_first_with_429: bool) -> u16 {
@@ -41,6 +42,13 @@ async fn fake_twilio(fake: Arc<Fake>, fail_first_with_429: bool) -> u16 {
                         .unwrap_or("")
                         .to_owned();
                     fake.auth.lock().unwrap().push(auth);
+                    let key = req
+                        .headers()
+                        .get("i-twilio-idempotency-token")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned();
+                    fake.keys.lock().unwrap().push(key);
                     if fail_first_with_429 && n == 0 {
                         return HttpResponse::TooManyRequests()
                             .insert_header(("Retry-After", "1"))
@@ -114,5 +122,11 @@ async fn next_of_kin_get_an_sms_even_without_vitals(backend: Backend) {
         "the message names the incident reference: {sent_body}"
     );
     assert!(fake.auth.lock().unwrap()[0].starts_with("Basic "));
+    // The idempotency key is the same on the retry, and a hash: it is logged and sent in a
+    // header, so it must not carry the next of kin's phone number.
+    let keys = fake.keys.lock().unwrap().clone();
+    assert_eq!(keys[0], keys[1]);
+    assert!(keys[0].starts_with("incident_created-"), "{keys:?}");
+    assert!(!keys[0].contains("7700900123"), "{keys:?}");
     assert_eq!(app.events_of("notification.sent").await.len(), 1);
 }
