@@ -47,7 +47,8 @@ WORKDIR /var/lib/shers
 ENV DATABASE_URL=sqlite:///var/lib/shers/data/shers.db \
     SHERS_BIND=0.0.0.0:8080 \
     SHERS_LOG__FORMAT=json \
-    RUST_LOG=info
+    RUST_LOG=info \
+    MIMALLOC_PURGE_DELAY=0
 VOLUME ["/var/lib/shers/data"]
 # Numeric, so that Kubernetes' runAsNonRoot can verify it.
 USER 10001:10001

@@ -28,6 +28,10 @@ use shers::domain::ids::{DeviceId, PatientId};
 use shers::domain::patients::{Device, Patient};
 use shers::persistence::{StoreError, patients, tokens};
 
+/// The same allocator as the `shers` binary, so the memory figures match it.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
