@@ -899,10 +899,7 @@ impl Handler<NextRound> for IncidentActor {
             let now = Utc::now();
             // 2a. Nobody: escalate to the dispatchers (once) and wait for a free unit.
             if reserved.is_empty() {
-                let release: Vec<_> = reserved.iter().map(|(o, _, a)| (*o, a.clone())).collect();
-                for (offer_id, addr) in release {
-                    addr.do_send(Release { offer_id, reason: "cancelled" });
-                }
+                release_all(&reserved);
                 let reason = if out_of_rounds {
                     format!("no unit accepted after {max_rounds} rounds")
                 } else {
@@ -935,9 +932,7 @@ impl Handler<NextRound> for IncidentActor {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::warn!(incident.id = %act.id, error = %e, "offer round refused");
-                    for (offer_id, _, addr) in &reserved {
-                        addr.do_send(Release { offer_id: *offer_id, reason: "cancelled" });
-                    }
+                    release_all(&reserved);
                     return Box::pin(fut::ready(()));
                 }
             };

@@ -238,10 +238,7 @@ async fn command(
                             unit_id: crate::domain::ids::UnitId(unit_id),
                         })
                         .await
-                        .map_err(|_| ApiError::Unavailable {
-                            detail: "busy".into(),
-                            retry_after_s: 1,
-                        })?
+                        .map_err(super::incidents::mailbox)?
                         .map_err(super::incidents::incident_error)?;
                     Ok(serde_json::to_value(super::incidents::summary_of(incident))
                         .unwrap_or_default())
@@ -272,10 +269,7 @@ async fn command(
                             },
                         })
                         .await
-                        .map_err(|_| ApiError::Unavailable {
-                            detail: "busy".into(),
-                            retry_after_s: 1,
-                        })?
+                        .map_err(super::incidents::mailbox)?
                         .map_err(super::incidents::incident_error)?;
                     Ok(serde_json::to_value(super::incidents::summary_of(incident))
                         .unwrap_or_default())

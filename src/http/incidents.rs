@@ -205,7 +205,7 @@ pub(crate) fn incident_error(e: IncidentError) -> ApiError {
     }
 }
 
-fn mailbox(_: actix::MailboxError) -> ApiError {
+pub(crate) fn mailbox(_: actix::MailboxError) -> ApiError {
     ApiError::Unavailable {
         detail: "the incident directory is busy; retry shortly".to_owned(),
         retry_after_s: 1,

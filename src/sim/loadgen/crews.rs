@@ -17,8 +17,9 @@ use serde::Deserialize;
 use tokio::sync::{Notify, watch};
 use tokio_tungstenite::tungstenite::Message;
 
-use super::fixtures::{Rng, Unit};
+use super::fixtures::Unit;
 use crate::sim::client::{Api, Ws};
+use crate::sim::rng::SimRng;
 
 /// One offer as a crew saw it.
 #[derive(Clone, Debug)]
@@ -126,7 +127,7 @@ impl Crews {
         units: &[Unit],
         locate: bool,
         concurrency: usize,
-        rng: &mut Rng,
+        rng: &mut SimRng,
     ) -> anyhow::Result<Self> {
         let sockets: Vec<(usize, Ws)> = futures_util::stream::iter(units.iter().enumerate())
             .map(|(i, unit)| {
@@ -154,7 +155,7 @@ impl Crews {
                     board: board.clone(),
                     home: units[i].home,
                     locate,
-                    rng: Rng::seeded(rng.next_u64()),
+                    rng: SimRng::new(rng.next_u64()),
                     pending: None,
                     assigned: None,
                 };
@@ -189,7 +190,7 @@ struct Session {
     board: Arc<OfferBoard>,
     home: super::fixtures::Point,
     locate: bool,
-    rng: Rng,
+    rng: SimRng,
     /// (offer, incident) pending for this unit.
     pending: Option<(String, String)>,
     /// The incident this unit is assigned to.

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use super::crews::Crews;
-use super::fixtures::{Fixtures, Point, Rng, Unit, Wearer};
+use super::fixtures::{Fixtures, Point, Unit, Wearer};
 use super::ingest::{self, Feed};
 use super::progress::Progress;
 use super::report::{Figure, Report, Series};
@@ -22,6 +22,7 @@ use super::stats::ms;
 use super::vitals;
 use super::{LoadgenArgs, Scenario, measure_for};
 use crate::sim::client::Api;
+use crate::sim::rng::SimRng;
 
 /// Target median, ms (issue 8).
 pub const TARGET_P50_MS: f64 = 2.0;
@@ -82,7 +83,7 @@ pub async fn run(args: &LoadgenArgs, fixtures: &Fixtures) -> anyhow::Result<Repo
     let center = fixtures.center();
     let half_km = (unit_count as f64).sqrt() * 0.75;
     let mut rng = fixtures.rng(2);
-    let scatter = |rng: &mut Rng| {
+    let scatter = |rng: &mut SimRng| {
         center.offset_km(rng.range(-half_km, half_km), rng.range(-half_km, half_km))
     };
     let positions: Vec<Point> = (0..unit_count).map(|_| scatter(&mut rng)).collect();
@@ -190,12 +191,12 @@ pub async fn run(args: &LoadgenArgs, fixtures: &Fixtures) -> anyhow::Result<Repo
 
 impl Prober<'_> {
     /// Probes one at a time until `done` turns true (at least one probe).
-    async fn run(&self, done: watch::Receiver<bool>, rng: &mut Rng) -> Probes {
+    async fn run(&self, done: watch::Receiver<bool>, rng: &mut SimRng) -> Probes {
         let mut out = Probes::default();
         let mut i = 0usize;
         loop {
             let wearer = &self.wearers[i % self.wearers.len()];
-            let unit = &self.units[rng.below(self.units.len())];
+            let unit = &self.units[rng.index(self.units.len())];
             let scene = unit
                 .home
                 .offset_km(rng.range(-0.3, 0.3), rng.range(-0.3, 0.3));

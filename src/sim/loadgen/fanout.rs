@@ -19,11 +19,12 @@ use serde_json::json;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 
-use super::fixtures::{Fixtures, Point, Rng, Unit};
+use super::fixtures::{Fixtures, Point, Unit};
 use super::progress::Progress;
 use super::report::{Figure, Report, Series};
 use super::{LoadgenArgs, Scenario, measure_for};
 use crate::sim::client::{Api, Ws};
+use crate::sim::rng::SimRng;
 
 /// Target p99 append→receipt, ms (issue 8).
 pub const TARGET_P99_MS: f64 = 50.0;
@@ -197,7 +198,7 @@ pub async fn run(args: &LoadgenArgs, fixtures: &Fixtures) -> anyhow::Result<Repo
             tokio::spawn(report_positions(
                 crew,
                 unit.clone(),
-                Rng::seeded(rng.next_u64()),
+                SimRng::new(rng.next_u64()),
                 generators_stop.clone(),
             ))
         })
@@ -311,7 +312,7 @@ async fn read_console(
 async fn report_positions(
     crew: Api,
     unit: Unit,
-    mut rng: Rng,
+    mut rng: SimRng,
     mut stop: watch::Receiver<bool>,
 ) -> u64 {
     let path = format!("/api/v1/units/{}/location", unit.id);

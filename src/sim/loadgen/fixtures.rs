@@ -11,42 +11,7 @@ use futures_util::{StreamExt as _, TryStreamExt as _};
 use serde_json::{Value, json};
 
 use crate::sim::client::{Api, ApiStatusError};
-
-/// A small deterministic generator (SplitMix64); loadgen needs variety, not cryptography.
-#[derive(Clone, Debug)]
-pub struct Rng(u64);
-
-impl Rng {
-    /// Seeded from the operating system's randomness (through a v4 UUID).
-    pub fn from_entropy() -> Self {
-        Self(uuid::Uuid::new_v4().as_u64_pair().0)
-    }
-
-    /// A generator seeded with `seed`.
-    pub fn seeded(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    /// The next 64 random bits.
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in `[lo, hi)`.
-    pub fn range(&mut self, lo: f64, hi: f64) -> f64 {
-        let unit = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-        lo + unit * (hi - lo)
-    }
-
-    /// Uniform in `0..n` (n > 0).
-    pub fn below(&mut self, n: usize) -> usize {
-        (self.next_u64() % n.max(1) as u64) as usize
-    }
-}
+use crate::sim::rng::SimRng;
 
 /// A position.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -126,7 +91,7 @@ impl Fixtures {
         if me["role"] != "admin" {
             bail!("--token must be an admin token (it is {})", me["role"]);
         }
-        let mut rng = Rng::from_entropy();
+        let mut rng = SimRng::from_entropy();
         let prefix = format!("lg-{:08x}", rng.next_u64() as u32);
         // A region of its own (straight-line ETA works anywhere): mid latitudes, any longitude.
         let center = Point {
@@ -155,8 +120,8 @@ impl Fixtures {
     }
 
     /// A generator for `purpose`, seeded from the run (reproducible within a run's logic).
-    pub fn rng(&self, purpose: u64) -> Rng {
-        Rng::seeded(self.seed ^ purpose.wrapping_mul(0x9E37_79B9_7F4A_7C15))
+    pub fn rng(&self, purpose: u64) -> SimRng {
+        SimRng::new(self.seed ^ purpose.wrapping_mul(0x9E37_79B9_7F4A_7C15))
     }
 
     /// The admin client.
@@ -355,16 +320,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rng_ranges() {
-        let mut rng = Rng::seeded(7);
-        for _ in 0..1000 {
-            let x = rng.range(2.0, 3.0);
-            assert!((2.0..3.0).contains(&x));
-            assert!(rng.below(5) < 5);
-        }
-    }
 
     #[test]
     fn offsets_are_roughly_kilometres() {

@@ -7,7 +7,8 @@ use std::time::Duration;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::json;
 
-use super::fixtures::{Point, Rng, Wearer};
+use super::fixtures::{Point, Wearer};
+use crate::sim::rng::SimRng;
 
 /// `2026-11-23T08:00:00.123Z`: the width of every timestamp slot.
 const STAMP_LEN: usize = 24;
@@ -31,19 +32,19 @@ struct Vitals {
 
 impl Vitals {
     /// Healthy adult at rest: normal by every threshold rule and NEWS2 0.
-    fn normal(rng: &mut Rng) -> Self {
+    fn normal(rng: &mut SimRng) -> Self {
         Self {
-            heart_rate: 62 + rng.below(27) as u32,
-            spo2: 96 + rng.below(4) as u32,
-            respiration: 12 + rng.below(7) as u32,
-            temp_tenths: 364 + rng.below(9) as u32,
+            heart_rate: 62 + rng.index(27) as u32,
+            spo2: 96 + rng.index(4) as u32,
+            respiration: 12 + rng.index(7) as u32,
+            temp_tenths: 364 + rng.index(9) as u32,
         }
     }
 
     /// Resting tachycardia: `abnormal` (heart rate > 100), far from an emergency.
-    fn abnormal(rng: &mut Rng) -> Self {
+    fn abnormal(rng: &mut SimRng) -> Self {
         Self {
-            heart_rate: 104 + rng.below(5) as u32,
+            heart_rate: 104 + rng.index(5) as u32,
             ..Self::normal(rng)
         }
     }
@@ -51,7 +52,7 @@ impl Vitals {
 
 impl BatchTemplate {
     /// A batch of one reading per wearer in `wearers`; `abnormal_share` (0–1) of them abnormal.
-    pub fn new(wearers: &[Wearer], rng: &mut Rng, abnormal_share: f64) -> Self {
+    pub fn new(wearers: &[Wearer], rng: &mut SimRng, abnormal_share: f64) -> Self {
         let mut bytes = Vec::with_capacity(wearers.len() * 150 + 16);
         let mut stamps = Vec::with_capacity(wearers.len());
         bytes.extend_from_slice(b"{\"readings\":[");
@@ -111,7 +112,7 @@ impl BatchTemplate {
 pub fn templates(
     wearers: &[Wearer],
     batch: usize,
-    rng: &mut Rng,
+    rng: &mut SimRng,
     abnormal_share: f64,
 ) -> Vec<BatchTemplate> {
     wearers
@@ -168,7 +169,7 @@ mod tests {
 
     #[test]
     fn rendered_batches_are_valid_ingest_bodies_with_the_send_time() {
-        let mut rng = Rng::seeded(1);
+        let mut rng = SimRng::new(1);
         let t = BatchTemplate::new(&wearers(3), &mut rng, 0.0);
         let at = DateTime::parse_from_rfc3339("2026-11-23T08:00:00.123Z")
             .map(|d| d.with_timezone(&Utc))
@@ -188,7 +189,7 @@ mod tests {
 
     #[test]
     fn chunks_and_pace() {
-        let mut rng = Rng::seeded(2);
+        let mut rng = SimRng::new(2);
         let ts = templates(&wearers(1200), 500, &mut rng, 0.01);
         assert_eq!(
             ts.iter().map(BatchTemplate::readings).collect::<Vec<_>>(),
