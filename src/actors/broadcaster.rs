@@ -8,8 +8,11 @@
 //! last sequence, replays from the store and subscribes again.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::ops::Deref;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use bytestring::ByteString;
 
 use actix::prelude::*;
 use tokio::sync::mpsc;
@@ -24,12 +27,49 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// Events read per look.
 const PAGE: i64 = 1000;
 
+/// An event on its way to many consoles: serialised to JSON at most once, however many
+/// consoles send it (the text is shared, not copied).
+#[derive(Debug)]
+pub struct Broadcast {
+    event: RecordedEvent,
+    json: OnceLock<ByteString>,
+}
+
+impl Broadcast {
+    /// Wraps `event` for fan-out.
+    pub fn new(event: RecordedEvent) -> Self {
+        Self {
+            event,
+            json: OnceLock::new(),
+        }
+    }
+
+    /// The event as JSON (the console frame and the SSE `data:`), serialised on first use.
+    pub fn json(&self) -> ByteString {
+        self.json
+            .get_or_init(|| {
+                serde_json::to_string(&self.event)
+                    .unwrap_or_default()
+                    .into()
+            })
+            .clone()
+    }
+}
+
+impl Deref for Broadcast {
+    type Target = RecordedEvent;
+
+    fn deref(&self) -> &RecordedEvent {
+        &self.event
+    }
+}
+
 /// The fan-out hub.
 pub struct Broadcaster {
     db: Db,
     head: i64,
     next_id: u64,
-    subscribers: HashMap<u64, mpsc::Sender<Arc<RecordedEvent>>>,
+    subscribers: HashMap<u64, mpsc::Sender<Arc<Broadcast>>>,
 }
 
 impl Broadcaster {
@@ -48,6 +88,29 @@ impl Broadcaster {
 
     fn tail(&mut self, ctx: &mut Context<Self>) {
         let (db, since) = (self.db.clone(), self.head);
+        if self.subscribers.is_empty() {
+            // Nobody listens: no page reads per commit, just keep the head roughly current so
+            // a first subscriber's replay is short.
+            ctx.spawn(
+                async move {
+                    tokio::time::sleep(POLL_INTERVAL).await;
+                    db.run(|mut conn| async move { events::last_seq(&mut conn).await })
+                        .await
+                }
+                .into_actor(self)
+                .map(|head, act, ctx| {
+                    // Someone who subscribed meanwhile was promised every event after the old
+                    // head: then the head must not jump, and the next look reads from it.
+                    if let Ok(head) = head
+                        && act.subscribers.is_empty()
+                    {
+                        act.head = act.head.max(head);
+                    }
+                    act.tail(ctx);
+                }),
+            );
+            return;
+        }
         ctx.spawn(
             async move {
                 let notified = events::appended().notified();
@@ -69,7 +132,7 @@ impl Broadcaster {
                     Ok(page) => {
                         for event in page {
                             act.head = act.head.max(event.seq);
-                            let event = Arc::new(event);
+                            let event = Arc::new(Broadcast::new(event));
                             act.subscribers
                                 .retain(|_, tx| tx.try_send(event.clone()).is_ok());
                         }
@@ -93,7 +156,7 @@ impl Actor for Broadcaster {
 /// Subscribe to live events: returns an id, the receiver and the head at subscription (every
 /// event after it will be delivered, unless the buffer overflows and the channel closes).
 #[derive(Message)]
-#[rtype(result = "(u64, mpsc::Receiver<Arc<RecordedEvent>>, i64)")]
+#[rtype(result = "(u64, mpsc::Receiver<Arc<Broadcast>>, i64)")]
 pub struct Subscribe;
 
 impl Handler<Subscribe> for Broadcaster {
@@ -138,7 +201,7 @@ impl Handler<Stats> for Broadcaster {
 #[derive(Clone, Debug)]
 pub enum FeedItem {
     /// The next event.
-    Event(Arc<RecordedEvent>),
+    Event(Arc<Broadcast>),
     /// The client fell behind: events continue from this sequence after a replay.
     Resync(i64),
 }
@@ -174,7 +237,11 @@ pub fn feed(db: Db, broadcaster: Addr<Broadcaster>, since: i64) -> mpsc::Receive
                         break;
                     }
                     last = event.seq;
-                    if tx.send(FeedItem::Event(Arc::new(event))).await.is_err() {
+                    if tx
+                        .send(FeedItem::Event(Arc::new(Broadcast::new(event))))
+                        .await
+                        .is_err()
+                    {
                         broadcaster.do_send(Unsubscribe(id));
                         return;
                     }

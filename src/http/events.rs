@@ -15,7 +15,7 @@ use serde_json::json;
 use super::AppState;
 use super::auth::{Authorized, ConsoleOnly};
 use super::error::ApiError;
-use crate::actors::broadcaster::{FeedItem, Stats, feed};
+use crate::actors::broadcaster::{Broadcast, FeedItem, Stats, feed};
 use crate::domain::events::RecordedEvent;
 use crate::persistence::events;
 
@@ -82,11 +82,12 @@ async fn head(state: &AppState) -> Result<i64, ApiError> {
         })
 }
 
-fn sse_frame(event: &RecordedEvent) -> Bytes {
-    let data = serde_json::to_string(event).unwrap_or_default();
+fn sse_frame(event: &Broadcast) -> Bytes {
     Bytes::from(format!(
         "id: {}\nevent: {}\ndata: {}\n\n",
-        event.seq, event.kind, data
+        event.seq,
+        event.kind,
+        &*event.json()
     ))
 }
 
@@ -339,9 +340,8 @@ pub async fn console_ws(
                 item = rx.recv() => match item {
                     Some(FeedItem::Event(e)) => {
                         last_seq = e.seq;
-                        if filter.wants(&e) {
-                            let Ok(text) = serde_json::to_string(&*e) else { continue };
-                            if session.text(text).await.is_err() { break None; }
+                        if filter.wants(&e) && session.text(e.json()).await.is_err() {
+                            break None;
                         }
                     }
                     Some(FeedItem::Resync(seq)) => {

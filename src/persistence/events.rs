@@ -1,25 +1,27 @@
 //! The event store: an append-only log with a global gap-free sequence and per-stream versions.
 //!
-//! `append` runs one transaction that (1) bumps the single `event_sequence` row, which takes the
-//! write lock first (SQLite) or a row lock (PostgreSQL) and so serialises appenders — the
-//! sequence has no gaps and commits become visible in `seq` order, which the console stream
-//! relies on; (2) checks the stream's current version against the caller's expectation; (3)
-//! inserts the events. The unique `(stream_id, version)` constraint is the backstop: two writers
+//! `append` runs inside one transaction that (1) bumps the single `event_sequence` row
+//! (`UPDATE … RETURNING`), which takes the write lock first (SQLite) or a row lock (PostgreSQL)
+//! and so serialises appenders — the sequence has no gaps and commits become visible in `seq`
+//! order, which the console stream relies on; (2) inserts the events with `INSERT … SELECT`,
+//! reading the stream's current version and checking the caller's expectation in the same
+//! statement. On PostgreSQL that is two round trips for any batch. The unique `(stream_id, version)` constraint is the backstop: two writers
 //! of one stream can never both succeed, also across nodes.
 
 use chrono::{DateTime, SubsecRound as _, Utc};
 use diesel::dsl::max;
 use diesel::prelude::*;
-use diesel_async::{AsyncConnection as _, RunQueryDsl};
+use diesel::sql_types::{Array, BigInt, Nullable, Text, Timestamp};
+use diesel_async::RunQueryDsl;
 
 use super::schema::{event_sequence, events};
 use super::{DbConn, StoreError, from_db_time, to_db_time};
 use crate::db_run;
 use crate::domain::events::{ExpectedVersion, NewEvent, RecordedEvent};
 
-/// Woken after events may have been committed, so tailers (the console broadcaster) look at
-/// once instead of waiting for their next poll. A wake-up before the commit is harmless: the
-/// tailer reads by sequence and finds the events on its next look.
+/// Woken after each top-level commit of a write transaction (which is where every append
+/// happens), so tailers (the console broadcaster) look at once instead of waiting for their
+/// next poll.
 pub fn appended() -> &'static tokio::sync::Notify {
     static NOTIFY: std::sync::OnceLock<tokio::sync::Notify> = std::sync::OnceLock::new();
     NOTIFY.get_or_init(tokio::sync::Notify::new)
@@ -47,20 +49,6 @@ impl From<diesel::result::Error> for AppendError {
     fn from(err: diesel::result::Error) -> Self {
         Self::Store(err.into())
     }
-}
-
-#[derive(Insertable)]
-#[diesel(table_name = events, treat_none_as_default_value = false)]
-struct NewEventRow<'a> {
-    seq: i64,
-    stream_id: &'a str,
-    version: i64,
-    kind: &'a str,
-    incident_id: Option<&'a str>,
-    unit_id: Option<&'a str>,
-    device_id: Option<&'a str>,
-    payload: &'a str,
-    recorded_at: chrono::NaiveDateTime,
 }
 
 #[derive(Queryable, Selectable)]
@@ -96,36 +84,180 @@ impl TryFrom<EventRow> for RecordedEvent {
     }
 }
 
-/// Multi-row insert where the backend supports it in diesel (PostgreSQL); one statement per
-/// row inside the same transaction on SQLite (cheap: it is in-process).
-trait InsertEvents {
-    async fn insert_events(&mut self, rows: &[NewEventRow<'_>]) -> QueryResult<usize>;
+/// The last assigned sequence, as `UPDATE … RETURNING` gives it.
+#[derive(QueryableByName)]
+struct LastSeq {
+    #[diesel(sql_type = BigInt)]
+    last_seq: i64,
 }
 
-impl InsertEvents for super::SqliteConn {
-    async fn insert_events(&mut self, rows: &[NewEventRow<'_>]) -> QueryResult<usize> {
-        let mut n = 0;
-        for row in rows {
-            n += diesel::insert_into(events::table)
-                .values(row)
-                .execute(self)
-                .await?;
+/// A version an insert assigned, as `INSERT … RETURNING` gives it.
+#[derive(QueryableByName)]
+struct Assigned {
+    #[diesel(sql_type = BigInt)]
+    version: i64,
+}
+
+/// Bumps the sequence by `count` and returns the new last value: one statement that takes the
+/// sequence row's lock (`$1` is a valid parameter name on both backends).
+const BUMP_SEQUENCE: &str =
+    "UPDATE event_sequence SET last_seq = last_seq + $1 WHERE id = 1 RETURNING last_seq";
+
+/// Gives `count` sequence numbers back; only ever run while still holding the row lock taken
+/// by [`BUMP_SEQUENCE`] in the same transaction, so nobody else has taken any since.
+const UNDO_SEQUENCE: &str = "UPDATE event_sequence SET last_seq = last_seq - $1 WHERE id = 1";
+
+/// PostgreSQL: every event of the batch in one statement. The stream's current version is read
+/// in the same statement, whose snapshot is taken after the sequence lock was acquired, so it
+/// sees every earlier append; the expectation (`$9`, NULL for any) is checked in its `WHERE`,
+/// so a mismatch inserts nothing and returns no rows.
+const INSERT_PG: &str = "INSERT INTO events \
+     (seq, stream_id, version, kind, incident_id, unit_id, device_id, payload, recorded_at) \
+     SELECT $1 + t.ord, $2, cur.v + t.ord, t.kind, t.incident_id, t.unit_id, t.device_id, \
+            t.payload, $3 \
+     FROM (SELECT COALESCE(MAX(version), 0) AS v FROM events WHERE stream_id = $2) AS cur, \
+          unnest($4::text[], $5::text[], $6::text[], $7::text[], $8::text[]) \
+              WITH ORDINALITY AS t(kind, incident_id, unit_id, device_id, payload, ord) \
+     WHERE $9::bigint IS NULL OR cur.v = $9 \
+     RETURNING version";
+
+/// SQLite: one event per statement (SQLite has no arrays; statements are in-process). Named
+/// `$n` parameters are numbered by first appearance, which is their numeric order here.
+const INSERT_SQLITE: &str = "INSERT INTO events \
+     (seq, stream_id, version, kind, incident_id, unit_id, device_id, payload, recorded_at) \
+     SELECT $1, $2, cur.v + 1, $3, $4, $5, $6, $7, $8 \
+     FROM (SELECT COALESCE(MAX(version), 0) AS v FROM events WHERE stream_id = $2) AS cur \
+     WHERE $9 IS NULL OR cur.v = $9 \
+     RETURNING version";
+
+/// The version `expected` requires the stream to be at, or `None` for any.
+fn required(expected: ExpectedVersion) -> Option<i64> {
+    match expected {
+        ExpectedVersion::Any => None,
+        ExpectedVersion::NoStream => Some(0),
+        ExpectedVersion::Exact(v) => Some(v),
+    }
+}
+
+/// The stream's current version (0 when empty); used to report a conflict.
+async fn current_version(conn: &mut DbConn, stream: &str) -> Result<i64, StoreError> {
+    let current: Option<i64> = db_run!(conn, |c| {
+        events::table
+            .filter(events::stream_id.eq(stream))
+            .select(max(events::version))
+            .first(c)
+            .await?
+    });
+    Ok(current.unwrap_or(0))
+}
+
+/// What one append needs, borrowed from the caller.
+struct Batch<'a> {
+    stream: &'a str,
+    expected: ExpectedVersion,
+    new: &'a [NewEvent],
+    payloads: &'a [String],
+    recorded_at: chrono::NaiveDateTime,
+}
+
+/// The append itself; the caller provides the transaction. Returns the first `seq` and the
+/// stream's version before the append. Two round trips on PostgreSQL whatever the batch size.
+async fn append_in_transaction(
+    conn: &mut DbConn,
+    batch: &Batch<'_>,
+) -> Result<(i64, i64), AppendError> {
+    let count = i64::try_from(batch.new.len())
+        .map_err(|_| StoreError::Conflict("batch too large".into()))?;
+    let check = required(batch.expected);
+    let last: LastSeq = db_run!(&mut *conn, |c| {
+        diesel::sql_query(BUMP_SEQUENCE)
+            .bind::<BigInt, _>(count)
+            .get_result(c)
+            .await?
+    });
+    let first_seq = last.last_seq - count + 1;
+    let inserted: Result<Vec<Assigned>, diesel::result::Error> = db_run!(&mut *conn, |c| {
+        let mut assigned = Vec::with_capacity(batch.new.len());
+        let mut outcome = Ok(());
+        for ((event, payload), i) in batch.new.iter().zip(batch.payloads).zip(0_i64..) {
+            // Only the first event is checked; the rest follow it in the same transaction.
+            let check = if i == 0 { check } else { None };
+            match diesel::sql_query(INSERT_SQLITE)
+                .bind::<BigInt, _>(first_seq + i)
+                .bind::<Text, _>(batch.stream)
+                .bind::<Text, _>(event.kind.as_str())
+                .bind::<Nullable<Text>, _>(event.incident_id.as_deref())
+                .bind::<Nullable<Text>, _>(event.unit_id.as_deref())
+                .bind::<Nullable<Text>, _>(event.device_id.as_deref())
+                .bind::<Text, _>(payload.as_str())
+                .bind::<Timestamp, _>(batch.recorded_at)
+                .bind::<Nullable<BigInt>, _>(check)
+                .load::<Assigned>(c)
+                .await
+            {
+                Ok(rows) if rows.is_empty() => break,
+                Ok(rows) => assigned.extend(rows),
+                Err(e) => {
+                    outcome = Err(e);
+                    break;
+                }
+            }
         }
-        Ok(n)
-    }
-}
-
-impl InsertEvents for diesel_async::AsyncPgConnection {
-    async fn insert_events(&mut self, rows: &[NewEventRow<'_>]) -> QueryResult<usize> {
-        diesel::insert_into(events::table)
-            .values(rows)
-            .execute(self)
+        outcome.map(|()| assigned)
+    } else |c| {
+        let kinds: Vec<&str> = batch.new.iter().map(|e| e.kind.as_str()).collect();
+        let incidents: Vec<Option<&str>> =
+            batch.new.iter().map(|e| e.incident_id.as_deref()).collect();
+        let units: Vec<Option<&str>> = batch.new.iter().map(|e| e.unit_id.as_deref()).collect();
+        let devices: Vec<Option<&str>> =
+            batch.new.iter().map(|e| e.device_id.as_deref()).collect();
+        let payloads: Vec<&str> = batch.payloads.iter().map(String::as_str).collect();
+        diesel::sql_query(INSERT_PG)
+            .bind::<BigInt, _>(first_seq - 1)
+            .bind::<Text, _>(batch.stream)
+            .bind::<Timestamp, _>(batch.recorded_at)
+            .bind::<Array<Text>, _>(kinds)
+            .bind::<Array<Nullable<Text>>, _>(incidents)
+            .bind::<Array<Nullable<Text>>, _>(units)
+            .bind::<Array<Nullable<Text>>, _>(devices)
+            .bind::<Array<Text>, _>(payloads)
+            .bind::<Nullable<BigInt>, _>(check)
+            .load::<Assigned>(c)
             .await
+    });
+    let assigned = inserted.map_err(|e| match StoreError::from(e) {
+        StoreError::Conflict(_) => AppendError::Conflict {
+            stream: batch.stream.to_owned(),
+            expected: batch.expected,
+            actual: -1,
+        },
+        other => AppendError::Store(other),
+    })?;
+    if assigned.is_empty() {
+        // The expectation did not hold: nothing was inserted. Give the numbers back so the
+        // sequence stays gap-free even if the caller goes on to commit something else.
+        let actual = current_version(conn, batch.stream).await?;
+        db_run!(&mut *conn, |c| {
+            diesel::sql_query(UNDO_SEQUENCE)
+                .bind::<BigInt, _>(count)
+                .execute(c)
+                .await?
+        });
+        return Err(AppendError::Conflict {
+            stream: batch.stream.to_owned(),
+            expected: batch.expected,
+            actual,
+        });
     }
+    let first_version = assigned.iter().map(|a| a.version).min().unwrap_or(1);
+    Ok((first_seq, first_version - 1))
 }
 
 /// Appends `new` to `stream` if its current version matches `expected`, atomically.
 /// Returns the recorded events (with their `seq` and `version`).
+///
+/// Inside a transaction (the usual case: an event commits with its projections) it adds no
+/// savepoint of its own; on its own it opens a write transaction.
 pub async fn append(
     conn: &mut DbConn,
     stream: &str,
@@ -136,8 +268,6 @@ pub async fn append(
     if new.is_empty() {
         return Ok(Vec::new());
     }
-    let count =
-        i64::try_from(new.len()).map_err(|_| StoreError::Conflict("batch too large".into()))?;
     let mut payloads = Vec::with_capacity(new.len());
     for event in new {
         payloads.push(
@@ -148,65 +278,20 @@ pub async fn append(
     // PostgreSQL keeps microseconds, SQLite whatever it is given: store microseconds on both
     // so what `append` returns is exactly what a later read sees.
     let at = now.trunc_subsecs(6);
-    let recorded_at = to_db_time(at);
-
-    let payloads_ref = &payloads;
-    let (first_seq, current) = db_run!(conn, |c| {
-        c.transaction::<_, AppendError, _>(async move |tx| {
-            diesel::update(event_sequence::table)
-                .set(event_sequence::last_seq.eq(event_sequence::last_seq + count))
-                .execute(tx)
-                .await?;
-            let last: i64 = event_sequence::table
-                .select(event_sequence::last_seq)
-                .first(tx)
-                .await?;
-            let current: Option<i64> = events::table
-                .filter(events::stream_id.eq(stream))
-                .select(max(events::version))
-                .first(tx)
-                .await?;
-            let current = current.unwrap_or(0);
-            if !expected.matches(current) {
-                return Err(AppendError::Conflict {
-                    stream: stream.to_owned(),
-                    expected,
-                    actual: current,
-                });
-            }
-            let first_seq = last - count + 1;
-            let rows: Vec<NewEventRow<'_>> = new
-                .iter()
-                .zip(payloads_ref.iter())
-                .zip(0_i64..)
-                .map(|((event, payload), i)| NewEventRow {
-                    seq: first_seq + i,
-                    stream_id: stream,
-                    version: current + 1 + i,
-                    kind: &event.kind,
-                    incident_id: event.incident_id.as_deref(),
-                    unit_id: event.unit_id.as_deref(),
-                    device_id: event.device_id.as_deref(),
-                    payload,
-                    recorded_at,
-                })
-                .collect();
-            InsertEvents::insert_events(tx, &rows).await.map_err(|e| {
-                match StoreError::from(e) {
-                    StoreError::Conflict(_) => AppendError::Conflict {
-                        stream: stream.to_owned(),
-                        expected,
-                        actual: -1,
-                    },
-                    other => AppendError::Store(other),
-                }
-            })?;
-            Ok((first_seq, current))
-        })
-        .await
-    })?;
-
-    appended().notify_waiters();
+    let batch = Batch {
+        stream,
+        expected,
+        new,
+        payloads: &payloads,
+        recorded_at: to_db_time(at),
+    };
+    let (first_seq, current) = if conn.in_transaction() {
+        append_in_transaction(conn, &batch).await?
+    } else {
+        conn.write_transaction(async |tx| append_in_transaction(tx, &batch).await)
+            .await?
+    };
+    // No wake-up here: the commit wakes the tailers (`DbConn::write_transaction`).
     Ok(new
         .iter()
         .zip(0_i64..)

@@ -5,9 +5,7 @@ use chrono::{DateTime, Datelike, Utc};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
-use super::schema::{
-    idempotency_keys, incident_evidence, incident_references, incidents, notifications,
-};
+use super::schema::{idempotency_keys, incident_evidence, incidents, notifications};
 use super::{DbConn, StoreError, from_db_time, to_db_time};
 use crate::db_run;
 use crate::domain::geo::LatLng;
@@ -133,29 +131,28 @@ impl IncidentRow {
     }
 }
 
-/// Allocates the next human-readable reference for `year` (`INC-2026-000042`).
+/// The number an upsert on `incident_references` returned.
+#[derive(diesel::QueryableByName)]
+struct ReferenceNumber {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    last_number: i64,
+}
+
+/// Allocates the next human-readable reference for `year` (`INC-2026-000042`): one upsert
+/// statement, which locks the year's row until the transaction ends, so numbers are unique and
+/// gap-free per year.
 pub async fn next_reference(conn: &mut DbConn, now: DateTime<Utc>) -> Result<String, StoreError> {
+    const NEXT: &str = "INSERT INTO incident_references (year, last_number) VALUES ($1, 1) \
+         ON CONFLICT (year) DO UPDATE SET last_number = incident_references.last_number + 1 \
+         RETURNING last_number";
     let year = now.year();
-    let number: i64 = db_run!(conn, |c| {
-        diesel::insert_into(incident_references::table)
-            .values((
-                incident_references::year.eq(year),
-                incident_references::last_number.eq(0_i64),
-            ))
-            .on_conflict_do_nothing()
-            .execute(c)
-            .await?;
-        diesel::update(incident_references::table.find(year))
-            .set(incident_references::last_number.eq(incident_references::last_number + 1))
-            .execute(c)
-            .await?;
-        incident_references::table
-            .find(year)
-            .select(incident_references::last_number)
-            .first(c)
+    let number: ReferenceNumber = db_run!(conn, |c| {
+        diesel::sql_query(NEXT)
+            .bind::<diesel::sql_types::Integer, _>(year)
+            .get_result(c)
             .await?
     });
-    Ok(format!("INC-{year}-{number:06}"))
+    Ok(format!("INC-{year}-{:06}", number.last_number))
 }
 
 /// Inserts the projection of a new incident. A second open incident for the same patient

@@ -304,6 +304,20 @@ impl Db {
 }
 
 impl DbConn {
+    /// Whether this connection is inside a transaction already (then a nested
+    /// `write_transaction` is a savepoint, and an append needs no savepoint of its own).
+    pub fn in_transaction(&mut self) -> bool {
+        use diesel_async::TransactionManager as _;
+        let depth = db_run!(self, |c| {
+            <SqliteConn as AsyncConnection>::TransactionManager::transaction_manager_status_mut(c)
+                .transaction_depth()
+        } else |c| {
+            <AsyncPgConnection as AsyncConnection>::TransactionManager::transaction_manager_status_mut(c)
+                .transaction_depth()
+        });
+        matches!(depth, Ok(Some(_)))
+    }
+
     /// Runs `work` inside one write transaction: committed when it returns `Ok`, rolled back
     /// otherwise. Query functions called inside that open their own transaction (such as
     /// `events::append`) become savepoints, so an event and its projections commit together.
@@ -318,6 +332,7 @@ impl DbConn {
         E: From<StoreError>,
     {
         use diesel_async::TransactionManager as _;
+        let top_level = !self.in_transaction();
         let begun: Result<(), diesel::result::Error> = db_run!(self, |c| {
             match <SqliteConn as AsyncConnection>::TransactionManager::begin_transaction(c).await {
                 Ok(()) => diesel::sql_query(
@@ -347,7 +362,8 @@ impl DbConn {
                     .await
             }),
         };
-        if finished.is_ok() && result.is_ok() {
+        // Only a top-level commit makes anything visible; releasing a savepoint does not.
+        if top_level && finished.is_ok() && result.is_ok() {
             events::appended().notify_waiters();
         }
         match (result, finished) {

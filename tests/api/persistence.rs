@@ -14,6 +14,7 @@ both_backends!(
     migrations_go_up_down_up,
     append_and_read_back,
     append_conflicts_are_typed,
+    a_conflict_inside_a_committed_transaction_leaves_no_gap,
     concurrent_appenders_exactly_one_wins,
     sequence_is_gap_free_under_concurrency,
     tokens_store_only_hashes,
@@ -173,6 +174,54 @@ async fn append_conflicts_are_typed(backend: Backend) {
     .await
     .unwrap();
     assert_eq!((ok[0].seq, ok[0].version), (2, 2));
+}
+
+/// An append that loses its version check inside a caller's transaction inserts nothing and
+/// gives its sequence numbers back, so a caller that handles the conflict and commits other
+/// work leaves the sequence gap-free (multi-event batches, where PostgreSQL inserts with one
+/// statement).
+async fn a_conflict_inside_a_committed_transaction_leaves_no_gap(backend: Backend) {
+    use shers::persistence::StoreError;
+    let tdb = TestDb::new(backend).await;
+    let db = tdb.migrated().await;
+    let mut conn = db.conn().await.unwrap();
+    let now = Utc::now();
+    let batch = [event("a", 1), event("a", 2), event("a", 3)];
+    events::append(&mut conn, "s", ExpectedVersion::NoStream, &batch, now)
+        .await
+        .unwrap();
+    let (lost, won) = conn
+        .write_transaction(async |tx| {
+            let lost = events::append(tx, "s", ExpectedVersion::Exact(1), &batch, now).await;
+            let won = events::append(tx, "t", ExpectedVersion::NoStream, &batch, now).await;
+            Ok::<_, StoreError>((lost, won))
+        })
+        .await
+        .unwrap();
+    match lost {
+        Err(AppendError::Conflict { actual, .. }) => assert_eq!(actual, 3),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    let won = won.unwrap();
+    assert_eq!(
+        won.iter().map(|e| (e.seq, e.version)).collect::<Vec<_>>(),
+        [(4, 1), (5, 2), (6, 3)]
+    );
+    let all = events::read_since(&mut conn, 0, 100).await.unwrap();
+    assert_eq!(
+        all.iter()
+            .map(|e| (e.seq, e.stream_id.as_str(), e.version))
+            .collect::<Vec<_>>(),
+        [
+            (1, "s", 1),
+            (2, "s", 2),
+            (3, "s", 3),
+            (4, "t", 1),
+            (5, "t", 2),
+            (6, "t", 3)
+        ]
+    );
+    assert_eq!(events::last_seq(&mut conn).await.unwrap(), 6);
 }
 
 async fn concurrent_appenders_exactly_one_wins(backend: Backend) {
