@@ -317,7 +317,11 @@ impl Application {
                 // Outermost, so every log line of a request carries its span.
                 .wrap(TracingLogger::<ShersRootSpan>::new())
         })
-        .shutdown_timeout(settings.http.shutdown_timeout_s);
+        .shutdown_timeout(settings.http.shutdown_timeout_s)
+        // Offer frames, console events and small answers go out at once: with Nagle's
+        // algorithm a frame written while an earlier one awaits its (delayed) ACK waits
+        // up to tens of milliseconds.
+        .tcp_nodelay(true);
         if let Some(workers) = settings.http.workers {
             server = server.workers(workers.max(1));
         }
@@ -401,6 +405,7 @@ pub async fn serve_insurance(settings: Settings) -> anyhow::Result<()> {
             .wrap(TracingLogger::<ShersRootSpan>::new())
     })
     .shutdown_timeout(settings.http.shutdown_timeout_s)
+    .tcp_nodelay(true)
     .listen(listener)?
     .run()
     .await?;

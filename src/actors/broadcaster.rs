@@ -119,9 +119,10 @@ impl Broadcaster {
                         events::read_since(&mut conn, since, PAGE).await
                     })
                     .await;
-                let full = page.as_ref().is_ok_and(|p| p.len() as i64 == PAGE);
-                if !full {
-                    // Nothing more right now: wait for a commit or the poll interval.
+                // Events found go out at once (the next look follows straight after). An empty
+                // or failed look waits, for a commit or the poll interval; `notified` was
+                // created before the read, so a commit during the read is not missed.
+                if !page.as_ref().is_ok_and(|p| !p.is_empty()) {
                     let _ = tokio::time::timeout(POLL_INTERVAL, notified).await;
                 }
                 page
