@@ -153,7 +153,12 @@ impl Application {
 
         // Every event-store write of the hot paths (device status, unit status and location,
         // incidents) goes through one group-commit writer: one fsync per batch.
-        let writer = GroupCommit::start(db.clone(), 128);
+        let writer = GroupCommit::start(
+            Db::connect_writer(&settings.database)
+                .await
+                .context("opening the writer's database connection")?,
+            128,
+        );
         let triage = Arc::new(TriageRuntime {
             writer: writer.clone(),
             rules,

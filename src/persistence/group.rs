@@ -45,11 +45,21 @@ struct Stats {
 }
 
 impl GroupCommit {
-    /// Starts the writer task on the current arbiter; at most `max_batch` writes per commit.
+    /// Starts the writer on a thread of its own (an arbiter that stops when every handle is
+    /// gone); at most `max_batch` writes per commit. `db` is best a pool of its own
+    /// ([`Db::connect_writer`]): the writer keeps one connection checked out, and one opened
+    /// on its thread does its I/O there.
     pub fn start(db: Db, max_batch: usize) -> Self {
         let (jobs, rx) = mpsc::unbounded_channel();
         let stats = Arc::new(Stats::default());
-        actix_web::rt::spawn(writer(db, rx, max_batch.max(1), stats.clone()));
+        let arbiter = actix::Arbiter::new();
+        let writer_stats = stats.clone();
+        arbiter.spawn_fn(move || {
+            actix::spawn(async move {
+                writer(db, rx, max_batch.max(1), writer_stats).await;
+                actix::Arbiter::current().stop();
+            });
+        });
         Self { jobs, stats }
     }
 
@@ -106,20 +116,30 @@ async fn writer(
     stats: Arc<Stats>,
 ) {
     let mut batch = Vec::with_capacity(max_batch);
+    // Kept between batches; dropped after a failed commit (it may be broken) and opened again.
+    let mut held: Option<DbConn> = None;
     while jobs.recv_many(&mut batch, max_batch).await > 0 {
         let size = batch.len();
         stats.writes.fetch_add(size as u64, Ordering::Relaxed);
         let work = std::mem::replace(&mut batch, Vec::with_capacity(max_batch));
-        let committed = db
-            .run(move |mut conn| async move {
-                conn.write_transaction(async |tx| {
-                    let mut answers = Vec::with_capacity(work.len());
-                    for job in work {
-                        answers.push(job(tx).await);
-                    }
-                    Ok::<_, StoreError>(answers)
-                })
-                .await
+        let conn = match &mut held {
+            Some(conn) => conn,
+            None => match db.conn().await {
+                Ok(conn) => held.insert(conn),
+                Err(e) => {
+                    // The jobs are dropped unrun: every waiting writer hears nothing was written.
+                    tracing::warn!(error = %e, writes = size, "group commit has no connection");
+                    continue;
+                }
+            },
+        };
+        let committed = conn
+            .write_transaction(async |tx| {
+                let mut answers = Vec::with_capacity(work.len());
+                for job in work {
+                    answers.push(job(tx).await);
+                }
+                Ok::<_, StoreError>(answers)
             })
             .await;
         match committed {
@@ -128,7 +148,10 @@ async fn writer(
                 answers.into_iter().for_each(|answer| answer());
             }
             // The answers are dropped: every waiting writer is told nothing was written.
-            Err(e) => tracing::warn!(error = %e, writes = size, "group commit failed"),
+            Err(e) => {
+                tracing::warn!(error = %e, writes = size, "group commit failed");
+                held = None;
+            }
         }
         metrics::histogram!("shers_group_commit_batch_size").record(size as f64);
     }

@@ -28,13 +28,51 @@ use diesel_async::pooled_connection::deadpool::{Object, Pool, PoolError};
 use diesel_async::pooled_connection::{
     AsyncDieselConnectionManager, ManagerConfig, RecyclingMethod,
 };
-use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+use diesel_async::sync_connection_wrapper::{SpawnBlocking, SyncConnectionWrapper};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection as _};
+use futures_util::future::BoxFuture;
 
 use crate::config::DatabaseSettings;
 
-/// The SQLite connection type: diesel's synchronous connection driven on the blocking pool.
-pub type SqliteConn = SyncConnectionWrapper<SqliteConnection>;
+/// The SQLite connection type: diesel's synchronous connection, its statements run where its
+/// [`SqliteRuntime`] says.
+pub type SqliteConn = SyncConnectionWrapper<SqliteConnection, SqliteRuntime>;
+
+/// Where a SQLite connection runs its (blocking) statements.
+pub enum SqliteRuntime {
+    /// On tokio's blocking pool: pooled connections used from async tasks. Each statement is
+    /// a hand-off to a pool thread and back. If the caller stops waiting, the statement still
+    /// finishes on its thread (the connection stays locked until it has).
+    Blocking(tokio::runtime::Handle),
+    /// On the calling thread, with no hand-off: only for the group-commit writer's own
+    /// connection, whose thread does nothing else (see [`Db::connect_writer`]).
+    Inline,
+}
+
+impl SpawnBlocking for SqliteRuntime {
+    fn spawn_blocking<'a, R>(
+        &mut self,
+        task: impl FnOnce() -> R + Send + 'static,
+    ) -> BoxFuture<'a, Result<R, Box<dyn std::error::Error + Send + Sync + 'static>>>
+    where
+        R: Send + 'static,
+    {
+        match self {
+            Self::Inline => Box::pin(std::future::ready(Ok(task()))),
+            Self::Blocking(handle) => {
+                let task = handle.spawn_blocking(task);
+                Box::pin(async move {
+                    task.await
+                        .map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+                })
+            }
+        }
+    }
+
+    fn get_runtime() -> Self {
+        Self::Blocking(tokio::runtime::Handle::current())
+    }
+}
 
 /// Which database backend a [`Db`] talks to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
@@ -189,6 +227,19 @@ pub fn sqlite_path(url: &str) -> Option<&str> {
 impl Db {
     /// Opens the pool for `settings.url` and checks that one connection works.
     pub async fn connect(settings: &DatabaseSettings) -> Result<Self, ConnectError> {
+        Self::open(settings, false).await
+    }
+
+    /// Opens a one-connection pool for the group-commit writer ([`group::GroupCommit`]). Its
+    /// SQLite connection runs statements inline on the writer's own thread: a batch of writes
+    /// is dozens of statements, and handing each to the blocking pool and back cost more than
+    /// the statements themselves (the accept-race profile: over half the CPU in context
+    /// switches between the runtime and blocking-pool threads).
+    pub async fn connect_writer(settings: &DatabaseSettings) -> Result<Self, ConnectError> {
+        Self::open(settings, true).await
+    }
+
+    async fn open(settings: &DatabaseSettings, writer: bool) -> Result<Self, ConnectError> {
         let url = settings.url.expose();
         let timeout = Duration::from_millis(settings.timeout_ms);
         let db = if let Some(path) = sqlite_path(url) {
@@ -203,10 +254,17 @@ impl Db {
             }
             let mut cfg = ManagerConfig::<SqliteConn>::default();
             cfg.recycling_method = RecyclingMethod::Fast;
-            cfg.custom_setup = Box::new(|url| {
+            cfg.custom_setup = Box::new(move |url| {
                 let url = url.to_owned();
                 Box::pin(async move {
-                    let mut conn = SqliteConn::establish(&url).await?;
+                    let mut conn = if writer {
+                        SyncConnectionWrapper::with_runtime(
+                            <SqliteConnection as diesel::Connection>::establish(&url)?,
+                            SqliteRuntime::Inline,
+                        )
+                    } else {
+                        SqliteConn::establish(&url).await?
+                    };
                     // batch_execute: sql_query would run only the first statement.
                     conn.batch_execute(SQLITE_PRAGMAS)
                         .await
@@ -216,7 +274,11 @@ impl Db {
             });
             let manager = AsyncDieselConnectionManager::new_with_config(path, cfg);
             let pool = Pool::builder(manager)
-                .max_size(settings.pool_size.clamp(1, 4))
+                .max_size(if writer {
+                    1
+                } else {
+                    settings.pool_size.clamp(1, 4)
+                })
                 .runtime(deadpool::Runtime::Tokio1)
                 .wait_timeout(Some(timeout))
                 .create_timeout(Some(timeout))
@@ -234,7 +296,7 @@ impl Db {
                 cfg,
             );
             let pool = Pool::builder(manager)
-                .max_size(settings.pool_size.max(1))
+                .max_size(if writer { 1 } else { settings.pool_size.max(1) })
                 .runtime(deadpool::Runtime::Tokio1)
                 .wait_timeout(Some(timeout))
                 .create_timeout(Some(timeout))
