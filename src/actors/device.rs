@@ -19,14 +19,14 @@ use serde_json::json;
 
 use super::handoff::EmergencyDetected;
 pub use crate::config::Retention;
-use crate::domain::events::{ExpectedVersion, NewEvent};
+use crate::domain::events::NewEvent;
 use crate::domain::ids::{DeviceId, IncidentId, PatientId};
 use crate::domain::news2::News2;
 use crate::domain::triage::{Assessment, FallEvent, FallWatch, TriageRules, TriageStatus};
 use crate::domain::vitals::Reading;
-use crate::persistence::group::GroupCommit;
+use crate::persistence::group::{GroupCommit, Projection};
 use crate::persistence::readings::{self, RetainedReading};
-use crate::persistence::{Db, StoreError, events, patients};
+use crate::persistence::{Db, StoreError, patients};
 
 /// Readings kept in the window (evidence for the next status change).
 pub const WINDOW: usize = 10;
@@ -314,17 +314,7 @@ impl DeviceActor {
         let writer = self.runtime.writer.clone();
         let id = self.id.clone();
         ctx.wait(
-            async move {
-                writer
-                    .write(move |tx| {
-                        Box::pin(async move {
-                            events::append(tx, &stream, ExpectedVersion::Any, &[event], Utc::now())
-                                .await
-                                .map_err(|e| StoreError::Unavailable(e.to_string()))
-                        })
-                    })
-                    .await
-            }
+            async move { writer.append(&stream, vec![event], None, None).await }
             .into_actor(self)
             .map(move |res, _act, ctx| {
                 match res {
@@ -649,21 +639,17 @@ async fn persist_changes(
             e
         })
         .collect();
-    writer
-        .write(move |tx| {
-            Box::pin(async move {
-                events::append(tx, &stream, ExpectedVersion::Any, &events, Utc::now())
-                    .await
-                    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-                patients::set_device_status(tx, &device_id, final_status.as_str(), last_seen)
-                    .await?;
-                if !evidence.is_empty() {
-                    readings::insert_many(tx, &evidence).await?;
-                }
-                Ok::<_, StoreError>(())
-            })
+    // Batched with the batch's other unit and device appends (see `GroupCommit::append`).
+    let projection: Projection = Box::new(move |tx| {
+        Box::pin(async move {
+            patients::set_device_status(tx, &device_id, final_status.as_str(), last_seen).await?;
+            if !evidence.is_empty() {
+                readings::insert_many(tx, &evidence).await?;
+            }
+            Ok(())
         })
-        .await
+    });
+    writer.append(&stream, events, None, Some(projection)).await
 }
 
 impl Handler<CheckTimers> for DeviceActor {

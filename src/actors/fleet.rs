@@ -18,14 +18,14 @@ use crate::domain::dispatch::{
     Candidate, CandidateQuery, Capability, CrewReport, FleetIndex, HospitalSnapshot,
     StatusRejection, UnitSnapshot, UnitStatus, apply_report, choose_hospital, rank, shortlist,
 };
-use crate::domain::events::{ExpectedVersion, NewEvent};
+use crate::domain::events::NewEvent;
 use crate::domain::geo::LatLng;
 use crate::domain::ids::{HospitalId, IncidentId, OfferId, UnitId};
 use crate::domain::incident::Priority;
 use crate::integrations::routing::RoutingWithFallback;
 use crate::persistence::fleet::{self as store, HospitalRecord, UnitRecord};
-use crate::persistence::group::GroupCommit;
-use crate::persistence::{Db, StoreError, events};
+use crate::persistence::group::{GroupCommit, Projection};
+use crate::persistence::{Db, StoreError};
 
 /// Most time an actor waits for another actor's answer before giving up (no cross-actor wait
 /// can deadlock the system for longer than this).
@@ -108,17 +108,14 @@ impl AmbulanceActor {
         event.unit_id = Some(record.id.0.clone());
         actix::spawn(async move {
             let id = record.id.clone();
-            let result = writer
-                .write(move |tx| {
-                    Box::pin(async move {
-                        let stream = format!("unit-{}", record.id);
-                        events::append(tx, &stream, ExpectedVersion::Any, &[event], Utc::now())
-                            .await
-                            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-                        store::save_unit(tx, &record, Utc::now()).await
-                    })
-                })
-                .await;
+            let stream = format!("unit-{id}");
+            // Batched with the other units' changes; a unit changed twice in one batch has its
+            // row written once, with the later state.
+            let key = Some(stream.clone());
+            let save: Projection = Box::new(move |tx| {
+                Box::pin(async move { store::save_unit(tx, &record, Utc::now()).await })
+            });
+            let result = writer.append(&stream, vec![event], key, Some(save)).await;
             if let Err(e) = result {
                 tracing::warn!(unit.id = %id, error = %e, "unit {what} not persisted");
             }

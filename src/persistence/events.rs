@@ -309,6 +309,101 @@ pub async fn append(
         .collect())
 }
 
+/// An event serialised and addressed to its stream, ready for [`append_many`]: callers
+/// prepare it on their own thread so the writer only sends it.
+#[derive(Debug)]
+pub struct Prepared {
+    stream: String,
+    kind: String,
+    incident_id: Option<String>,
+    unit_id: Option<String>,
+    device_id: Option<String>,
+    payload: String,
+}
+
+impl Prepared {
+    /// Serialises `event` for `stream`.
+    pub fn new(stream: &str, event: NewEvent) -> Result<Self, StoreError> {
+        Ok(Self {
+            stream: stream.to_owned(),
+            payload: serde_json::to_string(&event.data)
+                .map_err(|e| StoreError::Corrupt(format!("unserialisable payload: {e}")))?,
+            kind: event.kind,
+            incident_id: event.incident_id,
+            unit_id: event.unit_id,
+            device_id: event.device_id,
+        })
+    }
+}
+
+/// PostgreSQL: events of many streams in one statement, each stream's versions continuing
+/// from its current last version in the order given (`ROW_NUMBER` per stream). Same snapshot
+/// argument as [`INSERT_PG`]: the sequence lock is taken by the statement before.
+const INSERT_MANY_PG: &str = "INSERT INTO events \
+     (seq, stream_id, version, kind, incident_id, unit_id, device_id, payload, recorded_at) \
+     SELECT $1 + t.ord, t.stream_id, \
+            COALESCE((SELECT MAX(e.version) FROM events e WHERE e.stream_id = t.stream_id), 0) \
+                + ROW_NUMBER() OVER (PARTITION BY t.stream_id ORDER BY t.ord), \
+            t.kind, t.incident_id, t.unit_id, t.device_id, t.payload, $2 \
+     FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[]) \
+          WITH ORDINALITY AS t(stream_id, kind, incident_id, unit_id, device_id, payload, ord)";
+
+/// Appends `events` (any streams, any current versions: for streams with one writer by
+/// design) in the caller's transaction: one sequence bump and, on PostgreSQL, one insert for
+/// the lot. This is how the group-commit writer stores a batch's unit and device events.
+pub async fn append_many(
+    conn: &mut DbConn,
+    events: &[Prepared],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let count =
+        i64::try_from(events.len()).map_err(|_| StoreError::Conflict("batch too large".into()))?;
+    let recorded_at = to_db_time(now.trunc_subsecs(6));
+    let last: LastSeq = db_run!(&mut *conn, |c| {
+        diesel::sql_query(BUMP_SEQUENCE)
+            .bind::<BigInt, _>(count)
+            .get_result(c)
+            .await?
+    });
+    let first_seq = last.last_seq - count + 1;
+    db_run!(&mut *conn, |c| {
+        for (event, i) in events.iter().zip(0_i64..) {
+            diesel::sql_query(INSERT_SQLITE)
+                .bind::<BigInt, _>(first_seq + i)
+                .bind::<Text, _>(event.stream.as_str())
+                .bind::<Text, _>(event.kind.as_str())
+                .bind::<Nullable<Text>, _>(event.incident_id.as_deref())
+                .bind::<Nullable<Text>, _>(event.unit_id.as_deref())
+                .bind::<Nullable<Text>, _>(event.device_id.as_deref())
+                .bind::<Text, _>(event.payload.as_str())
+                .bind::<Timestamp, _>(recorded_at)
+                .bind::<Nullable<BigInt>, _>(None::<i64>)
+                .load::<Assigned>(c)
+                .await?;
+        }
+    } else |c| {
+        let column = |f: fn(&Prepared) -> &str| events.iter().map(f).collect::<Vec<&str>>();
+        let optional = |f: fn(&Prepared) -> Option<&str>| {
+            events.iter().map(f).collect::<Vec<Option<&str>>>()
+        };
+        diesel::sql_query(INSERT_MANY_PG)
+            .bind::<BigInt, _>(first_seq - 1)
+            .bind::<Timestamp, _>(recorded_at)
+            .bind::<Array<Text>, _>(column(|e| e.stream.as_str()))
+            .bind::<Array<Text>, _>(column(|e| e.kind.as_str()))
+            .bind::<Array<Nullable<Text>>, _>(optional(|e| e.incident_id.as_deref()))
+            .bind::<Array<Nullable<Text>>, _>(optional(|e| e.unit_id.as_deref()))
+            .bind::<Array<Nullable<Text>>, _>(optional(|e| e.device_id.as_deref()))
+            .bind::<Array<Text>, _>(column(|e| e.payload.as_str()))
+            .execute(c)
+            .await?;
+    });
+    Ok(())
+}
+
 /// Every event of `stream`, in version order.
 pub async fn read_stream(
     conn: &mut DbConn,

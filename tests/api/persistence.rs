@@ -19,6 +19,7 @@ both_backends!(
     sequence_is_gap_free_under_concurrency,
     tokens_store_only_hashes,
     group_commit_shares_commits_and_isolates_a_failed_write,
+    group_commit_appends_many_streams_with_their_projections,
 );
 
 fn event(kind: &str, n: i64) -> NewEvent {
@@ -472,5 +473,145 @@ async fn group_commit_shares_commits_and_isolates_a_failed_write(backend: Backen
     assert_eq!(
         events::read_stream(&mut conn, "taken").await.unwrap().len(),
         1
+    );
+}
+
+/// The projection the appends test writes: `incident_references(year = slot)` set to `value`.
+fn projection(slot: i32, value: i64) -> shers::persistence::group::Projection {
+    Box::new(move |tx| {
+        Box::pin(async move {
+            shers::db_run!(tx, |c| {
+                diesel_async::RunQueryDsl::execute(
+                    diesel::sql_query(
+                        "INSERT INTO incident_references (year, last_number) VALUES ($1, $2) \
+                         ON CONFLICT (year) DO UPDATE SET last_number = excluded.last_number",
+                    )
+                    .bind::<diesel::sql_types::Integer, _>(slot)
+                    .bind::<diesel::sql_types::BigInt, _>(value),
+                    c,
+                )
+                .await?;
+            });
+            Ok(())
+        })
+    })
+}
+
+/// `GroupCommit::append`: many streams' events in one insert with per-stream versions that
+/// continue from what is stored, keyed projections where the last one wins, and a failed
+/// projection that takes its own events with it and leaves no gap.
+async fn group_commit_appends_many_streams_with_their_projections(backend: Backend) {
+    use shers::persistence::group::GroupCommit;
+    let tdb = TestDb::new(backend).await;
+    let db = tdb.migrated().await;
+    let writer = GroupCommit::start(db.clone(), 64);
+    let mut conn = db.conn().await.unwrap();
+    // unit-0 already has two events: its batched ones continue at version 3.
+    events::append(
+        &mut conn,
+        "unit-0",
+        ExpectedVersion::NoStream,
+        &[event("a", 0), event("a", 0)],
+        Utc::now(),
+    )
+    .await
+    .unwrap();
+    let appends = (0..30_i64).map(|i| {
+        let writer = writer.clone();
+        async move {
+            let stream = format!("unit-{}", i % 3);
+            let slot = i32::try_from(i % 3).unwrap();
+            writer
+                .append(
+                    &stream,
+                    vec![event("unit.location", i)],
+                    Some(stream.clone()),
+                    Some(projection(slot, i)),
+                )
+                .await
+        }
+    });
+    for r in futures_util::future::join_all(appends).await {
+        r.unwrap();
+    }
+    for n in 0..3 {
+        let stream = events::read_stream(&mut conn, &format!("unit-{n}"))
+            .await
+            .unwrap();
+        let offset = if n == 0 { 2 } else { 0 };
+        assert_eq!(stream.len(), 10 + offset);
+        assert_eq!(
+            stream.iter().map(|e| e.version).collect::<Vec<_>>(),
+            (1..=10 + offset as i64).collect::<Vec<_>>()
+        );
+        // Within a stream the events keep the order they were sent in.
+        let sent: Vec<i64> = stream[offset..]
+            .iter()
+            .map(|e| e.data["n"].as_i64().unwrap())
+            .collect();
+        assert!(sent.windows(2).all(|w| w[0] < w[1]), "{sent:?}");
+    }
+    // Each slot holds the last value sent for it, whatever the batching was.
+    #[derive(diesel::QueryableByName)]
+    struct Slot {
+        #[diesel(sql_type = diesel::sql_types::Integer)]
+        year: i32,
+        #[diesel(sql_type = diesel::sql_types::BigInt)]
+        last_number: i64,
+    }
+    let slots: Vec<Slot> = shers::db_run!(&mut conn, |c| {
+        diesel_async::RunQueryDsl::load(
+            diesel::sql_query(
+                "SELECT year, last_number FROM incident_references WHERE year < 3 ORDER BY year",
+            ),
+            c,
+        )
+        .await
+        .unwrap()
+    });
+    assert_eq!(
+        slots
+            .iter()
+            .map(|s| (s.year, s.last_number))
+            .collect::<Vec<_>>(),
+        [(0, 27), (1, 28), (2, 29)]
+    );
+    // A projection that fails: its events are not stored, and the sequence stays gap-free.
+    let failing: shers::persistence::group::Projection = Box::new(|tx| {
+        Box::pin(async move {
+            shers::db_run!(tx, |c| {
+                diesel_async::RunQueryDsl::execute(
+                    diesel::sql_query("SELECT * FROM no_such_table"),
+                    c,
+                )
+                .await?;
+            });
+            Ok(())
+        })
+    });
+    let failed = writer
+        .append(
+            "unit-9",
+            vec![event("unit.location", 99)],
+            None,
+            Some(failing),
+        )
+        .await;
+    assert!(failed.is_err());
+    writer
+        .append("unit-8", vec![event("unit.location", 98)], None, None)
+        .await
+        .unwrap();
+    assert!(
+        events::read_stream(&mut conn, "unit-9")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let all = events::read_since(&mut conn, 0, 1_000).await.unwrap();
+    assert_eq!(all.len(), 2 + 30 + 1);
+    assert_eq!(
+        all.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=33).collect::<Vec<_>>()
     );
 }
