@@ -11,10 +11,11 @@
 use chrono::{DateTime, SubsecRound as _, Utc};
 use diesel::dsl::max;
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Nullable, Text, Timestamp};
+use diesel::sql_types::BigInt;
 use diesel_async::RunQueryDsl;
 
 use super::schema::{event_sequence, events};
+use super::statement::{Bind, Statement};
 use super::{DbConn, StoreError, from_db_time, to_db_time};
 use crate::db_run;
 use crate::domain::events::{ExpectedVersion, NewEvent, RecordedEvent};
@@ -98,37 +99,95 @@ struct Assigned {
     version: i64,
 }
 
-/// Bumps the sequence by `count` and returns the new last value: one statement that takes the
-/// sequence row's lock (`$1` is a valid parameter name on both backends).
-const BUMP_SEQUENCE: &str =
-    "UPDATE event_sequence SET last_seq = last_seq + $1 WHERE id = 1 RETURNING last_seq";
+/// Bumps the sequence by `count` (the bind) and returns the new last value: one statement that
+/// takes the sequence row's lock.
+const BUMP_SEQUENCE: &[&str] = &[
+    "UPDATE event_sequence SET last_seq = last_seq + ",
+    " WHERE id = 1 RETURNING last_seq",
+];
+struct BumpSequence;
 
 /// Gives `count` sequence numbers back; only ever run while still holding the row lock taken
-/// by [`BUMP_SEQUENCE`] in the same transaction, so nobody else has taken any since.
+/// by [`BUMP_SEQUENCE`] in the same transaction, so nobody else has taken any since. Rare.
 const UNDO_SEQUENCE: &str = "UPDATE event_sequence SET last_seq = last_seq - $1 WHERE id = 1";
+
+/// The start of every event insert.
+macro_rules! insert_events {
+    () => {
+        "INSERT INTO events \
+         (seq, stream_id, version, kind, incident_id, unit_id, device_id, payload, recorded_at) \
+         SELECT "
+    };
+}
 
 /// PostgreSQL: every event of the batch in one statement. The stream's current version is read
 /// in the same statement, whose snapshot is taken after the sequence lock was acquired, so it
-/// sees every earlier append; the expectation (`$9`, NULL for any) is checked in its `WHERE`,
-/// so a mismatch inserts nothing and returns no rows.
-const INSERT_PG: &str = "INSERT INTO events \
-     (seq, stream_id, version, kind, incident_id, unit_id, device_id, payload, recorded_at) \
-     SELECT $1 + t.ord, $2, cur.v + t.ord, t.kind, t.incident_id, t.unit_id, t.device_id, \
-            t.payload, $3 \
-     FROM (SELECT COALESCE(MAX(version), 0) AS v FROM events WHERE stream_id = $2) AS cur, \
-          unnest($4::text[], $5::text[], $6::text[], $7::text[], $8::text[]) \
-              WITH ORDINALITY AS t(kind, incident_id, unit_id, device_id, payload, ord) \
-     WHERE $9::bigint IS NULL OR cur.v = $9 \
-     RETURNING version";
+/// sees every earlier append; the expectation (NULL for any) is checked in its `WHERE`, so a
+/// mismatch inserts nothing and returns no rows. Binds: base seq, stream, recorded_at, stream,
+/// kinds, incident ids, unit ids, device ids, payloads, expectation, expectation.
+const INSERT_PG: &[&str] = &[
+    insert_events!(),
+    " + t.ord, ",
+    ", cur.v + t.ord, t.kind, t.incident_id, t.unit_id, t.device_id, t.payload, ",
+    " FROM (SELECT COALESCE(MAX(version), 0) AS v FROM events WHERE stream_id = ",
+    ") AS cur, unnest(",
+    "::text[], ",
+    "::text[], ",
+    "::text[], ",
+    "::text[], ",
+    "::text[]) WITH ORDINALITY AS t(kind, incident_id, unit_id, device_id, payload, ord) WHERE ",
+    "::bigint IS NULL OR cur.v = ",
+    " RETURNING version",
+];
+struct InsertPg;
 
-/// SQLite: one event per statement (SQLite has no arrays; statements are in-process). Named
-/// `$n` parameters are numbered by first appearance, which is their numeric order here.
-const INSERT_SQLITE: &str = "INSERT INTO events \
-     (seq, stream_id, version, kind, incident_id, unit_id, device_id, payload, recorded_at) \
-     SELECT $1, $2, cur.v + 1, $3, $4, $5, $6, $7, $8 \
-     FROM (SELECT COALESCE(MAX(version), 0) AS v FROM events WHERE stream_id = $2) AS cur \
-     WHERE $9 IS NULL OR cur.v = $9 \
-     RETURNING version";
+/// SQLite: one event per statement (SQLite has no arrays; statements are in-process). Binds:
+/// seq, stream, kind, incident id, unit id, device id, payload, recorded_at, stream,
+/// expectation, expectation.
+const INSERT_SQLITE: &[&str] = &[
+    insert_events!(),
+    ", ",
+    ", cur.v + 1, ",
+    ", ",
+    ", ",
+    ", ",
+    ", ",
+    ", ",
+    " FROM (SELECT COALESCE(MAX(version), 0) AS v FROM events WHERE stream_id = ",
+    ") AS cur WHERE ",
+    " IS NULL OR cur.v = ",
+    " RETURNING version",
+];
+struct InsertSqlite;
+
+/// One SQLite event insert ([`INSERT_SQLITE`]); `ids` are the incident, unit and device ids.
+fn insert_sqlite<'a>(
+    seq: i64,
+    stream: &'a str,
+    kind: &'a str,
+    ids: [Option<&'a str>; 3],
+    payload: &'a str,
+    recorded_at: chrono::NaiveDateTime,
+    check: Option<i64>,
+) -> Statement<'a, InsertSqlite> {
+    let [incident, unit, device] = ids;
+    Statement::new(
+        INSERT_SQLITE,
+        vec![
+            Bind::BigInt(seq),
+            Bind::Text(stream),
+            Bind::Text(kind),
+            Bind::OptText(incident),
+            Bind::OptText(unit),
+            Bind::OptText(device),
+            Bind::Text(payload),
+            Bind::Timestamp(recorded_at),
+            Bind::Text(stream),
+            Bind::OptBigInt(check),
+            Bind::OptBigInt(check),
+        ],
+    )
+}
 
 /// The version `expected` requires the stream to be at, or `None` for any.
 fn required(expected: ExpectedVersion) -> Option<i64> {
@@ -170,8 +229,7 @@ async fn append_in_transaction(
         .map_err(|_| StoreError::Conflict("batch too large".into()))?;
     let check = required(batch.expected);
     let last: LastSeq = db_run!(&mut *conn, |c| {
-        diesel::sql_query(BUMP_SEQUENCE)
-            .bind::<BigInt, _>(count)
+        Statement::<BumpSequence>::new(BUMP_SEQUENCE, vec![Bind::BigInt(count)])
             .get_result(c)
             .await?
     });
@@ -182,19 +240,16 @@ async fn append_in_transaction(
         for ((event, payload), i) in batch.new.iter().zip(batch.payloads).zip(0_i64..) {
             // Only the first event is checked; the rest follow it in the same transaction.
             let check = if i == 0 { check } else { None };
-            match diesel::sql_query(INSERT_SQLITE)
-                .bind::<BigInt, _>(first_seq + i)
-                .bind::<Text, _>(batch.stream)
-                .bind::<Text, _>(event.kind.as_str())
-                .bind::<Nullable<Text>, _>(event.incident_id.as_deref())
-                .bind::<Nullable<Text>, _>(event.unit_id.as_deref())
-                .bind::<Nullable<Text>, _>(event.device_id.as_deref())
-                .bind::<Text, _>(payload.as_str())
-                .bind::<Timestamp, _>(batch.recorded_at)
-                .bind::<Nullable<BigInt>, _>(check)
-                .load::<Assigned>(c)
-                .await
-            {
+            let insert = insert_sqlite(
+                first_seq + i,
+                batch.stream,
+                event.kind.as_str(),
+                [event.incident_id.as_deref(), event.unit_id.as_deref(), event.device_id.as_deref()],
+                payload,
+                batch.recorded_at,
+                check,
+            );
+            match insert.load::<Assigned>(c).await {
                 Ok(rows) if rows.is_empty() => break,
                 Ok(rows) => assigned.extend(rows),
                 Err(e) => {
@@ -212,18 +267,24 @@ async fn append_in_transaction(
         let devices: Vec<Option<&str>> =
             batch.new.iter().map(|e| e.device_id.as_deref()).collect();
         let payloads: Vec<&str> = batch.payloads.iter().map(String::as_str).collect();
-        diesel::sql_query(INSERT_PG)
-            .bind::<BigInt, _>(first_seq - 1)
-            .bind::<Text, _>(batch.stream)
-            .bind::<Timestamp, _>(batch.recorded_at)
-            .bind::<Array<Text>, _>(kinds)
-            .bind::<Array<Nullable<Text>>, _>(incidents)
-            .bind::<Array<Nullable<Text>>, _>(units)
-            .bind::<Array<Nullable<Text>>, _>(devices)
-            .bind::<Array<Text>, _>(payloads)
-            .bind::<Nullable<BigInt>, _>(check)
-            .load::<Assigned>(c)
-            .await
+        Statement::<InsertPg>::new(
+            INSERT_PG,
+            vec![
+                Bind::BigInt(first_seq - 1),
+                Bind::Text(batch.stream),
+                Bind::Timestamp(batch.recorded_at),
+                Bind::Text(batch.stream),
+                Bind::Texts(kinds),
+                Bind::OptTexts(incidents),
+                Bind::OptTexts(units),
+                Bind::OptTexts(devices),
+                Bind::Texts(payloads),
+                Bind::OptBigInt(check),
+                Bind::OptBigInt(check),
+            ],
+        )
+        .load::<Assigned>(c)
+        .await
     });
     let assigned = inserted.map_err(|e| match StoreError::from(e) {
         StoreError::Conflict(_) => AppendError::Conflict {
@@ -338,15 +399,23 @@ impl Prepared {
 
 /// PostgreSQL: events of many streams in one statement, each stream's versions continuing
 /// from its current last version in the order given (`ROW_NUMBER` per stream). Same snapshot
-/// argument as [`INSERT_PG`]: the sequence lock is taken by the statement before.
-const INSERT_MANY_PG: &str = "INSERT INTO events \
-     (seq, stream_id, version, kind, incident_id, unit_id, device_id, payload, recorded_at) \
-     SELECT $1 + t.ord, t.stream_id, \
-            COALESCE((SELECT MAX(e.version) FROM events e WHERE e.stream_id = t.stream_id), 0) \
-                + ROW_NUMBER() OVER (PARTITION BY t.stream_id ORDER BY t.ord), \
-            t.kind, t.incident_id, t.unit_id, t.device_id, t.payload, $2 \
-     FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[]) \
-          WITH ORDINALITY AS t(stream_id, kind, incident_id, unit_id, device_id, payload, ord)";
+/// argument as [`INSERT_PG`]: the sequence lock is taken by the statement before. Binds: base
+/// seq, recorded_at, streams, kinds, incident ids, unit ids, device ids, payloads.
+const INSERT_MANY_PG: &[&str] = &[
+    insert_events!(),
+    " + t.ord, t.stream_id, \
+     COALESCE((SELECT MAX(e.version) FROM events e WHERE e.stream_id = t.stream_id), 0) \
+         + ROW_NUMBER() OVER (PARTITION BY t.stream_id ORDER BY t.ord), \
+     t.kind, t.incident_id, t.unit_id, t.device_id, t.payload, ",
+    " FROM unnest(",
+    "::text[], ",
+    "::text[], ",
+    "::text[], ",
+    "::text[], ",
+    "::text[], ",
+    "::text[]) WITH ORDINALITY AS t(stream_id, kind, incident_id, unit_id, device_id, payload, ord)",
+];
+struct InsertManyPg;
 
 /// Appends `events` (any streams, any current versions: for streams with one writer by
 /// design) in the caller's transaction: one sequence bump and, on PostgreSQL, one insert for
@@ -363,41 +432,43 @@ pub async fn append_many(
         i64::try_from(events.len()).map_err(|_| StoreError::Conflict("batch too large".into()))?;
     let recorded_at = to_db_time(now.trunc_subsecs(6));
     let last: LastSeq = db_run!(&mut *conn, |c| {
-        diesel::sql_query(BUMP_SEQUENCE)
-            .bind::<BigInt, _>(count)
+        Statement::<BumpSequence>::new(BUMP_SEQUENCE, vec![Bind::BigInt(count)])
             .get_result(c)
             .await?
     });
     let first_seq = last.last_seq - count + 1;
     db_run!(&mut *conn, |c| {
         for (event, i) in events.iter().zip(0_i64..) {
-            diesel::sql_query(INSERT_SQLITE)
-                .bind::<BigInt, _>(first_seq + i)
-                .bind::<Text, _>(event.stream.as_str())
-                .bind::<Text, _>(event.kind.as_str())
-                .bind::<Nullable<Text>, _>(event.incident_id.as_deref())
-                .bind::<Nullable<Text>, _>(event.unit_id.as_deref())
-                .bind::<Nullable<Text>, _>(event.device_id.as_deref())
-                .bind::<Text, _>(event.payload.as_str())
-                .bind::<Timestamp, _>(recorded_at)
-                .bind::<Nullable<BigInt>, _>(None::<i64>)
-                .load::<Assigned>(c)
-                .await?;
+            insert_sqlite(
+                first_seq + i,
+                &event.stream,
+                &event.kind,
+                [event.incident_id.as_deref(), event.unit_id.as_deref(), event.device_id.as_deref()],
+                &event.payload,
+                recorded_at,
+                None,
+            )
+            .load::<Assigned>(c)
+            .await?;
         }
     } else |c| {
         let column = |f: fn(&Prepared) -> &str| events.iter().map(f).collect::<Vec<&str>>();
         let optional = |f: fn(&Prepared) -> Option<&str>| {
             events.iter().map(f).collect::<Vec<Option<&str>>>()
         };
-        diesel::sql_query(INSERT_MANY_PG)
-            .bind::<BigInt, _>(first_seq - 1)
-            .bind::<Timestamp, _>(recorded_at)
-            .bind::<Array<Text>, _>(column(|e| e.stream.as_str()))
-            .bind::<Array<Text>, _>(column(|e| e.kind.as_str()))
-            .bind::<Array<Nullable<Text>>, _>(optional(|e| e.incident_id.as_deref()))
-            .bind::<Array<Nullable<Text>>, _>(optional(|e| e.unit_id.as_deref()))
-            .bind::<Array<Nullable<Text>>, _>(optional(|e| e.device_id.as_deref()))
-            .bind::<Array<Text>, _>(column(|e| e.payload.as_str()))
+        Statement::<InsertManyPg>::new(
+            INSERT_MANY_PG,
+            vec![
+                Bind::BigInt(first_seq - 1),
+                Bind::Timestamp(recorded_at),
+                Bind::Texts(column(|e| e.stream.as_str())),
+                Bind::Texts(column(|e| e.kind.as_str())),
+                Bind::OptTexts(optional(|e| e.incident_id.as_deref())),
+                Bind::OptTexts(optional(|e| e.unit_id.as_deref())),
+                Bind::OptTexts(optional(|e| e.device_id.as_deref())),
+                Bind::Texts(column(|e| e.payload.as_str())),
+            ],
+        )
             .execute(c)
             .await?;
     });

@@ -31,10 +31,15 @@ use crate::domain::events::NewEvent;
 /// A write's answer, given once the batch's commit is known.
 type Completion = Box<dyn FnOnce()>;
 
-/// A queued write: runs in its savepoint and returns how to answer once committed. Jobs come
-/// from any thread (device actors run on their own arbiters); they run on the writer's.
+/// A queued write: runs (in a savepoint when `isolate` is true) and returns how to answer
+/// once committed, or `None` when it failed (and has answered already). Jobs come from any
+/// thread (device actors run on their own arbiters); they run on the writer's.
 type Job = Box<
-    dyn for<'a> FnOnce(&'a mut DbConn) -> Pin<Box<dyn Future<Output = Completion> + 'a>> + Send,
+    dyn for<'a> FnOnce(
+            &'a mut DbConn,
+            bool,
+        ) -> Pin<Box<dyn Future<Output = Option<Completion>> + 'a>>
+        + Send,
 >;
 
 /// The future a write's work returns, borrowing the connection.
@@ -109,16 +114,22 @@ impl GroupCommit {
         E: From<StoreError> + Send + 'static,
     {
         let (answer, answered) = oneshot::channel::<Result<T, E>>();
-        let job: Job = Box::new(move |conn| {
+        let job: Job = Box::new(move |conn, isolate| {
             Box::pin(async move {
-                // Nested in the batch's transaction, this is a savepoint.
-                match conn.write_transaction(async |sp| work(sp).await).await {
-                    Ok(value) => Box::new(move || {
+                // Nested in the batch's transaction, this is a savepoint. A write alone in its
+                // batch needs none: if it fails, the writer rolls the whole transaction back.
+                let result = if isolate {
+                    conn.write_transaction(async |sp| work(sp).await).await
+                } else {
+                    work(conn).await
+                };
+                match result {
+                    Ok(value) => Some(Box::new(move || {
                         let _ = answer.send(Ok(value));
-                    }) as Completion,
+                    }) as Completion),
                     Err(e) => {
                         let _ = answer.send(Err(e));
-                        Box::new(|| {}) as Completion
+                        None
                     }
                 }
             })
@@ -205,6 +216,22 @@ async fn flush(conn: &mut DbConn, deferred: &mut [Deferred]) -> Result<(), Store
     Ok(())
 }
 
+/// Why a batch's transaction was not committed.
+enum Batch {
+    /// Its only write failed (and has been answered).
+    Failed,
+    /// Its appends failed, with nothing else in the batch.
+    Appends(StoreError),
+    /// The database failed (begin, commit, a savepoint).
+    Store(StoreError),
+}
+
+impl From<StoreError> for Batch {
+    fn from(e: StoreError) -> Self {
+        Self::Store(e)
+    }
+}
+
 async fn writer(
     db: Db,
     mut items: mpsc::UnboundedReceiver<Item>,
@@ -236,43 +263,64 @@ async fn writer(
                 }
             },
         };
+        // Savepoints keep one write's failure from undoing the others; a batch of one write
+        // (common when the writer keeps up) needs none, which saves two round trips.
+        let isolate = work.len() + usize::from(!deferred.is_empty()) > 1;
+        let started = std::time::Instant::now();
         let committed = conn
             .write_transaction(async |tx| {
                 let mut answers = Vec::with_capacity(work.len());
                 for job in work {
-                    answers.push(job(tx).await);
-                }
-                // In a savepoint of its own: if it fails, the jobs above still commit.
-                let flushed = if deferred.is_empty() {
-                    Ok(())
-                } else {
-                    tx.write_transaction(async |sp| flush(sp, &mut deferred).await)
-                        .await
-                };
-                Ok::<_, StoreError>((answers, flushed))
-            })
-            .await;
-        match committed {
-            Ok((answers, flushed)) => {
-                stats.commits.fetch_add(1, Ordering::Relaxed);
-                answers.into_iter().for_each(|answer| answer());
-                match flushed {
-                    Ok(()) => deferred.into_iter().for_each(|d| {
-                        let _ = d.answer.send(Ok(()));
-                    }),
-                    Err(e) => {
-                        tracing::warn!(error = %e, appends = deferred.len(), "batched appends failed");
-                        let reason = e.to_string();
-                        deferred.into_iter().for_each(|d| {
-                            let _ = d.answer.send(Err(StoreError::Unavailable(reason.clone())));
-                        });
+                    match job(tx, isolate).await {
+                        Some(answer) => answers.push(answer),
+                        // Alone in the batch and failed (already answered): roll back.
+                        None if !isolate => return Err(Batch::Failed),
+                        None => {}
                     }
                 }
+                let flushed = if deferred.is_empty() {
+                    Ok(())
+                } else if isolate {
+                    // In a savepoint of its own: if it fails, the jobs above still commit.
+                    tx.write_transaction(async |sp| flush(sp, &mut deferred).await)
+                        .await
+                } else {
+                    match flush(tx, &mut deferred).await {
+                        Ok(()) => Ok(()),
+                        Err(e) => return Err(Batch::Appends(e)),
+                    }
+                };
+                Ok::<_, Batch>((answers, flushed))
+            })
+            .await;
+        metrics::histogram!("shers_group_commit_seconds").record(started.elapsed().as_secs_f64());
+        let (answers, flushed) = match committed {
+            Ok(done) => {
+                stats.commits.fetch_add(1, Ordering::Relaxed);
+                done
             }
+            // A lone write failed and has been answered; the rollback undid it.
+            Err(Batch::Failed) => (Vec::new(), Ok(())),
+            Err(Batch::Appends(e)) => (Vec::new(), Err(e)),
             // The answers are dropped: every waiting writer is told nothing was written.
-            Err(e) => {
+            Err(Batch::Store(e)) => {
                 tracing::warn!(error = %e, writes = size, "group commit failed");
                 held = None;
+                metrics::histogram!("shers_group_commit_batch_size").record(size as f64);
+                continue;
+            }
+        };
+        answers.into_iter().for_each(|answer| answer());
+        match flushed {
+            Ok(()) => deferred.into_iter().for_each(|d| {
+                let _ = d.answer.send(Ok(()));
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, appends = deferred.len(), "batched appends failed");
+                let reason = e.to_string();
+                deferred.into_iter().for_each(|d| {
+                    let _ = d.answer.send(Err(StoreError::Unavailable(reason.clone())));
+                });
             }
         }
         metrics::histogram!("shers_group_commit_batch_size").record(size as f64);

@@ -6,6 +6,7 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
 use super::schema::{idempotency_keys, incident_evidence, incidents, notifications};
+use super::statement::{Bind, Statement};
 use super::{DbConn, StoreError, from_db_time, to_db_time};
 use crate::db_run;
 use crate::domain::geo::LatLng;
@@ -142,13 +143,15 @@ struct ReferenceNumber {
 /// statement, which locks the year's row until the transaction ends, so numbers are unique and
 /// gap-free per year.
 pub async fn next_reference(conn: &mut DbConn, now: DateTime<Utc>) -> Result<String, StoreError> {
-    const NEXT: &str = "INSERT INTO incident_references (year, last_number) VALUES ($1, 1) \
-         ON CONFLICT (year) DO UPDATE SET last_number = incident_references.last_number + 1 \
-         RETURNING last_number";
+    const NEXT: &[&str] = &[
+        "INSERT INTO incident_references (year, last_number) VALUES (",
+        ", 1) ON CONFLICT (year) DO UPDATE \
+         SET last_number = incident_references.last_number + 1 RETURNING last_number",
+    ];
+    struct Next;
     let year = now.year();
     let number: ReferenceNumber = db_run!(conn, |c| {
-        diesel::sql_query(NEXT)
-            .bind::<diesel::sql_types::Integer, _>(year)
+        Statement::<Next>::new(NEXT, vec![Bind::Int(year)])
             .get_result(c)
             .await?
     });

@@ -18,6 +18,7 @@ pub mod migrations;
 pub mod patients;
 pub mod readings;
 pub mod schema;
+mod statement;
 pub mod tokens;
 
 use std::path::Path;

@@ -608,6 +608,41 @@ async fn group_commit_appends_many_streams_with_their_projections(backend: Backe
             .unwrap()
             .is_empty()
     );
+    // A write alone in its batch runs without a savepoint: when it fails after appending,
+    // the whole transaction is rolled back, so its append is gone too.
+    let lone: Result<(), AppendError> = writer
+        .write(|tx| {
+            Box::pin(async move {
+                events::append(
+                    tx,
+                    "unit-7",
+                    ExpectedVersion::Any,
+                    &[event("k", 7)],
+                    Utc::now(),
+                )
+                .await?;
+                events::append(
+                    tx,
+                    "unit-0",
+                    ExpectedVersion::NoStream,
+                    &[event("k", 7)],
+                    Utc::now(),
+                )
+                .await?;
+                Ok(())
+            })
+        })
+        .await;
+    assert!(
+        matches!(lone, Err(AppendError::Conflict { .. })),
+        "{lone:?}"
+    );
+    assert!(
+        events::read_stream(&mut conn, "unit-7")
+            .await
+            .unwrap()
+            .is_empty()
+    );
     let all = events::read_since(&mut conn, 0, 1_000).await.unwrap();
     assert_eq!(all.len(), 2 + 30 + 1);
     assert_eq!(

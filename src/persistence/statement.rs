@@ -1,0 +1,106 @@
+//! Hand-written SQL that diesel keeps prepared.
+//!
+//! `diesel::sql_query` is never cached: on PostgreSQL each execution is a parse round trip
+//! plus an execute round trip, and on SQLite a fresh parse. The few statements the query
+//! builder cannot express (`UPDATE … RETURNING`, `INSERT … SELECT … FROM unnest`, upserts that
+//! return) are written as a [`Statement`]: fixed SQL pieces with typed binds between them and
+//! a marker type per statement, which gives diesel a static query id to cache the prepared
+//! statement under. Binds are written with `push_bind_param`, so each backend gets its own
+//! placeholder syntax.
+
+use std::marker::PhantomData;
+
+use diesel::expression::expression_types::Untyped;
+use diesel::pg::Pg;
+use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
+use diesel::sql_types::{Array, BigInt, Integer, Nullable, Text, Timestamp};
+use diesel::sqlite::Sqlite;
+use diesel::{QueryResult, result::Error};
+
+/// One bind value.
+#[derive(Debug)]
+pub(crate) enum Bind<'a> {
+    BigInt(i64),
+    OptBigInt(Option<i64>),
+    Int(i32),
+    Text(&'a str),
+    OptText(Option<&'a str>),
+    Timestamp(chrono::NaiveDateTime),
+    /// PostgreSQL only.
+    Texts(Vec<&'a str>),
+    /// PostgreSQL only.
+    OptTexts(Vec<Option<&'a str>>),
+}
+
+/// A statement: `parts[0] bind[0] parts[1] bind[1] …`; `K` names it for the statement cache
+/// (one marker type per distinct SQL text).
+#[derive(Debug)]
+pub(crate) struct Statement<'a, K> {
+    parts: &'static [&'static str],
+    binds: Vec<Bind<'a>>,
+    marker: PhantomData<K>,
+}
+
+impl<'a, K> Statement<'a, K> {
+    /// A statement of `parts` with `binds` between them (`parts.len() == binds.len() + 1`).
+    pub(crate) fn new(parts: &'static [&'static str], binds: Vec<Bind<'a>>) -> Self {
+        debug_assert_eq!(parts.len(), binds.len() + 1);
+        Self {
+            parts,
+            binds,
+            marker: PhantomData,
+        }
+    }
+}
+
+impl<K: 'static> QueryId for Statement<'_, K> {
+    type QueryId = K;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl<K> Query for Statement<'_, K> {
+    type SqlType = Untyped;
+}
+
+impl<K> QueryFragment<Pg> for Statement<'_, K> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        for (i, part) in self.parts.iter().enumerate() {
+            out.push_sql(part);
+            match self.binds.get(i) {
+                None => {}
+                Some(Bind::BigInt(v)) => out.push_bind_param::<BigInt, _>(v)?,
+                Some(Bind::OptBigInt(v)) => out.push_bind_param::<Nullable<BigInt>, _>(v)?,
+                Some(Bind::Int(v)) => out.push_bind_param::<Integer, _>(v)?,
+                Some(Bind::Text(v)) => out.push_bind_param::<Text, _>(*v)?,
+                Some(Bind::OptText(v)) => out.push_bind_param::<Nullable<Text>, _>(v)?,
+                Some(Bind::Timestamp(v)) => out.push_bind_param::<Timestamp, _>(v)?,
+                Some(Bind::Texts(v)) => out.push_bind_param::<Array<Text>, _>(v)?,
+                Some(Bind::OptTexts(v)) => out.push_bind_param::<Array<Nullable<Text>>, _>(v)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+impl<K> QueryFragment<Sqlite> for Statement<'_, K> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
+        for (i, part) in self.parts.iter().enumerate() {
+            out.push_sql(part);
+            match self.binds.get(i) {
+                None => {}
+                Some(Bind::BigInt(v)) => out.push_bind_param::<BigInt, _>(v)?,
+                Some(Bind::OptBigInt(v)) => out.push_bind_param::<Nullable<BigInt>, _>(v)?,
+                Some(Bind::Int(v)) => out.push_bind_param::<Integer, _>(v)?,
+                Some(Bind::Text(v)) => out.push_bind_param::<Text, _>(*v)?,
+                Some(Bind::OptText(v)) => out.push_bind_param::<Nullable<Text>, _>(v)?,
+                Some(Bind::Timestamp(v)) => out.push_bind_param::<Timestamp, _>(v)?,
+                Some(Bind::Texts(_) | Bind::OptTexts(_)) => {
+                    return Err(Error::QueryBuilderError(
+                        "array binds are PostgreSQL-only".into(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
