@@ -24,7 +24,7 @@ use crate::domain::ids::{HospitalId, IncidentId, OfferId, UnitId};
 use crate::domain::incident::Priority;
 use crate::integrations::routing::RoutingWithFallback;
 use crate::persistence::fleet::{self as store, HospitalRecord, UnitRecord};
-use crate::persistence::group::{GroupCommit, Projection};
+use crate::persistence::group::GroupCommit;
 use crate::persistence::{Db, StoreError};
 
 /// Most time an actor waits for another actor's answer before giving up (no cross-actor wait
@@ -109,13 +109,9 @@ impl AmbulanceActor {
         actix::spawn(async move {
             let id = record.id.clone();
             let stream = format!("unit-{id}");
-            // Batched with the other units' changes; a unit changed twice in one batch has its
-            // row written once, with the later state.
-            let key = Some(stream.clone());
-            let save: Projection = Box::new(move |tx| {
-                Box::pin(async move { store::save_unit(tx, &record, Utc::now()).await })
-            });
-            let result = writer.append(&stream, vec![event], key, Some(save)).await;
+            // Batched with the other units' changes: one statement saves every unit changed
+            // in a batch, each with its latest state.
+            let result = writer.append_unit(&stream, vec![event], record).await;
             if let Err(e) = result {
                 tracing::warn!(unit.id = %id, error = %e, "unit {what} not persisted");
             }

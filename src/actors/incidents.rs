@@ -549,9 +549,11 @@ async fn close_offers(
     now: DateTime<Utc>,
 ) -> Result<Vec<NewEvent>, IncidentError> {
     let mut out = Vec::with_capacity(offers.len());
+    let decline = (status == "declined").then_some(reason);
+    let ids: Vec<OfferId> = offers.iter().map(|(o, _)| *o).collect();
+    let moved = fleet_store::close_offers(tx, &ids, status, now, decline).await?;
     for (offer, unit) in offers {
-        let decline = (status == "declined").then_some(reason);
-        if fleet_store::close_offer(tx, *offer, status, now, decline).await? {
+        if moved.contains(offer) {
             let mut e = NewEvent::new(
                 format!("dispatch.offer_{status}"),
                 json!({"offer_id": offer, "incident_id": incident, "unit_id": unit, "reason": reason, "at": now}),

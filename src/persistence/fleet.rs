@@ -6,6 +6,7 @@ use diesel_async::RunQueryDsl;
 use serde::Serialize;
 
 use super::schema::{hospitals, offers, units};
+use super::statement::{Bind, Statement};
 use super::{DbConn, StoreError, from_db_time, to_db_time};
 use crate::db_run;
 use crate::domain::geo::LatLng;
@@ -123,6 +124,55 @@ pub async fn save_unit(
             .execute(c)
             .await?
     });
+    Ok(())
+}
+
+/// Saves many units' live state in one statement on PostgreSQL (the group-commit writer's
+/// batch of unit changes); one per unit on SQLite. Each unit should appear once.
+pub async fn save_units(
+    conn: &mut DbConn,
+    units: &[&UnitRecord],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    const SAVE_UNITS_PG: &[&str] = &[
+        "UPDATE units AS u SET status = t.status, lat = t.lat, lng = t.lng, \
+         fix_at = t.fix_at, current_incident_id = t.current_incident_id, updated_at = ",
+        " FROM unnest(",
+        "::text[], ",
+        "::text[], ",
+        "::float8[], ",
+        "::float8[], ",
+        "::timestamp[], ",
+        "::text[]) AS t(id, status, lat, lng, fix_at, current_incident_id) WHERE u.id = t.id",
+    ];
+    struct SaveUnitsPg;
+    match conn {
+        DbConn::Sqlite(_) => {
+            for unit in units {
+                save_unit(conn, unit, now).await?;
+            }
+        }
+        DbConn::Postgres(c) => {
+            let statement = Statement::<SaveUnitsPg>::new(
+                SAVE_UNITS_PG,
+                vec![
+                    Bind::Timestamp(to_db_time(now)),
+                    Bind::Texts(units.iter().map(|u| u.id.0.as_str()).collect()),
+                    Bind::Texts(units.iter().map(|u| u.status.as_str()).collect()),
+                    Bind::Floats(units.iter().map(|u| u.location.lat).collect()),
+                    Bind::Floats(units.iter().map(|u| u.location.lng).collect()),
+                    Bind::Timestamps(units.iter().map(|u| to_db_time(u.fix_at)).collect()),
+                    Bind::OptTexts(
+                        units
+                            .iter()
+                            .map(|u| u.current_incident_id.as_deref())
+                            .collect(),
+                    ),
+                ],
+            );
+            statement.execute(&mut **c).await?;
+        }
+    }
     Ok(())
 }
 
@@ -271,10 +321,14 @@ struct OfferRow {
     decline_reason: Option<String>,
 }
 
-/// Stores new offers.
+/// Stores new offers (one multi-row insert).
 pub async fn insert_offers(conn: &mut DbConn, batch: &[OfferRecord]) -> Result<(), StoreError> {
-    for o in batch {
-        let row = OfferRow {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<OfferRow> = batch
+        .iter()
+        .map(|o| OfferRow {
             id: o.id.to_string(),
             incident_id: o.incident_id.to_string(),
             unit_id: o.unit_id.0.clone(),
@@ -286,15 +340,79 @@ pub async fn insert_offers(conn: &mut DbConn, batch: &[OfferRecord]) -> Result<(
             expires_at: to_db_time(o.expires_at),
             responded_at: o.responded_at.map(to_db_time),
             decline_reason: o.decline_reason.clone(),
-        };
-        db_run!(conn, |c| {
+        })
+        .collect();
+    db_run!(conn, |c| {
+        // SQLite (in-process): a row per statement.
+        for row in &rows {
             diesel::insert_into(offers::table)
-                .values(&row)
+                .values(row)
                 .execute(c)
-                .await?
-        });
-    }
+                .await?;
+        }
+    } else |c| {
+        diesel::insert_into(offers::table)
+            .values(&rows)
+            .execute(c)
+            .await?;
+    });
     Ok(())
+}
+
+/// Moves each of `ids` that is still pending to `status`; returns those it moved (one
+/// statement on PostgreSQL).
+pub async fn close_offers(
+    conn: &mut DbConn,
+    ids: &[OfferId],
+    status: &str,
+    at: DateTime<Utc>,
+    decline_reason: Option<&str>,
+) -> Result<Vec<OfferId>, StoreError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let moved: Vec<String> = db_run!(conn, |c| {
+        let mut moved = Vec::with_capacity(ids.len());
+        for id in ids {
+            let id = id.to_string();
+            let n = diesel::update(
+                offers::table
+                    .filter(offers::id.eq(&id))
+                    .filter(offers::status.eq("pending")),
+            )
+            .set((
+                offers::status.eq(status),
+                offers::responded_at.eq(Some(to_db_time(at))),
+                offers::decline_reason.eq(decline_reason),
+            ))
+            .execute(c)
+            .await?;
+            if n == 1 {
+                moved.push(id);
+            }
+        }
+        moved
+    } else |c| {
+        let keys: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        diesel::update(
+            offers::table
+                .filter(offers::id.eq_any(&keys))
+                .filter(offers::status.eq("pending")),
+        )
+        .set((
+            offers::status.eq(status),
+            offers::responded_at.eq(Some(to_db_time(at))),
+            offers::decline_reason.eq(decline_reason),
+        ))
+        .returning(offers::id)
+        .get_results(c)
+        .await?
+    });
+    Ok(ids
+        .iter()
+        .filter(|id| moved.contains(&id.to_string()))
+        .copied()
+        .collect())
 }
 
 /// Moves a pending offer to `status`; false when it was no longer pending.

@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::{mpsc, oneshot};
 
 use super::events::{self, Prepared};
+use super::fleet::{self, UnitRecord};
 use super::{Db, DbConn, StoreError};
 use crate::domain::events::NewEvent;
 
@@ -52,6 +53,8 @@ pub type Projection =
 /// An append stored at the end of its batch.
 struct Deferred {
     events: Vec<Prepared>,
+    /// A unit's live state, saved with the batch's other units in one statement.
+    unit: Option<UnitRecord>,
     key: Option<String>,
     projection: Option<Projection>,
     answer: oneshot::Sender<Result<(), StoreError>>,
@@ -60,7 +63,7 @@ struct Deferred {
 /// What the writer is sent.
 enum Item {
     Job(Job),
-    Append(Deferred),
+    Append(Box<Deferred>),
 }
 
 /// Handle to the group-commit writer; cheap to clone and usable from any thread.
@@ -165,14 +168,43 @@ impl GroupCommit {
             .into_iter()
             .map(|e| Prepared::new(stream, e))
             .collect::<Result<Vec<_>, _>>()?;
-        let (answer, answered) = oneshot::channel();
-        let item = Item::Append(Deferred {
+        self.send(Deferred {
             events,
+            unit: None,
             key,
             projection,
-            answer,
-        });
-        if self.jobs.send(item).is_err() {
+            answer: oneshot::channel().0,
+        })
+        .await
+    }
+
+    /// Appends `events` to a unit's stream and saves `unit`'s live state, at the end of the
+    /// next batch: every unit changed in a batch is saved by one statement on PostgreSQL, a
+    /// unit changed twice with its later state.
+    pub async fn append_unit(
+        &self,
+        stream: &str,
+        events: Vec<NewEvent>,
+        unit: UnitRecord,
+    ) -> Result<(), StoreError> {
+        let events = events
+            .into_iter()
+            .map(|e| Prepared::new(stream, e))
+            .collect::<Result<Vec<_>, _>>()?;
+        self.send(Deferred {
+            events,
+            unit: Some(unit),
+            key: None,
+            projection: None,
+            answer: oneshot::channel().0,
+        })
+        .await
+    }
+
+    async fn send(&self, mut deferred: Deferred) -> Result<(), StoreError> {
+        let (answer, answered) = oneshot::channel();
+        deferred.answer = answer;
+        if self.jobs.send(Item::Append(Box::new(deferred))).is_err() {
             return Err(StoreError::Unavailable(
                 "the database writer has stopped".into(),
             ));
@@ -192,7 +224,18 @@ async fn flush(conn: &mut DbConn, deferred: &mut [Deferred]) -> Result<(), Store
         .iter_mut()
         .flat_map(|d| std::mem::take(&mut d.events))
         .collect();
-    events::append_many(conn, &events, chrono::Utc::now()).await?;
+    let now = chrono::Utc::now();
+    events::append_many(conn, &events, now).await?;
+    // Units: the last state of each, in one statement.
+    let mut units: Vec<&UnitRecord> = Vec::new();
+    for unit in deferred.iter().rev().filter_map(|d| d.unit.as_ref()) {
+        if !units.iter().any(|u| u.id == unit.id) {
+            units.push(unit);
+        }
+    }
+    if !units.is_empty() {
+        fleet::save_units(conn, &units, now).await?;
+    }
     let mut last_of_key: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for (i, d) in deferred.iter().enumerate() {
         if let Some(key) = d.key.as_deref() {
@@ -249,7 +292,7 @@ async fn writer(
         for item in batch.drain(..) {
             match item {
                 Item::Job(job) => work.push(job),
-                Item::Append(d) => deferred.push(d),
+                Item::Append(d) => deferred.push(*d),
             }
         }
         let conn = match &mut held {

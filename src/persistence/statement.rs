@@ -13,7 +13,7 @@ use std::marker::PhantomData;
 use diesel::expression::expression_types::Untyped;
 use diesel::pg::Pg;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
-use diesel::sql_types::{Array, BigInt, Integer, Nullable, Text, Timestamp};
+use diesel::sql_types::{Array, BigInt, Double, Integer, Nullable, Text, Timestamp};
 use diesel::sqlite::Sqlite;
 use diesel::{QueryResult, result::Error};
 
@@ -30,6 +30,10 @@ pub(crate) enum Bind<'a> {
     Texts(Vec<&'a str>),
     /// PostgreSQL only.
     OptTexts(Vec<Option<&'a str>>),
+    /// PostgreSQL only.
+    Floats(Vec<f64>),
+    /// PostgreSQL only.
+    Timestamps(Vec<chrono::NaiveDateTime>),
 }
 
 /// A statement: `parts[0] bind[0] parts[1] bind[1] …`; `K` names it for the statement cache
@@ -76,6 +80,8 @@ impl<K> QueryFragment<Pg> for Statement<'_, K> {
                 Some(Bind::Timestamp(v)) => out.push_bind_param::<Timestamp, _>(v)?,
                 Some(Bind::Texts(v)) => out.push_bind_param::<Array<Text>, _>(v)?,
                 Some(Bind::OptTexts(v)) => out.push_bind_param::<Array<Nullable<Text>>, _>(v)?,
+                Some(Bind::Floats(v)) => out.push_bind_param::<Array<Double>, _>(v)?,
+                Some(Bind::Timestamps(v)) => out.push_bind_param::<Array<Timestamp>, _>(v)?,
             }
         }
         Ok(())
@@ -94,7 +100,9 @@ impl<K> QueryFragment<Sqlite> for Statement<'_, K> {
                 Some(Bind::Text(v)) => out.push_bind_param::<Text, _>(*v)?,
                 Some(Bind::OptText(v)) => out.push_bind_param::<Nullable<Text>, _>(v)?,
                 Some(Bind::Timestamp(v)) => out.push_bind_param::<Timestamp, _>(v)?,
-                Some(Bind::Texts(_) | Bind::OptTexts(_)) => {
+                Some(
+                    Bind::Texts(_) | Bind::OptTexts(_) | Bind::Floats(_) | Bind::Timestamps(_),
+                ) => {
                     return Err(Error::QueryBuilderError(
                         "array binds are PostgreSQL-only".into(),
                     ));

@@ -20,6 +20,7 @@ both_backends!(
     tokens_store_only_hashes,
     group_commit_shares_commits_and_isolates_a_failed_write,
     group_commit_appends_many_streams_with_their_projections,
+    group_commit_saves_each_unit_once_with_its_latest_state,
 );
 
 fn event(kind: &str, n: i64) -> NewEvent {
@@ -649,4 +650,79 @@ async fn group_commit_appends_many_streams_with_their_projections(backend: Backe
         all.iter().map(|e| e.seq).collect::<Vec<_>>(),
         (1..=33).collect::<Vec<_>>()
     );
+}
+
+/// `GroupCommit::append_unit`: every unit's events are kept, and each unit's row ends with the
+/// state of its last change (one multi-row statement per batch on PostgreSQL).
+async fn group_commit_saves_each_unit_once_with_its_latest_state(backend: Backend) {
+    use shers::domain::geo::LatLng;
+    use shers::persistence::fleet::{self, UnitRecord};
+    use shers::persistence::group::GroupCommit;
+    let tdb = TestDb::new(backend).await;
+    let db = tdb.migrated().await;
+    let writer = GroupCommit::start(db.clone(), 64);
+    let mut conn = db.conn().await.unwrap();
+    let now = Utc::now();
+    let unit = |n: u32, step: u32| UnitRecord {
+        id: shers::domain::ids::UnitId(format!("u-{n}")),
+        call_sign: format!("U{n}"),
+        capability: "als".into(),
+        status: if step % 2 == 0 {
+            "available"
+        } else {
+            "reserved"
+        }
+        .into(),
+        location: LatLng {
+            lat: 55.9 + f64::from(step) / 1000.0,
+            lng: -3.2 - f64::from(n) / 1000.0,
+        },
+        fix_at: now,
+        base: None,
+        current_incident_id: (step % 2 == 1).then(|| format!("inc-{step}")),
+    };
+    for n in 0..3 {
+        fleet::insert_unit(&mut conn, &unit(n, 0), now)
+            .await
+            .unwrap();
+    }
+    let changes = (1..=7_u32).flat_map(|step| (0..3_u32).map(move |n| (n, step)));
+    let writes = changes.map(|(n, step)| {
+        let writer = writer.clone();
+        let record = unit(n, step);
+        async move {
+            let e = NewEvent::new("unit.location", json!({"n": n, "step": step}));
+            writer
+                .append_unit(&format!("unit-u-{n}"), vec![e], record)
+                .await
+        }
+    });
+    for r in futures_util::future::join_all(writes).await {
+        r.unwrap();
+    }
+    let stored = fleet::all_units(&mut conn).await.unwrap();
+    for n in 0..3 {
+        let got = stored.iter().find(|u| u.id.0 == format!("u-{n}")).unwrap();
+        let want = unit(n, 7);
+        assert_eq!(got.status, want.status);
+        assert_eq!(got.current_incident_id, want.current_incident_id);
+        assert!(
+            (got.location.lat - want.location.lat).abs() < 1e-9,
+            "{got:?}"
+        );
+        assert!(
+            (got.location.lng - want.location.lng).abs() < 1e-9,
+            "{got:?}"
+        );
+        let stream = events::read_stream(&mut conn, &format!("unit-u-{n}"))
+            .await
+            .unwrap();
+        assert_eq!(
+            stream
+                .iter()
+                .map(|e| e.data["step"].as_i64().unwrap())
+                .collect::<Vec<_>>(),
+            (1..=7).collect::<Vec<_>>()
+        );
+    }
 }
