@@ -667,7 +667,7 @@ async fn group_commit_saves_each_unit_once_with_its_latest_state(backend: Backen
         id: shers::domain::ids::UnitId(format!("u-{n}")),
         call_sign: format!("U{n}"),
         capability: "als".into(),
-        status: if step % 2 == 0 {
+        status: if step.is_multiple_of(2) {
             "available"
         } else {
             "reserved"
@@ -679,7 +679,7 @@ async fn group_commit_saves_each_unit_once_with_its_latest_state(backend: Backen
         },
         fix_at: now,
         base: None,
-        current_incident_id: (step % 2 == 1).then(|| format!("inc-{step}")),
+        current_incident_id: (!step.is_multiple_of(2)).then(|| format!("inc-{step}")),
     };
     for n in 0..3 {
         fleet::insert_unit(&mut conn, &unit(n, 0), now)
