@@ -842,18 +842,22 @@ impl IncidentActor {
             writer
                 .write(move |tx| {
                     Box::pin(async move {
+                        // One statement per distinct (status, reason): an accept closes
+                        // the winner's offer and withdraws the others in two.
                         let mut extra = Vec::new();
+                        let mut groups: Vec<(&str, &str, Vec<(OfferId, UnitId)>)> = Vec::new();
                         for (offer, unit, status, reason) in &closing {
+                            match groups
+                                .iter_mut()
+                                .find(|(s, r, _)| s == status && r == reason)
+                            {
+                                Some((_, _, offers)) => offers.push((*offer, unit.clone())),
+                                None => groups.push((status, reason, vec![(*offer, unit.clone())])),
+                            }
+                        }
+                        for (status, reason, offers) in &groups {
                             extra.extend(
-                                close_offers(
-                                    tx,
-                                    next.id,
-                                    &[(*offer, unit.clone())],
-                                    status,
-                                    reason,
-                                    now,
-                                )
-                                .await?,
+                                close_offers(tx, next.id, offers, status, reason, now).await?,
                             );
                         }
                         fleet_store::insert_offers(tx, &offers_to_insert).await?;

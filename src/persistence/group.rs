@@ -122,7 +122,7 @@ impl GroupCommit {
                 // Nested in the batch's transaction, this is a savepoint. A write alone in its
                 // batch needs none: if it fails, the writer rolls the whole transaction back.
                 let result = if isolate {
-                    conn.write_transaction(async |sp| work(sp).await).await
+                    isolated(conn, work).await
                 } else {
                     work(conn).await
                 };
@@ -215,6 +215,29 @@ impl GroupCommit {
             ))
         })
     }
+}
+
+/// Runs `work` in a savepoint of the batch's transaction. The savepoint is set by hand and
+/// never released (releasing is one more round trip and changes nothing before the commit);
+/// on failure the work is rolled back to it. All savepoints share one name: `ROLLBACK TO`
+/// finds the most recent, which is this write's.
+async fn isolated<T, E, F>(conn: &mut DbConn, work: F) -> Result<T, E>
+where
+    F: for<'a> FnOnce(&'a mut DbConn) -> WriteFuture<'a, T, E>,
+    E: From<StoreError>,
+{
+    savepoint(conn, "SAVEPOINT group_write").await?;
+    let result = work(conn).await;
+    if result.is_err() {
+        savepoint(conn, "ROLLBACK TO SAVEPOINT group_write").await?;
+    }
+    result
+}
+
+async fn savepoint(conn: &mut DbConn, sql: &str) -> Result<(), StoreError> {
+    use diesel_async::SimpleAsyncConnection as _;
+    crate::db_run!(conn, |c| c.batch_execute(sql).await)?;
+    Ok(())
 }
 
 /// Stores a batch's deferred appends: all events, then the projections that no later one
@@ -325,8 +348,12 @@ async fn writer(
                     Ok(())
                 } else if isolate {
                     // In a savepoint of its own: if it fails, the jobs above still commit.
-                    tx.write_transaction(async |sp| flush(sp, &mut deferred).await)
-                        .await
+                    savepoint(tx, "SAVEPOINT group_write").await?;
+                    let flushed = flush(tx, &mut deferred).await;
+                    if flushed.is_err() {
+                        savepoint(tx, "ROLLBACK TO SAVEPOINT group_write").await?;
+                    }
+                    flushed
                 } else {
                     match flush(tx, &mut deferred).await {
                         Ok(()) => Ok(()),
