@@ -540,6 +540,9 @@ impl Handler<InspectIncident> for IncidentActor {
 
 /// Closes pending offers in the store and returns the events that record it
 /// (`dispatch.offer_<status>`).
+/// Offers to close with one status and reason.
+type OfferGroup<'a> = (&'a str, &'a str, Vec<(OfferId, UnitId)>);
+
 async fn close_offers(
     tx: &mut DbConn,
     incident: IncidentId,
@@ -845,7 +848,7 @@ impl IncidentActor {
                         // One statement per distinct (status, reason): an accept closes
                         // the winner's offer and withdraws the others in two.
                         let mut extra = Vec::new();
-                        let mut groups: Vec<(&str, &str, Vec<(OfferId, UnitId)>)> = Vec::new();
+                        let mut groups: Vec<OfferGroup<'_>> = Vec::new();
                         for (offer, unit, status, reason) in &closing {
                             match groups
                                 .iter_mut()
