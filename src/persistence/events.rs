@@ -141,6 +141,42 @@ const INSERT_PG: &[&str] = &[
 ];
 struct InsertPg;
 
+/// PostgreSQL, for appends that check a version: the sequence bump and the insert in one
+/// statement (a data-modifying CTE). Its snapshot is taken before the sequence lock is
+/// granted, so the stream version it reads can miss an append committed while it waited; that
+/// append's caller was not expected by ours, so the unique `(stream_id, version)` constraint
+/// then rejects our insert as the conflict it is. (Appends of any version keep the two
+/// statements, where no such conflict may arise.) Binds: count, count, stream, recorded_at,
+/// stream, kinds, incident ids, unit ids, device ids, payloads, expected version.
+const INSERT_CHECKED_PG: &[&str] = &[
+    "WITH bumped AS (UPDATE event_sequence SET last_seq = last_seq + ",
+    " WHERE id = 1 RETURNING last_seq) \
+     INSERT INTO events \
+     (seq, stream_id, version, kind, incident_id, unit_id, device_id, payload, recorded_at) \
+     SELECT bumped.last_seq - ",
+    " + t.ord, ",
+    ", cur.v + t.ord, t.kind, t.incident_id, t.unit_id, t.device_id, t.payload, ",
+    " FROM bumped, (SELECT COALESCE(MAX(version), 0) AS v FROM events WHERE stream_id = ",
+    ") AS cur, unnest(",
+    "::text[], ",
+    "::text[], ",
+    "::text[], ",
+    "::text[], ",
+    "::text[]) WITH ORDINALITY AS t(kind, incident_id, unit_id, device_id, payload, ord) \
+     WHERE cur.v = ",
+    " RETURNING seq, version",
+];
+struct InsertCheckedPg;
+
+/// What [`INSERT_CHECKED_PG`] returns per event.
+#[derive(QueryableByName)]
+struct Stored {
+    #[diesel(sql_type = BigInt)]
+    seq: i64,
+    #[diesel(sql_type = BigInt)]
+    version: i64,
+}
+
 /// SQLite: one event per statement (SQLite has no arrays; statements are in-process). Binds:
 /// seq, stream, kind, incident id, unit id, device id, payload, recorded_at, stream,
 /// expectation, expectation.
@@ -220,7 +256,8 @@ struct Batch<'a> {
 }
 
 /// The append itself; the caller provides the transaction. Returns the first `seq` and the
-/// stream's version before the append. Two round trips on PostgreSQL whatever the batch size.
+/// stream's version before the append: one round trip on PostgreSQL for a version-checked append,
+/// two otherwise, whatever the batch size.
 async fn append_in_transaction(
     conn: &mut DbConn,
     batch: &Batch<'_>,
@@ -228,6 +265,9 @@ async fn append_in_transaction(
     let count = i64::try_from(batch.new.len())
         .map_err(|_| StoreError::Conflict("batch too large".into()))?;
     let check = required(batch.expected);
+    if let (DbConn::Postgres(_), Some(expected)) = (&*conn, check) {
+        return append_checked_pg(conn, batch, count, expected).await;
+    }
     let last: LastSeq = db_run!(&mut *conn, |c| {
         Statement::<BumpSequence>::new(BUMP_SEQUENCE, vec![Bind::BigInt(count)])
             .get_result(c)
@@ -286,32 +326,85 @@ async fn append_in_transaction(
         .load::<Assigned>(c)
         .await
     });
-    let assigned = inserted.map_err(|e| match StoreError::from(e) {
+    let assigned = inserted.map_err(|e| insert_failed(batch, e))?;
+    if assigned.is_empty() {
+        return Err(expectation_failed(conn, batch, count).await);
+    }
+    let first_version = assigned.iter().map(|a| a.version).min().unwrap_or(1);
+    Ok((first_seq, first_version - 1))
+}
+
+/// [`INSERT_CHECKED_PG`]: one round trip for a version-checked append on PostgreSQL.
+async fn append_checked_pg(
+    conn: &mut DbConn,
+    batch: &Batch<'_>,
+    count: i64,
+    expected: i64,
+) -> Result<(i64, i64), AppendError> {
+    let DbConn::Postgres(c) = &mut *conn else {
+        return Err(StoreError::Unavailable("not a PostgreSQL connection".into()).into());
+    };
+    let new = batch.new;
+    let stored = Statement::<InsertCheckedPg>::new(
+        INSERT_CHECKED_PG,
+        vec![
+            Bind::BigInt(count),
+            Bind::BigInt(count),
+            Bind::Text(batch.stream),
+            Bind::Timestamp(batch.recorded_at),
+            Bind::Text(batch.stream),
+            Bind::Texts(new.iter().map(|e| e.kind.as_str()).collect()),
+            Bind::OptTexts(new.iter().map(|e| e.incident_id.as_deref()).collect()),
+            Bind::OptTexts(new.iter().map(|e| e.unit_id.as_deref()).collect()),
+            Bind::OptTexts(new.iter().map(|e| e.device_id.as_deref()).collect()),
+            Bind::Texts(batch.payloads.iter().map(String::as_str).collect()),
+            Bind::BigInt(expected),
+        ],
+    )
+    .load::<Stored>(&mut **c)
+    .await
+    .map_err(|e| insert_failed(batch, e))?;
+    if stored.is_empty() {
+        return Err(expectation_failed(conn, batch, count).await);
+    }
+    let first_seq = stored.iter().map(|r| r.seq).min().unwrap_or(0);
+    let first_version = stored.iter().map(|r| r.version).min().unwrap_or(1);
+    Ok((first_seq, first_version - 1))
+}
+
+/// An insert error: a unique violation on `(stream_id, version)` is a conflict.
+fn insert_failed(batch: &Batch<'_>, e: diesel::result::Error) -> AppendError {
+    match StoreError::from(e) {
         StoreError::Conflict(_) => AppendError::Conflict {
             stream: batch.stream.to_owned(),
             expected: batch.expected,
             actual: -1,
         },
         other => AppendError::Store(other),
-    })?;
-    if assigned.is_empty() {
-        // The expectation did not hold: nothing was inserted. Give the numbers back so the
-        // sequence stays gap-free even if the caller goes on to commit something else.
-        let actual = current_version(conn, batch.stream).await?;
-        db_run!(&mut *conn, |c| {
-            diesel::sql_query(UNDO_SEQUENCE)
-                .bind::<BigInt, _>(count)
-                .execute(c)
-                .await?
-        });
-        return Err(AppendError::Conflict {
-            stream: batch.stream.to_owned(),
-            expected: batch.expected,
-            actual,
-        });
     }
-    let first_version = assigned.iter().map(|a| a.version).min().unwrap_or(1);
-    Ok((first_seq, first_version - 1))
+}
+
+/// The expectation did not hold and nothing was inserted: gives the sequence numbers back,
+/// so the sequence stays gap-free even if the caller goes on to commit something else.
+async fn expectation_failed(conn: &mut DbConn, batch: &Batch<'_>, count: i64) -> AppendError {
+    let actual = match current_version(conn, batch.stream).await {
+        Ok(v) => v,
+        Err(e) => return e.into(),
+    };
+    let undone: Result<usize, diesel::result::Error> = db_run!(&mut *conn, |c| {
+        diesel::sql_query(UNDO_SEQUENCE)
+            .bind::<BigInt, _>(count)
+            .execute(c)
+            .await
+    });
+    if let Err(e) = undone {
+        return e.into();
+    }
+    AppendError::Conflict {
+        stream: batch.stream.to_owned(),
+        expected: batch.expected,
+        actual,
+    }
 }
 
 /// Appends `new` to `stream` if its current version matches `expected`, atomically.
