@@ -451,6 +451,9 @@ impl Handler<Execute> for IncidentActor {
         let work = async move {
             writer
                 .write(move |tx| {
+                    // The writer may run this twice (see `GroupCommit::write`).
+                    let (to_store, closing, events) =
+                        (to_store.clone(), closing.clone(), events.clone());
                     Box::pin(async move {
                         let extra =
                             close_offers(tx, to_store.id, &closing, "withdrawn", "cancelled", now)
@@ -844,6 +847,13 @@ impl IncidentActor {
         async move {
             writer
                 .write(move |tx| {
+                    // The writer may run this twice (see `GroupCommit::write`).
+                    let (next, events, offers_to_insert, closing) = (
+                        next.clone(),
+                        events.clone(),
+                        offers_to_insert.clone(),
+                        closing.clone(),
+                    );
                     Box::pin(async move {
                         // One statement per distinct (status, reason): an accept closes
                         // the winner's offer and withdraws the others in two.
@@ -1464,6 +1474,8 @@ async fn create(
 ) -> Result<(Incident, i64), IncidentError> {
     writer
         .write(move |tx| {
+            // The writer may run this twice (see `GroupCommit::write`).
+            let (req, first_offers) = (req.clone(), first_offers.clone());
             Box::pin(async move {
                 let patient = match &req.patient_id {
                     Some(pid) => Some(

@@ -29,19 +29,59 @@ use super::fleet::{self, UnitRecord};
 use super::{Db, DbConn, StoreError};
 use crate::domain::events::NewEvent;
 
-/// A write's answer, given once the batch's commit is known.
-type Completion = Box<dyn FnOnce()>;
+/// A queued write. Jobs come from any thread (device actors run on their own arbiters); they
+/// run on the writer's. A job may run twice: first optimistically, with the rest of its batch
+/// and no savepoint; again in a savepoint of its own if some write of the batch failed and the
+/// batch was replayed. Only the last run's result is answered, after the commit.
+trait Write: Send {
+    /// Runs the work (in a savepoint when `isolate`); keeps the result; true when it succeeded.
+    fn run<'a>(
+        &'a mut self,
+        conn: &'a mut DbConn,
+        isolate: bool,
+    ) -> Pin<Box<dyn Future<Output = bool> + 'a>>;
+    /// Answers with the kept result (the batch committed, or this write failed alone).
+    fn answer(self: Box<Self>);
+}
 
-/// A queued write: runs (in a savepoint when `isolate` is true) and returns how to answer
-/// once committed, or `None` when it failed (and has answered already). Jobs come from any
-/// thread (device actors run on their own arbiters); they run on the writer's.
-type Job = Box<
-    dyn for<'a> FnOnce(
-            &'a mut DbConn,
-            bool,
-        ) -> Pin<Box<dyn Future<Output = Option<Completion>> + 'a>>
-        + Send,
->;
+/// A [`Write`] of `work`, answered on `answer`.
+struct Pending<F, T, E> {
+    work: F,
+    result: Option<Result<T, E>>,
+    answer: oneshot::Sender<Result<T, E>>,
+}
+
+impl<F, T, E> Write for Pending<F, T, E>
+where
+    F: for<'a> Fn(&'a mut DbConn) -> WriteFuture<'a, T, E> + Send,
+    T: Send,
+    E: From<StoreError> + Send,
+{
+    fn run<'a>(
+        &'a mut self,
+        conn: &'a mut DbConn,
+        isolate: bool,
+    ) -> Pin<Box<dyn Future<Output = bool> + 'a>> {
+        Box::pin(async move {
+            let result = if isolate {
+                isolated(conn, &self.work).await
+            } else {
+                (self.work)(conn).await
+            };
+            let ok = result.is_ok();
+            self.result = Some(result);
+            ok
+        })
+    }
+
+    fn answer(self: Box<Self>) {
+        if let Some(result) = self.result {
+            let _ = self.answer.send(result);
+        }
+    }
+}
+
+type Job = Box<dyn Write>;
 
 /// The future a write's work returns, borrowing the connection.
 pub type WriteFuture<'a, T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + 'a>>;
@@ -109,33 +149,20 @@ impl GroupCommit {
 
     /// Runs `work` in a transaction shared with other writes; returns its result once the
     /// shared commit has succeeded (or its own error, with its changes rolled back). If the
-    /// caller stops waiting, the write still completes or rolls back as a whole.
+    /// caller stops waiting, the write still completes or rolls back as a whole. `work` may run
+    /// twice (see [`Write`]): it must only touch the database, and rebuild anything it moves
+    /// into its future on each call.
     pub async fn write<T, E, F>(&self, work: F) -> Result<T, E>
     where
-        F: for<'a> FnOnce(&'a mut DbConn) -> WriteFuture<'a, T, E> + Send + 'static,
+        F: for<'a> Fn(&'a mut DbConn) -> WriteFuture<'a, T, E> + Send + 'static,
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
         let (answer, answered) = oneshot::channel::<Result<T, E>>();
-        let job: Job = Box::new(move |conn, isolate| {
-            Box::pin(async move {
-                // Nested in the batch's transaction, this is a savepoint. A write alone in its
-                // batch needs none: if it fails, the writer rolls the whole transaction back.
-                let result = if isolate {
-                    isolated(conn, work).await
-                } else {
-                    work(conn).await
-                };
-                match result {
-                    Ok(value) => Some(Box::new(move || {
-                        let _ = answer.send(Ok(value));
-                    }) as Completion),
-                    Err(e) => {
-                        let _ = answer.send(Err(e));
-                        None
-                    }
-                }
-            })
+        let job: Job = Box::new(Pending {
+            work,
+            result: None,
+            answer,
         });
         if self.jobs.send(Item::Job(job)).is_err() {
             return Err(StoreError::Unavailable("the database writer has stopped".into()).into());
@@ -221,9 +248,9 @@ impl GroupCommit {
 /// never released (releasing is one more round trip and changes nothing before the commit);
 /// on failure the work is rolled back to it. All savepoints share one name: `ROLLBACK TO`
 /// finds the most recent, which is this write's.
-async fn isolated<T, E, F>(conn: &mut DbConn, work: F) -> Result<T, E>
+async fn isolated<T, E, F>(conn: &mut DbConn, work: &F) -> Result<T, E>
 where
-    F: for<'a> FnOnce(&'a mut DbConn) -> WriteFuture<'a, T, E>,
+    F: for<'a> Fn(&'a mut DbConn) -> WriteFuture<'a, T, E>,
     E: From<StoreError>,
 {
     savepoint(conn, "SAVEPOINT group_write").await?;
@@ -284,7 +311,7 @@ async fn flush(conn: &mut DbConn, deferred: &mut [Deferred]) -> Result<(), Store
 
 /// Why a batch's transaction was not committed.
 enum Batch {
-    /// Its only write failed (and has been answered).
+    /// A write failed outside a savepoint (the transaction was rolled back).
     Failed,
     /// Its appends failed, with nothing else in the batch.
     Appends(StoreError),
@@ -296,6 +323,42 @@ impl From<StoreError> for Batch {
     fn from(e: StoreError) -> Self {
         Self::Store(e)
     }
+}
+
+/// One attempt at a batch, in one transaction: the writes (each in a savepoint when
+/// `isolate`), then the appends. Returns how the appends went; `Batch::Failed` when a write
+/// failed without a savepoint (the transaction is rolled back and nothing was answered).
+async fn run_batch(
+    conn: &mut DbConn,
+    work: &mut [Job],
+    deferred: &mut [Deferred],
+    isolate: bool,
+) -> Result<Result<(), StoreError>, Batch> {
+    conn.write_transaction(async |tx| {
+        for job in work.iter_mut() {
+            if !job.run(tx, isolate).await && !isolate {
+                return Err(Batch::Failed);
+            }
+        }
+        if deferred.is_empty() {
+            Ok(Ok(()))
+        } else if work.is_empty() {
+            // Nothing else to protect: a failure rolls the transaction back.
+            match flush(tx, deferred).await {
+                Ok(()) => Ok(Ok(())),
+                Err(e) => Err(Batch::Appends(e)),
+            }
+        } else {
+            // In a savepoint of its own: if it fails, the writes above still commit.
+            savepoint(tx, "SAVEPOINT group_write").await?;
+            let flushed = flush(tx, deferred).await;
+            if flushed.is_err() {
+                savepoint(tx, "ROLLBACK TO SAVEPOINT group_write").await?;
+            }
+            Ok(flushed)
+        }
+    })
+    .await
 }
 
 async fn writer(
@@ -329,49 +392,25 @@ async fn writer(
                 }
             },
         };
-        // Savepoints keep one write's failure from undoing the others; a batch of one write
-        // (common when the writer keeps up) needs none, which saves two round trips.
-        let isolate = work.len() + usize::from(!deferred.is_empty()) > 1;
         let started = std::time::Instant::now();
-        let committed = conn
-            .write_transaction(async |tx| {
-                let mut answers = Vec::with_capacity(work.len());
-                for job in work {
-                    match job(tx, isolate).await {
-                        Some(answer) => answers.push(answer),
-                        // Alone in the batch and failed (already answered): roll back.
-                        None if !isolate => return Err(Batch::Failed),
-                        None => {}
-                    }
-                }
-                let flushed = if deferred.is_empty() {
-                    Ok(())
-                } else if isolate {
-                    // In a savepoint of its own: if it fails, the jobs above still commit.
-                    savepoint(tx, "SAVEPOINT group_write").await?;
-                    let flushed = flush(tx, &mut deferred).await;
-                    if flushed.is_err() {
-                        savepoint(tx, "ROLLBACK TO SAVEPOINT group_write").await?;
-                    }
-                    flushed
-                } else {
-                    match flush(tx, &mut deferred).await {
-                        Ok(()) => Ok(()),
-                        Err(e) => return Err(Batch::Appends(e)),
-                    }
-                };
-                Ok::<_, Batch>((answers, flushed))
-            })
-            .await;
+        // First without savepoints (one round trip per write fewer). If a write fails, that
+        // transaction is rolled back and the batch replayed with a savepoint per write, so
+        // only the failing write fails. A lone write that fails is simply rolled back.
+        let mut work = work;
+        let mut committed = run_batch(conn, &mut work, &mut deferred, false).await;
+        if matches!(committed, Err(Batch::Failed)) && (work.len() > 1 || !deferred.is_empty()) {
+            metrics::counter!("shers_group_commit_replays_total").increment(1);
+            committed = run_batch(conn, &mut work, &mut deferred, true).await;
+        }
         metrics::histogram!("shers_group_commit_seconds").record(started.elapsed().as_secs_f64());
-        let (answers, flushed) = match committed {
-            Ok(done) => {
+        let flushed = match committed {
+            Ok(flushed) => {
                 stats.commits.fetch_add(1, Ordering::Relaxed);
-                done
+                flushed
             }
-            // A lone write failed and has been answered; the rollback undid it.
-            Err(Batch::Failed) => (Vec::new(), Ok(())),
-            Err(Batch::Appends(e)) => (Vec::new(), Err(e)),
+            // A lone write failed; the rollback undid it and it is answered with its error.
+            Err(Batch::Failed) => Ok(()),
+            Err(Batch::Appends(e)) => Err(e),
             // The answers are dropped: every waiting writer is told nothing was written.
             Err(Batch::Store(e)) => {
                 tracing::warn!(error = %e, writes = size, "group commit failed");
@@ -380,7 +419,7 @@ async fn writer(
                 continue;
             }
         };
-        answers.into_iter().for_each(|answer| answer());
+        work.into_iter().for_each(|job| job.answer());
         match flushed {
             Ok(()) => deferred.into_iter().for_each(|d| {
                 let _ = d.answer.send(Ok(()));

@@ -439,6 +439,7 @@ async fn group_commit_shares_commits_and_isolates_a_failed_write(backend: Backen
             };
             writer
                 .write(move |tx| {
+                    let stream = stream.clone();
                     Box::pin(async move {
                         events::append(
                             tx,
