@@ -150,8 +150,8 @@ impl GroupCommit {
     /// Runs `work` in a transaction shared with other writes; returns its result once the
     /// shared commit has succeeded (or its own error, with its changes rolled back). If the
     /// caller stops waiting, the write still completes or rolls back as a whole. `work` may run
-    /// twice (see [`Write`]): it must only touch the database, and rebuild anything it moves
-    /// into its future on each call.
+    /// twice (optimistically, then again in a savepoint if its batch is replayed): it must only
+    /// touch the database, and rebuild anything it moves into its future on each call.
     pub async fn write<T, E, F>(&self, work: F) -> Result<T, E>
     where
         F: for<'a> Fn(&'a mut DbConn) -> WriteFuture<'a, T, E> + Send + 'static,
