@@ -120,11 +120,10 @@ macro_rules! insert_events {
     };
 }
 
-/// PostgreSQL: every event of the batch in one statement. The stream's current version is read
-/// in the same statement, whose snapshot is taken after the sequence lock was acquired, so it
-/// sees every earlier append; the expectation (NULL for any) is checked in its `WHERE`, so a
-/// mismatch inserts nothing and returns no rows. Binds: base seq, stream, recorded_at, stream,
-/// kinds, incident ids, unit ids, device ids, payloads, expectation, expectation.
+/// PostgreSQL, for appends of any version: every event of the batch in one statement. The
+/// stream's current version is read in the same statement, whose snapshot is taken after the
+/// sequence lock was acquired (by the statement before), so it sees every earlier append.
+/// Binds: base seq, stream, recorded_at, stream, then [`Batch::columns`].
 const INSERT_PG: &[&str] = &[
     insert_events!(),
     " + t.ord, ",
@@ -135,9 +134,8 @@ const INSERT_PG: &[&str] = &[
     "::text[], ",
     "::text[], ",
     "::text[], ",
-    "::text[]) WITH ORDINALITY AS t(kind, incident_id, unit_id, device_id, payload, ord) WHERE ",
-    "::bigint IS NULL OR cur.v = ",
-    " RETURNING version",
+    "::text[]) WITH ORDINALITY AS t(kind, incident_id, unit_id, device_id, payload, ord) \
+     RETURNING version",
 ];
 struct InsertPg;
 
@@ -147,7 +145,7 @@ struct InsertPg;
 /// append's caller was not expected by ours, so the unique `(stream_id, version)` constraint
 /// then rejects our insert as the conflict it is. (Appends of any version keep the two
 /// statements, where no such conflict may arise.) Binds: count, count, stream, recorded_at,
-/// stream, kinds, incident ids, unit ids, device ids, payloads, expected version.
+/// stream, [`Batch::columns`], expected version.
 const INSERT_CHECKED_PG: &[&str] = &[
     "WITH bumped AS (UPDATE event_sequence SET last_seq = last_seq + ",
     " WHERE id = 1 RETURNING last_seq) \
@@ -255,6 +253,21 @@ struct Batch<'a> {
     recorded_at: chrono::NaiveDateTime,
 }
 
+impl<'a> Batch<'a> {
+    /// The per-event columns as PostgreSQL arrays, in the order the inserts' `unnest` takes
+    /// them: kinds, incident ids, unit ids, device ids, payloads.
+    fn columns(&self) -> [Bind<'a>; 5] {
+        let new = self.new;
+        [
+            Bind::Texts(new.iter().map(|e| e.kind.as_str()).collect()),
+            Bind::OptTexts(new.iter().map(|e| e.incident_id.as_deref()).collect()),
+            Bind::OptTexts(new.iter().map(|e| e.unit_id.as_deref()).collect()),
+            Bind::OptTexts(new.iter().map(|e| e.device_id.as_deref()).collect()),
+            Bind::Texts(self.payloads.iter().map(String::as_str).collect()),
+        ]
+    }
+}
+
 /// The append itself; the caller provides the transaction. Returns the first `seq` and the
 /// stream's version before the append: one round trip on PostgreSQL for a version-checked append,
 /// two otherwise, whatever the batch size.
@@ -300,31 +313,17 @@ async fn append_in_transaction(
         }
         outcome.map(|()| assigned)
     } else |c| {
-        let kinds: Vec<&str> = batch.new.iter().map(|e| e.kind.as_str()).collect();
-        let incidents: Vec<Option<&str>> =
-            batch.new.iter().map(|e| e.incident_id.as_deref()).collect();
-        let units: Vec<Option<&str>> = batch.new.iter().map(|e| e.unit_id.as_deref()).collect();
-        let devices: Vec<Option<&str>> =
-            batch.new.iter().map(|e| e.device_id.as_deref()).collect();
-        let payloads: Vec<&str> = batch.payloads.iter().map(String::as_str).collect();
-        Statement::<InsertPg>::new(
-            INSERT_PG,
-            vec![
-                Bind::BigInt(first_seq - 1),
-                Bind::Text(batch.stream),
-                Bind::Timestamp(batch.recorded_at),
-                Bind::Text(batch.stream),
-                Bind::Texts(kinds),
-                Bind::OptTexts(incidents),
-                Bind::OptTexts(units),
-                Bind::OptTexts(devices),
-                Bind::Texts(payloads),
-                Bind::OptBigInt(check),
-                Bind::OptBigInt(check),
-            ],
-        )
-        .load::<Assigned>(c)
-        .await
+        // Version-checked appends took `append_checked_pg`: here any version goes.
+        let mut binds = vec![
+            Bind::BigInt(first_seq - 1),
+            Bind::Text(batch.stream),
+            Bind::Timestamp(batch.recorded_at),
+            Bind::Text(batch.stream),
+        ];
+        binds.extend(batch.columns());
+        Statement::<InsertPg>::new(INSERT_PG, binds)
+            .load::<Assigned>(c)
+            .await
     });
     let assigned = inserted.map_err(|e| insert_failed(batch, e))?;
     if assigned.is_empty() {
@@ -344,26 +343,19 @@ async fn append_checked_pg(
     let DbConn::Postgres(c) = &mut *conn else {
         return Err(StoreError::Unavailable("not a PostgreSQL connection".into()).into());
     };
-    let new = batch.new;
-    let stored = Statement::<InsertCheckedPg>::new(
-        INSERT_CHECKED_PG,
-        vec![
-            Bind::BigInt(count),
-            Bind::BigInt(count),
-            Bind::Text(batch.stream),
-            Bind::Timestamp(batch.recorded_at),
-            Bind::Text(batch.stream),
-            Bind::Texts(new.iter().map(|e| e.kind.as_str()).collect()),
-            Bind::OptTexts(new.iter().map(|e| e.incident_id.as_deref()).collect()),
-            Bind::OptTexts(new.iter().map(|e| e.unit_id.as_deref()).collect()),
-            Bind::OptTexts(new.iter().map(|e| e.device_id.as_deref()).collect()),
-            Bind::Texts(batch.payloads.iter().map(String::as_str).collect()),
-            Bind::BigInt(expected),
-        ],
-    )
-    .load::<Stored>(&mut **c)
-    .await
-    .map_err(|e| insert_failed(batch, e))?;
+    let mut binds = vec![
+        Bind::BigInt(count),
+        Bind::BigInt(count),
+        Bind::Text(batch.stream),
+        Bind::Timestamp(batch.recorded_at),
+        Bind::Text(batch.stream),
+    ];
+    binds.extend(batch.columns());
+    binds.push(Bind::BigInt(expected));
+    let stored = Statement::<InsertCheckedPg>::new(INSERT_CHECKED_PG, binds)
+        .load::<Stored>(&mut **c)
+        .await
+        .map_err(|e| insert_failed(batch, e))?;
     if stored.is_empty() {
         return Err(expectation_failed(conn, batch, count).await);
     }

@@ -371,73 +371,40 @@ pub async fn close_offers(
     if ids.is_empty() {
         return Ok(Vec::new());
     }
+    let changes = (
+        offers::status.eq(status),
+        offers::responded_at.eq(Some(to_db_time(at))),
+        offers::decline_reason.eq(decline_reason),
+    );
     let moved: Vec<String> = db_run!(conn, |c| {
+        // SQLite (in-process): a statement per offer, since diesel has no RETURNING there.
         let mut moved = Vec::with_capacity(ids.len());
         for id in ids {
             let id = id.to_string();
-            let n = diesel::update(
-                offers::table
-                    .filter(offers::id.eq(&id))
-                    .filter(offers::status.eq("pending")),
-            )
-            .set((
-                offers::status.eq(status),
-                offers::responded_at.eq(Some(to_db_time(at))),
-                offers::decline_reason.eq(decline_reason),
-            ))
-            .execute(c)
-            .await?;
-            if n == 1 {
+            let pending = offers::table
+                .filter(offers::id.eq(&id))
+                .filter(offers::status.eq("pending"));
+            if diesel::update(pending).set(changes).execute(c).await? == 1 {
                 moved.push(id);
             }
         }
         moved
     } else |c| {
         let keys: Vec<String> = ids.iter().map(ToString::to_string).collect();
-        diesel::update(
-            offers::table
-                .filter(offers::id.eq_any(&keys))
-                .filter(offers::status.eq("pending")),
-        )
-        .set((
-            offers::status.eq(status),
-            offers::responded_at.eq(Some(to_db_time(at))),
-            offers::decline_reason.eq(decline_reason),
-        ))
-        .returning(offers::id)
-        .get_results(c)
-        .await?
+        let pending = offers::table
+            .filter(offers::id.eq_any(&keys))
+            .filter(offers::status.eq("pending"));
+        diesel::update(pending)
+            .set(changes)
+            .returning(offers::id)
+            .get_results(c)
+            .await?
     });
     Ok(ids
         .iter()
         .filter(|id| moved.contains(&id.to_string()))
         .copied()
         .collect())
-}
-
-/// Moves a pending offer to `status`; false when it was no longer pending.
-pub async fn close_offer(
-    conn: &mut DbConn,
-    id: OfferId,
-    status: &str,
-    at: DateTime<Utc>,
-    decline_reason: Option<&str>,
-) -> Result<bool, StoreError> {
-    let n = db_run!(conn, |c| {
-        diesel::update(
-            offers::table
-                .filter(offers::id.eq(id.to_string()))
-                .filter(offers::status.eq("pending")),
-        )
-        .set((
-            offers::status.eq(status),
-            offers::responded_at.eq(Some(to_db_time(at))),
-            offers::decline_reason.eq(decline_reason),
-        ))
-        .execute(c)
-        .await?
-    });
-    Ok(n == 1)
 }
 
 fn offer_from_row(r: OfferRow) -> Result<OfferRecord, StoreError> {

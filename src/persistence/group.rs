@@ -165,16 +165,11 @@ impl GroupCommit {
             answer,
         });
         if self.jobs.send(Item::Job(job)).is_err() {
-            return Err(StoreError::Unavailable("the database writer has stopped".into()).into());
+            return Err(writer_stopped().into());
         }
-        // A dropped answer means the batch's commit (or connection) failed: nothing of this
-        // write was kept.
-        answered.await.unwrap_or_else(|_| {
-            Err(
-                StoreError::Unavailable("the shared commit failed; nothing was written".into())
-                    .into(),
-            )
-        })
+        answered
+            .await
+            .unwrap_or_else(|_| Err(commit_failed().into()))
     }
 }
 
@@ -191,18 +186,7 @@ impl GroupCommit {
         key: Option<String>,
         projection: Option<Projection>,
     ) -> Result<(), StoreError> {
-        let events = events
-            .into_iter()
-            .map(|e| Prepared::new(stream, e))
-            .collect::<Result<Vec<_>, _>>()?;
-        self.send(Deferred {
-            events,
-            unit: None,
-            key,
-            projection,
-            answer: oneshot::channel().0,
-        })
-        .await
+        self.send(stream, events, None, key, projection).await
     }
 
     /// Appends `events` to a unit's stream and saves `unit`'s live state, at the end of the
@@ -214,34 +198,46 @@ impl GroupCommit {
         events: Vec<NewEvent>,
         unit: UnitRecord,
     ) -> Result<(), StoreError> {
+        self.send(stream, events, Some(unit), None, None).await
+    }
+
+    /// Queues a deferred append (serialised here, off the writer's thread) and waits for its
+    /// batch's commit.
+    async fn send(
+        &self,
+        stream: &str,
+        events: Vec<NewEvent>,
+        unit: Option<UnitRecord>,
+        key: Option<String>,
+        projection: Option<Projection>,
+    ) -> Result<(), StoreError> {
         let events = events
             .into_iter()
             .map(|e| Prepared::new(stream, e))
             .collect::<Result<Vec<_>, _>>()?;
-        self.send(Deferred {
-            events,
-            unit: Some(unit),
-            key: None,
-            projection: None,
-            answer: oneshot::channel().0,
-        })
-        .await
-    }
-
-    async fn send(&self, mut deferred: Deferred) -> Result<(), StoreError> {
         let (answer, answered) = oneshot::channel();
-        deferred.answer = answer;
+        let deferred = Deferred {
+            events,
+            unit,
+            key,
+            projection,
+            answer,
+        };
         if self.jobs.send(Item::Append(Box::new(deferred))).is_err() {
-            return Err(StoreError::Unavailable(
-                "the database writer has stopped".into(),
-            ));
+            return Err(writer_stopped());
         }
-        answered.await.unwrap_or_else(|_| {
-            Err(StoreError::Unavailable(
-                "the shared commit failed; nothing was written".into(),
-            ))
-        })
+        answered.await.unwrap_or_else(|_| Err(commit_failed()))
     }
+}
+
+/// The writer task has ended (the system is stopping).
+fn writer_stopped() -> StoreError {
+    StoreError::Unavailable("the database writer has stopped".into())
+}
+
+/// A dropped answer: the batch's commit (or connection) failed, nothing of the write was kept.
+fn commit_failed() -> StoreError {
+    StoreError::Unavailable("the shared commit failed; nothing was written".into())
 }
 
 /// Runs `work` in a savepoint of the batch's transaction. The savepoint is set by hand and

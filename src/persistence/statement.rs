@@ -66,49 +66,46 @@ impl<K> Query for Statement<'_, K> {
     type SqlType = Untyped;
 }
 
-impl<K> QueryFragment<Pg> for Statement<'_, K> {
-    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
-        for (i, part) in self.parts.iter().enumerate() {
-            out.push_sql(part);
-            match self.binds.get(i) {
+/// `walk_ast` for one backend: the SQL pieces with the scalar binds between them (the same on
+/// every backend); `$arrays` handles an array bind (`$bind`).
+macro_rules! walk_statement {
+    ($self:ident, $out:ident, |$bind:ident| $arrays:expr) => {{
+        for (i, part) in $self.parts.iter().enumerate() {
+            $out.push_sql(part);
+            match $self.binds.get(i) {
                 None => {}
-                Some(Bind::BigInt(v)) => out.push_bind_param::<BigInt, _>(v)?,
-                Some(Bind::OptBigInt(v)) => out.push_bind_param::<Nullable<BigInt>, _>(v)?,
-                Some(Bind::Int(v)) => out.push_bind_param::<Integer, _>(v)?,
-                Some(Bind::Text(v)) => out.push_bind_param::<Text, _>(*v)?,
-                Some(Bind::OptText(v)) => out.push_bind_param::<Nullable<Text>, _>(v)?,
-                Some(Bind::Timestamp(v)) => out.push_bind_param::<Timestamp, _>(v)?,
-                Some(Bind::Texts(v)) => out.push_bind_param::<Array<Text>, _>(v)?,
-                Some(Bind::OptTexts(v)) => out.push_bind_param::<Array<Nullable<Text>>, _>(v)?,
-                Some(Bind::Floats(v)) => out.push_bind_param::<Array<Double>, _>(v)?,
-                Some(Bind::Timestamps(v)) => out.push_bind_param::<Array<Timestamp>, _>(v)?,
+                Some(Bind::BigInt(v)) => $out.push_bind_param::<BigInt, _>(v)?,
+                Some(Bind::OptBigInt(v)) => $out.push_bind_param::<Nullable<BigInt>, _>(v)?,
+                Some(Bind::Int(v)) => $out.push_bind_param::<Integer, _>(v)?,
+                Some(Bind::Text(v)) => $out.push_bind_param::<Text, _>(*v)?,
+                Some(Bind::OptText(v)) => $out.push_bind_param::<Nullable<Text>, _>(v)?,
+                Some(Bind::Timestamp(v)) => $out.push_bind_param::<Timestamp, _>(v)?,
+                Some($bind) => $arrays,
             }
         }
         Ok(())
+    }};
+}
+
+impl<K> QueryFragment<Pg> for Statement<'_, K> {
+    fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Pg>) -> QueryResult<()> {
+        walk_statement!(self, out, |bind| match bind {
+            Bind::Texts(v) => out.push_bind_param::<Array<Text>, _>(v)?,
+            Bind::OptTexts(v) => out.push_bind_param::<Array<Nullable<Text>>, _>(v)?,
+            Bind::Floats(v) => out.push_bind_param::<Array<Double>, _>(v)?,
+            Bind::Timestamps(v) => out.push_bind_param::<Array<Timestamp>, _>(v)?,
+            // Scalars were pushed by the macro.
+            _ => {}
+        })
     }
 }
 
 impl<K> QueryFragment<Sqlite> for Statement<'_, K> {
     fn walk_ast<'b>(&'b self, mut out: AstPass<'_, 'b, Sqlite>) -> QueryResult<()> {
-        for (i, part) in self.parts.iter().enumerate() {
-            out.push_sql(part);
-            match self.binds.get(i) {
-                None => {}
-                Some(Bind::BigInt(v)) => out.push_bind_param::<BigInt, _>(v)?,
-                Some(Bind::OptBigInt(v)) => out.push_bind_param::<Nullable<BigInt>, _>(v)?,
-                Some(Bind::Int(v)) => out.push_bind_param::<Integer, _>(v)?,
-                Some(Bind::Text(v)) => out.push_bind_param::<Text, _>(*v)?,
-                Some(Bind::OptText(v)) => out.push_bind_param::<Nullable<Text>, _>(v)?,
-                Some(Bind::Timestamp(v)) => out.push_bind_param::<Timestamp, _>(v)?,
-                Some(
-                    Bind::Texts(_) | Bind::OptTexts(_) | Bind::Floats(_) | Bind::Timestamps(_),
-                ) => {
-                    return Err(Error::QueryBuilderError(
-                        "array binds are PostgreSQL-only".into(),
-                    ));
-                }
-            }
-        }
-        Ok(())
+        walk_statement!(self, out, |_bind| {
+            return Err(Error::QueryBuilderError(
+                "array binds are PostgreSQL-only".into(),
+            ));
+        })
     }
 }
