@@ -641,6 +641,8 @@ async fn persist_changes(
         .collect();
     // Batched with the batch's other unit and device appends (see `GroupCommit::append`).
     let projection: Projection = Box::new(move |tx| {
+        // It may run twice (a replayed batch): each run gets its own copies.
+        let (device_id, evidence) = (device_id.clone(), evidence.clone());
         Box::pin(async move {
             patients::set_device_status(tx, &device_id, final_status.as_str(), last_seen).await?;
             if !evidence.is_empty() {

@@ -16,7 +16,7 @@ use diesel_async::RunQueryDsl;
 
 use super::schema::{event_sequence, events};
 use super::statement::{Bind, Statement};
-use super::{DbConn, StoreError, from_db_time, to_db_time};
+use super::{Backend, DbConn, StoreError, from_db_time, to_db_time};
 use crate::db_run;
 use crate::domain::events::{ExpectedVersion, NewEvent, RecordedEvent};
 
@@ -278,7 +278,7 @@ async fn append_in_transaction(
     let count = i64::try_from(batch.new.len())
         .map_err(|_| StoreError::Conflict("batch too large".into()))?;
     let check = required(batch.expected);
-    if let (DbConn::Postgres(_), Some(expected)) = (&*conn, check) {
+    if let (Backend::Postgres, Some(expected)) = (conn.backend(), check) {
         return append_checked_pg(conn, batch, count, expected).await;
     }
     let last: LastSeq = db_run!(&mut *conn, |c| {
@@ -340,9 +340,6 @@ async fn append_checked_pg(
     count: i64,
     expected: i64,
 ) -> Result<(i64, i64), AppendError> {
-    let DbConn::Postgres(c) = &mut *conn else {
-        return Err(StoreError::Unavailable("not a PostgreSQL connection".into()).into());
-    };
     let mut binds = vec![
         Bind::BigInt(count),
         Bind::BigInt(count),
@@ -352,10 +349,14 @@ async fn append_checked_pg(
     ];
     binds.extend(batch.columns());
     binds.push(Bind::BigInt(expected));
-    let stored = Statement::<InsertCheckedPg>::new(INSERT_CHECKED_PG, binds)
-        .load::<Stored>(&mut **c)
-        .await
-        .map_err(|e| insert_failed(batch, e))?;
+    let stored: Result<Vec<Stored>, diesel::result::Error> = db_run!(&mut *conn, |_sqlite| {
+        Err(diesel::result::Error::QueryBuilderError("not a PostgreSQL connection".into()))
+    } else |c| {
+        Statement::<InsertCheckedPg>::new(INSERT_CHECKED_PG, binds)
+            .load::<Stored>(c)
+            .await
+    });
+    let stored = stored.map_err(|e| insert_failed(batch, e))?;
     if stored.is_empty() {
         return Err(expectation_failed(conn, batch, count).await);
     }
@@ -378,11 +379,22 @@ fn insert_failed(batch: &Batch<'_>, e: diesel::result::Error) -> AppendError {
 
 /// The expectation did not hold and nothing was inserted: gives the sequence numbers back,
 /// so the sequence stays gap-free even if the caller goes on to commit something else.
+///
+/// On a shared connection (a pipelined batch, whose other writes may have taken sequence
+/// numbers since) the numbers cannot be given back: the transaction is marked not to be
+/// committed instead, and the writer replays the batch one write at a time.
 async fn expectation_failed(conn: &mut DbConn, batch: &Batch<'_>, count: i64) -> AppendError {
     let actual = match current_version(conn, batch.stream).await {
         Ok(v) => v,
         Err(e) => return e.into(),
     };
+    if conn.poison() {
+        return AppendError::Conflict {
+            stream: batch.stream.to_owned(),
+            expected: batch.expected,
+            actual,
+        };
+    }
     let undone: Result<usize, diesel::result::Error> = db_run!(&mut *conn, |c| {
         diesel::sql_query(UNDO_SEQUENCE)
             .bind::<BigInt, _>(count)
@@ -482,17 +494,24 @@ impl Prepared {
     }
 }
 
-/// PostgreSQL: events of many streams in one statement, each stream's versions continuing
-/// from its current last version in the order given (`ROW_NUMBER` per stream). Same snapshot
-/// argument as [`INSERT_PG`]: the sequence lock is taken by the statement before. Binds: base
-/// seq, recorded_at, streams, kinds, incident ids, unit ids, device ids, payloads.
+/// PostgreSQL: events of many streams in one statement with the sequence bump (a
+/// data-modifying CTE), each stream's versions continuing from its current last version in
+/// the order given (`ROW_NUMBER` per stream). The streams have one writer by design, so the
+/// statement's snapshot (taken before the sequence lock is granted) cannot miss an append to
+/// them. Binds: count, count, recorded_at, streams, kinds, incident ids, unit ids, device ids,
+/// payloads.
 const INSERT_MANY_PG: &[&str] = &[
-    insert_events!(),
+    "WITH bumped AS (UPDATE event_sequence SET last_seq = last_seq + ",
+    concat!(
+        " WHERE id = 1 RETURNING last_seq) ",
+        insert_events!(),
+        "bumped.last_seq - "
+    ),
     " + t.ord, t.stream_id, \
      COALESCE((SELECT MAX(e.version) FROM events e WHERE e.stream_id = t.stream_id), 0) \
          + ROW_NUMBER() OVER (PARTITION BY t.stream_id ORDER BY t.ord), \
      t.kind, t.incident_id, t.unit_id, t.device_id, t.payload, ",
-    " FROM unnest(",
+    " FROM bumped, unnest(",
     "::text[], ",
     "::text[], ",
     "::text[], ",
@@ -507,7 +526,7 @@ struct InsertManyPg;
 /// the lot. This is how the group-commit writer stores a batch's unit and device events.
 pub async fn append_many(
     conn: &mut DbConn,
-    events: &[Prepared],
+    events: &[&Prepared],
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     if events.is_empty() {
@@ -516,13 +535,11 @@ pub async fn append_many(
     let count =
         i64::try_from(events.len()).map_err(|_| StoreError::Conflict("batch too large".into()))?;
     let recorded_at = to_db_time(now.trunc_subsecs(6));
-    let last: LastSeq = db_run!(&mut *conn, |c| {
-        Statement::<BumpSequence>::new(BUMP_SEQUENCE, vec![Bind::BigInt(count)])
-            .get_result(c)
-            .await?
-    });
-    let first_seq = last.last_seq - count + 1;
     db_run!(&mut *conn, |c| {
+        let last: LastSeq = Statement::<BumpSequence>::new(BUMP_SEQUENCE, vec![Bind::BigInt(count)])
+            .get_result(c)
+            .await?;
+        let first_seq = last.last_seq - count + 1;
         for (event, i) in events.iter().zip(0_i64..) {
             insert_sqlite(
                 first_seq + i,
@@ -537,14 +554,18 @@ pub async fn append_many(
             .await?;
         }
     } else |c| {
-        let column = |f: fn(&Prepared) -> &str| events.iter().map(f).collect::<Vec<&str>>();
+        // One statement: the sequence bump runs in a CTE of the insert. The streams have one
+        // writer by design (this one), so the versions it reads cannot be missing a
+        // concurrent append; the unique `(stream_id, version)` constraint is the backstop.
+        let column = |f: fn(&Prepared) -> &str| events.iter().map(|e| f(e)).collect::<Vec<&str>>();
         let optional = |f: fn(&Prepared) -> Option<&str>| {
-            events.iter().map(f).collect::<Vec<Option<&str>>>()
+            events.iter().map(|e| f(e)).collect::<Vec<Option<&str>>>()
         };
         Statement::<InsertManyPg>::new(
             INSERT_MANY_PG,
             vec![
-                Bind::BigInt(first_seq - 1),
+                Bind::BigInt(count),
+                Bind::BigInt(count),
                 Bind::Timestamp(recorded_at),
                 Bind::Texts(column(|e| e.stream.as_str())),
                 Bind::Texts(column(|e| e.kind.as_str())),

@@ -7,7 +7,7 @@ use serde::Serialize;
 
 use super::schema::{hospitals, offers, units};
 use super::statement::{Bind, Statement};
-use super::{DbConn, StoreError, from_db_time, to_db_time};
+use super::{Backend, DbConn, StoreError, from_db_time, to_db_time};
 use crate::db_run;
 use crate::domain::geo::LatLng;
 use crate::domain::ids::{HospitalId, IncidentId, OfferId, UnitId};
@@ -146,13 +146,13 @@ pub async fn save_units(
         "::text[]) AS t(id, status, lat, lng, fix_at, current_incident_id) WHERE u.id = t.id",
     ];
     struct SaveUnitsPg;
-    match conn {
-        DbConn::Sqlite(_) => {
+    match conn.backend() {
+        Backend::Sqlite => {
             for unit in units {
                 save_unit(conn, unit, now).await?;
             }
         }
-        DbConn::Postgres(c) => {
+        Backend::Postgres => {
             let statement = Statement::<SaveUnitsPg>::new(
                 SAVE_UNITS_PG,
                 vec![
@@ -170,7 +170,7 @@ pub async fn save_units(
                     ),
                 ],
             );
-            statement.execute(&mut **c).await?;
+            db_run!(conn, |c| statement.execute(c).await)?;
         }
     }
     Ok(())
@@ -351,10 +351,42 @@ pub async fn insert_offers(conn: &mut DbConn, batch: &[OfferRecord]) -> Result<(
                 .await?;
         }
     } else |c| {
-        diesel::insert_into(offers::table)
-            .values(&rows)
-            .execute(c)
-            .await?;
+        // Arrays unnested: one prepared statement whatever the row count (a multi-row
+        // `values(&rows)` is parsed anew each time, a round trip that stalls a pipelined batch).
+        const INSERT_OFFERS_PG: &[&str] = &[
+            "INSERT INTO offers (id, incident_id, unit_id, round, status, eta_s, reason, \
+             offered_at, expires_at, responded_at, decline_reason) SELECT * FROM unnest(",
+            "::text[], ",
+            "::text[], ",
+            "::text[], ",
+            "::int4[], ",
+            "::text[], ",
+            "::int4[], ",
+            "::text[], ",
+            "::timestamp[], ",
+            "::timestamp[], ",
+            "::timestamp[], ",
+            "::text[])",
+        ];
+        struct InsertOffersPg;
+        Statement::<InsertOffersPg>::new(
+            INSERT_OFFERS_PG,
+            vec![
+                Bind::Texts(rows.iter().map(|r| r.id.as_str()).collect()),
+                Bind::Texts(rows.iter().map(|r| r.incident_id.as_str()).collect()),
+                Bind::Texts(rows.iter().map(|r| r.unit_id.as_str()).collect()),
+                Bind::Ints(rows.iter().map(|r| r.round).collect()),
+                Bind::Texts(rows.iter().map(|r| r.status.as_str()).collect()),
+                Bind::Ints(rows.iter().map(|r| r.eta_s).collect()),
+                Bind::Texts(rows.iter().map(|r| r.reason.as_str()).collect()),
+                Bind::Timestamps(rows.iter().map(|r| r.offered_at).collect()),
+                Bind::Timestamps(rows.iter().map(|r| r.expires_at).collect()),
+                Bind::OptTimestamps(rows.iter().map(|r| r.responded_at).collect()),
+                Bind::OptTexts(rows.iter().map(|r| r.decline_reason.as_deref()).collect()),
+            ],
+        )
+        .execute(c)
+        .await?;
     });
     Ok(())
 }

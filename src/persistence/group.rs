@@ -16,6 +16,14 @@
 //! projection with the same key replaces an earlier one (a unit that moved twice in a batch is
 //! written once). On PostgreSQL, where every statement is a round trip, that turns five round
 //! trips per unit location into a handful per batch.
+//!
+//! On PostgreSQL a batch is pipelined: `BEGIN`, every write and the appends run at once on
+//! one shared connection ([`DbConn::PgShared`]), so their statements go out without waiting
+//! for each other's answers and a batch costs about as many round trips as its longest write
+//! (a new incident: three, with the commit) instead of the sum of all of them. Writes use
+//! [`DbConn::try_both`] and [`DbConn::try_each`] to send their own independent statements
+//! together. If anything in the pipelined attempt fails, the transaction is rolled back and
+//! the batch replayed one write at a time with savepoints, as above.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -26,7 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::events::{self, Prepared};
 use super::fleet::{self, UnitRecord};
-use super::{Db, DbConn, StoreError};
+use super::{Db, DbConn, SharedPg, StoreError};
 use crate::domain::events::NewEvent;
 
 /// A queued write. Jobs come from any thread (device actors run on their own arbiters); they
@@ -87,8 +95,9 @@ type Job = Box<dyn Write>;
 pub type WriteFuture<'a, T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + 'a>>;
 
 /// A projection written with a batch's appends (see [`GroupCommit::append`]).
-pub type Projection =
-    Box<dyn for<'a> FnOnce(&'a mut DbConn) -> WriteFuture<'a, (), StoreError> + Send>;
+/// Like a write, it may run twice (a replayed batch): it must rebuild what it moves into its
+/// future on each call.
+pub type Projection = Box<dyn for<'a> Fn(&'a mut DbConn) -> WriteFuture<'a, (), StoreError> + Send>;
 
 /// An append stored at the end of its batch.
 struct Deferred {
@@ -264,14 +273,12 @@ async fn savepoint(conn: &mut DbConn, sql: &str) -> Result<(), StoreError> {
 }
 
 /// Stores a batch's deferred appends: all events, then the projections that no later one
-/// with the same key replaces.
-async fn flush(conn: &mut DbConn, deferred: &mut [Deferred]) -> Result<(), StoreError> {
-    let events: Vec<Prepared> = deferred
-        .iter_mut()
-        .flat_map(|d| std::mem::take(&mut d.events))
-        .collect();
+/// with the same key replaces. On a shared connection (a pipelined batch) the events, the
+/// unit rows and each projection are sent at once. It consumes nothing: a replayed batch
+/// flushes again.
+async fn flush(conn: &mut DbConn, deferred: &[Deferred]) -> Result<(), StoreError> {
+    let events: Vec<&Prepared> = deferred.iter().flat_map(|d| d.events.iter()).collect();
     let now = chrono::Utc::now();
-    events::append_many(conn, &events, now).await?;
     // Units: the last state of each, in one statement.
     let mut units: Vec<&UnitRecord> = Vec::new();
     for unit in deferred.iter().rev().filter_map(|d| d.unit.as_ref()) {
@@ -279,29 +286,46 @@ async fn flush(conn: &mut DbConn, deferred: &mut [Deferred]) -> Result<(), Store
             units.push(unit);
         }
     }
-    if !units.is_empty() {
-        fleet::save_units(conn, &units, now).await?;
-    }
     let mut last_of_key: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
     for (i, d) in deferred.iter().enumerate() {
         if let Some(key) = d.key.as_deref() {
             last_of_key.insert(key, i);
         }
     }
-    let keep: Vec<bool> = deferred
+    let projections: Vec<&Projection> = deferred
         .iter()
         .enumerate()
-        .map(|(i, d)| {
+        .filter(|(i, d)| {
             d.key
                 .as_deref()
-                .is_none_or(|k| last_of_key.get(k) == Some(&i))
+                .is_none_or(|k| last_of_key.get(k) == Some(i))
         })
+        .filter_map(|(_, d)| d.projection.as_ref())
         .collect();
-    for (d, keep) in deferred.iter_mut().zip(keep) {
-        if let (Some(projection), true) = (d.projection.take(), keep) {
-            projection(conn).await?;
-        }
-    }
+    conn.try_both(
+        async |c| events::append_many(c, &events, now).await,
+        async |c| {
+            c.try_both(
+                async |c| {
+                    if units.is_empty() {
+                        Ok(())
+                    } else {
+                        fleet::save_units(c, &units, now).await
+                    }
+                },
+                async |c| run_projections(c, &projections).await,
+            )
+            .await
+        },
+    )
+    .await?;
+    Ok(())
+}
+
+/// Runs `projections` (which touch distinct rows): at once on a shared connection.
+async fn run_projections(c: &mut DbConn, projections: &[&Projection]) -> Result<(), StoreError> {
+    c.try_each(projections, async |c, projection| projection(c).await)
+        .await?;
     Ok(())
 }
 
@@ -309,6 +333,9 @@ async fn flush(conn: &mut DbConn, deferred: &mut [Deferred]) -> Result<(), Store
 enum Batch {
     /// A write failed outside a savepoint (the transaction was rolled back).
     Failed,
+    /// The transaction was rolled back though no write failed (a pipelined batch's appends
+    /// failed, or its commit did not happen): every write must run again.
+    Replay,
     /// Its appends failed, with nothing else in the batch.
     Appends(StoreError),
     /// The database failed (begin, commit, a savepoint).
@@ -327,7 +354,7 @@ impl From<StoreError> for Batch {
 async fn run_batch(
     conn: &mut DbConn,
     work: &mut [Job],
-    deferred: &mut [Deferred],
+    deferred: &[Deferred],
     isolate: bool,
 ) -> Result<Result<(), StoreError>, Batch> {
     conn.write_transaction(async |tx| {
@@ -335,6 +362,12 @@ async fn run_batch(
             if !job.run(tx, isolate).await && !isolate {
                 return Err(Batch::Failed);
             }
+        }
+        // PostgreSQL aborts a transaction in which a statement failed, and silently turns
+        // its `COMMIT` into a rollback: if a write swallowed such an error, this fails and
+        // the batch is answered as not written instead of acknowledged and lost.
+        if tx.backend() == super::Backend::Postgres {
+            savepoint(tx, "SELECT 1").await?;
         }
         if deferred.is_empty() {
             Ok(Ok(()))
@@ -357,6 +390,74 @@ async fn run_batch(
     .await
 }
 
+/// One attempt at a batch on PostgreSQL with every statement pipelined: `BEGIN`, all the
+/// writes and the appends at once on one shared connection, then a check and `COMMIT` in one
+/// round trip. A batch of writes then costs about as many round trips as its longest write,
+/// not the sum of all of them. Any failure (a write's error, a version check that took
+/// sequence numbers, a statement that failed while its write carried on) rolls the whole
+/// transaction back and answers `Batch::Failed`, for a replay one write at a time.
+async fn run_pipelined(
+    shared: &Arc<SharedPg>,
+    work: &mut [Job],
+    deferred: &[Deferred],
+) -> Result<Result<(), StoreError>, Batch> {
+    let mut begin_conn = DbConn::PgShared(shared.clone());
+    let mut job_conns: Vec<DbConn> = work
+        .iter()
+        .map(|_| DbConn::PgShared(shared.clone()))
+        .collect();
+    let mut flush_conn = DbConn::PgShared(shared.clone());
+    // Polled in this order on the first poll, so `BEGIN` is sent before any write's statement.
+    // Each part's finishing time goes to the debug log: PostgreSQL answers `BEGIN` only once it
+    // has run what was pipelined behind it, so they show where a slow batch spent its time.
+    let started = std::time::Instant::now();
+    let (begun, (ran, flushed)) = futures_util::future::join(
+        timed(started, savepoint(&mut begin_conn, "BEGIN")),
+        futures_util::future::join(
+            timed(
+                started,
+                futures_util::future::join_all(
+                    work.iter_mut()
+                        .zip(job_conns.iter_mut())
+                        .map(|(job, conn)| job.run(conn, false)),
+                ),
+            ),
+            timed(started, async {
+                if deferred.is_empty() {
+                    Ok(())
+                } else {
+                    flush(&mut flush_conn, deferred).await
+                }
+            }),
+        ),
+    )
+    .await;
+    let ((begun, begin_ms), ((ran, writes_ms), (flushed, appends_ms))) = (begun, (ran, flushed));
+    tracing::debug!(begin_ms, writes_ms, appends_ms, "pipelined batch sent");
+    begun?;
+    let failed = ran.iter().any(|ok| !ok);
+    if !failed && flushed.is_ok() && !shared.is_poisoned() {
+        // A statement whose error a write swallowed leaves the transaction aborted, and
+        // PostgreSQL turns the `COMMIT` of an aborted transaction into a silent rollback: the
+        // `SELECT` fails first in that case, and the `COMMIT` is not run.
+        match savepoint(&mut begin_conn, "SELECT 1; COMMIT").await {
+            Ok(()) => {
+                events::appended().notify_waiters();
+                return Ok(Ok(()));
+            }
+            Err(e) => tracing::debug!(error = %e, "pipelined batch did not commit"),
+        }
+    }
+    savepoint(&mut begin_conn, "ROLLBACK").await?;
+    Err(if failed { Batch::Failed } else { Batch::Replay })
+}
+
+/// `future`'s output and when it finished, in milliseconds since `started`.
+async fn timed<T>(started: std::time::Instant, future: impl Future<Output = T>) -> (T, f64) {
+    let output = future.await;
+    (output, started.elapsed().as_secs_f64() * 1e3)
+}
+
 async fn writer(
     db: Db,
     mut items: mpsc::UnboundedReceiver<Item>,
@@ -377,28 +478,58 @@ async fn writer(
                 Item::Append(d) => deferred.push(*d),
             }
         }
-        let conn = match &mut held {
-            Some(conn) => conn,
-            None => match db.conn().await {
-                Ok(conn) => held.insert(conn),
+        if held.is_none() {
+            match db.conn().await {
+                Ok(conn) => held = Some(conn),
                 Err(e) => {
                     // Nothing runs: every waiting writer hears nothing was written.
                     tracing::warn!(error = %e, writes = size, "group commit has no connection");
                     continue;
                 }
-            },
-        };
-        let started = std::time::Instant::now();
-        // First without savepoints (one round trip per write fewer). If a write fails, that
-        // transaction is rolled back and the batch replayed with a savepoint per write, so
-        // only the failing write fails. A lone write that fails is simply rolled back.
-        let mut work = work;
-        let mut committed = run_batch(conn, &mut work, &mut deferred, false).await;
-        if matches!(committed, Err(Batch::Failed)) && (work.len() > 1 || !deferred.is_empty()) {
-            metrics::counter!("shers_group_commit_replays_total").increment(1);
-            committed = run_batch(conn, &mut work, &mut deferred, true).await;
+            }
         }
-        metrics::histogram!("shers_group_commit_seconds").record(started.elapsed().as_secs_f64());
+        let started = std::time::Instant::now();
+        // PostgreSQL: first with every statement pipelined. SQLite (whose statements are
+        // local calls): first without savepoints (one round trip per write fewer). If a write
+        // fails, that transaction is rolled back and the batch replayed with a savepoint per
+        // write, so only the failing write fails. A lone write that fails is simply rolled
+        // back.
+        let mut committed = match held.take() {
+            Some(DbConn::Postgres(obj)) => {
+                let shared = SharedPg::new(obj);
+                let outcome = run_pipelined(&shared, &mut work, &deferred).await;
+                // Every other handle is gone with `run_pipelined`'s futures.
+                held = SharedPg::into_inner(shared).map(DbConn::Postgres);
+                outcome
+            }
+            Some(mut conn) => {
+                let outcome = run_batch(&mut conn, &mut work, &deferred, false).await;
+                held = Some(conn);
+                outcome
+            }
+            None => Err(Batch::Store(writer_stopped())),
+        };
+        let replay = match &committed {
+            Err(Batch::Failed) => work.len() > 1 || !deferred.is_empty(),
+            Err(Batch::Replay) => true,
+            _ => false,
+        };
+        if replay {
+            metrics::counter!("shers_group_commit_replays_total").increment(1);
+            committed = match &mut held {
+                Some(conn) => run_batch(conn, &mut work, &deferred, true).await,
+                None => Err(Batch::Store(writer_stopped())),
+            };
+        }
+        let elapsed = started.elapsed();
+        metrics::histogram!("shers_group_commit_seconds").record(elapsed.as_secs_f64());
+        tracing::debug!(
+            writes = work.len(),
+            appends = deferred.len(),
+            replayed = replay,
+            ms = elapsed.as_secs_f64() * 1e3,
+            "batch ran"
+        );
         let flushed = match committed {
             Ok(flushed) => {
                 stats.commits.fetch_add(1, Ordering::Relaxed);
@@ -407,9 +538,12 @@ async fn writer(
             // A lone write failed; the rollback undid it and it is answered with its error.
             Err(Batch::Failed) => Ok(()),
             Err(Batch::Appends(e)) => Err(e),
-            // The answers are dropped: every waiting writer is told nothing was written.
-            Err(Batch::Store(e)) => {
-                tracing::warn!(error = %e, writes = size, "group commit failed");
+            // The answers are dropped: every waiting writer is told nothing was written. (Only
+            // a pipelined attempt asks for a replay, and the replay never does.)
+            Err(e @ (Batch::Store(_) | Batch::Replay)) => {
+                if let Batch::Store(e) = e {
+                    tracing::warn!(error = %e, writes = size, "group commit failed");
+                }
                 held = None;
                 metrics::histogram!("shers_group_commit_batch_size").record(size as f64);
                 continue;

@@ -378,7 +378,8 @@ pub async fn queue_notifications(
     now: DateTime<Utc>,
 ) -> Result<(), StoreError> {
     let now = to_db_time(now);
-    for n in batch {
+    // One insert per row (each prepared once), sent together when pipelined.
+    conn.try_each(batch, async |conn, n| {
         let values = (
             notifications::id.eq(&n.id),
             notifications::incident_id.eq(n.incident_id.to_string()),
@@ -401,7 +402,9 @@ pub async fn queue_notifications(
                 .execute(c)
                 .await?
         });
-    }
+        Ok::<_, StoreError>(())
+    })
+    .await?;
     Ok(())
 }
 

@@ -125,10 +125,7 @@ pub async fn applied_versions(conn: &mut DbConn) -> Result<Vec<String>, StoreErr
 
 /// Embedded migrations that the database has not applied.
 pub async fn missing(conn: &mut DbConn) -> Result<Vec<String>, StoreError> {
-    let backend = match conn {
-        DbConn::Sqlite(_) => Backend::Sqlite,
-        DbConn::Postgres(_) => Backend::Postgres,
-    };
+    let backend = conn.backend();
     let applied = applied_versions(conn).await?;
     Ok(versions_for(backend)
         .into_iter()

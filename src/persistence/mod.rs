@@ -22,6 +22,8 @@ mod statement;
 pub mod tokens;
 
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use diesel::{ConnectionError, SqliteConnection};
@@ -109,6 +111,69 @@ pub enum DbConn {
     Sqlite(Object<SqliteConn>),
     /// PostgreSQL connection.
     Postgres(Object<AsyncPgConnection>),
+    /// A PostgreSQL connection shared by several writes running at once inside one
+    /// transaction that someone else opened (the group-commit writer's pipelined batch, see
+    /// [`group`]): their statements are pipelined, each sent without waiting for the others'
+    /// answers. Always inside a transaction; never commits, rolls back or sets savepoints.
+    PgShared(Arc<SharedPg>),
+}
+
+/// A PostgreSQL connection shared for pipelining ([`DbConn::PgShared`]).
+pub struct SharedPg {
+    conn: Object<AsyncPgConnection>,
+    /// Shared for statements in autocommit (see [`DbConn::pipelined`]), not for a
+    /// transaction someone else opened.
+    reads_only: bool,
+    /// Set when a write saw something that must not be committed with the others (an
+    /// append's version check failed after its sequence numbers were taken): the owner rolls
+    /// the whole transaction back instead of committing.
+    poisoned: AtomicBool,
+}
+
+impl SharedPg {
+    /// Shares `conn`, which must be inside a transaction the caller will end.
+    pub(crate) fn new(conn: Object<AsyncPgConnection>) -> Arc<Self> {
+        Self::shared(conn, false)
+    }
+
+    fn shared(conn: Object<AsyncPgConnection>, reads_only: bool) -> Arc<Self> {
+        Arc::new(Self {
+            conn,
+            reads_only,
+            poisoned: AtomicBool::new(false),
+        })
+    }
+
+    /// The connection back, once every handle but this one is gone.
+    pub(crate) fn into_inner(shared: Arc<Self>) -> Option<Object<AsyncPgConnection>> {
+        Arc::into_inner(shared).map(|s| s.conn)
+    }
+
+    /// The connection, for statements.
+    pub(crate) fn conn(&self) -> &AsyncPgConnection {
+        &self.conn
+    }
+
+    /// Marks the transaction as not to be committed.
+    pub(crate) fn poison(&self) {
+        self.poisoned.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether some write marked the transaction as not to be committed.
+    pub(crate) fn is_poisoned(&self) -> bool {
+        AtomicBool::load(&self.poisoned, Ordering::Relaxed)
+    }
+}
+
+/// The concrete connection behind a [`DbConn`], as [`db_run!`](crate::db_run) hands it to a
+/// query body. PostgreSQL statements always go through a shared reference, which is what lets
+/// diesel-async pipeline them when several run at once.
+#[doc(hidden)]
+pub enum Backed<'a> {
+    /// SQLite.
+    Sqlite(&'a mut SqliteConn),
+    /// PostgreSQL (owned or shared).
+    Pg(&'a AsyncPgConnection),
 }
 
 /// Errors of the persistence layer.
@@ -182,30 +247,27 @@ pub enum ConnectError {
 }
 
 /// Compiles `$body` once per backend with `$conn` bound to the concrete connection
-/// (`&mut SqliteConn` or `&mut AsyncPgConnection`). The second form takes one body per backend
+/// (`&mut SqliteConn`, or `&mut &AsyncPgConnection`: PostgreSQL statements go through a shared
+/// reference so that concurrent ones pipeline). The second form takes one body per backend
 /// (`db_run!(conn, |c| { sqlite } else |c| { postgres })`) for the rare differences.
 #[macro_export]
 macro_rules! db_run {
     ($db_conn:expr, |$sq:ident| $sq_body:block else |$pg:ident| $pg_body:block) => {
-        match $db_conn {
-            $crate::persistence::DbConn::Sqlite(obj) => {
-                let $sq: &mut $crate::persistence::SqliteConn = &mut *obj;
-                $sq_body
-            }
-            $crate::persistence::DbConn::Postgres(obj) => {
-                let $pg: &mut ::diesel_async::AsyncPgConnection = &mut *obj;
+        match $crate::persistence::DbConn::backed($db_conn) {
+            $crate::persistence::Backed::Sqlite($sq) => $sq_body,
+            $crate::persistence::Backed::Pg(shared) => {
+                let mut shared: &::diesel_async::AsyncPgConnection = shared;
+                let $pg = &mut shared;
                 $pg_body
             }
         }
     };
     ($db_conn:expr, |$conn:ident| $body:expr) => {
-        match $db_conn {
-            $crate::persistence::DbConn::Sqlite(obj) => {
-                let $conn: &mut $crate::persistence::SqliteConn = &mut *obj;
-                $body
-            }
-            $crate::persistence::DbConn::Postgres(obj) => {
-                let $conn: &mut ::diesel_async::AsyncPgConnection = &mut *obj;
+        match $crate::persistence::DbConn::backed($db_conn) {
+            $crate::persistence::Backed::Sqlite($conn) => $body,
+            $crate::persistence::Backed::Pg(shared) => {
+                let mut shared: &::diesel_async::AsyncPgConnection = shared;
+                let $conn = &mut shared;
                 $body
             }
         }
@@ -367,17 +429,119 @@ impl Db {
 }
 
 impl DbConn {
+    /// The concrete connection, for [`db_run!`](crate::db_run).
+    #[doc(hidden)]
+    pub fn backed(&mut self) -> Backed<'_> {
+        match self {
+            DbConn::Sqlite(obj) => Backed::Sqlite(obj),
+            DbConn::Postgres(obj) => Backed::Pg(obj),
+            DbConn::PgShared(shared) => Backed::Pg(shared.conn()),
+        }
+    }
+
+    /// Which backend this connection talks to.
+    pub fn backend(&self) -> Backend {
+        match self {
+            DbConn::Sqlite(_) => Backend::Sqlite,
+            DbConn::Postgres(_) | DbConn::PgShared(_) => Backend::Postgres,
+        }
+    }
+
+    /// Another handle on the same shared connection (a pipelined batch), to run statements
+    /// at once; `None` for a connection of its own (statements then run one after another).
+    pub fn fork(&self) -> Option<DbConn> {
+        match self {
+            DbConn::PgShared(shared) => Some(DbConn::PgShared(shared.clone())),
+            _ => None,
+        }
+    }
+
+    /// Marks a shared connection's transaction as not to be committed (see
+    /// [`SharedPg`]); true if it was shared (a connection of its own has no one to tell).
+    pub(crate) fn poison(&self) -> bool {
+        match self {
+            DbConn::PgShared(shared) => {
+                shared.poison();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// This connection for independent statements outside any transaction (reads, or a
+    /// write that is atomic on its own), pipelined on PostgreSQL through
+    /// [`try_both`](Self::try_both) and [`try_each`](Self::try_each): one round trip for
+    /// several. A write transaction on it fails: that needs a connection of its own.
+    pub fn pipelined(self) -> DbConn {
+        match self {
+            DbConn::Postgres(conn) => DbConn::PgShared(SharedPg::shared(conn, true)),
+            other => other,
+        }
+    }
+
+    /// Runs `a` and `b`, which must not depend on each other: at once on a shared
+    /// PostgreSQL connection (their statements pipelined, one round trip for both), one after
+    /// the other otherwise (`b` not at all if `a` failed).
+    pub async fn try_both<A, B, E>(
+        &mut self,
+        a: impl AsyncFnOnce(&mut DbConn) -> Result<A, E>,
+        b: impl AsyncFnOnce(&mut DbConn) -> Result<B, E>,
+    ) -> Result<(A, B), E> {
+        match self.fork() {
+            Some(mut other) => futures_util::future::try_join(a(self), b(&mut other)).await,
+            None => {
+                let a = a(self).await?;
+                let b = b(self).await?;
+                Ok((a, b))
+            }
+        }
+    }
+
+    /// Runs `f` for each of `items`, which must not depend on each other: all at once on a
+    /// shared PostgreSQL connection (pipelined), one after another otherwise (stopping at the
+    /// first error).
+    pub async fn try_each<I, T, E>(
+        &mut self,
+        items: impl IntoIterator<Item = I>,
+        f: impl AsyncFn(&mut DbConn, I) -> Result<T, E>,
+    ) -> Result<Vec<T>, E> {
+        let items: Vec<I> = items.into_iter().collect();
+        if self.fork().is_some() {
+            let mut forks: Vec<DbConn> = items.iter().filter_map(|_| self.fork()).collect();
+            let runs = items
+                .into_iter()
+                .zip(forks.iter_mut())
+                .map(|(item, c)| f(c, item));
+            futures_util::future::try_join_all(runs).await
+        } else {
+            let mut out = Vec::with_capacity(items.len());
+            for item in items {
+                out.push(f(self, item).await?);
+            }
+            Ok(out)
+        }
+    }
+
     /// Whether this connection is inside a transaction already (then a nested
     /// `write_transaction` is a savepoint, and an append needs no savepoint of its own).
+    /// A shared connection always is.
     pub fn in_transaction(&mut self) -> bool {
         use diesel_async::TransactionManager as _;
-        let depth = db_run!(self, |c| {
-            <SqliteConn as AsyncConnection>::TransactionManager::transaction_manager_status_mut(c)
+        let depth = match self {
+            DbConn::Sqlite(c) => {
+                let c: &mut SqliteConn = c;
+                <SqliteConn as AsyncConnection>::TransactionManager::transaction_manager_status_mut(
+                    c,
+                )
                 .transaction_depth()
-        } else |c| {
-            <AsyncPgConnection as AsyncConnection>::TransactionManager::transaction_manager_status_mut(c)
-                .transaction_depth()
-        });
+            }
+            DbConn::Postgres(c) => {
+                let c: &mut AsyncPgConnection = c;
+                <AsyncPgConnection as AsyncConnection>::TransactionManager::transaction_manager_status_mut(c)
+                    .transaction_depth()
+            }
+            DbConn::PgShared(shared) => return !shared.reads_only,
+        };
         matches!(depth, Ok(Some(_)))
     }
 
@@ -387,6 +551,10 @@ impl DbConn {
     ///
     /// On SQLite the transaction takes the write lock first (a no-op `UPDATE`), so it waits
     /// for other writers through `busy_timeout` instead of failing on a lock upgrade.
+    ///
+    /// On a shared connection (a pipelined batch) `work` runs directly in the batch's
+    /// transaction, with no savepoint: a failure there fails the whole batch, which the
+    /// writer then replays with a savepoint per write.
     pub async fn write_transaction<T, E>(
         &mut self,
         work: impl AsyncFnOnce(&mut DbConn) -> Result<T, E>,
@@ -396,34 +564,57 @@ impl DbConn {
     {
         use diesel_async::TransactionManager as _;
         let top_level = !self.in_transaction();
-        let begun: Result<(), diesel::result::Error> = db_run!(self, |c| {
-            match <SqliteConn as AsyncConnection>::TransactionManager::begin_transaction(c).await {
-                Ok(()) => diesel::sql_query(
-                    "UPDATE event_sequence SET last_seq = last_seq WHERE 0 = 1",
-                )
-                .execute(c)
-                .await
-                .map(|_| ()),
-                Err(e) => Err(e),
+        let begun: Result<(), diesel::result::Error> = match self {
+            DbConn::Sqlite(c) => {
+                let c: &mut SqliteConn = c;
+                match <SqliteConn as AsyncConnection>::TransactionManager::begin_transaction(c)
+                    .await
+                {
+                    Ok(()) => diesel::sql_query(
+                        "UPDATE event_sequence SET last_seq = last_seq WHERE 0 = 1",
+                    )
+                    .execute(c)
+                    .await
+                    .map(|_| ()),
+                    Err(e) => Err(e),
+                }
             }
-        } else |c| {
-            <AsyncPgConnection as AsyncConnection>::TransactionManager::begin_transaction(c).await
-        });
+            DbConn::Postgres(c) => {
+                let c: &mut AsyncPgConnection = c;
+                <AsyncPgConnection as AsyncConnection>::TransactionManager::begin_transaction(c)
+                    .await
+            }
+            DbConn::PgShared(shared) if shared.reads_only => {
+                return Err(StoreError::Unavailable(
+                    "a write transaction on a connection shared for single statements".into(),
+                )
+                .into());
+            }
+            DbConn::PgShared(_) => return work(self).await,
+        };
         begun.map_err(StoreError::from)?;
         let result = work(self).await;
-        let finished: Result<(), diesel::result::Error> = match &result {
-            Ok(_) => db_run!(self, |c| {
+        let finished: Result<(), diesel::result::Error> = match (self, result.is_ok()) {
+            (DbConn::Sqlite(c), true) => {
+                let c: &mut SqliteConn = c;
                 <SqliteConn as AsyncConnection>::TransactionManager::commit_transaction(c).await
-            } else |c| {
+            }
+            (DbConn::Sqlite(c), false) => {
+                let c: &mut SqliteConn = c;
+                <SqliteConn as AsyncConnection>::TransactionManager::rollback_transaction(c).await
+            }
+            (DbConn::Postgres(c), true) => {
+                let c: &mut AsyncPgConnection = c;
                 <AsyncPgConnection as AsyncConnection>::TransactionManager::commit_transaction(c)
                     .await
-            }),
-            Err(_) => db_run!(self, |c| {
-                <SqliteConn as AsyncConnection>::TransactionManager::rollback_transaction(c).await
-            } else |c| {
+            }
+            (DbConn::Postgres(c), false) => {
+                let c: &mut AsyncPgConnection = c;
                 <AsyncPgConnection as AsyncConnection>::TransactionManager::rollback_transaction(c)
                     .await
-            }),
+            }
+            // Returned above: a shared connection's transaction is not its own to end.
+            (DbConn::PgShared(_), _) => Err(diesel::result::Error::BrokenTransactionManager),
         };
         // Only a top-level commit makes anything visible; releasing a savepoint does not.
         if top_level && finished.is_ok() && result.is_ok() {

@@ -2,7 +2,7 @@
 
 use chrono::{DateTime, NaiveDate, Utc};
 use diesel::prelude::*;
-use diesel_async::{AsyncConnection as _, RunQueryDsl};
+use diesel_async::RunQueryDsl;
 
 use super::schema::{devices, next_of_kin, patients};
 use super::{DbConn, StoreError, from_db_time, to_db_time};
@@ -64,22 +64,22 @@ pub async fn insert_patient(conn: &mut DbConn, patient: &Patient) -> Result<(), 
         })
         .collect();
     let (row, kin) = (&row, &kin);
-    db_run!(conn, |c| {
-        c.transaction::<_, StoreError, _>(async move |tx| {
+    conn.write_transaction(async |tx| {
+        db_run!(tx, |c| {
             diesel::insert_into(patients::table)
                 .values(row)
-                .execute(tx)
+                .execute(c)
                 .await?;
             for k in kin {
                 diesel::insert_into(next_of_kin::table)
                     .values(k)
-                    .execute(tx)
+                    .execute(c)
                     .await?;
             }
-            Ok(())
-        })
-        .await
+        });
+        Ok::<_, StoreError>(())
     })
+    .await
 }
 
 /// The patient with `id`, if any.
@@ -87,26 +87,34 @@ pub async fn find_patient(
     conn: &mut DbConn,
     id: &PatientId,
 ) -> Result<Option<Patient>, StoreError> {
-    let found: Option<(PatientRow, Vec<KinRow>)> = db_run!(conn, |c| {
-        let row: Option<PatientRow> = patients::table
-            .find(id.as_str())
-            .select(PatientRow::as_select())
-            .first(c)
-            .await
-            .optional()?;
-        match row {
-            None => None,
-            Some(row) => {
-                let kin: Vec<KinRow> = next_of_kin::table
-                    .filter(next_of_kin::patient_id.eq(id.as_str()))
-                    .order(next_of_kin::position.asc())
-                    .select(KinRow::as_select())
-                    .load(c)
-                    .await?;
-                Some((row, kin))
-            }
-        }
-    });
+    // The row and its next of kin are independent reads: one round trip when pipelined.
+    let (row, kin) = conn
+        .try_both(
+            async |c| {
+                let row: Option<PatientRow> = db_run!(c, |c| {
+                    patients::table
+                        .find(id.as_str())
+                        .select(PatientRow::as_select())
+                        .first(c)
+                        .await
+                        .optional()?
+                });
+                Ok::<_, StoreError>(row)
+            },
+            async |c| {
+                let kin: Vec<KinRow> = db_run!(c, |c| {
+                    next_of_kin::table
+                        .filter(next_of_kin::patient_id.eq(id.as_str()))
+                        .order(next_of_kin::position.asc())
+                        .select(KinRow::as_select())
+                        .load(c)
+                        .await?
+                });
+                Ok(kin)
+            },
+        )
+        .await?;
+    let found = row.map(|row| (row, kin));
     let Some((row, kin)) = found else {
         return Ok(None);
     };

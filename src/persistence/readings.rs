@@ -5,6 +5,7 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
 use super::schema::readings;
+use super::statement::{Bind, Statement};
 use super::{DbConn, StoreError, to_db_time};
 use crate::db_run;
 
@@ -39,7 +40,7 @@ struct Row<'a> {
     reading: &'a str,
 }
 
-/// Rows per statement: PostgreSQL allows 65,535 bind parameters; 7 per row.
+/// Rows per statement (bounds one statement's size).
 const CHUNK: usize = 5_000;
 
 /// Inserts `batch` (multi-row statements on PostgreSQL; per-row inside the caller's
@@ -66,8 +67,35 @@ pub async fn insert_many(
             n += diesel::insert_into(readings::table).values(row).execute(c).await?;
         }
     } else |c| {
+        // Arrays unnested: one prepared statement whatever the row count (a multi-row
+        // `values(chunk)` is parsed anew each time, a round trip that stalls a pipelined batch).
+        const INSERT_READINGS_PG: &[&str] = &[
+            "INSERT INTO readings (device_id, patient_id, measured_at, received_at, status, \
+             news2_score, reading) SELECT * FROM unnest(",
+            "::text[], ",
+            "::text[], ",
+            "::timestamp[], ",
+            "::timestamp[], ",
+            "::text[], ",
+            "::int4[], ",
+            "::text[])",
+        ];
+        struct InsertReadingsPg;
         for chunk in rows.chunks(CHUNK) {
-            n += diesel::insert_into(readings::table).values(chunk).execute(c).await?;
+            n += Statement::<InsertReadingsPg>::new(
+                INSERT_READINGS_PG,
+                vec![
+                    Bind::Texts(chunk.iter().map(|r| r.device_id).collect()),
+                    Bind::Texts(chunk.iter().map(|r| r.patient_id).collect()),
+                    Bind::Timestamps(chunk.iter().map(|r| r.measured_at).collect()),
+                    Bind::Timestamps(chunk.iter().map(|r| r.received_at).collect()),
+                    Bind::Texts(chunk.iter().map(|r| r.status).collect()),
+                    Bind::OptInts(chunk.iter().map(|r| r.news2_score).collect()),
+                    Bind::Texts(chunk.iter().map(|r| r.reading).collect()),
+                ],
+            )
+            .execute(c)
+            .await?;
         }
     });
     Ok(n)

@@ -1,6 +1,7 @@
 //! Hand-written SQL that diesel keeps prepared.
 //!
-//! `diesel::sql_query` is never cached: on PostgreSQL each execution is a parse round trip
+//! `diesel::sql_query` is never cached, and neither is a multi-row `insert_into(…).values(&vec)`
+//! (its SQL depends on the row count): on PostgreSQL each execution is a parse round trip
 //! plus an execute round trip, and on SQLite a fresh parse. The few statements the query
 //! builder cannot express (`UPDATE … RETURNING`, `INSERT … SELECT … FROM unnest`, upserts that
 //! return) are written as a [`Statement`]: fixed SQL pieces with typed binds between them and
@@ -34,6 +35,12 @@ pub(crate) enum Bind<'a> {
     Floats(Vec<f64>),
     /// PostgreSQL only.
     Timestamps(Vec<chrono::NaiveDateTime>),
+    /// PostgreSQL only.
+    OptTimestamps(Vec<Option<chrono::NaiveDateTime>>),
+    /// PostgreSQL only.
+    Ints(Vec<i32>),
+    /// PostgreSQL only.
+    OptInts(Vec<Option<i32>>),
 }
 
 /// A statement: `parts[0] bind[0] parts[1] bind[1] …`; `K` names it for the statement cache
@@ -94,6 +101,9 @@ impl<K> QueryFragment<Pg> for Statement<'_, K> {
             Bind::OptTexts(v) => out.push_bind_param::<Array<Nullable<Text>>, _>(v)?,
             Bind::Floats(v) => out.push_bind_param::<Array<Double>, _>(v)?,
             Bind::Timestamps(v) => out.push_bind_param::<Array<Timestamp>, _>(v)?,
+            Bind::OptTimestamps(v) => out.push_bind_param::<Array<Nullable<Timestamp>>, _>(v)?,
+            Bind::Ints(v) => out.push_bind_param::<Array<Integer>, _>(v)?,
+            Bind::OptInts(v) => out.push_bind_param::<Array<Nullable<Integer>>, _>(v)?,
             // Scalars were pushed by the macro.
             _ => {}
         })

@@ -21,6 +21,8 @@ both_backends!(
     group_commit_shares_commits_and_isolates_a_failed_write,
     group_commit_appends_many_streams_with_their_projections,
     group_commit_saves_each_unit_once_with_its_latest_state,
+    group_commit_never_acknowledges_a_write_it_lost,
+    pipelined_statements_answer_together_and_refuse_write_transactions,
 );
 
 fn event(kind: &str, n: i64) -> NewEvent {
@@ -725,5 +727,132 @@ async fn group_commit_saves_each_unit_once_with_its_latest_state(backend: Backen
                 .collect::<Vec<_>>(),
             (1..=7).collect::<Vec<_>>()
         );
+    }
+}
+
+/// A write that swallows a failed statement's error: on PostgreSQL that aborts the shared
+/// transaction (whose `COMMIT` would then silently roll back). Whatever the writer answers,
+/// every write it acknowledged is stored, the sequence has no gap, and the writer goes on.
+async fn group_commit_never_acknowledges_a_write_it_lost(backend: Backend) {
+    use shers::persistence::group::GroupCommit;
+    let tdb = TestDb::new(backend).await;
+    let db = tdb.migrated().await;
+    let writer = GroupCommit::start(db.clone(), 64);
+    let writes = (0..12_i64).map(|i| {
+        let writer = writer.clone();
+        async move {
+            writer
+                .write(move |tx| {
+                    Box::pin(async move {
+                        if i == 5 {
+                            let swallowed: Result<usize, diesel::result::Error> =
+                                shers::db_run!(tx, |c| {
+                                    diesel_async::RunQueryDsl::execute(
+                                        diesel::sql_query("UPDATE no_such_table SET x = 1"),
+                                        c,
+                                    )
+                                    .await
+                                });
+                            assert!(swallowed.is_err());
+                            return Ok(Vec::new());
+                        }
+                        events::append(
+                            tx,
+                            &format!("s-{i}"),
+                            ExpectedVersion::NoStream,
+                            &[event("k", i)],
+                            Utc::now(),
+                        )
+                        .await
+                    })
+                })
+                .await
+        }
+    });
+    let results: Vec<Result<Vec<_>, AppendError>> = futures_util::future::join_all(writes).await;
+    let mut conn = db.conn().await.unwrap();
+    for (i, r) in results.iter().enumerate() {
+        let stored = events::read_stream(&mut conn, &format!("s-{i}"))
+            .await
+            .unwrap();
+        if i != 5 && r.is_ok() {
+            assert_eq!(stored.len(), 1, "write {i} was acknowledged but not stored");
+        }
+    }
+    if backend == Backend::Sqlite {
+        // SQLite keeps the transaction usable after a failed statement.
+        assert!(results.iter().all(Result::is_ok), "{results:?}");
+    }
+    let all = events::read_since(&mut conn, 0, 1_000).await.unwrap();
+    assert_eq!(
+        all.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=all.len() as i64).collect::<Vec<_>>()
+    );
+    // The writer carries on.
+    let after = writer
+        .write(|tx| {
+            Box::pin(async move {
+                events::append(
+                    tx,
+                    "after",
+                    ExpectedVersion::NoStream,
+                    &[event("k", 99)],
+                    Utc::now(),
+                )
+                .await
+            })
+        })
+        .await;
+    assert_eq!(after.unwrap().len(), 1);
+}
+
+/// `DbConn::pipelined`: independent statements answered together (pipelined on PostgreSQL),
+/// and a write transaction on such a connection is refused rather than run without one.
+async fn pipelined_statements_answer_together_and_refuse_write_transactions(backend: Backend) {
+    let tdb = TestDb::new(backend).await;
+    let db = tdb.migrated().await;
+    let mut conn = db.conn().await.unwrap();
+    for stream in ["r-1", "r-2"] {
+        events::append(
+            &mut conn,
+            stream,
+            ExpectedVersion::NoStream,
+            &[event("k", 1)],
+            Utc::now(),
+        )
+        .await
+        .unwrap();
+    }
+    let mut reads = db.conn().await.unwrap().pipelined();
+    let (one, two) = reads
+        .try_both(
+            async |c| events::read_stream(c, "r-1").await,
+            async |c| events::read_stream(c, "r-2").await,
+        )
+        .await
+        .unwrap();
+    assert_eq!((one.len(), two.len()), (1, 1));
+    let all = reads
+        .try_each(["r-1", "r-2", "none"], async |c, s| {
+            events::read_stream(c, s).await
+        })
+        .await
+        .unwrap();
+    assert_eq!(all.iter().map(Vec::len).collect::<Vec<_>>(), vec![1, 1, 0]);
+    let write = events::append(
+        &mut reads,
+        "r-3",
+        ExpectedVersion::NoStream,
+        &[event("k", 1)],
+        Utc::now(),
+    )
+    .await;
+    match backend {
+        // A SQLite connection is unchanged by `pipelined`.
+        Backend::Sqlite => assert!(write.is_ok(), "{write:?}"),
+        Backend::Postgres => assert!(
+            write.is_err(),
+            "a write ran on a read-only shared connection"
+        ),
     }
 }
