@@ -197,21 +197,45 @@ async fn persist(
     } else {
         ExpectedVersion::Exact(expected)
     };
-    let recorded = events::append(conn, &stream_of(id), expected_version, &new, now).await?;
-    let version = recorded.last().map_or(expected, |e| e.version);
-    if expected == 0 {
-        store::insert(conn, incident, version, now).await?;
-    } else {
-        store::update(conn, incident, version, now).await?;
-    }
-    for event in events {
-        if let IncidentEvent::EvidenceAdded { evidence } = event {
-            store::add_evidence(conn, id, now, evidence).await?;
-        }
-    }
-    if !outbox.is_empty() {
-        store::queue_notifications(conn, &outbox, now).await?;
-    }
+    // The version the append makes (it fails unless the stream is at `expected`), so the
+    // projection need not wait for it: on PostgreSQL all of it is one pipelined round trip.
+    let version = expected + new.len() as i64;
+    conn.try_both(
+        async |c| {
+            events::append(c, &stream_of(id), expected_version, &new, now).await?;
+            Ok::<_, IncidentError>(())
+        },
+        async |c| {
+            let evidence = events.iter().filter_map(|event| match event {
+                IncidentEvent::EvidenceAdded { evidence } => Some(evidence),
+                _ => None,
+            });
+            c.try_both(
+                async |c| {
+                    if expected == 0 {
+                        store::insert(c, incident, version, now).await
+                    } else {
+                        store::update(c, incident, version, now).await
+                    }
+                },
+                async |c| {
+                    c.try_both(
+                        async |c| {
+                            c.try_each(evidence, async |c, e| {
+                                store::add_evidence(c, id, now, e).await
+                            })
+                            .await
+                        },
+                        async |c| store::queue_notifications(c, &outbox, now).await,
+                    )
+                    .await
+                },
+            )
+            .await?;
+            Ok(())
+        },
+    )
+    .await?;
     Ok(version)
 }
 
@@ -868,12 +892,23 @@ impl IncidentActor {
                                 None => groups.push((status, reason, vec![(*offer, unit.clone())])),
                             }
                         }
-                        for (status, reason, offers) in &groups {
-                            extra.extend(
-                                close_offers(tx, next.id, offers, status, reason, now).await?,
-                            );
-                        }
-                        fleet_store::insert_offers(tx, &offers_to_insert).await?;
+                        // The closes and the new offers go out together (pipelined on
+                        // PostgreSQL); the events they make follow with the projection.
+                        let (closed, ()) = tx
+                            .try_both(
+                                async |c| {
+                                    c.try_each(&groups, async |c, (status, reason, offers)| {
+                                        close_offers(c, next.id, offers, status, reason, now).await
+                                    })
+                                    .await
+                                },
+                                async |c| {
+                                    fleet_store::insert_offers(c, &offers_to_insert).await?;
+                                    Ok(())
+                                },
+                            )
+                            .await?;
+                        extra.extend(closed.into_iter().flatten());
                         persist(tx, &next, expected, &events, extra, now).await
                     })
                 })
@@ -1464,32 +1499,80 @@ struct FirstRound {
     expires_at: DateTime<Utc>,
 }
 
+/// What a new incident needs from the database before its write: the patient and the
+/// reference. On PostgreSQL both are fetched before the write, on a pooled connection and in
+/// one pipelined round trip while the first offer round is reserved, so the writer's batch
+/// does not wait a round trip for them (the reference upsert commits on its own: a creation
+/// that then fails leaves a gap in the year's numbers). On SQLite, whose writes all queue
+/// for one lock, they are read and allocated inside the write itself (`None` here).
+#[derive(Clone)]
+struct Prefetched {
+    patient: Option<crate::domain::patients::Patient>,
+    reference: String,
+}
+
+async fn prefetch(
+    db: &Db,
+    patient_id: Option<PatientId>,
+    now: DateTime<Utc>,
+) -> Result<Option<Prefetched>, IncidentError> {
+    if db.backend() != crate::persistence::Backend::Postgres {
+        return Ok(None);
+    }
+    db.run(move |conn| async move {
+        let mut conn = conn.pipelined();
+        let (patient, reference) = conn
+            .try_both(
+                async |c| find_patient(c, patient_id.as_ref()).await,
+                async |c| Ok(store::next_reference(c, now).await?),
+            )
+            .await?;
+        Ok(Some(Prefetched { patient, reference }))
+    })
+    .await
+}
+
+/// The patient `id` names (`UnknownPatient` if none), or `None` without an id.
+async fn find_patient(
+    conn: &mut DbConn,
+    id: Option<&PatientId>,
+) -> Result<Option<crate::domain::patients::Patient>, IncidentError> {
+    match id {
+        Some(pid) => Ok(Some(
+            patients::find_patient(conn, pid)
+                .await?
+                .ok_or(IncidentError::UnknownPatient)?,
+        )),
+        None => Ok(None),
+    }
+}
+
 /// Creates incident `id`, with its first offer round when one was reserved, in one commit.
 async fn create(
     writer: GroupCommit,
     id: IncidentId,
     req: OpenRequest,
     first_offers: Vec<OfferRecord>,
+    prefetched: Option<Prefetched>,
     now: DateTime<Utc>,
 ) -> Result<(Incident, i64), IncidentError> {
     writer
         .write(move |tx| {
             // The writer may run this twice (see `GroupCommit::write`).
-            let (req, first_offers) = (req.clone(), first_offers.clone());
+            let (req, first_offers, prefetched) =
+                (req.clone(), first_offers.clone(), prefetched.clone());
             Box::pin(async move {
-                let patient = match &req.patient_id {
-                    Some(pid) => Some(
-                        patients::find_patient(tx, pid)
-                            .await?
-                            .ok_or(IncidentError::UnknownPatient)?,
+                let (patient, reference) = match prefetched {
+                    Some(Prefetched { patient, reference }) => (patient, reference),
+                    None => (
+                        find_patient(tx, req.patient_id.as_ref()).await?,
+                        store::next_reference(tx, now).await?,
                     ),
-                    None => None,
                 };
                 let location = req
                     .location
                     .or_else(|| patient.as_ref().and_then(|p| p.home_location))
                     .ok_or(IncidentError::NoLocation)?;
-                let reference = store::next_reference(tx, now).await?;
                 let open = Command::Open {
                     id,
                     reference,
@@ -1512,9 +1595,19 @@ async fn create(
                 }
 
                 let (outbox, queued) = next_of_kin_outbox(patient.as_ref(), id, "incident_created");
-                let version = persist(tx, &state, 0, &events, queued, now).await?;
-                fleet_store::insert_offers(tx, &first_offers).await?;
-                store::queue_notifications(tx, &outbox, now).await?;
+                let (version, ()) = tx
+                    .try_both(
+                        async |c| persist(c, &state, 0, &events, queued, now).await,
+                        async |c| {
+                            c.try_both(
+                                async |c| fleet_store::insert_offers(c, &first_offers).await,
+                                async |c| store::queue_notifications(c, &outbox, now).await,
+                            )
+                            .await?;
+                            Ok(())
+                        },
+                    )
+                    .await?;
                 Ok::<_, IncidentError>((state, version))
             })
         })
@@ -1587,16 +1680,29 @@ impl Handler<OpenIncident> for IncidentDirectory {
         // The first offer round is reserved before the incident is stored, so the incident,
         // its dispatch start and its first offers share one commit: one fsync on the path from
         // the reading to the crew's offer frame instead of two.
+        let now = Utc::now();
+        let prefetch_db = db.clone();
         let creation = async move {
-            let first = match (fleet, req.location) {
-                (Some(fleet), Some(scene)) => {
-                    let (reserved, expires_at) =
-                        reserve_round(fleet, id, scene, req.priority, HashSet::new(), settings)
-                            .await;
-                    (!reserved.is_empty()).then_some((reserved, expires_at))
-                }
-                _ => None,
+            let started = std::time::Instant::now();
+            // The patient and reference are fetched while the first round is reserved.
+            let reserve = async {
+                let first = match (fleet, req.location) {
+                    (Some(fleet), Some(scene)) => {
+                        let (reserved, expires_at) =
+                            reserve_round(fleet, id, scene, req.priority, HashSet::new(), settings)
+                                .await;
+                        (!reserved.is_empty()).then_some((reserved, expires_at))
+                    }
+                    _ => None,
+                };
+                (first, started.elapsed())
             };
+            let fetch = async {
+                let prefetched = prefetch(&prefetch_db, req.patient_id.clone(), now).await;
+                (prefetched, started.elapsed())
+            };
+            let ((first, reserved), (prefetched, fetched)) =
+                futures_util::future::join(reserve, fetch).await;
             let now = Utc::now();
             let first = first.map(|(reserved, expires_at)| FirstRound {
                 records: offer_records(id, &reserved, 1, now, expires_at),
@@ -1607,83 +1713,121 @@ impl Handler<OpenIncident> for IncidentDirectory {
                 .as_ref()
                 .map(|f| f.records.clone())
                 .unwrap_or_default();
-            let created = create(writer, id, req, records, now).await;
+            let fetched = fetched.max(reserved);
+            let created = match prefetched {
+                Ok(prefetched) => create(writer, id, req, records, prefetched, now).await,
+                Err(e) => Err(e),
+            };
             if created.is_err()
                 && let Some(first) = &first
             {
                 release_all(&first.reserved);
             }
-            (created, first)
+            // Reserving, then waiting for the prefetch (run alongside), then the write.
+            let timing = (
+                reserved,
+                fetched.saturating_sub(reserved),
+                started.elapsed().saturating_sub(fetched),
+            );
+            (created, first, timing)
         };
-        Box::pin(creation.into_actor(self).then(move |(res, first), act, ctx| {
-            let waiters = patient
-                .as_ref()
-                .and_then(|p| act.creating.remove(p))
-                .unwrap_or_default();
-            let result: Result<Opened, IncidentError> = match res {
-                Ok((incident, version)) => {
-                    if let Some(p) = &incident.patient_id {
-                        act.open_by_patient.insert(p.clone(), incident.id);
-                    }
-                    let actor = IncidentActor::created(incident.clone(), version, act.deps.clone());
-                    let addr = act.start_actor(actor, ctx);
-                    // Dispatch starts as soon as the incident exists (notifications are queued).
-                    match first {
-                        Some(first) => addr.do_send(PublishFirstRound(first)),
-                        None => addr.do_send(NextRound),
-                    }
-                    tracing::info!(incident.id = %incident.id, incident.reference = %incident.reference, "incident created");
-                    Ok(Opened { incident, created: true })
-                }
-                Err(e) => Err(e),
-            };
-            let addr = result.as_ref().ok().and_then(|o| act.incidents.get(&o.incident.id).cloned());
-            let existing_after_race = match (&result, &patient) {
-                // Another node holds the patient's open incident (unique constraint).
-                (Err(IncidentError::Store(StoreError::Conflict(_))), Some(p)) => Some(p.clone()),
-                _ => None,
-            };
-            let db2 = db.clone();
-            async move {
-                let result = match (result, existing_after_race) {
-                    (Err(_), Some(p)) => {
-                        let found = db2
-                            .run(move |mut conn| async move { store::open_for_patient(&mut conn, &p).await })
-                            .await?;
-                        match found {
-                            Some(id) => {
-                                let incident = db2
-                                    .run(move |mut conn| async move { store::find(&mut conn, id).await })
-                                    .await?
-                                    .map(|(i, _)| i)
-                                    .ok_or(IncidentError::NotFound)?;
-                                Ok(Opened { incident, created: false })
-                            }
-                            None => Err(IncidentError::Conflict),
+        Box::pin(creation.into_actor(self).then(
+            move |(res, first, (reserve, prefetch, store)), act, ctx| {
+                let waiters = patient
+                    .as_ref()
+                    .and_then(|p| act.creating.remove(p))
+                    .unwrap_or_default();
+                let result: Result<Opened, IncidentError> = match res {
+                    Ok((incident, version)) => {
+                        if let Some(p) = &incident.patient_id {
+                            act.open_by_patient.insert(p.clone(), incident.id);
                         }
+                        let actor =
+                            IncidentActor::created(incident.clone(), version, act.deps.clone());
+                        let addr = act.start_actor(actor, ctx);
+                        // Dispatch starts as soon as the incident exists (notifications are queued).
+                        match first {
+                            Some(first) => addr.do_send(PublishFirstRound(first)),
+                            None => addr.do_send(NextRound),
+                        }
+                        tracing::info!(
+                            incident.id = %incident.id,
+                            incident.reference = %incident.reference,
+                            reserve_ms = reserve.as_secs_f64() * 1e3,
+                            prefetch_wait_ms = prefetch.as_secs_f64() * 1e3,
+                            store_ms = store.as_secs_f64() * 1e3,
+                            "incident created"
+                        );
+                        Ok(Opened {
+                            incident,
+                            created: true,
+                        })
                     }
-                    (r, _) => r,
+                    Err(e) => Err(e),
                 };
-                for (waiter, evidence) in waiters {
-                    let answer = match &result {
-                        Ok(opened) => {
-                            let mut incident = opened.incident.clone();
-                            if let (Some(evidence), Some(addr)) = (evidence, &addr)
-                                && let Ok(Ok(updated)) =
-                                    addr.send(Execute(Command::AddEvidence { evidence })).await
-                            {
-                                incident = updated;
+                let addr = result
+                    .as_ref()
+                    .ok()
+                    .and_then(|o| act.incidents.get(&o.incident.id).cloned());
+                let existing_after_race = match (&result, &patient) {
+                    // Another node holds the patient's open incident (unique constraint).
+                    (Err(IncidentError::Store(StoreError::Conflict(_))), Some(p)) => {
+                        Some(p.clone())
+                    }
+                    _ => None,
+                };
+                let db2 = db.clone();
+                async move {
+                    let result = match (result, existing_after_race) {
+                        (Err(_), Some(p)) => {
+                            let found = db2
+                                .run(move |mut conn| async move {
+                                    store::open_for_patient(&mut conn, &p).await
+                                })
+                                .await?;
+                            match found {
+                                Some(id) => {
+                                    let incident = db2
+                                        .run(move |mut conn| async move {
+                                            store::find(&mut conn, id).await
+                                        })
+                                        .await?
+                                        .map(|(i, _)| i)
+                                        .ok_or(IncidentError::NotFound)?;
+                                    Ok(Opened {
+                                        incident,
+                                        created: false,
+                                    })
+                                }
+                                None => Err(IncidentError::Conflict),
                             }
-                            Ok(Opened { incident, created: false })
                         }
-                        Err(e) => Err(e.to_string()),
+                        (r, _) => r,
                     };
-                    let _ = waiter.send(answer);
+                    for (waiter, evidence) in waiters {
+                        let answer = match &result {
+                            Ok(opened) => {
+                                let mut incident = opened.incident.clone();
+                                if let (Some(evidence), Some(addr)) = (evidence, &addr)
+                                    && let Ok(Ok(updated)) =
+                                        addr.send(Execute(Command::AddEvidence { evidence })).await
+                                {
+                                    incident = updated;
+                                }
+                                Ok(Opened {
+                                    incident,
+                                    created: false,
+                                })
+                            }
+                            Err(e) => Err(e.to_string()),
+                        };
+                        let _ = waiter.send(answer);
+                    }
+                    result
                 }
-                result
-            }
-            .into_actor(act)
-        }))
+                .into_actor(act)
+            },
+        ))
     }
 }
 

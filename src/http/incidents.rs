@@ -156,12 +156,29 @@ async fn detail(state: &AppState, incident: Incident) -> Result<IncidentView, Ap
     let id = incident.id;
     let (evidence, notifications, offers, invoice) = state
         .db
-        .run(move |mut conn| async move {
-            let evidence = store::evidence_for(&mut conn, id).await?;
-            let notifications = store::notifications_for(&mut conn, id).await?;
-            let offers = crate::persistence::fleet::offers_for(&mut conn, id).await?;
-            let invoice =
-                crate::persistence::invoices::for_incident(&mut conn, &id.to_string()).await?;
+        .run(move |conn| async move {
+            // Four independent reads: one round trip on PostgreSQL.
+            let mut conn = conn.pipelined();
+            let ((evidence, notifications), (offers, invoice)) = conn
+                .try_both(
+                    async |c| {
+                        c.try_both(
+                            async |c| store::evidence_for(c, id).await,
+                            async |c| store::notifications_for(c, id).await,
+                        )
+                        .await
+                    },
+                    async |c| {
+                        c.try_both(
+                            async |c| crate::persistence::fleet::offers_for(c, id).await,
+                            async |c| {
+                                crate::persistence::invoices::for_incident(c, &id.to_string()).await
+                            },
+                        )
+                        .await
+                    },
+                )
+                .await?;
             Ok::<_, crate::persistence::StoreError>((evidence, notifications, offers, invoice))
         })
         .await?;
