@@ -106,6 +106,21 @@ async fn consoles_see_every_event_in_order_across_the_seam(backend: Backend) {
         ))
         .await
         .unwrap();
+    // Events already in flight before the server read the subscribe frame (an earlier
+    // incident escalating, say) still arrive unfiltered; the acknowledgement marks the point
+    // from which the filter holds.
+    loop {
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(10), filtered.next())
+            .await
+            .expect("the subscription acknowledged within 10 s")
+            .unwrap()
+            .unwrap();
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = frame
+            && serde_json::from_str::<Value>(&t).unwrap()["type"] == "subscribed"
+        {
+            break;
+        }
+    }
     make_events(&app, 1).await;
     let only = next_event(&mut filtered).await;
     assert_eq!(only["kind"], "incident.created");
