@@ -287,6 +287,54 @@ pub fn sqlite_path(url: &str) -> Option<&str> {
         .filter(|p| !p.is_empty())
 }
 
+/// Opens a PostgreSQL connection whose I/O runs on the database I/O thread.
+///
+/// A tokio-postgres connection reads and writes its socket on the thread that opened it. Left
+/// to chance, that is whichever arbiter first needed a connection: an HTTP worker triaging a
+/// batch of 500 readings, or the system arbiter that hosts the directories and the fleet, and
+/// an answer that has arrived waits until that thread is free. Every pooled connection is
+/// therefore opened on one thread that does nothing else, so an answer is read as soon as it
+/// arrives (it is handed to the waiting task on its own thread), and pooled connections
+/// outlive the actix system that first used them. The group-commit writer's connection is the
+/// exception: it lives on the writer's own thread.
+fn establish_on_io_thread(
+    url: String,
+) -> BoxFuture<'static, diesel::ConnectionResult<AsyncPgConnection>> {
+    Box::pin(async move {
+        let io = io_thread().ok_or_else(|| {
+            ConnectionError::BadConnection("the database I/O thread could not be started".into())
+        })?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        io.spawn(async move {
+            let _ = tx.send(AsyncPgConnection::establish(&url).await);
+        });
+        rx.await.map_err(|_| {
+            ConnectionError::BadConnection("the database I/O thread has stopped".into())
+        })?
+    })
+}
+
+/// The database I/O thread's runtime, started on first use; it runs for the whole process.
+/// `None` if the thread could not be started (then no pooled PostgreSQL connection opens).
+fn io_thread() -> Option<&'static tokio::runtime::Handle> {
+    static IO: std::sync::OnceLock<Option<tokio::runtime::Handle>> = std::sync::OnceLock::new();
+    IO.get_or_init(|| {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .inspect_err(|e| tracing::error!(error = %e, "no runtime for database I/O"))
+            .ok()?;
+        let handle = runtime.handle().clone();
+        std::thread::Builder::new()
+            .name("shers-db-io".into())
+            .spawn(move || runtime.block_on(std::future::pending::<()>()))
+            .inspect_err(|e| tracing::error!(error = %e, "no thread for database I/O"))
+            .ok()?;
+        Some(handle)
+    })
+    .as_ref()
+}
+
 impl Db {
     /// Opens the pool for `settings.url` and checks that one connection works.
     pub async fn connect(settings: &DatabaseSettings) -> Result<Self, ConnectError> {
@@ -354,6 +402,9 @@ impl Db {
             // a closed connection is still detected (`is_broken` checks it) and discarded.
             let mut cfg = ManagerConfig::<AsyncPgConnection>::default();
             cfg.recycling_method = RecyclingMethod::Fast;
+            if !writer {
+                cfg.custom_setup = Box::new(|url| establish_on_io_thread(url.to_owned()));
+            }
             let manager = AsyncDieselConnectionManager::<AsyncPgConnection>::new_with_config(
                 url.as_str(),
                 cfg,
@@ -372,6 +423,14 @@ impl Db {
             return Err(ConnectError::UnsupportedScheme(scheme.to_owned()));
         };
         db.ping().await?;
+        if writer && let Db::Postgres(pool) = &db {
+            // A PostgreSQL connection does its I/O on the thread that opened it, and the ping
+            // opened this one on the caller's (the system arbiter, the busiest thread): drop
+            // it, so the writer opens its own on its dedicated thread. Measured: with the
+            // writer's socket on the system arbiter, an emergency's one-write batch took
+            // 1.7 ms for 0.45 ms of statement execution.
+            pool.retain(|_, _| false);
+        }
         Ok(db)
     }
 
