@@ -534,15 +534,27 @@ impl Handler<ProcessReadings> for DeviceActor {
         let handoff = self.handoff.clone();
         let persist_id = id.clone();
         let persist_patient = patient_id.clone();
-        // The status change and the hand-off commit in parallel: an emergency must not wait
-        // for the device's own bookkeeping before its incident exists. The answer waits for
-        // both; if the status change failed, the batch is refused (and a retry is deduplicated
-        // into the same incident).
+        // The hand-off goes first and the status change is stored once the incident exists:
+        // an emergency must not wait for the device's own bookkeeping, not even by queueing
+        // behind its batch in the writer. The answer waits for both; if the status change
+        // failed, the batch is refused (and a retry is deduplicated into the same incident).
         let work = async move {
-            let persist = async {
-                if changes.is_empty() {
-                    return Ok(());
+            let mut incidents = Vec::with_capacity(handoffs.len());
+            let mut handed_off = Ok(());
+            for (slot, detected) in handoffs {
+                match handoff.send(detected).await {
+                    Ok(Ok(incident)) => incidents.push((slot, incident)),
+                    Ok(Err(e)) => handed_off = Err(e),
+                    Err(e) => {
+                        handed_off =
+                            Err(StoreError::Unavailable(format!("incident hand-off: {e}")));
+                    }
                 }
+                if handed_off.is_err() {
+                    break;
+                }
+            }
+            if !changes.is_empty() {
                 persist_changes(
                     &writer,
                     persist_id,
@@ -552,21 +564,9 @@ impl Handler<ProcessReadings> for DeviceActor {
                     final_status,
                     last_seen.unwrap_or(now),
                 )
-                .await
-            };
-            let hand_off = async {
-                let mut incidents = Vec::with_capacity(handoffs.len());
-                for (slot, detected) in handoffs {
-                    let incident = handoff.send(detected).await.map_err(|e| {
-                        StoreError::Unavailable(format!("incident hand-off: {e}"))
-                    })??;
-                    incidents.push((slot, incident));
-                }
-                Ok::<_, StoreError>(incidents)
-            };
-            let (persisted, incidents) = futures_util::join!(persist, hand_off);
-            persisted?;
-            incidents
+                .await?;
+            }
+            handed_off.map(|()| incidents)
         };
         AtomicResponse::new(Box::pin(work.into_actor(self).map(
             move |result, act, ctx| match result {

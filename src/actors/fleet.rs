@@ -97,21 +97,34 @@ impl AmbulanceActor {
         });
     }
 
-    /// Persists the unit's status change (event + projection) in the background; a failure is
-    /// logged (the live state stays authoritative and is saved again on the next change).
     /// Appends `event` to the unit's stream and saves its projection, in one transaction, in
     /// the background; a failure is logged (the live state stays authoritative and is saved
     /// again with the next change).
-    fn persist_event(&self, mut event: NewEvent, what: &'static str) {
+    fn persist_event(&self, event: NewEvent, what: &'static str) {
+        self.persist(event_with_unit(event, &self.record), what, false);
+    }
+
+    /// A position fix: stored with the other units' fixes, after a short wait (see
+    /// `GroupCommit::append_unit_position`).
+    fn persist_position(&self, event: NewEvent) {
+        self.persist(event_with_unit(event, &self.record), "location", true);
+    }
+
+    fn persist(&self, event: NewEvent, what: &'static str, position: bool) {
         let writer = self.writer.clone();
         let record = self.record.clone();
-        event.unit_id = Some(record.id.0.clone());
         actix::spawn(async move {
             let id = record.id.clone();
             let stream = format!("unit-{id}");
             // Batched with the other units' changes: one statement saves every unit changed
             // in a batch, each with its latest state.
-            let result = writer.append_unit(&stream, vec![event], record).await;
+            let result = if position {
+                writer
+                    .append_unit_position(&stream, vec![event], record)
+                    .await
+            } else {
+                writer.append_unit(&stream, vec![event], record).await
+            };
             if let Err(e) = result {
                 tracing::warn!(unit.id = %id, error = %e, "unit {what} not persisted");
             }
@@ -158,6 +171,12 @@ pub struct Reserve {
     pub incident_id: IncidentId,
     /// Expiry.
     pub expires_at: DateTime<Utc>,
+}
+
+/// `event`, tagged with the unit it is about.
+fn event_with_unit(mut event: NewEvent, record: &UnitRecord) -> NewEvent {
+    event.unit_id = Some(record.id.0.clone());
+    event
 }
 
 impl Handler<Reserve> for AmbulanceActor {
@@ -420,7 +439,7 @@ impl Handler<Locate> for AmbulanceActor {
                        "at": msg.at, "speed_mps": msg.speed_mps, "heading_deg": msg.heading_deg,
                        "status": self.record.status}),
             );
-            self.persist_event(event, "location");
+            self.persist_position(event);
         }
     }
 }

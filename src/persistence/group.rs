@@ -24,11 +24,20 @@
 //! [`DbConn::try_both`] and [`DbConn::try_each`] to send their own independent statements
 //! together. If anything in the pipelined attempt fails, the transaction is rolled back and
 //! the batch replayed one write at a time with savepoints, as above.
+//!
+//! A unit's changes are bookkeeping that nobody waits for (the unit actor's live state is
+//! authoritative), and hundreds of position fixes arrive every second. They wait in the
+//! writer ([`UNIT_STATUS_LINGER`], [`UNIT_POSITION_LINGER`]) and are then stored together, in
+//! batches of their own: the writer is idle most of the time, so an emergency's write finds
+//! it free instead of queueing behind a batch of positions, and the status changes of the
+//! units reserved for that emergency's first offer round are stored just after its write
+//! instead of just before it. When one is due, everything waiting goes with it, in order.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -106,6 +115,8 @@ struct Deferred {
     unit: Option<UnitRecord>,
     key: Option<String>,
     projection: Option<Projection>,
+    /// How long it may wait in the writer for company (`None`: the next batch).
+    linger: Option<Duration>,
     answer: oneshot::Sender<Result<(), StoreError>>,
 }
 
@@ -114,6 +125,15 @@ enum Item {
     Job(Job),
     Append(Box<Deferred>),
 }
+
+/// How long a unit's status change may wait in the writer for company: long enough for an
+/// emergency's write, which reserving its first offer round runs alongside, to go first.
+pub const UNIT_STATUS_LINGER: Duration = Duration::from_millis(5);
+
+/// How long a unit's position fix may wait in the writer. Fixes come about once a second per
+/// unit: storing 500 units' fixes as about twenty batches a second instead of hundreds keeps
+/// the writer free. The live map shows a fix this much later at most.
+pub const UNIT_POSITION_LINGER: Duration = Duration::from_millis(50);
 
 /// Handle to the group-commit writer; cheap to clone and usable from any thread.
 #[derive(Clone, Debug)]
@@ -195,19 +215,47 @@ impl GroupCommit {
         key: Option<String>,
         projection: Option<Projection>,
     ) -> Result<(), StoreError> {
-        self.send(stream, events, None, key, projection).await
+        self.send(stream, events, None, key, projection, None).await
     }
 
-    /// Appends `events` to a unit's stream and saves `unit`'s live state, at the end of the
-    /// next batch: every unit changed in a batch is saved by one statement on PostgreSQL, a
-    /// unit changed twice with its later state.
+    /// Appends `events` to a unit's stream and saves `unit`'s live state, within
+    /// [`UNIT_STATUS_LINGER`] and after the unit's earlier changes: every unit changed in a
+    /// batch is saved by one statement on PostgreSQL, a unit changed twice with its later state.
     pub async fn append_unit(
         &self,
         stream: &str,
         events: Vec<NewEvent>,
         unit: UnitRecord,
     ) -> Result<(), StoreError> {
-        self.send(stream, events, Some(unit), None, None).await
+        self.send(
+            stream,
+            events,
+            Some(unit),
+            None,
+            None,
+            Some(UNIT_STATUS_LINGER),
+        )
+        .await
+    }
+
+    /// Like [`GroupCommit::append_unit`], for a position fix: it waits in the writer for up
+    /// to [`UNIT_POSITION_LINGER`] and is stored with the other units' fixes (or earlier, with
+    /// the unit's next other change, which it precedes). Returns once committed.
+    pub async fn append_unit_position(
+        &self,
+        stream: &str,
+        events: Vec<NewEvent>,
+        unit: UnitRecord,
+    ) -> Result<(), StoreError> {
+        self.send(
+            stream,
+            events,
+            Some(unit),
+            None,
+            None,
+            Some(UNIT_POSITION_LINGER),
+        )
+        .await
     }
 
     /// Queues a deferred append (serialised here, off the writer's thread) and waits for its
@@ -219,6 +267,7 @@ impl GroupCommit {
         unit: Option<UnitRecord>,
         key: Option<String>,
         projection: Option<Projection>,
+        linger: Option<Duration>,
     ) -> Result<(), StoreError> {
         let events = events
             .into_iter()
@@ -230,6 +279,7 @@ impl GroupCommit {
             unit,
             key,
             projection,
+            linger,
             answer,
         };
         if self.jobs.send(Item::Append(Box::new(deferred))).is_err() {
@@ -452,6 +502,21 @@ async fn run_pipelined(
     Err(if failed { Batch::Failed } else { Batch::Replay })
 }
 
+/// Moves the waiting appends `pick` chooses to the end of `batch`, in arrival order.
+fn take_waiting(
+    waiting: &mut Vec<(tokio::time::Instant, Deferred)>,
+    batch: &mut Vec<Deferred>,
+    pick: impl Fn(&tokio::time::Instant, &Deferred) -> bool,
+) {
+    if waiting.iter().any(|(due, w)| pick(due, w)) {
+        let (taken, kept): (Vec<_>, Vec<_>) = std::mem::take(waiting)
+            .into_iter()
+            .partition(|(due, w)| pick(due, w));
+        *waiting = kept;
+        batch.extend(taken.into_iter().map(|(_, d)| d));
+    }
+}
+
 /// `future`'s output and when it finished, in milliseconds since `started`.
 async fn timed<T>(started: std::time::Instant, future: impl Future<Output = T>) -> (T, f64) {
     let output = future.await;
@@ -467,17 +532,54 @@ async fn writer(
     let mut batch = Vec::with_capacity(max_batch);
     // Kept between batches; dropped after a failed commit (it may be broken) and opened again.
     let mut held: Option<DbConn> = None;
-    while items.recv_many(&mut batch, max_batch).await > 0 {
-        let size = batch.len();
-        stats.writes.fetch_add(size as u64, Ordering::Relaxed);
-        let mut work = Vec::with_capacity(size);
+    // Appends waiting for company, in arrival order, each with when it is due.
+    let mut waiting: Vec<(tokio::time::Instant, Deferred)> = Vec::new();
+    loop {
+        let due = waiting.iter().map(|(due, _)| *due).min();
+        let received = match due {
+            Some(due) => tokio::select! {
+                biased;
+                n = items.recv_many(&mut batch, max_batch) => Some(n),
+                () = tokio::time::sleep_until(due) => None,
+            },
+            None => Some(items.recv_many(&mut batch, max_batch).await),
+        };
+        // Every handle is gone: store what waits, then stop.
+        let closed = received == Some(0);
+        let now = tokio::time::Instant::now();
+        stats
+            .writes
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let mut work = Vec::with_capacity(batch.len());
         let mut deferred = Vec::new();
         for item in batch.drain(..) {
             match item {
                 Item::Job(job) => work.push(job),
-                Item::Append(d) => deferred.push(*d),
+                Item::Append(d) => match d.linger {
+                    Some(linger) => waiting.push((now + linger, *d)),
+                    None => {
+                        // A unit's waiting changes go first, in order.
+                        if let Some(unit) = &d.unit {
+                            take_waiting(&mut waiting, &mut deferred, |_, w| {
+                                w.unit.as_ref().is_some_and(|u| u.id == unit.id)
+                            });
+                        }
+                        deferred.push(*d);
+                    }
+                },
             }
         }
+        // When anything is due, everything waiting goes: one batch for all of it.
+        if closed || waiting.len() >= max_batch || waiting.iter().any(|(due, _)| *due <= now) {
+            deferred.extend(waiting.drain(..).map(|(_, d)| d));
+        }
+        if work.is_empty() && deferred.is_empty() {
+            if closed {
+                break;
+            }
+            continue;
+        }
+        let size = work.len() + deferred.len();
         if held.is_none() {
             match db.conn().await {
                 Ok(conn) => held = Some(conn),

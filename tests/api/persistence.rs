@@ -21,6 +21,7 @@ both_backends!(
     group_commit_shares_commits_and_isolates_a_failed_write,
     group_commit_appends_many_streams_with_their_projections,
     group_commit_saves_each_unit_once_with_its_latest_state,
+    group_commit_positions_wait_for_company_and_keep_each_units_order,
     group_commit_never_acknowledges_a_write_it_lost,
     pipelined_statements_answer_together_and_refuse_write_transactions,
 );
@@ -727,6 +728,82 @@ async fn group_commit_saves_each_unit_once_with_its_latest_state(backend: Backen
                 .collect::<Vec<_>>(),
             (1..=7).collect::<Vec<_>>()
         );
+    }
+}
+
+/// `GroupCommit::append_unit_position`: fixes wait in the writer for company, but a unit's
+/// next other change takes its waiting fixes along, ahead of itself; every fix is stored, in
+/// order, and the unit's row ends with its latest state.
+async fn group_commit_positions_wait_for_company_and_keep_each_units_order(backend: Backend) {
+    use shers::domain::geo::LatLng;
+    use shers::persistence::fleet::{self, UnitRecord};
+    use shers::persistence::group::GroupCommit;
+    let tdb = TestDb::new(backend).await;
+    let db = tdb.migrated().await;
+    let writer = GroupCommit::start(db.clone(), 64);
+    let mut conn = db.conn().await.unwrap();
+    let now = Utc::now();
+    let unit = |n: u32, step: u32, status: &str| UnitRecord {
+        id: shers::domain::ids::UnitId(format!("u-{n}")),
+        call_sign: format!("U{n}"),
+        capability: "als".into(),
+        status: status.into(),
+        location: LatLng {
+            lat: 55.9 + f64::from(step) / 1000.0,
+            lng: -3.2 - f64::from(n) / 1000.0,
+        },
+        fix_at: now,
+        base: None,
+        current_incident_id: None,
+    };
+    for n in 0..2 {
+        fleet::insert_unit(&mut conn, &unit(n, 0, "available"), now)
+            .await
+            .unwrap();
+    }
+    let change = |n: u32, step: u32, status: &'static str, position: bool| {
+        let writer = writer.clone();
+        async move {
+            let e = NewEvent::new("unit.location", json!({"n": n, "step": step}));
+            let stream = format!("unit-u-{n}");
+            let record = unit(n, step, status);
+            if position {
+                writer.append_unit_position(&stream, vec![e], record).await
+            } else {
+                writer.append_unit(&stream, vec![e], record).await
+            }
+        }
+    };
+    // Sent in this order (each is queued on its first poll).
+    let results = futures_util::future::join_all([
+        Box::pin(change(0, 1, "available", true))
+            as std::pin::Pin<Box<dyn std::future::Future<Output = _>>>,
+        Box::pin(change(1, 1, "available", true)),
+        Box::pin(change(0, 2, "available", true)),
+        Box::pin(change(0, 3, "enroute", false)),
+        Box::pin(change(1, 2, "available", true)),
+    ])
+    .await;
+    for r in results {
+        r.unwrap();
+    }
+    let stored = fleet::all_units(&mut conn).await.unwrap();
+    for (n, last, status) in [(0, 3, "enroute"), (1, 2, "available")] {
+        let got = stored.iter().find(|u| u.id.0 == format!("u-{n}")).unwrap();
+        assert_eq!(got.status, status);
+        assert!(
+            (got.location.lat - unit(n, last, status).location.lat).abs() < 1e-9,
+            "{got:?}"
+        );
+        let stream = events::read_stream(&mut conn, &format!("unit-u-{n}"))
+            .await
+            .unwrap();
+        let steps: Vec<i64> = stream
+            .iter()
+            .map(|e| e.data["step"].as_i64().unwrap())
+            .collect();
+        assert_eq!(steps, (1..=i64::from(last)).collect::<Vec<_>>());
+        assert!(stream.windows(2).all(|w| w[0].seq < w[1].seq));
     }
 }
 
