@@ -736,6 +736,24 @@ fn offer_records(
         .collect()
 }
 
+/// Sends each reserved unit its stored offer, for its crew.
+fn send_offers(
+    state: &Incident,
+    records: &[OfferRecord],
+    reserved: &Reserved,
+    expires_at: DateTime<Utc>,
+) {
+    let (priority, location) = (state.priority, state.location);
+    for (record, (_, _, addr)) in records.iter().zip(reserved.iter()) {
+        addr.do_send(PublishOffer {
+            offer_id: record.id,
+            frame: json!({"type": "offer", "offer_id": record.id, "incident_id": record.incident_id,
+                          "priority": priority, "location": location, "eta_s": record.eta_s,
+                          "expires_at": expires_at}),
+        });
+    }
+}
+
 fn release_all(reserved: &Reserved) {
     for (offer_id, _, addr) in reserved {
         addr.do_send(Release {
@@ -798,8 +816,19 @@ impl IncidentActor {
         ctx: &mut Context<Self>,
     ) {
         let Some(state) = &self.state else { return };
-        let (priority, location) = (state.priority, state.location);
-        for (record, (_, _, addr)) in records.iter().zip(reserved.iter()) {
+        send_offers(state, records, reserved, expires_at);
+        self.track_round(records, round, expires_at, ctx);
+    }
+
+    /// Tracks a round's offers (already sent to the crews) and arms the round's expiry.
+    fn track_round(
+        &mut self,
+        records: &[OfferRecord],
+        round: u32,
+        expires_at: DateTime<Utc>,
+        ctx: &mut Context<Self>,
+    ) {
+        for record in records {
             self.pending.insert(
                 record.id,
                 PendingOffer {
@@ -808,12 +837,6 @@ impl IncidentActor {
                     expires_at,
                 },
             );
-            addr.do_send(PublishOffer {
-                offer_id: record.id,
-                frame: json!({"type": "offer", "offer_id": record.id, "incident_id": record.incident_id,
-                              "priority": priority, "location": location, "eta_s": record.eta_s,
-                              "expires_at": expires_at}),
-            });
         }
         self.arm_round_timer(round, expires_at, ctx);
     }
@@ -1009,7 +1032,8 @@ impl Handler<NextRound> for IncidentActor {
     }
 }
 
-/// The first round, stored with the incident: tell the crews and arm the expiry.
+/// The first round, stored with the incident and already sent to the crews by the directory:
+/// track it and arm the expiry.
 #[derive(Message)]
 #[rtype(result = "()")]
 struct PublishFirstRound(FirstRound);
@@ -1019,11 +1043,11 @@ impl Handler<PublishFirstRound> for IncidentActor {
 
     fn handle(&mut self, msg: PublishFirstRound, ctx: &mut Self::Context) {
         let FirstRound {
-            reserved,
             records,
             expires_at,
+            ..
         } = msg.0;
-        self.publish_round(&records, &reserved, 1, expires_at, ctx);
+        self.track_round(&records, 1, expires_at, ctx);
     }
 }
 
@@ -1440,6 +1464,8 @@ pub struct IncidentDirectory {
     open_by_patient: HashMap<PatientId, IncidentId>,
     /// Patients whose incident is being created, with the requests waiting for it.
     creating: HashMap<PatientId, Vec<(Waiter, Option<serde_json::Value>)>>,
+    /// References reserved in advance (PostgreSQL).
+    references: ReferenceBlocks,
 }
 
 impl IncidentDirectory {
@@ -1452,6 +1478,7 @@ impl IncidentDirectory {
             incidents: HashMap::new(),
             open_by_patient: HashMap::new(),
             creating: HashMap::new(),
+            references: ReferenceBlocks::default(),
         }
     }
 
@@ -1499,12 +1526,12 @@ struct FirstRound {
     expires_at: DateTime<Utc>,
 }
 
-/// What a new incident needs from the database before its write: the patient and the
-/// reference. On PostgreSQL both are fetched before the write, on a pooled connection and in
-/// one pipelined round trip while the first offer round is reserved, so the writer's batch
-/// does not wait a round trip for them (the reference upsert commits on its own: a creation
-/// that then fails leaves a gap in the year's numbers). On SQLite, whose writes all queue
-/// for one lock, they are read and allocated inside the write itself (`None` here).
+/// What a new incident needs before its write: the patient and the reference. On PostgreSQL
+/// both are ready before the write, so the writer's batch does not wait a round trip for them:
+/// the patient is read on a pooled connection while the first offer round is reserved, and the
+/// reference comes from a block reserved in advance ([`ReferenceBlocks`]). On SQLite, whose
+/// writes all queue for one lock, both are read and allocated inside the write itself (`None`
+/// here).
 #[derive(Clone)]
 struct Prefetched {
     patient: Option<crate::domain::patients::Patient>,
@@ -1514,22 +1541,173 @@ struct Prefetched {
 async fn prefetch(
     db: &Db,
     patient_id: Option<PatientId>,
-    now: DateTime<Utc>,
+    reference: Option<ReferenceTicket>,
 ) -> Result<Option<Prefetched>, IncidentError> {
-    if db.backend() != crate::persistence::Backend::Postgres {
+    let Some(reference) = reference else {
         return Ok(None);
+    };
+    let reference = async {
+        match reference {
+            ReferenceTicket::Ready(reference) => Ok(reference),
+            ReferenceTicket::Waiting(answer) => answer.await.ok().flatten().ok_or_else(|| {
+                IncidentError::Store(StoreError::Unavailable(
+                    "incident references could not be reserved".into(),
+                ))
+            }),
+        }
+    };
+    let patient = async {
+        if patient_id.is_none() {
+            return Ok(None);
+        }
+        db.run(move |conn| async move {
+            let mut conn = conn.pipelined();
+            find_patient(&mut conn, patient_id.as_ref()).await
+        })
+        .await
+    };
+    let (reference, patient) = futures_util::future::join(reference, patient).await;
+    Ok(Some(Prefetched {
+        patient: patient?,
+        reference: reference?,
+    }))
+}
+
+/// How many incident references the directory reserves at a time on PostgreSQL.
+const REFERENCE_BLOCK: i64 = 100;
+
+/// A new incident's reference: at hand, or promised by the block being reserved.
+enum ReferenceTicket {
+    Ready(String),
+    Waiting(oneshot::Receiver<Option<String>>),
+}
+
+/// Incident references reserved in advance (PostgreSQL), so a new incident does not commit
+/// an upsert of its own on the way to its first offer (a durable commit: about a millisecond
+/// on a loaded machine). One block is reserved at a time, the next when half of the current
+/// one is used; an incident that finds none at hand waits for the block in flight, and the
+/// waiters are served in arrival order. Numbers are unique and increase in the order incidents
+/// are opened on one node; numbers unused when the server stops are never handed out (a gap
+/// after a restart), and several nodes sharing a database interleave their blocks.
+#[derive(Debug, Default)]
+struct ReferenceBlocks {
+    /// Year, next number, last number.
+    current: Option<(i32, i64, i64)>,
+    /// The block reserved while the current one still had numbers.
+    upcoming: Option<(i32, i64, i64)>,
+    refilling: bool,
+    waiting: std::collections::VecDeque<oneshot::Sender<Option<String>>>,
+}
+
+/// Numbers left in `block` for `year`.
+fn left(block: Option<(i32, i64, i64)>, year: i32) -> i64 {
+    block
+        .filter(|(y, _, _)| *y == year)
+        .map_or(0, |(_, next, last)| (last - next + 1).max(0))
+}
+
+impl ReferenceBlocks {
+    /// The next reserved reference of `year`, if one is at hand.
+    fn take(&mut self, year: i32) -> Option<String> {
+        if left(self.current, year) == 0 {
+            self.current = self.upcoming.take();
+        }
+        match &mut self.current {
+            Some((y, next, last)) if *y == year && *next <= *last => {
+                let number = *next;
+                *next += 1;
+                Some(store::format_reference(year, number))
+            }
+            _ => None,
+        }
     }
-    db.run(move |conn| async move {
-        let mut conn = conn.pipelined();
-        let (patient, reference) = conn
-            .try_both(
-                async |c| find_patient(c, patient_id.as_ref()).await,
-                async |c| Ok(store::next_reference(c, now).await?),
-            )
-            .await?;
-        Ok(Some(Prefetched { patient, reference }))
-    })
-    .await
+
+    /// Whether to reserve the next block now.
+    fn wants_refill(&self, year: i32) -> bool {
+        !self.refilling
+            && self.upcoming.is_none()
+            && (left(self.current, year) < REFERENCE_BLOCK / 2 || !self.waiting.is_empty())
+    }
+
+    /// A new block: the waiters are served from it first, in order.
+    fn install(&mut self, year: i32, first: i64, last: i64) {
+        if left(self.current, year) == 0 {
+            self.current = Some((year, first, last));
+        } else {
+            self.upcoming = Some((year, first, last));
+        }
+        while let Some(waiter) = self.waiting.pop_front() {
+            if waiter.is_closed() {
+                continue;
+            }
+            match self.take(year) {
+                Some(reference) => {
+                    let _ = waiter.send(Some(reference));
+                }
+                None => {
+                    self.waiting.push_front(waiter);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+impl IncidentDirectory {
+    /// A new incident's reference on PostgreSQL (`None` on SQLite, which allocates it inside
+    /// the incident's own write), reserving the next block when this one runs low.
+    fn reserve_reference(
+        &mut self,
+        now: DateTime<Utc>,
+        ctx: &mut Context<Self>,
+    ) -> Option<ReferenceTicket> {
+        if self.db.backend() != crate::persistence::Backend::Postgres {
+            return None;
+        }
+        let year = chrono::Datelike::year(&now);
+        let ticket = match self.references.take(year) {
+            Some(reference) => ReferenceTicket::Ready(reference),
+            None => {
+                let (tx, rx) = oneshot::channel();
+                self.references.waiting.push_back(tx);
+                ReferenceTicket::Waiting(rx)
+            }
+        };
+        self.refill_references(year, ctx);
+        Some(ticket)
+    }
+
+    fn refill_references(&mut self, year: i32, ctx: &mut Context<Self>) {
+        if !self.references.wants_refill(year) {
+            return;
+        }
+        self.references.refilling = true;
+        let db = self.db.clone();
+        let reserve = async move {
+            db.run(move |mut conn| async move {
+                store::reserve_references(&mut conn, year, REFERENCE_BLOCK).await
+            })
+            .await
+        };
+        ctx.spawn(reserve.into_actor(self).map(move |reserved, act, ctx| {
+            act.references.refilling = false;
+            match reserved {
+                Ok((first, last)) => {
+                    act.references.install(year, first, last);
+                    // More waiters than one block serves: reserve another.
+                    if !act.references.waiting.is_empty() {
+                        act.refill_references(year, ctx);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "incident references not reserved");
+                    for waiter in act.references.waiting.drain(..) {
+                        let _ = waiter.send(None);
+                    }
+                }
+            }
+        }));
+    }
 }
 
 /// The patient `id` names (`UnknownPatient` if none), or `None` without an id.
@@ -1681,6 +1859,7 @@ impl Handler<OpenIncident> for IncidentDirectory {
         // its dispatch start and its first offers share one commit: one fsync on the path from
         // the reading to the crew's offer frame instead of two.
         let now = Utc::now();
+        let reference = self.reserve_reference(now, ctx);
         let prefetch_db = db.clone();
         let creation = async move {
             let started = std::time::Instant::now();
@@ -1698,7 +1877,7 @@ impl Handler<OpenIncident> for IncidentDirectory {
                 (first, started.elapsed())
             };
             let fetch = async {
-                let prefetched = prefetch(&prefetch_db, req.patient_id.clone(), now).await;
+                let prefetched = prefetch(&prefetch_db, req.patient_id.clone(), reference).await;
                 (prefetched, started.elapsed())
             };
             let ((first, reserved), (prefetched, fetched)) =
@@ -1741,6 +1920,15 @@ impl Handler<OpenIncident> for IncidentDirectory {
                     Ok((incident, version)) => {
                         if let Some(p) = &incident.patient_id {
                             act.open_by_patient.insert(p.clone(), incident.id);
+                        }
+                        // The crews hear of the first round at once; the new actor tracks it.
+                        if let Some(first) = &first {
+                            send_offers(
+                                &incident,
+                                &first.records,
+                                &first.reserved,
+                                first.expires_at,
+                            );
                         }
                         let actor =
                             IncidentActor::created(incident.clone(), version, act.deps.clone());
@@ -1832,10 +2020,9 @@ impl Handler<OpenIncident> for IncidentDirectory {
 }
 
 impl Handler<EmergencyDetected> for IncidentDirectory {
-    type Result = ResponseFuture<Result<Option<IncidentId>, StoreError>>;
+    type Result = ResponseActFuture<Self, Result<Option<IncidentId>, StoreError>>;
 
     fn handle(&mut self, msg: EmergencyDetected, ctx: &mut Self::Context) -> Self::Result {
-        let addr = ctx.address();
         let request = OpenRequest {
             source: Source::Wearable,
             priority: Priority::Emergency,
@@ -1853,17 +2040,19 @@ impl Handler<EmergencyDetected> for IncidentDirectory {
                 "readings": msg.evidence,
             })),
         };
-        Box::pin(async move {
-            match addr.send(OpenIncident(request)).await {
-                Ok(Ok(opened)) => Ok(Some(opened.incident.id)),
-                Ok(Err(IncidentError::Store(e))) => Err(e),
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "emergency hand-off did not open an incident");
-                    Ok(None)
-                }
-                Err(e) => Err(StoreError::Unavailable(format!("incident directory: {e}"))),
-            }
-        })
+        // Opened here, not through the mailbox: one hop fewer on the way to the offer.
+        Box::pin(
+            <Self as Handler<OpenIncident>>::handle(self, OpenIncident(request), ctx).map(
+                |opened, _, _| match opened {
+                    Ok(opened) => Ok(Some(opened.incident.id)),
+                    Err(IncidentError::Store(e)) => Err(e),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "emergency hand-off did not open an incident");
+                        Ok(None)
+                    }
+                },
+            ),
+        )
     }
 }
 
@@ -2081,5 +2270,40 @@ impl Handler<UnitFree> for IncidentDirectory {
     fn handle(&mut self, msg: UnitFree, ctx: &mut Self::Context) {
         let addr = self.actor_for(msg.incident_id, ctx);
         addr.do_send(NextRound);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_come_from_blocks_in_order_and_waiters_are_served_first() {
+        let mut blocks = ReferenceBlocks::default();
+        assert_eq!(blocks.take(2026), None);
+        assert!(blocks.wants_refill(2026));
+        let (tx, mut rx) = oneshot::channel();
+        blocks.waiting.push_back(tx);
+        blocks.install(2026, 1, 3);
+        assert_eq!(rx.try_recv().unwrap(), Some("INC-2026-000001".to_owned()));
+        assert_eq!(blocks.take(2026).as_deref(), Some("INC-2026-000002"));
+        // Low: the next block is reserved while this one still has a number, and follows it.
+        assert!(blocks.wants_refill(2026));
+        blocks.install(2026, 4, 5);
+        assert!(!blocks.wants_refill(2026), "one block ahead at most");
+        let taken: Vec<_> = (0..4).map(|_| blocks.take(2026)).collect();
+        assert_eq!(
+            taken,
+            [
+                Some("INC-2026-000003".to_owned()),
+                Some("INC-2026-000004".to_owned()),
+                Some("INC-2026-000005".to_owned()),
+                None
+            ]
+        );
+        // A new year starts from its own block.
+        blocks.install(2026, 6, 200);
+        assert_eq!(blocks.take(2027), None);
     }
 }

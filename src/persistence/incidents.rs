@@ -155,7 +155,40 @@ pub async fn next_reference(conn: &mut DbConn, now: DateTime<Utc>) -> Result<Str
             .get_result(c)
             .await?
     });
-    Ok(format!("INC-{year}-{:06}", number.last_number))
+    Ok(format_reference(year, number.last_number))
+}
+
+/// The reference of number `number` in `year`: `INC-2026-000042`.
+pub fn format_reference(year: i32, number: i64) -> String {
+    format!("INC-{year}-{number:06}")
+}
+
+/// Reserves `count` consecutive reference numbers of `year` at once, committed on their own
+/// (the caller hands them out; numbers it never uses leave a gap). Returns the first and the
+/// last.
+pub async fn reserve_references(
+    conn: &mut DbConn,
+    year: i32,
+    count: i64,
+) -> Result<(i64, i64), StoreError> {
+    const RESERVE: &[&str] = &[
+        "INSERT INTO incident_references (year, last_number) VALUES (",
+        ", ",
+        ") ON CONFLICT (year) DO UPDATE \
+         SET last_number = incident_references.last_number + ",
+        " RETURNING last_number",
+    ];
+    struct Reserve;
+    let count = count.max(1);
+    let number: ReferenceNumber = db_run!(conn, |c| {
+        Statement::<Reserve>::new(
+            RESERVE,
+            vec![Bind::Int(year), Bind::BigInt(count), Bind::BigInt(count)],
+        )
+        .get_result(c)
+        .await?
+    });
+    Ok((number.last_number - count + 1, number.last_number))
 }
 
 /// Inserts the projection of a new incident. A second open incident for the same patient
