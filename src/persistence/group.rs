@@ -502,21 +502,6 @@ async fn run_pipelined(
     Err(if failed { Batch::Failed } else { Batch::Replay })
 }
 
-/// Moves the waiting appends `pick` chooses to the end of `batch`, in arrival order.
-fn take_waiting(
-    waiting: &mut Vec<(tokio::time::Instant, Deferred)>,
-    batch: &mut Vec<Deferred>,
-    pick: impl Fn(&tokio::time::Instant, &Deferred) -> bool,
-) {
-    if waiting.iter().any(|(due, w)| pick(due, w)) {
-        let (taken, kept): (Vec<_>, Vec<_>) = std::mem::take(waiting)
-            .into_iter()
-            .partition(|(due, w)| pick(due, w));
-        *waiting = kept;
-        batch.extend(taken.into_iter().map(|(_, d)| d));
-    }
-}
-
 /// `future`'s output and when it finished, in milliseconds since `started`.
 async fn timed<T>(started: std::time::Instant, future: impl Future<Output = T>) -> (T, f64) {
     let output = future.await;
@@ -555,17 +540,10 @@ async fn writer(
         for item in batch.drain(..) {
             match item {
                 Item::Job(job) => work.push(job),
+                // Every unit change waits, so a unit's changes keep their order in `waiting`.
                 Item::Append(d) => match d.linger {
                     Some(linger) => waiting.push((now + linger, *d)),
-                    None => {
-                        // A unit's waiting changes go first, in order.
-                        if let Some(unit) = &d.unit {
-                            take_waiting(&mut waiting, &mut deferred, |_, w| {
-                                w.unit.as_ref().is_some_and(|u| u.id == unit.id)
-                            });
-                        }
-                        deferred.push(*d);
-                    }
+                    None => deferred.push(*d),
                 },
             }
         }

@@ -32,15 +32,23 @@ type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 async fn next_event(socket: &mut Socket) -> Value {
+    next_frame(socket, |v| {
+        v.get("seq").is_some() && v.get("type").is_none()
+    })
+    .await
+}
+
+/// The next text frame `wanted` accepts (others are skipped), within 10 s.
+async fn next_frame(socket: &mut Socket, wanted: impl Fn(&Value) -> bool) -> Value {
     loop {
         let frame = tokio::time::timeout(std::time::Duration::from_secs(10), socket.next())
             .await
-            .expect("an event within 10 s")
+            .expect("a frame within 10 s")
             .unwrap()
             .unwrap();
         if let tokio_tungstenite::tungstenite::Message::Text(t) = frame {
             let v: Value = serde_json::from_str(&t).unwrap();
-            if v.get("seq").is_some() && v.get("type").is_none() {
+            if wanted(&v) {
                 return v;
             }
         }
@@ -109,18 +117,7 @@ async fn consoles_see_every_event_in_order_across_the_seam(backend: Backend) {
     // Events already in flight before the server read the subscribe frame (an earlier
     // incident escalating, say) still arrive unfiltered; the acknowledgement marks the point
     // from which the filter holds.
-    loop {
-        let frame = tokio::time::timeout(std::time::Duration::from_secs(10), filtered.next())
-            .await
-            .expect("the subscription acknowledged within 10 s")
-            .unwrap()
-            .unwrap();
-        if let tokio_tungstenite::tungstenite::Message::Text(t) = frame
-            && serde_json::from_str::<Value>(&t).unwrap()["type"] == "subscribed"
-        {
-            break;
-        }
-    }
+    next_frame(&mut filtered, |v| v["type"] == "subscribed").await;
     make_events(&app, 1).await;
     let only = next_event(&mut filtered).await;
     assert_eq!(only["kind"], "incident.created");
