@@ -7,7 +7,8 @@
 #   scripts/bench.sh postgres://postgres@127.0.0.1:5432/shers_bench 18091 target/bench/pg fanout
 #
 # The PostgreSQL database should be empty and dedicated. BENCH_BIN overrides the binary;
-# BENCH_LOG sets the server's RUST_LOG (default warn; see scripts/writer-phases.py).
+# BENCH_LOG sets the server's RUST_LOG (default warn; see scripts/writer-phases.py);
+# LOADGEN_ARGS adds loadgen options to every scenario (e.g. "--devices 0 --duration 10").
 set -euo pipefail
 BIN=${BENCH_BIN:-target/release/shers}
 if [[ $# -lt 4 ]]; then
@@ -28,5 +29,5 @@ done
 for scenario in "$@"; do
     echo "=== $scenario"
     "$BIN" loadgen --url "http://127.0.0.1:$PORT" --token "$TOKEN" --scenario "$scenario" \
-        --json "$OUT-$scenario.json" --svg "$OUT-$scenario.svg"
+        --json "$OUT-$scenario.json" --svg "$OUT-$scenario.svg" ${LOADGEN_ARGS:-}
 done

@@ -56,6 +56,9 @@ def main(path):
                 writes, appends = int(m.group(1)), int(m.group(2))
                 replays += m.group(3) == "true"
                 key = (bucket(writes, 5, 20), bucket(appends, 5, 20))
+                if "alone=true" in line:
+                    # One atomic statement outside a transaction (no parts to show).
+                    key = ("1 alone", key[1])
                 batches[key].append((float(m.group(4)),) + (parts or (None, None, None)))
                 parts = None
                 continue
@@ -70,7 +73,7 @@ def main(path):
     print(f"{'writes':>7} {'appends':>7} {'count':>6} {'total p50':>9} {'p90':>6} "
           f"{'BEGIN':>6} {'writes':>6} {'appends':>7}   (ms; parts: PostgreSQL)")
     def order(key):
-        return tuple(int(k.split('-')[0].rstrip('+')) for k in key)
+        return tuple(int(k.split('-')[0].split(' ')[0].rstrip('+')) for k in key)
 
     for (writes, appends), rows in sorted(batches.items(), key=lambda kv: order(kv[0])):
         med = [quantile([r[i] for r in rows if r[i] is not None], 0.5) for i in range(1, 4)]

@@ -257,15 +257,38 @@ impl<'a> Batch<'a> {
     /// The per-event columns as PostgreSQL arrays, in the order the inserts' `unnest` takes
     /// them: kinds, incident ids, unit ids, device ids, payloads.
     fn columns(&self) -> [Bind<'a>; 5] {
-        let new = self.new;
-        [
-            Bind::Texts(new.iter().map(|e| e.kind.as_str()).collect()),
-            Bind::OptTexts(new.iter().map(|e| e.incident_id.as_deref()).collect()),
-            Bind::OptTexts(new.iter().map(|e| e.unit_id.as_deref()).collect()),
-            Bind::OptTexts(new.iter().map(|e| e.device_id.as_deref()).collect()),
-            Bind::Texts(self.payloads.iter().map(String::as_str).collect()),
-        ]
+        columns(self.new, self.payloads)
     }
+}
+
+/// The per-event columns of `new` (with their serialised `payloads`) as PostgreSQL arrays, in
+/// the order the inserts' `unnest` takes them: kinds, incident ids, unit ids, device ids,
+/// payloads.
+pub(crate) fn columns<'a>(new: &'a [NewEvent], payloads: &'a [String]) -> [Bind<'a>; 5] {
+    [
+        Bind::Texts(new.iter().map(|e| e.kind.as_str()).collect()),
+        Bind::OptTexts(new.iter().map(|e| e.incident_id.as_deref()).collect()),
+        Bind::OptTexts(new.iter().map(|e| e.unit_id.as_deref()).collect()),
+        Bind::OptTexts(new.iter().map(|e| e.device_id.as_deref()).collect()),
+        Bind::Texts(payloads.iter().map(String::as_str).collect()),
+    ]
+}
+
+/// Each event's data as stored.
+pub(crate) fn payloads(new: &[NewEvent]) -> Result<Vec<String>, StoreError> {
+    new.iter()
+        .map(|event| {
+            serde_json::to_string(&event.data)
+                .map_err(|e| StoreError::Corrupt(format!("unserialisable payload: {e}")))
+        })
+        .collect()
+}
+
+/// When events appended at `now` are recorded: PostgreSQL keeps microseconds, SQLite whatever
+/// it is given, so both store microseconds and what an append returns is exactly what a later
+/// read sees.
+pub(crate) fn recorded_at(now: DateTime<Utc>) -> DateTime<Utc> {
+    now.trunc_subsecs(6)
 }
 
 /// The append itself; the caller provides the transaction. Returns the first `seq` and the
@@ -426,16 +449,8 @@ pub async fn append(
     if new.is_empty() {
         return Ok(Vec::new());
     }
-    let mut payloads = Vec::with_capacity(new.len());
-    for event in new {
-        payloads.push(
-            serde_json::to_string(&event.data)
-                .map_err(|e| StoreError::Corrupt(format!("unserialisable payload: {e}")))?,
-        );
-    }
-    // PostgreSQL keeps microseconds, SQLite whatever it is given: store microseconds on both
-    // so what `append` returns is exactly what a later read sees.
-    let at = now.trunc_subsecs(6);
+    let payloads = payloads(new)?;
+    let at = recorded_at(now);
     let batch = Batch {
         stream,
         expected,
@@ -534,7 +549,7 @@ pub async fn append_many(
     }
     let count =
         i64::try_from(events.len()).map_err(|_| StoreError::Conflict("batch too large".into()))?;
-    let recorded_at = to_db_time(now.trunc_subsecs(6));
+    let recorded_at = to_db_time(recorded_at(now));
     db_run!(&mut *conn, |c| {
         let last: LastSeq = Statement::<BumpSequence>::new(BUMP_SEQUENCE, vec![Bind::BigInt(count)])
             .get_result(c)

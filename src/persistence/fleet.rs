@@ -321,30 +321,62 @@ struct OfferRow {
     decline_reason: Option<String>,
 }
 
+/// Offers as stored, ready to insert or bind.
+pub(crate) struct OfferRows(Vec<OfferRow>);
+
+impl OfferRows {
+    pub(crate) fn new(batch: &[OfferRecord]) -> Self {
+        Self(
+            batch
+                .iter()
+                .map(|o| OfferRow {
+                    id: o.id.to_string(),
+                    incident_id: o.incident_id.to_string(),
+                    unit_id: o.unit_id.0.clone(),
+                    round: i32::try_from(o.round).unwrap_or(i32::MAX),
+                    status: o.status.clone(),
+                    eta_s: i32::try_from(o.eta_s).unwrap_or(i32::MAX),
+                    reason: o.reason.clone(),
+                    offered_at: to_db_time(o.offered_at),
+                    expires_at: to_db_time(o.expires_at),
+                    responded_at: o.responded_at.map(to_db_time),
+                    decline_reason: o.decline_reason.clone(),
+                })
+                .collect(),
+        )
+    }
+
+    /// The columns as PostgreSQL arrays, in table order: id, incident id, unit id, round,
+    /// status, ETA, reason, offered, expires, responded, decline reason (`text[]`, `text[]`,
+    /// `text[]`, `int4[]`, `text[]`, `int4[]`, `text[]`, then `timestamp[]` three times and
+    /// `text[]`).
+    pub(crate) fn columns(&self) -> Vec<Bind<'_>> {
+        let rows = &self.0;
+        vec![
+            Bind::Texts(rows.iter().map(|r| r.id.as_str()).collect()),
+            Bind::Texts(rows.iter().map(|r| r.incident_id.as_str()).collect()),
+            Bind::Texts(rows.iter().map(|r| r.unit_id.as_str()).collect()),
+            Bind::Ints(rows.iter().map(|r| r.round).collect()),
+            Bind::Texts(rows.iter().map(|r| r.status.as_str()).collect()),
+            Bind::Ints(rows.iter().map(|r| r.eta_s).collect()),
+            Bind::Texts(rows.iter().map(|r| r.reason.as_str()).collect()),
+            Bind::Timestamps(rows.iter().map(|r| r.offered_at).collect()),
+            Bind::Timestamps(rows.iter().map(|r| r.expires_at).collect()),
+            Bind::OptTimestamps(rows.iter().map(|r| r.responded_at).collect()),
+            Bind::OptTexts(rows.iter().map(|r| r.decline_reason.as_deref()).collect()),
+        ]
+    }
+}
+
 /// Stores new offers (one multi-row insert).
 pub async fn insert_offers(conn: &mut DbConn, batch: &[OfferRecord]) -> Result<(), StoreError> {
     if batch.is_empty() {
         return Ok(());
     }
-    let rows: Vec<OfferRow> = batch
-        .iter()
-        .map(|o| OfferRow {
-            id: o.id.to_string(),
-            incident_id: o.incident_id.to_string(),
-            unit_id: o.unit_id.0.clone(),
-            round: i32::try_from(o.round).unwrap_or(i32::MAX),
-            status: o.status.clone(),
-            eta_s: i32::try_from(o.eta_s).unwrap_or(i32::MAX),
-            reason: o.reason.clone(),
-            offered_at: to_db_time(o.offered_at),
-            expires_at: to_db_time(o.expires_at),
-            responded_at: o.responded_at.map(to_db_time),
-            decline_reason: o.decline_reason.clone(),
-        })
-        .collect();
+    let rows = OfferRows::new(batch);
     db_run!(conn, |c| {
         // SQLite (in-process): a row per statement.
-        for row in &rows {
+        for row in &rows.0 {
             diesel::insert_into(offers::table)
                 .values(row)
                 .execute(c)
@@ -369,24 +401,9 @@ pub async fn insert_offers(conn: &mut DbConn, batch: &[OfferRecord]) -> Result<(
             "::text[])",
         ];
         struct InsertOffersPg;
-        Statement::<InsertOffersPg>::new(
-            INSERT_OFFERS_PG,
-            vec![
-                Bind::Texts(rows.iter().map(|r| r.id.as_str()).collect()),
-                Bind::Texts(rows.iter().map(|r| r.incident_id.as_str()).collect()),
-                Bind::Texts(rows.iter().map(|r| r.unit_id.as_str()).collect()),
-                Bind::Ints(rows.iter().map(|r| r.round).collect()),
-                Bind::Texts(rows.iter().map(|r| r.status.as_str()).collect()),
-                Bind::Ints(rows.iter().map(|r| r.eta_s).collect()),
-                Bind::Texts(rows.iter().map(|r| r.reason.as_str()).collect()),
-                Bind::Timestamps(rows.iter().map(|r| r.offered_at).collect()),
-                Bind::Timestamps(rows.iter().map(|r| r.expires_at).collect()),
-                Bind::OptTimestamps(rows.iter().map(|r| r.responded_at).collect()),
-                Bind::OptTexts(rows.iter().map(|r| r.decline_reason.as_deref()).collect()),
-            ],
-        )
-        .execute(c)
-        .await?;
+        Statement::<InsertOffersPg>::new(INSERT_OFFERS_PG, rows.columns())
+            .execute(c)
+            .await?;
     });
     Ok(())
 }

@@ -59,6 +59,8 @@ trait Write: Send {
     ) -> Pin<Box<dyn Future<Output = bool> + 'a>>;
     /// Answers with the kept result (the batch committed, or this write failed alone).
     fn answer(self: Box<Self>);
+    /// Whether the work is one statement on PostgreSQL (see [`GroupCommit::write_atomic`]).
+    fn atomic(&self) -> bool;
 }
 
 /// A [`Write`] of `work`, answered on `answer`.
@@ -66,6 +68,7 @@ struct Pending<F, T, E> {
     work: F,
     result: Option<Result<T, E>>,
     answer: oneshot::Sender<Result<T, E>>,
+    atomic: bool,
 }
 
 impl<F, T, E> Write for Pending<F, T, E>
@@ -95,6 +98,10 @@ where
         if let Some(result) = self.result {
             let _ = self.answer.send(result);
         }
+    }
+
+    fn atomic(&self) -> bool {
+        self.atomic
     }
 }
 
@@ -187,11 +194,26 @@ impl GroupCommit {
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
+        self.write_as(false, work).await
+    }
+
+    /// [`GroupCommit::write`], or with `atomic`, for work that runs exactly one statement on
+    /// PostgreSQL (a data-modifying CTE, say), which is atomic on its own. When such work is
+    /// the only thing in its batch it runs outside any transaction: no `BEGIN` before it and
+    /// no `COMMIT` round trip after it, its statement commits as it runs. With company it
+    /// joins the batch's transaction like any write. On SQLite it is an ordinary write.
+    pub async fn write_as<T, E, F>(&self, atomic: bool, work: F) -> Result<T, E>
+    where
+        F: for<'a> Fn(&'a mut DbConn) -> WriteFuture<'a, T, E> + Send + 'static,
+        T: Send + 'static,
+        E: From<StoreError> + Send + 'static,
+    {
         let (answer, answered) = oneshot::channel::<Result<T, E>>();
         let job: Job = Box::new(Pending {
             work,
             result: None,
             answer,
+            atomic,
         });
         if self.jobs.send(Item::Job(job)).is_err() {
             return Err(writer_stopped().into());
@@ -502,6 +524,33 @@ async fn run_pipelined(
     Err(if failed { Batch::Failed } else { Batch::Replay })
 }
 
+/// A lone atomic write on PostgreSQL ([`GroupCommit::write_atomic`]): its one statement runs
+/// outside any transaction, which commits it as it runs. A failed statement changed nothing.
+async fn run_alone(shared: &Arc<SharedPg>, job: &mut Job) -> Result<Result<(), StoreError>, Batch> {
+    let mut conn = DbConn::PgShared(shared.clone());
+    let ok = job.run(&mut conn, false).await;
+    drop(conn);
+    // More than one statement would have committed one by one: a bug in the write, which the
+    // test suite must catch.
+    let statements = shared.statements();
+    if statements > 1 {
+        tracing::error!(
+            statements,
+            "an atomic write ran more than one statement outside a transaction"
+        );
+        debug_assert!(
+            statements <= 1,
+            "an atomic write ran {statements} statements"
+        );
+    }
+    if ok {
+        events::appended().notify_waiters();
+        Ok(Ok(()))
+    } else {
+        Err(Batch::Failed)
+    }
+}
+
 /// `future`'s output and when it finished, in milliseconds since `started`.
 async fn timed<T>(started: std::time::Instant, future: impl Future<Output = T>) -> (T, f64) {
     let output = future.await;
@@ -574,7 +623,14 @@ async fn writer(
         // fails, that transaction is rolled back and the batch replayed with a savepoint per
         // write, so only the failing write fails. A lone write that fails is simply rolled
         // back.
+        let alone = work.len() == 1 && deferred.is_empty() && work.iter().all(|w| w.atomic());
         let mut committed = match held.take() {
+            Some(DbConn::Postgres(obj)) if alone => {
+                let shared = SharedPg::autocommit(obj);
+                let outcome = run_alone(&shared, &mut work[0]).await;
+                held = SharedPg::into_inner(shared).map(DbConn::Postgres);
+                outcome
+            }
             Some(DbConn::Postgres(obj)) => {
                 let shared = SharedPg::new(obj);
                 let outcome = run_pipelined(&shared, &mut work, &deferred).await;
@@ -608,6 +664,7 @@ async fn writer(
             appends = deferred.len(),
             replayed = replay,
             ms = elapsed.as_secs_f64() * 1e3,
+            alone,
             "batch ran"
         );
         let flushed = match committed {

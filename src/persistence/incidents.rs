@@ -5,10 +5,12 @@ use chrono::{DateTime, Datelike, Utc};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
+use super::fleet::{OfferRecord, OfferRows};
 use super::schema::{idempotency_keys, incident_evidence, incidents, notifications};
 use super::statement::{Bind, Statement};
 use super::{DbConn, StoreError, from_db_time, to_db_time};
 use crate::db_run;
+use crate::domain::events::NewEvent;
 use crate::domain::geo::LatLng;
 use crate::domain::ids::{HospitalId, IncidentId, PatientId, UnitId};
 use crate::domain::incident::{Incident, IncidentStatus, Priority, Source, Times};
@@ -383,6 +385,215 @@ pub async fn page(
     rows.into_iter()
         .map(|r| r.into_domain().map(|(i, _)| i))
         .collect()
+}
+
+/// Everything a new incident stores when it is created: its first events, its projection, the
+/// evidence behind it, its next-of-kin outbox rows and its first offers.
+pub struct NewIncident<'a> {
+    /// The incident as its events leave it.
+    pub incident: &'a Incident,
+    /// Its events, in order (the stream's versions 1 to n).
+    pub events: &'a [NewEvent],
+    /// The evidence attached at creation.
+    pub evidence: Vec<&'a serde_json::Value>,
+    /// Next-of-kin notifications to queue.
+    pub outbox: &'a [NewNotification],
+    /// The first offer round.
+    pub offers: &'a [OfferRecord],
+}
+
+/// PostgreSQL: a new incident in one statement (data-modifying CTEs), so it is atomic without
+/// a transaction and costs one round trip: the sequence bump and the events (versions 1 to n:
+/// if the stream exists, the unique `(stream_id, version)` constraint refuses them, as the
+/// incident's primary key refuses its projection), the projection, evidence, outbox rows
+/// (an already queued key is left alone) and offers. The foreign key from the evidence to the
+/// incident is checked at the end of the statement, when the incident row exists.
+/// Binds: count, count, stream, recorded_at, [`super::events::columns`], the 26 incident
+/// columns, incident id, evidence time, evidence ids, evidence bodies, incident id, now ×3,
+/// outbox ids, names, channels, addresses, templates, keys, then [`OfferRows::columns`].
+const CREATE_PG: &[&str] = &[
+    "WITH bumped AS (UPDATE event_sequence SET last_seq = last_seq + ",
+    " WHERE id = 1 RETURNING last_seq), \
+     ev AS (INSERT INTO events \
+     (seq, stream_id, version, kind, incident_id, unit_id, device_id, payload, recorded_at) \
+     SELECT bumped.last_seq - ",
+    " + t.ord, ",
+    ", t.ord, t.kind, t.incident_id, t.unit_id, t.device_id, t.payload, ",
+    " FROM bumped, unnest(",
+    "::text[], ",
+    "::text[], ",
+    "::text[], ",
+    "::text[], ",
+    "::text[]) WITH ORDINALITY AS t(kind, incident_id, unit_id, device_id, payload, ord) \
+     RETURNING seq), \
+     inc AS (INSERT INTO incidents (id, reference, status, priority, source, patient_id, \
+     open_patient_id, lat, lng, description, escalated, assigned_unit_id, hospital_id, \
+     dispatch_round, evidence_count, cancel_reason, call_received, unit_notified, unit_enroute, \
+     unit_on_scene, unit_left_scene, at_destination, closed_at, created_at, updated_at, version) \
+     VALUES (",
+    ", ",
+    ", ",
+    ", ",
+    ", ",
+    ", ",
+    ", ",
+    ", ",
+    ", ",
+    ", ",
+    ", ",
+    ", ",
+    ", ",
+    ", ",
+    ", ",
+    ", ",
+    ", ",
+    ", ",
+    ", ",
+    ", ",
+    ", ",
+    ", ",
+    ", ",
+    ", ",
+    ", ",
+    ", ",
+    ")), \
+     evi AS (INSERT INTO incident_evidence (id, incident_id, added_at, evidence) \
+     SELECT t.id, ",
+    ", ",
+    ", t.evidence FROM unnest(",
+    "::text[], ",
+    "::text[]) AS t(id, evidence)), \
+     nt AS (INSERT INTO notifications (id, incident_id, recipient_name, channel, address, \
+     template, idempotency_key, status, attempts, next_attempt_at, created_at, updated_at) \
+     SELECT t.id, ",
+    ", t.recipient_name, t.channel, t.address, t.template, t.idempotency_key, 'queued', 0, ",
+    ", ",
+    ", ",
+    " FROM unnest(",
+    "::text[], ",
+    "::text[], ",
+    "::text[], ",
+    "::text[], ",
+    "::text[], ",
+    "::text[]) AS t(id, recipient_name, channel, address, template, idempotency_key) \
+     ON CONFLICT (idempotency_key) DO NOTHING), \
+     off AS (INSERT INTO offers (id, incident_id, unit_id, round, status, eta_s, reason, \
+     offered_at, expires_at, responded_at, decline_reason) SELECT * FROM unnest(",
+    "::text[], ",
+    "::text[], ",
+    "::text[], ",
+    "::int4[], ",
+    "::text[], ",
+    "::int4[], ",
+    "::text[], ",
+    "::timestamp[], ",
+    "::timestamp[], ",
+    "::timestamp[], ",
+    "::text[])) \
+     SELECT count(*) AS stored FROM ev",
+];
+struct CreatePg;
+
+/// What [`CREATE_PG`] returns: how many events it stored.
+#[derive(diesel::QueryableByName)]
+struct Created {
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    stored: i64,
+}
+
+/// Stores a new incident in one statement (a data-modifying `WITH` query): PostgreSQL only,
+/// atomic on its own. Returns the stream's version. A stream or incident that already exists is a
+/// `Conflict`, and so is the patient's other open incident.
+pub async fn create_pg(
+    conn: &mut DbConn,
+    new: &NewIncident<'_>,
+    now: DateTime<Utc>,
+) -> Result<i64, StoreError> {
+    let count = i64::try_from(new.events.len())
+        .map_err(|_| StoreError::Conflict("too many events".into()))?;
+    let payloads = super::events::payloads(new.events)?;
+    let recorded_at = to_db_time(super::events::recorded_at(now));
+    let row = IncidentRow::from_domain(new.incident, count, now);
+    let stream = format!("incident-{}", row.id);
+    let now = to_db_time(now);
+    let evidence = new
+        .evidence
+        .iter()
+        .map(serde_json::to_string)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StoreError::Corrupt(format!("evidence: {e}")))?;
+    let evidence_ids: Vec<String> = evidence
+        .iter()
+        .map(|_| uuid::Uuid::now_v7().to_string())
+        .collect();
+    let outbox = new.outbox;
+    let offers = OfferRows::new(new.offers);
+    let mut binds = vec![
+        Bind::BigInt(count),
+        Bind::BigInt(count),
+        Bind::Text(&stream),
+        Bind::Timestamp(recorded_at),
+    ];
+    binds.extend(super::events::columns(new.events, &payloads));
+    binds.extend([
+        Bind::Text(&row.id),
+        Bind::Text(&row.reference),
+        Bind::Text(&row.status),
+        Bind::Text(&row.priority),
+        Bind::Text(&row.source),
+        Bind::OptText(row.patient_id.as_deref()),
+        Bind::OptText(row.open_patient_id.as_deref()),
+        Bind::Double(row.lat),
+        Bind::Double(row.lng),
+        Bind::OptText(row.description.as_deref()),
+        Bind::Bool(row.escalated),
+        Bind::OptText(row.assigned_unit_id.as_deref()),
+        Bind::OptText(row.hospital_id.as_deref()),
+        Bind::Int(row.dispatch_round),
+        Bind::Int(row.evidence_count),
+        Bind::OptText(row.cancel_reason.as_deref()),
+        Bind::OptTimestamp(row.call_received),
+        Bind::OptTimestamp(row.unit_notified),
+        Bind::OptTimestamp(row.unit_enroute),
+        Bind::OptTimestamp(row.unit_on_scene),
+        Bind::OptTimestamp(row.unit_left_scene),
+        Bind::OptTimestamp(row.at_destination),
+        Bind::OptTimestamp(row.closed_at),
+        Bind::Timestamp(row.created_at),
+        Bind::Timestamp(row.updated_at),
+        Bind::BigInt(row.version),
+        Bind::Text(&row.id),
+        Bind::Timestamp(now),
+        Bind::Texts(evidence_ids.iter().map(String::as_str).collect()),
+        Bind::Texts(evidence.iter().map(String::as_str).collect()),
+        Bind::Text(&row.id),
+        Bind::Timestamp(now),
+        Bind::Timestamp(now),
+        Bind::Timestamp(now),
+        Bind::Texts(outbox.iter().map(|n| n.id.as_str()).collect()),
+        Bind::Texts(outbox.iter().map(|n| n.recipient_name.as_str()).collect()),
+        Bind::Texts(outbox.iter().map(|n| n.channel).collect()),
+        Bind::Texts(outbox.iter().map(|n| n.address.as_str()).collect()),
+        Bind::Texts(outbox.iter().map(|n| n.template).collect()),
+        Bind::Texts(outbox.iter().map(|n| n.idempotency_key.as_str()).collect()),
+    ]);
+    binds.extend(offers.columns());
+    let created: Created = db_run!(conn, |_sqlite| {
+        return Err(StoreError::Unavailable(
+            "a one-statement create is PostgreSQL-only".into(),
+        ));
+    } else |c| {
+        Statement::<CreatePg>::new(CREATE_PG, binds)
+            .get_result(c)
+            .await?
+    });
+    if created.stored != count {
+        return Err(StoreError::Corrupt(format!(
+            "a new incident stored {} of its {count} events",
+            created.stored
+        )));
+    }
+    Ok(count)
 }
 
 /// A notification to queue.

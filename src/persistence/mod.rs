@@ -23,7 +23,7 @@ pub mod tokens;
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use diesel::{ConnectionError, SqliteConnection};
@@ -128,6 +128,8 @@ pub struct SharedPg {
     /// append's version check failed after its sequence numbers were taken): the owner rolls
     /// the whole transaction back instead of committing.
     poisoned: AtomicBool,
+    /// Statements run through it so far (see [`SharedPg::statements`]).
+    statements: AtomicUsize,
 }
 
 impl SharedPg {
@@ -136,12 +138,24 @@ impl SharedPg {
         Self::shared(conn, false)
     }
 
+    /// Shares `conn` for statements that each commit as they run (no transaction).
+    pub(crate) fn autocommit(conn: Object<AsyncPgConnection>) -> Arc<Self> {
+        Self::shared(conn, true)
+    }
+
     fn shared(conn: Object<AsyncPgConnection>, reads_only: bool) -> Arc<Self> {
         Arc::new(Self {
             conn,
             reads_only,
             poisoned: AtomicBool::new(false),
+            statements: AtomicUsize::new(0),
         })
+    }
+
+    /// How many statements have been run through this handle (each [`db_run!`](crate::db_run)
+    /// on it counts one).
+    pub(crate) fn statements(&self) -> usize {
+        AtomicUsize::load(&self.statements, Ordering::Relaxed)
     }
 
     /// The connection back, once every handle but this one is gone.
@@ -151,6 +165,7 @@ impl SharedPg {
 
     /// The connection, for statements.
     pub(crate) fn conn(&self) -> &AsyncPgConnection {
+        self.statements.fetch_add(1, Ordering::Relaxed);
         &self.conn
     }
 
@@ -345,7 +360,9 @@ impl Db {
     /// SQLite connection runs statements inline on the writer's own thread: a batch of writes
     /// is dozens of statements, and handing each to the blocking pool and back cost more than
     /// the statements themselves (the accept-race profile: over half the CPU in context
-    /// switches between the runtime and blocking-pool threads).
+    /// switches between the runtime and blocking-pool threads). Its PostgreSQL connection is
+    /// opened by the first checkout, on that thread, and does its I/O there (the incident
+    /// directory's reader uses one too).
     pub async fn connect_writer(settings: &DatabaseSettings) -> Result<Self, ConnectError> {
         Self::open(settings, true).await
     }

@@ -14,7 +14,7 @@ use std::marker::PhantomData;
 use diesel::expression::expression_types::Untyped;
 use diesel::pg::Pg;
 use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
-use diesel::sql_types::{Array, BigInt, Double, Integer, Nullable, Text, Timestamp};
+use diesel::sql_types::{Array, BigInt, Bool, Double, Integer, Nullable, Text, Timestamp};
 use diesel::sqlite::Sqlite;
 use diesel::{QueryResult, result::Error};
 
@@ -24,9 +24,12 @@ pub(crate) enum Bind<'a> {
     BigInt(i64),
     OptBigInt(Option<i64>),
     Int(i32),
+    Double(f64),
+    Bool(bool),
     Text(&'a str),
     OptText(Option<&'a str>),
     Timestamp(chrono::NaiveDateTime),
+    OptTimestamp(Option<chrono::NaiveDateTime>),
     /// PostgreSQL only.
     Texts(Vec<&'a str>),
     /// PostgreSQL only.
@@ -84,9 +87,12 @@ macro_rules! walk_statement {
                 Some(Bind::BigInt(v)) => $out.push_bind_param::<BigInt, _>(v)?,
                 Some(Bind::OptBigInt(v)) => $out.push_bind_param::<Nullable<BigInt>, _>(v)?,
                 Some(Bind::Int(v)) => $out.push_bind_param::<Integer, _>(v)?,
+                Some(Bind::Double(v)) => $out.push_bind_param::<Double, _>(v)?,
+                Some(Bind::Bool(v)) => $out.push_bind_param::<Bool, _>(v)?,
                 Some(Bind::Text(v)) => $out.push_bind_param::<Text, _>(*v)?,
                 Some(Bind::OptText(v)) => $out.push_bind_param::<Nullable<Text>, _>(v)?,
                 Some(Bind::Timestamp(v)) => $out.push_bind_param::<Timestamp, _>(v)?,
+                Some(Bind::OptTimestamp(v)) => $out.push_bind_param::<Nullable<Timestamp>, _>(v)?,
                 Some($bind) => $arrays,
             }
         }

@@ -24,6 +24,8 @@ both_backends!(
     group_commit_positions_wait_for_company_and_keep_each_units_order,
     group_commit_never_acknowledges_a_write_it_lost,
     pipelined_statements_answer_together_and_refuse_write_transactions,
+    group_commit_runs_a_lone_atomic_write_without_a_transaction,
+    a_new_incident_is_one_statement_and_all_or_nothing,
 );
 
 fn event(kind: &str, n: i64) -> NewEvent {
@@ -932,4 +934,230 @@ async fn pipelined_statements_answer_together_and_refuse_write_transactions(back
             "a write ran on a read-only shared connection"
         ),
     }
+}
+
+/// Runs `sql` through the writer as an atomic write (`write_as(true, …)`).
+async fn atomic_statement(
+    writer: &shers::persistence::group::GroupCommit,
+    sql: &'static str,
+) -> Result<(), shers::persistence::StoreError> {
+    writer
+        .write_as(true, move |tx| {
+            Box::pin(async move {
+                shers::db_run!(tx, |c| {
+                    diesel_async::RunQueryDsl::execute(diesel::sql_query(sql), c).await?
+                });
+                Ok(())
+            })
+        })
+        .await
+}
+
+/// `GroupCommit::write_as(true, …)`: on PostgreSQL a lone one-statement write runs outside any
+/// transaction (a statement PostgreSQL refuses inside a transaction block goes through), and
+/// with company it joins the batch's transaction (the same statement is refused there, and
+/// only it: its companion still commits). On SQLite it is an ordinary write.
+async fn group_commit_runs_a_lone_atomic_write_without_a_transaction(backend: Backend) {
+    use shers::persistence::group::GroupCommit;
+    let tdb = TestDb::new(backend).await;
+    let db = tdb.migrated().await;
+    let writer = GroupCommit::start(db.clone(), 64);
+    let alone = atomic_statement(&writer, "VACUUM event_sequence").await;
+    match backend {
+        Backend::Postgres => alone.unwrap(),
+        // SQLite refuses VACUUM inside a transaction, and its writes always have one.
+        Backend::Sqlite => {
+            assert!(alone.is_err(), "{alone:?}");
+            return;
+        }
+    }
+    // Keep the writer busy so that the next two writes share a batch.
+    let busy = atomic_statement(&writer, "SELECT pg_sleep(0.3)");
+    let queued = async {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let vacuum = atomic_statement(&writer, "VACUUM event_sequence");
+        let companion = writer.write(move |tx| {
+            Box::pin(async move {
+                events::append(
+                    tx,
+                    "companion",
+                    ExpectedVersion::NoStream,
+                    &[event("c", 1)],
+                    Utc::now(),
+                )
+                .await
+            })
+        });
+        futures_util::future::join(vacuum, companion).await
+    };
+    let (busy, (vacuum, companion)) = futures_util::future::join(busy, queued).await;
+    busy.unwrap();
+    let refused = vacuum.unwrap_err().to_string();
+    assert!(refused.contains("transaction block"), "{refused}");
+    assert_eq!(companion.unwrap().len(), 1);
+    let mut conn = db.conn().await.unwrap();
+    assert_eq!(
+        events::read_stream(&mut conn, "companion")
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+}
+
+/// A new incident in one statement (`incidents::create_pg`, PostgreSQL): everything it stores
+/// reads back, and creating it again is a conflict that stores nothing and takes no sequence
+/// number. SQLite has no data-modifying CTEs: there it is refused, never half-run.
+async fn a_new_incident_is_one_statement_and_all_or_nothing(backend: Backend) {
+    use shers::domain::geo::LatLng;
+    use shers::domain::ids::{IncidentId, OfferId, UnitId};
+    use shers::domain::incident::{Command, Priority, Source, handle};
+    use shers::persistence::StoreError;
+    use shers::persistence::fleet::{self, OfferRecord};
+    use shers::persistence::group::GroupCommit;
+    use shers::persistence::incidents::{self as store, NewIncident, NewNotification};
+    let tdb = TestDb::new(backend).await;
+    let db = tdb.migrated().await;
+    let writer = GroupCommit::start(db.clone(), 64);
+    // Microseconds, as stored.
+    let now = chrono::SubsecRound::trunc_subsecs(Utc::now(), 6);
+    let id = IncidentId::new_v7();
+    let open = Command::Open {
+        id,
+        reference: "INC-2026-900001".into(),
+        priority: Priority::Emergency,
+        source: Source::Wearable,
+        patient_id: None,
+        location: LatLng {
+            lat: 51.5,
+            lng: -0.12,
+        },
+        description: Some("SpO2 85%".into()),
+        evidence: Some(json!({"kind": "vitals", "reasons": ["SpO2 85%"]})),
+    };
+    let (opened, mut kinds) = handle(None, &open, now).unwrap();
+    let units = vec![UnitId("u-1".into()), UnitId("u-2".into())];
+    let (dispatching, more) = handle(Some(&opened), &Command::StartDispatch, now).unwrap();
+    kinds.extend(more);
+    let (incident, more) = handle(
+        Some(&dispatching),
+        &Command::RecordOffers {
+            unit_ids: units.clone(),
+        },
+        now,
+    )
+    .unwrap();
+    kinds.extend(more);
+    let new_events: Vec<NewEvent> = kinds
+        .iter()
+        .map(|e| {
+            let mut n = NewEvent::new(e.kind(), e.data());
+            n.incident_id = Some(id.to_string());
+            n
+        })
+        .collect();
+    let offers: Vec<OfferRecord> = units
+        .iter()
+        .map(|u| OfferRecord {
+            id: OfferId::new_v7(),
+            incident_id: id,
+            unit_id: u.clone(),
+            round: 1,
+            status: "pending".into(),
+            eta_s: 240,
+            reason: "closest_by_distance".into(),
+            offered_at: now,
+            expires_at: now + chrono::Duration::seconds(30),
+            responded_at: None,
+            decline_reason: None,
+        })
+        .collect();
+    let outbox = vec![NewNotification {
+        id: uuid::Uuid::now_v7().to_string(),
+        incident_id: id,
+        recipient_name: "Kin".into(),
+        channel: "sms",
+        address: "+447700900123".into(),
+        template: "incident_created",
+        idempotency_key: format!("key-{id}"),
+    }];
+    let evidence = json!({"kind": "vitals", "reasons": ["SpO2 85%"]});
+    let create = || {
+        let (incident, new_events, outbox, offers, evidence) = (
+            incident.clone(),
+            new_events.clone(),
+            outbox.clone(),
+            offers.clone(),
+            evidence.clone(),
+        );
+        writer.write_as(true, move |tx| {
+            let (incident, new_events, outbox, offers, evidence) = (
+                incident.clone(),
+                new_events.clone(),
+                outbox.clone(),
+                offers.clone(),
+                evidence.clone(),
+            );
+            Box::pin(async move {
+                let new = NewIncident {
+                    incident: &incident,
+                    events: &new_events,
+                    evidence: vec![&evidence],
+                    outbox: &outbox,
+                    offers: &offers,
+                };
+                store::create_pg(tx, &new, now).await
+            })
+        })
+    };
+    let first = create().await;
+    if backend == Backend::Sqlite {
+        assert!(
+            matches!(first, Err(StoreError::Unavailable(_))),
+            "{first:?}"
+        );
+        let mut conn = db.conn().await.unwrap();
+        assert!(store::find(&mut conn, id).await.unwrap().is_none());
+        return;
+    }
+    let version = first.unwrap();
+    assert_eq!(version, new_events.len() as i64);
+    let mut conn = db.conn().await.unwrap();
+    let (stored, stored_version) = store::find(&mut conn, id).await.unwrap().unwrap();
+    assert_eq!(stored, incident);
+    assert_eq!(stored_version, version);
+    let stream = events::read_stream(&mut conn, &format!("incident-{id}"))
+        .await
+        .unwrap();
+    assert_eq!(
+        stream
+            .iter()
+            .map(|e| (e.version, e.kind.as_str()))
+            .collect::<Vec<_>>(),
+        new_events
+            .iter()
+            .zip(1..)
+            .map(|(e, v)| (v, e.kind.as_str()))
+            .collect::<Vec<_>>()
+    );
+    let seqs: Vec<i64> = stream.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=new_events.len() as i64).collect::<Vec<_>>());
+    assert_eq!(fleet::offers_for(&mut conn, id).await.unwrap(), offers);
+    assert_eq!(
+        store::notifications_for(&mut conn, id).await.unwrap().len(),
+        1
+    );
+    let stored_evidence = store::evidence_for(&mut conn, id).await.unwrap();
+    assert_eq!(stored_evidence.len(), 1);
+    assert_eq!(stored_evidence[0].1, evidence);
+
+    // Again: the stream and the incident exist. Nothing more is stored, no number taken.
+    let again = create().await;
+    assert!(matches!(again, Err(StoreError::Conflict(_))), "{again:?}");
+    assert_eq!(
+        events::last_seq(&mut conn).await.unwrap(),
+        new_events.len() as i64
+    );
+    assert_eq!(fleet::offers_for(&mut conn, id).await.unwrap().len(), 2);
+    assert_eq!(store::evidence_for(&mut conn, id).await.unwrap().len(), 1);
 }
