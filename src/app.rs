@@ -179,14 +179,22 @@ impl Application {
             .context("loading the fleet")?
             .context("loading the fleet")?;
         tracing::info!(units, "fleet loaded");
-        let incidents = IncidentDirectory::new(IncidentDeps {
+        let mut directory = IncidentDirectory::new(IncidentDeps {
             db: db.clone(),
             directory: None,
             fleet: Some(fleet.clone()),
             dispatch: settings.dispatch.clone(),
             writer: writer.clone(),
-        })
-        .start();
+        });
+        if db.backend() == crate::persistence::Backend::Postgres {
+            // A connection of the directory's own, opened on its thread.
+            directory = directory.with_reader(
+                Db::connect_writer(&settings.database)
+                    .await
+                    .context("opening the incident directory's database connection")?,
+            );
+        }
+        let incidents = directory.start();
         fleet.do_send(SetUnitFreeRecipient(incidents.clone().recipient()));
         let recovered = incidents
             .send(Recover)
