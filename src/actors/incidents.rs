@@ -1518,6 +1518,10 @@ impl IncidentDirectory {
     /// A handle on the reader connection, or `None` (the pool is used) while it is being
     /// opened, which this starts when needed.
     fn reader(&mut self, ctx: &mut Context<Self>) -> Option<DbConn> {
+        if self.reader.conn.as_mut().is_some_and(DbConn::is_broken) {
+            tracing::warn!("directory reader lost; opening another");
+            self.reader.conn = None;
+        }
         if let Some(conn) = &self.reader.conn {
             return conn.fork();
         }

@@ -607,6 +607,10 @@ async fn writer(
             continue;
         }
         let size = work.len() + deferred.len();
+        if held.as_mut().is_some_and(DbConn::is_broken) {
+            tracing::warn!("group commit connection lost; opening another");
+            held = None;
+        }
         if held.is_none() {
             match db.conn().await {
                 Ok(conn) => held = Some(conn),

@@ -523,6 +523,21 @@ impl DbConn {
         }
     }
 
+    /// Whether this PostgreSQL connection is known to be dead (its socket closed, say after
+    /// a database restart or a network cut), so a long-held connection is replaced before a
+    /// write is sent on it instead of failing that write. A shared connection is only checked
+    /// while no other handle is out; SQLite connections are never broken this way.
+    pub fn is_broken(&mut self) -> bool {
+        use diesel_async::pooled_connection::PoolableConnection;
+        match self {
+            DbConn::Sqlite(_) => false,
+            DbConn::Postgres(obj) => PoolableConnection::is_broken(&mut **obj),
+            DbConn::PgShared(shared) => {
+                Arc::get_mut(shared).is_some_and(|pg| PoolableConnection::is_broken(&mut *pg.conn))
+            }
+        }
+    }
+
     /// Another handle on the same shared connection (a pipelined batch), to run statements
     /// at once; `None` for a connection of its own (statements then run one after another).
     pub fn fork(&self) -> Option<DbConn> {

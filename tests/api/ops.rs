@@ -22,11 +22,8 @@ async fn wait_for_status(app: &TestApp, path: &str, want: StatusCode) -> Value {
     panic!("{path} never answered {want}; last {last:?}");
 }
 
-#[actix_web::test]
-async fn readyz_follows_a_postgres_outage_through_a_proxy() {
-    if !crate::helpers::postgres_available().await {
-        return;
-    }
+/// An app on PostgreSQL reached through a proxy the test can cut.
+async fn app_behind_a_proxy() -> (TestApp, TcpProxy) {
     let tdb = TestDb::new(Backend::Postgres).await;
     let proxy = TcpProxy::start(pg_host_port(&tdb.url)).await;
     let name = tdb
@@ -50,6 +47,15 @@ async fn readyz_follows_a_postgres_outage_through_a_proxy() {
         .database_url(via_proxy)
         .start_on(tdb)
         .await;
+    (app, proxy)
+}
+
+#[actix_web::test]
+async fn readyz_follows_a_postgres_outage_through_a_proxy() {
+    if !crate::helpers::postgres_available().await {
+        return;
+    }
+    let (app, proxy) = app_behind_a_proxy().await;
     let body = wait_for_status(&app, "/readyz", StatusCode::OK).await;
     assert_eq!(body["database"], "postgres");
 
@@ -61,6 +67,69 @@ async fn readyz_follows_a_postgres_outage_through_a_proxy() {
 
     proxy.restore();
     wait_for_status(&app, "/readyz", StatusCode::OK).await;
+}
+
+fn emergency(device: &str) -> Value {
+    serde_json::json!({
+        "device_id": device,
+        "timestamp": chrono::Utc::now().to_rfc3339(),
+        "heart_rate_bpm": 170,
+        "spo2_pct": 85
+    })
+}
+
+/// The incident a reading opened, or why none was.
+async fn opens_incident(app: &TestApp, device: &str) -> Result<String, String> {
+    let resp = app.post_vitals(&emergency(device)).await;
+    let status = resp.status();
+    let body: Value = resp.json().await.unwrap_or_default();
+    match body["results"][0]["incident_id"].as_str() {
+        Some(id) if status.is_success() => Ok(id.to_owned()),
+        _ => Err(format!("{status}: {body}")),
+    }
+}
+
+/// Every connection SHERS holds to PostgreSQL is cut (the writer's, the pool's and the incident
+/// directory's own reader): once the database is back, the next emergency opens its incident at
+/// the first try, with its patient's next of kin notified, and so does the one after it.
+#[actix_web::test]
+async fn emergencies_open_incidents_again_after_a_postgres_outage() {
+    if !crate::helpers::postgres_available().await {
+        return;
+    }
+    let (app, proxy) = app_behind_a_proxy().await;
+    for n in 1..=3 {
+        app.register_wearer(&format!("p-{n}"), &format!("w{n}"))
+            .await;
+    }
+    opens_incident(&app, "w1").await.unwrap();
+
+    proxy.cut();
+    wait_for_status(&app, "/readyz", StatusCode::SERVICE_UNAVAILABLE).await;
+    proxy.restore();
+    wait_for_status(&app, "/readyz", StatusCode::OK).await;
+
+    // Connections that died in the outage are replaced before use: no reading fails for them.
+    let second = opens_incident(&app, "w2").await.unwrap();
+    let incident = app
+        .wait_incident(&second, |i| i["status"] == "dispatching")
+        .await;
+    assert_eq!(incident["patient_id"], "p-2");
+    assert_eq!(
+        incident["notifications"].as_array().unwrap().len(),
+        1,
+        "{incident}"
+    );
+
+    let third = opens_incident(&app, "w3").await;
+    assert!(third.is_ok(), "{third:?}");
+    let listed: Value = app
+        .get("/api/v1/incidents?status=all&limit=10", Some(Role::Console))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["items"].as_array().unwrap().len(), 3, "{listed}");
 }
 
 #[actix_web::test]
