@@ -6,8 +6,8 @@ use actix::Addr;
 use chrono::Utc;
 
 use super::fleet::{
-    ACTOR_TIMEOUT, ApplyReport, Commitments, Fleet, Locate, ReleaseBed, StatusUpdate, TakeBed,
-    UnitAddr, ViewUnit,
+    ACTOR_TIMEOUT, ApplyReport, Commitments, Fleet, Locate, ReleaseBed, ReportFailure,
+    StatusUpdate, TakeBed, UnitAddr, ViewUnit,
 };
 use super::incidents::{
     ForwardAccept, ForwardDecline, IncidentDirectory, IncidentError, OfferOutcome, Route,
@@ -280,6 +280,11 @@ impl Crew {
         addr.send(ApplyReport(report))
             .await
             .map_err(gone)?
-            .map_err(|r| CrewError::Rejected(r.reason))
+            .map_err(|failure| match failure {
+                ReportFailure::Rejected(r) => CrewError::Rejected(r.reason),
+                ReportFailure::NotStored(e) => CrewError::Unavailable(format!(
+                    "{e}; the unit keeps its earlier status, send the report again"
+                )),
+            })
     }
 }

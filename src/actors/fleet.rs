@@ -55,9 +55,14 @@ pub struct AmbulanceActor {
     writer: GroupCommit,
     fleet: Addr<Fleet>,
     last_location_event: Option<Instant>,
+    /// The status before a reported change that could not be stored (see [`ApplyReport`]).
+    unsaved_status: Option<UnitStatus>,
     messages: u64,
     last_message_at: Option<DateTime<Utc>>,
 }
+
+/// When a unit's change is stored (dropped: stored in the background all the same).
+type Stored = tokio::sync::oneshot::Receiver<Result<(), StoreError>>;
 
 /// Why a unit refused a commitment.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -99,20 +104,22 @@ impl AmbulanceActor {
 
     /// Appends `event` to the unit's stream and saves its projection, in one transaction, in
     /// the background; a failure is logged (the live state stays authoritative and is saved
-    /// again with the next change).
-    fn persist_event(&self, event: NewEvent, what: &'static str) {
-        self.persist(event_with_unit(event, &self.record), what, false);
+    /// again with the next change). The answer says when it is stored, for a caller that
+    /// acknowledges the change to someone (a crew's status report).
+    fn persist_event(&self, event: NewEvent, what: &'static str) -> Stored {
+        self.persist(event_with_unit(event, &self.record), what, false)
     }
 
     /// A position fix: stored with the other units' fixes, after a short wait (see
     /// `GroupCommit::append_unit_position`).
     fn persist_position(&self, event: NewEvent) {
-        self.persist(event_with_unit(event, &self.record), "location", true);
+        drop(self.persist(event_with_unit(event, &self.record), "location", true));
     }
 
-    fn persist(&self, event: NewEvent, what: &'static str, position: bool) {
+    fn persist(&self, event: NewEvent, what: &'static str, position: bool) -> Stored {
         let writer = self.writer.clone();
         let record = self.record.clone();
+        let (stored, answer) = tokio::sync::oneshot::channel();
         actix::spawn(async move {
             let id = record.id.clone();
             let stream = format!("unit-{id}");
@@ -125,31 +132,34 @@ impl AmbulanceActor {
             } else {
                 writer.append_unit(&stream, vec![event], record).await
             };
-            if let Err(e) = result {
+            if let Err(e) = &result {
                 tracing::warn!(unit.id = %id, error = %e, "unit {what} not persisted");
             }
+            let _ = stored.send(result);
         });
+        answer
     }
 
     /// Persists the unit's status change (event + projection).
-    fn persist_status(&self, from: UnitStatus) {
+    fn persist_status(&self, from: UnitStatus) -> Stored {
         let mut event = NewEvent::new(
             "unit.status_changed",
             json!({"unit_id": self.record.id, "from": from, "to": self.status,
                    "incident_id": self.record.current_incident_id}),
         );
         event.incident_id = self.record.current_incident_id.clone();
-        self.persist_event(event, "status");
+        self.persist_event(event, "status")
     }
 
-    fn set_status(&mut self, to: UnitStatus) {
+    /// Changes the status; the answer says when the change is stored (`None`: no change).
+    fn set_status(&mut self, to: UnitStatus) -> Option<Stored> {
         let from = self.status;
         if from == to {
-            return;
+            return None;
         }
         self.status = to;
         self.changed();
-        self.persist_status(from);
+        Some(self.persist_status(from))
     }
 }
 
@@ -344,10 +354,23 @@ impl Handler<IncidentOver> for AmbulanceActor {
     }
 }
 
-/// The crew reports a status.
+/// The crew reports a status. Answered once the change is stored: a crew or dispatcher told
+/// "out of service" must not find the unit available after a crash.
 #[derive(Message, Debug)]
-#[rtype(result = "Result<StatusUpdate, StatusRejection>")]
+#[rtype(result = "Result<StatusUpdate, ReportFailure>")]
 pub struct ApplyReport(pub CrewReport);
+
+/// Why a status report was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportFailure {
+    /// It does not fit the unit's status.
+    #[error("{}", .0.reason)]
+    Rejected(StatusRejection),
+    /// It could not be stored (it is applied: the unit's live state is authoritative); the
+    /// same report sent again stores it.
+    #[error("the status could not be stored: {0}")]
+    NotStored(StoreError),
+}
 
 /// What a status report changed.
 #[derive(Clone, Debug, Serialize)]
@@ -365,25 +388,68 @@ pub struct StatusUpdate {
 }
 
 impl Handler<ApplyReport> for AmbulanceActor {
-    type Result = Result<StatusUpdate, StatusRejection>;
+    type Result = ResponseActFuture<Self, Result<StatusUpdate, ReportFailure>>;
 
     fn handle(&mut self, msg: ApplyReport, _: &mut Self::Context) -> Self::Result {
         self.messages += 1;
         self.last_message_at = Some(Utc::now());
         let from = self.status;
-        let to = apply_report(from, msg.0)?;
+        let to = match apply_report(from, msg.0) {
+            Ok(to) => to,
+            Err(rejection) => {
+                return Box::pin(actix::fut::ready(Err(ReportFailure::Rejected(rejection))));
+            }
+        };
         let incident_id = self.assignment;
         if to == UnitStatus::Available {
             self.assignment = None;
         }
-        self.set_status(to);
-        Ok(StatusUpdate {
+        // The change is recorded from the status the last stored change left.
+        let recorded_from = match self.unsaved_status {
+            Some(unsaved) if from == to => unsaved,
+            _ => from,
+        };
+        let stored = match self.set_status(to) {
+            Some(stored) => Some(stored),
+            // A report sent again after its change could not be stored: store it now.
+            None if self.unsaved_status.is_some() => Some(self.persist_status(recorded_from)),
+            None => None,
+        };
+        let update = StatusUpdate {
             unit_id: self.record.id.clone(),
             from,
             to,
             incident_id,
             position: self.record.location,
-        })
+        };
+        // Other messages (offers, positions) are handled while the write is under way.
+        let stored = async move {
+            match stored {
+                Some(answer) => answer.await.unwrap_or_else(|_| {
+                    Err(StoreError::Unavailable(
+                        "the unit's write was dropped".into(),
+                    ))
+                }),
+                None => Ok(()),
+            }
+        };
+        Box::pin(stored.into_actor(self).map(move |stored, act, _| {
+            let current = act.status == to;
+            match stored {
+                Ok(()) => {
+                    if current {
+                        act.unsaved_status = None;
+                    }
+                    Ok(update)
+                }
+                Err(e) => {
+                    if current {
+                        act.unsaved_status = Some(recorded_from);
+                    }
+                    Err(ReportFailure::NotStored(e))
+                }
+            }
+        }))
     }
 }
 
@@ -588,6 +654,8 @@ impl Handler<InspectUnit> for AmbulanceActor {
                 "pending_offer": pending,
                 "crew_sessions": self.sessions.len(),
                 "messages": self.messages,
+                // A reported status not yet stored (its report answered 503).
+                "unsaved_status_change_from": self.unsaved_status,
                 "location_event_throttled_for_ms": self.last_location_event.map(|t| {
                     1000u128.saturating_sub(t.elapsed().as_millis())
                 }),
@@ -664,6 +732,7 @@ impl Fleet {
             writer: self.writer.clone(),
             fleet: ctx.address(),
             last_location_event: None,
+            unsaved_status: None,
             messages: 0,
             last_message_at: None,
             record,

@@ -429,7 +429,10 @@ async fn crew_reports_carry_the_incident_to_hospital(backend: Backend) {
         .crew_post(&token, "/api/v1/units/M1/status", &status("at_hospital"))
         .await;
     assert_eq!(resp.status(), StatusCode::OK);
-    let incident = app.wait_incident(&id, |i| i["status"] == "billing").await;
+    // Billing may already have closed it (the sandbox payment answers at once).
+    let incident = app
+        .wait_incident(&id, |i| i["status"] == "billing" || i["status"] == "closed")
+        .await;
     for t in [
         "call_received",
         "unit_notified",
@@ -553,6 +556,88 @@ async fn next_json(
             other => panic!("unexpected frame {other:?}"),
         }
     }
+}
+
+both_backends!(a_status_report_is_stored_before_it_is_acknowledged);
+
+/// The unit stored for `id`, read straight from the database.
+async fn stored_unit(app: &TestApp, id: &str) -> shers::persistence::fleet::UnitRecord {
+    let mut conn = app.db.conn().await.unwrap();
+    shers::persistence::fleet::all_units(&mut conn)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|u| u.id.as_str() == id)
+        .unwrap()
+}
+
+/// A report answered 200 is in the database already (unit changes otherwise wait a few
+/// milliseconds in the writer for company): a unit set out of service is still out of
+/// service after a crash.
+async fn a_status_report_is_stored_before_it_is_acknowledged(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.add_unit("M-1", SCENE.0, SCENE.1, "als").await;
+    let crew = app.crew_token("M-1").await;
+    for status in ["out_of_service", "available", "out_of_service"] {
+        let resp = app
+            .crew_post(
+                &crew,
+                "/api/v1/units/M-1/status",
+                &json!({"status": status}),
+            )
+            .await;
+        assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+        assert_eq!(stored_unit(&app, "M-1").await.status, status);
+    }
+    let changes: Vec<(Value, Value)> = app
+        .events_of("unit.status_changed")
+        .await
+        .into_iter()
+        .map(|e| (e.data["from"].clone(), e.data["to"].clone()))
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            (json!("available"), json!("out_of_service")),
+            (json!("out_of_service"), json!("available")),
+            (json!("available"), json!("out_of_service")),
+        ]
+    );
+}
+
+/// A report whose change cannot be stored is answered 503, and the same report sent again
+/// once the database is back stores it (from the status last stored).
+#[actix_web::test]
+async fn a_status_report_that_could_not_be_stored_is_stored_when_sent_again() {
+    if !crate::helpers::postgres_available().await {
+        return;
+    }
+    let (app, proxy) = crate::helpers::app_behind_a_proxy().await;
+    app.add_unit("M-1", SCENE.0, SCENE.1, "als").await;
+    let crew = app.crew_token("M-1").await;
+    let body = json!({"status": "out_of_service"});
+    let report = || app.crew_post(&crew, "/api/v1/units/M-1/status", &body);
+
+    proxy.cut();
+    let resp = report().await;
+    assert_eq!(resp.status(), 503, "{}", resp.text().await.unwrap());
+    proxy.restore();
+    let mut stored = false;
+    for _ in 0..40 {
+        let resp = report().await;
+        if resp.status() == 200 {
+            stored = true;
+            break;
+        }
+        assert_eq!(resp.status(), 503, "{}", resp.text().await.unwrap());
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+    assert!(stored, "the report was never stored");
+    assert_eq!(stored_unit(&app, "M-1").await.status, "out_of_service");
+    let changes = app.events_of("unit.status_changed").await;
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert_eq!(changes[0].data["from"], "available");
+    assert_eq!(changes[0].data["to"], "out_of_service");
 }
 
 both_backends!(freed_units_serve_waiting_incidents_by_priority_then_age);

@@ -501,6 +501,34 @@ impl Drop for TcpProxy {
     }
 }
 
+/// An app on PostgreSQL reached through a proxy the test can cut.
+pub async fn app_behind_a_proxy() -> (TestApp, TcpProxy) {
+    let tdb = TestDb::new(Backend::Postgres).await;
+    let proxy = TcpProxy::start(pg_host_port(&tdb.url)).await;
+    let name = tdb
+        .url
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .split('?')
+        .next()
+        .unwrap()
+        .to_owned();
+    let via_proxy = with_database(
+        &tdb.url.replacen(
+            &pg_host_port(&tdb.url),
+            &format!("127.0.0.1:{}", proxy.port),
+            1,
+        ),
+        &name,
+    );
+    let app = TestApp::builder(Backend::Postgres)
+        .database_url(via_proxy)
+        .start_on(tdb)
+        .await;
+    (app, proxy)
+}
+
 /// `host:port` of a PostgreSQL URL.
 pub fn pg_host_port(url: &str) -> String {
     let after = url.split_once("://").map_or(url, |(_, r)| r);

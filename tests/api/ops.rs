@@ -7,7 +7,7 @@ use serde_json::Value;
 use shers::domain::auth::Role;
 use shers::persistence::Backend;
 
-use crate::helpers::{TcpProxy, TestApp, TestDb, pg_host_port, with_database};
+use crate::helpers::{TestApp, app_behind_a_proxy};
 
 async fn wait_for_status(app: &TestApp, path: &str, want: StatusCode) -> Value {
     let mut last = None;
@@ -20,34 +20,6 @@ async fn wait_for_status(app: &TestApp, path: &str, want: StatusCode) -> Value {
         actix_web::rt::time::sleep(Duration::from_millis(250)).await;
     }
     panic!("{path} never answered {want}; last {last:?}");
-}
-
-/// An app on PostgreSQL reached through a proxy the test can cut.
-async fn app_behind_a_proxy() -> (TestApp, TcpProxy) {
-    let tdb = TestDb::new(Backend::Postgres).await;
-    let proxy = TcpProxy::start(pg_host_port(&tdb.url)).await;
-    let name = tdb
-        .url
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .split('?')
-        .next()
-        .unwrap()
-        .to_owned();
-    let via_proxy = with_database(
-        &tdb.url.replacen(
-            &pg_host_port(&tdb.url),
-            &format!("127.0.0.1:{}", proxy.port),
-            1,
-        ),
-        &name,
-    );
-    let app = TestApp::builder(Backend::Postgres)
-        .database_url(via_proxy)
-        .start_on(tdb)
-        .await;
-    (app, proxy)
 }
 
 #[actix_web::test]
