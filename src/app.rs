@@ -43,6 +43,7 @@ pub struct Application {
     incidents: actix::Addr<IncidentDirectory>,
     billing: actix::Addr<Billing>,
     broadcaster: actix::Addr<Broadcaster>,
+    fleet: actix::Addr<Fleet>,
 }
 
 /// Opens the configured database and applies pending migrations.
@@ -347,6 +348,7 @@ impl Application {
             incidents,
             billing,
             broadcaster,
+            fleet,
         })
     }
 
@@ -378,6 +380,11 @@ impl Application {
     /// The incident directory.
     pub fn incidents(&self) -> &actix::Addr<IncidentDirectory> {
         &self.incidents
+    }
+
+    /// The fleet (units and hospitals).
+    pub fn fleet(&self) -> &actix::Addr<Fleet> {
+        &self.fleet
     }
 
     /// A handle to stop the server.

@@ -55,6 +55,8 @@ pub struct AmbulanceActor {
     writer: GroupCommit,
     fleet: Addr<Fleet>,
     last_location_event: Option<Instant>,
+    /// Times this unit's actor was started again after stopping (see [`Fleet`]).
+    restarts: u32,
     /// The status before a reported change that could not be stored (see [`ApplyReport`]).
     unsaved_status: Option<UnitStatus>,
     messages: u64,
@@ -453,6 +455,21 @@ impl Handler<ApplyReport> for AmbulanceActor {
     }
 }
 
+/// Fault injection: stop the unit's actor as a crash would (only reachable when the server
+/// runs with `--enable-fault-injection`); the fleet starts it again.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct Crash;
+
+impl Handler<Crash> for AmbulanceActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Crash, ctx: &mut Self::Context) {
+        tracing::warn!(unit.id = %self.record.id, "fault injection: stopping the unit actor");
+        ctx.stop();
+    }
+}
+
 /// Which incident the unit is on and its status (for report routing).
 #[derive(Message, Debug)]
 #[rtype(result = "(UnitStatus, Option<IncidentId>, Option<(OfferId, IncidentId)>)")]
@@ -640,8 +657,8 @@ impl Handler<InspectUnit> for AmbulanceActor {
             "status": self.status,
             // actix does not expose the queue length of an `Addr`.
             "mailbox_len": null,
-            // Unit actors are not supervised: a stopped unit is reloaded at start-up.
-            "restarts": 0,
+            // A stopped unit actor is started again by the fleet from the unit's stored state.
+            "restarts": self.restarts,
             "last_message_at": self.last_message_at,
             "state": {
                 "call_sign": self.record.call_sign,
@@ -675,6 +692,8 @@ pub struct UnitChanged(pub UnitSnapshot);
 struct UnitEntry {
     addr: Addr<AmbulanceActor>,
     snapshot: UnitSnapshot,
+    /// Times its actor was found stopped and started again from the store.
+    restarts: u32,
 }
 
 struct HospitalEntry {
@@ -710,7 +729,12 @@ impl Fleet {
         }
     }
 
-    fn start_unit(&mut self, record: UnitRecord, ctx: &mut Context<Self>) -> Addr<AmbulanceActor> {
+    fn start_unit(
+        &mut self,
+        record: UnitRecord,
+        restarts: u32,
+        ctx: &mut Context<Self>,
+    ) -> Addr<AmbulanceActor> {
         let capability = Capability::parse(&record.capability).unwrap_or(Capability::Bls);
         let status = UnitStatus::parse(&record.status).unwrap_or(UnitStatus::Available);
         let assignment = record
@@ -732,6 +756,7 @@ impl Fleet {
             writer: self.writer.clone(),
             fleet: ctx.address(),
             last_location_event: None,
+            restarts,
             unsaved_status: None,
             messages: 0,
             last_message_at: None,
@@ -745,9 +770,57 @@ impl Fleet {
             UnitEntry {
                 addr: addr.clone(),
                 snapshot,
+                restarts,
             },
         );
         addr
+    }
+
+    /// Starts unit `id`'s actor again from the unit's stored state, if it has stopped (a
+    /// handler that panicked, or an injected crash): a unit is never left without an actor
+    /// until the next server start. The stored state is the last change the writer saved;
+    /// a pending offer is not kept (its incident offers again when it expires).
+    fn revive(&mut self, id: UnitId) -> ResponseActFuture<Self, Option<Addr<AmbulanceActor>>> {
+        let db = self.db.clone();
+        let lookup = id.clone();
+        let found = async move {
+            db.run(move |mut conn| async move { store::find_unit(&mut conn, &lookup).await })
+                .await
+        };
+        Box::pin(found.into_actor(self).map(move |found, act, ctx| {
+            let restarts = match act.units.get(&id) {
+                // Started again meanwhile (the sweep and a lookup raced).
+                Some(entry) if entry.addr.connected() => return Some(entry.addr.clone()),
+                Some(entry) => entry.restarts + 1,
+                None => return None,
+            };
+            match found {
+                Ok(Some(record)) => {
+                    tracing::warn!(unit.id = %id, restarts, "unit actor had stopped; started again");
+                    metrics::counter!("shers_actor_restarts_total", "kind" => "unit").increment(1);
+                    Some(act.start_unit(record, restarts, ctx))
+                }
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::warn!(unit.id = %id, error = %e, "stopped unit actor not started again");
+                    None
+                }
+            }
+        }))
+    }
+
+    /// Every second: units whose actor has stopped are started again.
+    fn sweep(&mut self, ctx: &mut Context<Self>) {
+        let stopped: Vec<UnitId> = self
+            .units
+            .iter()
+            .filter(|(_, e)| !e.addr.connected())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in stopped {
+            let revived = self.revive(id);
+            ctx.spawn(revived.map(|_, _, _| ()));
+        }
     }
 }
 
@@ -756,6 +829,7 @@ impl Actor for Fleet {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.set_mailbox_capacity(4096);
+        ctx.run_interval(Duration::from_secs(1), Self::sweep);
     }
 }
 
@@ -784,7 +858,7 @@ impl Handler<LoadFleet> for Fleet {
                 let (units, hospitals) = res?;
                 let n = units.len();
                 for u in units {
-                    act.start_unit(u, ctx);
+                    act.start_unit(u, 0, ctx);
                 }
                 for h in hospitals {
                     act.add_hospital(h);
@@ -868,7 +942,7 @@ impl Handler<RegisterUnit> for Fleet {
     type Result = MessageResult<RegisterUnit>;
 
     fn handle(&mut self, msg: RegisterUnit, ctx: &mut Self::Context) -> Self::Result {
-        MessageResult(self.start_unit(msg.0, ctx))
+        MessageResult(self.start_unit(msg.0, 0, ctx))
     }
 }
 
@@ -891,10 +965,16 @@ impl Handler<RegisterHospital> for Fleet {
 pub struct UnitAddr(pub UnitId);
 
 impl Handler<UnitAddr> for Fleet {
-    type Result = Option<Addr<AmbulanceActor>>;
+    type Result = ResponseActFuture<Self, Option<Addr<AmbulanceActor>>>;
 
     fn handle(&mut self, msg: UnitAddr, _: &mut Self::Context) -> Self::Result {
-        self.units.get(&msg.0).map(|e| e.addr.clone())
+        match self.units.get(&msg.0) {
+            Some(entry) if entry.addr.connected() => {
+                Box::pin(actix::fut::ready(Some(entry.addr.clone())))
+            }
+            Some(_) => self.revive(msg.0),
+            None => Box::pin(actix::fut::ready(None)),
+        }
     }
 }
 

@@ -336,3 +336,29 @@ pub async fn crash_incident(
     addr.do_send(Crash);
     Ok(HttpResponse::Accepted().json(serde_json::json!({"crashed": incident})))
 }
+
+/// Fault injection: stops a unit's actor as a crash would; the fleet starts it again from the
+/// unit's stored state (404 unless the server runs with `--enable-fault-injection`).
+#[utoipa::path(post, path = "/admin/actors/unit/{id}/crash", tag = "admin", security(("bearer" = [])),
+    params(("id" = String, Path)),
+    responses((status = 202, description = "crash injected"), (status = 404, body = super::error::Problem)))]
+pub async fn crash_unit(
+    _auth: Authorized<AdminOnly>,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    use crate::actors::fleet::{Crash, UnitAddr};
+    if !state.settings.admin.enable_fault_injection {
+        return Err(ApiError::not_found("fault injection is disabled"));
+    }
+    let unit = UnitId(id.into_inner());
+    let addr = state
+        .fleet
+        .send(UnitAddr(unit.clone()))
+        .await
+        .ok()
+        .flatten()
+        .ok_or_else(|| ApiError::not_found("no live unit actor with this id"))?;
+    addr.do_send(Crash);
+    Ok(HttpResponse::Accepted().json(serde_json::json!({"crashed": unit})))
+}

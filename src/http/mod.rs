@@ -155,6 +155,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route(
             "/admin/actors/incident/{id}/crash",
             web::post().to(admin::crash_incident),
+        )
+        .route(
+            "/admin/actors/unit/{id}/crash",
+            web::post().to(admin::crash_unit),
         );
 }
 

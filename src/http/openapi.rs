@@ -35,6 +35,7 @@ impl Modify for BearerAuth {
         super::admin::list_actors,
         super::admin::inspect_actor,
         super::admin::crash_incident,
+        super::admin::crash_unit,
         super::reference::create_patient,
         super::reference::get_patient,
         super::reference::create_device,

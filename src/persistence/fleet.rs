@@ -188,6 +188,19 @@ pub async fn all_units(conn: &mut DbConn) -> Result<Vec<UnitRecord>, StoreError>
     Ok(rows.into_iter().map(UnitRow::into_record).collect())
 }
 
+/// One unit, as last stored.
+pub async fn find_unit(conn: &mut DbConn, id: &UnitId) -> Result<Option<UnitRecord>, StoreError> {
+    let id = id.as_str().to_owned();
+    let rows: Vec<UnitRow> = db_run!(conn, |c| {
+        units::table
+            .filter(units::id.eq(&id))
+            .select(UnitRow::as_select())
+            .load(c)
+            .await?
+    });
+    Ok(rows.into_iter().next().map(UnitRow::into_record))
+}
+
 /// A stored hospital.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct HospitalRecord {

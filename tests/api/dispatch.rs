@@ -640,6 +640,68 @@ async fn a_status_report_that_could_not_be_stored_is_stored_when_sent_again() {
     assert_eq!(changes[0].data["to"], "out_of_service");
 }
 
+both_backends!(a_stopped_unit_actor_is_started_again_from_its_stored_state);
+
+/// A unit's actor that stops (a crash) is started again by the fleet, within a second even if
+/// nobody asks for it, with the unit's stored state; the unit is offered work again.
+async fn a_stopped_unit_actor_is_started_again_from_its_stored_state(backend: Backend) {
+    let app = TestApp::builder(backend)
+        .with_settings(|s| s.admin.enable_fault_injection = true)
+        .start()
+        .await;
+    app.add_unit("M-1", SCENE.0, SCENE.1, "als").await;
+    let crew = app.crew_token("M-1").await;
+    let resp = app
+        .crew_post(
+            &crew,
+            "/api/v1/units/M-1/status",
+            &json!({"status": "out_of_service"}),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    let path = "/admin/actors/unit/M-1";
+    let before: Value = app.get(path, Some(Role::Admin)).await.json().await.unwrap();
+    assert_eq!(before["restarts"], 0, "{before}");
+
+    let crash = app
+        .post_json(&format!("{path}/crash"), Some(Role::Admin), &json!({}))
+        .await;
+    assert_eq!(crash.status(), StatusCode::ACCEPTED);
+    // Nobody asks for the unit: the fleet's sweep finds its actor stopped.
+    let mut alive = false;
+    for _ in 0..150 {
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
+        let addrs = app
+            .fleet
+            .send(shers::actors::fleet::AllUnits)
+            .await
+            .unwrap();
+        if addrs.iter().all(actix::Addr::connected) {
+            alive = true;
+            break;
+        }
+    }
+    assert!(alive, "the stopped unit actor was not started again");
+    let after: Value = app.get(path, Some(Role::Admin)).await.json().await.unwrap();
+    assert_eq!(after["restarts"], 1, "{after}");
+    assert_eq!(after["status"], "out_of_service", "{after}");
+
+    // It works as before: reports are taken and the unit is offered the next incident.
+    let resp = app
+        .crew_post(
+            &crew,
+            "/api/v1/units/M-1/status",
+            &json!({"status": "available"}),
+        )
+        .await;
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let id = open_incident(&app, "emergency").await;
+    let incident = app
+        .wait_incident(&id, |i| pending_offers(i).len() == 1)
+        .await;
+    assert_eq!(pending_offers(&incident)[0].1, "M-1", "{incident}");
+}
+
 both_backends!(freed_units_serve_waiting_incidents_by_priority_then_age);
 
 async fn freed_units_serve_waiting_incidents_by_priority_then_age(backend: Backend) {

@@ -212,6 +212,7 @@ impl TestAppBuilder {
         let incidents = app.incidents().clone();
         let billing = app.billing().clone();
         let broadcaster = app.broadcaster().clone();
+        let fleet = app.fleet().clone();
         let handle = app.handle();
         actix_web::rt::spawn(app.run_until_stopped());
         TestApp {
@@ -221,6 +222,7 @@ impl TestAppBuilder {
             incidents,
             billing,
             broadcaster,
+            fleet,
             handle,
             client: reqwest::Client::new(),
             tokens: Mutex::new(HashMap::new()),
@@ -237,6 +239,7 @@ pub struct TestApp {
     pub incidents: actix::Addr<shers::actors::incidents::IncidentDirectory>,
     pub billing: actix::Addr<shers::actors::billing::Billing>,
     pub broadcaster: actix::Addr<shers::actors::broadcaster::Broadcaster>,
+    pub fleet: actix::Addr<shers::actors::fleet::Fleet>,
     pub client: reqwest::Client,
     handle: ServerHandle,
     tokens: Mutex<HashMap<Role, String>>,
