@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
+use futures_util::future::OptionFuture;
 use serde::Serialize;
 use serde_json::json;
 
@@ -25,6 +26,7 @@ use crate::domain::news2::News2;
 use crate::domain::triage::{Assessment, FallEvent, FallWatch, TriageRules, TriageStatus};
 use crate::domain::vitals::Reading;
 use crate::persistence::group::{GroupCommit, Projection};
+use crate::persistence::patients::DeviceState;
 use crate::persistence::readings::{self, RetainedReading};
 use crate::persistence::{Db, StoreError, patients};
 
@@ -213,11 +215,17 @@ struct Live {
 }
 
 enum Phase {
-    Loading,
+    /// Waiting for the registration: loaded by the directory with the rest of its batch
+    /// (`Some`) or by the actor itself.
+    Loading(Option<Preload>),
     Unknown,
     Failed,
     Ready(Box<Live>),
 }
+
+/// A device's registration, loaded by the directory for a batch of new devices at once
+/// (`None`: not registered).
+pub type Preload = tokio::sync::oneshot::Receiver<Result<Option<DeviceState>, StoreError>>;
 
 /// A status transition to persist.
 struct Change {
@@ -252,10 +260,17 @@ impl DeviceActor {
             db,
             runtime,
             handoff,
-            phase: Phase::Loading,
+            phase: Phase::Loading(None),
             messages: 0,
             last_message_at: None,
         }
+    }
+
+    /// Takes its registration from `preload` (the directory's load of a whole batch of new
+    /// devices) instead of reading it itself; if that load is lost it reads it itself.
+    pub fn preloaded(mut self, preload: Preload) -> Self {
+        self.phase = Phase::Loading(Some(preload));
+        self
     }
 
     fn live(&mut self) -> Option<&mut Live> {
@@ -380,9 +395,16 @@ impl Actor for DeviceActor {
         let db = self.db.clone();
         let id = self.id.clone();
         let grace = self.runtime.rules.fall_grace_s;
+        let preload = match &mut self.phase {
+            Phase::Loading(preload) => preload.take(),
+            _ => None,
+        };
         // `wait`: no reading is processed before the registration is known.
         ctx.wait(
             async move {
+                if let Some(Ok(Ok(found))) = OptionFuture::from(preload).await {
+                    return Ok(found);
+                }
                 db.run(move |mut conn| async move { patients::find_device(&mut conn, &id).await })
                     .await
             }
@@ -447,7 +469,7 @@ impl Handler<ProcessReadings> for DeviceActor {
                     ),
                 ));
             }
-            Phase::Loading | Phase::Failed => {
+            Phase::Loading(_) | Phase::Failed => {
                 return AtomicResponse::new(Box::pin(
                     fut::ready(refuse(ReadingOutcome::Unavailable, msg.0)).map(
                         |outcomes, _, ctx: &mut Context<Self>| {
@@ -781,7 +803,7 @@ impl Handler<InspectDevice> for DeviceActor {
 
     fn handle(&mut self, _: InspectDevice, _: &mut Self::Context) -> Self::Result {
         let phase = match &self.phase {
-            Phase::Loading => json!({"phase": "loading"}),
+            Phase::Loading(_) => json!({"phase": "loading"}),
             Phase::Unknown => json!({"phase": "unknown_device"}),
             Phase::Failed => json!({"phase": "failed"}),
             Phase::Ready(live) => json!({
@@ -810,7 +832,7 @@ impl Handler<Summarise> for DeviceActor {
     fn handle(&mut self, _: Summarise, _: &mut Self::Context) -> Self::Result {
         let status = match &self.phase {
             Phase::Ready(live) => live.status.as_str().to_owned(),
-            Phase::Loading => "loading".to_owned(),
+            Phase::Loading(_) => "loading".to_owned(),
             Phase::Unknown => "unknown_device".to_owned(),
             Phase::Failed => "failed".to_owned(),
         };

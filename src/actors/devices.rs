@@ -11,14 +11,15 @@ use actix::prelude::*;
 use futures_util::future::join_all;
 
 use super::device::{
-    DeviceActor, DeviceSummary, InspectDevice, ProcessReadings, ReadingOutcome, Scored, Summarise,
-    TriageRuntime,
+    DeviceActor, DeviceSummary, InspectDevice, Preload, ProcessReadings, ReadingOutcome, Scored,
+    Summarise, TriageRuntime,
 };
 use super::handoff::EmergencyDetected;
 use crate::domain::ids::DeviceId;
 use crate::domain::triage::assess;
 use crate::domain::vitals::Reading;
-use crate::persistence::Db;
+use crate::persistence::patients::{self, DeviceState};
+use crate::persistence::{Db, StoreError};
 
 struct Entry {
     addr: Addr<DeviceActor>,
@@ -59,12 +60,15 @@ impl DeviceDirectory {
         &self.runtime
     }
 
-    fn actor_for(&mut self, id: &DeviceId) -> Addr<DeviceActor> {
-        if let Some(entry) = self.devices.get(id)
-            && entry.addr.connected()
-        {
-            return entry.addr.clone();
-        }
+    fn live(&self, id: &DeviceId) -> Option<Addr<DeviceActor>> {
+        self.devices
+            .get(id)
+            .filter(|e| e.addr.connected())
+            .map(|e| e.addr.clone())
+    }
+
+    /// Starts an actor for `id`, its registration coming from `preload`.
+    fn start(&mut self, id: &DeviceId, preload: Preload) -> Addr<DeviceActor> {
         let make = {
             let (id, db, runtime, handoff) = (
                 id.clone(),
@@ -72,7 +76,9 @@ impl DeviceDirectory {
                 self.runtime.clone(),
                 self.handoff.clone(),
             );
-            move |_: &mut Context<DeviceActor>| DeviceActor::new(id, db, runtime, handoff)
+            move |_: &mut Context<DeviceActor>| {
+                DeviceActor::new(id, db, runtime, handoff).preloaded(preload)
+            }
         };
         let addr = if self.arbiters.is_empty() {
             DeviceActor::create(make)
@@ -136,10 +142,20 @@ impl Handler<Ingest> for DeviceDirectory {
                 .or_default()
                 .push(scored);
         }
+        // Devices without a live actor (their first reading since the server started, or
+        // since their actor stopped when idle) are loaded with one query for the batch, not
+        // one each: after a restart every wearable's first batch would otherwise queue a read.
+        let mut new_devices: Vec<(DeviceId, Loaded)> = Vec::new();
         let sends: Vec<_> = groups
             .into_iter()
             .map(|(device, readings)| {
-                let addr = self.actor_for(&DeviceId(device));
+                let id = DeviceId(device);
+                let addr = self.live(&id).unwrap_or_else(|| {
+                    let (loaded, preload) = tokio::sync::oneshot::channel();
+                    let addr = self.start(&id, preload);
+                    new_devices.push((id, loaded));
+                    addr
+                });
                 let indices: Vec<usize> = readings.iter().map(|s| s.index).collect();
                 async move {
                     match addr.send(ProcessReadings(readings)).await {
@@ -152,12 +168,45 @@ impl Handler<Ingest> for DeviceDirectory {
                 }
             })
             .collect();
+        if !new_devices.is_empty() {
+            let db = self.db.clone();
+            actix::spawn(load_devices(db, new_devices));
+        }
         Box::pin(async move {
             let mut all: Vec<(usize, ReadingOutcome)> =
                 join_all(sends).await.into_iter().flatten().collect();
             all.sort_by_key(|(i, _)| *i);
             all
         })
+    }
+}
+
+/// Where a new device actor waits for its registration.
+type Loaded = tokio::sync::oneshot::Sender<Result<Option<DeviceState>, StoreError>>;
+
+/// Loads `devices` with one query and hands each actor its registration (`None`: not
+/// registered). If the query fails, each actor is told and reads its own.
+async fn load_devices(db: Db, devices: Vec<(DeviceId, Loaded)>) {
+    let ids: Vec<DeviceId> = devices.iter().map(|(id, _)| id.clone()).collect();
+    let found = db
+        .run(move |mut conn| async move { patients::find_devices(&mut conn, &ids).await })
+        .await;
+    match found {
+        Ok(states) => {
+            let mut states: HashMap<String, DeviceState> = states
+                .into_iter()
+                .map(|state| (state.device.id.0.clone(), state))
+                .collect();
+            for (id, loaded) in devices {
+                let _ = loaded.send(Ok(states.remove(id.as_str())));
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, devices = devices.len(), "new devices not loaded together");
+            for (_, loaded) in devices {
+                let _ = loaded.send(Err(StoreError::Unavailable(e.to_string())));
+            }
+        }
     }
 }
 

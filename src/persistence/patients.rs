@@ -216,16 +216,39 @@ pub async fn find_device(
             .await
             .optional()?
     });
-    Ok(row.map(|r| DeviceState {
-        device: Device {
-            id: DeviceId(r.id),
-            patient_id: PatientId(r.patient_id),
-            model: r.model,
-            registered_at: from_db_time(r.registered_at),
-        },
-        last_status: r.last_status,
-        last_seen_at: r.last_seen_at.map(from_db_time),
-    }))
+    Ok(row.map(DeviceRow::into_state))
+}
+
+impl DeviceRow {
+    fn into_state(self) -> DeviceState {
+        DeviceState {
+            device: Device {
+                id: DeviceId(self.id),
+                patient_id: PatientId(self.patient_id),
+                model: self.model,
+                registered_at: from_db_time(self.registered_at),
+            },
+            last_status: self.last_status,
+            last_seen_at: self.last_seen_at.map(from_db_time),
+        }
+    }
+}
+
+/// The devices among `ids` that are registered, with their last known status: one query
+/// for a batch of devices seen for the first time since the server started.
+pub async fn find_devices(
+    conn: &mut DbConn,
+    ids: &[DeviceId],
+) -> Result<Vec<DeviceState>, StoreError> {
+    let ids: Vec<&str> = ids.iter().map(DeviceId::as_str).collect();
+    let rows: Vec<DeviceRow> = db_run!(conn, |c| {
+        devices::table
+            .filter(devices::id.eq_any(&ids))
+            .select(DeviceRow::as_select())
+            .load(c)
+            .await?
+    });
+    Ok(rows.into_iter().map(DeviceRow::into_state).collect())
 }
 
 /// Records a device's new status (projection of `vitals.status_changed`).

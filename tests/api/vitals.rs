@@ -434,6 +434,73 @@ async fn an_invalid_rules_file_stops_start_up() {
     assert_eq!(rules.fall_grace_s, 60);
 }
 
+both_backends!(devices_first_seen_together_resume_from_their_stored_status);
+
+/// After a restart, a batch whose devices have no actor yet: they are loaded together (one
+/// query) and each resumes from its own stored status; an unregistered one is refused.
+async fn devices_first_seen_together_resume_from_their_stored_status(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    for (patient, device) in [("p-1", "a"), ("p-2", "b"), ("p-3", "c")] {
+        app.register_wearer(patient, device).await;
+    }
+    assert_eq!(
+        app.post_vitals(&emergency("a", 0)).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        app.post_vitals(&emergency("b", 0)).await.status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        app.post_vitals(&normal("b", 1)).await.status(),
+        StatusCode::OK
+    );
+    let before = app.events_of("vitals.status_changed").await.len();
+    assert_eq!(before, 3);
+
+    let tdb = app.kill().await;
+    let app = TestApp::builder(backend).start_on(tdb).await;
+    let batch = json!({"readings": [
+        emergency("a", 10),
+        normal("b", 10),
+        emergency("c", 10),
+        normal("a", 11),
+        {"device_id": "nobody", "timestamp": ts(10), "heart_rate_bpm": 80},
+    ]});
+    let resp = app.post_vitals(&batch).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["accepted"], 4, "{body}");
+    assert_eq!(body["rejected"][0]["index"], 4, "{body}");
+    assert_eq!(
+        body["rejected"][0]["errors"][0]["pointer"], "/readings/4/device_id",
+        "{body}"
+    );
+    // a was in emergency and stays there until its normal reading; b was normal; c is new.
+    let changes: Vec<(String, String, String)> = app
+        .events_of("vitals.status_changed")
+        .await
+        .into_iter()
+        .skip(before)
+        .map(|e| {
+            (
+                e.device_id.unwrap(),
+                e.data["from"].as_str().unwrap().to_owned(),
+                e.data["to"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let mut changes = changes;
+    changes.sort();
+    assert_eq!(
+        changes,
+        [
+            ("a".into(), "emergency".into(), "normal".into()),
+            ("c".into(), "normal".into(), "emergency".into()),
+        ]
+    );
+}
+
 both_backends!(silent_devices_go_offline_and_come_back);
 
 async fn silent_devices_go_offline_and_come_back(backend: Backend) {
