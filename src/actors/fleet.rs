@@ -16,7 +16,8 @@ use serde_json::{Value, json};
 
 use crate::domain::dispatch::{
     Candidate, CandidateQuery, Capability, CrewReport, FleetIndex, HospitalSnapshot,
-    StatusRejection, UnitSnapshot, UnitStatus, apply_report, choose_hospital, rank, shortlist,
+    StatusRejection, UnitClaim, UnitSnapshot, UnitStatus, apply_report, choose_hospital, rank,
+    reconcile_unit, shortlist,
 };
 use crate::domain::events::NewEvent;
 use crate::domain::geo::LatLng;
@@ -329,6 +330,71 @@ impl Handler<Uncommit> for AmbulanceActor {
                 self.set_status(UnitStatus::Available);
             }
         }
+    }
+}
+
+/// At start-up: the claim of the open incident holding this unit, if any, which the unit's
+/// stored state is made to agree with (see [`reconcile_unit`]). Answers whether it changed.
+#[derive(Message, Debug)]
+#[rtype(result = "bool")]
+pub struct Reconcile(pub Option<(IncidentId, UnitClaim)>);
+
+impl Handler<Reconcile> for AmbulanceActor {
+    type Result = bool;
+
+    fn handle(&mut self, msg: Reconcile, _: &mut Self::Context) -> bool {
+        let Some((status, assignment)) = reconcile_unit(self.status, self.assignment, msg.0) else {
+            return false;
+        };
+        tracing::warn!(
+            unit.id = %self.record.id,
+            from = self.status.as_str(),
+            to = status.as_str(),
+            incident.id = ?assignment,
+            "unit state reconciled with its incident (a unit change was not stored before a stop)"
+        );
+        // A status change like any other for consoles (the status may even be the same,
+        // with the assignment corrected), marked as a reconciliation.
+        let mut event = NewEvent::new(
+            "unit.status_changed",
+            json!({"unit_id": self.record.id, "from": self.status, "to": status,
+                   "incident_id": assignment, "reconciled": true,
+                   "previous_incident_id": self.assignment}),
+        );
+        event.incident_id = assignment.map(|i| i.to_string());
+        self.assignment = assignment;
+        self.status = status;
+        self.changed();
+        drop(self.persist_event(event, "reconciliation"));
+        true
+    }
+}
+
+/// Make every unit agree with the open incidents' claims on them (start-up, after the open
+/// incidents are recovered): unit → (incident, claim). Answers how many units changed.
+#[derive(Message, Debug)]
+#[rtype(result = "usize")]
+pub struct ReconcileUnits(pub HashMap<UnitId, (IncidentId, UnitClaim)>);
+
+impl Handler<ReconcileUnits> for Fleet {
+    type Result = ResponseFuture<usize>;
+
+    fn handle(&mut self, mut msg: ReconcileUnits, _: &mut Self::Context) -> Self::Result {
+        let asks: Vec<_> = self
+            .units
+            .iter()
+            .map(|(id, entry)| entry.addr.send(Reconcile(msg.0.remove(id))))
+            .collect();
+        for (unit, (incident, _)) in msg.0 {
+            tracing::warn!(unit.id = %unit, incident.id = %incident, "an open incident holds an unknown unit");
+        }
+        Box::pin(async move {
+            futures_util::future::join_all(asks)
+                .await
+                .into_iter()
+                .filter(|changed| matches!(changed, Ok(true)))
+                .count()
+        })
     }
 }
 

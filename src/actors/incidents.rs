@@ -23,11 +23,12 @@ use serde_json::json;
 use tokio::sync::oneshot;
 
 use super::fleet::{
-    ACTOR_TIMEOUT, Commit, FindCandidates, Fleet, IncidentOver, PublishOffer, Release, Reserve,
-    StopWaiting, Uncommit, UnitAddr, UnitFree, WaitForUnit,
+    ACTOR_TIMEOUT, Commit, FindCandidates, Fleet, IncidentOver, PublishOffer, ReconcileUnits,
+    Release, Reserve, StopWaiting, Uncommit, UnitAddr, UnitFree, WaitForUnit,
 };
 use super::handoff::EmergencyDetected;
 use crate::config::DispatchSettings;
+use crate::domain::dispatch::unit_claim;
 use crate::domain::events::{ExpectedVersion, NewEvent, RecordedEvent};
 use crate::domain::geo::LatLng;
 use crate::domain::ids::{IncidentId, OfferId, PatientId, UnitId};
@@ -2225,15 +2226,39 @@ impl Handler<Recover> for IncidentDirectory {
             .map(|res, act, ctx| {
                 let open = res?;
                 let count = open.len();
+                let mut claims = HashMap::new();
                 for (id, stored, offers) in open {
                     let actor = IncidentActor::resumed(id, &stored, offers, act.deps.clone());
-                    if let Some(p) = actor.state.as_ref().and_then(|s| s.patient_id.clone()) {
-                        act.open_by_patient.insert(p, id);
+                    if let Some(state) = &actor.state {
+                        if let Some(p) = state.patient_id.clone() {
+                            act.open_by_patient.insert(p, id);
+                        }
+                        if let (Some(unit), Some(claim)) =
+                            (state.assigned_unit_id.clone(), unit_claim(state.status))
+                        {
+                            claims.insert(unit, (id, claim));
+                        }
                     }
                     act.start_actor(actor, ctx);
                 }
                 tracing::info!(incidents.recovered = count, "open incidents recovered");
-                Ok(count)
+                Ok::<_, StoreError>((count, claims))
+            })
+            .then(|recovered, act, _| {
+                let fleet = act.deps.fleet.clone();
+                async move {
+                    let (count, claims) = recovered?;
+                    // Units whose last change was not stored before the stop are made to agree
+                    // with the incidents (which store theirs before answering).
+                    if let Some(fleet) = fleet {
+                        let changed = fleet.send(ReconcileUnits(claims)).await.unwrap_or(0);
+                        if changed > 0 {
+                            tracing::warn!(units = changed, "units reconciled with open incidents");
+                        }
+                    }
+                    Ok(count)
+                }
+                .into_actor(act)
             }),
         )
     }

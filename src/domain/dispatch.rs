@@ -25,8 +25,8 @@ use rstar::primitives::GeomWithData;
 use serde::{Deserialize, Serialize};
 
 use super::geo::LatLng;
-use super::ids::{HospitalId, UnitId};
-use super::incident::Priority;
+use super::ids::{HospitalId, IncidentId, UnitId};
+use super::incident::{IncidentStatus, Priority};
 
 /// What a unit's crew and kit can do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
@@ -251,6 +251,66 @@ fn next_step(current: UnitStatus) -> Option<CrewReport> {
         UnitStatus::AtHospital => Some(CrewReport::Available),
         UnitStatus::Available | UnitStatus::Offered | UnitStatus::OutOfService => None,
     }
+}
+
+/// What an open incident, recovered at start-up, says about the unit it holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UnitClaim {
+    /// The unit works the incident in this status (the incident's own record of the crew's
+    /// reports, stored before each report was answered).
+    Holds(UnitStatus),
+    /// The unit may still be on it (at the hospital while the incident is billed) or may
+    /// already have reported available: whatever the unit says stands.
+    Released,
+}
+
+/// The claim an incident in `status` holding a unit makes on it (`None`: no unit yet, or the
+/// incident is over).
+pub fn unit_claim(status: IncidentStatus) -> Option<UnitClaim> {
+    use IncidentStatus as I;
+    match status {
+        I::Assigned => Some(UnitClaim::Holds(UnitStatus::Assigned)),
+        I::Enroute => Some(UnitClaim::Holds(UnitStatus::Enroute)),
+        I::OnScene => Some(UnitClaim::Holds(UnitStatus::OnScene)),
+        I::Transporting => Some(UnitClaim::Holds(UnitStatus::Transporting)),
+        I::AtHospital | I::Billing => Some(UnitClaim::Released),
+        I::Detected | I::Dispatching | I::Closed | I::Cancelled => None,
+    }
+}
+
+/// Reconciles a unit's stored state with the open incidents at start-up. Unit changes are
+/// stored shortly after they happen, incidents' before they are answered, so a crash can
+/// leave a unit behind its incident: an accept stored by the incident whose unit row still
+/// says available, or a unit still assigned to an incident that has ended or never took it.
+/// `claim` is the claim of the open incident holding this unit, if any. Returns the unit's
+/// corrected status and assignment, or `None` if it is consistent.
+pub fn reconcile_unit(
+    status: UnitStatus,
+    assignment: Option<IncidentId>,
+    claim: Option<(IncidentId, UnitClaim)>,
+) -> Option<(UnitStatus, Option<IncidentId>)> {
+    use UnitStatus as S;
+    let on_a_job = matches!(
+        status,
+        S::Assigned | S::Enroute | S::OnScene | S::Transporting | S::AtHospital
+    );
+    let corrected = match claim {
+        Some((incident, UnitClaim::Holds(held))) => (held, Some(incident)),
+        // Still at the hospital for it, or already free: both stand.
+        Some((incident, UnitClaim::Released)) if assignment == Some(incident) => {
+            (status, assignment)
+        }
+        Some((_, UnitClaim::Released)) | None => {
+            if assignment.is_none() && !on_a_job {
+                (status, None)
+            } else if status == S::OutOfService {
+                (S::OutOfService, None)
+            } else {
+                (S::Available, None)
+            }
+        }
+    };
+    (corrected != (status, assignment)).then_some(corrected)
 }
 
 /// Whether a unit in this status may be offered a job (only `available`).
@@ -640,6 +700,62 @@ pub fn choose_hospital(
 mod tests {
     use super::*;
     use chrono::TimeZone;
+
+    #[test]
+    fn units_are_reconciled_with_the_incidents_that_hold_them() {
+        use UnitStatus as S;
+        let x = IncidentId::new_v7();
+        let y = IncidentId::new_v7();
+        let holds = |s| Some((x, UnitClaim::Holds(s)));
+        // Consistent: nothing to do.
+        assert_eq!(reconcile_unit(S::Enroute, Some(x), holds(S::Enroute)), None);
+        assert_eq!(reconcile_unit(S::Available, None, None), None);
+        assert_eq!(reconcile_unit(S::OutOfService, None, None), None);
+        // The accept was stored by the incident, not by the unit.
+        assert_eq!(
+            reconcile_unit(S::Available, None, holds(S::Assigned)),
+            Some((S::Assigned, Some(x)))
+        );
+        // A report stored by the incident, not by the unit.
+        assert_eq!(
+            reconcile_unit(S::Enroute, Some(x), holds(S::OnScene)),
+            Some((S::OnScene, Some(x)))
+        );
+        // The unit's offer was pending at the crash (it comes back available), or its accept
+        // never reached the incident: nothing holds it.
+        assert_eq!(
+            reconcile_unit(S::Assigned, Some(y), None),
+            Some((S::Available, None))
+        );
+        assert_eq!(
+            reconcile_unit(S::Transporting, None, None),
+            Some((S::Available, None))
+        );
+        // At the hospital while the incident is billed, or already available: both stand.
+        let released = Some((x, UnitClaim::Released));
+        assert_eq!(reconcile_unit(S::AtHospital, Some(x), released), None);
+        assert_eq!(reconcile_unit(S::Available, Some(x), released), None);
+        assert_eq!(reconcile_unit(S::Available, None, released), None);
+        // Still assigned to an incident that has ended: freed, out of service kept.
+        assert_eq!(
+            reconcile_unit(S::AtHospital, Some(y), None),
+            Some((S::Available, None))
+        );
+        assert_eq!(
+            reconcile_unit(S::OutOfService, Some(y), None),
+            Some((S::OutOfService, None))
+        );
+        // Every open status maps to a claim or to none.
+        assert_eq!(
+            unit_claim(IncidentStatus::Enroute),
+            Some(UnitClaim::Holds(S::Enroute))
+        );
+        assert_eq!(
+            unit_claim(IncidentStatus::Billing),
+            Some(UnitClaim::Released)
+        );
+        assert_eq!(unit_claim(IncidentStatus::Dispatching), None);
+    }
 
     fn t0() -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap()

@@ -702,6 +702,110 @@ async fn a_stopped_unit_actor_is_started_again_from_its_stored_state(backend: Ba
     assert_eq!(pending_offers(&incident)[0].1, "M-1", "{incident}");
 }
 
+both_backends!(units_are_reconciled_with_open_incidents_at_start_up);
+
+/// Sets a unit's stored row as if its last changes had not been stored before a stop.
+async fn overwrite_unit(app: &TestApp, id: &str, status: &str, incident: Option<&str>) {
+    let mut conn = app.db.conn().await.unwrap();
+    let sql = format!(
+        "UPDATE units SET status = '{status}', current_incident_id = {} WHERE id = '{id}'",
+        incident.map_or("NULL".to_owned(), |i| format!("'{i}'"))
+    );
+    let updated: usize = shers::db_run!(&mut conn, |c| {
+        diesel_async::RunQueryDsl::execute(diesel::sql_query(sql.clone()), c)
+            .await
+            .unwrap()
+    });
+    assert_eq!(updated, 1);
+}
+
+/// Unit changes are stored a few milliseconds after they happen, an incident's before it
+/// answers: after a stop in between, the units are made to agree with the open incidents.
+async fn units_are_reconciled_with_open_incidents_at_start_up(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.add_unit("M1", SCENE.0 + 0.001, SCENE.1, "als").await;
+    let id = open_incident(&app, "emergency").await;
+    let incident = app
+        .wait_incident(&id, |i| pending_offers(i).len() == 1)
+        .await;
+    let (offer, _) = pending_offers(&incident)[0].clone();
+    let crew = app.crew_token("M1").await;
+    let accept = app
+        .crew_post(&crew, &format!("/api/v1/offers/{offer}/accept"), &json!({}))
+        .await;
+    assert_eq!(accept.status(), StatusCode::OK);
+    let enroute = app
+        .crew_post(
+            &crew,
+            "/api/v1/units/M1/status",
+            &json!({"status": "enroute"}),
+        )
+        .await;
+    assert_eq!(enroute.status(), StatusCode::OK);
+    app.add_unit("M2", SCENE.0, SCENE.1 + 0.01, "bls").await;
+    app.add_unit("M3", SCENE.0, SCENE.1 + 0.02, "bls").await;
+    let crew3 = app.crew_token("M3").await;
+    let off = app
+        .crew_post(
+            &crew3,
+            "/api/v1/units/M3/status",
+            &json!({"status": "out_of_service"}),
+        )
+        .await;
+    assert_eq!(off.status(), StatusCode::OK);
+
+    let tdb = app.kill().await;
+    // Let the stopped app's writer finish, then lose the units' last changes: M1's report
+    // and accept (the incident has them), M2 and M3 still on an incident that has ended.
+    actix_web::rt::time::sleep(std::time::Duration::from_millis(200)).await;
+    let ended = uuid::Uuid::now_v7().to_string();
+    let app = TestApp::builder(backend).start_on(tdb).await;
+    overwrite_unit(&app, "M1", "available", None).await;
+    overwrite_unit(&app, "M2", "transporting", Some(&ended)).await;
+    overwrite_unit(&app, "M3", "out_of_service", Some(&ended)).await;
+    let tdb = app.kill().await;
+    let app = TestApp::builder(backend).start_on(tdb).await;
+
+    let unit = |id: &'static str| {
+        let app = &app;
+        async move {
+            let view: Value = app
+                .get(&format!("/api/v1/units/{id}"), Some(Role::Console))
+                .await
+                .json()
+                .await
+                .unwrap();
+            (view["status"].clone(), view["incident_id"].clone())
+        }
+    };
+    assert_eq!(unit("M1").await, (json!("enroute"), json!(id)));
+    assert_eq!(unit("M2").await, (json!("available"), Value::Null));
+    assert_eq!(unit("M3").await, (json!("out_of_service"), Value::Null));
+    // Stored, and told to consoles as status changes.
+    let reconciled: Vec<String> = app
+        .events_of("unit.status_changed")
+        .await
+        .into_iter()
+        .filter(|e| e.data["reconciled"] == true)
+        .map(|e| e.data["unit_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(reconciled.len(), 3, "{reconciled:?}");
+    // The crew carries on from where the incident is.
+    let on_scene = app
+        .crew_post(
+            &crew,
+            "/api/v1/units/M1/status",
+            &json!({"status": "on_scene"}),
+        )
+        .await;
+    assert_eq!(
+        on_scene.status(),
+        StatusCode::OK,
+        "{}",
+        on_scene.text().await.unwrap()
+    );
+}
+
 both_backends!(freed_units_serve_waiting_incidents_by_priority_then_age);
 
 async fn freed_units_serve_waiting_incidents_by_priority_then_age(backend: Backend) {
