@@ -44,6 +44,8 @@ pub struct Application {
     billing: actix::Addr<Billing>,
     broadcaster: actix::Addr<Broadcaster>,
     fleet: actix::Addr<Fleet>,
+    /// The token minted for billing's calls to the insurance service, revoked at the end.
+    internal_token: Option<crate::domain::ids::TokenId>,
 }
 
 /// Opens the configured database and applies pending migrations.
@@ -223,11 +225,13 @@ impl Application {
             .await
             .context("starting the event broadcaster")?
             .start();
-        let insurance_token = match &settings.insurance.api_token {
-            Some(t) => t.expose().clone(),
+        // Without a configured token, billing gets one of its own for this run, revoked when
+        // the server stops (a crash leaves it live; it is listed as "billing (internal)").
+        let (insurance_token, internal_token) = match &settings.insurance.api_token {
+            Some(t) => (t.expose().clone(), None),
             None => {
                 let mut conn = db.conn().await?;
-                tokens::create(
+                let created = tokens::create(
                     &mut conn,
                     crate::domain::auth::Role::Admin,
                     None,
@@ -236,8 +240,8 @@ impl Application {
                     chrono::Utc::now(),
                 )
                 .await
-                .context("minting the internal billing token")?
-                .token
+                .context("minting the internal billing token")?;
+                (created.token, Some(created.record.id))
             }
         };
         let payments: Arc<dyn PaymentProvider> = match (
@@ -349,6 +353,7 @@ impl Application {
             billing,
             broadcaster,
             fleet,
+            internal_token,
         })
     }
 
@@ -394,7 +399,19 @@ impl Application {
 
     /// Serves until the server is stopped (SIGINT/SIGTERM drain in-flight requests).
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+        let served = self.server.await;
+        if let Some(id) = self.internal_token {
+            let revoked = self
+                .db
+                .run(move |mut conn| async move {
+                    tokens::revoke(&mut conn, id, chrono::Utc::now()).await
+                })
+                .await;
+            if let Err(e) = revoked {
+                tracing::warn!(error = %e, "internal billing token not revoked");
+            }
+        }
+        served
     }
 }
 

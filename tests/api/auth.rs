@@ -226,3 +226,52 @@ async fn acknowledged_tokens_survive_an_abrupt_stop(backend: Backend) {
         .unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
 }
+
+both_backends!(the_internal_billing_token_lives_as_long_as_the_server);
+
+/// Billing's own token for the insurance service is live while the server runs and revoked
+/// when it stops, so restarts do not leave admin tokens behind.
+async fn the_internal_billing_token_lives_as_long_as_the_server(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let internal = |tokens: &Value| -> Vec<Value> {
+        tokens["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|t| t["name"] == "billing (internal)")
+            .cloned()
+            .collect()
+    };
+    let tokens: Value = app
+        .get("/admin/tokens", Some(Role::Admin))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let running = internal(&tokens);
+    assert_eq!(running.len(), 1, "{tokens}");
+    assert!(running[0]["revoked_at"].is_null());
+    let id = running[0]["id"].clone();
+
+    let tdb = app.kill().await;
+    let app = TestApp::builder(backend).start_on(tdb).await;
+    let mut revoked = false;
+    for _ in 0..100 {
+        let tokens: Value = app
+            .get("/admin/tokens", Some(Role::Admin))
+            .await
+            .json()
+            .await
+            .unwrap();
+        let all = internal(&tokens);
+        let old = all.iter().find(|t| t["id"] == id).unwrap();
+        if !old["revoked_at"].is_null() {
+            revoked = true;
+            // The new run has its own, live.
+            assert_eq!(all.iter().filter(|t| t["revoked_at"].is_null()).count(), 1);
+            break;
+        }
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(revoked, "the stopped server's internal token is still live");
+}
