@@ -118,9 +118,10 @@ pub async fn observe(
 pub fn init_tracing(format: crate::config::LogFormat) {
     use tracing_subscriber::EnvFilter;
     use tracing_subscriber::fmt;
-    // tracing-actix-web repeats every 4xx as a warning; our access log already has the status.
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,tracing_actix_web::middleware=error"));
+    // tracing-actix-web's own error event (one warning per 4xx, whatever RUST_LOG says) is
+    // compiled out (`default-features = false`): the access log above has every status, and a
+    // 5xx's cause is logged where it happens (`http::error`).
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
         crate::config::LogFormat::Text => builder.try_init(),
