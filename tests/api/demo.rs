@@ -1,6 +1,8 @@
 //! `shers demo` end to end: the real binary seeds Edinburgh, runs its wearables and crews at
 //! twenty times real speed for a minute and stops; by then incidents have gone the whole way
-//! from a wearable alarm to `closed` with a paid invoice, on SQLite and on PostgreSQL.
+//! from a wearable alarm to `closed` with a paid invoice, on SQLite and on PostgreSQL. With
+//! SHERS's own logs at `debug` for the whole run, no name, phone or email of a patient behind
+//! an incident, or of their next of kin, appears in anything the process printed.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -11,7 +13,7 @@ use std::time::{Duration, Instant};
 use shers::domain::billing::InvoiceStatus;
 use shers::domain::incident::IncidentStatus;
 use shers::persistence::incidents::{self, StatusFilter};
-use shers::persistence::{Backend, invoices};
+use shers::persistence::{Backend, invoices, patients};
 
 use crate::both_backends;
 use crate::helpers::TestDb;
@@ -53,8 +55,9 @@ fn start_demo(url: &str) -> Child {
             command.env_remove(key.as_ref());
         }
     }
-    // The simulators' progress (incidents accepted and closed) for the failure message.
-    command.env("RUST_LOG", "warn,shers::sim=debug");
+    // Everything SHERS logs at debug (the simulators' progress for the failure message, and
+    // every line the patient-data check below reads); other crates at warn.
+    command.env("RUST_LOG", "warn,shers=debug");
     command.spawn().unwrap()
 }
 
@@ -148,4 +151,48 @@ async fn twenty_simulated_minutes_close_and_bill_incidents(backend: Backend) {
         assert!(incident.times.at_destination.is_some());
     }
     assert!(paid >= 1, "{line}");
+
+    // Patient data never reaches the logs: the people behind every incident, looked up in the
+    // database, are absent from the process's output (stdout included: it has the tokens).
+    let everything = incidents::page(&mut conn, StatusFilter::All, None, 1_000)
+        .await
+        .unwrap();
+    let mut secrets = Vec::new();
+    for incident in &everything {
+        let Some(patient_id) = &incident.patient_id else {
+            continue;
+        };
+        let patient = patients::find_patient(&mut conn, patient_id)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("incident {} names an unknown patient", incident.id));
+        secrets.push(patient.name);
+        for kin in patient.next_of_kin {
+            secrets.push(kin.name);
+            secrets.extend(kin.phone);
+            secrets.extend(kin.email);
+        }
+    }
+    assert!(
+        secrets.len() >= 2 * everything.len(),
+        "the demo's patients have names and next of kin: {secrets:?}"
+    );
+    let output = format!("{stdout}\n{stderr}");
+    assert!(
+        stderr.lines().count() > 100,
+        "the debug log is there to be checked:\n{}",
+        tail(&stderr, 20)
+    );
+    for secret in &secrets {
+        assert!(
+            !output.contains(secret.as_str()),
+            "patient data in the demo's output: {secret:?}\n{}",
+            output
+                .lines()
+                .filter(|l| l.contains(secret.as_str()))
+                .take(5)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
 }
