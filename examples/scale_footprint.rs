@@ -149,14 +149,7 @@ async fn main() -> anyhow::Result<()> {
         json!({"device_id": format!("scale-d{i}"), "timestamp": at,
            "heart_rate_bpm": 72, "spo2_pct": 98, "respiration_rate_bpm": 14})
     };
-    for group in (0..device_count).step_by(2_000) {
-        futures_util::future::try_join_all(
-            (group..(group + 2_000).min(device_count))
-                .step_by(500)
-                .map(|start| post(start..(start + 500).min(device_count), normal, at.clone())),
-        )
-        .await?;
-    }
+    send_all(|r| post(r, normal, at.clone()), device_count, 500, 4).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_devices = rss_mib();
     println!(
@@ -172,20 +165,7 @@ async fn main() -> anyhow::Result<()> {
            "heart_rate_bpm": 170, "spo2_pct": 85,
            "location": {"lat": 51.5 + (i as f64) * 1e-5, "lng": -0.12}})
     };
-    for group in (0..incident_count).step_by(800) {
-        futures_util::future::try_join_all(
-            (group..(group + 800).min(incident_count))
-                .step_by(100)
-                .map(|start| {
-                    post(
-                        start..(start + 100).min(incident_count),
-                        emergency,
-                        at.clone(),
-                    )
-                }),
-        )
-        .await?;
-    }
+    send_all(|r| post(r, emergency, at.clone()), incident_count, 100, 8).await?;
     let created = t.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_incidents = rss_mib();
@@ -197,6 +177,27 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "total: {device_count} device actors + {incident_count} incident actors: RSS {rss_incidents:.0} MiB (process start {rss_start:.0} MiB)"
     );
+    Ok(())
+}
+
+/// Sends readings `0..count` as requests of `per_request` readings, `in_flight` at a time.
+async fn send_all<F>(
+    post: impl Fn(std::ops::Range<usize>) -> F,
+    count: usize,
+    per_request: usize,
+    in_flight: usize,
+) -> anyhow::Result<()>
+where
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    for group in (0..count).step_by(per_request * in_flight) {
+        futures_util::future::try_join_all(
+            (group..(group + per_request * in_flight).min(count))
+                .step_by(per_request)
+                .map(|start| post(start..(start + per_request).min(count))),
+        )
+        .await?;
+    }
     Ok(())
 }
 
