@@ -18,6 +18,11 @@ use crate::domain::ids::{HospitalId, OfferId, UnitId};
 use crate::domain::incident::{Command, IncidentStatus};
 use crate::persistence::fleet as fleet_store;
 use crate::persistence::incidents as incident_store;
+
+/// How far ahead of the server's clock a position fix may be (a crew device's clock drift).
+const MAX_FIX_AHEAD: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
+/// How old a position fix may be: older fixes say nothing about where a unit is now.
+const MAX_FIX_AGE: chrono::TimeDelta = chrono::TimeDelta::hours(24);
 use crate::persistence::{Db, StoreError};
 
 /// What crew actions need.
@@ -190,11 +195,18 @@ impl Crew {
                 e.message.clone(),
             ));
         }
-        let at = at.unwrap_or_else(Utc::now);
-        if at > Utc::now() + chrono::Duration::minutes(5) {
+        let now = Utc::now();
+        let at = at.unwrap_or(now);
+        if at > now + MAX_FIX_AHEAD {
             return Err(CrewError::Invalid(
                 "/at",
                 "must not be in the future".into(),
+            ));
+        }
+        if at < now - MAX_FIX_AGE {
+            return Err(CrewError::Invalid(
+                "/at",
+                "must be within the last 24 hours".into(),
             ));
         }
         let addr = self.unit(unit).await?;

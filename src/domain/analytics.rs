@@ -5,9 +5,39 @@
 //! (.05→.06), response (.03→.06), on scene (.06→.09), transport (.09→.11), total
 //! (.01→closed). Percentiles use the nearest-rank method on the sorted durations.
 
+use chrono::{DateTime, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::incident::Times;
+use super::validation::{FieldError, storable_instant};
+
+/// The range a report covers when the request names no start: this long before its end.
+pub const DEFAULT_RANGE: TimeDelta = TimeDelta::hours(24);
+
+/// The `[from, to)` range of a report: `to` defaults to `now`, `from` to [`DEFAULT_RANGE`]
+/// before `to`. Both must be storable instants ([`storable_instant`]) and `from` before `to`;
+/// the error points at the query parameter at fault (`/query/from`, `/query/to`).
+pub fn report_range(
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+    now: DateTime<Utc>,
+) -> Result<(DateTime<Utc>, DateTime<Utc>), FieldError> {
+    let to = storable_instant("/query/to", to.unwrap_or(now))?;
+    let from = match from {
+        Some(from) => storable_instant("/query/from", from)?,
+        // `to` is storable, so this fails only at the very start of the storable range.
+        None => to
+            .checked_sub_signed(DEFAULT_RANGE)
+            .and_then(|from| storable_instant("/query/from", from).ok())
+            .ok_or_else(|| {
+                FieldError::new("/query/to", "must leave room for the default 24 h range")
+            })?,
+    };
+    if from >= to {
+        return Err(FieldError::new("/query/from", "must be before `to`"));
+    }
+    Ok((from, to))
+}
 
 /// The intervals, in report order.
 pub const INTERVALS: [&str; 7] = [
@@ -153,7 +183,64 @@ pub fn response_times<'a>(
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
-    use chrono::{DateTime, Duration, Utc};
+    use chrono::Duration;
+    use proptest::prelude::*;
+
+    /// Any instant chrono can represent, with the extremes and the edges of the storable
+    /// range weighted in.
+    fn any_instant() -> impl Strategy<Value = DateTime<Utc>> {
+        let min = DateTime::<Utc>::MIN_UTC.timestamp();
+        let max = DateTime::<Utc>::MAX_UTC.timestamp();
+        prop_oneof![
+            min..=max,
+            Just(min),
+            Just(max),
+            -86_400i64..86_400,
+            (crate::domain::validation::LATEST_INSTANT_S - 86_400)
+                ..=crate::domain::validation::LATEST_INSTANT_S + 1,
+        ]
+        .prop_map(|s| DateTime::from_timestamp(s, 0).unwrap_or(DateTime::<Utc>::MIN_UTC))
+    }
+
+    proptest! {
+        #[test]
+        fn report_range_never_panics_and_returns_an_ordered_storable_range(
+            from in proptest::option::of(any_instant()),
+            to in proptest::option::of(any_instant()),
+            now in any_instant(),
+        ) {
+            match report_range(from, to, now) {
+                Ok((f, t)) => {
+                    prop_assert!(f < t);
+                    prop_assert!(storable_instant("", f).is_ok());
+                    prop_assert!(storable_instant("", t).is_ok());
+                }
+                Err(e) => prop_assert!(e.pointer == "/query/from" || e.pointer == "/query/to"),
+            }
+        }
+    }
+
+    #[test]
+    fn report_range_defaults_and_rejects_what_cannot_be_stored() {
+        let now: DateTime<Utc> = "2026-11-23T08:00:00Z".parse().unwrap();
+        assert_eq!(
+            report_range(None, None, now).unwrap(),
+            (now - Duration::hours(24), now)
+        );
+        let err = report_range(None, Some(DateTime::<Utc>::MIN_UTC), now).unwrap_err();
+        assert_eq!(err.pointer, "/query/to");
+        let epoch = DateTime::<Utc>::UNIX_EPOCH;
+        assert_eq!(
+            report_range(None, Some(epoch), now).unwrap_err().pointer,
+            "/query/to"
+        );
+        let err = report_range(Some(DateTime::<Utc>::MAX_UTC), None, now).unwrap_err();
+        assert_eq!(err.pointer, "/query/from");
+        assert_eq!(
+            report_range(Some(now), Some(now), now).unwrap_err().pointer,
+            "/query/from"
+        );
+    }
 
     fn times(turnout_s: i64) -> Times {
         let t0: DateTime<Utc> = "2026-11-23T08:00:00Z".parse().unwrap();

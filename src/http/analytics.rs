@@ -1,14 +1,14 @@
 //! Response-time analytics for dispatch centres (`api.md` "Analytics").
 
 use actix_web::{HttpRequest, HttpResponse, web};
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::AppState;
 use super::auth::{Authorized, ConsoleOnly};
 use super::error::ApiError;
-use crate::domain::analytics::response_times;
+use crate::domain::analytics::{report_range, response_times};
 use crate::domain::incident::Priority;
 use crate::persistence::incidents as store;
 
@@ -37,11 +37,8 @@ pub async fn response_times_handler(
     let q = web::Query::<RangeQuery>::from_query(req.query_string())
         .map_err(|e| ApiError::field("/query", e.to_string()))?
         .into_inner();
-    let to = q.to.unwrap_or_else(Utc::now);
-    let from = q.from.unwrap_or(to - Duration::hours(24));
-    if from >= to {
-        return Err(ApiError::field("/query/from", "must be before `to`"));
-    }
+    let (from, to) = report_range(q.from, q.to, Utc::now())
+        .map_err(|e| ApiError::field(e.pointer, e.message))?;
     let priority = q.priority;
     let times =
         state

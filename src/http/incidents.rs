@@ -422,6 +422,7 @@ pub struct IncidentPage {
 fn parse_cursor(cursor: &str) -> Option<(DateTime<Utc>, String)> {
     let (micros, id) = cursor.split_once('_')?;
     let at = DateTime::from_timestamp_micros(micros.parse().ok()?)?;
+    let at = crate::domain::validation::storable_instant("/query/cursor", at).ok()?;
     Some((at, id.to_owned()))
 }
 

@@ -16,6 +16,7 @@ mod demo;
 mod dispatch;
 mod errors;
 mod events;
+mod extremes;
 mod incidents;
 mod insurance;
 mod loadgen;
