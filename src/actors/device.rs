@@ -23,7 +23,9 @@ pub use crate::config::Retention;
 use crate::domain::events::NewEvent;
 use crate::domain::ids::{DeviceId, IncidentId, PatientId};
 use crate::domain::news2::News2;
-use crate::domain::triage::{Assessment, FallEvent, FallWatch, TriageRules, TriageStatus};
+use crate::domain::triage::{
+    Assessment, FallEvent, FallWatch, TriageRules, TriageStatus, in_arrival_order,
+};
 use crate::domain::vitals::Reading;
 use crate::persistence::group::{GroupCommit, Projection};
 use crate::persistence::patients::DeviceState;
@@ -349,7 +351,8 @@ impl DeviceActor {
         now: DateTime<Utc>,
     ) -> (TriageStatus, Vec<String>, Option<Change>) {
         let reading = &scored.reading;
-        live.last_measured = Some(reading.timestamp);
+        // A reading from the same second may carry an earlier sub-second part: keep the newest.
+        live.last_measured = live.last_measured.max(Some(reading.timestamp));
         if live.window.len() >= WINDOW {
             live.window.pop_front();
         }
@@ -501,9 +504,7 @@ impl Handler<ProcessReadings> for DeviceActor {
                 outcomes.push((scored.index, ReadingOutcome::PatientMismatch));
                 continue;
             }
-            let in_order = live
-                .last_measured
-                .is_none_or(|last| scored.reading.timestamp > last);
+            let in_order = in_arrival_order(live.last_measured, scored.reading.timestamp);
             let (status, reasons) = if in_order {
                 any_in_order = true;
                 let (status, reasons, change) = Self::apply(live, scored, now);

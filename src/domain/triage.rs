@@ -316,6 +316,14 @@ pub fn assess(rules: &TriageRules, reading: &Reading) -> Assessment {
     }
 }
 
+/// Whether a device's reading timed `at` is newer than its newest applied reading `last` and
+/// so may change the device's state. Timestamps count to the whole second (see [`FallWatch`]):
+/// a reading in the same second as the newest arrived after it, so it is taken as newer;
+/// one from an earlier second arrived out of order and must not roll the state back.
+pub fn in_arrival_order(last: Option<DateTime<Utc>>, at: DateTime<Utc>) -> bool {
+    last.is_none_or(|last| at.timestamp() >= last.timestamp())
+}
+
 /// What a [`FallWatch`] transition means for the actor.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -335,12 +343,18 @@ pub enum FallEvent {
 ///
 /// A reading with `fall_detected` whose assessment is [`FallSignal::AwaitingMovement`] starts a
 /// watch (fall time = its timestamp, deadline = `now` + grace). Before the deadline, a later
-/// reading with `moving: true` and a timestamp strictly after the fall, or a wearer cancel,
-/// stands it down; at or after the deadline the next call escalates. Safety-first details: a
-/// reading that itself reports a fall never stands a watch down (movement must come after
-/// the fall), a new fall does not extend a running watch, and an out-of-order reading timed
-/// before the fall cannot stand it down. A fall reading that arrives after movement already
-/// seen at a later time is answered at once (`StoodDown`, no watch).
+/// reading with `moving: true` timed after the fall, or a wearer cancel, stands it down; at or
+/// after the deadline the next call escalates. Safety-first details: a reading that itself
+/// reports a fall never stands a watch down (movement must come after the fall), a new fall
+/// does not extend a running watch, and an out-of-order reading timed before the fall cannot
+/// stand it down. A fall reading that arrives after movement already seen at a later time is
+/// answered at once (`StoodDown`, no watch).
+///
+/// Timestamps are compared to the whole second: wearables and gateways report seconds, and
+/// sub-second parts from different clocks mean nothing. When a movement and the fall fall in
+/// the same second, the order they arrived in decides: movement that arrives after the fall
+/// stands it down (the wearer moved right after falling), a fall that arrives after movement
+/// starts a watch.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct FallWatch {
     grace_s: u64,
@@ -380,7 +394,10 @@ impl FallWatch {
             if assessment.fall != FallSignal::AwaitingMovement || self.active.is_some() {
                 return FallEvent::None;
             }
-            if self.last_moving_at.is_some_and(|m| m > reading.timestamp) {
+            if self
+                .last_moving_at
+                .is_some_and(|m| m.timestamp() > reading.timestamp.timestamp())
+            {
                 return FallEvent::StoodDown;
             }
             let grace = i64::try_from(self.grace_s)
@@ -397,7 +414,11 @@ impl FallWatch {
         }
         if reading.moving == Some(true) {
             self.last_moving_at = self.last_moving_at.max(Some(reading.timestamp));
-            if self.active.is_some_and(|a| reading.timestamp > a.fall_at) {
+            // Same second as the fall: this reading arrived after it, so it is later.
+            if self
+                .active
+                .is_some_and(|a| reading.timestamp.timestamp() >= a.fall_at.timestamp())
+            {
                 self.active = None;
                 return FallEvent::StoodDown;
             }
@@ -807,6 +828,23 @@ mod tests {
         );
     }
 
+    #[test]
+    fn readings_in_the_same_second_are_in_arrival_order() {
+        assert!(in_arrival_order(None, t0()));
+        assert!(in_arrival_order(Some(t0()), t0()));
+        assert!(in_arrival_order(Some(t0()), t0() + secs(1)));
+        // Same second, earlier sub-second part: it arrived later, so it is newer.
+        let late_in_second = t0() + TimeDelta::milliseconds(900);
+        assert!(in_arrival_order(
+            Some(late_in_second),
+            t0() + TimeDelta::milliseconds(100)
+        ));
+        assert!(!in_arrival_order(
+            Some(t0()),
+            t0() - TimeDelta::milliseconds(1)
+        ));
+    }
+
     mod fall_watch {
         use super::*;
 
@@ -890,12 +928,47 @@ mod tests {
             let mut watch = started();
             let stale = moving(t0() - secs(5), true);
             assert_eq!(feed(&mut watch, &stale, t0() + secs(5)), FallEvent::None);
-            let same_instant = moving(t0(), true);
+            let a_second_before = moving(t0() - TimeDelta::milliseconds(1), true);
             assert_eq!(
-                feed(&mut watch, &same_instant, t0() + secs(6)),
+                feed(&mut watch, &a_second_before, t0() + secs(6)),
                 FallEvent::None
             );
             assert_eq!(watch.on_tick(t0() + secs(60)), FallEvent::Escalated);
+        }
+
+        #[test]
+        fn movement_in_the_same_second_as_the_fall_stands_it_down_by_arrival_order() {
+            // Same timestamp, arriving after the fall: the wearer moved right after falling.
+            let mut watch = started();
+            let same_instant = moving(t0(), true);
+            assert_eq!(
+                feed(&mut watch, &same_instant, t0() + secs(1)),
+                FallEvent::StoodDown
+            );
+            assert_eq!(watch.on_tick(t0() + secs(60)), FallEvent::None);
+
+            // Same second, an earlier sub-second part from another clock: still after the fall.
+            let mut fall_late_in_its_second = FallWatch::new(60);
+            let fell = fall(t0() + TimeDelta::milliseconds(900));
+            assert_eq!(
+                feed(&mut fall_late_in_its_second, &fell, t0() + secs(1)),
+                FallEvent::Started
+            );
+            let moved = moving(t0() + TimeDelta::milliseconds(100), true);
+            assert_eq!(
+                feed(&mut fall_late_in_its_second, &moved, t0() + secs(1)),
+                FallEvent::StoodDown
+            );
+
+            // The other way round: movement first, then a fall in the same second is a new
+            // fall after that movement, so it is watched.
+            let mut moved_first = FallWatch::new(60);
+            let moved = moving(t0() + TimeDelta::milliseconds(900), true);
+            assert_eq!(feed(&mut moved_first, &moved, t0()), FallEvent::None);
+            assert_eq!(
+                feed(&mut moved_first, &fall(t0()), t0() + secs(1)),
+                FallEvent::Started
+            );
         }
 
         #[test]

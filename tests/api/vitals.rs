@@ -21,6 +21,7 @@ both_backends!(
     batches_accept_good_and_reject_bad,
     fall_without_movement_escalates,
     fall_with_movement_stands_down,
+    movement_in_the_same_second_as_the_fall_stands_it_down,
     retention_all_keeps_every_reading,
 );
 
@@ -262,6 +263,42 @@ async fn fall_with_movement_stands_down(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(status, Some(TriageStatus::Normal));
+    assert!(app.events_of("incident.created").await.is_empty());
+}
+
+/// A wearer who moves right after falling reports movement stamped with the fall's own second:
+/// it arrived after the fall, so it stands the fall down, one request after the other or both
+/// in one batch.
+async fn movement_in_the_same_second_as_the_fall_stands_it_down(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.register_wearer("p-1", "f3").await;
+    app.register_wearer("p-2", "f4").await;
+    // One timestamp for both readings of a device, to the millisecond.
+    let at = ts(0);
+    let fall = |device: &str| json!({"device_id": device, "timestamp": at, "heart_rate_bpm": 80, "fall_detected": true});
+    let moving = |device: &str| json!({"device_id": device, "timestamp": at, "heart_rate_bpm": 85, "moving": true});
+    let body: Value = app.post_vitals(&fall("f3")).await.json().await.unwrap();
+    assert_eq!(body["results"][0]["status"], "abnormal", "{body}");
+    let body: Value = app.post_vitals(&moving("f3")).await.json().await.unwrap();
+    assert_eq!(body["results"][0]["status"], "normal", "{body}");
+    let batch = json!({"readings": [fall("f4"), moving("f4")]});
+    let body: Value = app.post_vitals(&batch).await.json().await.unwrap();
+    assert_eq!(body["results"][1]["status"], "normal", "{body}");
+    for device in ["f3", "f4"] {
+        let (addr, _) = app
+            .devices
+            .send(Lookup(DeviceId::from(device)))
+            .await
+            .unwrap()
+            .unwrap();
+        let status = addr
+            .send(CheckTimers {
+                now: Utc::now() + Duration::seconds(120),
+            })
+            .await
+            .unwrap();
+        assert_eq!(status, Some(TriageStatus::Normal), "{device}");
+    }
     assert!(app.events_of("incident.created").await.is_empty());
 }
 
