@@ -12,7 +12,7 @@ use crate::app::{Application, open_database};
 use crate::config::Settings;
 use crate::domain::auth::{Role, validate_binding};
 use crate::domain::ids::{PatientId, TokenId, UnitId};
-use crate::http::telemetry::init_tracing;
+use crate::http::telemetry::{init_tracing, init_tracing_with_default};
 use crate::persistence::{Db, migrations, tokens};
 
 /// SHERS: Smart Healthcare Emergency Response System.
@@ -115,6 +115,119 @@ fn settings(cli: &Cli, bind: Option<String>) -> anyhow::Result<Settings> {
     Ok(Settings::load(cli.config.as_deref())?.with_overrides(bind, cli.database_url.clone()))
 }
 
+/// `shers demo`: the server on the demo database with the simulated city.
+///
+/// The banner (dashboard URL and tokens) is printed at start, again once the city is seeded
+/// (so it is the last thing on screen when the first ambulance goes out) and whenever Enter
+/// is pressed. Request logs are kept off the screen unless `RUST_LOG` asks for them. Ctrl-C
+/// or SIGTERM stops the simulators first, then the server, so the drain is not held open by
+/// simulated crews still talking to it.
+async fn demo(
+    cli: &Cli,
+    args: &ServeArgs,
+    sim: &crate::sim::demo::DemoOptions,
+) -> anyhow::Result<()> {
+    let mut settings = settings(cli, args.bind.clone())?;
+    settings.admin.enable_fault_injection |= args.enable_fault_injection;
+    crate::sim::demo::scale_settings(&mut settings, sim.time_scale);
+    if cli.database_url.is_none() {
+        settings.database.url = crate::config::Secret::new(DEMO_DATABASE_URL.to_owned());
+    }
+    // The demo never moves real money: the labelled sandbox provider.
+    settings.payments.provider = crate::config::PaymentProvider::Sandbox;
+    init_tracing_with_default(
+        settings.log.format,
+        &format!("info,{}=warn", crate::http::telemetry::ACCESS_LOG),
+    );
+    let db = open_database(&settings).await?;
+    let now = Utc::now();
+    let mut conn = db.conn().await?;
+    let console = tokens::create(&mut conn, Role::Console, None, None, "demo console", now).await?;
+    let admin = tokens::create(&mut conn, Role::Admin, None, None, "demo admin", now).await?;
+    drop(conn);
+    let app = Application::build_with_db(settings, db).await?;
+    let port = app.port();
+    let banner = format!(
+        "SHERS demo is running.\n\
+         dashboard: http://127.0.0.1:{port}/\n\
+         api docs: http://127.0.0.1:{port}/api/openapi.json\n\
+         console token: {}\n\
+         admin token: {}\n\
+         Press Enter to show this again, Ctrl-C to stop.",
+        console.token, admin.token
+    );
+    println!("{banner}");
+    let handle = app.handle();
+    let db = app.db().clone();
+    let base_url = format!("http://127.0.0.1:{port}");
+    let server = app.run_until_stopped();
+    tokio::pin!(server);
+    let simulation = async {
+        if sim.no_simulation {
+            std::future::pending::<anyhow::Result<()>>().await
+        } else {
+            crate::sim::demo::run(&base_url, &admin.token, sim, || println!("{banner}")).await
+        }
+    };
+    let deadline = async {
+        match sim.duration {
+            Some(s) => tokio::time::sleep(std::time::Duration::from_secs(s)).await,
+            None => std::future::pending().await,
+        }
+    };
+    let banner_on_enter = async {
+        use tokio::io::AsyncBufReadExt as _;
+        let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+        while let Ok(Some(_)) = lines.next_line().await {
+            println!("{banner}");
+        }
+        // No terminal (stdin closed): nothing more to wait for here.
+        std::future::pending::<()>().await
+    };
+    tokio::select! {
+        r = &mut server => {
+            r?;
+            return crate::sim::demo::print_summary(&db).await;
+        }
+        r = simulation => {
+            if let Err(e) = r {
+                tracing::error!(error = %e, "demo simulation stopped");
+            }
+        }
+        () = deadline => {}
+        () = stop_signal() => {}
+        () = banner_on_enter => {}
+    }
+    // The simulators are dropped by now; the server future handles the stop command, so
+    // poll both together.
+    let ((), served) = tokio::join!(handle.stop(true), &mut server);
+    served?;
+    crate::sim::demo::print_summary(&db).await
+}
+
+/// Ctrl-C or SIGTERM.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     rustls::crypto::ring::default_provider()
@@ -130,68 +243,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             app.run_until_stopped().await?;
             tracing::info!("stopped");
         }
-        Command::Demo(DemoArgs { serve: args, sim }) => {
-            let mut settings = settings(&cli, args.bind.clone())?;
-            settings.admin.enable_fault_injection |= args.enable_fault_injection;
-            crate::sim::demo::scale_settings(&mut settings, sim.time_scale);
-            if cli.database_url.is_none() {
-                settings.database.url = crate::config::Secret::new(DEMO_DATABASE_URL.to_owned());
-            }
-            // The demo never moves real money: the labelled sandbox provider.
-            settings.payments.provider = crate::config::PaymentProvider::Sandbox;
-            init_tracing(settings.log.format);
-            let db = open_database(&settings).await?;
-            let now = Utc::now();
-            let mut conn = db.conn().await?;
-            let console =
-                tokens::create(&mut conn, Role::Console, None, None, "demo console", now).await?;
-            let admin =
-                tokens::create(&mut conn, Role::Admin, None, None, "demo admin", now).await?;
-            drop(conn);
-            let app = Application::build_with_db(settings, db).await?;
-            let port = app.port();
-            println!("SHERS demo is running.");
-            println!("dashboard: http://127.0.0.1:{port}/");
-            println!("api docs: http://127.0.0.1:{port}/api/openapi.json");
-            println!("console token: {}", console.token);
-            println!("admin token: {}", admin.token);
-            println!("Press Ctrl-C to stop.");
-            let handle = app.handle();
-            let db = app.db().clone();
-            let base_url = format!("http://127.0.0.1:{port}");
-            let server = app.run_until_stopped();
-            tokio::pin!(server);
-            let simulation = async {
-                if sim.no_simulation {
-                    std::future::pending::<anyhow::Result<()>>().await
-                } else {
-                    crate::sim::demo::run(&base_url, &admin.token, sim).await
-                }
-            };
-            let deadline = async {
-                match sim.duration {
-                    Some(s) => tokio::time::sleep(std::time::Duration::from_secs(s)).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                // Ctrl-C / SIGTERM: actix-web stops the server gracefully.
-                r = &mut server => r?,
-                r = simulation => {
-                    if let Err(e) = r {
-                        tracing::error!(error = %e, "demo simulation stopped");
-                    }
-                    // The server future handles the stop command: poll both together.
-                    let ((), served) = tokio::join!(handle.stop(true), &mut server);
-                    served?;
-                }
-                () = deadline => {
-                    let ((), served) = tokio::join!(handle.stop(true), &mut server);
-                    served?;
-                }
-            }
-            crate::sim::demo::print_summary(&db).await?;
-        }
+        Command::Demo(DemoArgs { serve: args, sim }) => demo(&cli, args, sim).await?,
         Command::Insurance(args) => {
             let settings = settings(&cli, args.bind.clone())?;
             init_tracing(settings.log.format);

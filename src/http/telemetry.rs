@@ -101,9 +101,9 @@ pub async fn observe(
     .record(elapsed.as_secs_f64());
     let latency_ms = elapsed.as_secs_f64() * 1_000.0;
     if status >= 500 {
-        tracing::warn!(http.status_code = status, latency_ms, "request failed");
+        tracing::event!(target: ACCESS_LOG, tracing::Level::WARN, http.status_code = status, latency_ms, "request failed");
     } else {
-        tracing::info!(http.status_code = status, latency_ms, "request completed");
+        tracing::event!(target: ACCESS_LOG, tracing::Level::INFO, http.status_code = status, latency_ms, "request completed");
     }
     let mut res = result?;
     if let Some(id) = request_id.and_then(|id| HeaderValue::from_str(&id).ok()) {
@@ -113,15 +113,26 @@ pub async fn observe(
     Ok(res)
 }
 
+/// The target of the access log (one event per request), so it can be filtered on its own:
+/// `RUST_LOG=info,shers::access=warn` keeps only failed requests.
+pub const ACCESS_LOG: &str = "shers::access";
+
 /// Installs the global tracing subscriber: `RUST_LOG` levels (default `info`), text or JSON.
 /// Returns quietly if a subscriber is already installed (tests).
 pub fn init_tracing(format: crate::config::LogFormat) {
+    init_tracing_with_default(format, "info");
+}
+
+/// [`init_tracing`] with another filter for when `RUST_LOG` is unset (the demo keeps its
+/// screen for what happens to patients and crews: `info,shers::access=warn`).
+pub fn init_tracing_with_default(format: crate::config::LogFormat, default_filter: &str) {
     use tracing_subscriber::EnvFilter;
     use tracing_subscriber::fmt;
     // tracing-actix-web's own error event (one warning per 4xx, whatever RUST_LOG says) is
     // compiled out (`default-features = false`): the access log above has every status, and a
     // 5xx's cause is logged where it happens (`http::error`).
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = match format {
         crate::config::LogFormat::Text => builder.try_init(),

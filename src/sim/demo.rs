@@ -64,28 +64,35 @@ fn parse_rate(s: &str) -> Result<f64, String> {
     }
 }
 
-/// Seeds the city through the API at `base_url` (with an admin token) and runs the simulators.
-/// Runs until dropped (every task it starts is aborted with it) or until a simulator fails.
-pub async fn run(base_url: &str, admin_token: &str, options: &DemoOptions) -> anyhow::Result<()> {
+/// Seeds the city through the API at `base_url` (with an admin token), calls `seeded`, and runs
+/// the simulators. Runs until dropped (every task it starts is aborted with it) or until a
+/// simulator fails.
+pub async fn run(
+    base_url: &str,
+    admin_token: &str,
+    options: &DemoOptions,
+    seeded: impl FnOnce(),
+) -> anyhow::Result<()> {
     let clock = Clock::new(options.time_scale)?;
     let admin = Api::new(base_url, admin_token)?;
     let city = City::edinburgh(usize::from(options.patients));
-    let seeded = city::seed(&admin, &city)
+    let registered = city::seed(&admin, &city)
         .await
         .context("seeding the demo city")?;
     tracing::info!(
         hospitals = city.hospitals.len(),
         units = city.units.len(),
         patients = city.wearers.len(),
-        created = seeded.created,
+        created = registered.created,
         time_scale = clock.scale(),
         "demo city seeded (Edinburgh); wearables and crews running"
     );
+    seeded();
     let mut rng = options.seed.map_or_else(SimRng::from_entropy, SimRng::new);
     let hospitals: Arc<[HospitalSpec]> = city.hospitals.into();
     // Owned by this future: dropping it aborts every simulator.
     let mut tasks = JoinSet::new();
-    for (unit, token) in city.units.into_iter().zip(&seeded.crew_tokens) {
+    for (unit, token) in city.units.into_iter().zip(&registered.crew_tokens) {
         let crew = Crew::new(
             admin.with_token(token),
             admin.clone(),
@@ -97,7 +104,7 @@ pub async fn run(base_url: &str, admin_token: &str, options: &DemoOptions) -> an
         tasks.spawn(crew.run());
     }
     let wearables = Wearables::new(
-        admin.with_token(&seeded.gateway_token),
+        admin.with_token(&registered.gateway_token),
         admin.clone(),
         clock,
         rng.fork(),

@@ -37,6 +37,10 @@ const MIN_WATCH_WALL: Duration = Duration::from_millis(500);
 /// A wearer whose trouble led nowhere (no incident, or one never closed) recovers after this
 /// many simulated seconds, so nobody stays ill forever.
 const GIVE_UP_S: f64 = 2.0 * 3600.0;
+/// The first trouble comes 1–2 times this many simulated seconds after the start, and is a
+/// deterioration (dispatched at once, no fall grace window), so a fresh demo shows an
+/// ambulance being offered a job within seconds of starting.
+const FIRST_TROUBLE_S: f64 = 5.0;
 /// Readings per request (the API takes up to 1,000).
 const MAX_BATCH: usize = 1_000;
 /// Incident statuses in which a crew is with the patient.
@@ -171,8 +175,8 @@ impl Wearables {
                 w.next_reading = start + offset;
             }
         }
-        // The first emergency comes early so a fresh demo shows something soon.
-        let mut next_trouble = start + self.clock.wall(self.mean_gap_s * self.rng.range(0.1, 0.5));
+        let mut next_trouble = start + self.clock.wall(FIRST_TROUBLE_S * self.rng.range(1.0, 2.0));
+        let mut first_trouble = true;
         let mut batches =
             tokio::time::interval(self.clock.wall_at_least(BATCH_INTERVAL_S, MIN_BATCH_WALL));
         batches.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -184,7 +188,8 @@ impl Wearables {
                 _ = batches.tick() => {
                     let now = Instant::now();
                     if now >= next_trouble {
-                        self.strike(now);
+                        self.strike(now, first_trouble);
+                        first_trouble = false;
                         // Paced, not Poisson: 0.5–1.5 × the mean gap.
                         next_trouble = now + self.clock.wall(self.mean_gap_s * self.rng.range(0.5, 1.5));
                     }
@@ -195,8 +200,8 @@ impl Wearables {
         }
     }
 
-    /// Someone who is well gets into trouble.
-    fn strike(&mut self, now: Instant) {
+    /// Someone who is well gets into trouble; with `deteriorate`, always a deterioration.
+    fn strike(&mut self, now: Instant, deteriorate: bool) {
         let candidates: Vec<usize> = self
             .wearers
             .iter()
@@ -208,7 +213,7 @@ impl Wearables {
             return;
         };
         let roll = self.rng.unit();
-        let condition = if roll < 0.6 {
+        let condition = if deteriorate || roll < 0.6 {
             Condition::Deteriorating(
                 self.rng
                     .pick(PROFILES)

@@ -42,23 +42,34 @@ fn tail(text: &str, lines: usize) -> String {
 
 /// `shers demo` on `url`, with nothing from the caller's environment configuring it.
 fn start_demo(url: &str) -> Child {
+    let mut command = demo_command(url);
+    command.args(["--time-scale", TIME_SCALE, "--duration", DURATION_S]);
+    // Everything SHERS logs at debug (the simulators' progress for the failure message, and
+    // every line the patient-data check below reads); other crates at warn.
+    command.env("RUST_LOG", "warn,shers=debug");
+    command.spawn().unwrap()
+}
+
+/// `shers demo` on `url` with its defaults, nothing from the caller's environment
+/// configuring it (`RUST_LOG` included).
+fn demo_command(url: &str) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_shers"));
     command
-        .args(["demo", "--bind", "127.0.0.1:0", "--time-scale", TIME_SCALE])
-        .args(["--duration", DURATION_S, "--database-url", url])
+        .args(["demo", "--bind", "127.0.0.1:0", "--database-url", url])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     for (key, _) in std::env::vars_os() {
         let key = key.to_string_lossy();
-        if key.starts_with("SHERS_") || key == "DATABASE_URL" || key == "REDIS_URL" {
+        if key.starts_with("SHERS_")
+            || key == "DATABASE_URL"
+            || key == "REDIS_URL"
+            || key == "RUST_LOG"
+        {
             command.env_remove(key.as_ref());
         }
     }
-    // Everything SHERS logs at debug (the simulators' progress for the failure message, and
-    // every line the patient-data check below reads); other crates at warn.
-    command.env("RUST_LOG", "warn,shers=debug");
-    command.spawn().unwrap()
+    command
 }
 
 /// `key=value` pairs of the summary line.
@@ -195,4 +206,150 @@ async fn twenty_simulated_minutes_close_and_bill_incidents(backend: Backend) {
                 .join("\n")
         );
     }
+}
+
+/// What a person sees who runs the README's first command: at the default settings, an
+/// ambulance is offered a job within 30 s of the start, and the dashboard URL and the tokens
+/// are still on screen then (printed again once the city is seeded, and request logs kept off
+/// the screen). SIGTERM then stops the demo promptly and cleanly.
+#[actix_web::test]
+async fn a_fresh_demo_offers_an_ambulance_within_30_seconds() {
+    /// The promise to a new user.
+    const FIRST_OFFER_WITHIN: Duration = Duration::from_secs(30);
+    /// Lines that may follow the banner before it scrolls off a 24-line terminal.
+    const SCREEN_LINES: usize = 24;
+    let db = TestDb::new(Backend::Sqlite).await;
+    let started = Instant::now();
+    let mut child = demo_command(&db.url).spawn().unwrap();
+    let stdout = lines_of(child.stdout.take().unwrap());
+    let stderr = lines_of(child.stderr.take().unwrap());
+    let output =
+        |lines: &std::sync::Arc<std::sync::Mutex<Vec<String>>>| lines.lock().unwrap().clone();
+
+    // The banner: port and console token.
+    let (port, console) = loop {
+        let out = output(&stdout);
+        let port = out.iter().find_map(|l| {
+            l.strip_prefix("dashboard: http://127.0.0.1:")
+                .and_then(|rest| rest.strip_suffix('/'))
+                .and_then(|p| p.parse::<u16>().ok())
+        });
+        let token = out
+            .iter()
+            .find_map(|l| l.strip_prefix("console token: ").map(str::to_owned));
+        if let (Some(port), Some(token)) = (port, token) {
+            break (port, token);
+        }
+        assert!(
+            started.elapsed() < FIRST_OFFER_WITHIN,
+            "no banner: {out:?}\n{:?}",
+            output(&stderr)
+        );
+        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    // Watch the event stream as a console would until a crew is offered the job.
+    let client = reqwest::Client::new();
+    let offered_after = loop {
+        let page: serde_json::Value = match client
+            .get(format!(
+                "http://127.0.0.1:{port}/api/v1/events?since=0&limit=1000"
+            ))
+            .bearer_auth(&console)
+            .send()
+            .await
+        {
+            Ok(resp) => resp.json().await.unwrap_or_default(),
+            Err(_) => serde_json::Value::Null,
+        };
+        let offered = page["items"]
+            .as_array()
+            .is_some_and(|items| items.iter().any(|e| e["kind"] == "dispatch.offered"));
+        if offered {
+            break started.elapsed();
+        }
+        if started.elapsed() > FIRST_OFFER_WITHIN {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "no offer within {FIRST_OFFER_WITHIN:?} of start\nstdout: {:?}\nstderr tail:\n{}",
+                output(&stdout),
+                tail(&output(&stderr).join("\n"), 40)
+            );
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(250)).await;
+    };
+
+    // The banner came again after the city was seeded, and little has been logged since.
+    let banners = output(&stdout)
+        .iter()
+        .filter(|l| l.starts_with("console token: "))
+        .count();
+    assert!(
+        banners >= 2,
+        "the banner is printed again once seeded: {:?}",
+        output(&stdout)
+    );
+    let err = output(&stderr);
+    let seeded = err
+        .iter()
+        .position(|l| l.contains("demo city seeded"))
+        .unwrap_or_else(|| panic!("no 'demo city seeded' line:\n{}", err.join("\n")));
+    let since_banner = &err[seeded + 1..];
+    assert!(
+        since_banner.len() < SCREEN_LINES,
+        "{} lines logged after the banner in {offered_after:?}; it has scrolled away:\n{}",
+        since_banner.len(),
+        since_banner.join("\n")
+    );
+    assert!(
+        !err.iter().any(|l| l.contains("request completed")),
+        "request logs on the demo's screen"
+    );
+
+    // SIGTERM stops the simulators, then the server, and the summary is printed.
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let stopping = Instant::now();
+    let exit = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if stopping.elapsed() > Duration::from_secs(15) {
+            let _ = child.kill();
+            panic!("the demo did not stop within 15 s of SIGTERM");
+        }
+        actix_web::rt::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        exit.success(),
+        "{exit}\n{}",
+        tail(&output(&stderr).join("\n"), 30)
+    );
+    // Give the reader a moment to take the last lines.
+    actix_web::rt::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        output(&stdout)
+            .iter()
+            .any(|l| l.starts_with("demo summary: ")),
+        "{:?}",
+        output(&stdout)
+    );
+}
+
+/// Collects a child's output line by line as it comes.
+fn lines_of(from: impl Read + Send + 'static) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    use std::io::BufRead as _;
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(from).lines() {
+            let Ok(line) = line else { break };
+            sink.lock().unwrap().push(line);
+        }
+    });
+    lines
 }
