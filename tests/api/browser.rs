@@ -249,7 +249,16 @@ async fn the_dashboard_shows_a_new_emergency_live_and_markup_as_text() {
     };
 
     let app = TestApp::spawn(Backend::Sqlite).await;
-    app.add_unit("B-1", 51.515, -0.125, "als").await;
+    // A call sign unlike the id: people read call signs.
+    let resp = app
+        .post_json(
+            "/api/v1/units",
+            Some(Role::Admin),
+            &json!({"id": "B-1", "call_sign": "Bravo 1", "capability": "als",
+                    "location": {"lat": 51.515, "lng": -0.125}}),
+        )
+        .await;
+    assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
     app.register_wearer("browser-patient", "browser-watch")
         .await;
     let admin = app.token(Role::Admin).await;
@@ -275,7 +284,7 @@ async fn the_dashboard_shows_a_new_emergency_live_and_markup_as_text() {
         .wait_for(
             "the unit on the map",
             "return [...document.querySelectorAll('#svg polygon title')].some(t => t.textContent.startsWith(arguments[0]))",
-            json!(["B-1"]),
+            json!(["Bravo 1"]),
         )
         .await;
 
@@ -293,6 +302,7 @@ async fn the_dashboard_shows_a_new_emergency_live_and_markup_as_text() {
         .await
         .unwrap();
     let mut reference = page["items"][0]["reference"].as_str().map(str::to_owned);
+    let mut incident_id = page["items"][0]["id"].as_str().map(str::to_owned);
     for _ in 0..100 {
         if reference.is_some() {
             break;
@@ -305,8 +315,10 @@ async fn the_dashboard_shows_a_new_emergency_live_and_markup_as_text() {
             .await
             .unwrap();
         reference = page["items"][0]["reference"].as_str().map(str::to_owned);
+        incident_id = page["items"][0]["id"].as_str().map(str::to_owned);
     }
     let reference = reference.expect("the emergency opened an incident");
+    let incident_id = incident_id.expect("the incident has an id");
 
     browser
         .wait_for(
@@ -329,6 +341,31 @@ async fn the_dashboard_shows_a_new_emergency_live_and_markup_as_text() {
             json!([]),
         )
         .await;
+    // The live events name the incident by its reference and the unit by its call sign.
+    browser
+        .wait_for(
+            "the offer in the live timeline, by reference and call sign",
+            "return [...document.querySelectorAll('#events li')].some(li => li.textContent.includes('dispatch.offered') && li.textContent.includes(arguments[0]) && li.textContent.includes('Bravo 1'))",
+            json!([reference]),
+        )
+        .await;
+    let timeline = browser
+        .script(
+            "return [...document.querySelectorAll('#events li')].map(li => li.textContent)",
+            json!([]),
+        )
+        .await;
+    let raw_tail = &incident_id[incident_id.len() - 6..];
+    for line in timeline.as_array().unwrap() {
+        let line = line.as_str().unwrap();
+        assert!(
+            !line.contains(raw_tail) && !line.contains(" B-1"),
+            "a raw id in the live events: {line}"
+        );
+        if line.contains("incident.created") {
+            assert!(line.contains(&reference), "{line}");
+        }
+    }
 
     // A console-created incident whose description is markup: shown as text, never run.
     let xss = "<img src=x onerror=\"window.__pwned=1\"><script>window.__pwned=2</script>";
