@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use chrono::{SecondsFormat, Utc};
 use serde_json::{Value, json};
-use shers::actors::incidents::ListIncidents;
+use shers::actors::incident::ListIncidents;
 use shers::app::Application;
 use shers::config::{Secret, Settings};
 use shers::domain::auth::Role;

@@ -15,11 +15,11 @@ use actix::{Actor as _, Arbiter};
 
 use crate::actors::billing::{Billing, BillingDeps, PaymentsNotConfigured, ResumeBilling};
 use crate::actors::broadcaster::Broadcaster;
+use crate::actors::device::DeviceDirectory;
 use crate::actors::device::TriageRuntime;
-use crate::actors::devices::DeviceDirectory;
-use crate::actors::fleet::{Fleet, LoadFleet, SetUnitFreeRecipient};
-use crate::actors::incidents::{IncidentDeps, IncidentDirectory, Recover};
+use crate::actors::incident::{IncidentDeps, IncidentDirectory, Recover};
 use crate::actors::notifier::{Channels, NotifierActor};
+use crate::actors::unit::{Fleet, LoadFleet, SetUnitFreeRecipient};
 use crate::config::Settings;
 use crate::domain::billing::Tariff;
 use crate::domain::triage::TriageRules;

@@ -14,8 +14,8 @@ use actix::prelude::*;
 use chrono::Utc;
 use serde_json::{Value, json};
 
-use super::fleet::{Fleet, HospitalLocation, IncidentOver, UnitAddr, ViewUnit};
-use super::incidents::{IncidentDirectory, Route};
+use crate::actors::incident::{IncidentDirectory, Route};
+use crate::actors::unit::{Fleet, HospitalLocation, IncidentOver, UnitAddr, ViewUnit};
 use crate::domain::billing::{
     self, Coverage, InsuranceDecision, Saga, Step, StepResult, Tariff, apply, backoff, is_done,
     next_step,
@@ -141,8 +141,7 @@ async fn record(db: &Db, saga: &Saga, kind: Option<&str>, data: Value) -> Result
                     &[e],
                     Utc::now(),
                 )
-                .await
-                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                .await?;
             }
             Ok::<_, StoreError>(())
         })

@@ -1,13 +1,11 @@
-//! Actors own live state and time: one per wearable, per ambulance and per incident, plus a few
-//! hubs (incident directory, fleet, broadcaster, notifier). Handlers never panic: faults become
-//! `ctx.stop()` after logging so supervisors can restart them.
+//! The actor layer: one actor per wearable, per ambulance and per incident, and the hubs
+//! around them. Actors hold no sockets and build no JSON: WebSocket sessions live in
+//! `http/` and receive typed messages; every rule is a pure function in `domain/`.
 
 pub mod billing;
 pub mod broadcaster;
-pub mod crew;
 pub mod device;
-pub mod devices;
-pub mod fleet;
-pub mod handoff;
-pub mod incidents;
+pub mod error;
+pub mod incident;
 pub mod notifier;
+pub mod unit;

@@ -217,7 +217,7 @@ async fn deliver_due(db: &Db, channels: &Channels) -> Result<(), StoreError> {
                     e.incident_id = Some(incident.clone());
                     events::append(tx, &format!("notifications-{incident}"), ExpectedVersion::Any, &[e], now)
                         .await
-                        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                        ?;
                 }
                 Ok::<_, StoreError>(())
             })

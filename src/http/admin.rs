@@ -176,9 +176,9 @@ pub async fn list_actors(
     state: web::Data<AppState>,
     req: actix_web::HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    use crate::actors::devices::ListDevices;
-    use crate::actors::fleet::{AllUnits, ViewUnit};
-    use crate::actors::incidents::ListIncidents;
+    use crate::actors::device::ListDevices;
+    use crate::actors::incident::ListIncidents;
+    use crate::actors::unit::{AllUnits, ViewUnit};
     let query = web::Query::<ActorsQuery>::from_query(req.query_string())
         .map_err(|e| ApiError::field("/query", e.to_string()))?
         .into_inner();
@@ -256,9 +256,9 @@ pub async fn inspect_actor(
     state: web::Data<AppState>,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    use crate::actors::devices::{Lookup, inspect};
-    use crate::actors::fleet::{InspectUnit, UnitAddr};
-    use crate::actors::incidents::{InspectIncident, LookupIncident};
+    use crate::actors::device::{Lookup, inspect};
+    use crate::actors::incident::{InspectIncident, LookupIncident};
+    use crate::actors::unit::{InspectUnit, UnitAddr};
     let (kind, id) = path.into_inner();
     let gone = || ApiError::not_found(format!("no live {kind} actor with this id"));
     match kind.as_str() {
@@ -320,7 +320,7 @@ pub async fn crash_incident(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    use crate::actors::incidents::{Crash, LookupIncident};
+    use crate::actors::incident::{Crash, LookupIncident};
     if !state.settings.admin.enable_fault_injection {
         return Err(ApiError::not_found("fault injection is disabled"));
     }
@@ -347,7 +347,7 @@ pub async fn crash_unit(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    use crate::actors::fleet::{Crash, UnitAddr};
+    use crate::actors::unit::{Crash, UnitAddr};
     if !state.settings.admin.enable_fault_injection {
         return Err(ApiError::not_found("fault injection is disabled"));
     }

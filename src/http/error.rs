@@ -270,6 +270,15 @@ impl ResponseError for ApiError {
     }
 }
 
+impl From<crate::actors::error::ActorError> for ApiError {
+    fn from(err: crate::actors::error::ActorError) -> Self {
+        ApiError::Unavailable {
+            detail: err.to_string(),
+            retry_after_s: 1,
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         match err {

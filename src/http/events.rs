@@ -3,7 +3,6 @@
 //! receives every event (fan-out), in sequence order, with no gap after a reconnect.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use actix_web::http::header;
 use actix_web::web::Bytes;
@@ -15,6 +14,7 @@ use serde_json::json;
 use super::AppState;
 use super::auth::{Authorized, ConsoleOnly};
 use super::error::ApiError;
+use super::ws::{Incoming, Socket};
 use crate::actors::broadcaster::{Broadcast, FeedItem, Stats, feed};
 use crate::domain::events::RecordedEvent;
 use crate::persistence::events;
@@ -132,10 +132,8 @@ fn tokio_stream_from<T: 'static>(
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
-/// How often a console gets a heartbeat frame.
-pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
-/// How long a console may stay silent before it is closed.
-pub const CLIENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// Largest console frame (commands are small).
+const CONSOLE_FRAME_LIMIT: usize = 64 * 1024;
 
 #[derive(Debug, Default, Deserialize)]
 struct Filter {
@@ -201,7 +199,7 @@ async fn command(
     principal: &crate::domain::auth::Principal,
     frame: ConsoleFrame,
 ) -> serde_json::Value {
-    use crate::actors::incidents::{ForwardManualAssign, Route};
+    use crate::actors::incident::{ForwardManualAssign, Route};
     use crate::domain::incident::Command;
     let (request_id, result): (Option<String>, Result<serde_json::Value, ApiError>) = match frame {
         ConsoleFrame::Subscribe { .. } => return json!({"type": "error"}),
@@ -322,37 +320,29 @@ pub async fn console_ws(
         Some(s) => s,
         None => head(&state).await?,
     };
-    let (response, mut session, stream) = actix_ws::handle(&req, body)?;
+    let (response, session, stream) = actix_ws::handle(&req, body)?;
+    let mut socket = Socket::new(session, stream, CONSOLE_FRAME_LIMIT);
     let state: Arc<AppState> = state.into_inner();
-    let mut stream = stream
-        .max_frame_size(64 * 1024)
-        .aggregate_continuations()
-        .max_continuation_size(64 * 1024);
     let mut rx = feed(state.db.clone(), state.broadcaster.clone(), since);
     let principal = auth.principal;
     actix_web::rt::spawn(async move {
         let mut filter = Filter::default();
-        let mut last_heard = Instant::now();
         let mut last_seq = since;
-        let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
         let reason = loop {
-            tokio::select! {
+            let frame = tokio::select! {
                 item = rx.recv() => match item {
                     Some(FeedItem::Event(e)) => {
                         last_seq = e.seq;
-                        if filter.wants(&e) && session.text(e.json()).await.is_err() {
-                            break None;
+                        if !filter.wants(&e) {
+                            continue;
                         }
+                        e.json()
                     }
-                    Some(FeedItem::Resync(seq)) => {
-                        let frame = json!({"type": "resync", "since": seq}).to_string();
-                        if session.text(frame).await.is_err() { break None; }
-                    }
+                    Some(FeedItem::Resync(seq)) => json!({"type": "resync", "since": seq}).to_string().into(),
                     None => break None,
                 },
-                message = stream.next() => match message {
-                    Some(Ok(actix_ws::AggregatedMessage::Text(text))) => {
-                        last_heard = Instant::now();
+                incoming = socket.next() => match incoming {
+                    Incoming::Text(text) => {
                         let reply = match super::json::parse_json::<ConsoleFrame>(text.as_bytes()) {
                             Ok(ConsoleFrame::Subscribe { kinds, incident_id }) => {
                                 filter = Filter { kinds, incident_id };
@@ -361,27 +351,19 @@ pub async fn console_ws(
                             Ok(other) => command(&state, &principal, other).await,
                             Err(e) => json!({"type": "error", "error": e.problem()}),
                         };
-                        if session.text(reply.to_string()).await.is_err() { break None; }
+                        reply.to_string().into()
                     }
-                    Some(Ok(actix_ws::AggregatedMessage::Ping(b))) => {
-                        last_heard = Instant::now();
-                        if session.pong(&b).await.is_err() { break None; }
-                    }
-                    Some(Ok(actix_ws::AggregatedMessage::Pong(_))) => last_heard = Instant::now(),
-                    Some(Ok(actix_ws::AggregatedMessage::Binary(_))) => {}
-                    Some(Ok(actix_ws::AggregatedMessage::Close(reason))) => break reason,
-                    Some(Err(_)) | None => break None,
+                    Incoming::Binary => continue,
+                    // Consoles also get a text heartbeat carrying the last sequence seen.
+                    Incoming::Tick => json!({"type": "heartbeat", "seq": last_seq}).to_string().into(),
+                    Incoming::Closed(reason) => break reason,
                 },
-                _ = heartbeat.tick() => {
-                    if last_heard.elapsed() > CLIENT_TIMEOUT {
-                        break Some(actix_ws::CloseReason { code: actix_ws::CloseCode::Policy, description: Some("heartbeat timeout".into()) });
-                    }
-                    let frame = json!({"type": "heartbeat", "seq": last_seq}).to_string();
-                    if session.text(frame).await.is_err() || session.ping(b"").await.is_err() { break None; }
-                }
+            };
+            if socket.send(frame).await.is_err() {
+                break None;
             }
         };
-        let _ = session.close(reason).await;
+        socket.close(reason).await;
     });
     Ok(response)
 }

@@ -1,26 +1,20 @@
 //! Fleet over HTTP (`api.md` "Reference data" and "Crews"): units, hospitals, offers, crew
 //! status and position, manual assignment, and the crew WebSocket.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
-
 use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::{DateTime, Utc};
-use futures_util::StreamExt as _;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::AppState;
 use super::auth::{AdminOnly, Authorized, ConsoleOnly, Policy};
 use super::error::ApiError;
 use super::json::JsonBody;
-use crate::actors::crew::{Crew, CrewError};
-use crate::actors::fleet::{
-    AllUnits, AttachSession, DetachSession, ListHospitals, RegisterHospital, RegisterUnit,
-    UnitAddr, ViewUnit,
+use crate::actors::incident::{ForwardManualAssign, IncidentError};
+use crate::actors::unit::{
+    AllUnits, ListHospitals, RegisterHospital, RegisterUnit, UnitAddr, ViewUnit,
 };
-use crate::actors::incidents::{ForwardManualAssign, IncidentError};
+use crate::actors::unit::{Crew, CrewError};
 use crate::domain::auth::{Principal, Role};
 use crate::domain::dispatch::{Capability, CrewReport, UnitStatus};
 use crate::domain::geo::LatLng;
@@ -51,7 +45,7 @@ pub(crate) fn crew(state: &AppState) -> Crew {
     }
 }
 
-fn busy<E>(_: E) -> ApiError {
+pub(super) fn busy<E>(_: E) -> ApiError {
     ApiError::Unavailable {
         detail: "the fleet is busy; retry shortly".into(),
         retry_after_s: 1,
@@ -78,10 +72,17 @@ pub(crate) fn crew_error(e: CrewError) -> ApiError {
             extensions: Default::default(),
         },
         CrewError::Invalid(pointer, message) => ApiError::field(pointer, message),
-        CrewError::Unavailable(detail) => ApiError::Unavailable {
-            detail,
-            retry_after_s: 1,
-        },
+        CrewError::Store(e) => e.into(),
+        CrewError::NotStored(e) => {
+            tracing::warn!(error.cause = %e, "crew report not stored");
+            ApiError::Unavailable {
+                detail: "the report could not be stored; the unit keeps its earlier status, \
+                         send the report again"
+                    .to_owned(),
+                retry_after_s: 1,
+            }
+        }
+        CrewError::Actor(e) => e.into(),
     }
 }
 
@@ -94,7 +95,7 @@ fn own_unit(principal: &Principal, unit: &UnitId) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn bound_unit(principal: &Principal) -> Result<UnitId, ApiError> {
+pub(super) fn bound_unit(principal: &Principal) -> Result<UnitId, ApiError> {
     principal
         .unit_id
         .clone()
@@ -476,174 +477,11 @@ pub async fn assign(
         .map_err(|e| match e {
             IncidentError::NotFound => ApiError::not_found("no incident with this id"),
             IncidentError::Store(s) => s.into(),
+            IncidentError::Actor(a) => a.into(),
             other => ApiError::Conflict {
                 detail: other.to_string(),
                 extensions: Default::default(),
             },
         })?;
     Ok(HttpResponse::Ok().json(super::incidents::summary_of(incident)))
-}
-
-/// How often the server pings a crew connection.
-pub const HEARTBEAT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
-/// How long a crew connection may stay silent before it is closed.
-pub const CLIENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
-
-#[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-enum CrewFrame {
-    Accept {
-        offer_id: String,
-    },
-    Decline {
-        offer_id: String,
-        #[serde(default)]
-        reason: Option<String>,
-    },
-    Location {
-        lat: f64,
-        lng: f64,
-        #[serde(default)]
-        at: Option<DateTime<Utc>>,
-        #[serde(default)]
-        speed_mps: Option<f64>,
-        #[serde(default)]
-        heading_deg: Option<f64>,
-    },
-    Status {
-        status: CrewReport,
-        #[serde(default)]
-        hospital_id: Option<HospitalId>,
-    },
-}
-
-async fn crew_frame(crew: &Crew, unit: &UnitId, text: &str) -> Value {
-    let frame: CrewFrame = match super::json::parse_json(text.as_bytes()) {
-        Ok(f) => f,
-        Err(e) => return json!({"type": "error", "error": e.problem()}),
-    };
-    let error = |e: CrewError| json!({"type": "error", "error": crew_error(e).problem()});
-    match frame {
-        CrewFrame::Accept { offer_id: raw } => match raw.parse::<OfferId>() {
-            Ok(offer) => match crew.accept(unit, offer).await {
-                Ok(outcome) => {
-                    json!({"type": "accept_result", "offer_id": offer, "outcome": outcome})
-                }
-                Err(CrewError::Lost(outcome)) => {
-                    json!({"type": "accept_result", "offer_id": offer, "outcome": outcome})
-                }
-                Err(e) => error(e),
-            },
-            Err(_) => error(CrewError::UnknownOffer),
-        },
-        CrewFrame::Decline {
-            offer_id: raw,
-            reason,
-        } => match raw.parse::<OfferId>() {
-            Ok(offer) => match crew
-                .decline(unit, offer, reason.unwrap_or_else(|| "declined".into()))
-                .await
-            {
-                Ok(outcome) => {
-                    json!({"type": "decline_result", "offer_id": offer, "outcome": outcome})
-                }
-                Err(e) => error(e),
-            },
-            Err(_) => error(CrewError::UnknownOffer),
-        },
-        CrewFrame::Location {
-            lat,
-            lng,
-            at,
-            speed_mps,
-            heading_deg,
-        } => {
-            match crew
-                .locate(unit, LatLng { lat, lng }, at, speed_mps, heading_deg)
-                .await
-            {
-                Ok(()) => json!({"type": "location_ack"}),
-                Err(e) => error(e),
-            }
-        }
-        CrewFrame::Status {
-            status,
-            hospital_id,
-        } => match crew.report(unit, status, hospital_id).await {
-            Ok(update) => {
-                json!({"type": "status_result", "unit_id": update.unit_id, "from": update.from, "to": update.to, "incident_id": update.incident_id})
-            }
-            Err(e) => error(e),
-        },
-    }
-}
-
-/// The crew WebSocket: offers are pushed; accept/decline/location/status frames come in.
-/// A reconnecting crew gets its pending offer or assignment again.
-#[utoipa::path(get, path = "/api/v1/ws/crew", tag = "crews", security(("bearer" = [])),
-    responses((status = 101, description = "WebSocket upgrade")))]
-pub async fn crew_ws(
-    auth: Authorized<CrewOnly>,
-    state: web::Data<AppState>,
-    req: HttpRequest,
-    body: web::Payload,
-) -> Result<HttpResponse, actix_web::Error> {
-    let unit = bound_unit(&auth.principal)?;
-    let addr = state
-        .fleet
-        .send(UnitAddr(unit.clone()))
-        .await
-        .map_err(busy)?
-        .ok_or_else(|| ApiError::not_found("the token's unit is not registered"))?;
-    let (response, session, stream) = actix_ws::handle(&req, body)?;
-    let limit = state.settings.http.body_limit_bytes;
-    let state: Arc<AppState> = state.into_inner();
-    let session_id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
-    addr.do_send(AttachSession {
-        id: session_id,
-        session: session.clone(),
-    });
-    let mut session = session;
-    let mut stream = stream
-        .max_frame_size(limit)
-        .aggregate_continuations()
-        .max_continuation_size(limit);
-    actix_web::rt::spawn(async move {
-        let crew = crew(&state);
-        let mut last_heard = Instant::now();
-        let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
-        let reason = loop {
-            tokio::select! {
-                message = stream.next() => match message {
-                    Some(Ok(actix_ws::AggregatedMessage::Text(text))) => {
-                        last_heard = Instant::now();
-                        let reply = crew_frame(&crew, &unit, &text).await;
-                        if session.text(reply.to_string()).await.is_err() { break None; }
-                    }
-                    Some(Ok(actix_ws::AggregatedMessage::Ping(bytes))) => {
-                        last_heard = Instant::now();
-                        if session.pong(&bytes).await.is_err() { break None; }
-                    }
-                    Some(Ok(actix_ws::AggregatedMessage::Pong(_))) => last_heard = Instant::now(),
-                    Some(Ok(actix_ws::AggregatedMessage::Binary(_))) => {
-                        let err = json!({"type": "error", "error": ApiError::UnsupportedMediaType.problem()});
-                        if session.text(err.to_string()).await.is_err() { break None; }
-                    }
-                    Some(Ok(actix_ws::AggregatedMessage::Close(reason))) => break reason,
-                    Some(Err(_)) => break Some(actix_ws::CloseReason { code: actix_ws::CloseCode::Protocol, description: Some("protocol error".into()) }),
-                    None => break None,
-                },
-                _ = heartbeat.tick() => {
-                    if last_heard.elapsed() > CLIENT_TIMEOUT {
-                        break Some(actix_ws::CloseReason { code: actix_ws::CloseCode::Policy, description: Some("heartbeat timeout".into()) });
-                    }
-                    if session.ping(b"").await.is_err() { break None; }
-                }
-            }
-        };
-        addr.do_send(DetachSession(session_id));
-        let _ = session.close(reason).await;
-    });
-    Ok(response)
 }

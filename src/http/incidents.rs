@@ -10,7 +10,7 @@ use super::AppState;
 use super::auth::{Authorized, Policy};
 use super::error::ApiError;
 use super::json::JsonBody;
-use crate::actors::incidents::{IncidentError, OpenIncident, OpenRequest, Route};
+use crate::actors::incident::{IncidentError, OpenIncident, OpenRequest, Route};
 use crate::domain::auth::{Principal, Role};
 use crate::domain::geo::LatLng;
 use crate::domain::ids::{IncidentId, PatientId};
@@ -219,6 +219,7 @@ pub(crate) fn incident_error(e: IncidentError) -> ApiError {
         IncidentError::UnknownPatient => ApiError::field("/patient_id", e.to_string()),
         IncidentError::NoLocation => ApiError::field("/location", e.to_string()),
         IncidentError::Store(s) => s.into(),
+        IncidentError::Actor(a) => a.into(),
     }
 }
 

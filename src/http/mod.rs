@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod analytics;
 pub mod auth;
+pub mod crew_session;
 pub mod error;
 pub mod events;
 pub mod fleet;
@@ -17,6 +18,7 @@ pub mod ops;
 pub mod reference;
 pub mod telemetry;
 pub mod vitals;
+pub mod ws;
 
 use std::sync::Arc;
 
@@ -24,10 +26,10 @@ use actix_web::{HttpRequest, web};
 
 use actix::Addr;
 
+use crate::actors::device::DeviceDirectory;
 use crate::actors::device::TriageRuntime;
-use crate::actors::devices::DeviceDirectory;
-use crate::actors::fleet::Fleet;
-use crate::actors::incidents::IncidentDirectory;
+use crate::actors::incident::IncidentDirectory;
+use crate::actors::unit::Fleet;
 use crate::config::Settings;
 use crate::persistence::Db;
 use error::ApiError;
@@ -123,7 +125,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             "/api/v1/offers/{id}/decline",
             web::post().to(fleet::decline_offer),
         )
-        .route("/api/v1/ws/crew", web::get().to(fleet::crew_ws))
+        .route("/api/v1/ws/crew", web::get().to(crew_session::crew_ws))
         .route(
             "/api/v1/incidents/{id}/cancel",
             web::post().to(incidents::cancel),

@@ -59,7 +59,7 @@ impl Modify for BearerAuth {
         super::fleet::list_hospitals,
         super::fleet::accept_offer,
         super::fleet::decline_offer,
-        super::fleet::crew_ws,
+        super::crew_session::crew_ws,
         super::insurance::verify,
         super::insurance::release,
         super::insurance::create_policy,

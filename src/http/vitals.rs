@@ -6,19 +6,18 @@
 //! durable. Admission control bounds the readings in flight: beyond it, 503 + `Retry-After`.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::Utc;
-use futures_util::StreamExt as _;
 use serde::Serialize;
 
 use super::AppState;
 use super::auth::{Authorized, Policy};
 use super::error::ApiError;
 use super::json::read_body;
+use super::ws::{Incoming, Socket};
+use crate::actors::device::{Ingest, score};
 use crate::actors::device::{ReadingOutcome, Retention};
-use crate::actors::devices::{Ingest, score};
 use crate::domain::auth::Role;
 use crate::domain::ids::{DeviceId, IncidentId};
 use crate::domain::news2::{News2, News2Param, News2Risk};
@@ -295,11 +294,6 @@ pub async fn ingest(
     Ok(HttpResponse::Ok().json(response))
 }
 
-/// How often the server pings a gateway connection.
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
-/// How long a gateway may stay silent (no frame, no pong) before it is disconnected.
-pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// The gateway WebSocket: each text frame is an ingest body, answered by one frame.
 #[utoipa::path(get, path = "/api/v1/ws/gateway", tag = "vitals", security(("bearer" = [])),
     responses((status = 101, description = "WebSocket upgrade")))]
@@ -309,69 +303,28 @@ pub async fn gateway_ws(
     req: HttpRequest,
     body: web::Payload,
 ) -> Result<HttpResponse, actix_web::Error> {
-    let (response, mut session, stream) = actix_ws::handle(&req, body)?;
-    let limit = state.settings.http.body_limit_bytes;
+    let (response, session, stream) = actix_ws::handle(&req, body)?;
+    let mut socket = Socket::new(session, stream, state.settings.http.body_limit_bytes);
     let state: Arc<AppState> = state.into_inner();
-    let mut stream = stream
-        .max_frame_size(limit)
-        .aggregate_continuations()
-        .max_continuation_size(limit);
     actix_web::rt::spawn(async move {
-        let mut last_heard = Instant::now();
-        let mut heartbeat = tokio::time::interval(HEARTBEAT_INTERVAL);
         let reason = loop {
-            tokio::select! {
-                message = stream.next() => match message {
-                    Some(Ok(actix_ws::AggregatedMessage::Text(text))) => {
-                        last_heard = Instant::now();
-                        let reply = match ingest_body(&state, text.as_bytes()).await {
-                            Ok(answer) => serde_json::to_string(&answer),
-                            Err(err) => serde_json::to_string(&err.problem()),
-                        };
-                        let Ok(reply) = reply else { break None };
-                        if session.text(reply).await.is_err() {
-                            break None;
-                        }
-                    }
-                    Some(Ok(actix_ws::AggregatedMessage::Binary(_))) => {
-                        last_heard = Instant::now();
-                        let err = ApiError::UnsupportedMediaType.problem();
-                        let Ok(reply) = serde_json::to_string(&err) else { break None };
-                        if session.text(reply).await.is_err() {
-                            break None;
-                        }
-                    }
-                    Some(Ok(actix_ws::AggregatedMessage::Ping(bytes))) => {
-                        last_heard = Instant::now();
-                        if session.pong(&bytes).await.is_err() {
-                            break None;
-                        }
-                    }
-                    Some(Ok(actix_ws::AggregatedMessage::Pong(_))) => last_heard = Instant::now(),
-                    Some(Ok(actix_ws::AggregatedMessage::Close(reason))) => break reason,
-                    Some(Err(e)) => {
-                        tracing::debug!(error = %e, "gateway websocket protocol error");
-                        break Some(actix_ws::CloseReason {
-                            code: actix_ws::CloseCode::Protocol,
-                            description: Some("protocol error".to_owned()),
-                        });
-                    }
-                    None => break None,
+            let reply = match socket.next().await {
+                Incoming::Text(text) => match ingest_body(&state, text.as_bytes()).await {
+                    Ok(answer) => serde_json::to_string(&answer),
+                    Err(err) => serde_json::to_string(&err.problem()),
                 },
-                _ = heartbeat.tick() => {
-                    if last_heard.elapsed() > CLIENT_TIMEOUT {
-                        break Some(actix_ws::CloseReason {
-                            code: actix_ws::CloseCode::Policy,
-                            description: Some("heartbeat timeout".to_owned()),
-                        });
-                    }
-                    if session.ping(b"").await.is_err() {
-                        break None;
-                    }
+                Incoming::Binary => {
+                    serde_json::to_string(&ApiError::UnsupportedMediaType.problem())
                 }
+                Incoming::Tick => continue,
+                Incoming::Closed(reason) => break reason,
+            };
+            let Ok(reply) = reply else { break None };
+            if socket.send(reply).await.is_err() {
+                break None;
             }
         };
-        let _ = session.close(reason).await;
+        socket.close(reason).await;
     });
     Ok(response)
 }

@@ -46,6 +46,15 @@ pub enum AppendError {
     Store(#[from] StoreError),
 }
 
+impl From<AppendError> for StoreError {
+    fn from(e: AppendError) -> Self {
+        match e {
+            AppendError::Conflict { .. } => StoreError::Conflict(e.to_string()),
+            AppendError::Store(s) => s,
+        }
+    }
+}
+
 impl From<diesel::result::Error> for AppendError {
     fn from(err: diesel::result::Error) -> Self {
         Self::Store(err.into())

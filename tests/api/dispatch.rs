@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use futures_util::{SinkExt as _, StreamExt as _};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use shers::actors::incidents::{LookupIncident, RoundExpired};
+use shers::actors::incident::{LookupIncident, RoundExpired};
 use shers::domain::auth::Role;
 use shers::persistence::Backend;
 
@@ -671,11 +671,7 @@ async fn a_stopped_unit_actor_is_started_again_from_its_stored_state(backend: Ba
     let mut alive = false;
     for _ in 0..150 {
         actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
-        let addrs = app
-            .fleet
-            .send(shers::actors::fleet::AllUnits)
-            .await
-            .unwrap();
+        let addrs = app.fleet.send(shers::actors::unit::AllUnits).await.unwrap();
         if addrs.iter().all(actix::Addr::connected) {
             alive = true;
             break;

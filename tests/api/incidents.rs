@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use chrono::{Duration, SecondsFormat, Utc};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use shers::actors::incidents::{IncidentError, Route};
+use shers::actors::incident::{IncidentError, Route};
 use shers::domain::auth::Role;
 use shers::domain::incident::Command;
 use shers::persistence::Backend;

@@ -6,7 +6,7 @@ use proptest::strategy::{Strategy, ValueTree};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use shers::actors::device::CheckTimers;
-use shers::actors::devices::Lookup;
+use shers::actors::device::Lookup;
 use shers::domain::auth::Role;
 use shers::domain::ids::DeviceId;
 use shers::domain::triage::TriageStatus;

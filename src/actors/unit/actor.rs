@@ -1,12 +1,7 @@
-//! The fleet: one [`AmbulanceActor`] per unit, and the [`Fleet`] hub that keeps a spatial index
-//! of units and the hospitals, ranks candidates for a scene, and finds destination hospitals.
-//!
-//! The unit's actor is the single arbiter of its commitments: it holds at most one pending
-//! offer and one assignment, so a unit can never be committed to two incidents. Crew sessions
-//! (WebSocket) register with their unit's actor, which pushes offer frames to them.
+//! The unit actor: one [`AmbulanceActor`] per ambulance, the single arbiter of its own
+//! commitments. It holds at most one pending offer and one assignment, so a unit can never be
+//! committed to two incidents; crew sessions register with it to receive offers.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -14,35 +9,83 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use super::fleet::{Fleet, UnitChanged};
 use crate::domain::dispatch::{
-    Candidate, CandidateQuery, Capability, CrewReport, FleetIndex, HospitalSnapshot,
-    StatusRejection, UnitClaim, UnitSnapshot, UnitStatus, apply_report, choose_hospital, rank,
-    reconcile_unit, shortlist,
+    Capability, CrewReport, StatusRejection, UnitClaim, UnitSnapshot, UnitStatus, apply_report,
+    reconcile_unit,
 };
 use crate::domain::events::NewEvent;
 use crate::domain::geo::LatLng;
-use crate::domain::ids::{HospitalId, IncidentId, OfferId, UnitId};
+use crate::domain::ids::{IncidentId, OfferId, UnitId};
 use crate::domain::incident::Priority;
-use crate::integrations::routing::RoutingWithFallback;
-use crate::persistence::fleet::{self as store, HospitalRecord, UnitRecord};
+use crate::persistence::StoreError;
+use crate::persistence::fleet::UnitRecord;
 use crate::persistence::group::GroupCommit;
-use crate::persistence::{Db, StoreError};
 
 /// Most time an actor waits for another actor's answer before giving up (no cross-actor wait
 /// can deadlock the system for longer than this).
 pub const ACTOR_TIMEOUT: Duration = Duration::from_secs(5);
 /// Minimum interval between persisted `unit.location` events per unit.
 pub const LOCATION_EVENT_INTERVAL: Duration = Duration::from_secs(1);
-
-// ---------------------------------------------------------------------------------------------
-// Unit actor
-
 #[derive(Clone, Debug, Serialize)]
 struct PendingOffer {
     offer_id: OfferId,
     incident_id: IncidentId,
     expires_at: DateTime<Utc>,
-    frame: Option<Value>,
+    frame: Option<OfferFrame>,
+}
+
+/// An offer as its crew is shown it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct OfferFrame {
+    /// The offer.
+    pub offer_id: OfferId,
+    /// The incident offered.
+    pub incident_id: IncidentId,
+    /// Its priority.
+    pub priority: Priority,
+    /// Where the patient is.
+    pub location: LatLng,
+    /// Estimated drive, seconds.
+    pub eta_s: u32,
+    /// When the offer lapses.
+    pub expires_at: DateTime<Utc>,
+}
+
+/// What a unit tells its crew's connected sessions (they serialise it for the wire).
+#[derive(Message, Clone, Debug, PartialEq)]
+#[rtype(result = "()")]
+pub enum CrewPush {
+    /// A job is offered.
+    Offer(OfferFrame),
+    /// The offer ended without this unit.
+    OfferWithdrawn {
+        /// The offer.
+        offer_id: OfferId,
+        /// `taken`, `expired` or `cancelled`.
+        reason: &'static str,
+    },
+    /// The unit was committed to an incident (its accepted offer, or by a dispatcher).
+    Assigned {
+        /// The incident.
+        incident_id: IncidentId,
+        /// The accepted offer; `None` when assigned by hand.
+        offer_id: Option<OfferId>,
+    },
+    /// The incident the unit was on ended without it (cancelled).
+    AssignmentEnded {
+        /// The incident.
+        incident_id: IncidentId,
+        /// Why (`cancelled`).
+        reason: &'static str,
+    },
+    /// Replayed to a session that (re)connects while the unit is on a job.
+    OnJob {
+        /// The incident.
+        incident_id: IncidentId,
+        /// The unit's status on it.
+        status: UnitStatus,
+    },
 }
 
 /// The actor of one ambulance unit.
@@ -52,7 +95,7 @@ pub struct AmbulanceActor {
     status: UnitStatus,
     pending: Option<PendingOffer>,
     assignment: Option<IncidentId>,
-    sessions: Vec<(u64, actix_ws::Session)>,
+    sessions: Vec<(u64, Recipient<CrewPush>)>,
     writer: GroupCommit,
     fleet: Addr<Fleet>,
     last_location_event: Option<Instant>,
@@ -79,7 +122,38 @@ pub enum UnitRefusal {
 }
 
 impl AmbulanceActor {
-    fn snapshot(&self) -> UnitSnapshot {
+    /// The actor of the unit `record` describes, as stored; `restarts` counts earlier starts.
+    pub fn new(record: UnitRecord, writer: GroupCommit, fleet: Addr<Fleet>, restarts: u32) -> Self {
+        let capability = Capability::parse(&record.capability).unwrap_or(Capability::Bls);
+        let status = UnitStatus::parse(&record.status).unwrap_or(UnitStatus::Available);
+        let assignment = record
+            .current_incident_id
+            .as_deref()
+            .and_then(|s| s.parse().ok());
+        Self {
+            capability,
+            // A pending offer does not survive a restart (the incident re-offers), so an
+            // `offered` unit comes back available.
+            status: if status == UnitStatus::Offered {
+                UnitStatus::Available
+            } else {
+                status
+            },
+            pending: None,
+            assignment,
+            sessions: Vec::new(),
+            writer,
+            fleet,
+            last_location_event: None,
+            restarts,
+            unsaved_status: None,
+            messages: 0,
+            last_message_at: None,
+            record,
+        }
+    }
+
+    pub(super) fn snapshot(&self) -> UnitSnapshot {
         UnitSnapshot {
             id: self.record.id.clone(),
             capability: self.capability,
@@ -95,14 +169,10 @@ impl AmbulanceActor {
         self.fleet.do_send(UnitChanged(self.snapshot()));
     }
 
-    fn push(&mut self, frame: &Value) {
-        let text = frame.to_string();
-        let sessions = self.sessions.clone();
-        actix::spawn(async move {
-            for (_, mut session) in sessions {
-                let _ = session.text(text.clone()).await;
-            }
-        });
+    fn push(&mut self, push: CrewPush) {
+        for (_, session) in &self.sessions {
+            session.do_send(push.clone());
+        }
     }
 
     /// Appends `event` to the unit's stream and saves its projection, in one transaction, in
@@ -218,8 +288,8 @@ impl Handler<Reserve> for AmbulanceActor {
 pub struct PublishOffer {
     /// Offer.
     pub offer_id: OfferId,
-    /// The frame (`api.md` "Crews").
-    pub frame: Value,
+    /// What the crew is shown.
+    pub frame: OfferFrame,
 }
 
 impl Handler<PublishOffer> for AmbulanceActor {
@@ -230,7 +300,7 @@ impl Handler<PublishOffer> for AmbulanceActor {
             && p.offer_id == msg.offer_id
         {
             p.frame = Some(msg.frame.clone());
-            self.push(&msg.frame);
+            self.push(CrewPush::Offer(msg.frame));
         }
     }
 }
@@ -258,9 +328,10 @@ impl Handler<Release> for AmbulanceActor {
             if self.status == UnitStatus::Offered {
                 self.set_status(UnitStatus::Available);
             }
-            self.push(
-                &json!({"type": "offer_withdrawn", "offer_id": msg.offer_id, "reason": msg.reason}),
-            );
+            self.push(CrewPush::OfferWithdrawn {
+                offer_id: msg.offer_id,
+                reason: msg.reason,
+            });
         }
     }
 }
@@ -298,16 +369,20 @@ impl Handler<Commit> for AmbulanceActor {
                     && p.incident_id != msg.incident_id
                 {
                     displaced = Some((p.offer_id, p.incident_id));
-                    self.push(&json!({"type": "offer_withdrawn", "offer_id": p.offer_id, "reason": "cancelled"}));
+                    self.push(CrewPush::OfferWithdrawn {
+                        offer_id: p.offer_id,
+                        reason: "cancelled",
+                    });
                 }
             }
         }
         self.pending = None;
         self.assignment = Some(msg.incident_id);
         self.set_status(UnitStatus::Assigned);
-        self.push(
-            &json!({"type": "assigned", "incident_id": msg.incident_id, "offer_id": msg.offer_id}),
-        );
+        self.push(CrewPush::Assigned {
+            incident_id: msg.incident_id,
+            offer_id: msg.offer_id,
+        });
         Ok(displaced)
     }
 }
@@ -370,34 +445,6 @@ impl Handler<Reconcile> for AmbulanceActor {
     }
 }
 
-/// Make every unit agree with the open incidents' claims on them (start-up, after the open
-/// incidents are recovered): unit → (incident, claim). Answers how many units changed.
-#[derive(Message, Debug)]
-#[rtype(result = "usize")]
-pub struct ReconcileUnits(pub HashMap<UnitId, (IncidentId, UnitClaim)>);
-
-impl Handler<ReconcileUnits> for Fleet {
-    type Result = ResponseFuture<usize>;
-
-    fn handle(&mut self, mut msg: ReconcileUnits, _: &mut Self::Context) -> Self::Result {
-        let asks: Vec<_> = self
-            .units
-            .iter()
-            .map(|(id, entry)| entry.addr.send(Reconcile(msg.0.remove(id))))
-            .collect();
-        for (unit, (incident, _)) in msg.0 {
-            tracing::warn!(unit.id = %unit, incident.id = %incident, "an open incident holds an unknown unit");
-        }
-        Box::pin(async move {
-            futures_util::future::join_all(asks)
-                .await
-                .into_iter()
-                .filter(|changed| matches!(changed, Ok(true)))
-                .count()
-        })
-    }
-}
-
 /// The incident the unit is on ended (cancelled): back to available.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
@@ -414,7 +461,10 @@ impl Handler<IncidentOver> for AmbulanceActor {
     fn handle(&mut self, msg: IncidentOver, _: &mut Self::Context) {
         if self.assignment == Some(msg.incident_id) {
             self.assignment = None;
-            self.push(&json!({"type": "assignment_ended", "incident_id": msg.incident_id, "reason": msg.reason}));
+            self.push(CrewPush::AssignmentEnded {
+                incident_id: msg.incident_id,
+                reason: msg.reason,
+            });
             if self.status != UnitStatus::OutOfService {
                 self.set_status(UnitStatus::Available);
             }
@@ -599,33 +649,26 @@ impl Handler<Locate> for AmbulanceActor {
 pub struct AttachSession {
     /// Connection id.
     pub id: u64,
-    /// The session.
-    pub session: actix_ws::Session,
+    /// Where the session receives what the unit tells its crew.
+    pub session: Recipient<CrewPush>,
 }
 
 impl Handler<AttachSession> for AmbulanceActor {
     type Result = ();
 
     fn handle(&mut self, msg: AttachSession, _: &mut Self::Context) {
-        let mut session = msg.session.clone();
-        self.sessions.push((msg.id, msg.session));
-        let mut replay = Vec::new();
         if let Some(p) = &self.pending
             && let Some(frame) = &p.frame
         {
-            replay.push(frame.to_string());
+            msg.session.do_send(CrewPush::Offer(frame.clone()));
         }
-        if let Some(incident) = self.assignment {
-            replay.push(
-                json!({"type": "assigned", "incident_id": incident, "status": self.status})
-                    .to_string(),
-            );
+        if let Some(incident_id) = self.assignment {
+            msg.session.do_send(CrewPush::OnJob {
+                incident_id,
+                status: self.status,
+            });
         }
-        actix::spawn(async move {
-            for text in replay {
-                let _ = session.text(text).await;
-            }
-        });
+        self.sessions.push((msg.id, msg.session));
     }
 }
 
@@ -744,509 +787,5 @@ impl Handler<InspectUnit> for AmbulanceActor {
                 }),
             },
         }))
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Fleet hub
-
-/// A unit's live snapshot changed.
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
-pub struct UnitChanged(pub UnitSnapshot);
-
-struct UnitEntry {
-    addr: Addr<AmbulanceActor>,
-    snapshot: UnitSnapshot,
-    /// Times its actor was found stopped and started again from the store.
-    restarts: u32,
-}
-
-struct HospitalEntry {
-    name: String,
-    snapshot: HospitalSnapshot,
-}
-
-/// The fleet hub.
-pub struct Fleet {
-    db: Db,
-    writer: GroupCommit,
-    routing: Arc<RoutingWithFallback>,
-    units: HashMap<UnitId, UnitEntry>,
-    index: FleetIndex,
-    hospitals: HashMap<HospitalId, HospitalEntry>,
-    /// Incidents waiting for a unit (escalated), served by priority then age.
-    waiting: Vec<(Priority, DateTime<Utc>, IncidentId)>,
-    on_unit_free: Option<Recipient<UnitFree>>,
-}
-
-impl Fleet {
-    /// An empty fleet; send [`LoadFleet`] to load units and hospitals.
-    pub fn new(db: Db, writer: GroupCommit, routing: Arc<RoutingWithFallback>) -> Self {
-        Self {
-            db,
-            writer,
-            routing,
-            units: HashMap::new(),
-            index: FleetIndex::new(),
-            hospitals: HashMap::new(),
-            waiting: Vec::new(),
-            on_unit_free: None,
-        }
-    }
-
-    fn start_unit(
-        &mut self,
-        record: UnitRecord,
-        restarts: u32,
-        ctx: &mut Context<Self>,
-    ) -> Addr<AmbulanceActor> {
-        let capability = Capability::parse(&record.capability).unwrap_or(Capability::Bls);
-        let status = UnitStatus::parse(&record.status).unwrap_or(UnitStatus::Available);
-        let assignment = record
-            .current_incident_id
-            .as_deref()
-            .and_then(|s| s.parse().ok());
-        let actor = AmbulanceActor {
-            capability,
-            // A pending offer does not survive a restart (the incident re-offers), so an
-            // `offered` unit comes back available.
-            status: if status == UnitStatus::Offered {
-                UnitStatus::Available
-            } else {
-                status
-            },
-            pending: None,
-            assignment,
-            sessions: Vec::new(),
-            writer: self.writer.clone(),
-            fleet: ctx.address(),
-            last_location_event: None,
-            restarts,
-            unsaved_status: None,
-            messages: 0,
-            last_message_at: None,
-            record,
-        };
-        let snapshot = actor.snapshot();
-        let addr = actor.start();
-        self.index.update(&snapshot.id, &snapshot.position);
-        self.units.insert(
-            snapshot.id.clone(),
-            UnitEntry {
-                addr: addr.clone(),
-                snapshot,
-                restarts,
-            },
-        );
-        addr
-    }
-
-    /// Starts unit `id`'s actor again from the unit's stored state, if it has stopped (a
-    /// handler that panicked, or an injected crash): a unit is never left without an actor
-    /// until the next server start. The stored state is the last change the writer saved;
-    /// a pending offer is not kept (its incident offers again when it expires).
-    fn revive(&mut self, id: UnitId) -> ResponseActFuture<Self, Option<Addr<AmbulanceActor>>> {
-        let db = self.db.clone();
-        let lookup = id.clone();
-        let found = async move {
-            db.run(move |mut conn| async move { store::find_unit(&mut conn, &lookup).await })
-                .await
-        };
-        Box::pin(found.into_actor(self).map(move |found, act, ctx| {
-            let restarts = match act.units.get(&id) {
-                // Started again meanwhile (the sweep and a lookup raced).
-                Some(entry) if entry.addr.connected() => return Some(entry.addr.clone()),
-                Some(entry) => entry.restarts + 1,
-                None => return None,
-            };
-            match found {
-                Ok(Some(record)) => {
-                    tracing::warn!(unit.id = %id, restarts, "unit actor had stopped; started again");
-                    metrics::counter!("shers_actor_restarts_total", "kind" => "unit").increment(1);
-                    Some(act.start_unit(record, restarts, ctx))
-                }
-                Ok(None) => None,
-                Err(e) => {
-                    tracing::warn!(unit.id = %id, error = %e, "stopped unit actor not started again");
-                    None
-                }
-            }
-        }))
-    }
-
-    /// Every second: units whose actor has stopped are started again.
-    fn sweep(&mut self, ctx: &mut Context<Self>) {
-        let stopped: Vec<UnitId> = self
-            .units
-            .iter()
-            .filter(|(_, e)| !e.addr.connected())
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in stopped {
-            let revived = self.revive(id);
-            ctx.spawn(revived.map(|_, _, _| ()));
-        }
-    }
-}
-
-impl Actor for Fleet {
-    type Context = Context<Self>;
-
-    fn started(&mut self, ctx: &mut Self::Context) {
-        ctx.set_mailbox_capacity(4096);
-        ctx.run_interval(Duration::from_secs(1), Self::sweep);
-    }
-}
-
-/// Load units and hospitals from the store (start-up).
-#[derive(Message, Debug)]
-#[rtype(result = "Result<usize, StoreError>")]
-pub struct LoadFleet;
-
-impl Handler<LoadFleet> for Fleet {
-    type Result = ResponseActFuture<Self, Result<usize, StoreError>>;
-
-    fn handle(&mut self, _: LoadFleet, _: &mut Self::Context) -> Self::Result {
-        let db = self.db.clone();
-        Box::pin(
-            async move {
-                db.run(|mut conn| async move {
-                    Ok::<_, StoreError>((
-                        store::all_units(&mut conn).await?,
-                        store::all_hospitals(&mut conn).await?,
-                    ))
-                })
-                .await
-            }
-            .into_actor(self)
-            .map(|res, act, ctx| {
-                let (units, hospitals) = res?;
-                let n = units.len();
-                for u in units {
-                    act.start_unit(u, 0, ctx);
-                }
-                for h in hospitals {
-                    act.add_hospital(h);
-                }
-                Ok(n)
-            }),
-        )
-    }
-}
-
-impl Fleet {
-    fn add_hospital(&mut self, h: HospitalRecord) {
-        self.hospitals.insert(
-            h.id.clone(),
-            HospitalEntry {
-                name: h.name,
-                snapshot: HospitalSnapshot {
-                    id: h.id,
-                    location: h.location,
-                    capabilities: h.capabilities,
-                    capacity: h.capacity,
-                    occupied: h.occupied,
-                },
-            },
-        );
-    }
-}
-
-/// Where to send "a unit is free" (the incident directory), set at start-up.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct SetUnitFreeRecipient(pub Recipient<UnitFree>);
-
-impl Handler<SetUnitFreeRecipient> for Fleet {
-    type Result = ();
-
-    fn handle(&mut self, msg: SetUnitFreeRecipient, _: &mut Self::Context) {
-        self.on_unit_free = Some(msg.0);
-    }
-}
-
-/// A unit became available while incidents wait: the best waiting incident should try again.
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
-pub struct UnitFree {
-    /// The incident to serve.
-    pub incident_id: IncidentId,
-}
-
-impl Handler<UnitChanged> for Fleet {
-    type Result = ();
-
-    fn handle(&mut self, msg: UnitChanged, _: &mut Self::Context) {
-        let snapshot = msg.0;
-        let became_free = snapshot.status == UnitStatus::Available
-            && self
-                .units
-                .get(&snapshot.id)
-                .is_some_and(|e| e.snapshot.status != UnitStatus::Available);
-        self.index.update(&snapshot.id, &snapshot.position);
-        if let Some(entry) = self.units.get_mut(&snapshot.id) {
-            entry.snapshot = snapshot;
-        }
-        if became_free && !self.waiting.is_empty() {
-            // Highest priority first (Emergency sorts first), then the oldest.
-            self.waiting.sort();
-            let (_, _, incident_id) = self.waiting.remove(0);
-            if let Some(r) = &self.on_unit_free {
-                r.do_send(UnitFree { incident_id });
-            }
-        }
-    }
-}
-
-/// Register a new unit (already stored).
-#[derive(Message, Debug)]
-#[rtype(result = "Addr<AmbulanceActor>")]
-pub struct RegisterUnit(pub UnitRecord);
-
-impl Handler<RegisterUnit> for Fleet {
-    type Result = MessageResult<RegisterUnit>;
-
-    fn handle(&mut self, msg: RegisterUnit, ctx: &mut Self::Context) -> Self::Result {
-        MessageResult(self.start_unit(msg.0, 0, ctx))
-    }
-}
-
-/// Register a new hospital (already stored).
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
-pub struct RegisterHospital(pub HospitalRecord);
-
-impl Handler<RegisterHospital> for Fleet {
-    type Result = ();
-
-    fn handle(&mut self, msg: RegisterHospital, _: &mut Self::Context) {
-        self.add_hospital(msg.0);
-    }
-}
-
-/// The actor of a unit.
-#[derive(Message, Debug)]
-#[rtype(result = "Option<Addr<AmbulanceActor>>")]
-pub struct UnitAddr(pub UnitId);
-
-impl Handler<UnitAddr> for Fleet {
-    type Result = ResponseActFuture<Self, Option<Addr<AmbulanceActor>>>;
-
-    fn handle(&mut self, msg: UnitAddr, _: &mut Self::Context) -> Self::Result {
-        match self.units.get(&msg.0) {
-            Some(entry) if entry.addr.connected() => {
-                Box::pin(actix::fut::ready(Some(entry.addr.clone())))
-            }
-            Some(_) => self.revive(msg.0),
-            None => Box::pin(actix::fut::ready(None)),
-        }
-    }
-}
-
-/// Every unit's actor (lists).
-#[derive(Message, Debug)]
-#[rtype(result = "Vec<Addr<AmbulanceActor>>")]
-pub struct AllUnits;
-
-impl Handler<AllUnits> for Fleet {
-    type Result = MessageResult<AllUnits>;
-
-    fn handle(&mut self, _: AllUnits, _: &mut Self::Context) -> Self::Result {
-        let mut entries: Vec<_> = self.units.iter().collect();
-        entries.sort_by(|a, b| a.0.cmp(b.0));
-        MessageResult(entries.into_iter().map(|(_, e)| e.addr.clone()).collect())
-    }
-}
-
-/// Rank candidate units for a scene.
-#[derive(Message, Debug)]
-#[rtype(result = "Vec<Candidate>")]
-pub struct FindCandidates {
-    /// The scene.
-    pub scene: LatLng,
-    /// Priority.
-    pub priority: Priority,
-    /// Units that declined or let an offer lapse.
-    pub exclude: HashSet<UnitId>,
-}
-
-impl Handler<FindCandidates> for Fleet {
-    type Result = ResponseFuture<Vec<Candidate>>;
-
-    fn handle(&mut self, msg: FindCandidates, _: &mut Self::Context) -> Self::Result {
-        let now = Utc::now();
-        let query = CandidateQuery::new(msg.scene, now, &msg.exclude, msg.priority);
-        let units = &self.units;
-        let near = self.index.nearest(&msg.scene, query.shortlist, |id| {
-            units.get(id).is_some_and(|e| query.accepts(&e.snapshot))
-        });
-        let snapshots: Vec<UnitSnapshot> = near
-            .iter()
-            .filter_map(|id| self.units.get(id).map(|e| e.snapshot.clone()))
-            .collect();
-        let shortlisted = shortlist(snapshots.iter(), &query);
-        let routing = self.routing.clone();
-        let positions: Vec<LatLng> = shortlisted
-            .iter()
-            .filter_map(|c| self.units.get(&c.unit_id).map(|e| e.snapshot.position))
-            .collect();
-        let priority = msg.priority;
-        let scene = msg.scene;
-        Box::pin(async move {
-            if shortlisted.is_empty() {
-                return shortlisted;
-            }
-            let (etas, routed) = routing.etas(&positions, &scene).await;
-            rank(shortlisted, routed.then_some(etas.as_slice()), priority)
-        })
-    }
-}
-
-/// An incident waits for any unit (escalated); it is told when one frees up.
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
-pub struct WaitForUnit {
-    /// Incident.
-    pub incident_id: IncidentId,
-    /// Priority.
-    pub priority: Priority,
-    /// Since when.
-    pub since: DateTime<Utc>,
-}
-
-impl Handler<WaitForUnit> for Fleet {
-    type Result = ();
-
-    fn handle(&mut self, msg: WaitForUnit, _: &mut Self::Context) {
-        if !self.waiting.iter().any(|(_, _, id)| *id == msg.incident_id) {
-            self.waiting
-                .push((msg.priority, msg.since, msg.incident_id));
-        }
-    }
-}
-
-/// An incident no longer waits (assigned or cancelled).
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
-pub struct StopWaiting(pub IncidentId);
-
-impl Handler<StopWaiting> for Fleet {
-    type Result = ();
-
-    fn handle(&mut self, msg: StopWaiting, _: &mut Self::Context) {
-        self.waiting.retain(|(_, _, id)| *id != msg.0);
-    }
-}
-
-/// Choose a destination hospital and take a bed there (or take the named one).
-#[derive(Message, Debug)]
-#[rtype(result = "Result<HospitalId, String>")]
-pub struct TakeBed {
-    /// Where the patient is.
-    pub from: LatLng,
-    /// The hospital the crew named, if any.
-    pub hospital_id: Option<HospitalId>,
-    /// A capability needed, if any.
-    pub needed: Option<String>,
-}
-
-impl Handler<TakeBed> for Fleet {
-    type Result = Result<HospitalId, String>;
-
-    fn handle(&mut self, msg: TakeBed, _: &mut Self::Context) -> Self::Result {
-        let chosen = match msg.hospital_id {
-            Some(id) => {
-                let entry = self
-                    .hospitals
-                    .get(&id)
-                    .ok_or_else(|| "unknown hospital".to_owned())?;
-                if entry.snapshot.occupied >= entry.snapshot.capacity {
-                    return Err(format!("{} has no free capacity", entry.name));
-                }
-                id
-            }
-            None => {
-                let snapshots: Vec<HospitalSnapshot> = self
-                    .hospitals
-                    .values()
-                    .map(|e| e.snapshot.clone())
-                    .collect();
-                choose_hospital(&snapshots, &msg.from, msg.needed.as_deref())
-                    .map(|(id, _)| id)
-                    .ok_or_else(|| "no hospital with free capacity".to_owned())?
-            }
-        };
-        if let Some(entry) = self.hospitals.get_mut(&chosen) {
-            entry.snapshot.occupied += 1;
-            let (db, id, occupied) = (self.db.clone(), chosen.clone(), entry.snapshot.occupied);
-            actix::spawn(async move {
-                let _ = db
-                    .run(move |mut conn| async move {
-                        store::set_occupied(&mut conn, &id, occupied).await
-                    })
-                    .await;
-            });
-        }
-        Ok(chosen)
-    }
-}
-
-/// Release a bed at handover.
-#[derive(Message, Debug)]
-#[rtype(result = "()")]
-pub struct ReleaseBed(pub HospitalId);
-
-impl Handler<ReleaseBed> for Fleet {
-    type Result = ();
-
-    fn handle(&mut self, msg: ReleaseBed, _: &mut Self::Context) {
-        if let Some(entry) = self.hospitals.get_mut(&msg.0) {
-            entry.snapshot.occupied = entry.snapshot.occupied.saturating_sub(1);
-            let (db, id, occupied) = (self.db.clone(), msg.0, entry.snapshot.occupied);
-            actix::spawn(async move {
-                let _ = db
-                    .run(move |mut conn| async move {
-                        store::set_occupied(&mut conn, &id, occupied).await
-                    })
-                    .await;
-            });
-        }
-    }
-}
-
-/// Hospitals as the API shows them.
-#[derive(Message, Debug)]
-#[rtype(result = "Vec<Value>")]
-pub struct ListHospitals;
-
-impl Handler<ListHospitals> for Fleet {
-    type Result = MessageResult<ListHospitals>;
-
-    fn handle(&mut self, _: ListHospitals, _: &mut Self::Context) -> Self::Result {
-        let mut list: Vec<_> = self
-            .hospitals
-            .values()
-            .map(|e| {
-                json!({"id": e.snapshot.id, "name": e.name, "location": e.snapshot.location,
-                       "capabilities": e.snapshot.capabilities, "capacity": e.snapshot.capacity,
-                       "occupied": e.snapshot.occupied})
-            })
-            .collect();
-        list.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
-        MessageResult(list)
-    }
-}
-
-/// Where a hospital is (billing mileage).
-#[derive(Message, Debug)]
-#[rtype(result = "Option<LatLng>")]
-pub struct HospitalLocation(pub HospitalId);
-
-impl Handler<HospitalLocation> for Fleet {
-    type Result = Option<LatLng>;
-
-    fn handle(&mut self, msg: HospitalLocation, _: &mut Self::Context) -> Self::Result {
-        self.hospitals.get(&msg.0).map(|h| h.snapshot.location)
     }
 }

@@ -18,7 +18,7 @@ use futures_util::future::OptionFuture;
 use serde::Serialize;
 use serde_json::json;
 
-use super::handoff::EmergencyDetected;
+use crate::actors::incident::EmergencyDetected;
 pub use crate::config::Retention;
 use crate::domain::events::NewEvent;
 use crate::domain::ids::{DeviceId, IncidentId, PatientId};

@@ -10,11 +10,11 @@ use std::sync::Arc;
 use actix::prelude::*;
 use futures_util::future::join_all;
 
-use super::device::{
+use super::actor::{
     DeviceActor, DeviceSummary, InspectDevice, Preload, ProcessReadings, ReadingOutcome, Scored,
     Summarise, TriageRuntime,
 };
-use super::handoff::EmergencyDetected;
+use crate::actors::incident::EmergencyDetected;
 use crate::domain::ids::DeviceId;
 use crate::domain::triage::assess;
 use crate::domain::vitals::Reading;

@@ -5,12 +5,13 @@
 use actix::Addr;
 use chrono::Utc;
 
-use super::fleet::{
+use crate::actors::error::ActorError;
+use crate::actors::incident::{
+    ForwardAccept, ForwardDecline, IncidentDirectory, IncidentError, OfferOutcome, Route,
+};
+use crate::actors::unit::{
     ACTOR_TIMEOUT, ApplyReport, Commitments, Fleet, Locate, ReleaseBed, ReportFailure,
     StatusUpdate, TakeBed, UnitAddr, ViewUnit,
-};
-use super::incidents::{
-    ForwardAccept, ForwardDecline, IncidentDirectory, IncidentError, OfferOutcome, Route,
 };
 use crate::domain::dispatch::{CrewReport, apply_report};
 use crate::domain::geo::LatLng;
@@ -19,11 +20,12 @@ use crate::domain::incident::{Command, IncidentStatus};
 use crate::persistence::fleet as fleet_store;
 use crate::persistence::incidents as incident_store;
 
+use crate::persistence::{Db, StoreError};
+
 /// How far ahead of the server's clock a position fix may be (a crew device's clock drift).
 const MAX_FIX_AHEAD: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 /// How old a position fix may be: older fixes say nothing about where a unit is now.
 const MAX_FIX_AGE: chrono::TimeDelta = chrono::TimeDelta::hours(24);
-use crate::persistence::{Db, StoreError};
 
 /// What crew actions need.
 #[derive(Clone)]
@@ -35,7 +37,7 @@ pub struct Crew {
     /// The database (offer look-ups).
     pub db: Db,
     /// Billing (started at hospital handover).
-    pub billing: Option<Addr<super::billing::Billing>>,
+    pub billing: Option<Addr<crate::actors::billing::Billing>>,
 }
 
 /// Why a crew action failed.
@@ -56,15 +58,22 @@ pub enum CrewError {
     /// Not valid input (422), with the field.
     #[error("{1}")]
     Invalid(&'static str, String),
-    /// Storage or an actor is unavailable (503).
-    #[error("{0}")]
-    Unavailable(String),
+    /// Storage is unavailable (503).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A report could not be stored: the unit keeps its earlier status (503; send it again).
+    #[error("{0}; the unit keeps its earlier status, send the report again")]
+    NotStored(StoreError),
+    /// An actor on the way did not answer (503; retry).
+    #[error(transparent)]
+    Actor(#[from] ActorError),
 }
 
 impl From<IncidentError> for CrewError {
     fn from(e: IncidentError) -> Self {
         match e {
-            IncidentError::Store(s) => CrewError::Unavailable(s.to_string()),
+            IncidentError::Store(s) => CrewError::Store(s),
+            IncidentError::Actor(a) => CrewError::Actor(a),
             IncidentError::NotFound => {
                 CrewError::Rejected("the unit's incident no longer exists".into())
             }
@@ -73,18 +82,13 @@ impl From<IncidentError> for CrewError {
     }
 }
 
-impl From<StoreError> for CrewError {
-    fn from(e: StoreError) -> Self {
-        CrewError::Unavailable(e.to_string())
-    }
-}
-
-fn gone<E>(_: E) -> CrewError {
-    CrewError::Unavailable("an actor did not answer; retry".into())
+/// A failed send to a unit, the fleet or the incident directory.
+fn gone(e: actix::MailboxError) -> CrewError {
+    CrewError::Actor(ActorError::mailbox("dispatch")(e))
 }
 
 impl Crew {
-    async fn unit(&self, unit: &UnitId) -> Result<Addr<super::fleet::AmbulanceActor>, CrewError> {
+    async fn unit(&self, unit: &UnitId) -> Result<Addr<super::AmbulanceActor>, CrewError> {
         self.fleet
             .send(UnitAddr(unit.clone()))
             .await
@@ -283,7 +287,7 @@ impl Crew {
                     }
                     let billed = route(Command::StartBilling).await?;
                     if let Some(billing) = &self.billing {
-                        billing.do_send(super::billing::StartBilling(billed.id));
+                        billing.do_send(crate::actors::billing::StartBilling(billed.id));
                     }
                 }
                 CrewReport::Available | CrewReport::OutOfService => {}
@@ -294,9 +298,7 @@ impl Crew {
             .map_err(gone)?
             .map_err(|failure| match failure {
                 ReportFailure::Rejected(r) => CrewError::Rejected(r.reason),
-                ReportFailure::NotStored(e) => CrewError::Unavailable(format!(
-                    "{e}; the unit keeps its earlier status, send the report again"
-                )),
+                ReportFailure::NotStored(e) => CrewError::NotStored(e),
             })
     }
 }

@@ -1,0 +1,542 @@
+//! Creating an incident: the directory's [`OpenIncident`] handler, the patient prefetch,
+//! the first offer round reserved before the commit, and human references from blocks.
+
+use std::collections::HashSet;
+
+use actix::prelude::*;
+use chrono::{DateTime, Utc};
+use tokio::sync::oneshot;
+
+use super::{
+    Execute, IncidentActor, IncidentDirectory, IncidentError, InspectIncident, NextRound,
+    OpenIncident, OpenRequest, Opened, PublishFirstRound, Reserved, evidence_of,
+    next_of_kin_outbox, offer_records, persist, release_all, reserve_round, send_offers,
+    to_new_event,
+};
+use crate::actors::error::ActorError;
+use crate::domain::events::NewEvent;
+use crate::domain::ids::{IncidentId, PatientId};
+use crate::domain::incident::{Command, Incident, handle};
+use crate::persistence::fleet::{self as fleet_store, OfferRecord};
+use crate::persistence::group::GroupCommit;
+use crate::persistence::incidents::{self as store};
+use crate::persistence::{Db, DbConn, StoreError, patients};
+
+/// Creates an incident in one transaction: reference, events (created, evidence, dispatch
+/// started, next-of-kin notifications queued) and projections.
+/// A first offer round reserved before the incident is stored.
+pub(super) struct FirstRound {
+    pub(super) reserved: Reserved,
+    pub(super) records: Vec<OfferRecord>,
+    pub(super) expires_at: DateTime<Utc>,
+}
+
+/// What a new incident needs before its write: the patient and the reference. On PostgreSQL
+/// both are ready before the write, so the writer's batch does not wait a round trip for them:
+/// the patient is read on a pooled connection while the first offer round is reserved, and the
+/// reference comes from a block reserved in advance ([`ReferenceBlocks`]). On SQLite, whose
+/// writes all queue for one lock, both are read and allocated inside the write itself (`None`
+/// here).
+#[derive(Clone)]
+struct Prefetched {
+    patient: Option<crate::domain::patients::Patient>,
+    reference: String,
+}
+
+/// The patient and reference of a new incident (see [`Prefetched`]); `None` on SQLite. The
+/// patient is read on `reader` when there is one, else (or if that fails) on the pool; the
+/// flag says the reader failed (the directory then opens another).
+async fn prefetch(
+    db: &Db,
+    reader: Option<DbConn>,
+    patient_id: Option<PatientId>,
+    reference: Option<ReferenceTicket>,
+) -> (Result<Option<Prefetched>, IncidentError>, bool) {
+    let Some(reference) = reference else {
+        return (Ok(None), false);
+    };
+    let reference =
+        async {
+            match reference {
+                ReferenceTicket::Ready(reference) => Ok(reference),
+                ReferenceTicket::Waiting(answer) => answer.await.ok().flatten().ok_or_else(|| {
+                    IncidentError::Actor(ActorError::Abandoned("incident directory"))
+                }),
+            }
+        };
+    let patient = async {
+        if patient_id.is_none() {
+            return (Ok(None), false);
+        }
+        let mut reader_failed = false;
+        if let Some(mut conn) = reader {
+            match find_patient(&mut conn, patient_id.as_ref()).await {
+                Err(IncidentError::Store(e)) => {
+                    tracing::warn!(error = %e, "directory reader failed; reading on the pool");
+                    reader_failed = true;
+                }
+                found => return (found, false),
+            }
+        }
+        let found = db
+            .run(move |conn| async move {
+                let mut conn = conn.pipelined();
+                find_patient(&mut conn, patient_id.as_ref()).await
+            })
+            .await;
+        (found, reader_failed)
+    };
+    let (reference, (patient, reader_failed)) =
+        futures_util::future::join(reference, patient).await;
+    let prefetched = match (patient, reference) {
+        (Ok(patient), Ok(reference)) => Ok(Some(Prefetched { patient, reference })),
+        (Err(e), _) | (_, Err(e)) => Err(e),
+    };
+    (prefetched, reader_failed)
+}
+
+/// How many incident references the directory reserves at a time on PostgreSQL.
+pub(super) const REFERENCE_BLOCK: i64 = 100;
+
+/// A new incident's reference: at hand, or promised by the block being reserved.
+pub(super) enum ReferenceTicket {
+    Ready(String),
+    Waiting(oneshot::Receiver<Option<String>>),
+}
+
+/// Incident references reserved in advance (PostgreSQL), so a new incident does not commit
+/// an upsert of its own on the way to its first offer (a durable commit: about a millisecond
+/// on a loaded machine). One block is reserved at a time, the next when half of the current
+/// one is used; an incident that finds none at hand waits for the block in flight, and the
+/// waiters are served in arrival order. Numbers are unique and increase in the order incidents
+/// are opened on one node; numbers unused when the server stops are never handed out (a gap
+/// after a restart), and several nodes sharing a database interleave their blocks.
+#[derive(Debug, Default)]
+pub(super) struct ReferenceBlocks {
+    /// Year, next number, last number.
+    current: Option<(i32, i64, i64)>,
+    /// The block reserved while the current one still had numbers.
+    upcoming: Option<(i32, i64, i64)>,
+    pub(super) refilling: bool,
+    pub(super) waiting: std::collections::VecDeque<oneshot::Sender<Option<String>>>,
+}
+
+/// Numbers left in `block` for `year`.
+fn left(block: Option<(i32, i64, i64)>, year: i32) -> i64 {
+    block
+        .filter(|(y, _, _)| *y == year)
+        .map_or(0, |(_, next, last)| (last - next + 1).max(0))
+}
+
+impl ReferenceBlocks {
+    /// The next reserved reference of `year`, if one is at hand.
+    pub(super) fn take(&mut self, year: i32) -> Option<String> {
+        if left(self.current, year) == 0 {
+            self.current = self.upcoming.take();
+        }
+        match &mut self.current {
+            Some((y, next, last)) if *y == year && *next <= *last => {
+                let number = *next;
+                *next += 1;
+                Some(store::format_reference(year, number))
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether to reserve the next block now.
+    pub(super) fn wants_refill(&self, year: i32) -> bool {
+        !self.refilling
+            && self.upcoming.is_none()
+            && (left(self.current, year) < REFERENCE_BLOCK / 2 || !self.waiting.is_empty())
+    }
+
+    /// A new block: the waiters are served from it first, in order.
+    pub(super) fn install(&mut self, year: i32, first: i64, last: i64) {
+        if left(self.current, year) == 0 {
+            self.current = Some((year, first, last));
+        } else {
+            self.upcoming = Some((year, first, last));
+        }
+        while let Some(waiter) = self.waiting.pop_front() {
+            if waiter.is_closed() {
+                continue;
+            }
+            match self.take(year) {
+                Some(reference) => {
+                    let _ = waiter.send(Some(reference));
+                }
+                None => {
+                    self.waiting.push_front(waiter);
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// The patient `id` names (`UnknownPatient` if none), or `None` without an id.
+async fn find_patient(
+    conn: &mut DbConn,
+    id: Option<&PatientId>,
+) -> Result<Option<crate::domain::patients::Patient>, IncidentError> {
+    match id {
+        Some(pid) => Ok(Some(
+            patients::find_patient(conn, pid)
+                .await?
+                .ok_or(IncidentError::UnknownPatient)?,
+        )),
+        None => Ok(None),
+    }
+}
+
+/// Creates incident `id`, with its first offer round when one was reserved, in one commit.
+/// On PostgreSQL, with the patient and reference prefetched, that is one statement
+/// ([`store::create_pg`]), which the writer runs without a transaction when it is alone: one
+/// round trip between the reading and the crews' offers.
+async fn create(
+    writer: GroupCommit,
+    id: IncidentId,
+    req: OpenRequest,
+    first_offers: Vec<OfferRecord>,
+    prefetched: Option<Prefetched>,
+    now: DateTime<Utc>,
+) -> Result<(Incident, i64), IncidentError> {
+    let one_statement = prefetched.is_some();
+    writer
+        .write_as(one_statement, move |tx| {
+            // The writer may run this twice (see `GroupCommit::write`).
+            let (req, first_offers, prefetched) =
+                (req.clone(), first_offers.clone(), prefetched.clone());
+            Box::pin(async move {
+                let (patient, reference) = match prefetched {
+                    Some(Prefetched { patient, reference }) => (patient, reference),
+                    None => (
+                        find_patient(tx, req.patient_id.as_ref()).await?,
+                        store::next_reference(tx, now).await?,
+                    ),
+                };
+                let location = req
+                    .location
+                    .or_else(|| patient.as_ref().and_then(|p| p.home_location))
+                    .ok_or(IncidentError::NoLocation)?;
+                let open = Command::Open {
+                    id,
+                    reference,
+                    priority: req.priority,
+                    source: req.source,
+                    patient_id: req.patient_id.clone(),
+                    location,
+                    description: req.description.clone(),
+                    evidence: req.evidence.clone(),
+                };
+                let (opened, mut events) = handle(None, &open, now)?;
+                let (mut state, more) = handle(Some(&opened), &Command::StartDispatch, now)?;
+                events.extend(more);
+                if !first_offers.is_empty() {
+                    let unit_ids = first_offers.iter().map(|o| o.unit_id.clone()).collect();
+                    let (offered, more) =
+                        handle(Some(&state), &Command::RecordOffers { unit_ids }, now)?;
+                    events.extend(more);
+                    state = offered;
+                }
+
+                let (outbox, queued) = next_of_kin_outbox(patient.as_ref(), id, "incident_created");
+                if one_statement && tx.backend() == crate::persistence::Backend::Postgres {
+                    let mut new: Vec<NewEvent> =
+                        events.iter().map(|e| to_new_event(id, e)).collect();
+                    new.extend(queued);
+                    let incident = store::NewIncident {
+                        incident: &state,
+                        events: &new,
+                        evidence: evidence_of(&events).collect(),
+                        outbox: &outbox,
+                        offers: &first_offers,
+                    };
+                    let version = store::create_pg(tx, &incident, now).await?;
+                    return Ok::<_, IncidentError>((state, version));
+                }
+                let (version, ()) = tx
+                    .try_both(
+                        async |c| persist(c, &state, 0, &events, queued, now).await,
+                        async |c| {
+                            c.try_both(
+                                async |c| fleet_store::insert_offers(c, &first_offers).await,
+                                async |c| store::queue_notifications(c, &outbox, now).await,
+                            )
+                            .await?;
+                            Ok(())
+                        },
+                    )
+                    .await?;
+                Ok::<_, IncidentError>((state, version))
+            })
+        })
+        .await
+}
+
+impl Handler<OpenIncident> for IncidentDirectory {
+    type Result = ResponseActFuture<Self, Result<Opened, IncidentError>>;
+
+    fn handle(&mut self, msg: OpenIncident, ctx: &mut Self::Context) -> Self::Result {
+        let req = msg.0;
+        if let Some(patient) = &req.patient_id {
+            // The patient already has an open incident: return it (with the new evidence).
+            if let Some(&id) = self.open_by_patient.get(patient) {
+                let addr = self.actor_for(id, ctx);
+                let evidence = req.evidence.clone();
+                return Box::pin(
+                    async move {
+                        let incident = match evidence {
+                            Some(evidence) => addr
+                                .send(Execute(Command::AddEvidence { evidence }))
+                                .await
+                                .map_err(ActorError::mailbox("incident"))??,
+                            None => {
+                                let inspection =
+                                    addr.send(InspectIncident).await.map_err(|_| {
+                                        StoreError::Unavailable("incident actor gone".into())
+                                    })?;
+                                inspection
+                                    .state
+                                    .and_then(|s| serde_json::from_value(s).ok())
+                                    .ok_or(IncidentError::NotFound)?
+                            }
+                        };
+                        Ok(Opened {
+                            incident,
+                            created: false,
+                        })
+                    }
+                    .into_actor(self),
+                );
+            }
+            // It is being created right now: wait for that one.
+            if let Some(waiters) = self.creating.get_mut(patient) {
+                let (tx, rx) = oneshot::channel();
+                waiters.push((tx, req.evidence.clone()));
+                return Box::pin(
+                    async move {
+                        match rx.await {
+                            Ok(Ok(opened)) => Ok(opened),
+                            Ok(Err(e)) => Err(IncidentError::Store(StoreError::Unavailable(e))),
+                            Err(_) => Err(IncidentError::Actor(ActorError::Abandoned(
+                                "incident directory",
+                            ))),
+                        }
+                    }
+                    .into_actor(self),
+                );
+            }
+            self.creating.insert(patient.clone(), Vec::new());
+        }
+        let db = self.db.clone();
+        let patient = req.patient_id.clone();
+        let writer = self.deps.writer.clone();
+        let fleet = self.deps.fleet.clone();
+        let settings = self.deps.dispatch.clone();
+        let id = IncidentId::new_v7();
+        // The first offer round is reserved before the incident is stored, so the incident,
+        // its dispatch start and its first offers share one commit: one fsync on the path from
+        // the reading to the crew's offer frame instead of two.
+        let now = Utc::now();
+        let reference = self.reserve_reference(now, ctx);
+        let reader = self.reader(ctx);
+        let prefetch_db = db.clone();
+        let creation = async move {
+            let started = std::time::Instant::now();
+            // The patient and reference are fetched while the first round is reserved.
+            let reserve = async {
+                let first = match (fleet, req.location) {
+                    (Some(fleet), Some(scene)) => {
+                        let (reserved, expires_at) =
+                            reserve_round(fleet, id, scene, req.priority, HashSet::new(), settings)
+                                .await;
+                        (!reserved.is_empty()).then_some((reserved, expires_at))
+                    }
+                    _ => None,
+                };
+                (first, started.elapsed())
+            };
+            let fetch = async {
+                let prefetched =
+                    prefetch(&prefetch_db, reader, req.patient_id.clone(), reference).await;
+                (prefetched, started.elapsed())
+            };
+            let ((first, reserved), ((prefetched, reader_failed), fetched)) =
+                futures_util::future::join(reserve, fetch).await;
+            let now = Utc::now();
+            let first = first.map(|(reserved, expires_at)| FirstRound {
+                records: offer_records(id, &reserved, 1, now, expires_at),
+                reserved,
+                expires_at,
+            });
+            let records = first
+                .as_ref()
+                .map(|f| f.records.clone())
+                .unwrap_or_default();
+            let fetched = fetched.max(reserved);
+            let created = match prefetched {
+                Ok(prefetched) => create(writer, id, req, records, prefetched, now).await,
+                Err(e) => Err(e),
+            };
+            if created.is_err()
+                && let Some(first) = &first
+            {
+                release_all(&first.reserved);
+            }
+            // Reserving, then waiting for the prefetch (run alongside), then the write.
+            let timing = (
+                reserved,
+                fetched.saturating_sub(reserved),
+                started.elapsed().saturating_sub(fetched),
+            );
+            (created, first, timing, reader_failed)
+        };
+        Box::pin(creation.into_actor(self).then(
+            move |(res, first, (reserve, prefetch, store), reader_failed), act, ctx| {
+                if reader_failed {
+                    // Opened again for the next incident.
+                    act.reader.conn = None;
+                }
+                let waiters = patient
+                    .as_ref()
+                    .and_then(|p| act.creating.remove(p))
+                    .unwrap_or_default();
+                let result: Result<Opened, IncidentError> = match res {
+                    Ok((incident, version)) => {
+                        if let Some(p) = &incident.patient_id {
+                            act.open_by_patient.insert(p.clone(), incident.id);
+                        }
+                        // The crews hear of the first round at once; the new actor tracks it.
+                        if let Some(first) = &first {
+                            send_offers(
+                                &incident,
+                                &first.records,
+                                &first.reserved,
+                                first.expires_at,
+                            );
+                        }
+                        let actor =
+                            IncidentActor::created(incident.clone(), version, act.deps.clone());
+                        let addr = act.start_actor(actor, ctx);
+                        // Dispatch starts as soon as the incident exists (notifications are queued).
+                        match first {
+                            Some(first) => addr.do_send(PublishFirstRound(first)),
+                            None => addr.do_send(NextRound),
+                        }
+                        tracing::info!(
+                            incident.id = %incident.id,
+                            incident.reference = %incident.reference,
+                            reserve_ms = reserve.as_secs_f64() * 1e3,
+                            prefetch_wait_ms = prefetch.as_secs_f64() * 1e3,
+                            store_ms = store.as_secs_f64() * 1e3,
+                            "incident created"
+                        );
+                        Ok(Opened {
+                            incident,
+                            created: true,
+                        })
+                    }
+                    Err(e) => Err(e),
+                };
+                let addr = result
+                    .as_ref()
+                    .ok()
+                    .and_then(|o| act.incidents.get(&o.incident.id).cloned());
+                let existing_after_race = match (&result, &patient) {
+                    // Another node holds the patient's open incident (unique constraint).
+                    (Err(IncidentError::Store(StoreError::Conflict(_))), Some(p)) => {
+                        Some(p.clone())
+                    }
+                    _ => None,
+                };
+                let db2 = db.clone();
+                async move {
+                    let result = match (result, existing_after_race) {
+                        (Err(_), Some(p)) => {
+                            let found = db2
+                                .run(move |mut conn| async move {
+                                    store::open_for_patient(&mut conn, &p).await
+                                })
+                                .await?;
+                            match found {
+                                Some(id) => {
+                                    let incident = db2
+                                        .run(move |mut conn| async move {
+                                            store::find(&mut conn, id).await
+                                        })
+                                        .await?
+                                        .map(|(i, _)| i)
+                                        .ok_or(IncidentError::NotFound)?;
+                                    Ok(Opened {
+                                        incident,
+                                        created: false,
+                                    })
+                                }
+                                None => Err(IncidentError::Conflict),
+                            }
+                        }
+                        (r, _) => r,
+                    };
+                    for (waiter, evidence) in waiters {
+                        let answer = match &result {
+                            Ok(opened) => {
+                                let mut incident = opened.incident.clone();
+                                if let (Some(evidence), Some(addr)) = (evidence, &addr)
+                                    && let Ok(Ok(updated)) =
+                                        addr.send(Execute(Command::AddEvidence { evidence })).await
+                                {
+                                    incident = updated;
+                                }
+                                Ok(Opened {
+                                    incident,
+                                    created: false,
+                                })
+                            }
+                            Err(e) => Err(e.to_string()),
+                        };
+                        let _ = waiter.send(answer);
+                    }
+                    result
+                }
+                .into_actor(act)
+            },
+        ))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_come_from_blocks_in_order_and_waiters_are_served_first() {
+        let mut blocks = ReferenceBlocks::default();
+        assert_eq!(blocks.take(2026), None);
+        assert!(blocks.wants_refill(2026));
+        let (tx, mut rx) = oneshot::channel();
+        blocks.waiting.push_back(tx);
+        blocks.install(2026, 1, 3);
+        assert_eq!(rx.try_recv().unwrap(), Some("INC-2026-000001".to_owned()));
+        assert_eq!(blocks.take(2026).as_deref(), Some("INC-2026-000002"));
+        // Low: the next block is reserved while this one still has a number, and follows it.
+        assert!(blocks.wants_refill(2026));
+        blocks.install(2026, 4, 5);
+        assert!(!blocks.wants_refill(2026), "one block ahead at most");
+        let taken: Vec<_> = (0..4).map(|_| blocks.take(2026)).collect();
+        assert_eq!(
+            taken,
+            [
+                Some("INC-2026-000003".to_owned()),
+                Some("INC-2026-000004".to_owned()),
+                Some("INC-2026-000005".to_owned()),
+                None
+            ]
+        );
+        // A new year starts from its own block.
+        blocks.install(2026, 6, 200);
+        assert_eq!(blocks.take(2027), None);
+    }
+}
