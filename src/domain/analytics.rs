@@ -1,7 +1,7 @@
 //! Response-time analytics over NEMSIS intervals (pure): count, mean, p50, p90 and compliance
 //! against a threshold for each interval.
 //!
-//! Intervals (domain.md): call→notified (eTimes.01→.03), turnout (.03→.05), travel
+//! Intervals (docs/domain.md): call→notified (eTimes.01→.03), turnout (.03→.05), travel
 //! (.05→.06), response (.03→.06), on scene (.06→.09), transport (.09→.11), total
 //! (.01→closed). Percentiles use the nearest-rank method on the sorted durations.
 

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 
 use super::ids::{PatientId, TokenId, UnitId};
 
-/// An API role (`api.md` "Conventions").
+/// An API role (`docs/api.md` "Conventions").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {

@@ -1,7 +1,7 @@
 //! Dispatch rules: which ambulance units may be offered a job, in what order, and which
 //! hospital takes the patient.
 //!
-//! The flow (`domain.md`, "Dispatch"):
+//! The flow (`docs/domain.md`, "Dispatch"):
 //!
 //! 1. [`shortlist`]: available units with a fresh position fix, not excluded, the nearest N by
 //!    straight-line (haversine) distance, with a straight-line ETA ([`straight_line_eta_s`]).

@@ -1,6 +1,6 @@
 //! Event envelopes: what the event store records and what consoles receive.
 //!
-//! An event is `{seq, at, kind, incident_id?, unit_id?, device_id?, data}` (`api.md` "Event
+//! An event is `{seq, at, kind, incident_id?, unit_id?, device_id?, data}` (`docs/api.md` "Event
 //! stream"). `seq` is global and gap-free; `version` orders events within one stream (one
 //! incident, one unit, one device) and is the optimistic-concurrency check on append.
 

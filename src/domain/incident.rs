@@ -101,7 +101,7 @@ impl IncidentStatus {
     }
 }
 
-/// How urgent (`api.md`).
+/// How urgent (`docs/api.md`).
 #[derive(
     Clone,
     Copy,

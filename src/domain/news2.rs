@@ -1,5 +1,5 @@
 //! NEWS2, the National Early Warning Score 2 (Royal College of Physicians, 2017), computed
-//! from one [`Reading`] exactly per the table in `domain.md` (SpO2 scale 1).
+//! from one [`Reading`] exactly per the table in `docs/domain.md` (SpO2 scale 1).
 //!
 //! Pure scoring. It must not guess a missing parameter (wearables rarely send blood pressure,
 //! consciousness or oxygen use): a missing parameter is listed in [`News2::missing`], never

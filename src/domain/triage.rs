@@ -124,7 +124,7 @@ impl Band {
     }
 }
 
-/// The triage rule set. `Default` is the `domain.md` rule set; a TOML rules file (see
+/// The triage rule set. `Default` is the `docs/domain.md` rule set; a TOML rules file (see
 /// [`TriageRules::from_toml_str`]) overrides only the keys it gives, unknown keys are rejected:
 ///
 /// ```toml

@@ -4,7 +4,7 @@
 //! Four shapes are accepted and normalised to the same [`Reading`]: the native reading, the
 //! legacy wearable shape (`device`, `metrics`), a FHIR R4 `Observation`, and a FHIR `Bundle` of
 //! Observations; a body is one of those or a batch `{"readings": [..]}` of them. Values are
-//! checked against the physiological ranges in `domain.md`.
+//! checked against the physiological ranges in `docs/domain.md`.
 //!
 //! Pure: no I/O and no clock reads (`now` is passed in). It must not clamp or guess a value,
 //! must not panic on any input, and must not let one bad reading fail the rest of its batch.
@@ -103,7 +103,7 @@ impl Vital {
         }
     }
 
-    /// The physiologically plausible range, inclusive (`domain.md`); values outside it are
+    /// The physiologically plausible range, inclusive (`docs/domain.md`); values outside it are
     /// rejected, never clamped.
     pub fn valid_range(self) -> (f64, f64) {
         match self {
@@ -213,7 +213,7 @@ pub struct IngestLimits {
 }
 
 impl Default for IngestLimits {
-    /// 1,000 readings, 5 minutes ahead, 24 hours old (`api.md`, `domain.md`).
+    /// 1,000 readings, 5 minutes ahead, 24 hours old (`docs/api.md`, `docs/domain.md`).
     fn default() -> Self {
         Self {
             max_batch: 1000,

@@ -1,4 +1,4 @@
-//! Response-time analytics for dispatch centres (`api.md` "Analytics").
+//! Response-time analytics for dispatch centres (`docs/api.md` "Analytics").
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::{DateTime, Utc};

@@ -1,4 +1,4 @@
-//! The event stream for dispatch consoles (`api.md` "Event stream"): a page of events, Server-
+//! The event stream for dispatch consoles (`docs/api.md` "Event stream"): a page of events, Server-
 //! Sent Events honouring `Last-Event-ID`, and the console WebSocket. Every connected console
 //! receives every event (fan-out), in sequence order, with no gap after a reconnect.
 

@@ -1,4 +1,4 @@
-//! Fleet over HTTP (`api.md` "Reference data" and "Crews"): units, hospitals, offers, crew
+//! Fleet over HTTP (`docs/api.md` "Reference data" and "Crews"): units, hospitals, offers, crew
 //! status and position, manual assignment, and the crew WebSocket.
 
 use actix_web::{HttpRequest, HttpResponse, web};

@@ -1,4 +1,4 @@
-//! Incidents over HTTP (`api.md` "Incidents"): create (idempotent), list, detail, cancel.
+//! Incidents over HTTP (`docs/api.md` "Incidents"): create (idempotent), list, detail, cancel.
 //! Handlers validate and authorise, then send a message to the incident directory.
 
 use actix_web::{HttpRequest, HttpResponse, web};
@@ -61,7 +61,7 @@ pub struct NewIncident {
     pub caller: Option<Caller>,
 }
 
-/// The full incident as `api.md` shows it.
+/// The full incident as `docs/api.md` shows it.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct IncidentView {
     /// Id.
@@ -541,7 +541,7 @@ pub async fn cancel(
     Ok(HttpResponse::Ok().json(detail(&state, updated).await?))
 }
 
-/// The invoice as `api.md` shows it.
+/// The invoice as `docs/api.md` shows it.
 pub fn invoice_view(inv: &crate::persistence::invoices::Invoice) -> serde_json::Value {
     let saga = &inv.saga;
     let (covered, due) = saga.insurance.as_ref().map_or((0, saga.amount_cents), |d| {

@@ -1,4 +1,4 @@
-//! The insurance verification service (`api.md` "Billing and insurance"), mounted at
+//! The insurance verification service (`docs/api.md` "Billing and insurance"), mounted at
 //! `/insurance/v1`: in-process by `shers serve`/`demo` (unless `insurance.embedded = false`),
 //! or alone by `shers insurance`. Billing always calls it over HTTP.
 //!

@@ -1,4 +1,4 @@
-//! Reference data: patients and their wearables (`api.md` "Reference data").
+//! Reference data: patients and their wearables (`docs/api.md` "Reference data").
 //!
 //! Creating reference data needs `admin`; reading a patient needs `console` (or `admin`), or a
 //! `patient` token bound to that patient.

@@ -434,7 +434,7 @@ fn normal(b: Baseline, rng: &mut SimRng) -> Baseline {
     }
 }
 
-/// Emergency-range vitals (`domain.md` thresholds) for `profile`.
+/// Emergency-range vitals (`docs/domain.md` thresholds) for `profile`.
 fn emergency(profile: Profile, b: Baseline, rng: &mut SimRng) -> Baseline {
     let (hr, spo2, rr, temp) = match profile {
         Profile::Tachycardia => (

@@ -52,7 +52,7 @@ pub(super) async fn close_offers(
     Ok(out)
 }
 
-/// Why an offer could not be accepted (`api.md`: 409 `{outcome}`).
+/// Why an offer could not be accepted (`docs/api.md`: 409 `{outcome}`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum OfferOutcome {
