@@ -10,6 +10,7 @@ use super::AppState;
 use super::auth::{AdminOnly, Authorized, Policy};
 use super::error::ApiError;
 use super::json::JsonBody;
+use crate::actors::incident::PatientChanged;
 use crate::domain::auth::Role;
 use crate::domain::ids::PatientId;
 use crate::domain::patients::{NewDevice, NewPatient};
@@ -49,6 +50,8 @@ pub async fn create_patient(
             other => other.into(),
         })?;
     tracing::info!(patient.id = %patient.id, "patient registered");
+    // New incidents for this patient need not read them back.
+    state.incidents.do_send(PatientChanged(patient.clone()));
     Ok(HttpResponse::Created()
         .insert_header(("Location", format!("/api/v1/patients/{}", patient.id)))
         .json(patient))

@@ -22,6 +22,7 @@ both_backends!(
     fall_without_movement_escalates,
     fall_with_movement_stands_down,
     movement_in_the_same_second_as_the_fall_stands_it_down,
+    a_device_takes_readings_while_its_emergency_is_dispatched,
     retention_all_keeps_every_reading,
 );
 
@@ -300,6 +301,79 @@ async fn movement_in_the_same_second_as_the_fall_stands_it_down(backend: Backend
         assert_eq!(status, Some(TriageStatus::Normal), "{device}");
     }
     assert!(app.events_of("incident.created").await.is_empty());
+}
+
+/// The device actor is not held while its emergency is handed off and dispatched: with the
+/// routing service holding the first round's ETA request open, an operator's inspection of
+/// the same device is answered while the emergency's own request is still waiting; the
+/// wearer's next reading, a change of status, is stored after the emergency's and answered
+/// once it is; and the emergency still gets its incident once routing gives up.
+async fn a_device_takes_readings_while_its_emergency_is_dispatched(backend: Backend) {
+    // A routing service that accepts connections and answers nothing until released.
+    let routing = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let routing_port = routing.local_addr().unwrap().port();
+    let (asked_tx, mut asked) = tokio::sync::mpsc::channel(8);
+    let held = actix_web::rt::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((conn, _)) = routing.accept().await {
+            open.push(conn);
+            let _ = asked_tx.send(()).await;
+        }
+    });
+    let app = TestApp::builder(backend)
+        .with_settings(|s| {
+            s.routing.base_url = Some(format!("http://127.0.0.1:{routing_port}"));
+            s.routing.timeout_ms = 5_000;
+        })
+        .start()
+        .await;
+    app.add_unit("U-1", 51.511, -0.13, "als").await;
+    app.register_wearer("p-1", "d-1").await;
+
+    let gateway = app.token(Role::Gateway).await;
+    let post = |body: Value| {
+        let (client, url, gateway) = (
+            app.client.clone(),
+            app.url("/api/v1/vitals"),
+            gateway.clone(),
+        );
+        actix_web::rt::spawn(async move {
+            let resp = client
+                .post(url)
+                .bearer_auth(gateway)
+                .json(&body)
+                .send()
+                .await;
+            resp.unwrap().json::<Value>().await.unwrap()
+        })
+    };
+    let first = post(emergency("d-1", 0));
+    // The first round is being ranked: dispatch is under way.
+    asked
+        .recv()
+        .await
+        .expect("dispatch asked the routing service");
+    let inspected = app.get("/admin/actors/device/d-1", Some(Role::Admin)).await;
+    assert_eq!(inspected.status(), 200);
+    assert!(
+        !first.is_finished(),
+        "the device was inspected only after its emergency's dispatch"
+    );
+    let second = post(normal("d-1", 1));
+    // Routing gives up (connections dropped): straight-line fallback, and the incident.
+    held.abort();
+    let first = first.await.unwrap();
+    assert!(first["results"][0]["incident_id"].is_string(), "{first}");
+    let second = second.await.unwrap();
+    assert_eq!(second["results"][0]["status"], "normal", "{second}");
+    // Stored in the order they were measured.
+    let changes: Vec<String> = app
+        .events_of("vitals.status_changed")
+        .await
+        .iter()
+        .map(|e| e.data["to"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(changes, ["emergency", "normal"]);
 }
 
 async fn retention_all_keeps_every_reading(backend: Backend) {

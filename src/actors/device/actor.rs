@@ -17,6 +17,7 @@ use chrono::{DateTime, Utc};
 use futures_util::future::OptionFuture;
 use serde::Serialize;
 use serde_json::json;
+use tokio::sync::oneshot;
 
 use crate::actors::incident::EmergencyDetected;
 pub use crate::config::Retention;
@@ -247,6 +248,10 @@ pub struct DeviceActor {
     phase: Phase,
     messages: u64,
     last_message_at: Option<DateTime<Utc>>,
+    /// Answers whether the device's last change was stored: each batch (or fall verdict)
+    /// stores its change only after the one before, so the actor goes on taking readings
+    /// while an emergency is handed off and dispatched, and changes are still stored in order.
+    stored: Option<oneshot::Receiver<bool>>,
 }
 
 impl DeviceActor {
@@ -265,6 +270,7 @@ impl DeviceActor {
             phase: Phase::Loading(None),
             messages: 0,
             last_message_at: None,
+            stored: None,
         }
     }
 
@@ -341,6 +347,13 @@ impl DeviceActor {
                 ctx.stop();
             }),
         );
+    }
+
+    /// This change's place in line: the answer of the change before it (if any), and the
+    /// sender to answer for this one.
+    fn next_in_line(&mut self) -> (Option<oneshot::Receiver<bool>>, oneshot::Sender<bool>) {
+        let (done, stored) = oneshot::channel();
+        (self.stored.replace(stored), done)
     }
 
     /// Applies one in-order reading to the live state; returns the effective status and a
@@ -448,7 +461,7 @@ impl Actor for DeviceActor {
 }
 
 impl Handler<ProcessReadings> for DeviceActor {
-    type Result = AtomicResponse<Self, Vec<(usize, ReadingOutcome)>>;
+    type Result = ResponseActFuture<Self, Vec<(usize, ReadingOutcome)>>;
 
     fn handle(&mut self, msg: ProcessReadings, ctx: &mut Self::Context) -> Self::Result {
         let now = Utc::now();
@@ -467,23 +480,21 @@ impl Handler<ProcessReadings> for DeviceActor {
             // Answer, then stop: the next reading starts a fresh actor that looks again (the
             // device may have been registered meanwhile, or the database may be back).
             Phase::Unknown => {
-                return AtomicResponse::new(Box::pin(
+                return Box::pin(
                     fut::ready(refuse(ReadingOutcome::UnknownDevice, msg.0)).map(
                         |outcomes, _, ctx: &mut Context<Self>| {
                             ctx.stop();
                             outcomes
                         },
                     ),
-                ));
+                );
             }
             Phase::Loading(_) | Phase::Failed => {
-                return AtomicResponse::new(Box::pin(
-                    fut::ready(refuse(ReadingOutcome::Unavailable, msg.0)).map(
-                        |outcomes, _, ctx: &mut Context<Self>| {
-                            ctx.stop();
-                            outcomes
-                        },
-                    ),
+                return Box::pin(fut::ready(refuse(ReadingOutcome::Unavailable, msg.0)).map(
+                    |outcomes, _, ctx: &mut Context<Self>| {
+                        ctx.stop();
+                        outcomes
+                    },
                 ));
             }
         };
@@ -565,6 +576,10 @@ impl Handler<ProcessReadings> for DeviceActor {
         // an emergency must not wait for the device's own bookkeeping, not even by queueing
         // behind its batch in the writer. The answer waits for both; if the status change
         // failed, the batch is refused (and a retry is deduplicated into the same incident).
+        // The actor is not held meanwhile: its next readings are triaged while this batch's
+        // incident is dispatched, and their changes are stored after this one's.
+        // Only a batch with a change to store takes a place in line.
+        let line = (!changes.is_empty()).then(|| self.next_in_line());
         let work = async move {
             let mut incidents = Vec::with_capacity(handoffs.len());
             let mut handed_off = Ok(());
@@ -581,21 +596,33 @@ impl Handler<ProcessReadings> for DeviceActor {
                     break;
                 }
             }
-            if !changes.is_empty() {
-                persist_changes(
-                    &writer,
-                    persist_id,
-                    persist_patient,
-                    changes,
-                    evidence_rows,
-                    final_status,
-                    last_seen.unwrap_or(now),
-                )
-                .await?;
+            let (before, done) = match line {
+                Some((before, done)) => (before, Some(done)),
+                None => (None, None),
+            };
+            let stored = match in_line(before).await {
+                Err(e) => Err(e),
+                Ok(()) if changes.is_empty() => Ok(()),
+                Ok(()) => {
+                    persist_changes(
+                        &writer,
+                        persist_id,
+                        persist_patient,
+                        changes,
+                        evidence_rows,
+                        final_status,
+                        last_seen.unwrap_or(now),
+                    )
+                    .await
+                }
+            };
+            if let Some(done) = done {
+                let _ = done.send(stored.is_ok());
             }
+            stored?;
             handed_off.map(|()| incidents)
         };
-        AtomicResponse::new(Box::pin(work.into_actor(self).map(
+        Box::pin(work.into_actor(self).map(
             move |result, act, ctx| match result {
                 Ok(incidents) => {
                     for (slot, incident) in incidents {
@@ -614,7 +641,21 @@ impl Handler<ProcessReadings> for DeviceActor {
                         .collect()
                 }
             },
-        )))
+        ))
+    }
+}
+
+/// Waits for the change before this one to be stored; an error if it was not (the actor is
+/// stopping, and its successor reloads the stored state).
+async fn in_line(before: Option<oneshot::Receiver<bool>>) -> Result<(), StoreError> {
+    match before {
+        None => Ok(()),
+        Some(stored) => match stored.await {
+            Ok(true) => Ok(()),
+            _ => Err(StoreError::Unavailable(
+                "an earlier change of this device was not stored".into(),
+            )),
+        },
     }
 }
 
@@ -682,7 +723,7 @@ async fn persist_changes(
 }
 
 impl Handler<CheckTimers> for DeviceActor {
-    type Result = AtomicResponse<Self, Option<TriageStatus>>;
+    type Result = ActorResponse<Self, Option<TriageStatus>>;
 
     fn handle(&mut self, msg: CheckTimers, ctx: &mut Self::Context) -> Self::Result {
         let offline_after =
@@ -693,17 +734,18 @@ impl Handler<CheckTimers> for DeviceActor {
         {
             let status = live.status;
             self.went_offline(ctx);
-            return AtomicResponse::new(Box::pin(fut::ready(Some(status))));
+            // Answered now: the actor stops once `device.offline` is stored.
+            return ActorResponse::reply(Some(status));
         }
-        self.fall_verdict(msg.now, false, ctx)
+        ActorResponse::r#async(self.fall_verdict(msg.now, false, ctx))
     }
 }
 
 impl Handler<CancelFall> for DeviceActor {
-    type Result = AtomicResponse<Self, Option<TriageStatus>>;
+    type Result = ActorResponse<Self, Option<TriageStatus>>;
 
     fn handle(&mut self, msg: CancelFall, ctx: &mut Self::Context) -> Self::Result {
-        self.fall_verdict(msg.now, true, ctx)
+        ActorResponse::r#async(self.fall_verdict(msg.now, true, ctx))
     }
 }
 
@@ -714,10 +756,10 @@ impl DeviceActor {
         now: DateTime<Utc>,
         cancel: bool,
         ctx: &mut Context<Self>,
-    ) -> AtomicResponse<Self, Option<TriageStatus>> {
+    ) -> ResponseActFuture<Self, Option<TriageStatus>> {
         let id = self.id.clone();
         let Some(live) = self.live() else {
-            return AtomicResponse::new(Box::pin(fut::ready(None)));
+            return Box::pin(fut::ready(None));
         };
         let event = if cancel {
             live.fall.on_cancel(now)
@@ -732,12 +774,12 @@ impl DeviceActor {
             ),
             FallEvent::None | FallEvent::Started => {
                 let status = live.status;
-                return AtomicResponse::new(Box::pin(fut::ready(Some(status))));
+                return Box::pin(fut::ready(Some(status)));
             }
         };
         let from = live.status;
         if to == from {
-            return AtomicResponse::new(Box::pin(fut::ready(Some(to))));
+            return Box::pin(fut::ready(Some(to)));
         }
         live.status = to;
         let patient_id = live.patient_id.clone();
@@ -763,17 +805,25 @@ impl DeviceActor {
             Vec::new()
         };
         self.arm_fall_timer(ctx);
+        let (before, done) = self.next_in_line();
         let work = async move {
-            persist_changes(
-                &writer,
-                id.clone(),
-                patient_id.clone(),
-                vec![change],
-                rows,
-                to,
-                last_seen,
-            )
-            .await?;
+            let stored = match in_line(before).await {
+                Ok(()) => {
+                    persist_changes(
+                        &writer,
+                        id.clone(),
+                        patient_id.clone(),
+                        vec![change],
+                        rows,
+                        to,
+                        last_seen,
+                    )
+                    .await
+                }
+                Err(e) => Err(e),
+            };
+            let _ = done.send(stored.is_ok());
+            stored?;
             if to == TriageStatus::Emergency {
                 handoff
                     .send(EmergencyDetected {
@@ -790,16 +840,14 @@ impl DeviceActor {
             }
             Ok::<_, StoreError>(())
         };
-        AtomicResponse::new(Box::pin(work.into_actor(self).map(
-            move |res, act, ctx| match res {
-                Ok(()) => Some(to),
-                Err(e) => {
-                    tracing::warn!(device.id = %act.id, error = %e, "fall verdict not persisted");
-                    ctx.stop();
-                    None
-                }
-            },
-        )))
+        Box::pin(work.into_actor(self).map(move |res, act, ctx| match res {
+            Ok(()) => Some(to),
+            Err(e) => {
+                tracing::warn!(device.id = %act.id, error = %e, "fall verdict not persisted");
+                ctx.stop();
+                None
+            }
+        }))
     }
 }
 

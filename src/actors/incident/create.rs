@@ -2,6 +2,7 @@
 //! the first offer round reserved before the commit, and human references from blocks.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
@@ -17,6 +18,7 @@ use crate::actors::error::ActorError;
 use crate::domain::events::NewEvent;
 use crate::domain::ids::{IncidentId, PatientId};
 use crate::domain::incident::{Command, Incident, handle};
+use crate::domain::patients::Patient;
 use crate::persistence::fleet::{self as fleet_store, OfferRecord};
 use crate::persistence::group::GroupCommit;
 use crate::persistence::incidents::{self as store};
@@ -39,7 +41,7 @@ pub(super) struct FirstRound {
 /// here).
 #[derive(Clone)]
 struct Prefetched {
-    patient: Option<crate::domain::patients::Patient>,
+    patient: Option<Arc<Patient>>,
     reference: String,
 }
 
@@ -50,6 +52,7 @@ async fn prefetch(
     db: &Db,
     reader: Option<DbConn>,
     patient_id: Option<PatientId>,
+    cached: Option<Arc<Patient>>,
     reference: Option<ReferenceTicket>,
 ) -> (Result<Option<Prefetched>, IncidentError>, bool) {
     let Some(reference) = reference else {
@@ -65,12 +68,15 @@ async fn prefetch(
             }
         };
     let patient = async {
-        if patient_id.is_none() {
-            return (Ok(None), false);
+        if cached.is_some() || patient_id.is_none() {
+            return (Ok(cached), false);
         }
         let mut reader_failed = false;
         if let Some(mut conn) = reader {
-            match find_patient(&mut conn, patient_id.as_ref()).await {
+            match find_patient(&mut conn, patient_id.as_ref())
+                .await
+                .map(|p| p.map(Arc::new))
+            {
                 Err(IncidentError::Store(e)) => {
                     tracing::warn!(error = %e, "directory reader failed; reading on the pool");
                     reader_failed = true;
@@ -83,7 +89,8 @@ async fn prefetch(
                 let mut conn = conn.pipelined();
                 find_patient(&mut conn, patient_id.as_ref()).await
             })
-            .await;
+            .await
+            .map(|p| p.map(Arc::new));
         (found, reader_failed)
     };
     let (reference, (patient, reader_failed)) =
@@ -212,7 +219,9 @@ async fn create(
                 let (patient, reference) = match prefetched {
                     Some(Prefetched { patient, reference }) => (patient, reference),
                     None => (
-                        find_patient(tx, req.patient_id.as_ref()).await?,
+                        find_patient(tx, req.patient_id.as_ref())
+                            .await?
+                            .map(Arc::new),
                         store::next_reference(tx, now).await?,
                     ),
                 };
@@ -241,7 +250,8 @@ async fn create(
                     state = offered;
                 }
 
-                let (outbox, queued) = next_of_kin_outbox(patient.as_ref(), id, "incident_created");
+                let (outbox, queued) =
+                    next_of_kin_outbox(patient.as_deref(), id, "incident_created");
                 if one_statement && tx.backend() == crate::persistence::Backend::Postgres {
                     let mut new: Vec<NewEvent> =
                         events.iter().map(|e| to_new_event(id, e)).collect();
@@ -341,7 +351,13 @@ impl Handler<OpenIncident> for IncidentDirectory {
         // the reading to the crew's offer frame instead of two.
         let now = Utc::now();
         let reference = self.reserve_reference(now, ctx);
-        let reader = self.reader(ctx);
+        let cached = req.patient_id.as_ref().and_then(|p| self.patients.get(p));
+        // A cached patient needs no read, so no reader connection either.
+        let reader = if cached.is_some() {
+            None
+        } else {
+            self.reader(ctx)
+        };
         let prefetch_db = db.clone();
         let creation = async move {
             let started = std::time::Instant::now();
@@ -359,8 +375,14 @@ impl Handler<OpenIncident> for IncidentDirectory {
                 (first, started.elapsed())
             };
             let fetch = async {
-                let prefetched =
-                    prefetch(&prefetch_db, reader, req.patient_id.clone(), reference).await;
+                let prefetched = prefetch(
+                    &prefetch_db,
+                    reader,
+                    req.patient_id.clone(),
+                    cached,
+                    reference,
+                )
+                .await;
                 (prefetched, started.elapsed())
             };
             let ((first, reserved), ((prefetched, reader_failed), fetched)) =
@@ -376,6 +398,11 @@ impl Handler<OpenIncident> for IncidentDirectory {
                 .map(|f| f.records.clone())
                 .unwrap_or_default();
             let fetched = fetched.max(reserved);
+            let read_patient = prefetched
+                .as_ref()
+                .ok()
+                .and_then(|p| p.as_ref())
+                .and_then(|p| p.patient.clone());
             let created = match prefetched {
                 Ok(prefetched) => create(writer, id, req, records, prefetched, now).await,
                 Err(e) => Err(e),
@@ -391,13 +418,18 @@ impl Handler<OpenIncident> for IncidentDirectory {
                 fetched.saturating_sub(reserved),
                 started.elapsed().saturating_sub(fetched),
             );
-            (created, first, timing, reader_failed)
+            (created, first, timing, reader_failed, read_patient)
         };
         Box::pin(creation.into_actor(self).then(
-            move |(res, first, (reserve, prefetch, store), reader_failed), act, ctx| {
+            move |(res, first, (reserve, prefetch, store), reader_failed, read_patient),
+                  act,
+                  ctx| {
                 if reader_failed {
                     // Opened again for the next incident.
                     act.reader.conn = None;
+                }
+                if let Some(patient) = read_patient {
+                    act.patients.put(patient);
                 }
                 let waiters = patient
                     .as_ref()

@@ -2,6 +2,7 @@
 //! recovery at start and the messages that reach incidents from outside.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
@@ -22,6 +23,7 @@ use crate::domain::dispatch::unit_claim;
 use crate::domain::geo::LatLng;
 use crate::domain::ids::{DeviceId, IncidentId, OfferId, PatientId, UnitId};
 use crate::domain::incident::{Command, Incident, Priority, Source};
+use crate::domain::patients::Patient;
 use crate::domain::vitals::{GeoPoint, Reading};
 use crate::persistence::events::{self};
 use crate::persistence::fleet::{self as fleet_store};
@@ -111,6 +113,65 @@ pub struct IncidentDirectory {
     references: ReferenceBlocks,
     /// The directory's own connection for the reads a new incident waits for.
     pub(super) reader: Reader,
+    /// Patients a new incident needs (next of kin, home location), so creating one reads
+    /// nothing before its commit: filled by the patient API and by the first read.
+    pub(super) patients: PatientCache,
+}
+
+/// How many patients the directory keeps at most (about 0.3 KiB each).
+pub const PATIENT_CACHE_CAPACITY: usize = 100_000;
+
+/// The directory's patients, bounded by [`PATIENT_CACHE_CAPACITY`]. Patients are created
+/// once and not changed through the API, so an entry never goes stale; when full, an
+/// arbitrary entry makes room (a miss only costs the read the cache saves).
+pub(super) struct PatientCache {
+    entries: HashMap<PatientId, Arc<Patient>>,
+    capacity: usize,
+}
+
+impl Default for PatientCache {
+    fn default() -> Self {
+        Self::with_capacity(PATIENT_CACHE_CAPACITY)
+    }
+}
+
+impl PatientCache {
+    /// An empty cache holding at most `capacity` patients.
+    pub(super) fn with_capacity(capacity: usize) -> Self {
+        Self {
+            entries: HashMap::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// The patient, if cached.
+    pub(super) fn get(&self, id: &PatientId) -> Option<Arc<Patient>> {
+        self.entries.get(id).cloned()
+    }
+
+    /// Caches `patient` (replacing an older copy).
+    pub(super) fn put(&mut self, patient: Arc<Patient>) {
+        if self.entries.len() >= self.capacity
+            && !self.entries.contains_key(&patient.id)
+            && let Some(evicted) = self.entries.keys().next().cloned()
+        {
+            self.entries.remove(&evicted);
+        }
+        self.entries.insert(patient.id.clone(), patient);
+    }
+}
+
+/// A patient was registered (or changed): new incidents for them need not read it.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct PatientChanged(pub Patient);
+
+impl Handler<PatientChanged> for IncidentDirectory {
+    type Result = ();
+
+    fn handle(&mut self, msg: PatientChanged, _: &mut Self::Context) {
+        self.patients.put(Arc::new(msg.0));
+    }
 }
 
 /// A connection of the directory's own (PostgreSQL) for the reads a new incident waits for
@@ -140,6 +201,7 @@ impl IncidentDirectory {
             creating: HashMap::new(),
             references: ReferenceBlocks::default(),
             reader: Reader::default(),
+            patients: PatientCache::default(),
         }
     }
 
@@ -561,4 +623,46 @@ pub struct EmergencyDetected {
     pub detected_at: DateTime<Utc>,
     /// Whether this reading turned the device's status to emergency (false: still emergency).
     pub onset: bool,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn patient(id: &str) -> Arc<Patient> {
+        Arc::new(Patient {
+            id: PatientId::from(id),
+            name: "N".to_owned(),
+            date_of_birth: None,
+            home_location: None,
+            insurance: None,
+            next_of_kin: Vec::new(),
+            created_at: Utc::now(),
+        })
+    }
+
+    #[test]
+    fn the_patient_cache_is_bounded_and_keeps_the_newest() {
+        let mut cache = PatientCache::with_capacity(2);
+        cache.put(patient("a"));
+        cache.put(patient("b"));
+        cache.put(patient("c"));
+        let held = ["a", "b", "c"]
+            .iter()
+            .filter(|id| cache.get(&PatientId::from(**id)).is_some())
+            .count();
+        assert_eq!(held, 2);
+        assert!(
+            cache.get(&PatientId::from("c")).is_some(),
+            "the newest stays"
+        );
+        // Replacing an entry never evicts another.
+        cache.put(patient("c"));
+        let held = ["a", "b", "c"]
+            .iter()
+            .filter(|id| cache.get(&PatientId::from(**id)).is_some())
+            .count();
+        assert_eq!(held, 2);
+    }
 }

@@ -13,7 +13,7 @@ use super::create::FirstRound;
 use super::{ForwardDecline, IncidentActor, IncidentError, OfferGroup, PendingOffer, persist};
 use crate::actors::error::ActorError;
 use crate::actors::unit::{
-    ACTOR_TIMEOUT, Commit, FindCandidates, Fleet, OfferFrame, PublishOffer, Release, Reserve,
+    ACTOR_TIMEOUT, Commit, Fleet, OfferFrame, PublishOffer, Release, ReserveRound, ReservedUnit,
     StopWaiting, Uncommit, UnitAddr, WaitForUnit,
 };
 use crate::config::DispatchSettings;
@@ -112,14 +112,11 @@ pub struct ManualAssign {
 }
 
 /// Units reserved for one offer round: the offer id, the ranked candidate and its actor.
-pub(super) type Reserved = Vec<(
-    OfferId,
-    crate::domain::dispatch::Candidate,
-    Addr<crate::actors::unit::AmbulanceActor>,
-)>;
+/// The units reserved for a round, in rank order.
+pub(super) type Reserved = Vec<ReservedUnit>;
 
-/// Ranks the available units for a scene and reserves the best `offers_per_round` of them
-/// for `incident` (each unit's actor arbitrates its own commitments). Nothing is stored.
+/// Ranks and reserves a round's units with one message to the fleet; answers them with the
+/// round's expiry.
 pub(super) async fn reserve_round(
     fleet: Addr<Fleet>,
     id: IncidentId,
@@ -128,38 +125,21 @@ pub(super) async fn reserve_round(
     exclude: HashSet<UnitId>,
     settings: DispatchSettings,
 ) -> (Reserved, DateTime<Utc>) {
-    let candidates = fleet
-        .send(FindCandidates {
+    let expires_at =
+        Utc::now() + chrono::Duration::seconds(i64::try_from(settings.offer_ttl_s).unwrap_or(30));
+    let reserved = fleet
+        .send(ReserveRound {
+            incident_id: id,
             scene,
             priority,
             exclude,
+            k: settings.offers_per_round.max(1),
+            expires_at,
         })
-        .timeout(ACTOR_TIMEOUT)
+        // The fleet's own asks are bounded by ACTOR_TIMEOUT; allow for them and the ranking.
+        .timeout(ACTOR_TIMEOUT * 2)
         .await
         .unwrap_or_default();
-    let expires_at =
-        Utc::now() + chrono::Duration::seconds(i64::try_from(settings.offer_ttl_s).unwrap_or(30));
-    let mut reserved = Vec::new();
-    for c in candidates {
-        if reserved.len() >= settings.offers_per_round.max(1) {
-            break;
-        }
-        let Ok(Some(addr)) = fleet.send(UnitAddr(c.unit_id.clone())).await else {
-            continue;
-        };
-        let offer_id = OfferId::new_v7();
-        if let Ok(Ok(())) = addr
-            .send(Reserve {
-                offer_id,
-                incident_id: id,
-                expires_at,
-            })
-            .timeout(ACTOR_TIMEOUT)
-            .await
-        {
-            reserved.push((offer_id, c, addr));
-        }
-    }
     (reserved, expires_at)
 }
 
@@ -173,22 +153,28 @@ pub(super) fn offer_records(
 ) -> Vec<OfferRecord> {
     reserved
         .iter()
-        .map(|(offer_id, c, _)| OfferRecord {
-            id: *offer_id,
-            incident_id: incident,
-            unit_id: c.unit_id.clone(),
-            round,
-            status: "pending".to_owned(),
-            eta_s: c.eta_s,
-            reason: serde_json::to_value(c.reason)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default(),
-            offered_at: now,
-            expires_at,
-            responded_at: None,
-            decline_reason: None,
-        })
+        .map(
+            |ReservedUnit {
+                 offer_id,
+                 candidate: c,
+                 ..
+             }| OfferRecord {
+                id: *offer_id,
+                incident_id: incident,
+                unit_id: c.unit_id.clone(),
+                round,
+                status: "pending".to_owned(),
+                eta_s: c.eta_s,
+                reason: serde_json::to_value(c.reason)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                offered_at: now,
+                expires_at,
+                responded_at: None,
+                decline_reason: None,
+            },
+        )
         .collect()
 }
 
@@ -200,7 +186,7 @@ pub(super) fn send_offers(
     expires_at: DateTime<Utc>,
 ) {
     let (priority, location) = (state.priority, state.location);
-    for (record, (_, _, addr)) in records.iter().zip(reserved.iter()) {
+    for (record, ReservedUnit { addr, .. }) in records.iter().zip(reserved.iter()) {
         addr.do_send(PublishOffer {
             offer_id: record.id,
             frame: OfferFrame {
@@ -216,7 +202,7 @@ pub(super) fn send_offers(
 }
 
 pub(super) fn release_all(reserved: &Reserved) {
-    for (offer_id, _, addr) in reserved {
+    for ReservedUnit { offer_id, addr, .. } in reserved {
         addr.do_send(Release {
             offer_id: *offer_id,
             reason: "cancelled",
@@ -465,7 +451,7 @@ impl Handler<NextRound> for IncidentActor {
                 return fut;
             }
             // 2b. Record the round and its offers before anyone is told.
-            let unit_ids: Vec<UnitId> = reserved.iter().map(|(_, c, _)| c.unit_id.clone()).collect();
+            let unit_ids: Vec<UnitId> = reserved.iter().map(|r| r.candidate.unit_id.clone()).collect();
             let (next, events) = match handle(Some(&state), &Command::RecordOffers { unit_ids }, now) {
                 Ok(x) => x,
                 Err(e) => {

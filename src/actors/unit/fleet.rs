@@ -8,15 +8,16 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
+use futures_util::future::join_all;
 use serde_json::{Value, json};
 
-use super::{AmbulanceActor, Reconcile};
+use super::{ACTOR_TIMEOUT, AmbulanceActor, Reconcile, Reserve};
 use crate::domain::dispatch::{
     Candidate, CandidateQuery, FleetIndex, HospitalSnapshot, UnitClaim, UnitSnapshot, UnitStatus,
     choose_hospital, rank, shortlist,
 };
 use crate::domain::geo::LatLng;
-use crate::domain::ids::{HospitalId, IncidentId, UnitId};
+use crate::domain::ids::{HospitalId, IncidentId, OfferId, UnitId};
 use crate::domain::incident::Priority;
 use crate::integrations::routing::RoutingWithFallback;
 use crate::persistence::fleet::{self as store, HospitalRecord, UnitRecord};
@@ -306,22 +307,43 @@ impl Handler<AllUnits> for Fleet {
     }
 }
 
-/// Rank candidate units for a scene.
+/// Rank the units for a scene and reserve the best `k` that accept, in one message: the
+/// incident gets its round back without asking for each unit's address and reservation in
+/// turn. Units are asked concurrently; a unit that refuses (busy, or its actor stopped: the
+/// sweep starts it again) is replaced by the next in rank. Answers the reserved units in
+/// rank order with their offer ids.
 #[derive(Message, Debug)]
-#[rtype(result = "Vec<Candidate>")]
-pub struct FindCandidates {
+#[rtype(result = "Vec<ReservedUnit>")]
+pub struct ReserveRound {
+    /// The incident offered.
+    pub incident_id: IncidentId,
     /// The scene.
     pub scene: LatLng,
     /// Priority.
     pub priority: Priority,
     /// Units that declined or let an offer lapse.
     pub exclude: HashSet<UnitId>,
+    /// How many units to reserve.
+    pub k: usize,
+    /// When the offers lapse.
+    pub expires_at: DateTime<Utc>,
 }
 
-impl Handler<FindCandidates> for Fleet {
-    type Result = ResponseFuture<Vec<Candidate>>;
+/// A unit reserved for an offer round.
+#[derive(Debug, Clone)]
+pub struct ReservedUnit {
+    /// The offer it is reserved under.
+    pub offer_id: OfferId,
+    /// Why it was chosen (rank, ETA).
+    pub candidate: Candidate,
+    /// Its actor.
+    pub addr: Addr<AmbulanceActor>,
+}
 
-    fn handle(&mut self, msg: FindCandidates, _: &mut Self::Context) -> Self::Result {
+impl Handler<ReserveRound> for Fleet {
+    type Result = ResponseFuture<Vec<ReservedUnit>>;
+
+    fn handle(&mut self, msg: ReserveRound, _: &mut Self::Context) -> Self::Result {
         let now = Utc::now();
         let query = CandidateQuery::new(msg.scene, now, &msg.exclude, msg.priority);
         let units = &self.units;
@@ -334,18 +356,57 @@ impl Handler<FindCandidates> for Fleet {
             .collect();
         let shortlisted = shortlist(snapshots.iter(), &query);
         let routing = self.routing.clone();
-        let positions: Vec<LatLng> = shortlisted
-            .iter()
-            .filter_map(|c| self.units.get(&c.unit_id).map(|e| e.snapshot.position))
-            .collect();
-        let priority = msg.priority;
-        let scene = msg.scene;
+        let mut positions = Vec::with_capacity(shortlisted.len());
+        let mut addrs = HashMap::with_capacity(shortlisted.len());
+        for c in &shortlisted {
+            if let Some(e) = self.units.get(&c.unit_id) {
+                positions.push(e.snapshot.position);
+                if e.addr.connected() {
+                    addrs.insert(c.unit_id.clone(), e.addr.clone());
+                }
+            }
+        }
+        let ReserveRound {
+            incident_id,
+            scene,
+            priority,
+            k,
+            expires_at,
+            ..
+        } = msg;
         Box::pin(async move {
-            if shortlisted.is_empty() {
-                return shortlisted;
+            if shortlisted.is_empty() || k == 0 {
+                return Vec::new();
             }
             let (etas, routed) = routing.etas(&positions, &scene).await;
-            rank(shortlisted, routed.then_some(etas.as_slice()), priority)
+            let mut ranked = rank(shortlisted, routed.then_some(etas.as_slice()), priority)
+                .into_iter()
+                .filter_map(|c| addrs.get(&c.unit_id).cloned().map(|addr| (c, addr)));
+            let mut reserved = Vec::with_capacity(k);
+            while reserved.len() < k {
+                let batch: Vec<_> = ranked.by_ref().take(k - reserved.len()).collect();
+                if batch.is_empty() {
+                    break;
+                }
+                let asks = batch.into_iter().map(|(candidate, addr)| async move {
+                    let offer_id = OfferId::new_v7();
+                    let ask = addr.send(Reserve {
+                        offer_id,
+                        incident_id,
+                        expires_at,
+                    });
+                    match ask.timeout(ACTOR_TIMEOUT).await {
+                        Ok(Ok(())) => Some(ReservedUnit {
+                            offer_id,
+                            candidate,
+                            addr,
+                        }),
+                        _ => None,
+                    }
+                });
+                reserved.extend(join_all(asks).await.into_iter().flatten());
+            }
+            reserved
         })
     }
 }
