@@ -697,24 +697,18 @@ mod tests {
     use std::sync::{Arc, Mutex};
     use std::time::Instant;
 
-    use actix_web::dev::ServerHandle;
-    use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+    use actix_web::{HttpRequest, HttpResponse, web};
     use serde_json::json;
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
     use tokio::net::{TcpListener, TcpStream};
     use tracing::instrument::WithSubscriber;
 
     use super::*;
+    use crate::integrations::fake_http::{FakeHttp, free_port, header, install_crypto};
 
     const PHONE: &str = "+15551234567";
     const EMAIL: &str = "jane.doe@example.org";
     const KEY: &str = "unit_assigned-0a1b2c3d";
-
-    fn install_crypto() {
-        rustls::crypto::ring::default_provider()
-            .install_default()
-            .ok();
-    }
 
     fn outgoing(channel: Channel, to: &str) -> Outgoing {
         Outgoing {
@@ -744,14 +738,6 @@ mod tests {
         ] {
             assert!(!text.contains(secret), "{secret} in {text}");
         }
-    }
-
-    fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
     }
 
     /// Collects formatted log output of one future.
@@ -962,13 +948,6 @@ mod tests {
         seen: Mutex<Vec<SeenSms>>,
     }
 
-    fn header(req: &HttpRequest, name: &str) -> Option<String> {
-        req.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    }
-
     /// `/{mode}/2010-04-01/Accounts/{sid}/Messages.json`: the first segment picks the answer.
     /// `web::Form` decodes with actix's own parser (and rejects a wrong content type).
     async fn twilio_messages(
@@ -1007,48 +986,22 @@ mod tests {
         }
     }
 
-    struct Fake<S: 'static> {
-        addr: String,
-        state: web::Data<S>,
-        handle: ServerHandle,
-    }
-
-    impl<S: 'static> Fake<S> {
-        async fn stop(self) {
-            self.handle.stop(false).await;
-        }
-    }
+    /// The fake Twilio and the webhook receiver share the server scaffolding.
+    type Fake<S> = FakeHttp<S>;
 
     impl Fake<FakeTwilio> {
         async fn start() -> Self {
-            install_crypto();
-            let state = web::Data::new(FakeTwilio::default());
-            let data = state.clone();
-            let server = HttpServer::new(move || {
-                App::new().app_data(data.clone()).route(
+            FakeHttp::serve(FakeTwilio::default(), |cfg| {
+                cfg.route(
                     "/{mode}/2010-04-01/Accounts/{sid}/Messages.json",
                     web::post().to(twilio_messages),
-                )
+                );
             })
-            .workers(1)
-            .disable_signals()
-            .shutdown_timeout(0)
-            .bind(("127.0.0.1", 0))
-            .unwrap();
-            let addr = server.addrs()[0];
-            let server = server.run();
-            let handle = server.handle();
-            actix_web::rt::spawn(server);
-            Self {
-                addr: format!("http://{addr}"),
-                state,
-                handle,
-            }
         }
 
         fn twilio(&self, mode: &str, timeout: Duration) -> TwilioSms {
             TwilioSms::new(
-                &format!("{}/{mode}/", self.addr),
+                &format!("{}/{mode}/", self.url),
                 "AC123",
                 "tok3n",
                 "+15550000000",
@@ -1502,32 +1455,13 @@ mod tests {
 
     impl Fake<FakeHook> {
         async fn start() -> Self {
-            install_crypto();
-            let state = web::Data::new(FakeHook::default());
-            let data = state.clone();
-            let server = HttpServer::new(move || {
-                App::new()
-                    .app_data(data.clone())
-                    .route("/{mode}/hook", web::post().to(hook))
+            FakeHttp::serve(FakeHook::default(), |cfg| {
+                cfg.route("/{mode}/hook", web::post().to(hook));
             })
-            .workers(1)
-            .disable_signals()
-            .shutdown_timeout(0)
-            .bind(("127.0.0.1", 0))
-            .unwrap();
-            let addr = server.addrs()[0];
-            let server = server.run();
-            let handle = server.handle();
-            actix_web::rt::spawn(server);
-            Self {
-                addr: format!("http://{addr}"),
-                state,
-                handle,
-            }
         }
 
         fn webhook(&self, mode: &str, secret: &[u8], timeout: Duration) -> SignedWebhook {
-            SignedWebhook::new(&format!("{}/{mode}/hook", self.addr), secret, timeout).unwrap()
+            SignedWebhook::new(&format!("{}/{mode}/hook", self.url), secret, timeout).unwrap()
         }
 
         fn seen(&self) -> Vec<SeenHook> {

@@ -908,12 +908,12 @@ mod tests {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use actix_web::dev::ServerHandle;
-    use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+    use actix_web::{HttpRequest, HttpResponse, web};
     use serde_json::{Value, json};
 
     use super::*;
     use crate::domain::billing::{Step, idempotency_key};
+    use crate::integrations::fake_http::{FakeHttp, free_port, header, install_crypto};
 
     const API_KEY: &str = "sk_test_4eC39HqLyjWDarjtT1zdp7dc";
     const INCIDENT: &str = "0190f1e2-aaaa-7bbb-8ccc-123456789abc";
@@ -1044,12 +1044,6 @@ mod tests {
 
     // ---- a real local fake Stripe ----------------------------------------------------------
 
-    fn install_crypto() {
-        rustls::crypto::ring::default_provider()
-            .install_default()
-            .ok();
-    }
-
     /// One request as the fake saw it.
     #[derive(Clone, Debug)]
     struct Seen {
@@ -1075,12 +1069,6 @@ mod tests {
         fn seen(&self) -> Vec<Seen> {
             self.seen.lock().unwrap().clone()
         }
-    }
-
-    fn header(req: &HttpRequest, name: &str) -> Option<String> {
-        req.headers()
-            .get(name)
-            .map(|v| v.to_str().unwrap().to_owned())
     }
 
     fn stripe_error(kind: &str, code: Option<&str>, message: &str) -> Value {
@@ -1239,55 +1227,28 @@ mod tests {
         HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap()).json(json)
     }
 
-    struct Fake {
-        addr: String,
-        state: web::Data<FakeStripe>,
-        handle: ServerHandle,
-    }
+    type Fake = FakeHttp<FakeStripe>;
 
     impl Fake {
         async fn start() -> Self {
-            install_crypto();
-            let state = web::Data::new(FakeStripe::default());
-            let data = state.clone();
-            let server = HttpServer::new(move || {
-                App::new()
-                    .app_data(data.clone())
-                    .route("/{mode}/v1/payment_intents", web::post().to(create))
+            FakeHttp::serve(FakeStripe::default(), |cfg| {
+                cfg.route("/{mode}/v1/payment_intents", web::post().to(create))
                     .route(
                         "/{mode}/v1/payment_intents/{id}/cancel",
                         web::post().to(cancel),
                     )
                     .route("/{mode}/v1/payment_intents/{id}", web::get().to(retrieve))
-                    .route("/{mode}/v1/refunds", web::post().to(refund))
+                    .route("/{mode}/v1/refunds", web::post().to(refund));
             })
-            .workers(1)
-            .disable_signals()
-            .shutdown_timeout(0)
-            .bind(("127.0.0.1", 0))
-            .unwrap();
-            let addr = server.addrs()[0];
-            let server = server.run();
-            let handle = server.handle();
-            actix_web::rt::spawn(server);
-            Self {
-                addr: format!("http://{addr}"),
-                state,
-                handle,
-            }
         }
 
         fn client(&self, mode: &str) -> StripeClient {
             StripeClient::new(
-                &format!("{}/{mode}", self.addr),
+                &format!("{}/{mode}", self.url),
                 API_KEY,
                 Duration::from_secs(2),
             )
             .unwrap()
-        }
-
-        async fn stop(self) {
-            self.handle.stop(false).await;
         }
     }
 
@@ -1517,7 +1478,7 @@ mod tests {
     async fn timeout_is_transient() {
         let fake = Fake::start().await;
         let client = StripeClient::new(
-            &format!("{}/slow", fake.addr),
+            &format!("{}/slow", fake.url),
             API_KEY,
             Duration::from_millis(200),
         )
@@ -1541,13 +1502,8 @@ mod tests {
     #[actix_web::test]
     async fn connection_refused_is_transient() {
         install_crypto();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
         let client = StripeClient::new(
-            &format!("http://127.0.0.1:{port}"),
+            &format!("http://127.0.0.1:{}", free_port()),
             API_KEY,
             Duration::from_secs(2),
         )

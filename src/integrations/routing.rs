@@ -507,11 +507,11 @@ impl RoutingWithFallback {
 mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
 
-    use actix_web::dev::ServerHandle;
-    use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+    use actix_web::{HttpRequest, HttpResponse, web};
     use serde_json::json;
 
     use super::*;
+    use crate::integrations::fake_http::{FakeHttp, free_port, install_crypto};
 
     /// Unit positions (Berlin) and the scene; the adapter sends them as lon,lat.
     const SOURCES: [LatLng; 3] = [
@@ -654,12 +654,6 @@ mod tests {
 
     // ---- a real local fake OSRM -----------------------------------------------------------
 
-    fn install_crypto() {
-        rustls::crypto::ring::default_provider()
-            .install_default()
-            .ok();
-    }
-
     /// What the fake saw and how it behaves.
     #[derive(Default)]
     struct FakeOsrm {
@@ -714,48 +708,21 @@ mod tests {
         }
     }
 
-    struct Fake {
-        addr: String,
-        state: web::Data<FakeOsrm>,
-        handle: ServerHandle,
-    }
+    type Fake = FakeHttp<FakeOsrm>;
 
     impl Fake {
         async fn start() -> Self {
-            install_crypto();
-            let state = web::Data::new(FakeOsrm::default());
-            let data = state.clone();
-            let server = HttpServer::new(move || {
-                App::new()
-                    .app_data(data.clone())
-                    .route("/{mode}/table/v1/driving/{coords}", web::get().to(table))
+            FakeHttp::serve(FakeOsrm::default(), |cfg| {
+                cfg.route("/{mode}/table/v1/driving/{coords}", web::get().to(table));
             })
-            .workers(1)
-            .disable_signals()
-            .shutdown_timeout(0)
-            .bind(("127.0.0.1", 0))
-            .unwrap();
-            let addr = server.addrs()[0];
-            let server = server.run();
-            let handle = server.handle();
-            actix_web::rt::spawn(server);
-            Self {
-                addr: format!("http://{addr}"),
-                state,
-                handle,
-            }
         }
 
         fn base(&self, mode: &str) -> String {
-            format!("{}/{mode}", self.addr)
+            format!("{}/{mode}", self.url)
         }
 
         fn osrm(&self, mode: &str) -> OsrmRouting {
             OsrmRouting::new(&self.base(mode), Duration::from_secs(2)).unwrap()
-        }
-
-        async fn stop(self) {
-            self.handle.stop(false).await;
         }
     }
 
@@ -844,13 +811,11 @@ mod tests {
     #[actix_web::test]
     async fn connection_refused_is_a_transport_error_without_coordinates() {
         install_crypto();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let osrm =
-            OsrmRouting::new(&format!("http://127.0.0.1:{port}"), Duration::from_secs(2)).unwrap();
+        let osrm = OsrmRouting::new(
+            &format!("http://127.0.0.1:{}", free_port()),
+            Duration::from_secs(2),
+        )
+        .unwrap();
         let e = osrm.durations(&SOURCES, &SCENE).await.unwrap_err();
         assert!(matches!(e, RoutingError::Transport(_)), "{e:?}");
         assert_eq!(e.kind(), "transport");

@@ -7,7 +7,7 @@ use shers::domain::auth::Role;
 use shers::persistence::Backend;
 
 use crate::both_backends;
-use crate::helpers::TestApp;
+use crate::helpers::{TestApp, api};
 
 both_backends!(role_matrix, revoked_tokens_stop_working, token_admin_api);
 
@@ -74,7 +74,7 @@ async fn role_matrix(backend: Backend) {
 
     // Tokens in the query string are honoured only for WebSocket upgrades.
     let token = app.token(Role::Console).await;
-    let url = app.url(&format!("/api/v1/whoami?access_token={token}"));
+    let url = app.url(&format!("{}?access_token={token}", api::WHOAMI));
     let plain = app.client.get(&url).send().await.unwrap();
     assert_eq!(plain.status(), StatusCode::UNAUTHORIZED);
     let upgrade = app
@@ -93,17 +93,8 @@ async fn role_matrix(backend: Backend) {
 async fn revoked_tokens_stop_working(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let victim = app.create_token(Role::Gateway).await;
-    let whoami = |t: String| {
-        let req = app.client.get(app.url("/api/v1/whoami")).bearer_auth(t);
-        async move { req.send().await.unwrap() }
-    };
-    assert_eq!(whoami(victim.clone()).await.status(), StatusCode::OK);
-    let list: Value = app
-        .get("/admin/tokens", Some(Role::Admin))
-        .await
-        .json()
-        .await
-        .unwrap();
+    assert_eq!(app.whoami(&victim).await.status(), StatusCode::OK);
+    let list: Value = app.tokens(Role::Admin).await.json().await.unwrap();
     let id = list["items"]
         .as_array()
         .unwrap()
@@ -113,35 +104,22 @@ async fn revoked_tokens_stop_working(backend: Backend) {
         .as_str()
         .unwrap()
         .to_owned();
-    let revoke = app
-        .post_json(
-            &format!("/admin/tokens/{id}/revoke"),
-            Some(Role::Admin),
-            &json!({}),
-        )
-        .await;
+    let revoke = app.revoke_token(&id, Role::Admin).await;
     assert_eq!(revoke.status(), StatusCode::NO_CONTENT);
     assert_eq!(
-        whoami(victim).await.status(),
+        app.whoami(&victim).await.status(),
         StatusCode::UNAUTHORIZED,
         "revocation is immediate"
     );
-    let again = app
-        .post_json(
-            &format!("/admin/tokens/{id}/revoke"),
-            Some(Role::Admin),
-            &json!({}),
-        )
-        .await;
+    let again = app.revoke_token(&id, Role::Admin).await;
     assert_eq!(again.status(), StatusCode::NOT_FOUND);
 }
 
 async fn token_admin_api(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let created = app
-        .post_json(
-            "/admin/tokens",
-            Some(Role::Admin),
+        .issue_token(
+            Role::Admin,
             &json!({"role": "crew", "unit_id": "M-12", "name": "Medic 12"}),
         )
         .await;
@@ -149,25 +127,11 @@ async fn token_admin_api(backend: Backend) {
     let body: Value = created.json().await.unwrap();
     let token = body["token"].as_str().unwrap().to_owned();
     assert_eq!(body["unit_id"], "M-12");
-    let me: Value = app
-        .client
-        .get(app.url("/api/v1/whoami"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let me: Value = app.whoami(&token).await.json().await.unwrap();
     assert_eq!(me["role"], "crew");
     assert_eq!(me["unit_id"], "M-12");
 
-    let list: Value = app
-        .get("/admin/tokens", Some(Role::Admin))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let list: Value = app.tokens(Role::Admin).await.json().await.unwrap();
     let text = list.to_string();
     assert!(!text.contains(&token), "secrets are never listed");
     assert!(
@@ -176,22 +140,14 @@ async fn token_admin_api(backend: Backend) {
     );
 
     let missing_unit = app
-        .post_json(
-            "/admin/tokens",
-            Some(Role::Admin),
-            &json!({"role": "crew", "name": "x"}),
-        )
+        .issue_token(Role::Admin, &json!({"role": "crew", "name": "x"}))
         .await;
     assert_eq!(missing_unit.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let body: Value = missing_unit.json().await.unwrap();
     assert_eq!(body["errors"][0]["pointer"], "/unit_id");
 
     let console = app
-        .post_json(
-            "/admin/tokens",
-            Some(Role::Console),
-            &json!({"role": "admin", "name": "escalate"}),
-        )
+        .issue_token(Role::Console, &json!({"role": "admin", "name": "escalate"}))
         .await;
     assert_eq!(
         console.status(),
@@ -205,9 +161,8 @@ both_backends!(acknowledged_tokens_survive_an_abrupt_stop);
 async fn acknowledged_tokens_survive_an_abrupt_stop(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let created: Value = app
-        .post_json(
-            "/admin/tokens",
-            Some(Role::Admin),
+        .issue_token(
+            Role::Admin,
             &json!({"role": "console", "name": "night desk"}),
         )
         .await
@@ -217,13 +172,7 @@ async fn acknowledged_tokens_survive_an_abrupt_stop(backend: Backend) {
     let token = created["token"].as_str().unwrap().to_owned();
     let tdb = app.kill().await;
     let app = TestApp::builder(backend).start_on(tdb).await;
-    let resp = app
-        .client
-        .get(app.url("/api/v1/whoami"))
-        .bearer_auth(&token)
-        .send()
-        .await
-        .unwrap();
+    let resp = app.whoami(&token).await;
     assert_eq!(resp.status(), StatusCode::OK);
 }
 
@@ -242,12 +191,7 @@ async fn the_internal_billing_token_lives_as_long_as_the_server(backend: Backend
             .cloned()
             .collect()
     };
-    let tokens: Value = app
-        .get("/admin/tokens", Some(Role::Admin))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let tokens: Value = app.tokens(Role::Admin).await.json().await.unwrap();
     let running = internal(&tokens);
     assert_eq!(running.len(), 1, "{tokens}");
     assert!(running[0]["revoked_at"].is_null());
@@ -257,12 +201,7 @@ async fn the_internal_billing_token_lives_as_long_as_the_server(backend: Backend
     let app = TestApp::builder(backend).start_on(tdb).await;
     let mut revoked = false;
     for _ in 0..100 {
-        let tokens: Value = app
-            .get("/admin/tokens", Some(Role::Admin))
-            .await
-            .json()
-            .await
-            .unwrap();
+        let tokens: Value = app.tokens(Role::Admin).await.json().await.unwrap();
         let all = internal(&tokens);
         let old = all.iter().find(|t| t["id"] == id).unwrap();
         if !old["revoked_at"].is_null() {

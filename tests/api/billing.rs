@@ -8,7 +8,7 @@ use shers::domain::auth::Role;
 use shers::persistence::Backend;
 
 use crate::both_backends;
-use crate::helpers::TestApp;
+use crate::helpers::{TestApp, api};
 
 both_backends!(
     partial_coverage_is_charged_and_closes,
@@ -24,9 +24,8 @@ async fn run_to_hospital(
     coverage_cents: i64,
 ) -> String {
     let resp = app
-        .post_json(
-            "/api/v1/patients",
-            Some(Role::Admin),
+        .create_patient(
+            Role::Admin,
             &json!({"id": patient, "name": "Billed Patient", "home_location": {"lat": SCENE.0, "lng": SCENE.1},
                     "insurance": {"provider": "Acme Health", "member_id": member_id},
                     "next_of_kin": [{"name": "Kin", "email": "kin@example.org"}]}),
@@ -34,25 +33,20 @@ async fn run_to_hospital(
         .await;
     assert_eq!(resp.status(), StatusCode::CREATED);
     let resp = app
-        .post_json(
-            "/insurance/v1/policies",
-            Some(Role::Admin),
+        .create_policy(
+            Role::Admin,
             &json!({"patient_id": patient, "provider": "Acme Health", "member_id": member_id, "coverage_cents": coverage_cents}),
         )
         .await;
     assert_eq!(resp.status(), StatusCode::CREATED);
     app.add_unit("A1", SCENE.0 + 0.002, SCENE.1, "als").await;
     let resp = app
-        .post_json("/api/v1/hospitals", Some(Role::Admin),
+        .create_hospital(Role::Admin,
             &json!({"id": "h1", "name": "General", "location": {"lat": SCENE.0 + 0.1, "lng": SCENE.1}, "capacity": 3}))
         .await;
     assert_eq!(resp.status(), StatusCode::CREATED);
     let body: Value = app
-        .post_json(
-            "/api/v1/incidents",
-            Some(Role::Console),
-            &json!({"patient_id": patient}),
-        )
+        .create_incident(Role::Console, &json!({"patient_id": patient}))
         .await
         .json()
         .await
@@ -68,19 +62,11 @@ async fn run_to_hospital(
     let offer = incident["offers"][0]["id"].as_str().unwrap().to_owned();
     let token = app.crew_token("A1").await;
     assert_eq!(
-        app.crew_post(
-            &token,
-            &format!("/api/v1/offers/{offer}/accept"),
-            &json!({})
-        )
-        .await
-        .status(),
+        app.accept_offer(&token, &offer).await.status(),
         StatusCode::OK
     );
     for s in ["enroute", "on_scene", "transporting", "at_hospital"] {
-        let resp = app
-            .crew_post(&token, "/api/v1/units/A1/status", &json!({"status": s}))
-            .await;
+        let resp = app.unit_status(&token, "A1", s).await;
         assert_eq!(resp.status(), StatusCode::OK, "{s}");
     }
     id
@@ -101,12 +87,7 @@ async fn partial_coverage_is_charged_and_closes(backend: Backend) {
     assert_eq!(invoice["covered_cents"], 40_000);
     assert_eq!(invoice["patient_due_cents"], amount - 40_000);
     assert_eq!(invoice["sandbox"], true);
-    let resp = app
-        .get(
-            &format!("/api/v1/incidents/{id}/invoice"),
-            Some(Role::Console),
-        )
-        .await;
+    let resp = app.invoice(&id, Role::Console).await;
     assert_eq!(resp.status(), StatusCode::OK);
     for kind in [
         "billing.started",
@@ -121,12 +102,7 @@ async fn partial_coverage_is_charged_and_closes(backend: Backend) {
     // The unit is available again.
     let mut unit = Value::Null;
     for _ in 0..100 {
-        unit = app
-            .get("/api/v1/units/A1", Some(Role::Console))
-            .await
-            .json()
-            .await
-            .unwrap();
+        unit = app.unit("A1", Role::Console).await.json().await.unwrap();
         if unit["status"] == "available" {
             break;
         }
@@ -158,9 +134,8 @@ async fn declined_charge_is_compensated(backend: Backend) {
     assert_eq!(app.events_of("billing.failed").await.len(), 1);
     // The claim hold was released: the policy covers its full 10,000 again.
     let check: Value = app
-        .post_json(
-            "/insurance/v1/verify",
-            Some(Role::Admin),
+        .verify_insurance(
+            Role::Admin,
             &json!({"patient_id": "pb-2", "incident_id": "other", "amount_cents": 10_000}),
         )
         .await
@@ -304,12 +279,7 @@ async fn full_coverage_charges_nothing_and_every_message_is_queued(backend: Back
     // Next of kin hear about every stage (email; no SMTP configured here, so logged, not sent).
     let mut templates: Vec<String> = Vec::new();
     for _ in 0..100 {
-        let detail: Value = app
-            .get(&format!("/api/v1/incidents/{id}"), Some(Role::Console))
-            .await
-            .json()
-            .await
-            .unwrap();
+        let detail: Value = app.incident(&id, Role::Console).await.json().await.unwrap();
         templates = detail["notifications"]
             .as_array()
             .unwrap()
@@ -345,7 +315,7 @@ async fn an_insurer_outage_is_retried_until_it_answers() {
     let server = HttpServer::new(move || {
         let seen = seen.clone();
         App::new().route(
-            "/insurance/v1/verify",
+            api::INSURANCE_VERIFY,
             web::post().to(move |body: web::Json<Value>| {
                 let seen = seen.clone();
                 async move {

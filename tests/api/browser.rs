@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use shers::domain::auth::Role;
 use shers::persistence::Backend;
 
-use crate::helpers::TestApp;
+use crate::helpers::{TestApp, api};
 
 /// The W3C key under which an element reference is returned.
 const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
@@ -251,9 +251,8 @@ async fn the_dashboard_shows_a_new_emergency_live_and_markup_as_text() {
     let app = TestApp::spawn(Backend::Sqlite).await;
     // A call sign unlike the id: people read call signs.
     let resp = app
-        .post_json(
-            "/api/v1/units",
-            Some(Role::Admin),
+        .create_unit(
+            Role::Admin,
             &json!({"id": "B-1", "call_sign": "Bravo 1", "capability": "als",
                     "location": {"lat": 51.515, "lng": -0.125}}),
         )
@@ -269,7 +268,7 @@ async fn the_dashboard_shows_a_new_emergency_live_and_markup_as_text() {
     let browser = Browser::open(&driver, &chromium, http, profile.path()).await;
 
     // Sign in through the form, as a person would.
-    browser.goto(&app.url("/")).await;
+    browser.goto(&app.url(api::DASHBOARD)).await;
     browser.type_into("#token", &admin).await;
     browser.click("#login-form button[type=submit]").await;
     browser
@@ -296,7 +295,7 @@ async fn the_dashboard_shows_a_new_emergency_live_and_markup_as_text() {
         .await;
     assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
     let page: Value = app
-        .get("/api/v1/incidents?status=open", Some(Role::Console))
+        .list_incidents("status=open", Role::Console)
         .await
         .json()
         .await
@@ -309,7 +308,7 @@ async fn the_dashboard_shows_a_new_emergency_live_and_markup_as_text() {
         }
         actix_web::rt::time::sleep(Duration::from_millis(50)).await;
         let page: Value = app
-            .get("/api/v1/incidents?status=open", Some(Role::Console))
+            .list_incidents("status=open", Role::Console)
             .await
             .json()
             .await
@@ -370,9 +369,8 @@ async fn the_dashboard_shows_a_new_emergency_live_and_markup_as_text() {
     // A console-created incident whose description is markup: shown as text, never run.
     let xss = "<img src=x onerror=\"window.__pwned=1\"><script>window.__pwned=2</script>";
     let created: Value = app
-        .post_json(
-            "/api/v1/incidents",
-            Some(Role::Console),
+        .create_incident(
+            Role::Console,
             &json!({"location": {"lat": 51.52, "lng": -0.11}, "priority": "urgent", "description": xss}),
         )
         .await

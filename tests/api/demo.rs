@@ -16,7 +16,7 @@ use shers::persistence::incidents::{self, StatusFilter};
 use shers::persistence::{Backend, invoices, patients};
 
 use crate::both_backends;
-use crate::helpers::TestDb;
+use crate::helpers::{TestDb, api};
 
 both_backends!(twenty_simulated_minutes_close_and_bill_incidents);
 
@@ -253,7 +253,8 @@ async fn a_fresh_demo_offers_an_ambulance_within_30_seconds() {
     let offered_after = loop {
         let page: serde_json::Value = match client
             .get(format!(
-                "http://127.0.0.1:{port}/api/v1/events?since=0&limit=1000"
+                "http://127.0.0.1:{port}{}?since=0&limit=1000",
+                api::EVENTS
             ))
             .bearer_auth(&console)
             .send()

@@ -11,7 +11,7 @@ use shers::domain::auth::Role;
 use shers::persistence::Backend;
 
 use crate::both_backends;
-use crate::helpers::TestApp;
+use crate::helpers::{TestApp, api};
 
 both_backends!(
     offers_go_to_the_nearest_and_the_first_accept_wins,
@@ -25,9 +25,8 @@ const SCENE: (f64, f64) = (51.5000, -0.1200);
 
 async fn open_incident(app: &TestApp, priority: &str) -> String {
     let body: Value = app
-        .post_json(
-            "/api/v1/incidents",
-            Some(Role::Console),
+        .create_incident(
+            Role::Console,
             &json!({"location": {"lat": SCENE.0, "lng": SCENE.1}, "priority": priority}),
         )
         .await
@@ -84,10 +83,7 @@ async fn offers_go_to_the_nearest_and_the_first_accept_wins(backend: Backend) {
     let mut tasks = Vec::new();
     for (offer, unit) in pending_offers(&incident) {
         let token = app.crew_token(&unit).await;
-        let (client, url) = (
-            app.client.clone(),
-            app.url(&format!("/api/v1/offers/{offer}/accept")),
-        );
+        let (client, url) = (app.client.clone(), app.url(&api::accept_offer(&offer)));
         tasks.push(actix_web::rt::spawn(async move {
             let resp = client.post(url).bearer_auth(token).send().await.unwrap();
             let status = resp.status();
@@ -122,12 +118,7 @@ async fn offers_go_to_the_nearest_and_the_first_accept_wins(backend: Backend) {
     assert_eq!(statuses.iter().filter(|s| **s == "accepted").count(), 1);
     assert_eq!(statuses.iter().filter(|s| **s == "withdrawn").count(), 2);
     // The losers are available again; the winner is assigned.
-    let units: Value = app
-        .get("/api/v1/units", Some(Role::Console))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let units: Value = app.units(Role::Console).await.json().await.unwrap();
     for u in units["items"].as_array().unwrap() {
         let expected = if u["id"] == winners[0].as_str() {
             "assigned"
@@ -157,10 +148,7 @@ async fn three_crews_racing_for_one_incident_200_times(backend: Backend) {
         let mut tasks = Vec::new();
         for (offer, unit) in pending_offers(&incident) {
             let token = tokens[units.iter().position(|u| *u == unit).unwrap()].clone();
-            let (client, url) = (
-                app.client.clone(),
-                app.url(&format!("/api/v1/offers/{offer}/accept")),
-            );
+            let (client, url) = (app.client.clone(), app.url(&api::accept_offer(&offer)));
             tasks.push(actix_web::rt::spawn(async move {
                 client
                     .post(url)
@@ -182,13 +170,7 @@ async fn three_crews_racing_for_one_incident_200_times(backend: Backend) {
         // as a console does, when the loaded test machine makes the database wait).
         let mut status = StatusCode::SERVICE_UNAVAILABLE;
         for _ in 0..5 {
-            let resp = app
-                .post_json(
-                    &format!("/api/v1/incidents/{id}/cancel"),
-                    Some(Role::Console),
-                    &json!({"reason": "drill"}),
-                )
-                .await;
+            let resp = app.cancel_incident(&id, Role::Console, "drill").await;
             status = resp.status();
             if status != StatusCode::SERVICE_UNAVAILABLE {
                 break;
@@ -202,12 +184,7 @@ async fn three_crews_racing_for_one_incident_200_times(backend: Backend) {
         assert_eq!(status, StatusCode::OK);
         // Wait until all three units are available again.
         for _ in 0..250 {
-            let list: Value = app
-                .get("/api/v1/units", Some(Role::Console))
-                .await
-                .json()
-                .await
-                .unwrap();
+            let list: Value = app.units(Role::Console).await.json().await.unwrap();
             if list["items"]
                 .as_array()
                 .unwrap()
@@ -241,13 +218,7 @@ async fn decline_and_expiry_lead_to_new_rounds_then_escalation(backend: Backend)
     let (offer, unit) = pending_offers(&incident)[0].clone();
     assert_eq!(unit, "A");
     let token = app.crew_token("A").await;
-    let resp = app
-        .crew_post(
-            &token,
-            &format!("/api/v1/offers/{offer}/decline"),
-            &json!({"reason": "fuel"}),
-        )
-        .await;
+    let resp = app.decline_offer(&token, &offer, "fuel").await;
     assert_eq!(resp.status(), StatusCode::OK);
     let incident = app
         .wait_incident(&id, |i| {
@@ -272,11 +243,7 @@ async fn decline_and_expiry_lead_to_new_rounds_then_escalation(backend: Backend)
     // A crew accepting the expired offer is told so.
     let expired_offer = incident["offers"][1]["id"].as_str().unwrap();
     let resp = app
-        .crew_post(
-            &app.crew_token("B").await,
-            &format!("/api/v1/offers/{expired_offer}/accept"),
-            &json!({}),
-        )
+        .accept_offer(&app.crew_token("B").await, expired_offer)
         .await;
     assert_eq!(resp.status(), StatusCode::CONFLICT);
     let body: Value = resp.json().await.unwrap();
@@ -287,13 +254,7 @@ async fn decline_and_expiry_lead_to_new_rounds_then_escalation(backend: Backend)
     assert_eq!(incident["status"], "dispatching");
     assert_eq!(app.events_of("incident.escalated").await.len(), 1);
     // A dispatcher assigns by hand.
-    let resp = app
-        .post_json(
-            &format!("/api/v1/incidents/{id}/assign"),
-            Some(Role::Console),
-            &json!({"unit_id": "B"}),
-        )
-        .await;
+    let resp = app.assign(&id, "B", Role::Console).await;
     assert_eq!(
         resp.status(),
         StatusCode::OK,
@@ -303,13 +264,7 @@ async fn decline_and_expiry_lead_to_new_rounds_then_escalation(backend: Backend)
     let incident = app.wait_incident(&id, |i| i["status"] == "assigned").await;
     assert_eq!(incident["assigned_unit_id"], "B");
     // A second manual assignment is refused.
-    let resp = app
-        .post_json(
-            &format!("/api/v1/incidents/{id}/assign"),
-            Some(Role::Console),
-            &json!({"unit_id": "A"}),
-        )
-        .await;
+    let resp = app.assign(&id, "A", Role::Console).await;
     assert_eq!(resp.status(), StatusCode::CONFLICT);
 }
 
@@ -325,23 +280,11 @@ async fn one_unit_two_incidents_one_assignment(backend: Backend) {
     let y = open_incident(&app, "emergency").await;
     app.wait_incident(&y, |i| i["escalated"] == true).await;
     // The dispatcher sends the unit to Y by hand, displacing X's offer.
-    let resp = app
-        .post_json(
-            &format!("/api/v1/incidents/{y}/assign"),
-            Some(Role::Console),
-            &json!({"unit_id": "SOLO"}),
-        )
-        .await;
+    let resp = app.assign(&y, "SOLO", Role::Console).await;
     assert_eq!(resp.status(), StatusCode::OK);
     // The crew now accepts X's offer as well: refused.
     let token = app.crew_token("SOLO").await;
-    let resp = app
-        .crew_post(
-            &token,
-            &format!("/api/v1/offers/{offer_x}/accept"),
-            &json!({}),
-        )
-        .await;
+    let resp = app.accept_offer(&token, &offer_x).await;
     assert_eq!(resp.status(), StatusCode::CONFLICT);
     let assigned: Vec<Value> = app
         .events_of("dispatch.assigned")
@@ -351,12 +294,7 @@ async fn one_unit_two_incidents_one_assignment(backend: Backend) {
         .collect();
     assert_eq!(assigned.len(), 1);
     assert_eq!(assigned[0]["unit_id"], "SOLO");
-    let unit: Value = app
-        .get("/api/v1/units/SOLO", Some(Role::Console))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let unit: Value = app.unit("SOLO", Role::Console).await.json().await.unwrap();
     assert_eq!(unit["incident_id"], y.as_str());
     let ix = app
         .wait_incident(&x, |i| i["offers"][0]["status"] == "declined")
@@ -369,7 +307,7 @@ async fn crew_reports_carry_the_incident_to_hospital(backend: Backend) {
     app.add_unit("M1", SCENE.0 + 0.001, SCENE.1, "als").await;
     for (id, lat, cap) in [("far", SCENE.0 + 0.2, 5), ("near", SCENE.0 + 0.01, 1)] {
         let resp = app
-            .post_json("/api/v1/hospitals", Some(Role::Admin),
+            .create_hospital(Role::Admin,
                 &json!({"id": id, "name": id, "location": {"lat": lat, "lng": SCENE.1}, "capacity": cap}))
             .await;
         assert_eq!(resp.status(), StatusCode::CREATED);
@@ -381,25 +319,14 @@ async fn crew_reports_carry_the_incident_to_hospital(backend: Backend) {
     let (offer, _) = pending_offers(&incident)[0].clone();
     let token = app.crew_token("M1").await;
     assert_eq!(
-        app.crew_post(
-            &token,
-            &format!("/api/v1/offers/{offer}/accept"),
-            &json!({})
-        )
-        .await
-        .status(),
+        app.accept_offer(&token, &offer).await.status(),
         StatusCode::OK
     );
-    let status = |s: &'static str| json!({"status": s});
     // Out of order: on scene before en route.
-    let resp = app
-        .crew_post(&token, "/api/v1/units/M1/status", &status("on_scene"))
-        .await;
+    let resp = app.unit_status(&token, "M1", "on_scene").await;
     assert_eq!(resp.status(), StatusCode::CONFLICT);
     for s in ["enroute", "on_scene", "transporting"] {
-        let resp = app
-            .crew_post(&token, "/api/v1/units/M1/status", &status(s))
-            .await;
+        let resp = app.unit_status(&token, "M1", s).await;
         assert_eq!(
             resp.status(),
             StatusCode::OK,
@@ -411,12 +338,7 @@ async fn crew_reports_carry_the_incident_to_hospital(backend: Backend) {
         .wait_incident(&id, |i| i["status"] == "transporting")
         .await;
     assert_eq!(incident["hospital_id"], "near", "nearest with capacity");
-    let hospitals: Value = app
-        .get("/api/v1/hospitals", Some(Role::Console))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let hospitals: Value = app.hospitals(Role::Console).await.json().await.unwrap();
     let near = hospitals["items"]
         .as_array()
         .unwrap()
@@ -425,9 +347,7 @@ async fn crew_reports_carry_the_incident_to_hospital(backend: Backend) {
         .unwrap()
         .clone();
     assert_eq!(near["occupied"], 1, "a bed is taken on transport");
-    let resp = app
-        .crew_post(&token, "/api/v1/units/M1/status", &status("at_hospital"))
-        .await;
+    let resp = app.unit_status(&token, "M1", "at_hospital").await;
     assert_eq!(resp.status(), StatusCode::OK);
     // Billing may already have closed it (the sandbox payment answers at once).
     let incident = app
@@ -443,12 +363,7 @@ async fn crew_reports_carry_the_incident_to_hospital(backend: Backend) {
     ] {
         assert!(incident["times"][t].is_string(), "{t} missing: {incident}");
     }
-    let hospitals: Value = app
-        .get("/api/v1/hospitals", Some(Role::Console))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let hospitals: Value = app.hospitals(Role::Console).await.json().await.unwrap();
     let near = hospitals["items"]
         .as_array()
         .unwrap()
@@ -457,16 +372,12 @@ async fn crew_reports_carry_the_incident_to_hospital(backend: Backend) {
         .unwrap()
         .clone();
     assert_eq!(near["occupied"], 0, "released at handover");
-    let resp = app
-        .crew_post(&token, "/api/v1/units/M1/status", &status("available"))
-        .await;
+    let resp = app.unit_status(&token, "M1", "available").await;
     assert_eq!(resp.status(), StatusCode::OK);
     // Another unit's crew cannot report for M1.
     app.add_unit("M2", SCENE.0, SCENE.1, "bls").await;
     let other = app.crew_token("M2").await;
-    let resp = app
-        .crew_post(&other, "/api/v1/units/M1/status", &status("out_of_service"))
-        .await;
+    let resp = app.unit_status(&other, "M1", "out_of_service").await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
 }
 
@@ -475,8 +386,7 @@ async fn crew_websocket_gets_offers_and_replays_after_reconnect() {
     let app = TestApp::spawn(Backend::Sqlite).await;
     app.add_unit("W1", SCENE.0 + 0.001, SCENE.1, "als").await;
     let token = app.crew_token("W1").await;
-    let port = app.address.rsplit(':').next().unwrap().to_owned();
-    let url = format!("ws://127.0.0.1:{port}/api/v1/ws/crew?access_token={token}");
+    let url = app.ws_crew_url(&token);
     let (mut socket, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
     let id = open_incident(&app, "emergency").await;
     let offer = next_json(&mut socket).await;
@@ -523,12 +433,7 @@ async fn crew_websocket_gets_offers_and_replays_after_reconnect() {
     }
     assert_eq!(located.len(), 1);
     assert_eq!(located[0].data["lat"], 51.51);
-    let unit: Value = app
-        .get("/api/v1/units/W1", Some(Role::Console))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let unit: Value = app.unit("W1", Role::Console).await.json().await.unwrap();
     assert_eq!(unit["location"]["lat"], 51.51);
     socket
         .send(Message::text(json!({"type": "dance"}).to_string()))
@@ -579,13 +484,7 @@ async fn a_status_report_is_stored_before_it_is_acknowledged(backend: Backend) {
     app.add_unit("M-1", SCENE.0, SCENE.1, "als").await;
     let crew = app.crew_token("M-1").await;
     for status in ["out_of_service", "available", "out_of_service"] {
-        let resp = app
-            .crew_post(
-                &crew,
-                "/api/v1/units/M-1/status",
-                &json!({"status": status}),
-            )
-            .await;
+        let resp = app.unit_status(&crew, "M-1", status).await;
         assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
         assert_eq!(stored_unit(&app, "M-1").await.status, status);
     }
@@ -615,8 +514,7 @@ async fn a_status_report_that_could_not_be_stored_is_stored_when_sent_again() {
     let (app, proxy) = crate::helpers::app_behind_a_proxy().await;
     app.add_unit("M-1", SCENE.0, SCENE.1, "als").await;
     let crew = app.crew_token("M-1").await;
-    let body = json!({"status": "out_of_service"});
-    let report = || app.crew_post(&crew, "/api/v1/units/M-1/status", &body);
+    let report = || app.unit_status(&crew, "M-1", "out_of_service");
 
     proxy.cut();
     let resp = report().await;
@@ -651,21 +549,17 @@ async fn a_stopped_unit_actor_is_started_again_from_its_stored_state(backend: Ba
         .await;
     app.add_unit("M-1", SCENE.0, SCENE.1, "als").await;
     let crew = app.crew_token("M-1").await;
-    let resp = app
-        .crew_post(
-            &crew,
-            "/api/v1/units/M-1/status",
-            &json!({"status": "out_of_service"}),
-        )
-        .await;
+    let resp = app.unit_status(&crew, "M-1", "out_of_service").await;
     assert_eq!(resp.status(), 200);
-    let path = "/admin/actors/unit/M-1";
-    let before: Value = app.get(path, Some(Role::Admin)).await.json().await.unwrap();
+    let before: Value = app
+        .actor("unit", "M-1", Role::Admin)
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(before["restarts"], 0, "{before}");
 
-    let crash = app
-        .post_json(&format!("{path}/crash"), Some(Role::Admin), &json!({}))
-        .await;
+    let crash = app.crash_actor("unit", "M-1", Role::Admin).await;
     assert_eq!(crash.status(), StatusCode::ACCEPTED);
     // Nobody asks for the unit: the fleet's sweep finds its actor stopped.
     let mut alive = false;
@@ -678,18 +572,17 @@ async fn a_stopped_unit_actor_is_started_again_from_its_stored_state(backend: Ba
         }
     }
     assert!(alive, "the stopped unit actor was not started again");
-    let after: Value = app.get(path, Some(Role::Admin)).await.json().await.unwrap();
+    let after: Value = app
+        .actor("unit", "M-1", Role::Admin)
+        .await
+        .json()
+        .await
+        .unwrap();
     assert_eq!(after["restarts"], 1, "{after}");
     assert_eq!(after["status"], "out_of_service", "{after}");
 
     // It works as before: reports are taken and the unit is offered the next incident.
-    let resp = app
-        .crew_post(
-            &crew,
-            "/api/v1/units/M-1/status",
-            &json!({"status": "available"}),
-        )
-        .await;
+    let resp = app.unit_status(&crew, "M-1", "available").await;
     assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
     let id = open_incident(&app, "emergency").await;
     let incident = app
@@ -726,28 +619,14 @@ async fn units_are_reconciled_with_open_incidents_at_start_up(backend: Backend) 
         .await;
     let (offer, _) = pending_offers(&incident)[0].clone();
     let crew = app.crew_token("M1").await;
-    let accept = app
-        .crew_post(&crew, &format!("/api/v1/offers/{offer}/accept"), &json!({}))
-        .await;
+    let accept = app.accept_offer(&crew, &offer).await;
     assert_eq!(accept.status(), StatusCode::OK);
-    let enroute = app
-        .crew_post(
-            &crew,
-            "/api/v1/units/M1/status",
-            &json!({"status": "enroute"}),
-        )
-        .await;
+    let enroute = app.unit_status(&crew, "M1", "enroute").await;
     assert_eq!(enroute.status(), StatusCode::OK);
     app.add_unit("M2", SCENE.0, SCENE.1 + 0.01, "bls").await;
     app.add_unit("M3", SCENE.0, SCENE.1 + 0.02, "bls").await;
     let crew3 = app.crew_token("M3").await;
-    let off = app
-        .crew_post(
-            &crew3,
-            "/api/v1/units/M3/status",
-            &json!({"status": "out_of_service"}),
-        )
-        .await;
+    let off = app.unit_status(&crew3, "M3", "out_of_service").await;
     assert_eq!(off.status(), StatusCode::OK);
 
     let tdb = app.kill().await;
@@ -765,12 +644,7 @@ async fn units_are_reconciled_with_open_incidents_at_start_up(backend: Backend) 
     let unit = |id: &'static str| {
         let app = &app;
         async move {
-            let view: Value = app
-                .get(&format!("/api/v1/units/{id}"), Some(Role::Console))
-                .await
-                .json()
-                .await
-                .unwrap();
+            let view: Value = app.unit(id, Role::Console).await.json().await.unwrap();
             (view["status"].clone(), view["incident_id"].clone())
         }
     };
@@ -787,13 +661,7 @@ async fn units_are_reconciled_with_open_incidents_at_start_up(backend: Backend) 
         .collect();
     assert_eq!(reconciled.len(), 3, "{reconciled:?}");
     // The crew carries on from where the incident is.
-    let on_scene = app
-        .crew_post(
-            &crew,
-            "/api/v1/units/M1/status",
-            &json!({"status": "on_scene"}),
-        )
-        .await;
+    let on_scene = app.unit_status(&crew, "M1", "on_scene").await;
     assert_eq!(
         on_scene.status(),
         StatusCode::OK,
@@ -810,11 +678,7 @@ async fn freed_units_serve_waiting_incidents_by_priority_then_age(backend: Backe
     app.add_unit("OFF", SCENE.0, SCENE.1, "als").await;
     // Out of service units are never offered.
     let resp = app
-        .post_json(
-            "/api/v1/units/OFF/status",
-            Some(Role::Console),
-            &json!({"status": "out_of_service"}),
-        )
+        .unit_status(&app.token(Role::Console).await, "OFF", "out_of_service")
         .await;
     assert_eq!(resp.status(), StatusCode::OK);
     let busy = open_incident(&app, "emergency").await;
@@ -825,13 +689,7 @@ async fn freed_units_serve_waiting_incidents_by_priority_then_age(backend: Backe
     let token = app.crew_token("ONLY").await;
     let (offer, _) = pending_offers(&incident)[0].clone();
     assert_eq!(
-        app.crew_post(
-            &token,
-            &format!("/api/v1/offers/{offer}/accept"),
-            &json!({})
-        )
-        .await
-        .status(),
+        app.accept_offer(&token, &offer).await.status(),
         StatusCode::OK
     );
     // Two incidents wait: an older non-urgent one and a newer emergency.
@@ -840,18 +698,14 @@ async fn freed_units_serve_waiting_incidents_by_priority_then_age(backend: Backe
     let newer = open_incident(&app, "emergency").await;
     app.wait_incident(&newer, |i| i["escalated"] == true).await;
     // The unit frees up (its incident is called off): the emergency gets it first.
-    app.post_json(
-        &format!("/api/v1/incidents/{busy}/cancel"),
-        Some(Role::Console),
-        &json!({"reason": "stood down"}),
-    )
-    .await;
+    app.cancel_incident(&busy, Role::Console, "stood down")
+        .await;
     let served = app
         .wait_incident(&newer, |i| pending_offers(i).len() == 1)
         .await;
     assert_eq!(pending_offers(&served)[0].1, "ONLY");
     let waiting: Value = app
-        .get(&format!("/api/v1/incidents/{older}"), Some(Role::Console))
+        .incident(&older, Role::Console)
         .await
         .json()
         .await
@@ -910,22 +764,12 @@ async fn routed_etas_beat_straight_line_and_fall_back_when_routing_is_down() {
     assert_eq!(pending_offers(&incident)[0].1, "FAR", "routed ETA wins");
     assert_eq!(incident["offers"][0]["reason"], "closest_by_eta");
     assert_eq!(incident["offers"][0]["eta_s"], 60);
-    app.post_json(
-        &format!("/api/v1/incidents/{id}/cancel"),
-        Some(Role::Console),
-        &json!({"reason": "x"}),
-    )
-    .await;
+    app.cancel_incident(&id, Role::Console, "x").await;
 
     // Routing down: straight-line fallback picks the nearer unit.
     up.store(false, Ordering::SeqCst);
     for _ in 0..100 {
-        let units: Value = app
-            .get("/api/v1/units", Some(Role::Console))
-            .await
-            .json()
-            .await
-            .unwrap();
+        let units: Value = app.units(Role::Console).await.json().await.unwrap();
         if units["items"]
             .as_array()
             .unwrap()
@@ -964,21 +808,9 @@ async fn pending_offers_are_offered_again_after_an_abrupt_stop(backend: Backend)
         .await;
     assert_eq!(pending_offers(&after)[0].1, "K1");
     let token = app.crew_token("K1").await;
-    let resp = app
-        .crew_post(
-            &token,
-            &format!("/api/v1/offers/{}/accept", pending_offers(&after)[0].0),
-            &json!({}),
-        )
-        .await;
+    let resp = app.accept_offer(&token, &pending_offers(&after)[0].0).await;
     assert_eq!(resp.status(), StatusCode::OK);
-    let stale = app
-        .crew_post(
-            &token,
-            &format!("/api/v1/offers/{old_offer}/accept"),
-            &json!({}),
-        )
-        .await;
+    let stale = app.accept_offer(&token, &old_offer).await;
     assert_eq!(
         stale.status(),
         StatusCode::CONFLICT,
@@ -990,12 +822,7 @@ async fn pending_offers_are_offered_again_after_an_abrupt_stop(backend: Backend)
 async fn unit_actors_are_listed_and_inspected_with_their_pending_offer() {
     let app = TestApp::spawn(Backend::Sqlite).await;
     app.add_unit("INS-1", SCENE.0 + 0.01, SCENE.1, "als").await;
-    let actors: Value = app
-        .get("/admin/actors?kind=unit", Some(Role::Admin))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let actors: Value = app.actors("unit", Role::Admin).await.json().await.unwrap();
     assert_eq!(actors["counts"]["unit"], 1, "{actors}");
     assert_eq!(actors["items"][0]["id"], "INS-1", "{actors}");
     assert_eq!(actors["items"][0]["status"], "available", "{actors}");
@@ -1004,7 +831,7 @@ async fn unit_actors_are_listed_and_inspected_with_their_pending_offer() {
     app.wait_incident(&id, |i| pending_offers(i).len() == 1)
         .await;
     let view: Value = app
-        .get("/admin/actors/unit/INS-1", Some(Role::Admin))
+        .actor("unit", "INS-1", Role::Admin)
         .await
         .json()
         .await
@@ -1013,11 +840,9 @@ async fn unit_actors_are_listed_and_inspected_with_their_pending_offer() {
     assert_eq!(view["status"], "offered", "{view}");
     assert_eq!(view["state"]["pending_offer"]["incident_id"], id.as_str());
     assert!(view["state"]["position"]["lat"].is_number(), "{view}");
-    let missing = app.get("/admin/actors/unit/NOPE", Some(Role::Admin)).await;
+    let missing = app.actor("unit", "NOPE", Role::Admin).await;
     assert_eq!(missing.status(), StatusCode::NOT_FOUND);
-    let console = app
-        .get("/admin/actors/unit/INS-1", Some(Role::Console))
-        .await;
+    let console = app.actor("unit", "INS-1", Role::Console).await;
     assert_eq!(console.status(), StatusCode::FORBIDDEN);
 }
 
@@ -1039,12 +864,7 @@ async fn the_first_offer_round_is_stored_with_the_incident() {
         .await
         .unwrap();
     let id = answer["results"][0]["incident_id"].as_str().unwrap();
-    let incident: Value = app
-        .get(&format!("/api/v1/incidents/{id}"), Some(Role::Console))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let incident: Value = app.incident(id, Role::Console).await.json().await.unwrap();
     assert_eq!(pending_offers(&incident).len(), 1, "{incident}");
     assert!(incident["times"]["unit_notified"].is_string(), "{incident}");
     let created = app.events_of("incident.created").await;
@@ -1075,13 +895,7 @@ async fn an_escalated_incident_is_offered_a_freed_unit_without_churning_it() {
     let b = open_incident(&app, "urgent").await;
     app.wait_incident(&b, |i| pending_offers(i).len() == 1)
         .await;
-    let resp = app
-        .post_json(
-            &format!("/api/v1/incidents/{b}/assign"),
-            Some(Role::Console),
-            &json!({"unit_id": "FAR"}),
-        )
-        .await;
+    let resp = app.assign(&b, "FAR", Role::Console).await;
     assert_eq!(
         resp.status(),
         StatusCode::OK,
@@ -1104,11 +918,7 @@ async fn an_escalated_incident_is_offered_a_freed_unit_without_churning_it() {
 
     // B is cancelled: FAR is free, and escalated A gets it (NEAR lapsed and is not asked again).
     let resp = app
-        .post_json(
-            &format!("/api/v1/incidents/{b}/cancel"),
-            Some(Role::Console),
-            &json!({"reason": "duplicate call"}),
-        )
+        .cancel_incident(&b, Role::Console, "duplicate call")
         .await;
     assert_eq!(resp.status(), StatusCode::OK);
     let incident = app

@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 use shers::domain::auth::Role;
 use shers::persistence::Backend;
 
-use crate::helpers::TestApp;
+use crate::helpers::{TestApp, api};
 
 async fn problem(resp: reqwest::Response) -> (StatusCode, Value) {
     let status = resp.status();
@@ -27,7 +27,7 @@ async fn errors_are_problem_json() {
     let post = |body: Vec<u8>, content_type: &'static str| {
         let req = app
             .client
-            .post(app.url("/admin/tokens"))
+            .post(app.url(api::ADMIN_TOKENS))
             .bearer_auth(&admin)
             .header("content-type", content_type)
             .body(body);
@@ -84,7 +84,7 @@ async fn errors_are_problem_json() {
     assert_eq!(body["detail"], "no route for GET /api/v1/nothing-here");
     let resp = app
         .client
-        .delete(app.url("/admin/tokens"))
+        .delete(app.url(api::ADMIN_TOKENS))
         .bearer_auth(&admin)
         .send()
         .await
@@ -93,6 +93,6 @@ async fn errors_are_problem_json() {
     assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
 
     // A request id comes back on every response.
-    let resp = app.get("/healthz", None).await;
+    let resp = app.get(api::HEALTHZ, None).await;
     assert!(resp.headers().contains_key("x-request-id"));
 }

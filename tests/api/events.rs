@@ -8,7 +8,7 @@ use shers::domain::auth::Role;
 use shers::persistence::Backend;
 
 use crate::both_backends;
-use crate::helpers::TestApp;
+use crate::helpers::{TestApp, api};
 
 both_backends!(
     consoles_see_every_event_in_order_across_the_seam,
@@ -18,9 +18,8 @@ both_backends!(
 async fn make_events(app: &TestApp, n: usize) {
     for i in 0..n {
         let resp = app
-            .post_json(
-                "/api/v1/incidents",
-                Some(Role::Console),
+            .create_incident(
+                Role::Console,
                 &json!({"location": {"lat": 1.0 + i as f64 * 0.001, "lng": 2.0}}),
             )
             .await;
@@ -57,8 +56,7 @@ async fn next_frame(socket: &mut Socket, wanted: impl Fn(&Value) -> bool) -> Val
 
 async fn connect(app: &TestApp, since: i64) -> Socket {
     let token = app.token(Role::Console).await;
-    let port = app.address.rsplit(':').next().unwrap().to_owned();
-    let url = format!("ws://127.0.0.1:{port}/api/v1/ws/console?since={since}&access_token={token}");
+    let url = app.ws_console_url(since, &token);
     tokio_tungstenite::connect_async(url).await.unwrap().0
 }
 
@@ -69,7 +67,7 @@ async fn consoles_see_every_event_in_order_across_the_seam(backend: Backend) {
     // Events keep being appended while the second console connects and replays.
     let writer = {
         let client = app.client.clone();
-        let url = app.url("/api/v1/incidents");
+        let url = app.url(api::INCIDENTS);
         let token = app.token(Role::Console).await;
         actix_web::rt::spawn(async move {
             for i in 0..10 {
@@ -123,17 +121,14 @@ async fn consoles_see_every_event_in_order_across_the_seam(backend: Backend) {
     assert_eq!(only["kind"], "incident.created");
     // The page endpoint agrees.
     let page: Value = app
-        .get(
-            &format!("/api/v1/events?since={}&limit=2", total - 2),
-            Some(Role::Console),
-        )
+        .events_page(Some(total - 2), Some(2), Role::Console)
         .await
         .json()
         .await
         .unwrap();
     assert_eq!(page["items"].as_array().unwrap().len(), 2);
     assert_eq!(page["next_cursor"], total);
-    let denied = app.get("/api/v1/events", Some(Role::Crew)).await;
+    let denied = app.events_page(None, None, Role::Crew).await;
     assert_eq!(denied.status(), StatusCode::FORBIDDEN);
 }
 
@@ -147,7 +142,7 @@ async fn sse_resumes_from_last_event_id(backend: Backend) {
     let token = app.token(Role::Console).await;
     let resp = app
         .client
-        .get(app.url("/api/v1/events/stream"))
+        .get(app.url(api::EVENTS_STREAM))
         .bearer_auth(&token)
         .header("Last-Event-ID", (total - 2).to_string())
         .send()
@@ -179,9 +174,8 @@ async fn analytics_report_nemsis_intervals(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     app.add_unit("AN1", 1.0, 2.0, "bls").await;
     let created: Value = app
-        .post_json(
-            "/api/v1/incidents",
-            Some(Role::Console),
+        .create_incident(
+            Role::Console,
             &json!({"location": {"lat": 1.001, "lng": 2.0}}),
         )
         .await
@@ -199,20 +193,13 @@ async fn analytics_report_nemsis_intervals(backend: Backend) {
         .await;
     let offer = incident["offers"][0]["id"].as_str().unwrap().to_owned();
     let token = app.crew_token("AN1").await;
-    app.crew_post(
-        &token,
-        &format!("/api/v1/offers/{offer}/accept"),
-        &json!({}),
-    )
-    .await;
+    app.accept_offer(&token, &offer).await;
     for s in ["enroute", "on_scene"] {
-        let resp = app
-            .crew_post(&token, "/api/v1/units/AN1/status", &json!({"status": s}))
-            .await;
+        let resp = app.unit_status(&token, "AN1", s).await;
         assert_eq!(resp.status(), StatusCode::OK);
     }
     let report: Value = app
-        .get("/api/v1/analytics/response-times", Some(Role::Console))
+        .response_times("", Role::Console)
         .await
         .json()
         .await
@@ -230,26 +217,21 @@ async fn analytics_report_nemsis_intervals(backend: Backend) {
     assert_eq!(report["intervals"]["transport"]["count"], 0);
     assert_eq!(report["intervals"]["turnout"]["threshold_s"], 60);
     let urgent: Value = app
-        .get(
-            "/api/v1/analytics/response-times?priority=urgent",
-            Some(Role::Console),
-        )
+        .response_times("priority=urgent", Role::Console)
         .await
         .json()
         .await
         .unwrap();
     assert_eq!(urgent["incidents"], 0);
     let bad = app
-        .get(
-            "/api/v1/analytics/response-times?from=2026-11-23T10:00:00Z&to=2026-11-23T09:00:00Z",
-            Some(Role::Console),
+        .response_times(
+            "from=2026-11-23T10:00:00Z&to=2026-11-23T09:00:00Z",
+            Role::Console,
         )
         .await;
     assert_eq!(bad.status(), StatusCode::UNPROCESSABLE_ENTITY);
     assert_eq!(
-        app.get("/api/v1/analytics/response-times", Some(Role::Crew))
-            .await
-            .status(),
+        app.response_times("", Role::Crew).await.status(),
         StatusCode::FORBIDDEN
     );
 }

@@ -14,7 +14,7 @@ use shers::domain::auth::Role;
 use shers::persistence::Backend;
 
 use crate::both_backends;
-use crate::helpers::TestApp;
+use crate::helpers::{TestApp, api};
 
 both_backends!(extreme_values_never_fail_a_request);
 
@@ -115,7 +115,7 @@ fn any_query_value() -> impl Strategy<Value = String> {
 /// A request body with `hole` replaced by each extreme JSON value.
 struct BodyCase {
     method: Method,
-    path: &'static str,
+    path: String,
     role: BodyRole,
     template: Value,
 }
@@ -147,10 +147,10 @@ fn fill(template: &Value, hole: &Value) -> Value {
 fn body_cases() -> Vec<BodyCase> {
     let now = chrono::Utc::now().to_rfc3339();
     let mut cases = Vec::new();
-    let mut case = |method: Method, path: &'static str, role: BodyRole, template: Value| {
+    let mut case = |method: Method, path: &str, role: BodyRole, template: Value| {
         cases.push(BodyCase {
             method,
-            path,
+            path: path.to_owned(),
             role,
             template,
         });
@@ -166,7 +166,7 @@ fn body_cases() -> Vec<BodyCase> {
     ] {
         case(
             Method::POST,
-            "/api/v1/units/UNIT-1/location",
+            &api::unit_location("UNIT-1"),
             BodyRole::Crew,
             t,
         );
@@ -192,51 +192,46 @@ fn body_cases() -> Vec<BodyCase> {
         "location/lat",
         "location/lng",
     ] {
-        case(
-            Method::POST,
-            "/api/v1/vitals",
-            BodyRole::Gateway,
-            reading(field),
-        );
+        case(Method::POST, api::VITALS, BodyRole::Gateway, reading(field));
     }
     // A legacy wearable's epoch milliseconds.
     case(
         Method::POST,
-        "/api/v1/vitals",
+        api::VITALS,
         BodyRole::Gateway,
         json!({"deviceId": "x-1", "ts": HOLE, "hr": 72}),
     );
     case(
         Method::POST,
-        "/api/v1/hospitals",
+        api::HOSPITALS,
         BodyRole::Admin,
         json!({"id": "H-X", "name": "X", "location": {"lat": 55.9, "lng": -3.2},
                "capacity": HOLE}),
     );
     case(
         Method::POST,
-        "/api/v1/units",
+        api::UNITS,
         BodyRole::Admin,
         json!({"id": "U-X", "call_sign": "X", "capability": "als",
                "location": {"lat": HOLE, "lng": -3.2}}),
     );
     case(
         Method::POST,
-        "/api/v1/incidents",
+        api::INCIDENTS,
         BodyRole::Console,
         json!({"location": {"lat": HOLE, "lng": -3.2}, "priority": "emergency",
                "description": "x"}),
     );
     case(
         Method::POST,
-        "/insurance/v1/policies",
+        api::INSURANCE_POLICIES,
         BodyRole::Admin,
         json!({"patient_id": "p-1", "insurer": "X", "policy_number": "P-1",
                "coverage_cents": HOLE}),
     );
     case(
         Method::POST,
-        "/insurance/v1/verify",
+        api::INSURANCE_VERIFY,
         BodyRole::Admin,
         json!({"patient_id": "p-1", "incident_id": "00000000-0000-0000-0000-000000000000",
                "amount_cents": HOLE}),
@@ -299,7 +294,7 @@ async fn extreme_values_never_fail_a_request(backend: Backend) {
     let console = app.token(Role::Console).await;
 
     let openapi: Value = app
-        .get("/api/openapi.json", Some(Role::Admin))
+        .get(api::OPENAPI, Some(Role::Admin))
         .await
         .json()
         .await
@@ -334,7 +329,7 @@ async fn extreme_values_never_fail_a_request(backend: Backend) {
     for value in EDGE_NUMBERS.iter().chain(EDGE_DATES) {
         let req = app
             .client
-            .get(app.url("/api/v1/events/stream"))
+            .get(app.url(api::EVENTS_STREAM))
             .bearer_auth(&console)
             .header("Last-Event-ID", *value);
         check(&app, req, &format!("Last-Event-ID: {value}")).await;
@@ -350,7 +345,7 @@ async fn extreme_values_never_fail_a_request(backend: Backend) {
             };
             let req = app
                 .client
-                .request(case.method.clone(), app.url(case.path))
+                .request(case.method.clone(), app.url(&case.path))
                 .bearer_auth(bearer)
                 .json(&body);
             check(&app, req, &format!("{} {} {body}", case.method, case.path)).await;
@@ -382,6 +377,6 @@ async fn extreme_values_never_fail_a_request(backend: Backend) {
     }
 
     // Still healthy and answering.
-    let health = app.get("/readyz", None).await;
+    let health = app.get(api::READYZ, None).await;
     assert_eq!(health.status(), 200);
 }

@@ -1,8 +1,10 @@
 //! Test harness: [`TestDb`] (a fresh self-cleaning database per test), [`TestApp`] (the real
-//! application on port 0 with typed request helpers), a TCP proxy that can cut PostgreSQL, and
-//! the [`both_backends!`] macro that runs a test on SQLite and on PostgreSQL.
+//! application on port 0 with typed request helpers), [`api`] (every path the tests call,
+//! written once), a TCP proxy that can cut PostgreSQL, and the [`both_backends!`] macro that
+//! runs a test on SQLite and on PostgreSQL.
 
 use std::collections::HashMap;
+use std::fmt::Display;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -10,6 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use actix_web::dev::ServerHandle;
 use chrono::Utc;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl as _};
+use serde_json::{Value, json};
 use shers::app::Application;
 use shers::config::{Secret, Settings};
 use shers::domain::auth::Role;
@@ -17,6 +20,104 @@ use shers::domain::ids::{PatientId, UnitId};
 use shers::persistence::{Backend, Db, migrations, tokens};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
+
+/// The paths of the endpoints the tests call, each written once (`src/http/mod.rs` routes
+/// them). Ids are anything `Display`: a `&str`, a `String`, a parsed id.
+///
+/// Tests about paths themselves (the auth role matrix, unknown routes, every query parameter
+/// of the OpenAPI document) keep their literal paths.
+pub mod api {
+    use std::fmt::Display;
+
+    pub const DASHBOARD: &str = "/";
+    pub const HEALTHZ: &str = "/healthz";
+    pub const READYZ: &str = "/readyz";
+    pub const METRICS: &str = "/metrics";
+    pub const OPENAPI: &str = "/api/openapi.json";
+    pub const WHOAMI: &str = "/api/v1/whoami";
+    pub const DASHBOARD_CONFIG: &str = "/api/v1/dashboard/config";
+    pub const PATIENTS: &str = "/api/v1/patients";
+    pub const DEVICES: &str = "/api/v1/devices";
+    pub const INCIDENTS: &str = "/api/v1/incidents";
+    pub const UNITS: &str = "/api/v1/units";
+    pub const HOSPITALS: &str = "/api/v1/hospitals";
+    pub const VITALS: &str = "/api/v1/vitals";
+    pub const EVENTS: &str = "/api/v1/events";
+    pub const EVENTS_STREAM: &str = "/api/v1/events/stream";
+    pub const RESPONSE_TIMES: &str = "/api/v1/analytics/response-times";
+    pub const WS_CREW: &str = "/api/v1/ws/crew";
+    pub const WS_CONSOLE: &str = "/api/v1/ws/console";
+    pub const WS_GATEWAY: &str = "/api/v1/ws/gateway";
+    pub const ADMIN_TOKENS: &str = "/admin/tokens";
+    pub const ADMIN_ACTORS: &str = "/admin/actors";
+    pub const INSURANCE_POLICIES: &str = "/insurance/v1/policies";
+    pub const INSURANCE_VERIFY: &str = "/insurance/v1/verify";
+    const OFFERS: &str = "/api/v1/offers";
+    const INSURANCE_CLAIMS: &str = "/insurance/v1/claims";
+
+    /// `path?query`, or `path` alone when `query` is empty.
+    pub fn with_query(path: &str, query: &str) -> String {
+        if query.is_empty() {
+            path.to_owned()
+        } else {
+            format!("{path}?{query}")
+        }
+    }
+
+    pub fn incident(id: impl Display) -> String {
+        format!("{INCIDENTS}/{id}")
+    }
+
+    pub fn cancel_incident(id: impl Display) -> String {
+        format!("{INCIDENTS}/{id}/cancel")
+    }
+
+    pub fn assign(incident: impl Display) -> String {
+        format!("{INCIDENTS}/{incident}/assign")
+    }
+
+    pub fn invoice(incident: impl Display) -> String {
+        format!("{INCIDENTS}/{incident}/invoice")
+    }
+
+    pub fn unit(id: impl Display) -> String {
+        format!("{UNITS}/{id}")
+    }
+
+    pub fn unit_status(id: impl Display) -> String {
+        format!("{UNITS}/{id}/status")
+    }
+
+    pub fn unit_location(id: impl Display) -> String {
+        format!("{UNITS}/{id}/location")
+    }
+
+    pub fn accept_offer(id: impl Display) -> String {
+        format!("{OFFERS}/{id}/accept")
+    }
+
+    pub fn decline_offer(id: impl Display) -> String {
+        format!("{OFFERS}/{id}/decline")
+    }
+
+    pub fn revoke_token(id: impl Display) -> String {
+        format!("{ADMIN_TOKENS}/{id}/revoke")
+    }
+
+    /// `kind` is `incident` or `unit`.
+    pub fn actor(kind: &str, id: impl Display) -> String {
+        format!("{ADMIN_ACTORS}/{kind}/{id}")
+    }
+
+    /// Fault injection: stops the actor as a crash would.
+    pub fn crash_actor(kind: &str, id: impl Display) -> String {
+        format!("{}/crash", actor(kind, id))
+    }
+
+    pub fn release_claim(id: impl Display) -> String {
+        format!("{INSURANCE_CLAIMS}/{id}/release")
+    }
+}
 
 /// Runs `$test(Backend)` as two tests, `$test::sqlite` and `$test::postgres`.
 #[macro_export]
@@ -305,23 +406,17 @@ impl TestApp {
     /// Registers a unit at a position, as admin.
     pub async fn add_unit(&self, id: &str, lat: f64, lng: f64, capability: &str) {
         let resp = self
-            .post_json(
-                "/api/v1/units",
-                Some(Role::Admin),
-                &serde_json::json!({"id": id, "call_sign": id, "capability": capability,
-                                    "location": {"lat": lat, "lng": lng}}),
+            .create_unit(
+                Role::Admin,
+                &json!({"id": id, "call_sign": id, "capability": capability,
+                        "location": {"lat": lat, "lng": lng}}),
             )
             .await;
         assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
     }
 
     /// Posts as a crew with `token`.
-    pub async fn crew_post(
-        &self,
-        token: &str,
-        path: &str,
-        body: &serde_json::Value,
-    ) -> reqwest::Response {
+    pub async fn crew_post(&self, token: &str, path: &str, body: &Value) -> reqwest::Response {
         self.client
             .post(self.url(path))
             .bearer_auth(token)
@@ -332,19 +427,10 @@ impl TestApp {
     }
 
     /// Polls `GET /api/v1/incidents/{id}` until `pred` holds (or panics after ~5 s).
-    pub async fn wait_incident(
-        &self,
-        id: &str,
-        pred: impl Fn(&serde_json::Value) -> bool,
-    ) -> serde_json::Value {
-        let mut last = serde_json::Value::Null;
+    pub async fn wait_incident(&self, id: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        let mut last = Value::Null;
         for _ in 0..250 {
-            last = self
-                .get(&format!("/api/v1/incidents/{id}"), Some(Role::Console))
-                .await
-                .json()
-                .await
-                .unwrap();
+            last = self.incident(id, Role::Console).await.json().await.unwrap();
             if pred(&last) {
                 return last;
             }
@@ -375,7 +461,7 @@ impl TestApp {
         &self,
         path: &str,
         role: Option<Role>,
-        body: &serde_json::Value,
+        body: &Value,
     ) -> reqwest::Response {
         let mut req = self.client.post(self.url(path)).json(body);
         if let Some(role) = role {
@@ -387,10 +473,9 @@ impl TestApp {
     /// Registers a patient (with one next of kin) and a device for them, as admin.
     pub async fn register_wearer(&self, patient: &str, device: &str) {
         let resp = self
-            .post_json(
-                "/api/v1/patients",
-                Some(Role::Admin),
-                &serde_json::json!({
+            .create_patient(
+                Role::Admin,
+                &json!({
                     "id": patient, "name": "Test Patient",
                     "home_location": {"lat": 51.5, "lng": -0.12},
                     "next_of_kin": [{"name": "Kin", "phone": "+447700900123"}]
@@ -399,19 +484,17 @@ impl TestApp {
             .await;
         assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
         let resp = self
-            .post_json(
-                "/api/v1/devices",
-                Some(Role::Admin),
-                &serde_json::json!({"id": device, "patient_id": patient, "model": "test-watch"}),
+            .create_device(
+                Role::Admin,
+                &json!({"id": device, "patient_id": patient, "model": "test-watch"}),
             )
             .await;
         assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
     }
 
     /// Posts an ingest body as a gateway.
-    pub async fn post_vitals(&self, body: &serde_json::Value) -> reqwest::Response {
-        self.post_json("/api/v1/vitals", Some(Role::Gateway), body)
-            .await
+    pub async fn post_vitals(&self, body: &Value) -> reqwest::Response {
+        self.post_json(api::VITALS, Some(Role::Gateway), body).await
     }
 
     /// Every stored event of `kind`, in order.
@@ -430,6 +513,233 @@ impl TestApp {
     pub async fn kill(mut self) -> TestDb {
         self.handle.stop(false).await;
         self.db_guard.take().unwrap()
+    }
+}
+
+/// Typed requests: one method per endpoint call the tests make, each building its path from
+/// [`api`]. They return the response untouched, so a test checks status and body as before.
+/// Console and admin calls take the [`Role`] (its cached token); crew calls take the crew's
+/// own token, bound to its unit.
+impl TestApp {
+    /// `GET /api/v1/whoami` as the holder of `token`.
+    pub async fn whoami(&self, token: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(api::WHOAMI))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    pub async fn dashboard_config(&self, role: Role) -> reqwest::Response {
+        self.get(api::DASHBOARD_CONFIG, Some(role)).await
+    }
+
+    pub async fn create_patient(&self, role: Role, body: &Value) -> reqwest::Response {
+        self.post_json(api::PATIENTS, Some(role), body).await
+    }
+
+    pub async fn create_device(&self, role: Role, body: &Value) -> reqwest::Response {
+        self.post_json(api::DEVICES, Some(role), body).await
+    }
+
+    /// `POST /api/v1/incidents`.
+    pub async fn create_incident(&self, role: Role, body: &Value) -> reqwest::Response {
+        self.post_json(api::INCIDENTS, Some(role), body).await
+    }
+
+    /// `GET /api/v1/incidents/{id}`.
+    pub async fn incident(&self, id: impl Display, role: Role) -> reqwest::Response {
+        self.get(&api::incident(id), Some(role)).await
+    }
+
+    /// `GET /api/v1/incidents?{query}` (no `?` when `query` is empty).
+    pub async fn list_incidents(&self, query: &str, role: Role) -> reqwest::Response {
+        self.get(&api::with_query(api::INCIDENTS, query), Some(role))
+            .await
+    }
+
+    /// `POST /api/v1/incidents/{id}/cancel` with `{"reason": reason}`.
+    pub async fn cancel_incident(
+        &self,
+        id: impl Display,
+        role: Role,
+        reason: &str,
+    ) -> reqwest::Response {
+        self.post_json(
+            &api::cancel_incident(id),
+            Some(role),
+            &json!({"reason": reason}),
+        )
+        .await
+    }
+
+    /// `POST /api/v1/incidents/{incident}/assign` with `{"unit_id": unit}`.
+    pub async fn assign(
+        &self,
+        incident: impl Display,
+        unit: &str,
+        role: Role,
+    ) -> reqwest::Response {
+        self.post_json(
+            &api::assign(incident),
+            Some(role),
+            &json!({"unit_id": unit}),
+        )
+        .await
+    }
+
+    /// `GET /api/v1/incidents/{incident}/invoice`.
+    pub async fn invoice(&self, incident: impl Display, role: Role) -> reqwest::Response {
+        self.get(&api::invoice(incident), Some(role)).await
+    }
+
+    pub async fn create_unit(&self, role: Role, body: &Value) -> reqwest::Response {
+        self.post_json(api::UNITS, Some(role), body).await
+    }
+
+    /// `GET /api/v1/units/{id}`.
+    pub async fn unit(&self, id: &str, role: Role) -> reqwest::Response {
+        self.get(&api::unit(id), Some(role)).await
+    }
+
+    /// `GET /api/v1/units`.
+    pub async fn units(&self, role: Role) -> reqwest::Response {
+        self.get(api::UNITS, Some(role)).await
+    }
+
+    /// `POST /api/v1/units/{unit}/status` with `{"status": status}`, as the holder of `token`
+    /// (the unit's crew, or a console's token for available / out of service).
+    pub async fn unit_status(&self, token: &str, unit: &str, status: &str) -> reqwest::Response {
+        self.crew_post(token, &api::unit_status(unit), &json!({"status": status}))
+            .await
+    }
+
+    pub async fn create_hospital(&self, role: Role, body: &Value) -> reqwest::Response {
+        self.post_json(api::HOSPITALS, Some(role), body).await
+    }
+
+    /// `GET /api/v1/hospitals`.
+    pub async fn hospitals(&self, role: Role) -> reqwest::Response {
+        self.get(api::HOSPITALS, Some(role)).await
+    }
+
+    /// `POST /api/v1/offers/{offer}/accept` (body `{}`) as a crew.
+    pub async fn accept_offer(&self, token: &str, offer: impl Display) -> reqwest::Response {
+        self.crew_post(token, &api::accept_offer(offer), &json!({}))
+            .await
+    }
+
+    /// `POST /api/v1/offers/{offer}/decline` with `{"reason": reason}` as a crew.
+    pub async fn decline_offer(
+        &self,
+        token: &str,
+        offer: impl Display,
+        reason: &str,
+    ) -> reqwest::Response {
+        self.crew_post(
+            token,
+            &api::decline_offer(offer),
+            &json!({"reason": reason}),
+        )
+        .await
+    }
+
+    /// `GET /api/v1/events`, with `since` and `limit` when given.
+    pub async fn events_page(
+        &self,
+        since: Option<i64>,
+        limit: Option<i64>,
+        role: Role,
+    ) -> reqwest::Response {
+        let query: Vec<String> = [("since", since), ("limit", limit)]
+            .into_iter()
+            .filter_map(|(name, value)| value.map(|v| format!("{name}={v}")))
+            .collect();
+        self.get(&api::with_query(api::EVENTS, &query.join("&")), Some(role))
+            .await
+    }
+
+    /// `GET /api/v1/analytics/response-times?{query}` (no `?` when `query` is empty).
+    pub async fn response_times(&self, query: &str, role: Role) -> reqwest::Response {
+        self.get(&api::with_query(api::RESPONSE_TIMES, query), Some(role))
+            .await
+    }
+
+    /// `GET /admin/tokens`.
+    pub async fn tokens(&self, role: Role) -> reqwest::Response {
+        self.get(api::ADMIN_TOKENS, Some(role)).await
+    }
+
+    /// `POST /admin/tokens`.
+    pub async fn issue_token(&self, role: Role, body: &Value) -> reqwest::Response {
+        self.post_json(api::ADMIN_TOKENS, Some(role), body).await
+    }
+
+    /// `POST /admin/tokens/{id}/revoke` (body `{}`).
+    pub async fn revoke_token(&self, id: &str, role: Role) -> reqwest::Response {
+        self.post_json(&api::revoke_token(id), Some(role), &json!({}))
+            .await
+    }
+
+    /// `GET /admin/actors?kind={kind}`.
+    pub async fn actors(&self, kind: &str, role: Role) -> reqwest::Response {
+        self.get(
+            &api::with_query(api::ADMIN_ACTORS, &format!("kind={kind}")),
+            Some(role),
+        )
+        .await
+    }
+
+    /// `GET /admin/actors/{kind}/{id}`.
+    pub async fn actor(&self, kind: &str, id: impl Display, role: Role) -> reqwest::Response {
+        self.get(&api::actor(kind, id), Some(role)).await
+    }
+
+    /// `POST /admin/actors/{kind}/{id}/crash` (body `{}`; needs fault injection enabled).
+    pub async fn crash_actor(&self, kind: &str, id: impl Display, role: Role) -> reqwest::Response {
+        self.post_json(&api::crash_actor(kind, id), Some(role), &json!({}))
+            .await
+    }
+
+    pub async fn create_policy(&self, role: Role, body: &Value) -> reqwest::Response {
+        self.post_json(api::INSURANCE_POLICIES, Some(role), body)
+            .await
+    }
+
+    /// `POST /insurance/v1/verify`.
+    pub async fn verify_insurance(&self, role: Role, body: &Value) -> reqwest::Response {
+        self.post_json(api::INSURANCE_VERIFY, Some(role), body)
+            .await
+    }
+
+    /// `ws://` form of `path_and_query` on this app.
+    pub fn ws_url(&self, path_and_query: &str) -> String {
+        format!(
+            "{}{path_and_query}",
+            self.address.replacen("http://", "ws://", 1)
+        )
+    }
+
+    /// The crew WebSocket, authenticated by `token` in the query string.
+    pub fn ws_crew_url(&self, token: &str) -> String {
+        self.ws_url(&format!("{}?access_token={token}", api::WS_CREW))
+    }
+
+    /// The console WebSocket, replaying from after `since`.
+    pub fn ws_console_url(&self, since: i64, token: &str) -> String {
+        self.ws_url(&format!(
+            "{}?since={since}&access_token={token}",
+            api::WS_CONSOLE
+        ))
+    }
+
+    /// The gateway WebSocket, with `token` in the query string when given.
+    pub fn ws_gateway_url(&self, token: Option<&str>) -> String {
+        match token {
+            Some(token) => self.ws_url(&format!("{}?access_token={token}", api::WS_GATEWAY)),
+            None => self.ws_url(api::WS_GATEWAY),
+        }
     }
 }
 

@@ -11,7 +11,7 @@ use shers::domain::incident::Command;
 use shers::persistence::Backend;
 
 use crate::both_backends;
-use crate::helpers::TestApp;
+use crate::helpers::{TestApp, api};
 
 both_backends!(
     wearable_emergencies_open_one_incident_per_patient,
@@ -49,10 +49,7 @@ async fn incident_of(app: &TestApp, reading: &Value) -> String {
 
 async fn count_incidents(app: &TestApp) -> usize {
     let page: Value = app
-        .get(
-            "/api/v1/incidents?status=all&limit=200",
-            Some(Role::Console),
-        )
+        .list_incidents("status=all&limit=200", Role::Console)
         .await
         .json()
         .await
@@ -72,7 +69,7 @@ async fn wearable_emergencies_open_one_incident_per_patient(backend: Backend) {
     assert_eq!(count_incidents(&app).await, 1);
 
     let detail: Value = app
-        .get(&format!("/api/v1/incidents/{first}"), Some(Role::Console))
+        .incident(&first, Role::Console)
         .await
         .json()
         .await
@@ -119,7 +116,7 @@ async fn concurrent_readings_and_requests_make_one_incident(backend: Backend) {
     let mut tasks = Vec::new();
     for i in 0..50_i64 {
         let client = app.client.clone();
-        let (url, token) = (app.url("/api/v1/vitals"), gateway.clone());
+        let (url, token) = (app.url(api::VITALS), gateway.clone());
         tasks.push(actix_web::rt::spawn(async move {
             let body: Value = client
                 .post(url)
@@ -136,7 +133,7 @@ async fn concurrent_readings_and_requests_make_one_incident(backend: Backend) {
                 .map(str::to_owned)
         }));
         let client = app.client.clone();
-        let (url, token) = (app.url("/api/v1/incidents"), console.clone());
+        let (url, token) = (app.url(api::INCIDENTS), console.clone());
         tasks.push(actix_web::rt::spawn(async move {
             let resp = client
                 .post(url)
@@ -171,7 +168,7 @@ async fn idempotency_key_replays_the_first_response(backend: Backend) {
     let post = |key: Option<&'static str>| {
         let mut req = app
             .client
-            .post(app.url("/api/v1/incidents"))
+            .post(app.url(api::INCIDENTS))
             .bearer_auth(&console)
             .json(
                 &json!({"location": {"lat": 51.5, "lng": -0.1}, "priority": "urgent",
@@ -203,13 +200,8 @@ async fn cancel_then_a_new_emergency_opens_a_new_incident(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     app.register_wearer("p-1", "w1").await;
     let first = incident_of(&app, &emergency("w1", 0)).await;
-    let path = format!("/api/v1/incidents/{first}/cancel");
     let resp = app
-        .post_json(
-            &path,
-            Some(Role::Console),
-            &json!({"reason": "false alarm, patient called back"}),
-        )
+        .cancel_incident(&first, Role::Console, "false alarm, patient called back")
         .await;
     assert_eq!(resp.status(), StatusCode::OK);
     let body: Value = resp.json().await.unwrap();
@@ -217,17 +209,9 @@ async fn cancel_then_a_new_emergency_opens_a_new_incident(backend: Backend) {
     assert_eq!(body["cancel_reason"], "false alarm, patient called back");
     assert!(body["times"]["closed"].is_string());
     // Cancelling again is a no-op, not an error.
-    let again = app
-        .post_json(&path, Some(Role::Console), &json!({"reason": "again"}))
-        .await;
+    let again = app.cancel_incident(&first, Role::Console, "again").await;
     assert_eq!(again.status(), StatusCode::OK);
-    let empty = app
-        .post_json(
-            &format!("/api/v1/incidents/{first}/cancel"),
-            Some(Role::Console),
-            &json!({"reason": " "}),
-        )
-        .await;
+    let empty = app.cancel_incident(&first, Role::Console, " ").await;
     assert_eq!(empty.status(), StatusCode::UNPROCESSABLE_ENTITY);
     // The patient can have a new incident now.
     app.post_vitals(&normal("w1", 1)).await;
@@ -235,11 +219,7 @@ async fn cancel_then_a_new_emergency_opens_a_new_incident(backend: Backend) {
     assert!(!second.is_empty());
     assert_ne!(second, first);
     let unknown = app
-        .post_json(
-            &format!("/api/v1/incidents/{}/cancel", uuid::Uuid::now_v7()),
-            Some(Role::Console),
-            &json!({"reason": "x"}),
-        )
+        .cancel_incident(uuid::Uuid::now_v7(), Role::Console, "x")
         .await;
     assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
 }
@@ -247,9 +227,8 @@ async fn cancel_then_a_new_emergency_opens_a_new_incident(backend: Backend) {
 async fn illegal_commands_are_rejected_not_applied(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let created: Value = app
-        .post_json(
-            "/api/v1/incidents",
-            Some(Role::Console),
+        .create_incident(
+            Role::Console,
             &json!({"location": {"lat": 1.0, "lng": 2.0}}),
         )
         .await
@@ -298,12 +277,7 @@ async fn illegal_commands_are_rejected_not_applied(backend: Backend) {
         .await
         .unwrap();
     assert!(matches!(second, Err(IncidentError::Rejected(_))));
-    let detail: Value = app
-        .get(&format!("/api/v1/incidents/{id}"), Some(Role::Console))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let detail: Value = app.incident(id, Role::Console).await.json().await.unwrap();
     assert_eq!(detail["assigned_unit_id"], "M-1");
     assert!(detail["times"]["unit_notified"].is_string());
 }
@@ -314,9 +288,8 @@ async fn a_crashed_incident_actor_comes_back_with_its_state(backend: Backend) {
         .start()
         .await;
     let created: Value = app
-        .post_json(
-            "/api/v1/incidents",
-            Some(Role::Console),
+        .create_incident(
+            Role::Console,
             &json!({"location": {"lat": 1.0, "lng": 2.0}, "description": "chest pain"}),
         )
         .await
@@ -324,22 +297,19 @@ async fn a_crashed_incident_actor_comes_back_with_its_state(backend: Backend) {
         .await
         .unwrap();
     let id = created["id"].as_str().unwrap().to_owned();
-    let path = format!("/admin/actors/incident/{id}");
     let before: Value = app
-        .get(&path, Some(Role::Admin))
+        .actor("incident", &id, Role::Admin)
         .await
         .json()
         .await
         .unwrap();
     assert_eq!(before["restarts"], 0);
-    let crash = app
-        .post_json(&format!("{path}/crash"), Some(Role::Admin), &json!({}))
-        .await;
+    let crash = app.crash_actor("incident", &id, Role::Admin).await;
     assert_eq!(crash.status(), StatusCode::ACCEPTED);
     let mut after = Value::Null;
     for _ in 0..100 {
         after = app
-            .get(&path, Some(Role::Admin))
+            .actor("incident", &id, Role::Admin)
             .await
             .json()
             .await
@@ -357,20 +327,12 @@ async fn a_crashed_incident_actor_comes_back_with_its_state(backend: Backend) {
         "rebuilt from the event store"
     );
     // It still works after the restart.
-    let resp = app
-        .post_json(
-            &format!("/api/v1/incidents/{id}/cancel"),
-            Some(Role::Console),
-            &json!({"reason": "drill"}),
-        )
-        .await;
+    let resp = app.cancel_incident(&id, Role::Console, "drill").await;
     assert_eq!(resp.status(), StatusCode::OK);
 
     // Without the flag the crash endpoint does not exist.
     let plain = TestApp::spawn(backend).await;
-    let resp = plain
-        .post_json(&format!("{path}/crash"), Some(Role::Admin), &json!({}))
-        .await;
+    let resp = plain.crash_actor("incident", &id, Role::Admin).await;
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
 }
 
@@ -380,16 +342,10 @@ async fn open_incidents_survive_an_abrupt_stop(backend: Backend) {
     app.register_wearer("p-2", "w2").await;
     let open = incident_of(&app, &emergency("w1", 0)).await;
     let cancelled = incident_of(&app, &emergency("w2", 0)).await;
-    app.post_json(
-        &format!("/api/v1/incidents/{cancelled}/cancel"),
-        Some(Role::Console),
-        &json!({"reason": "test"}),
-    )
-    .await;
+    app.cancel_incident(&cancelled, Role::Console, "test").await;
     let assigned: Value = app
-        .post_json(
-            "/api/v1/incidents",
-            Some(Role::Console),
+        .create_incident(
+            Role::Console,
             &json!({"location": {"lat": 1.0, "lng": 2.0}}),
         )
         .await
@@ -412,7 +368,7 @@ async fn open_incidents_survive_an_abrupt_stop(backend: Backend) {
     let tdb = app.kill().await;
     let app = TestApp::builder(backend).start_on(tdb).await;
     let actors: Value = app
-        .get("/admin/actors?kind=incident", Some(Role::Admin))
+        .actors("incident", Role::Admin)
         .await
         .json()
         .await
@@ -440,7 +396,7 @@ async fn open_incidents_survive_an_abrupt_stop(backend: Backend) {
         }
         actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
         let actors: Value = app
-            .get("/admin/actors?kind=incident", Some(Role::Admin))
+            .actors("incident", Role::Admin)
             .await
             .json()
             .await
@@ -462,11 +418,7 @@ async fn open_incidents_survive_an_abrupt_stop(backend: Backend) {
     assert_eq!(incident_of(&app, &emergency("w1", 10)).await, open);
     // And commands still apply to recovered incidents.
     let cancel = app
-        .post_json(
-            &format!("/api/v1/incidents/{assigned_id}/cancel"),
-            Some(Role::Console),
-            &json!({"reason": "stood down"}),
-        )
+        .cancel_incident(&assigned_id, Role::Console, "stood down")
         .await;
     assert_eq!(cancel.status(), StatusCode::OK);
 }
@@ -476,9 +428,8 @@ async fn lists_page_with_cursors_and_filters(backend: Backend) {
     let mut ids = Vec::new();
     for i in 0..5 {
         let body: Value = app
-            .post_json(
-                "/api/v1/incidents",
-                Some(Role::Console),
+            .create_incident(
+                Role::Console,
                 &json!({"location": {"lat": 1.0 + f64::from(i), "lng": 2.0}}),
             )
             .await
@@ -487,21 +438,16 @@ async fn lists_page_with_cursors_and_filters(backend: Backend) {
             .unwrap();
         ids.push(body["id"].as_str().unwrap().to_owned());
     }
-    app.post_json(
-        &format!("/api/v1/incidents/{}/cancel", ids[0]),
-        Some(Role::Console),
-        &json!({"reason": "dup"}),
-    )
-    .await;
+    app.cancel_incident(&ids[0], Role::Console, "dup").await;
     let mut seen = Vec::new();
     let mut cursor: Option<String> = None;
     loop {
-        let path = match &cursor {
-            Some(c) => format!("/api/v1/incidents?status=all&limit=2&cursor={c}"),
-            None => "/api/v1/incidents?status=all&limit=2".to_owned(),
+        let query = match &cursor {
+            Some(c) => format!("status=all&limit=2&cursor={c}"),
+            None => "status=all&limit=2".to_owned(),
         };
         let page: Value = app
-            .get(&path, Some(Role::Console))
+            .list_incidents(&query, Role::Console)
             .await
             .json()
             .await
@@ -518,26 +464,22 @@ async fn lists_page_with_cursors_and_filters(backend: Backend) {
     newest_first.reverse();
     assert_eq!(seen, newest_first);
     let open: Value = app
-        .get("/api/v1/incidents", Some(Role::Console))
+        .list_incidents("", Role::Console)
         .await
         .json()
         .await
         .unwrap();
     assert_eq!(open["items"].as_array().unwrap().len(), 4);
     let closed: Value = app
-        .get("/api/v1/incidents?status=closed", Some(Role::Console))
+        .list_incidents("status=closed", Role::Console)
         .await
         .json()
         .await
         .unwrap();
     assert_eq!(closed["items"][0]["id"], ids[0].as_str());
-    let bad = app
-        .get("/api/v1/incidents?status=sideways", Some(Role::Console))
-        .await;
+    let bad = app.list_incidents("status=sideways", Role::Console).await;
     assert_eq!(bad.status(), StatusCode::UNPROCESSABLE_ENTITY);
-    let bad = app
-        .get("/api/v1/incidents?limit=0", Some(Role::Console))
-        .await;
+    let bad = app.list_incidents("limit=0", Role::Console).await;
     assert_eq!(bad.status(), StatusCode::UNPROCESSABLE_ENTITY);
 }
 
@@ -546,33 +488,24 @@ async fn patients_act_only_for_themselves(backend: Backend) {
     app.register_wearer("patient-1", "w1").await;
     app.register_wearer("someone-else", "w2").await;
     // A patient token (bound to patient-1) asks for help: its home location is used.
-    let resp = app
-        .post_json("/api/v1/incidents", Some(Role::Patient), &json!({}))
-        .await;
+    let resp = app.create_incident(Role::Patient, &json!({})).await;
     assert_eq!(resp.status(), StatusCode::CREATED);
     let mine: Value = resp.json().await.unwrap();
     assert_eq!(mine["patient_id"], "patient-1");
     assert_eq!(mine["source"], "request");
     let resp = app
-        .post_json(
-            "/api/v1/incidents",
-            Some(Role::Patient),
-            &json!({"patient_id": "someone-else"}),
-        )
+        .create_incident(Role::Patient, &json!({"patient_id": "someone-else"}))
         .await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     let other = incident_of(&app, &emergency("w2", 0)).await;
-    let resp = app
-        .get(&format!("/api/v1/incidents/{other}"), Some(Role::Patient))
-        .await;
+    let resp = app.incident(&other, Role::Patient).await;
     assert_eq!(resp.status(), StatusCode::NOT_FOUND);
-    let resp = app.get("/api/v1/incidents", Some(Role::Patient)).await;
+    let resp = app.list_incidents("", Role::Patient).await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
     // Unknown patient named by a console: 422 on the field.
     let resp = app
-        .post_json(
-            "/api/v1/incidents",
-            Some(Role::Console),
+        .create_incident(
+            Role::Console,
             &json!({"patient_id": "nobody", "location": {"lat": 1, "lng": 1}}),
         )
         .await;
@@ -580,13 +513,7 @@ async fn patients_act_only_for_themselves(backend: Backend) {
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["errors"][0]["pointer"], "/patient_id");
     let id = mine["id"].as_str().unwrap();
-    let resp = app
-        .post_json(
-            &format!("/api/v1/incidents/{id}/cancel"),
-            Some(Role::Patient),
-            &json!({"reason": "I am fine"}),
-        )
-        .await;
+    let resp = app.cancel_incident(id, Role::Patient, "I am fine").await;
     assert_eq!(resp.status(), StatusCode::OK);
 }
 
@@ -599,9 +526,8 @@ async fn references_are_unique_and_increase(backend: Backend) {
         let app = &app;
         async move {
             let resp = app
-                .post_json(
-                    "/api/v1/incidents",
-                    Some(Role::Console),
+                .create_incident(
+                    Role::Console,
                     &json!({"location": {"lat": 10.0 + i as f64 * 0.001, "lng": 2.0}}),
                 )
                 .await;

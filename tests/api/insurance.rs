@@ -7,23 +7,22 @@ use shers::domain::auth::Role;
 use shers::persistence::Backend;
 
 use crate::both_backends;
-use crate::helpers::TestApp;
+use crate::helpers::{TestApp, api};
 
 both_backends!(coverage_decisions_and_claim_holds, bad_amounts_are_refused);
 
 async fn coverage_decisions_and_claim_holds(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let policy = app
-        .post_json(
-            "/insurance/v1/policies",
-            Some(Role::Admin),
+        .create_policy(
+            Role::Admin,
             &json!({"patient_id": "p-1", "provider": "NHS", "member_id": "943 476 5919", "coverage_cents": 100_000}),
         )
         .await;
     assert_eq!(policy.status(), StatusCode::CREATED);
     let verify = |incident: &str, patient: &str, amount: i64| {
         let body = json!({"patient_id": patient, "incident_id": incident, "amount_cents": amount});
-        let req = app.client.post(app.url("/insurance/v1/verify")).json(&body);
+        let req = app.client.post(app.url(api::INSURANCE_VERIFY)).json(&body);
         async move { req }
     };
     let admin = app.token(Role::Admin).await;
@@ -69,17 +68,9 @@ async fn coverage_decisions_and_claim_holds(backend: Backend) {
     assert_eq!(none["patient_due_cents"], 50_000);
     // Releasing the partial claim gives its 40,000 back: a new bill is fully covered again.
     let claim = partial["claim_id"].as_str().unwrap();
-    let release = send(
-        app.client
-            .post(app.url(&format!("/insurance/v1/claims/{claim}/release"))),
-    )
-    .await;
+    let release = send(app.client.post(app.url(&api::release_claim(claim)))).await;
     assert_eq!(release.status(), StatusCode::OK);
-    let twice = send(
-        app.client
-            .post(app.url(&format!("/insurance/v1/claims/{claim}/release"))),
-    )
-    .await;
+    let twice = send(app.client.post(app.url(&api::release_claim(claim)))).await;
     assert_eq!(twice.status(), StatusCode::OK, "release is idempotent");
     let after: Value = send(verify("inc-4", "p-1", 40_000).await)
         .await
@@ -87,16 +78,10 @@ async fn coverage_decisions_and_claim_holds(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(after["coverage_status"], "fully_covered");
-    let unknown = send(
-        app.client
-            .post(app.url("/insurance/v1/claims/clm_nope/release")),
-    )
-    .await;
+    let unknown = send(app.client.post(app.url(&api::release_claim("clm_nope")))).await;
     assert_eq!(unknown.status(), StatusCode::NOT_FOUND);
     // Only admins (service credentials) may call it.
-    let resp = app
-        .post_json("/insurance/v1/verify", Some(Role::Console), &json!({}))
-        .await;
+    let resp = app.verify_insurance(Role::Console, &json!({})).await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
 }
 
@@ -110,9 +95,8 @@ async fn bad_amounts_are_refused(backend: Backend) {
         (json!(null), "/amount_cents"),
     ] {
         let resp = app
-            .post_json(
-                "/insurance/v1/verify",
-                Some(Role::Admin),
+            .verify_insurance(
+                Role::Admin,
                 &json!({"patient_id": "p", "incident_id": "i", "amount_cents": amount}),
             )
             .await;

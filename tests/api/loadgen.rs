@@ -63,12 +63,7 @@ async fn smoke(app: &TestApp, scenario: &str, extra: &[&str]) -> Report {
 
     // The fleet is left out of service and the run's tokens revoked.
     assert_eq!(report.counters["cleanup_failures"], 0);
-    let units: Value = app
-        .get("/api/v1/units", Some(Role::Console))
-        .await
-        .json()
-        .await
-        .unwrap();
+    let units: Value = app.units(Role::Console).await.json().await.unwrap();
     for unit in units["items"].as_array().unwrap() {
         if unit["id"]
             .as_str()

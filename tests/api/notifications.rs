@@ -97,10 +97,7 @@ async fn next_of_kin_get_an_sms_even_without_vitals(backend: Backend) {
     let mut detail = Value::Null;
     for _ in 0..200 {
         detail = app
-            .get(
-                &format!("/api/v1/incidents/{incident}"),
-                Some(Role::Console),
-            )
+            .incident(&incident, Role::Console)
             .await
             .json()
             .await

@@ -7,7 +7,7 @@ use serde_json::Value;
 use shers::domain::auth::Role;
 use shers::persistence::Backend;
 
-use crate::helpers::{TestApp, app_behind_a_proxy};
+use crate::helpers::{TestApp, api, app_behind_a_proxy};
 
 async fn wait_for_status(app: &TestApp, path: &str, want: StatusCode) -> Value {
     let mut last = None;
@@ -28,17 +28,17 @@ async fn readyz_follows_a_postgres_outage_through_a_proxy() {
         return;
     }
     let (app, proxy) = app_behind_a_proxy().await;
-    let body = wait_for_status(&app, "/readyz", StatusCode::OK).await;
+    let body = wait_for_status(&app, api::READYZ, StatusCode::OK).await;
     assert_eq!(body["database"], "postgres");
 
     proxy.cut();
-    let body = wait_for_status(&app, "/readyz", StatusCode::SERVICE_UNAVAILABLE).await;
+    let body = wait_for_status(&app, api::READYZ, StatusCode::SERVICE_UNAVAILABLE).await;
     assert_eq!(body["status"], "not_ready");
     // Liveness is unaffected: the process is fine, its dependency is not.
-    assert_eq!(app.get("/healthz", None).await.status(), StatusCode::OK);
+    assert_eq!(app.get(api::HEALTHZ, None).await.status(), StatusCode::OK);
 
     proxy.restore();
-    wait_for_status(&app, "/readyz", StatusCode::OK).await;
+    wait_for_status(&app, api::READYZ, StatusCode::OK).await;
 }
 
 fn emergency(device: &str) -> Value {
@@ -77,9 +77,9 @@ async fn emergencies_open_incidents_again_after_a_postgres_outage() {
     opens_incident(&app, "w1").await.unwrap();
 
     proxy.cut();
-    wait_for_status(&app, "/readyz", StatusCode::SERVICE_UNAVAILABLE).await;
+    wait_for_status(&app, api::READYZ, StatusCode::SERVICE_UNAVAILABLE).await;
     proxy.restore();
-    wait_for_status(&app, "/readyz", StatusCode::OK).await;
+    wait_for_status(&app, api::READYZ, StatusCode::OK).await;
 
     // Connections that died in the outage are replaced before use: no reading fails for them.
     let second = opens_incident(&app, "w2").await.unwrap();
@@ -96,7 +96,7 @@ async fn emergencies_open_incidents_again_after_a_postgres_outage() {
     let third = opens_incident(&app, "w3").await;
     assert!(third.is_ok(), "{third:?}");
     let listed: Value = app
-        .get("/api/v1/incidents?status=all&limit=10", Some(Role::Console))
+        .list_incidents("status=all&limit=10", Role::Console)
         .await
         .json()
         .await
@@ -107,7 +107,7 @@ async fn emergencies_open_incidents_again_after_a_postgres_outage() {
 #[actix_web::test]
 async fn readyz_is_503_while_migrations_are_missing() {
     let app = TestApp::spawn(Backend::Sqlite).await;
-    assert_eq!(app.get("/readyz", None).await.status(), StatusCode::OK);
+    assert_eq!(app.get(api::READYZ, None).await.status(), StatusCode::OK);
     let url = match &app.db {
         shers::persistence::Db::Sqlite(_) => app_db_url(&app).await,
         shers::persistence::Db::Postgres(_) => unreachable!(),
@@ -115,7 +115,7 @@ async fn readyz_is_503_while_migrations_are_missing() {
     shers::persistence::migrations::revert_all(&app.db, &url)
         .await
         .unwrap();
-    let resp = app.get("/readyz", None).await;
+    let resp = app.get(api::READYZ, None).await;
     assert_eq!(resp.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(resp.headers()["retry-after"], "2");
     let body: Value = resp.json().await.unwrap();
@@ -150,10 +150,10 @@ async fn app_db_url(app: &TestApp) -> String {
 async fn metrics_count_requests_by_route() {
     let app = TestApp::spawn(Backend::Sqlite).await;
     for _ in 0..3 {
-        app.get("/api/v1/whoami", Some(Role::Console)).await;
+        app.get(api::WHOAMI, Some(Role::Console)).await;
     }
     let text = app
-        .get("/metrics", Some(Role::Admin))
+        .get(api::METRICS, Some(Role::Admin))
         .await
         .text()
         .await
@@ -178,7 +178,7 @@ async fn metrics_count_requests_by_route() {
 async fn openapi_document_lists_the_endpoints() {
     let app = TestApp::spawn(Backend::Sqlite).await;
     let doc: Value = app
-        .get("/api/openapi.json", Some(Role::Gateway))
+        .get(api::OPENAPI, Some(Role::Gateway))
         .await
         .json()
         .await
@@ -202,7 +202,7 @@ async fn openapi_document_lists_the_endpoints() {
 #[actix_web::test]
 async fn the_dashboard_is_served_and_inserts_data_as_text_only() {
     let app = TestApp::spawn(Backend::Sqlite).await;
-    let resp = app.get("/", None).await;
+    let resp = app.get(api::DASHBOARD, None).await;
     assert_eq!(resp.status(), StatusCode::OK);
     assert!(
         resp.headers()["content-security-policy"]
@@ -237,13 +237,13 @@ async fn the_dashboard_is_served_and_inserts_data_as_text_only() {
 #[actix_web::test]
 async fn a_tile_server_is_allowed_by_the_csp_and_offered_to_the_dashboard() {
     let plain = TestApp::spawn(Backend::Sqlite).await;
-    let csp = plain.get("/", None).await.headers()["content-security-policy"]
+    let csp = plain.get(api::DASHBOARD, None).await.headers()["content-security-policy"]
         .to_str()
         .unwrap()
         .to_owned();
     assert!(csp.contains("img-src 'self' data:;"), "{csp}");
     let config: Value = plain
-        .get("/api/v1/dashboard/config", Some(Role::Console))
+        .dashboard_config(Role::Console)
         .await
         .json()
         .await
@@ -257,7 +257,7 @@ async fn a_tile_server_is_allowed_by_the_csp_and_offered_to_the_dashboard() {
         })
         .start()
         .await;
-    let csp = app.get("/", None).await.headers()["content-security-policy"]
+    let csp = app.get(api::DASHBOARD, None).await.headers()["content-security-policy"]
         .to_str()
         .unwrap()
         .to_owned();
@@ -265,10 +265,10 @@ async fn a_tile_server_is_allowed_by_the_csp_and_offered_to_the_dashboard() {
         csp.contains("img-src 'self' data: http://127.0.0.1:8099;"),
         "{csp}"
     );
-    let unauthenticated = app.get("/api/v1/dashboard/config", None).await;
+    let unauthenticated = app.get(api::DASHBOARD_CONFIG, None).await;
     assert_eq!(unauthenticated.status(), StatusCode::UNAUTHORIZED);
     let config: Value = app
-        .get("/api/v1/dashboard/config", Some(Role::Console))
+        .dashboard_config(Role::Console)
         .await
         .json()
         .await

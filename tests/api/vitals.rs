@@ -13,7 +13,7 @@ use shers::domain::triage::TriageStatus;
 use shers::persistence::Backend;
 
 use crate::both_backends;
-use crate::helpers::TestApp;
+use crate::helpers::{TestApp, api};
 
 both_backends!(
     emergency_reading_is_triaged_and_recorded,
@@ -405,7 +405,7 @@ async fn body_level_errors() {
     let send = |body: Vec<u8>| {
         let req = app
             .client
-            .post(app.url("/api/v1/vitals"))
+            .post(app.url(api::VITALS))
             .bearer_auth(&gateway)
             .header("content-type", "application/json")
             .body(body);
@@ -425,7 +425,7 @@ async fn body_level_errors() {
     assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
     // Wrong role.
     let resp = app
-        .post_json("/api/v1/vitals", Some(Role::Console), &normal("w1", 0))
+        .post_json(api::VITALS, Some(Role::Console), &normal("w1", 0))
         .await;
     assert_eq!(resp.status(), StatusCode::FORBIDDEN);
 }
@@ -480,10 +480,7 @@ async fn gateway_websocket_round_trip() {
     let app = TestApp::spawn(Backend::Sqlite).await;
     app.register_wearer("p-1", "ws1").await;
     let token = app.token(Role::Gateway).await;
-    let url = format!(
-        "ws://127.0.0.1:{}/api/v1/ws/gateway?access_token={token}",
-        app.address.rsplit(':').next().unwrap()
-    );
+    let url = app.ws_gateway_url(Some(&token));
     let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
     use tokio_tungstenite::tungstenite::Message;
     socket
@@ -502,10 +499,7 @@ async fn gateway_websocket_round_trip() {
     socket.close(None).await.unwrap();
 
     // Without a token the upgrade is refused.
-    let bare = format!(
-        "ws://127.0.0.1:{}/api/v1/ws/gateway",
-        app.address.rsplit(':').next().unwrap()
-    );
+    let bare = app.ws_gateway_url(None);
     assert!(tokio_tungstenite::connect_async(bare).await.is_err());
 }
 
