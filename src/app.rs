@@ -138,6 +138,134 @@ pub fn notification_channels(settings: &Settings) -> anyhow::Result<Channels> {
     })
 }
 
+/// The routing service for ETAs: OSRM when configured, always with the straight-line
+/// fallback.
+fn routing_service(settings: &Settings) -> anyhow::Result<Arc<RoutingWithFallback>> {
+    Ok(Arc::new(RoutingWithFallback::new(
+        match &settings.routing.base_url {
+            Some(url) => Some(Arc::new(
+                OsrmRouting::new(url, Duration::from_millis(settings.routing.timeout_ms))
+                    .context("configuring the routing service")?,
+            ) as Arc<dyn Routing>),
+            None => None,
+        },
+    )))
+}
+
+/// Starts the incident directory (with a reader connection of its own on PostgreSQL), tells
+/// the fleet where freed units go, and resumes the open incidents before anything is served.
+async fn start_incidents(
+    settings: &Settings,
+    db: &Db,
+    writer: &GroupCommit,
+    fleet: &actix::Addr<Fleet>,
+) -> anyhow::Result<actix::Addr<IncidentDirectory>> {
+    let mut directory = IncidentDirectory::new(IncidentDeps {
+        db: db.clone(),
+        directory: None,
+        fleet: Some(fleet.clone()),
+        dispatch: settings.dispatch.clone(),
+        writer: writer.clone(),
+    });
+    if db.backend() == crate::persistence::Backend::Postgres {
+        // A connection of the directory's own, opened on its thread.
+        directory = directory.with_reader(
+            Db::connect_writer(&settings.database)
+                .await
+                .context("opening the incident directory's database connection")?,
+        );
+    }
+    let incidents = directory.start();
+    fleet.do_send(SetUnitFreeRecipient(incidents.clone().recipient()));
+    let recovered = incidents
+        .send(Recover)
+        .await
+        .context("recovering open incidents")?
+        .context("recovering open incidents")?;
+    if recovered > 0 {
+        tracing::info!(incidents.recovered = recovered, "resumed open incidents");
+    }
+    Ok(incidents)
+}
+
+/// Starts the billing saga driver with its payment provider and insurance client, and
+/// resumes unfinished sagas. Without a configured insurance token, billing gets one of its own
+/// for this run (answered second, to be revoked when the server stops).
+async fn start_billing(
+    settings: &Settings,
+    db: &Db,
+    port: u16,
+    fleet: &actix::Addr<Fleet>,
+    incidents: &actix::Addr<IncidentDirectory>,
+) -> anyhow::Result<(actix::Addr<Billing>, Option<crate::domain::ids::TokenId>)> {
+    // Without a configured token, billing gets one of its own for this run, revoked when
+    // the server stops (a crash leaves it live; it is listed as "billing (internal)").
+    let (insurance_token, internal_token) = match &settings.insurance.api_token {
+        Some(t) => (t.expose().clone(), None),
+        None => {
+            let mut conn = db.conn().await?;
+            let created = tokens::create(
+                &mut conn,
+                crate::domain::auth::Role::Admin,
+                None,
+                None,
+                "billing (internal)",
+                chrono::Utc::now(),
+            )
+            .await
+            .context("minting the internal billing token")?;
+            (created.token, Some(created.record.id))
+        }
+    };
+    let payments: Arc<dyn PaymentProvider> =
+        match (settings.payments.provider, &settings.payments.api_key) {
+            (crate::config::PaymentProvider::Sandbox, _) => {
+                tracing::warn!("payments: SANDBOX provider (demo only): no real money moves");
+                Arc::new(SandboxPayments::new())
+            }
+            (crate::config::PaymentProvider::Stripe, Some(key)) => Arc::new(
+                StripeClient::new(
+                    &settings.payments.base_url,
+                    key.expose(),
+                    Duration::from_secs(10),
+                )
+                .map_err(|e| anyhow::anyhow!("configuring payments: {e}"))?,
+            ),
+            (crate::config::PaymentProvider::Stripe, None) => {
+                tracing::warn!(
+                    "payments: no api_key configured; charges are refused and invoices end failed"
+                );
+                Arc::new(PaymentsNotConfigured)
+            }
+        };
+    let insurance_base = settings
+        .insurance
+        .base_url
+        .clone()
+        .unwrap_or_else(|| format!("http://127.0.0.1:{port}"));
+    let billing = Billing::new(BillingDeps {
+        db: db.clone(),
+        insurance_base,
+        insurance_token,
+        payments,
+        tariff: Tariff {
+            base_cents: settings.payments.base_fee_cents,
+            per_km_cents: settings.payments.per_km_cents,
+            als_surcharge_cents: settings.payments.als_surcharge_cents,
+            currency: settings.payments.currency.clone(),
+        },
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .context("building the HTTP client")?,
+        fleet: fleet.clone(),
+        incidents: incidents.clone(),
+    })
+    .start();
+    billing.do_send(ResumeBilling);
+    Ok((billing, internal_token))
+}
+
 impl Application {
     /// Opens the database, migrates it and binds the listener.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
@@ -168,13 +296,7 @@ impl Application {
             offline_after: Duration::from_secs(settings.triage.device_offline_s.max(1)),
             retention: settings.triage.raw_retention,
         });
-        let routing = Arc::new(RoutingWithFallback::new(match &settings.routing.base_url {
-            Some(url) => Some(Arc::new(
-                OsrmRouting::new(url, Duration::from_millis(settings.routing.timeout_ms))
-                    .context("configuring the routing service")?,
-            ) as Arc<dyn Routing>),
-            None => None,
-        }));
+        let routing = routing_service(&settings)?;
         let fleet = Fleet::new(db.clone(), writer.clone(), routing).start();
         let units = fleet
             .send(LoadFleet)
@@ -182,31 +304,7 @@ impl Application {
             .context("loading the fleet")?
             .context("loading the fleet")?;
         tracing::info!(units, "fleet loaded");
-        let mut directory = IncidentDirectory::new(IncidentDeps {
-            db: db.clone(),
-            directory: None,
-            fleet: Some(fleet.clone()),
-            dispatch: settings.dispatch.clone(),
-            writer: writer.clone(),
-        });
-        if db.backend() == crate::persistence::Backend::Postgres {
-            // A connection of the directory's own, opened on its thread.
-            directory = directory.with_reader(
-                Db::connect_writer(&settings.database)
-                    .await
-                    .context("opening the incident directory's database connection")?,
-            );
-        }
-        let incidents = directory.start();
-        fleet.do_send(SetUnitFreeRecipient(incidents.clone().recipient()));
-        let recovered = incidents
-            .send(Recover)
-            .await
-            .context("recovering open incidents")?
-            .context("recovering open incidents")?;
-        if recovered > 0 {
-            tracing::info!(incidents.recovered = recovered, "resumed open incidents");
-        }
+        let incidents = start_incidents(&settings, &db, &writer, &fleet).await?;
         let handoff = incidents.clone().recipient();
         // Device actors run on their own threads, one per core, sharded by device id.
         let shards = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -225,73 +323,8 @@ impl Application {
             .await
             .context("starting the event broadcaster")?
             .start();
-        // Without a configured token, billing gets one of its own for this run, revoked when
-        // the server stops (a crash leaves it live; it is listed as "billing (internal)").
-        let (insurance_token, internal_token) = match &settings.insurance.api_token {
-            Some(t) => (t.expose().clone(), None),
-            None => {
-                let mut conn = db.conn().await?;
-                let created = tokens::create(
-                    &mut conn,
-                    crate::domain::auth::Role::Admin,
-                    None,
-                    None,
-                    "billing (internal)",
-                    chrono::Utc::now(),
-                )
-                .await
-                .context("minting the internal billing token")?;
-                (created.token, Some(created.record.id))
-            }
-        };
-        let payments: Arc<dyn PaymentProvider> = match (
-            settings.payments.provider,
-            &settings.payments.api_key,
-        ) {
-            (crate::config::PaymentProvider::Sandbox, _) => {
-                tracing::warn!("payments: SANDBOX provider (demo only): no real money moves");
-                Arc::new(SandboxPayments::new())
-            }
-            (crate::config::PaymentProvider::Stripe, Some(key)) => Arc::new(
-                StripeClient::new(
-                    &settings.payments.base_url,
-                    key.expose(),
-                    Duration::from_secs(10),
-                )
-                .map_err(|e| anyhow::anyhow!("configuring payments: {e}"))?,
-            ),
-            (crate::config::PaymentProvider::Stripe, None) => {
-                tracing::warn!(
-                    "payments: no api_key configured; charges are refused and invoices end failed"
-                );
-                Arc::new(PaymentsNotConfigured)
-            }
-        };
-        let insurance_base = settings
-            .insurance
-            .base_url
-            .clone()
-            .unwrap_or_else(|| format!("http://127.0.0.1:{port}"));
-        let billing = Billing::new(BillingDeps {
-            db: db.clone(),
-            insurance_base,
-            insurance_token,
-            payments,
-            tariff: Tariff {
-                base_cents: settings.payments.base_fee_cents,
-                per_km_cents: settings.payments.per_km_cents,
-                als_surcharge_cents: settings.payments.als_surcharge_cents,
-                currency: settings.payments.currency.clone(),
-            },
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()
-                .context("building the HTTP client")?,
-            fleet: fleet.clone(),
-            incidents: incidents.clone(),
-        })
-        .start();
-        billing.do_send(ResumeBilling);
+        let (billing, internal_token) =
+            start_billing(&settings, &db, port, &fleet, &incidents).await?;
 
         let settings = Arc::new(settings);
         let state = web::Data::new(AppState {

@@ -22,7 +22,7 @@ use crate::domain::ids::{HospitalId, OfferId, UnitId};
 use crate::domain::patients::valid_external_id;
 use crate::domain::validation::FieldError;
 use crate::persistence::StoreError;
-use crate::persistence::fleet::{self as store, HospitalRecord, UnitRecord};
+use crate::persistence::fleet::{HospitalRecord, UnitRecord};
 
 /// Crews (bound to a unit).
 pub struct CrewOnly;
@@ -159,11 +159,11 @@ pub async fn create_unit(
         base: body.base,
         current_incident_id: None,
     };
-    let stored = record.clone();
-    state
-        .db
-        .run(move |mut conn| async move { store::insert_unit(&mut conn, &stored, now).await })
+    let view = state
+        .fleet
+        .send(RegisterUnit(record))
         .await
+        .map_err(busy)?
         .map_err(|e| match e {
             StoreError::Conflict(_) => ApiError::Conflict {
                 detail: "a unit with this id exists".into(),
@@ -171,8 +171,6 @@ pub async fn create_unit(
             },
             other => other.into(),
         })?;
-    let addr = state.fleet.send(RegisterUnit(record)).await.map_err(busy)?;
-    let view = addr.send(ViewUnit).await.map_err(busy)?;
     Ok(HttpResponse::Created().json(view))
 }
 
@@ -257,20 +255,18 @@ pub async fn create_hospital(
         capacity: body.capacity,
         occupied: 0,
     };
-    let stored = record.clone();
-    state
-        .db
-        .run(move |mut conn| async move { store::insert_hospital(&mut conn, &stored, Utc::now()).await })
-        .await
-        .map_err(|e| match e {
-            StoreError::Conflict(_) => ApiError::Conflict { detail: "a hospital with this id exists".into(), extensions: Default::default() },
-            other => other.into(),
-        })?;
     state
         .fleet
         .send(RegisterHospital(record.clone()))
         .await
-        .map_err(busy)?;
+        .map_err(busy)?
+        .map_err(|e| match e {
+            StoreError::Conflict(_) => ApiError::Conflict {
+                detail: "a hospital with this id exists".into(),
+                extensions: Default::default(),
+            },
+            other => other.into(),
+        })?;
     Ok(HttpResponse::Created().json(record))
 }
 

@@ -10,7 +10,8 @@ use super::AppState;
 use super::auth::{AdminOnly, Authorized, Policy};
 use super::error::ApiError;
 use super::json::JsonBody;
-use crate::actors::incident::PatientChanged;
+use crate::actors::device::RegisterDevice;
+use crate::actors::incident::RegisterPatient;
 use crate::domain::auth::Role;
 use crate::domain::ids::PatientId;
 use crate::domain::patients::{NewDevice, NewPatient};
@@ -37,11 +38,13 @@ pub async fn create_patient(
         .0
         .validate(|| PatientId(uuid::Uuid::now_v7().to_string()), Utc::now())
         .map_err(ApiError::fields)?;
-    let stored = patient.clone();
     state
-        .db
-        .run(move |mut conn| async move { patients::insert_patient(&mut conn, &stored).await })
+        .incidents
+        .send(RegisterPatient(patient.clone()))
         .await
+        .map_err(crate::actors::error::ActorError::mailbox(
+            "incident directory",
+        ))?
         .map_err(|e| match e {
             StoreError::Conflict(_) => ApiError::Conflict {
                 detail: "a patient with this id already exists".to_owned(),
@@ -50,8 +53,6 @@ pub async fn create_patient(
             other => other.into(),
         })?;
     tracing::info!(patient.id = %patient.id, "patient registered");
-    // New incidents for this patient need not read them back.
-    state.incidents.do_send(PatientChanged(patient.clone()));
     Ok(HttpResponse::Created()
         .insert_header(("Location", format!("/api/v1/patients/{}", patient.id)))
         .json(patient))
@@ -95,17 +96,13 @@ pub async fn create_device(
     body: JsonBody<NewDevice>,
 ) -> Result<HttpResponse, ApiError> {
     let device = body.0.validate(Utc::now()).map_err(ApiError::fields)?;
-    let stored = device.clone();
     let outcome = state
-        .db
-        .run(move |mut conn| async move {
-            if !patients::patient_exists(&mut conn, &stored.patient_id).await? {
-                return Ok(false);
-            }
-            patients::insert_device(&mut conn, &stored).await?;
-            Ok::<_, StoreError>(true)
-        })
+        .devices
+        .send(RegisterDevice(device.clone()))
         .await
+        .map_err(crate::actors::error::ActorError::mailbox(
+            "device directory",
+        ))?
         .map_err(|e| match e {
             StoreError::Conflict(_) => ApiError::Conflict {
                 detail: "a device with this id is already registered".to_owned(),

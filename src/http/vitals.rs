@@ -16,15 +16,14 @@ use super::auth::{Authorized, Policy};
 use super::error::ApiError;
 use super::json::read_body;
 use super::ws::{Incoming, Socket};
-use crate::actors::device::{Ingest, score};
-use crate::actors::device::{ReadingOutcome, Retention};
+use crate::actors::device::Ingest;
+use crate::actors::device::ReadingOutcome;
 use crate::domain::auth::Role;
 use crate::domain::ids::{DeviceId, IncidentId};
 use crate::domain::news2::{News2, News2Param, News2Risk};
 use crate::domain::triage::TriageStatus;
 use crate::domain::validation::FieldError;
 use crate::domain::vitals::{BodyError, IngestLimits, parse_body};
-use crate::persistence::readings::{self, RetainedReading};
 
 /// Wearable gateways only.
 pub struct GatewayOnly;
@@ -172,48 +171,19 @@ pub async fn ingest_body(state: &AppState, body: &[u8]) -> Result<IngestResponse
                 detail: "ingest is at capacity; retry shortly".to_owned(),
                 retry_after_s: 1,
             })?;
-        let retention = state.triage.retention;
-        let retained_json: Vec<(usize, String)> = if retention == Retention::All {
-            readings
-                .iter()
-                .map(|(i, r)| (*i, serde_json::to_string(r).unwrap_or_default()))
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let scored = score(&state.triage, readings);
-        let measured: Vec<(usize, chrono::DateTime<Utc>)> = scored
-            .iter()
-            .map(|s| (s.index, s.reading.timestamp))
-            .collect();
         let outcomes =
             state
                 .devices
-                .send(Ingest(scored))
+                .send(Ingest(readings))
                 .await
                 .map_err(|_| ApiError::Unavailable {
                     detail: "the device directory is unavailable; retry shortly".to_owned(),
                     retry_after_s: 1,
                 })?;
         let mut shape = None;
-        let mut keep = Vec::new();
         for (index, outcome) in outcomes {
             match outcome {
                 ReadingOutcome::Accepted(a) => {
-                    if retention == Retention::All
-                        && let Some((_, json)) = retained_json.iter().find(|(i, _)| *i == index)
-                        && let Some((_, at)) = measured.iter().find(|(i, _)| *i == index)
-                    {
-                        keep.push(RetainedReading {
-                            device_id: a.device_id.0.clone(),
-                            patient_id: a.patient_id.0.clone(),
-                            measured_at: *at,
-                            received_at: now,
-                            status: a.status.as_str(),
-                            news2_score: Some(i32::from(a.news2.score)),
-                            reading: json.clone(),
-                        });
-                    }
                     results.push(ReadingResult {
                         index,
                         device_id: a.device_id,
@@ -252,12 +222,6 @@ pub async fn ingest_body(state: &AppState, body: &[u8]) -> Result<IngestResponse
                     });
                 }
             }
-        }
-        if !keep.is_empty() {
-            state
-                .db
-                .run(move |mut conn| async move { readings::insert_many(&mut conn, &keep).await })
-                .await?;
         }
     }
     rejected.sort_by_key(|r| r.index);

@@ -443,6 +443,8 @@ async fn the_dashboard_shows_a_new_emergency_live_and_markup_as_text() {
         )
         .await;
     let shot = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/dashboard-screenshot.png");
+    // `target/` is absent when the build went to another CARGO_TARGET_DIR.
+    std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
     browser.screenshot(&shot).await;
     eprintln!("dashboard screenshot: {}", shot.display());
     browser.close().await;

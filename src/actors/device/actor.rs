@@ -25,7 +25,7 @@ use crate::domain::events::NewEvent;
 use crate::domain::ids::{DeviceId, IncidentId, PatientId};
 use crate::domain::news2::News2;
 use crate::domain::triage::{
-    Assessment, FallEvent, FallWatch, TriageRules, TriageStatus, in_arrival_order,
+    Assessment, FallEvent, FallWatch, TriageRules, TriageStatus, assess, in_arrival_order,
 };
 use crate::domain::vitals::Reading;
 use crate::persistence::group::{GroupCommit, Projection};
@@ -92,10 +92,24 @@ pub enum ReadingOutcome {
     Unavailable,
 }
 
-/// Apply triaged readings (in request order) to the device.
+/// Triage readings (each with its position in the request, in request order) and apply them
+/// to the device. Triage runs here, on the device's own arbiter, so a batch's devices are
+/// scored in parallel and the HTTP handler holds no rule.
 #[derive(Message, Debug)]
 #[rtype(result = "Vec<(usize, ReadingOutcome)>")]
-pub struct ProcessReadings(pub Vec<Scored>);
+pub struct ProcessReadings(pub Vec<(usize, Reading)>);
+
+impl Scored {
+    /// `reading`, at `index` in its request, triaged by `rules`.
+    pub fn new(rules: &TriageRules, index: usize, reading: Reading) -> Self {
+        let assessment = assess(rules, &reading);
+        Self {
+            index,
+            reading,
+            assessment,
+        }
+    }
+}
 
 /// Evaluate timers as of `now`: the fall grace window, and silence longer than
 /// `offline_after` (which records `device.offline` and stops the idle actor). Sent by the
@@ -469,10 +483,10 @@ impl Handler<ProcessReadings> for DeviceActor {
         self.last_message_at = Some(now);
         let id = self.id.clone();
         let retention = self.runtime.retention;
-        let refuse = |outcome: ReadingOutcome, readings: Vec<Scored>| {
+        let refuse = |outcome: ReadingOutcome, readings: Vec<(usize, Reading)>| {
             readings
                 .into_iter()
-                .map(|s| (s.index, outcome.clone()))
+                .map(|(index, _)| (index, outcome.clone()))
                 .collect::<Vec<_>>()
         };
         let live = match &mut self.phase {
@@ -505,7 +519,13 @@ impl Handler<ProcessReadings> for DeviceActor {
         let mut handoffs = Vec::new();
         let mut evidence_rows = Vec::new();
         let mut any_in_order = false;
-        for scored in &msg.0 {
+        let rules = &self.runtime.rules;
+        let scored: Vec<Scored> = msg
+            .0
+            .into_iter()
+            .map(|(index, reading)| Scored::new(rules, index, reading))
+            .collect();
+        for scored in &scored {
             if scored
                 .reading
                 .patient_id
@@ -542,6 +562,11 @@ impl Handler<ProcessReadings> for DeviceActor {
                 // Out of order: answered, never allowed to roll the state back.
                 (scored.assessment.status, scored.assessment.reasons.clone())
             };
+            if retention == Retention::All {
+                let mut row = retained(&scored.reading, &patient_id, status, now);
+                row.news2_score = Some(i32::from(scored.assessment.news2.score));
+                evidence_rows.push(row);
+            }
             outcomes.push((
                 scored.index,
                 ReadingOutcome::Accepted(Accepted {
@@ -579,7 +604,9 @@ impl Handler<ProcessReadings> for DeviceActor {
         // The actor is not held meanwhile: its next readings are triaged while this batch's
         // incident is dispatched, and their changes are stored after this one's.
         // Only a batch with a change to store takes a place in line.
-        let line = (!changes.is_empty()).then(|| self.next_in_line());
+        // (With `raw_retention = all`, every accepted reading is a row to store.)
+        let to_store = !changes.is_empty() || !evidence_rows.is_empty();
+        let line = to_store.then(|| self.next_in_line());
         let work = async move {
             let mut incidents = Vec::with_capacity(handoffs.len());
             let mut handed_off = Ok(());
@@ -602,7 +629,7 @@ impl Handler<ProcessReadings> for DeviceActor {
             };
             let stored = match in_line(before).await {
                 Err(e) => Err(e),
-                Ok(()) if changes.is_empty() => Ok(()),
+                Ok(()) if !to_store => Ok(()),
                 Ok(()) => {
                     persist_changes(
                         &writer,

@@ -11,12 +11,12 @@ use actix::prelude::*;
 use futures_util::future::join_all;
 
 use super::actor::{
-    DeviceActor, DeviceSummary, InspectDevice, Preload, ProcessReadings, ReadingOutcome, Scored,
-    Summarise, TriageRuntime,
+    DeviceActor, DeviceSummary, InspectDevice, Preload, ProcessReadings, ReadingOutcome, Summarise,
+    TriageRuntime,
 };
 use crate::actors::incident::EmergencyDetected;
 use crate::domain::ids::DeviceId;
-use crate::domain::triage::assess;
+use crate::domain::patients::Device;
 use crate::domain::vitals::Reading;
 use crate::persistence::patients::{self, DeviceState};
 use crate::persistence::{Db, StoreError};
@@ -114,33 +114,18 @@ impl Actor for DeviceDirectory {
 /// Triage readings (pure, on the caller's thread) and apply them to their devices.
 #[derive(Message, Debug)]
 #[rtype(result = "Vec<(usize, ReadingOutcome)>")]
-pub struct Ingest(pub Vec<Scored>);
-
-/// Scores readings with the rules (pure; runs on the caller's thread, not in an actor).
-pub fn score(runtime: &TriageRuntime, readings: Vec<(usize, Reading)>) -> Vec<Scored> {
-    readings
-        .into_iter()
-        .map(|(index, reading)| {
-            let assessment = assess(&runtime.rules, &reading);
-            Scored {
-                index,
-                reading,
-                assessment,
-            }
-        })
-        .collect()
-}
+pub struct Ingest(pub Vec<(usize, Reading)>);
 
 impl Handler<Ingest> for DeviceDirectory {
     type Result = ResponseFuture<Vec<(usize, ReadingOutcome)>>;
 
     fn handle(&mut self, msg: Ingest, _: &mut Self::Context) -> Self::Result {
-        let mut groups: HashMap<String, Vec<Scored>> = HashMap::new();
-        for scored in msg.0 {
+        let mut groups: HashMap<String, Vec<(usize, Reading)>> = HashMap::new();
+        for (index, reading) in msg.0 {
             groups
-                .entry(scored.reading.device_id.clone())
+                .entry(reading.device_id.clone())
                 .or_default()
-                .push(scored);
+                .push((index, reading));
         }
         // Devices without a live actor (their first reading since the server started, or
         // since their actor stopped when idle) are loaded with one query for the batch, not
@@ -156,7 +141,7 @@ impl Handler<Ingest> for DeviceDirectory {
                     new_devices.push((id, loaded));
                     addr
                 });
-                let indices: Vec<usize> = readings.iter().map(|s| s.index).collect();
+                let indices: Vec<usize> = readings.iter().map(|(i, _)| *i).collect();
                 async move {
                     match addr.send(ProcessReadings(readings)).await {
                         Ok(outcomes) => outcomes,
@@ -259,4 +244,29 @@ impl Handler<ListDevices> for DeviceDirectory {
 /// The full in-memory state of one device actor.
 pub async fn inspect(addr: &Addr<DeviceActor>) -> Option<serde_json::Value> {
     addr.send(InspectDevice).await.ok()
+}
+
+/// Register a wearable to its patient. Answers `false` when no patient has the id named;
+/// `StoreError::Conflict` when the device id is taken.
+#[derive(Message, Debug)]
+#[rtype(result = "Result<bool, StoreError>")]
+pub struct RegisterDevice(pub Device);
+
+impl Handler<RegisterDevice> for DeviceDirectory {
+    type Result = ResponseFuture<Result<bool, StoreError>>;
+
+    fn handle(&mut self, msg: RegisterDevice, _: &mut Self::Context) -> Self::Result {
+        let db = self.db.clone();
+        let device = msg.0;
+        Box::pin(async move {
+            db.run(move |mut conn| async move {
+                if !patients::patient_exists(&mut conn, &device.patient_id).await? {
+                    return Ok(false);
+                }
+                patients::insert_device(&mut conn, &device).await?;
+                Ok(true)
+            })
+            .await
+        })
+    }
 }

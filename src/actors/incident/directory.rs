@@ -161,16 +161,29 @@ impl PatientCache {
     }
 }
 
-/// A patient was registered (or changed): new incidents for them need not read it.
+/// Register a patient: stored, then cached, so new incidents for them read nothing before
+/// their commit. `StoreError::Conflict` when the id is taken.
 #[derive(Message, Debug)]
-#[rtype(result = "()")]
-pub struct PatientChanged(pub Patient);
+#[rtype(result = "Result<(), StoreError>")]
+pub struct RegisterPatient(pub Patient);
 
-impl Handler<PatientChanged> for IncidentDirectory {
-    type Result = ();
+impl Handler<RegisterPatient> for IncidentDirectory {
+    type Result = ResponseActFuture<Self, Result<(), StoreError>>;
 
-    fn handle(&mut self, msg: PatientChanged, _: &mut Self::Context) {
-        self.patients.put(Arc::new(msg.0));
+    fn handle(&mut self, msg: RegisterPatient, _: &mut Self::Context) -> Self::Result {
+        let patient = Arc::new(msg.0);
+        let (db, stored) = (self.db.clone(), patient.clone());
+        let write = async move {
+            db.run(move |mut conn| async move {
+                crate::persistence::patients::insert_patient(&mut conn, &stored).await
+            })
+            .await
+        };
+        Box::pin(write.into_actor(self).map(move |written, act, _| {
+            written?;
+            act.patients.put(patient);
+            Ok(())
+        }))
     }
 }
 

@@ -726,7 +726,14 @@ impl Handler<ViewUnit> for AmbulanceActor {
     type Result = MessageResult<ViewUnit>;
 
     fn handle(&mut self, _: ViewUnit, _: &mut Self::Context) -> Self::Result {
-        MessageResult(UnitView {
+        MessageResult(self.view())
+    }
+}
+
+impl AmbulanceActor {
+    /// The unit as the API shows it.
+    pub(super) fn view(&self) -> UnitView {
+        UnitView {
             id: self.record.id.clone(),
             call_sign: self.record.call_sign.clone(),
             capability: self.capability,
@@ -739,7 +746,7 @@ impl Handler<ViewUnit> for AmbulanceActor {
             crew_sessions: self.sessions.len(),
             messages: self.messages,
             last_message_at: self.last_message_at,
-        })
+        }
     }
 }
 

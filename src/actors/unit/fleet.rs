@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use futures_util::future::join_all;
 use serde_json::{Value, json};
 
-use super::{ACTOR_TIMEOUT, AmbulanceActor, Reconcile, Reserve};
+use super::{ACTOR_TIMEOUT, AmbulanceActor, Reconcile, Reserve, UnitView};
 use crate::domain::dispatch::{
     Candidate, CandidateQuery, FleetIndex, HospitalSnapshot, UnitClaim, UnitSnapshot, UnitStatus,
     choose_hospital, rank, shortlist,
@@ -75,7 +75,18 @@ impl Fleet {
         restarts: u32,
         ctx: &mut Context<Self>,
     ) -> Addr<AmbulanceActor> {
+        self.start_unit_with_view(record, restarts, ctx).0
+    }
+
+    /// [`Fleet::start_unit`], answering the new unit's view as well.
+    fn start_unit_with_view(
+        &mut self,
+        record: UnitRecord,
+        restarts: u32,
+        ctx: &mut Context<Self>,
+    ) -> (Addr<AmbulanceActor>, UnitView) {
         let actor = AmbulanceActor::new(record, self.writer.clone(), ctx.address(), restarts);
+        let view = actor.view();
         let snapshot = actor.snapshot();
         let addr = actor.start();
         self.index.update(&snapshot.id, &snapshot.position);
@@ -87,7 +98,7 @@ impl Fleet {
                 restarts,
             },
         );
-        addr
+        (addr, view)
     }
 
     /// Starts unit `id`'s actor again from the unit's stored state, if it has stopped (a
@@ -247,29 +258,53 @@ impl Handler<UnitChanged> for Fleet {
     }
 }
 
-/// Register a new unit (already stored).
+/// Register a new unit: stored, then its actor started. Answers the unit as the API shows
+/// it; `StoreError::Conflict` when the id is taken.
 #[derive(Message, Debug)]
-#[rtype(result = "Addr<AmbulanceActor>")]
+#[rtype(result = "Result<UnitView, StoreError>")]
 pub struct RegisterUnit(pub UnitRecord);
 
 impl Handler<RegisterUnit> for Fleet {
-    type Result = MessageResult<RegisterUnit>;
+    type Result = ResponseActFuture<Self, Result<UnitView, StoreError>>;
 
-    fn handle(&mut self, msg: RegisterUnit, ctx: &mut Self::Context) -> Self::Result {
-        MessageResult(self.start_unit(msg.0, 0, ctx))
+    fn handle(&mut self, msg: RegisterUnit, _: &mut Self::Context) -> Self::Result {
+        let (db, record) = (self.db.clone(), msg.0);
+        let stored = record.clone();
+        let write = async move {
+            let now = stored.fix_at;
+            db.run(move |mut conn| async move { store::insert_unit(&mut conn, &stored, now).await })
+                .await
+        };
+        Box::pin(write.into_actor(self).map(move |written, act, ctx| {
+            written?;
+            Ok(act.start_unit_with_view(record, 0, ctx).1)
+        }))
     }
 }
 
-/// Register a new hospital (already stored).
+/// Register a new hospital: stored, then offered as a destination. `StoreError::Conflict`
+/// when the id is taken.
 #[derive(Message, Debug)]
-#[rtype(result = "()")]
+#[rtype(result = "Result<(), StoreError>")]
 pub struct RegisterHospital(pub HospitalRecord);
 
 impl Handler<RegisterHospital> for Fleet {
-    type Result = ();
+    type Result = ResponseActFuture<Self, Result<(), StoreError>>;
 
-    fn handle(&mut self, msg: RegisterHospital, _: &mut Self::Context) {
-        self.add_hospital(msg.0);
+    fn handle(&mut self, msg: RegisterHospital, _: &mut Self::Context) -> Self::Result {
+        let (db, record) = (self.db.clone(), msg.0);
+        let stored = record.clone();
+        let write = async move {
+            db.run(move |mut conn| async move {
+                store::insert_hospital(&mut conn, &stored, Utc::now()).await
+            })
+            .await
+        };
+        Box::pin(write.into_actor(self).map(move |written, act, _| {
+            written?;
+            act.add_hospital(record);
+            Ok(())
+        }))
     }
 }
 
