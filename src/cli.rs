@@ -33,7 +33,7 @@ pub struct Cli {
     pub command: Command,
 }
 
-/// Subcommands.
+/// What to run.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server (migrations are applied at start).

@@ -32,7 +32,7 @@ use crate::persistence::{Db, StoreError, events, patients};
 /// How billing reaches its dependencies.
 #[derive(Clone)]
 pub struct BillingDeps {
-    /// Database.
+    /// The database pool (saga state and invoices).
     pub db: Db,
     /// Insurance service base URL (`…` without `/insurance/v1`).
     pub insurance_base: String,
@@ -40,7 +40,7 @@ pub struct BillingDeps {
     pub insurance_token: String,
     /// Payment provider.
     pub payments: Arc<dyn PaymentProvider>,
-    /// Tariff.
+    /// What a transport costs.
     pub tariff: Tariff,
     /// HTTP client.
     pub http: reqwest::Client,

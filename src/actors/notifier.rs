@@ -29,7 +29,7 @@ pub struct Channels {
     pub sms: Option<Arc<dyn Notifier>>,
     /// Email provider.
     pub email: Option<Arc<dyn Notifier>>,
-    /// Webhook.
+    /// The signed webhook channel, when configured.
     pub webhook: Option<Arc<dyn Notifier>>,
     /// Where messages for unconfigured channels go (the log-only sink).
     pub fallback: Arc<dyn Notifier>,

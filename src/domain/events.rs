@@ -7,6 +7,11 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use super::dispatch::UnitStatus;
+use super::ids::{DeviceId, IncidentId, PatientId, UnitId};
+use super::triage::TriageStatus;
+use super::vitals::Reading;
+
 /// An event to append (no sequence or time yet).
 #[derive(Clone, Debug, PartialEq)]
 pub struct NewEvent {
@@ -82,5 +87,184 @@ impl ExpectedVersion {
             ExpectedVersion::NoStream => actual == 0,
             ExpectedVersion::Exact(v) => v == actual,
         }
+    }
+}
+
+/// The data of an adjacently tagged event (`{kind, data}`): serialising these plain types
+/// cannot fail, so the `Null` fallback is never taken.
+fn data_of(event: &impl Serialize) -> serde_json::Value {
+    match serde_json::to_value(event) {
+        Ok(serde_json::Value::Object(mut envelope)) => {
+            envelope.remove("data").unwrap_or(serde_json::Value::Null)
+        }
+        _ => serde_json::Value::Null,
+    }
+}
+
+/// What a unit's stream records (`unit-{id}`). The serde form is the stored envelope,
+/// `{"kind": "unit.status_changed", "data": {…}}`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "kind", content = "data")]
+pub enum UnitEvent {
+    /// `unit.status_changed`: a status change, or a correction at start-up.
+    #[serde(rename = "unit.status_changed")]
+    StatusChanged {
+        /// The unit.
+        unit_id: UnitId,
+        /// Status before.
+        from: UnitStatus,
+        /// Status after.
+        to: UnitStatus,
+        /// The incident the unit is on after the change.
+        incident_id: Option<IncidentId>,
+        /// Set when the change reconciles the unit with the open incidents at start-up.
+        #[serde(flatten)]
+        reconciled: Option<Reconciled>,
+    },
+    /// `unit.location`: a position fix (stored at most once a second per unit).
+    #[serde(rename = "unit.location")]
+    Location {
+        /// The unit.
+        unit_id: UnitId,
+        /// Latitude in degrees (WGS 84, -90 to 90).
+        lat: f64,
+        /// Longitude in degrees (WGS 84, -180 to 180).
+        lng: f64,
+        /// When measured.
+        at: DateTime<Utc>,
+        /// Speed, m/s.
+        speed_mps: Option<f64>,
+        /// Heading, degrees.
+        heading_deg: Option<f64>,
+        /// The unit's status at the time.
+        status: UnitStatus,
+    },
+}
+
+/// A unit change that corrects the unit after a stop (see [`UnitEvent::StatusChanged`]).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Reconciled {
+    /// Always `true`: marks the change as a reconciliation.
+    pub reconciled: bool,
+    /// The incident the unit held before.
+    pub previous_incident_id: Option<IncidentId>,
+}
+
+impl UnitEvent {
+    /// The event to append, with its correlation ids.
+    pub fn to_new(&self) -> NewEvent {
+        let (kind, unit_id, incident_id) = match self {
+            UnitEvent::StatusChanged {
+                unit_id,
+                incident_id,
+                ..
+            } => ("unit.status_changed", unit_id, *incident_id),
+            UnitEvent::Location { unit_id, .. } => ("unit.location", unit_id, None),
+        };
+        let mut event = NewEvent::new(kind, data_of(self));
+        event.unit_id = Some(unit_id.0.clone());
+        event.incident_id = incident_id.map(|i| i.to_string());
+        event
+    }
+}
+
+/// What a device's stream records (`device-{id}`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "kind", content = "data")]
+pub enum DeviceEvent {
+    /// `vitals.status_changed`: the wearer's triage status changed.
+    #[serde(rename = "vitals.status_changed")]
+    StatusChanged {
+        /// The device.
+        device_id: DeviceId,
+        /// Its wearer.
+        patient_id: PatientId,
+        /// Status before.
+        from: TriageStatus,
+        /// Status after.
+        to: TriageStatus,
+        /// Why, for people.
+        reasons: Vec<String>,
+        /// When the reading behind it was measured.
+        measured_at: DateTime<Utc>,
+        /// The readings behind it.
+        evidence: Vec<Reading>,
+    },
+    /// `device.offline`: the device fell silent.
+    #[serde(rename = "device.offline")]
+    Offline {
+        /// The device.
+        device_id: DeviceId,
+        /// Its wearer.
+        patient_id: PatientId,
+        /// Its last reading's time, if any.
+        last_seen_at: Option<DateTime<Utc>>,
+        /// The silence that counts as offline, seconds.
+        silent_s: u64,
+    },
+}
+
+impl DeviceEvent {
+    /// The event to append, with its correlation id.
+    pub fn to_new(&self) -> NewEvent {
+        let (kind, device_id) = match self {
+            DeviceEvent::StatusChanged { device_id, .. } => ("vitals.status_changed", device_id),
+            DeviceEvent::Offline { device_id, .. } => ("device.offline", device_id),
+        };
+        let mut event = NewEvent::new(kind, data_of(self));
+        event.device_id = Some(device_id.0.clone());
+        event
+    }
+}
+
+#[cfg(test)]
+mod typed_event_tests {
+    use super::*;
+
+    #[test]
+    fn unit_and_device_events_keep_their_stored_shape() {
+        let at: DateTime<Utc> = "2026-12-05T08:00:00Z".parse().unwrap_or_default();
+        let changed = UnitEvent::StatusChanged {
+            unit_id: UnitId::from("U-1"),
+            from: UnitStatus::Available,
+            to: UnitStatus::Offered,
+            incident_id: None,
+            reconciled: None,
+        }
+        .to_new();
+        assert_eq!(changed.kind, "unit.status_changed");
+        assert_eq!(changed.unit_id.as_deref(), Some("U-1"));
+        assert_eq!(
+            changed.data,
+            serde_json::json!({"unit_id": "U-1", "from": "available", "to": "offered",
+                               "incident_id": null})
+        );
+        let reconciled = UnitEvent::StatusChanged {
+            unit_id: UnitId::from("U-1"),
+            from: UnitStatus::Available,
+            to: UnitStatus::Available,
+            incident_id: None,
+            reconciled: Some(Reconciled {
+                reconciled: true,
+                previous_incident_id: None,
+            }),
+        }
+        .to_new();
+        assert_eq!(reconciled.data["reconciled"], true);
+        assert!(reconciled.data["previous_incident_id"].is_null());
+        let offline = DeviceEvent::Offline {
+            device_id: DeviceId::from("d-1"),
+            patient_id: PatientId::from("p-1"),
+            last_seen_at: Some(at),
+            silent_s: 300,
+        }
+        .to_new();
+        assert_eq!(offline.kind, "device.offline");
+        assert_eq!(offline.device_id.as_deref(), Some("d-1"));
+        assert_eq!(
+            offline.data,
+            serde_json::json!({"device_id": "d-1", "patient_id": "p-1",
+                               "last_seen_at": "2026-12-05T08:00:00Z", "silent_s": 300})
+        );
     }
 }

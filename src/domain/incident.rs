@@ -40,7 +40,7 @@ pub enum IncidentStatus {
     AtHospital,
     /// The billing saga runs.
     Billing,
-    /// Finished.
+    /// Finished: billed and closed.
     Closed,
     /// Called off before reaching hospital.
     Cancelled,
@@ -161,15 +161,15 @@ pub struct Times {
 /// The state of one incident, rebuilt from its events.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Incident {
-    /// Id.
+    /// Its stable identifier.
     pub id: IncidentId,
     /// Human-readable reference (`INC-2026-000042`).
     pub reference: String,
     /// Lifecycle status.
     pub status: IncidentStatus,
-    /// Priority.
+    /// Clinical priority: `emergency`, `urgent` or `non_urgent`.
     pub priority: Priority,
-    /// Origin.
+    /// What opened it: a wearable alarm, a patient request or a dispatcher.
     pub source: Source,
     /// The patient, when known.
     pub patient_id: Option<PatientId>,
@@ -204,15 +204,15 @@ pub enum Command {
         id: IncidentId,
         /// Chosen reference.
         reference: String,
-        /// Priority.
+        /// Clinical priority: `emergency`, `urgent` or `non_urgent`.
         priority: Priority,
-        /// Origin.
+        /// What opened it: a wearable alarm, a patient request or a dispatcher.
         source: Source,
-        /// Patient.
+        /// The patient, when known.
         patient_id: Option<PatientId>,
-        /// Location.
+        /// Where the patient is (WGS 84).
         location: LatLng,
-        /// Description.
+        /// Free text from whoever opened it (never logged).
         description: Option<String>,
         /// Initial evidence (e.g. the readings behind a triage verdict).
         evidence: Option<serde_json::Value>,
@@ -231,7 +231,7 @@ pub enum Command {
     },
     /// No unit could be found automatically: hand it to the dispatchers.
     Escalate {
-        /// Why.
+        /// Why, in words for people (stored, and shown to dispatchers).
         reason: String,
     },
     /// A unit takes the job (accepted offer, or a dispatcher's manual assignment).
@@ -247,7 +247,7 @@ pub enum Command {
     ReportOnScene,
     /// The crew leaves with the patient.
     ReportTransporting {
-        /// Destination.
+        /// The hospital the patient is taken to.
         hospital_id: HospitalId,
     },
     /// Handed over at the hospital.
@@ -261,7 +261,7 @@ pub enum Command {
     },
     /// Call it off.
     Cancel {
-        /// Why.
+        /// Why, in words for people (stored, and shown to dispatchers).
         reason: String,
         /// Who (`console`, `patient`, `admin`).
         by: String,
@@ -293,7 +293,7 @@ pub enum IncidentEvent {
         from: IncidentStatus,
         /// New status.
         to: IncidentStatus,
-        /// When.
+        /// When it happened (server clock).
         at: DateTime<Utc>,
     },
     /// `dispatch.offered`.
@@ -303,15 +303,15 @@ pub enum IncidentEvent {
         unit_ids: Vec<UnitId>,
         /// Round number (1-based).
         round: u32,
-        /// When.
+        /// When it happened (server clock).
         at: DateTime<Utc>,
     },
     /// `incident.escalated`.
     #[serde(rename = "incident.escalated")]
     Escalated {
-        /// Why.
+        /// Why, in words for people (stored, and shown to dispatchers).
         reason: String,
-        /// When.
+        /// When it happened (server clock).
         at: DateTime<Utc>,
     },
     /// `dispatch.assigned`.
@@ -321,31 +321,31 @@ pub enum IncidentEvent {
         unit_id: UnitId,
         /// By hand.
         manual: bool,
-        /// When.
+        /// When it happened (server clock).
         at: DateTime<Utc>,
     },
     /// `incident.destination_set` (the hospital chosen at transport).
     #[serde(rename = "incident.destination_set")]
     DestinationSet {
-        /// Hospital.
+        /// The hospital chosen as destination.
         hospital_id: HospitalId,
     },
     /// `incident.cancelled`.
     #[serde(rename = "incident.cancelled")]
     Cancelled {
-        /// Why.
+        /// Why, in words for people (stored, and shown to dispatchers).
         reason: String,
-        /// Who.
+        /// The role of whoever did it (`console`, `admin`, `patient`).
         by: String,
-        /// When.
+        /// When it happened (server clock).
         at: DateTime<Utc>,
     },
     /// `incident.closed`.
     #[serde(rename = "incident.closed")]
     Closed {
-        /// Outcome.
+        /// How billing ended (`paid` or `failed`).
         outcome: String,
-        /// When.
+        /// When it happened (server clock).
         at: DateTime<Utc>,
     },
 }

@@ -17,7 +17,7 @@ pub const MAX_NEXT_OF_KIN: usize = 10;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Insurance {
-    /// Insurer.
+    /// The insurer, by name.
     pub provider: String,
     /// Member / policy number.
     pub member_id: String,
@@ -68,7 +68,7 @@ pub struct NewPatient {
 /// A stored patient.
 #[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Patient {
-    /// Id.
+    /// Its stable identifier.
     #[schema(value_type = String)]
     pub id: PatientId,
     /// Full name.
@@ -76,11 +76,11 @@ pub struct Patient {
     /// Date of birth.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub date_of_birth: Option<NaiveDate>,
-    /// Home.
+    /// Home address position, used when an alarm carries no location.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub home_location: Option<LatLng>,
-    /// Insurance.
+    /// Their insurance policy, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub insurance: Option<Insurance>,
     /// People to notify.
@@ -225,13 +225,13 @@ pub struct NewDevice {
 /// A registered wearable.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Device {
-    /// Id.
+    /// Its stable identifier.
     #[schema(value_type = String)]
     pub id: DeviceId,
     /// The wearer.
     #[schema(value_type = String)]
     pub patient_id: PatientId,
-    /// Model.
+    /// The device model, for people.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
     /// When registered.

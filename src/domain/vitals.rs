@@ -41,7 +41,7 @@ pub struct GeoPoint {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Consciousness {
-    /// Alert.
+    /// Alert (the A of ACVPU).
     Alert,
     /// New confusion.
     Confusion,
@@ -49,7 +49,7 @@ pub enum Consciousness {
     Voice,
     /// Responds to pain.
     Pain,
-    /// Unresponsive.
+    /// Unresponsive (the U of ACVPU).
     Unresponsive,
 }
 

@@ -66,7 +66,7 @@ pub enum ApiError {
     MethodNotAllowed,
     /// 409: the request conflicts with the current state.
     Conflict {
-        /// Why.
+        /// What went wrong, for people.
         detail: String,
         /// Extension members, e.g. `{"outcome": "taken"}`.
         extensions: Map<String, Value>,
@@ -80,7 +80,7 @@ pub enum ApiError {
     UnsupportedMediaType,
     /// 422: valid JSON that fails validation.
     Validation {
-        /// Summary.
+        /// What went wrong, for people.
         detail: String,
         /// Each problem with its pointer.
         errors: Vec<FieldError>,

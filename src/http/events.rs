@@ -199,7 +199,7 @@ async fn command(
     principal: &crate::domain::auth::Principal,
     frame: ConsoleFrame,
 ) -> serde_json::Value {
-    use crate::actors::incident::{ForwardManualAssign, Route};
+    use crate::actors::incident::{ManualAssign, Route, ToIncident};
     use crate::domain::incident::Command;
     let (request_id, result): (Option<String>, Result<serde_json::Value, ApiError>) = match frame {
         ConsoleFrame::Subscribe { .. } => return json!({"type": "error"}),
@@ -232,9 +232,11 @@ async fn command(
                         .map_err(|_| ApiError::not_found("no incident with this id"))?;
                     let incident = state
                         .incidents
-                        .send(ForwardManualAssign {
+                        .send(ToIncident {
                             incident_id: id,
-                            unit_id: crate::domain::ids::UnitId(unit_id),
+                            message: ManualAssign {
+                                unit_id: crate::domain::ids::UnitId(unit_id),
+                            },
                         })
                         .await
                         .map_err(super::incidents::mailbox)?

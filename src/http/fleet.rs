@@ -10,7 +10,7 @@ use super::AppState;
 use super::auth::{AdminOnly, Authorized, ConsoleOnly, Policy};
 use super::error::ApiError;
 use super::json::JsonBody;
-use crate::actors::incident::{ForwardManualAssign, IncidentError};
+use crate::actors::incident::{IncidentError, ManualAssign, ToIncident};
 use crate::actors::unit::{
     AllUnits, ListHospitals, RegisterHospital, RegisterUnit, UnitAddr, ViewUnit,
 };
@@ -211,7 +211,7 @@ pub struct NewHospital {
     /// Id (generated when absent).
     #[serde(default)]
     pub id: Option<String>,
-    /// Name.
+    /// Its name, for people.
     pub name: String,
     /// Emergency entrance.
     #[schema(value_type = Object)]
@@ -346,9 +346,9 @@ pub async fn decline_offer(
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LocationBody {
-    /// Latitude.
+    /// Latitude in degrees (WGS 84, -90 to 90).
     pub lat: f64,
-    /// Longitude.
+    /// Longitude in degrees (WGS 84, -180 to 180).
     pub lng: f64,
     /// When measured (default: now).
     #[serde(default)]
@@ -464,9 +464,9 @@ pub async fn assign(
     }
     let incident = state
         .incidents
-        .send(ForwardManualAssign {
+        .send(ToIncident {
             incident_id,
-            unit_id: unit,
+            message: ManualAssign { unit_id: unit },
         })
         .await
         .map_err(busy)?

@@ -30,7 +30,7 @@ impl Policy for ConsoleOrPatient {
 #[derive(Clone, Debug, Deserialize, Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Caller {
-    /// Name.
+    /// Its name, for people.
     #[serde(default)]
     pub name: Option<String>,
     /// Call-back number.
@@ -64,7 +64,7 @@ pub struct NewIncident {
 /// The full incident as `docs/api.md` shows it.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct IncidentView {
-    /// Id.
+    /// Its stable identifier.
     #[schema(value_type = String)]
     pub id: IncidentId,
     /// `INC-2026-000042`.
@@ -72,17 +72,17 @@ pub struct IncidentView {
     /// Lifecycle status.
     #[schema(value_type = String)]
     pub status: crate::domain::incident::IncidentStatus,
-    /// Priority.
+    /// Clinical priority: `emergency`, `urgent` or `non_urgent`.
     #[schema(value_type = String)]
     pub priority: Priority,
-    /// Origin.
+    /// What opened it: a wearable alarm, a patient request or a dispatcher.
     #[schema(value_type = String)]
     pub source: Source,
-    /// Patient.
+    /// The patient, when known.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub patient_id: Option<PatientId>,
-    /// Where.
+    /// Its position (WGS 84).
     #[schema(value_type = Object)]
     pub location: LatLng,
     /// What happened.
@@ -96,7 +96,7 @@ pub struct IncidentView {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub assigned_unit_id: Option<crate::domain::ids::UnitId>,
-    /// Destination.
+    /// The hospital the patient is taken to.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub hospital_id: Option<crate::domain::ids::HospitalId>,
@@ -506,7 +506,7 @@ pub async fn get(
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CancelBody {
-    /// Why.
+    /// Why, in words for people (stored, and shown to dispatchers).
     pub reason: String,
 }
 

@@ -118,7 +118,7 @@ pub async fn release(
 pub struct NewPolicy {
     /// Insured patient.
     pub patient_id: String,
-    /// Insurer.
+    /// The insurer, by name.
     pub provider: String,
     /// Member number.
     pub member_id: String,

@@ -59,7 +59,7 @@ impl From<News2> for News2Brief {
 pub struct ReadingResult {
     /// Position in the request.
     pub index: usize,
-    /// Device.
+    /// The wearable that measured it.
     #[schema(value_type = String)]
     pub device_id: DeviceId,
     /// `normal`, `abnormal` or `emergency`.

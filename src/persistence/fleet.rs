@@ -15,7 +15,7 @@ use crate::domain::ids::{HospitalId, IncidentId, OfferId, UnitId};
 /// A stored unit.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct UnitRecord {
-    /// Id.
+    /// Its stable identifier.
     pub id: UnitId,
     /// Radio call sign.
     pub call_sign: String,
@@ -30,7 +30,7 @@ pub struct UnitRecord {
     /// Home station.
     pub base: Option<LatLng>,
     /// Incident the unit is committed to.
-    pub current_incident_id: Option<String>,
+    pub current_incident_id: Option<IncidentId>,
 }
 
 #[derive(Insertable, AsChangeset, Queryable, Selectable)]
@@ -62,7 +62,7 @@ impl UnitRow {
             fix_at: to_db_time(u.fix_at),
             base_lat: u.base.map(|b| b.lat),
             base_lng: u.base.map(|b| b.lng),
-            current_incident_id: u.current_incident_id.clone(),
+            current_incident_id: u.current_incident_id.map(|i| i.to_string()),
             created_at: to_db_time(now),
             updated_at: to_db_time(now),
         }
@@ -83,7 +83,8 @@ impl UnitRow {
                 .base_lat
                 .zip(self.base_lng)
                 .map(|(lat, lng)| LatLng { lat, lng }),
-            current_incident_id: self.current_incident_id,
+            // A value that is not an incident id (never written by SHERS) reads as none.
+            current_incident_id: self.current_incident_id.and_then(|i| i.parse().ok()),
         }
     }
 }
@@ -153,6 +154,10 @@ pub async fn save_units(
             }
         }
         Backend::Postgres => {
+            let incident_ids: Vec<Option<String>> = units
+                .iter()
+                .map(|u| u.current_incident_id.map(|i| i.to_string()))
+                .collect();
             let statement = Statement::<SaveUnitsPg>::new(
                 SAVE_UNITS_PG,
                 vec![
@@ -162,12 +167,7 @@ pub async fn save_units(
                     Bind::Floats(units.iter().map(|u| u.location.lat).collect()),
                     Bind::Floats(units.iter().map(|u| u.location.lng).collect()),
                     Bind::Timestamps(units.iter().map(|u| to_db_time(u.fix_at)).collect()),
-                    Bind::OptTexts(
-                        units
-                            .iter()
-                            .map(|u| u.current_incident_id.as_deref())
-                            .collect(),
-                    ),
+                    Bind::OptTexts(incident_ids.iter().map(Option::as_deref).collect()),
                 ],
             );
             db_run!(conn, |c| statement.execute(c).await)?;
@@ -204,11 +204,11 @@ pub async fn find_unit(conn: &mut DbConn, id: &UnitId) -> Result<Option<UnitReco
 /// A stored hospital.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct HospitalRecord {
-    /// Id.
+    /// Its stable identifier.
     pub id: HospitalId,
-    /// Name.
+    /// Its name, for people.
     pub name: String,
-    /// Where.
+    /// Its position (WGS 84).
     pub location: LatLng,
     /// What it can treat (e.g. `stroke`, `trauma`, `cardiac`).
     pub capabilities: Vec<String>,
@@ -294,9 +294,9 @@ pub async fn all_hospitals(conn: &mut DbConn) -> Result<Vec<HospitalRecord>, Sto
 /// A dispatch offer.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct OfferRecord {
-    /// Id.
+    /// Its stable identifier.
     pub id: OfferId,
-    /// Incident.
+    /// The incident this concerns.
     pub incident_id: IncidentId,
     /// Unit offered.
     pub unit_id: UnitId,

@@ -350,7 +350,7 @@ pub enum StatusFilter {
     Open,
     /// Closed or cancelled.
     Closed,
-    /// Everything.
+    /// Open and closed incidents alike.
     All,
 }
 
@@ -601,7 +601,7 @@ pub async fn create_pg(
 pub struct NewNotification {
     /// Row id.
     pub id: String,
-    /// Incident.
+    /// The incident this concerns.
     pub incident_id: IncidentId,
     /// Who (a name: patient data, never logged).
     pub recipient_name: String,
@@ -659,9 +659,9 @@ pub struct NotificationView {
     pub id: String,
     /// Recipient's name.
     pub recipient_name: String,
-    /// Channel.
+    /// How it is delivered: `sms`, `email` or `webhook`.
     pub channel: String,
-    /// Template.
+    /// Which message it is (`incident_created`, `unit_assigned`, ...).
     pub template: String,
     /// `queued`, `sent` or `failed`.
     pub status: String,
@@ -705,7 +705,7 @@ pub enum IdempotencyState {
     Done {
         /// HTTP status.
         status: u16,
-        /// Body.
+        /// The message text.
         body: String,
     },
 }
@@ -780,7 +780,7 @@ pub async fn idempotency_finish(
 pub struct DueNotification {
     /// Row id.
     pub id: String,
-    /// Incident.
+    /// The incident this concerns.
     pub incident_id: String,
     /// Recipient's name (patient data: never logged).
     pub recipient_name: String,

@@ -15,11 +15,11 @@ use crate::domain::billing::{Coverage, InsuranceDecision, decide_coverage};
 /// A stored policy.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Policy {
-    /// Id.
+    /// Its stable identifier.
     pub id: String,
     /// Insured patient.
     pub patient_id: String,
-    /// Insurer.
+    /// The insurer, by name.
     pub provider: String,
     /// Member number.
     pub member_id: String,

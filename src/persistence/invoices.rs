@@ -13,7 +13,7 @@ use crate::domain::billing::Saga;
 /// A stored invoice.
 #[derive(Clone, Debug)]
 pub struct Invoice {
-    /// Id.
+    /// Its stable identifier.
     pub id: String,
     /// The saga (status, amounts, steps).
     pub saga: Saga,

@@ -185,7 +185,7 @@ impl SharedPg {
 /// diesel-async pipeline them when several run at once.
 #[doc(hidden)]
 pub enum Backed<'a> {
-    /// SQLite.
+    /// A connection to the embedded SQLite file.
     Sqlite(&'a mut SqliteConn),
     /// PostgreSQL (owned or shared).
     Pg(&'a AsyncPgConnection),

@@ -8,14 +8,15 @@ use super::schema::readings;
 use super::statement::{Bind, Statement};
 use super::{DbConn, StoreError, to_db_time};
 use crate::db_run;
+use crate::domain::ids::{DeviceId, PatientId};
 
 /// A reading to retain.
 #[derive(Clone, Debug)]
 pub struct RetainedReading {
-    /// Device.
-    pub device_id: String,
-    /// Wearer.
-    pub patient_id: String,
+    /// The wearable that measured it.
+    pub device_id: DeviceId,
+    /// The wearer it belongs to.
+    pub patient_id: PatientId,
     /// When measured.
     pub measured_at: DateTime<Utc>,
     /// When SHERS accepted it.
@@ -52,8 +53,8 @@ pub async fn insert_many(
     let rows: Vec<Row<'_>> = batch
         .iter()
         .map(|r| Row {
-            device_id: &r.device_id,
-            patient_id: &r.patient_id,
+            device_id: &r.device_id.0,
+            patient_id: &r.patient_id.0,
             measured_at: to_db_time(r.measured_at),
             received_at: to_db_time(r.received_at),
             status: r.status,

@@ -22,7 +22,7 @@ pub struct TokenRecord {
     pub unit_id: Option<UnitId>,
     /// Patient binding (patient).
     pub patient_id: Option<PatientId>,
-    /// Label.
+    /// A label for people (which token is which); never the secret.
     pub name: String,
     /// When it was created.
     pub created_at: DateTime<Utc>,
@@ -57,7 +57,7 @@ pub struct NewToken<'a> {
     pub unit_id: Option<&'a str>,
     /// Patient binding.
     pub patient_id: Option<&'a str>,
-    /// Label.
+    /// A label for people (which token is which); never the secret.
     pub name: &'a str,
     /// Creation time.
     pub created_at: chrono::NaiveDateTime,

@@ -28,13 +28,13 @@ pub const EMERGENCY_DEPARTMENT: &str = "emergency_department";
 /// A hospital to register.
 #[derive(Clone, Debug)]
 pub struct HospitalSpec {
-    /// Id.
+    /// Its stable identifier.
     pub id: &'static str,
-    /// Name.
+    /// Its name, for people.
     pub name: &'static str,
     /// Emergency entrance.
     pub location: LatLng,
-    /// Services.
+    /// What the hospital treats (e.g. `cardiac`, `trauma`).
     pub capabilities: &'static [&'static str],
     /// Beds for ambulance arrivals.
     pub capacity: u32,
@@ -71,14 +71,14 @@ pub struct Baseline {
 pub enum Cover {
     /// A policy that pays the whole bill.
     Full {
-        /// Insurer.
+        /// The insurer, by name.
         provider: &'static str,
         /// Member number (also the payment customer reference).
         member_id: String,
     },
     /// A policy with a small remaining allowance: the patient pays the rest.
     Partial {
-        /// Insurer.
+        /// The insurer, by name.
         provider: &'static str,
         /// Member number.
         member_id: String,
@@ -108,18 +108,18 @@ pub struct WearerSpec {
     pub date_of_birth: String,
     /// Next of kin as the API expects them.
     pub next_of_kin: Vec<Value>,
-    /// Insurance.
+    /// Their insurance policy, if any.
     pub cover: Cover,
 }
 
 /// The whole city.
 #[derive(Clone, Debug)]
 pub struct City {
-    /// Hospitals.
+    /// The city's hospitals.
     pub hospitals: Vec<HospitalSpec>,
-    /// Ambulances.
+    /// Its ambulances, at their stations.
     pub units: Vec<UnitSpec>,
-    /// Wearers.
+    /// The people wearing SHERS devices.
     pub wearers: Vec<WearerSpec>,
 }
 

@@ -4,6 +4,7 @@ use chrono::Utc;
 use serde_json::json;
 use shers::domain::auth::Role;
 use shers::domain::events::{ExpectedVersion, NewEvent};
+use shers::domain::ids::IncidentId;
 use shers::persistence::events::{self, AppendError};
 use shers::persistence::{Backend, migrations, tokens};
 
@@ -685,7 +686,8 @@ async fn group_commit_saves_each_unit_once_with_its_latest_state(backend: Backen
         },
         fix_at: now,
         base: None,
-        current_incident_id: (!step.is_multiple_of(2)).then(|| format!("inc-{step}")),
+        current_incident_id: (!step.is_multiple_of(2))
+            .then(|| IncidentId(uuid::Uuid::from_u128(u128::from(step)))),
     };
     for n in 0..3 {
         fleet::insert_unit(&mut conn, &unit(n, 0), now)

@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 
 use crate::actors::incident::EmergencyDetected;
 pub use crate::config::Retention;
-use crate::domain::events::NewEvent;
+use crate::domain::events::{DeviceEvent, NewEvent};
 use crate::domain::ids::{DeviceId, IncidentId, PatientId};
 use crate::domain::news2::News2;
 use crate::domain::triage::{
@@ -41,7 +41,7 @@ pub const MAILBOX_CAPACITY: usize = 64;
 /// Triage settings shared by every device actor.
 #[derive(Debug)]
 pub struct TriageRuntime {
-    /// Thresholds.
+    /// The triage rules: thresholds, NEWS2 bands and the fall grace window.
     pub rules: TriageRules,
     /// Silence before `device.offline`.
     pub offline_after: Duration,
@@ -71,7 +71,7 @@ pub struct Accepted {
     pub patient_id: PatientId,
     /// Status for this reading (includes the fall window's verdict for in-order readings).
     pub status: TriageStatus,
-    /// Why.
+    /// Why, one entry per rule that fired (for people).
     pub reasons: Vec<String>,
     /// The (partial) NEWS2.
     pub news2: News2,
@@ -125,7 +125,7 @@ pub struct CheckTimers {
 #[derive(Message, Debug)]
 #[rtype(result = "Option<TriageStatus>")]
 pub struct CancelFall {
-    /// When.
+    /// The instant to evaluate the timers at.
     pub now: DateTime<Utc>,
 }
 
@@ -337,16 +337,13 @@ impl DeviceActor {
         let Some(live) = self.live() else { return };
         let last_seen = live.last_measured;
         let patient_id = live.patient_id.clone();
-        let mut event = NewEvent::new(
-            "device.offline",
-            json!({
-                "device_id": self.id,
-                "patient_id": patient_id,
-                "last_seen_at": last_seen,
-                "silent_s": self.runtime.offline_after.as_secs(),
-            }),
-        );
-        event.device_id = Some(self.id.0.clone());
+        let event = DeviceEvent::Offline {
+            device_id: self.id.clone(),
+            patient_id,
+            last_seen_at: last_seen,
+            silent_s: self.runtime.offline_after.as_secs(),
+        }
+        .to_new();
         let stream = format!("device-{}", self.id);
         let writer = self.runtime.writer.clone();
         let id = self.id.clone();
@@ -693,8 +690,8 @@ fn retained(
     now: DateTime<Utc>,
 ) -> RetainedReading {
     RetainedReading {
-        device_id: reading.device_id.clone(),
-        patient_id: patient_id.0.clone(),
+        device_id: DeviceId(reading.device_id.clone()),
+        patient_id: patient_id.clone(),
         measured_at: reading.timestamp,
         received_at: now,
         status: status.as_str(),
@@ -718,20 +715,16 @@ async fn persist_changes(
     let events: Vec<NewEvent> = changes
         .into_iter()
         .map(|c| {
-            let mut e = NewEvent::new(
-                "vitals.status_changed",
-                json!({
-                    "device_id": device_id,
-                    "patient_id": patient_id,
-                    "from": c.from,
-                    "to": c.to,
-                    "reasons": c.reasons,
-                    "measured_at": c.measured_at,
-                    "evidence": c.evidence,
-                }),
-            );
-            e.device_id = Some(device_id.0.clone());
-            e
+            DeviceEvent::StatusChanged {
+                device_id: device_id.clone(),
+                patient_id: patient_id.clone(),
+                from: c.from,
+                to: c.to,
+                reasons: c.reasons,
+                measured_at: c.measured_at,
+                evidence: c.evidence,
+            }
+            .to_new()
         })
         .collect();
     // Batched with the batch's other unit and device appends (see `GroupCommit::append`).

@@ -14,14 +14,14 @@ use super::create::REFERENCE_BLOCK;
 use super::create::ReferenceBlocks;
 use super::create::ReferenceTicket;
 use super::{
-    AcceptOffer, DeclineOffer, Execute, IncidentActor, IncidentDeps, IncidentError,
-    IncidentInspection, InspectIncident, ManualAssign, NextRound, OfferOutcome, stream_of,
+    Execute, IncidentActor, IncidentDeps, IncidentError, IncidentInspection, InspectIncident,
+    NextRound, stream_of,
 };
 use crate::actors::error::ActorError;
 use crate::actors::unit::{ReconcileUnits, UnitFree};
 use crate::domain::dispatch::unit_claim;
 use crate::domain::geo::LatLng;
-use crate::domain::ids::{DeviceId, IncidentId, OfferId, PatientId, UnitId};
+use crate::domain::ids::{DeviceId, IncidentId, PatientId};
 use crate::domain::incident::{Command, Incident, Priority, Source};
 use crate::domain::patients::Patient;
 use crate::domain::vitals::{GeoPoint, Reading};
@@ -33,9 +33,9 @@ use crate::persistence::{Db, DbConn, StoreError};
 /// A request to open an incident (or find the patient's open one).
 #[derive(Clone, Debug)]
 pub struct OpenRequest {
-    /// Origin.
+    /// What opened it: a wearable alarm, a patient request or a dispatcher.
     pub source: Source,
-    /// Priority.
+    /// Clinical priority: `emergency`, `urgent` or `non_urgent`.
     pub priority: Priority,
     /// The patient, when known.
     pub patient_id: Option<PatientId>,
@@ -525,86 +525,39 @@ impl Handler<ListIncidents> for IncidentDirectory {
     }
 }
 
-/// Forward a crew's accept to the incident's actor.
-#[derive(Message, Debug)]
-#[rtype(result = "Result<OfferOutcome, IncidentError>")]
-pub struct ForwardAccept {
-    /// Incident.
+/// Deliver `message` to incident `incident_id`'s actor, starting it from the store if it is
+/// not live: the one way a crew's accept or decline, or a dispatcher's assignment, reaches an
+/// incident by id (and the seam where a cluster forwards to the incident's owner).
+#[derive(Debug)]
+pub struct ToIncident<M> {
+    /// The incident.
     pub incident_id: IncidentId,
-    /// Offer.
-    pub offer_id: OfferId,
-    /// Unit.
-    pub unit_id: UnitId,
+    /// What it is asked.
+    pub message: M,
 }
 
-impl Handler<ForwardAccept> for IncidentDirectory {
-    type Result = ResponseFuture<Result<OfferOutcome, IncidentError>>;
+impl<M, T> Message for ToIncident<M>
+where
+    M: Message<Result = Result<T, IncidentError>> + Send + 'static,
+    T: Send + 'static,
+{
+    type Result = Result<T, IncidentError>;
+}
 
-    fn handle(&mut self, msg: ForwardAccept, ctx: &mut Self::Context) -> Self::Result {
+impl<M, T> Handler<ToIncident<M>> for IncidentDirectory
+where
+    M: Message<Result = Result<T, IncidentError>> + Send + 'static,
+    T: Send + 'static,
+    IncidentActor: Handler<M>,
+{
+    type Result = ResponseFuture<Result<T, IncidentError>>;
+
+    fn handle(&mut self, msg: ToIncident<M>, ctx: &mut Self::Context) -> Self::Result {
         let addr = self.actor_for(msg.incident_id, ctx);
         Box::pin(async move {
-            addr.send(AcceptOffer {
-                offer_id: msg.offer_id,
-                unit_id: msg.unit_id,
-            })
-            .await
-            .map_err(ActorError::mailbox("incident"))?
-        })
-    }
-}
-
-/// Forward a crew's decline to the incident's actor.
-#[derive(Message, Debug)]
-#[rtype(result = "Result<OfferOutcome, IncidentError>")]
-pub struct ForwardDecline {
-    /// Incident.
-    pub incident_id: IncidentId,
-    /// Offer.
-    pub offer_id: OfferId,
-    /// Unit.
-    pub unit_id: UnitId,
-    /// Why.
-    pub reason: String,
-}
-
-impl Handler<ForwardDecline> for IncidentDirectory {
-    type Result = ResponseFuture<Result<OfferOutcome, IncidentError>>;
-
-    fn handle(&mut self, msg: ForwardDecline, ctx: &mut Self::Context) -> Self::Result {
-        let addr = self.actor_for(msg.incident_id, ctx);
-        Box::pin(async move {
-            addr.send(DeclineOffer {
-                offer_id: msg.offer_id,
-                unit_id: msg.unit_id,
-                reason: msg.reason,
-            })
-            .await
-            .map_err(ActorError::mailbox("incident"))?
-        })
-    }
-}
-
-/// Forward a dispatcher's manual assignment to the incident's actor.
-#[derive(Message, Debug)]
-#[rtype(result = "Result<Incident, IncidentError>")]
-pub struct ForwardManualAssign {
-    /// Incident.
-    pub incident_id: IncidentId,
-    /// Unit.
-    pub unit_id: UnitId,
-}
-
-impl Handler<ForwardManualAssign> for IncidentDirectory {
-    type Result = ResponseFuture<Result<Incident, IncidentError>>;
-
-    fn handle(&mut self, msg: ForwardManualAssign, ctx: &mut Self::Context) -> Self::Result {
-        let addr = self.actor_for(msg.incident_id, ctx);
-        Box::pin(async move {
-            addr.send(ManualAssign {
-                unit_id: msg.unit_id,
-            })
-            .await
-            .map_err(ActorError::mailbox("incident"))?
+            addr.send(msg.message)
+                .await
+                .map_err(ActorError::mailbox("incident"))?
         })
     }
 }

@@ -10,7 +10,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::create::FirstRound;
-use super::{ForwardDecline, IncidentActor, IncidentError, OfferGroup, PendingOffer, persist};
+use super::{IncidentActor, IncidentError, OfferGroup, PendingOffer, ToIncident, persist};
 use crate::actors::error::ActorError;
 use crate::actors::unit::{
     ACTOR_TIMEOUT, Commit, Fleet, OfferFrame, PublishOffer, Release, ReserveRound, ReservedUnit,
@@ -85,7 +85,7 @@ pub struct RoundExpired {
 #[derive(Message, Debug)]
 #[rtype(result = "Result<OfferOutcome, IncidentError>")]
 pub struct AcceptOffer {
-    /// Offer.
+    /// The offer this concerns.
     pub offer_id: OfferId,
     /// The crew's unit.
     pub unit_id: UnitId,
@@ -95,11 +95,11 @@ pub struct AcceptOffer {
 #[derive(Message, Debug)]
 #[rtype(result = "Result<OfferOutcome, IncidentError>")]
 pub struct DeclineOffer {
-    /// Offer.
+    /// The offer this concerns.
     pub offer_id: OfferId,
     /// The crew's unit.
     pub unit_id: UnitId,
-    /// Why.
+    /// Why, in words for people (stored, and shown to dispatchers).
     pub reason: String,
 }
 
@@ -800,11 +800,13 @@ impl Handler<ManualAssign> for IncidentActor {
                 Ok(v) => {
                     // The unit was holding an offer for another incident: that one declines.
                     if let (Some((offer_id, other)), Some(directory)) = (displaced, directory) {
-                        directory.do_send(ForwardDecline {
+                        directory.do_send(ToIncident {
                             incident_id: other,
-                            offer_id,
-                            unit_id,
-                            reason: "reassigned by a dispatcher".into(),
+                            message: DeclineOffer {
+                                offer_id,
+                                unit_id,
+                                reason: "reassigned by a dispatcher".into(),
+                            },
                         });
                     }
                     Ok(v)

@@ -7,14 +7,14 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use super::fleet::{Fleet, UnitChanged};
 use crate::domain::dispatch::{
     Capability, CrewReport, StatusRejection, UnitClaim, UnitSnapshot, UnitStatus, apply_report,
     reconcile_unit,
 };
-use crate::domain::events::NewEvent;
+use crate::domain::events::{NewEvent, Reconciled, UnitEvent};
 use crate::domain::geo::LatLng;
 use crate::domain::ids::{IncidentId, OfferId, UnitId};
 use crate::domain::incident::Priority;
@@ -126,10 +126,7 @@ impl AmbulanceActor {
     pub fn new(record: UnitRecord, writer: GroupCommit, fleet: Addr<Fleet>, restarts: u32) -> Self {
         let capability = Capability::parse(&record.capability).unwrap_or(Capability::Bls);
         let status = UnitStatus::parse(&record.status).unwrap_or(UnitStatus::Available);
-        let assignment = record
-            .current_incident_id
-            .as_deref()
-            .and_then(|s| s.parse().ok());
+        let assignment = record.current_incident_id;
         Self {
             capability,
             // A pending offer does not survive a restart (the incident re-offers), so an
@@ -165,7 +162,7 @@ impl AmbulanceActor {
 
     fn changed(&mut self) {
         self.record.status = self.status.as_str().to_owned();
-        self.record.current_incident_id = self.assignment.map(|i| i.to_string());
+        self.record.current_incident_id = self.assignment;
         self.fleet.do_send(UnitChanged(self.snapshot()));
     }
 
@@ -215,13 +212,14 @@ impl AmbulanceActor {
 
     /// Persists the unit's status change (event + projection).
     fn persist_status(&self, from: UnitStatus) -> Stored {
-        let mut event = NewEvent::new(
-            "unit.status_changed",
-            json!({"unit_id": self.record.id, "from": from, "to": self.status,
-                   "incident_id": self.record.current_incident_id}),
-        );
-        event.incident_id = self.record.current_incident_id.clone();
-        self.persist_event(event, "status")
+        let event = UnitEvent::StatusChanged {
+            unit_id: self.record.id.clone(),
+            from,
+            to: self.status,
+            incident_id: self.assignment,
+            reconciled: None,
+        };
+        self.persist_event(event.to_new(), "status")
     }
 
     /// Changes the status; the answer says when the change is stored (`None`: no change).
@@ -248,11 +246,11 @@ impl Actor for AmbulanceActor {
 #[derive(Message, Debug)]
 #[rtype(result = "Result<(), UnitRefusal>")]
 pub struct Reserve {
-    /// Offer.
+    /// The offer this concerns.
     pub offer_id: OfferId,
-    /// Incident.
+    /// The incident this concerns.
     pub incident_id: IncidentId,
-    /// Expiry.
+    /// When the offer lapses unless a crew accepts it.
     pub expires_at: DateTime<Utc>,
 }
 
@@ -286,7 +284,7 @@ impl Handler<Reserve> for AmbulanceActor {
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct PublishOffer {
-    /// Offer.
+    /// The offer this concerns.
     pub offer_id: OfferId,
     /// What the crew is shown.
     pub frame: OfferFrame,
@@ -309,7 +307,7 @@ impl Handler<PublishOffer> for AmbulanceActor {
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct Release {
-    /// Offer.
+    /// The offer this concerns.
     pub offer_id: OfferId,
     /// `taken`, `expired` or `cancelled`.
     pub reason: &'static str,
@@ -340,7 +338,7 @@ impl Handler<Release> for AmbulanceActor {
 #[derive(Message, Debug)]
 #[rtype(result = "Result<Option<(OfferId, IncidentId)>, UnitRefusal>")]
 pub struct Commit {
-    /// Incident.
+    /// The incident this concerns.
     pub incident_id: IncidentId,
     /// The accepted offer; `None` for a manual assignment.
     pub offer_id: Option<OfferId>,
@@ -391,7 +389,7 @@ impl Handler<Commit> for AmbulanceActor {
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct Uncommit {
-    /// Incident.
+    /// The incident this concerns.
     pub incident_id: IncidentId,
 }
 
@@ -430,13 +428,17 @@ impl Handler<Reconcile> for AmbulanceActor {
         );
         // A status change like any other for consoles (the status may even be the same,
         // with the assignment corrected), marked as a reconciliation.
-        let mut event = NewEvent::new(
-            "unit.status_changed",
-            json!({"unit_id": self.record.id, "from": self.status, "to": status,
-                   "incident_id": assignment, "reconciled": true,
-                   "previous_incident_id": self.assignment}),
-        );
-        event.incident_id = assignment.map(|i| i.to_string());
+        let event = UnitEvent::StatusChanged {
+            unit_id: self.record.id.clone(),
+            from: self.status,
+            to: status,
+            incident_id: assignment,
+            reconciled: Some(Reconciled {
+                reconciled: true,
+                previous_incident_id: self.assignment,
+            }),
+        }
+        .to_new();
         self.assignment = assignment;
         self.status = status;
         self.changed();
@@ -449,7 +451,7 @@ impl Handler<Reconcile> for AmbulanceActor {
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct IncidentOver {
-    /// Incident.
+    /// The incident this concerns.
     pub incident_id: IncidentId,
     /// Why (`cancelled`).
     pub reason: &'static str,
@@ -607,7 +609,7 @@ impl Handler<Commitments> for AmbulanceActor {
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct Locate {
-    /// Where.
+    /// The fix (WGS 84).
     pub position: LatLng,
     /// When measured.
     pub at: DateTime<Utc>,
@@ -632,13 +634,16 @@ impl Handler<Locate> for AmbulanceActor {
             .is_none_or(|t| t.elapsed() >= LOCATION_EVENT_INTERVAL);
         if due {
             self.last_location_event = Some(Instant::now());
-            let event = NewEvent::new(
-                "unit.location",
-                json!({"unit_id": self.record.id, "lat": msg.position.lat, "lng": msg.position.lng,
-                       "at": msg.at, "speed_mps": msg.speed_mps, "heading_deg": msg.heading_deg,
-                       "status": self.record.status}),
-            );
-            self.persist_position(event);
+            let event = UnitEvent::Location {
+                unit_id: self.record.id.clone(),
+                lat: msg.position.lat,
+                lng: msg.position.lng,
+                at: msg.at,
+                speed_mps: msg.speed_mps,
+                heading_deg: msg.heading_deg,
+                status: self.status,
+            };
+            self.persist_position(event.to_new());
         }
     }
 }
@@ -693,15 +698,15 @@ pub struct ViewUnit;
 /// A unit as the API shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct UnitView {
-    /// Id.
+    /// Its stable identifier.
     pub id: UnitId,
     /// Call sign.
     pub call_sign: String,
     /// `als` / `bls`.
     pub capability: Capability,
-    /// Status.
+    /// Where the unit is in its duty cycle.
     pub status: UnitStatus,
-    /// Position.
+    /// Last known position (WGS 84).
     pub location: LatLng,
     /// Fix time.
     pub fix_at: DateTime<Utc>,

@@ -7,7 +7,7 @@ use chrono::Utc;
 
 use crate::actors::error::ActorError;
 use crate::actors::incident::{
-    ForwardAccept, ForwardDecline, IncidentDirectory, IncidentError, OfferOutcome, Route,
+    AcceptOffer, DeclineOffer, IncidentDirectory, IncidentError, OfferOutcome, Route, ToIncident,
 };
 use crate::actors::unit::{
     ACTOR_TIMEOUT, ApplyReport, Commitments, Fleet, Locate, ReleaseBed, ReportFailure,
@@ -137,10 +137,12 @@ impl Crew {
         let outcome = match pending {
             Some((offer, incident_id)) if offer == offer_id => self
                 .incidents
-                .send(ForwardAccept {
+                .send(ToIncident {
                     incident_id,
-                    offer_id,
-                    unit_id: unit.clone(),
+                    message: AcceptOffer {
+                        offer_id,
+                        unit_id: unit.clone(),
+                    },
                 })
                 .timeout(ACTOR_TIMEOUT * 2)
                 .await
@@ -165,11 +167,13 @@ impl Crew {
         match pending {
             Some((offer, incident_id)) if offer == offer_id => Ok(self
                 .incidents
-                .send(ForwardDecline {
+                .send(ToIncident {
                     incident_id,
-                    offer_id,
-                    unit_id: unit.clone(),
-                    reason,
+                    message: DeclineOffer {
+                        offer_id,
+                        unit_id: unit.clone(),
+                        reason,
+                    },
                 })
                 .timeout(ACTOR_TIMEOUT * 2)
                 .await

@@ -354,7 +354,7 @@ pub struct ReserveRound {
     pub incident_id: IncidentId,
     /// The scene.
     pub scene: LatLng,
-    /// Priority.
+    /// Clinical priority: `emergency`, `urgent` or `non_urgent`.
     pub priority: Priority,
     /// Units that declined or let an offer lapse.
     pub exclude: HashSet<UnitId>,
@@ -450,9 +450,9 @@ impl Handler<ReserveRound> for Fleet {
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub struct WaitForUnit {
-    /// Incident.
+    /// The incident this concerns.
     pub incident_id: IncidentId,
-    /// Priority.
+    /// Clinical priority: `emergency`, `urgent` or `non_urgent`.
     pub priority: Priority,
     /// Since when.
     pub since: DateTime<Utc>,

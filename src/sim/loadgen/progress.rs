@@ -19,7 +19,7 @@ pub struct Progress {
     pub samples: AtomicU64,
     /// Units of work done (readings, receipts …; shown with a rate).
     pub work: AtomicU64,
-    /// Failures.
+    /// Requests that failed (errors, not slow answers).
     pub errors: AtomicU64,
 }
 

@@ -46,7 +46,7 @@ pub struct Report {
 pub struct Series {
     /// What was timed, e.g. `reading→offer`.
     pub name: String,
-    /// Percentiles.
+    /// Mean and percentiles of the samples.
     #[serde(flatten)]
     pub summary: Summary,
     /// Work done per second during the measured phase.

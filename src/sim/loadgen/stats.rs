@@ -8,9 +8,9 @@ use serde::Serialize;
 pub struct Summary {
     /// How many samples.
     pub samples: usize,
-    /// Mean.
+    /// Arithmetic mean, milliseconds.
     pub mean_ms: f64,
-    /// Median.
+    /// Median (50th percentile, nearest rank), milliseconds.
     pub p50_ms: f64,
     /// 90th percentile.
     pub p90_ms: f64,
