@@ -479,7 +479,6 @@ impl Handler<ProcessReadings> for DeviceActor {
         self.messages += 1;
         self.last_message_at = Some(now);
         let id = self.id.clone();
-        let retention = self.runtime.retention;
         let refuse = |outcome: ReadingOutcome, readings: Vec<(usize, Reading)>| {
             readings
                 .into_iter()
@@ -511,78 +510,13 @@ impl Handler<ProcessReadings> for DeviceActor {
         };
         let patient_id = live.patient_id.clone();
         live.last_received = now;
-        let mut outcomes = Vec::with_capacity(msg.0.len());
-        let mut changes = Vec::new();
-        let mut handoffs = Vec::new();
-        let mut evidence_rows = Vec::new();
-        let mut any_in_order = false;
-        let rules = &self.runtime.rules;
-        let scored: Vec<Scored> = msg
-            .0
-            .into_iter()
-            .map(|(index, reading)| Scored::new(rules, index, reading))
-            .collect();
-        for scored in &scored {
-            if scored
-                .reading
-                .patient_id
-                .as_deref()
-                .is_some_and(|p| p != patient_id.as_str())
-            {
-                outcomes.push((scored.index, ReadingOutcome::PatientMismatch));
-                continue;
-            }
-            let in_order = in_arrival_order(live.last_measured, scored.reading.timestamp);
-            let (status, reasons) = if in_order {
-                any_in_order = true;
-                let (status, reasons, change) = Self::apply(live, scored, now);
-                let onset = change.is_some();
-                if let Some(change) = change {
-                    changes.push(change);
-                }
-                if status == TriageStatus::Emergency {
-                    handoffs.push((
-                        outcomes.len(),
-                        EmergencyDetected {
-                            patient_id: patient_id.clone(),
-                            device_id: id.clone(),
-                            location: scored.reading.location,
-                            reasons: reasons.clone(),
-                            evidence: evidence(&live.window, &id),
-                            detected_at: scored.reading.timestamp,
-                            onset,
-                        },
-                    ));
-                }
-                (status, reasons)
-            } else {
-                // Out of order: answered, never allowed to roll the state back.
-                (scored.assessment.status, scored.assessment.reasons.clone())
-            };
-            if retention == Retention::All {
-                let mut row = retained(&scored.reading, &patient_id, status, now);
-                row.news2_score = Some(i32::from(scored.assessment.news2.score));
-                evidence_rows.push(row);
-            }
-            outcomes.push((
-                scored.index,
-                ReadingOutcome::Accepted(Accepted {
-                    device_id: id.clone(),
-                    patient_id: patient_id.clone(),
-                    status,
-                    reasons,
-                    news2: scored.assessment.news2.clone(),
-                    incident_id: None,
-                }),
-            ));
-        }
-        if retention == Retention::Evidence {
-            for change in &changes {
-                for r in &change.evidence {
-                    evidence_rows.push(retained(r, &patient_id, change.to, now));
-                }
-            }
-        }
+        let Batch {
+            mut outcomes,
+            changes,
+            handoffs,
+            evidence_rows,
+            any_in_order,
+        } = take_readings(live, &id, &self.runtime, msg.0, now);
         let final_status = live.status;
         let last_seen = live.last_measured;
         self.arm_offline_timer(ctx);
@@ -666,6 +600,108 @@ impl Handler<ProcessReadings> for DeviceActor {
                 }
             },
         ))
+    }
+}
+
+/// What a batch of readings did to a device: the answer for each, the status changes to
+/// store, the emergencies to hand off (with their slot in the answers), the readings to
+/// retain, and whether any was in order (the fall timer is re-armed then).
+struct Batch {
+    outcomes: Vec<(usize, ReadingOutcome)>,
+    changes: Vec<Change>,
+    handoffs: Vec<(usize, EmergencyDetected)>,
+    evidence_rows: Vec<RetainedReading>,
+    any_in_order: bool,
+}
+
+/// Triages `readings` (in request order) and applies the in-order ones to `live`; a reading
+/// from an earlier second is answered but never rolls the state back.
+fn take_readings(
+    live: &mut Live,
+    id: &DeviceId,
+    runtime: &TriageRuntime,
+    readings: Vec<(usize, Reading)>,
+    now: DateTime<Utc>,
+) -> Batch {
+    let patient_id = live.patient_id.clone();
+    let retention = runtime.retention;
+    let mut outcomes = Vec::with_capacity(readings.len());
+    let mut changes = Vec::new();
+    let mut handoffs = Vec::new();
+    let mut evidence_rows = Vec::new();
+    let mut any_in_order = false;
+    let rules = &runtime.rules;
+    let scored: Vec<Scored> = readings
+        .into_iter()
+        .map(|(index, reading)| Scored::new(rules, index, reading))
+        .collect();
+    for scored in &scored {
+        if scored
+            .reading
+            .patient_id
+            .as_deref()
+            .is_some_and(|p| p != patient_id.as_str())
+        {
+            outcomes.push((scored.index, ReadingOutcome::PatientMismatch));
+            continue;
+        }
+        let in_order = in_arrival_order(live.last_measured, scored.reading.timestamp);
+        let (status, reasons) = if in_order {
+            any_in_order = true;
+            let (status, reasons, change) = DeviceActor::apply(live, scored, now);
+            let onset = change.is_some();
+            if let Some(change) = change {
+                changes.push(change);
+            }
+            if status == TriageStatus::Emergency {
+                handoffs.push((
+                    outcomes.len(),
+                    EmergencyDetected {
+                        patient_id: patient_id.clone(),
+                        device_id: id.clone(),
+                        location: scored.reading.location,
+                        reasons: reasons.clone(),
+                        evidence: evidence(&live.window, id),
+                        detected_at: scored.reading.timestamp,
+                        onset,
+                    },
+                ));
+            }
+            (status, reasons)
+        } else {
+            // Out of order: answered, never allowed to roll the state back.
+            (scored.assessment.status, scored.assessment.reasons.clone())
+        };
+        if retention == Retention::All {
+            let mut row = retained(&scored.reading, &patient_id, status, now);
+            row.news2_score = Some(i32::from(scored.assessment.news2.score));
+            evidence_rows.push(row);
+        }
+        outcomes.push((
+            scored.index,
+            ReadingOutcome::Accepted(Accepted {
+                device_id: id.clone(),
+                patient_id: patient_id.clone(),
+                status,
+                reasons,
+                news2: scored.assessment.news2.clone(),
+                incident_id: None,
+            }),
+        ));
+    }
+    if retention == Retention::Evidence {
+        for change in &changes {
+            for r in &change.evidence {
+                evidence_rows.push(retained(r, &patient_id, change.to, now));
+            }
+        }
+    }
+    Batch {
+        outcomes,
+        changes,
+        handoffs,
+        evidence_rows,
+        any_in_order,
     }
 }
 

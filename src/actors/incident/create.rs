@@ -3,11 +3,13 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use tokio::sync::oneshot;
 
+use super::directory::Waiter;
 use super::{
     Execute, IncidentActor, IncidentDirectory, IncidentError, InspectIncident, NextRound,
     OpenIncident, OpenRequest, Opened, PublishFirstRound, Reserved, evidence_of,
@@ -437,38 +439,7 @@ impl Handler<OpenIncident> for IncidentDirectory {
                     .unwrap_or_default();
                 let result: Result<Opened, IncidentError> = match res {
                     Ok((incident, version)) => {
-                        if let Some(p) = &incident.patient_id {
-                            act.open_by_patient.insert(p.clone(), incident.id);
-                        }
-                        // The crews hear of the first round at once; the new actor tracks it.
-                        if let Some(first) = &first {
-                            send_offers(
-                                &incident,
-                                &first.records,
-                                &first.reserved,
-                                first.expires_at,
-                            );
-                        }
-                        let actor =
-                            IncidentActor::created(incident.clone(), version, act.deps.clone());
-                        let addr = act.start_actor(actor, ctx);
-                        // Dispatch starts as soon as the incident exists (notifications are queued).
-                        match first {
-                            Some(first) => addr.do_send(PublishFirstRound(first)),
-                            None => addr.do_send(NextRound),
-                        }
-                        tracing::info!(
-                            incident.id = %incident.id,
-                            incident.reference = %incident.reference,
-                            reserve_ms = reserve.as_secs_f64() * 1e3,
-                            prefetch_wait_ms = prefetch.as_secs_f64() * 1e3,
-                            store_ms = store.as_secs_f64() * 1e3,
-                            "incident created"
-                        );
-                        Ok(Opened {
-                            incident,
-                            created: true,
-                        })
+                        Ok(act.started(incident, version, first, (reserve, prefetch, store), ctx))
                     }
                     Err(e) => Err(e),
                 };
@@ -483,59 +454,103 @@ impl Handler<OpenIncident> for IncidentDirectory {
                     }
                     _ => None,
                 };
-                let db2 = db.clone();
-                async move {
-                    let result = match (result, existing_after_race) {
-                        (Err(_), Some(p)) => {
-                            let found = db2
-                                .run(move |mut conn| async move {
-                                    store::open_for_patient(&mut conn, &p).await
-                                })
-                                .await?;
-                            match found {
-                                Some(id) => {
-                                    let incident = db2
-                                        .run(move |mut conn| async move {
-                                            store::find(&mut conn, id).await
-                                        })
-                                        .await?
-                                        .map(|(i, _)| i)
-                                        .ok_or(IncidentError::NotFound)?;
-                                    Ok(Opened {
-                                        incident,
-                                        created: false,
-                                    })
-                                }
-                                None => Err(IncidentError::Conflict),
-                            }
-                        }
-                        (r, _) => r,
-                    };
-                    for (waiter, evidence) in waiters {
-                        let answer = match &result {
-                            Ok(opened) => {
-                                let mut incident = opened.incident.clone();
-                                if let (Some(evidence), Some(addr)) = (evidence, &addr)
-                                    && let Ok(Ok(updated)) =
-                                        addr.send(Execute(Command::AddEvidence { evidence })).await
-                                {
-                                    incident = updated;
-                                }
-                                Ok(Opened {
-                                    incident,
-                                    created: false,
-                                })
-                            }
-                            Err(e) => Err(e.to_string()),
-                        };
-                        let _ = waiter.send(answer);
-                    }
-                    result
-                }
-                .into_actor(act)
+                settle(db.clone(), result, existing_after_race, waiters, addr).into_actor(act)
             },
         ))
     }
+}
+
+impl IncidentDirectory {
+    /// A new incident is stored: the directory maps its patient to it, the crews hear of its
+    /// first round at once, and its actor starts (and tracks that round, or starts one).
+    fn started(
+        &mut self,
+        incident: Incident,
+        version: i64,
+        first: Option<FirstRound>,
+        (reserve, prefetch, store): (Duration, Duration, Duration),
+        ctx: &mut Context<Self>,
+    ) -> Opened {
+        if let Some(p) = &incident.patient_id {
+            self.open_by_patient.insert(p.clone(), incident.id);
+        }
+        if let Some(first) = &first {
+            send_offers(&incident, &first.records, &first.reserved, first.expires_at);
+        }
+        let actor = IncidentActor::created(incident.clone(), version, self.deps.clone());
+        let addr = self.start_actor(actor, ctx);
+        // Dispatch starts as soon as the incident exists (notifications are queued).
+        match first {
+            Some(first) => addr.do_send(PublishFirstRound(first)),
+            None => addr.do_send(NextRound),
+        }
+        tracing::info!(
+            incident.id = %incident.id,
+            incident.reference = %incident.reference,
+            reserve_ms = reserve.as_secs_f64() * 1e3,
+            prefetch_wait_ms = prefetch.as_secs_f64() * 1e3,
+            store_ms = store.as_secs_f64() * 1e3,
+            "incident created"
+        );
+        Opened {
+            incident,
+            created: true,
+        }
+    }
+}
+
+/// The end of a creation: when another writer holds the patient's open incident (the
+/// database's unique constraint), that incident is the answer; then every request that
+/// waited for this creation is answered, its evidence added.
+async fn settle(
+    db: Db,
+    result: Result<Opened, IncidentError>,
+    existing_after_race: Option<PatientId>,
+    waiters: Vec<(Waiter, Option<serde_json::Value>)>,
+    addr: Option<Addr<IncidentActor>>,
+) -> Result<Opened, IncidentError> {
+    let result = match (result, existing_after_race) {
+        (Err(_), Some(p)) => {
+            let found = db
+                .run(move |mut conn| async move { store::open_for_patient(&mut conn, &p).await })
+                .await?;
+            match found {
+                Some(id) => {
+                    let incident = db
+                        .run(move |mut conn| async move { store::find(&mut conn, id).await })
+                        .await?
+                        .map(|(i, _)| i)
+                        .ok_or(IncidentError::NotFound)?;
+                    Ok(Opened {
+                        incident,
+                        created: false,
+                    })
+                }
+                None => Err(IncidentError::Conflict),
+            }
+        }
+        (r, _) => r,
+    };
+    for (waiter, evidence) in waiters {
+        let answer = match &result {
+            Ok(opened) => {
+                let mut incident = opened.incident.clone();
+                if let (Some(evidence), Some(addr)) = (evidence, &addr)
+                    && let Ok(Ok(updated)) =
+                        addr.send(Execute(Command::AddEvidence { evidence })).await
+                {
+                    incident = updated;
+                }
+                Ok(Opened {
+                    incident,
+                    created: false,
+                })
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        let _ = waiter.send(answer);
+    }
+    result
 }
 
 #[cfg(test)]

@@ -99,7 +99,7 @@ pub struct ListIncidents {
     pub limit: usize,
 }
 
-type Waiter = oneshot::Sender<Result<Opened, String>>;
+pub(super) type Waiter = oneshot::Sender<Result<Opened, String>>;
 
 /// The only place incidents are created.
 pub struct IncidentDirectory {
