@@ -606,6 +606,8 @@ fn set_payment(saga: &mut Saga, intent_id: &str, status: &str) -> Result<(), Sag
 /// Every step also accepts `Transient`: it is recorded, [`Saga::attempts`] goes up and the
 /// same step is due again. A `ChargeFailed` carrying an intent id records that intent as
 /// `requires_payment_method` (what Stripe leaves after a decline), so it gets cancelled.
+///
+/// Long on purpose: the saga's whole transition table as one match over (state, outcome).
 pub fn apply(
     saga: &Saga,
     step: Step,

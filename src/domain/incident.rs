@@ -568,6 +568,9 @@ pub fn decide(
 }
 
 /// [`decide`] for a command other than `Open` on an incident that exists.
+///
+/// Long on purpose: one match over every command, each arm the whole rule for that command,
+/// so the state machine can be read (and reviewed against docs/domain.md) in one place.
 fn decide_existing(
     incident: &Incident,
     command: &Command,

@@ -670,6 +670,8 @@ fn pick<const N: usize>(
 }
 
 impl RawReading {
+    /// Checks and converts every field of a native or legacy reading, collecting every
+    /// problem with its pointer. Long on purpose: one block per field, in document order.
     fn normalise(self, base: Base<'_>, ctx: &Ctx<'_>) -> Result<Reading, Vec<FieldError>> {
         let mut p = Problems::new(base);
         let legacy_id = self.device.and_then(|d| d.id);
@@ -1106,6 +1108,8 @@ impl Group {
     }
 }
 
+/// Reads one FHIR `Observation` into its parts. Long on purpose: one arm per LOINC code
+/// SHERS understands, each with its unit checks.
 fn read_observation(obs: &Value, at: &str) -> ObservationParts {
     let mut problems = Vec::new();
     let mut fail =

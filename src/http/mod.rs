@@ -61,6 +61,8 @@ pub struct AppState {
 }
 
 /// Registers every route.
+///
+/// Long on purpose: the whole route table in one place, read top to bottom.
 pub fn routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/", web::get().to(ops::index))
         .route("/healthz", web::get().to(ops::healthz))
