@@ -22,6 +22,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 use serde_path_to_error::Segment;
 
+use super::ids::{DeviceId, PatientId};
 pub use super::validation::FieldError;
 use super::validation::push_pointer_token;
 
@@ -148,9 +149,9 @@ impl Vital {
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Reading {
     /// The device that sent it (1–128 characters).
-    pub device_id: String,
+    pub device_id: DeviceId,
     /// The patient, when the sender names one.
-    pub patient_id: Option<String>,
+    pub patient_id: Option<PatientId>,
     /// When it was measured (UTC).
     pub timestamp: DateTime<Utc>,
     /// Heart rate, beats per minute.
@@ -471,8 +472,8 @@ fn base_reading(
     m: &Measures,
 ) -> Reading {
     Reading {
-        device_id,
-        patient_id,
+        device_id: DeviceId(device_id),
+        patient_id: patient_id.map(PatientId),
         timestamp,
         heart_rate_bpm: value_of(m, Vital::HeartRate),
         spo2_pct: value_of(m, Vital::Spo2),
@@ -1471,7 +1472,7 @@ mod tests {
             (Some(72.0), Some(97.0), Some(128.0))
         );
         assert_eq!(items[1].index, 2);
-        assert_eq!(items[1].outcome.as_ref().unwrap().device_id, "dev-2");
+        assert_eq!(items[1].outcome.as_ref().unwrap().device_id.0, "dev-2");
     }
 
     #[test]
@@ -1724,6 +1725,7 @@ mod tests {
         assert_eq!(
             one(&with(native(), "device_id", json!("é".repeat(128))))
                 .device_id
+                .0
                 .chars()
                 .count(),
             128
@@ -1932,7 +1934,7 @@ mod tests {
 
         let mut url = observation("8867-4", json!(72), "/min");
         url["subject"]["reference"] = json!("https://fhir.example/Patient/p-1/_history/2");
-        assert_eq!(one(&url).patient_id.as_deref(), Some("p-1"));
+        assert_eq!(one(&url).patient_id, Some(PatientId::from("p-1")));
 
         let mut late = observation("8867-4", json!(72), "/min");
         late["effectiveDateTime"] = json!("2026-11-23T09:00:00Z");

@@ -270,18 +270,16 @@ pub async fn inspect_actor(
                 .ok()
                 .flatten()
                 .ok_or_else(gone)?;
-            let mut view = inspect(&addr).await.ok_or_else(gone)?;
-            if let Some(obj) = view.as_object_mut() {
-                obj.insert("restarts".to_owned(), restarts.into());
-                obj.insert("mailbox_len".to_owned(), serde_json::Value::Null);
-                let status = obj
-                    .get("state")
-                    .and_then(|s| s.get("status").or_else(|| s.get("phase")))
-                    .cloned()
-                    .unwrap_or_default();
-                obj.insert("status".to_owned(), status);
-            }
-            Ok(HttpResponse::Ok().json(view))
+            let view = inspect(&addr).await.ok_or_else(gone)?;
+            Ok(HttpResponse::Ok().json(ActorView {
+                kind: "device",
+                mailbox_len: None,
+                view: DeviceView {
+                    restarts,
+                    status: view.state.status(),
+                    view,
+                },
+            }))
         }
         "incident" => {
             let incident: crate::domain::ids::IncidentId = id.parse().map_err(|_| gone())?;
@@ -304,10 +302,34 @@ pub async fn inspect_actor(
                 .flatten()
                 .ok_or_else(gone)?;
             let view = addr.send(InspectUnit).await.map_err(|_| gone())?;
-            Ok(HttpResponse::Ok().json(view))
+            Ok(HttpResponse::Ok().json(ActorView {
+                kind: "unit",
+                // actix does not expose the queue length of an `Addr`.
+                mailbox_len: None,
+                view,
+            }))
         }
         _ => Err(gone()),
     }
+}
+
+/// A device actor's inspection with the directory's restart count and its listing status.
+#[derive(Serialize)]
+struct DeviceView {
+    restarts: u32,
+    status: &'static str,
+    #[serde(flatten)]
+    view: crate::actors::device::DeviceInspection,
+}
+
+/// An actor's inspection as the API shows it: its kind and mailbox length around what the
+/// actor reports of itself.
+#[derive(Serialize)]
+struct ActorView<T: Serialize> {
+    kind: &'static str,
+    mailbox_len: Option<usize>,
+    #[serde(flatten)]
+    view: T,
 }
 
 /// Fault injection: stops an incident actor as a crash would (404 unless the server runs with

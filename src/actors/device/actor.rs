@@ -16,7 +16,6 @@ use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use futures_util::future::OptionFuture;
 use serde::Serialize;
-use serde_json::json;
 use tokio::sync::oneshot;
 
 use crate::actors::incident::EmergencyDetected;
@@ -131,8 +130,60 @@ pub struct CancelFall {
 
 /// The actor's live state, for `/admin/actors/device/{id}`.
 #[derive(Message, Debug)]
-#[rtype(result = "serde_json::Value")]
+#[rtype(result = "DeviceInspection")]
 pub struct InspectDevice;
+
+/// A device actor's state, as the admin inspector shows it.
+#[derive(Clone, Debug, Serialize)]
+pub struct DeviceInspection {
+    /// The device.
+    pub id: DeviceId,
+    /// Messages handled since it started.
+    pub messages: u64,
+    /// When it last handled a message.
+    pub last_message_at: Option<DateTime<Utc>>,
+    /// Where it is in its life, with its live state once ready.
+    pub state: DevicePhase,
+}
+
+/// Where a device actor is in its life.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+pub enum DevicePhase {
+    /// Its registration is being read.
+    Loading,
+    /// No such device is registered (the actor stops after answering).
+    UnknownDevice,
+    /// Its registration could not be read (the actor stops after answering).
+    Failed,
+    /// Taking readings.
+    Ready {
+        /// The wearer.
+        patient_id: PatientId,
+        /// The device's triage status.
+        status: TriageStatus,
+        /// When its newest applied reading was measured.
+        last_measured_at: Option<DateTime<Utc>>,
+        /// The fall grace window.
+        fall_watch: FallWatch,
+        /// When a running fall watch escalates.
+        fall_deadline: Option<DateTime<Utc>>,
+        /// The last readings (the evidence an emergency carries).
+        window: Vec<Reading>,
+    },
+}
+
+impl DevicePhase {
+    /// The status to list the actor under: its triage status once ready, else its phase.
+    pub fn status(&self) -> &'static str {
+        match self {
+            DevicePhase::Loading => "loading",
+            DevicePhase::UnknownDevice => "unknown_device",
+            DevicePhase::Failed => "failed",
+            DevicePhase::Ready { status, .. } => status.as_str(),
+        }
+    }
+}
 
 /// A summary line for `/admin/actors`.
 #[derive(Clone, Debug, Serialize)]
@@ -155,7 +206,7 @@ pub struct Summarise;
 /// than `Option<f64>` (8 bytes instead of 16; validated vitals are always finite).
 #[derive(Clone, Debug)]
 struct WindowEntry {
-    patient_id: Option<String>,
+    patient_id: Option<PatientId>,
     timestamp: DateTime<Utc>,
     vitals: [f64; 6],
     location: Option<crate::domain::vitals::GeoPoint>,
@@ -193,7 +244,7 @@ impl WindowEntry {
     fn reading(&self, device: &DeviceId) -> Reading {
         let v = |i: usize| Some(self.vitals[i]).filter(|x| !x.is_nan());
         Reading {
-            device_id: device.0.clone(),
+            device_id: device.clone(),
             patient_id: self.patient_id.clone(),
             timestamp: self.timestamp,
             heart_rate_bpm: v(0),
@@ -407,7 +458,7 @@ impl DeviceActor {
             to: status,
             reasons: reasons.clone(),
             measured_at: reading.timestamp,
-            evidence: evidence(&live.window, &DeviceId(reading.device_id.clone())),
+            evidence: evidence(&live.window, &reading.device_id),
         });
         live.status = status;
         (status, reasons, change)
@@ -639,8 +690,8 @@ fn take_readings(
         if scored
             .reading
             .patient_id
-            .as_deref()
-            .is_some_and(|p| p != patient_id.as_str())
+            .as_ref()
+            .is_some_and(|p| *p != patient_id)
         {
             outcomes.push((scored.index, ReadingOutcome::PatientMismatch));
             continue;
@@ -726,7 +777,7 @@ fn retained(
     now: DateTime<Utc>,
 ) -> RetainedReading {
     RetainedReading {
-        device_id: DeviceId(reading.device_id.clone()),
+        device_id: reading.device_id.clone(),
         patient_id: patient_id.clone(),
         measured_at: reading.timestamp,
         received_at: now,
@@ -911,27 +962,25 @@ impl Handler<InspectDevice> for DeviceActor {
     type Result = MessageResult<InspectDevice>;
 
     fn handle(&mut self, _: InspectDevice, _: &mut Self::Context) -> Self::Result {
-        let phase = match &self.phase {
-            Phase::Loading(_) => json!({"phase": "loading"}),
-            Phase::Unknown => json!({"phase": "unknown_device"}),
-            Phase::Failed => json!({"phase": "failed"}),
-            Phase::Ready(live) => json!({
-                "phase": "ready",
-                "patient_id": live.patient_id,
-                "status": live.status,
-                "last_measured_at": live.last_measured,
-                "fall_watch": live.fall,
-                "fall_deadline": live.fall.deadline(),
-                "window": evidence(&live.window, &self.id),
-            }),
+        let state = match &self.phase {
+            Phase::Loading(_) => DevicePhase::Loading,
+            Phase::Unknown => DevicePhase::UnknownDevice,
+            Phase::Failed => DevicePhase::Failed,
+            Phase::Ready(live) => DevicePhase::Ready {
+                patient_id: live.patient_id.clone(),
+                status: live.status,
+                last_measured_at: live.last_measured,
+                fall_watch: live.fall.clone(),
+                fall_deadline: live.fall.deadline(),
+                window: evidence(&live.window, &self.id),
+            },
         };
-        MessageResult(json!({
-            "kind": "device",
-            "id": self.id,
-            "messages": self.messages,
-            "last_message_at": self.last_message_at,
-            "state": phase,
-        }))
+        MessageResult(DeviceInspection {
+            id: self.id.clone(),
+            messages: self.messages,
+            last_message_at: self.last_message_at,
+            state,
+        })
     }
 }
 

@@ -120,7 +120,7 @@ impl Handler<Ingest> for DeviceDirectory {
     type Result = ResponseFuture<Vec<(usize, ReadingOutcome)>>;
 
     fn handle(&mut self, msg: Ingest, _: &mut Self::Context) -> Self::Result {
-        let mut groups: HashMap<String, Vec<(usize, Reading)>> = HashMap::new();
+        let mut groups: HashMap<DeviceId, Vec<(usize, Reading)>> = HashMap::new();
         for (index, reading) in msg.0 {
             groups
                 .entry(reading.device_id.clone())
@@ -133,8 +133,7 @@ impl Handler<Ingest> for DeviceDirectory {
         let mut new_devices: Vec<(DeviceId, Loaded)> = Vec::new();
         let sends: Vec<_> = groups
             .into_iter()
-            .map(|(device, readings)| {
-                let id = DeviceId(device);
+            .map(|(id, readings)| {
                 let addr = self.live(&id).unwrap_or_else(|| {
                     let (loaded, preload) = tokio::sync::oneshot::channel();
                     let addr = self.start(&id, preload);
@@ -242,7 +241,7 @@ impl Handler<ListDevices> for DeviceDirectory {
 }
 
 /// The full in-memory state of one device actor.
-pub async fn inspect(addr: &Addr<DeviceActor>) -> Option<serde_json::Value> {
+pub async fn inspect(addr: &Addr<DeviceActor>) -> Option<super::DeviceInspection> {
     addr.send(InspectDevice).await.ok()
 }
 
