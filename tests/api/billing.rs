@@ -8,7 +8,7 @@ use shers::domain::auth::Role;
 use shers::persistence::Backend;
 
 use crate::both_backends;
-use crate::helpers::{TestApp, api};
+use crate::helpers::{FakeServer, TestApp, api};
 
 both_backends!(
     partial_coverage_is_charged_and_closes,
@@ -149,11 +149,13 @@ async fn declined_charge_is_compensated(backend: Backend) {
 /// first answer long enough for the test to kill SHERS mid-charge.
 mod fake_stripe {
     use std::collections::HashMap;
+    use std::sync::Mutex;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::{Arc, Mutex};
 
-    use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+    use actix_web::{HttpRequest, HttpResponse, web};
     use serde_json::json;
+
+    use crate::helpers::FakeServer;
 
     #[derive(Default)]
     pub struct Stripe {
@@ -162,52 +164,46 @@ mod fake_stripe {
         pub hold_first: AtomicBool,
     }
 
-    pub async fn start(state: Arc<Stripe>) -> u16 {
-        let server = HttpServer::new(move || {
-            let state = state.clone();
-            App::new().route(
-                "/v1/payment_intents",
-                web::post().to(move |req: HttpRequest| {
-                    let state = state.clone();
-                    async move {
-                        state.requests.fetch_add(1, Ordering::SeqCst);
-                        let key = req
-                            .headers()
-                            .get("Idempotency-Key")
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or_default()
-                            .to_owned();
-                        // The charge happens (once per key) before any answer is sent.
-                        let id = {
-                            let mut intents = state.intents.lock().unwrap();
-                            let n = intents.len();
-                            intents.entry(key).or_insert_with(|| format!("pi_{n:024}")).clone()
-                        };
-                        if state.hold_first.swap(false, Ordering::SeqCst) {
-                            actix_web::rt::time::sleep(std::time::Duration::from_secs(30)).await;
-                        }
-                        HttpResponse::Ok().json(json!({"id": id, "object": "payment_intent", "status": "succeeded", "amount": 1}))
-                    }
-                }),
-            )
+    async fn payment_intent(state: web::Data<Stripe>, req: HttpRequest) -> HttpResponse {
+        state.requests.fetch_add(1, Ordering::SeqCst);
+        let key = req
+            .headers()
+            .get("Idempotency-Key")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        // The charge happens (once per key) before any answer is sent.
+        let id = {
+            let mut intents = state.intents.lock().unwrap();
+            let n = intents.len();
+            intents
+                .entry(key)
+                .or_insert_with(|| format!("pi_{n:024}"))
+                .clone()
+        };
+        if state.hold_first.swap(false, Ordering::SeqCst) {
+            actix_web::rt::time::sleep(std::time::Duration::from_secs(30)).await;
+        }
+        HttpResponse::Ok()
+            .json(json!({"id": id, "object": "payment_intent", "status": "succeeded", "amount": 1}))
+    }
+
+    pub fn start(state: Stripe) -> FakeServer<Stripe> {
+        FakeServer::start(state, |cfg| {
+            cfg.route("/v1/payment_intents", web::post().to(payment_intent));
         })
-        .workers(1)
-        .bind("127.0.0.1:0")
-        .unwrap();
-        let port = server.addrs()[0].port();
-        actix_web::rt::spawn(server.run());
-        port
     }
 }
 
 both_backends!(a_crash_after_the_charge_never_charges_twice);
 
 async fn a_crash_after_the_charge_never_charges_twice(backend: Backend) {
-    use std::sync::Arc;
     use std::sync::atomic::Ordering;
-    let stripe = Arc::new(fake_stripe::Stripe::default());
+    let fake = fake_stripe::start(fake_stripe::Stripe::default());
+    let stripe = fake.state();
     stripe.hold_first.store(true, Ordering::SeqCst);
-    let port = fake_stripe::start(stripe.clone()).await;
+    // A plain port keeps `configure` `Copy`: both apps below use it.
+    let port = fake.port();
     let configure = move |s: &mut shers::config::Settings| {
         s.payments.provider = shers::config::PaymentProvider::Stripe;
         s.payments.base_url = format!("http://127.0.0.1:{port}");
@@ -306,39 +302,25 @@ async fn full_coverage_charges_nothing_and_every_message_is_queued(backend: Back
 
 #[actix_web::test]
 async fn an_insurer_outage_is_retried_until_it_answers() {
-    use actix_web::{App, HttpResponse, HttpServer, web};
-    use std::sync::Arc;
+    use actix_web::{HttpResponse, web};
     use std::sync::atomic::{AtomicUsize, Ordering};
     // A separate insurance service that is down (503) for its first two calls.
-    let calls = Arc::new(AtomicUsize::new(0));
-    let seen = calls.clone();
-    let server = HttpServer::new(move || {
-        let seen = seen.clone();
-        App::new().route(
-            api::INSURANCE_VERIFY,
-            web::post().to(move |body: web::Json<Value>| {
-                let seen = seen.clone();
-                async move {
-                    if seen.fetch_add(1, Ordering::SeqCst) < 2 {
-                        return HttpResponse::ServiceUnavailable().finish();
-                    }
-                    let amount = body["amount_cents"].as_i64().unwrap_or(0);
-                    HttpResponse::Ok()
-                        .json(json!({"verified": true, "coverage_status": "fully_covered",
-                        "covered_cents": amount, "patient_due_cents": 0, "claim_id": "clm_ext"}))
-                }
-            }),
-        )
-    })
-    .workers(1)
-    .bind("127.0.0.1:0")
-    .unwrap();
-    let port = server.addrs()[0].port();
-    actix_web::rt::spawn(server.run());
+    async fn verify(calls: web::Data<AtomicUsize>, body: web::Json<Value>) -> HttpResponse {
+        if calls.fetch_add(1, Ordering::SeqCst) < 2 {
+            return HttpResponse::ServiceUnavailable().finish();
+        }
+        let amount = body["amount_cents"].as_i64().unwrap_or(0);
+        HttpResponse::Ok().json(json!({"verified": true, "coverage_status": "fully_covered",
+            "covered_cents": amount, "patient_due_cents": 0, "claim_id": "clm_ext"}))
+    }
+    let insurer = FakeServer::start(AtomicUsize::new(0), |cfg| {
+        cfg.route(api::INSURANCE_VERIFY, web::post().to(verify));
+    });
+    let calls = insurer.state();
     let app = TestApp::builder(Backend::Sqlite)
-        .with_settings(move |s| {
+        .with_settings(|s| {
             s.payments.provider = shers::config::PaymentProvider::Sandbox;
-            s.insurance.base_url = Some(format!("http://127.0.0.1:{port}"));
+            s.insurance.base_url = Some(insurer.url());
             s.insurance.api_token = Some(shers::config::Secret::new("external-token".into()));
         })
         .start()
@@ -370,14 +352,13 @@ both_backends!(the_same_billing_command_twice_charges_once);
 
 async fn the_same_billing_command_twice_charges_once(backend: Backend) {
     use shers::actors::billing::StartBilling;
-    use std::sync::Arc;
     use std::sync::atomic::Ordering;
-    let stripe = Arc::new(fake_stripe::Stripe::default());
-    let port = fake_stripe::start(stripe.clone()).await;
+    let fake = fake_stripe::start(fake_stripe::Stripe::default());
+    let stripe = fake.state();
     let app = TestApp::builder(backend)
-        .with_settings(move |s| {
+        .with_settings(|s| {
             s.payments.provider = shers::config::PaymentProvider::Stripe;
-            s.payments.base_url = format!("http://127.0.0.1:{port}");
+            s.payments.base_url = fake.url();
             s.payments.api_key = Some(shers::config::Secret::new("sk_test_fake".into()));
         })
         .start()

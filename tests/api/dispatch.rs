@@ -11,7 +11,7 @@ use shers::domain::auth::Role;
 use shers::persistence::Backend;
 
 use crate::both_backends;
-use crate::helpers::{TestApp, api};
+use crate::helpers::{FakeServer, TestApp, api};
 
 both_backends!(
     offers_go_to_the_nearest_and_the_first_accept_wins,
@@ -715,41 +715,28 @@ async fn freed_units_serve_waiting_incidents_by_priority_then_age(backend: Backe
 
 #[actix_web::test]
 async fn routed_etas_beat_straight_line_and_fall_back_when_routing_is_down() {
-    use actix_web::{App, HttpResponse, HttpServer, web};
-    use std::sync::Arc;
+    use actix_web::{HttpResponse, web};
     use std::sync::atomic::{AtomicBool, Ordering};
     // A fake OSRM: the farther unit (second source) is much faster by road.
-    let up = Arc::new(AtomicBool::new(true));
-    let flag = up.clone();
-    let server = HttpServer::new(move || {
-        let flag = flag.clone();
-        App::new().route(
-            "/table/v1/driving/{coords}",
-            web::get().to(move |coords: web::Path<String>| {
-                let flag = flag.clone();
-                async move {
-                    if !flag.load(Ordering::SeqCst) {
-                        return HttpResponse::InternalServerError().finish();
-                    }
-                    let n = coords.split(';').count();
-                    // Sources in order; the destination last. Unit order is by distance (NEAR, FAR).
-                    let durations: Vec<Vec<Option<f64>>> = (0..n - 1)
-                        .map(|i| vec![Some(if i == 0 { 900.0 } else { 60.0 })])
-                        .collect();
-                    HttpResponse::Ok().json(json!({"code": "Ok", "durations": durations}))
-                }
-            }),
-        )
-    })
-    .workers(1)
-    .bind("127.0.0.1:0")
-    .unwrap();
-    let osrm_port = server.addrs()[0].port();
-    actix_web::rt::spawn(server.run());
+    async fn table(up: web::Data<AtomicBool>, coords: web::Path<String>) -> HttpResponse {
+        if !up.load(Ordering::SeqCst) {
+            return HttpResponse::InternalServerError().finish();
+        }
+        let n = coords.split(';').count();
+        // Sources in order; the destination last. Unit order is by distance (NEAR, FAR).
+        let durations: Vec<Vec<Option<f64>>> = (0..n - 1)
+            .map(|i| vec![Some(if i == 0 { 900.0 } else { 60.0 })])
+            .collect();
+        HttpResponse::Ok().json(json!({"code": "Ok", "durations": durations}))
+    }
+    let osrm = FakeServer::start(AtomicBool::new(true), |cfg| {
+        cfg.route("/table/v1/driving/{coords}", web::get().to(table));
+    });
+    let up = osrm.state();
 
     let app = TestApp::builder(Backend::Sqlite)
         .with_settings(|s| {
-            s.routing.base_url = Some(format!("http://127.0.0.1:{osrm_port}"));
+            s.routing.base_url = Some(osrm.url());
             s.routing.timeout_ms = 2_000;
             s.dispatch.offers_per_round = 1;
         })

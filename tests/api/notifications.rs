@@ -2,78 +2,73 @@
 //! fake Twilio, honours `Retry-After`, records the outcome on the incident, and never drops an
 //! alert whose reading had no vital signs.
 
-use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::{Duration, SecondsFormat, Utc};
 use serde_json::{Value, json};
 use shers::domain::auth::Role;
 use shers::persistence::Backend;
 
 use crate::both_backends;
-use crate::helpers::TestApp;
+use crate::helpers::{FakeServer, TestApp};
 
 both_backends!(next_of_kin_get_an_sms_even_without_vitals);
 
 #[derive(Default)]
 struct Fake {
+    fail_first_with_429: bool,
     calls: AtomicUsize,
     bodies: Mutex<Vec<String>>,
     auth: Mutex<Vec<String>>,
     keys: Mutex<Vec<String>>,
 }
 
-async fn fake_twilio(fake: Arc<Fake>, fail_first_with_429: bool) -> u16 {
-    let server = HttpServer::new(move || {
-        let fake = fake.clone();
-        App::new().route(
+async fn send_message(fake: web::Data<Fake>, req: HttpRequest, body: String) -> HttpResponse {
+    let n = fake.calls.fetch_add(1, Ordering::SeqCst);
+    fake.bodies.lock().unwrap().push(body);
+    let auth = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    fake.auth.lock().unwrap().push(auth);
+    let key = req
+        .headers()
+        .get("i-twilio-idempotency-token")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    fake.keys.lock().unwrap().push(key);
+    if fake.fail_first_with_429 && n == 0 {
+        return HttpResponse::TooManyRequests()
+            .insert_header(("Retry-After", "1"))
+            .finish();
+    }
+    HttpResponse::Created().json(json!({"sid": format!("SM{n:032}"), "status": "queued"}))
+}
+
+fn fake_twilio(fail_first_with_429: bool) -> FakeServer<Fake> {
+    let fake = Fake {
+        fail_first_with_429,
+        ..Fake::default()
+    };
+    FakeServer::start(fake, |cfg| {
+        cfg.route(
             "/2010-04-01/Accounts/{sid}/Messages.json",
-            web::post().to(move |req: HttpRequest, body: String| {
-                let fake = fake.clone();
-                async move {
-                    let n = fake.calls.fetch_add(1, Ordering::SeqCst);
-                    fake.bodies.lock().unwrap().push(body);
-                    let auth = req
-                        .headers()
-                        .get("authorization")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("")
-                        .to_owned();
-                    fake.auth.lock().unwrap().push(auth);
-                    let key = req
-                        .headers()
-                        .get("i-twilio-idempotency-token")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("")
-                        .to_owned();
-                    fake.keys.lock().unwrap().push(key);
-                    if fail_first_with_429 && n == 0 {
-                        return HttpResponse::TooManyRequests()
-                            .insert_header(("Retry-After", "1"))
-                            .finish();
-                    }
-                    HttpResponse::Created()
-                        .json(json!({"sid": format!("SM{n:032}"), "status": "queued"}))
-                }
-            }),
-        )
+            web::post().to(send_message),
+        );
     })
-    .workers(1)
-    .bind("127.0.0.1:0")
-    .unwrap();
-    let port = server.addrs()[0].port();
-    actix_web::rt::spawn(server.run());
-    port
 }
 
 async fn next_of_kin_get_an_sms_even_without_vitals(backend: Backend) {
-    let fake = Arc::new(Fake::default());
-    let port = fake_twilio(fake.clone(), true).await;
+    let twilio = fake_twilio(true);
+    let fake = twilio.state();
     let app = TestApp::builder(backend)
         .with_settings(|s| {
-            s.notify.sms_base_url = Some(format!("http://127.0.0.1:{port}"));
+            s.notify.sms_base_url = Some(twilio.url());
             s.notify.sms_account_sid = Some("AC123".into());
             s.notify.sms_auth_token = Some(shers::config::Secret::new("tok".into()));
             s.notify.sms_from = Some("+15550000000".into());
