@@ -3,6 +3,7 @@
 
 mod actor;
 mod directory;
+mod readings;
 
 pub use actor::*;
 pub use directory::*;

@@ -8,7 +8,9 @@
 mod actor;
 mod crew;
 mod fleet;
+mod inspect;
 
 pub use actor::*;
 pub use crew::*;
 pub use fleet::*;
+pub use inspect::*;

@@ -1,0 +1,260 @@
+//! What a batch of readings does to a device: the compact reading window, triage and the
+//! application of in-order readings ([`take_readings`]), and storing the resulting changes in
+//! line ([`persist_changes`], [`in_line`]).
+
+use std::collections::VecDeque;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::oneshot;
+
+use super::{Accepted, Change, DeviceActor, Live, ReadingOutcome, Scored, TriageRuntime};
+use crate::actors::incident::EmergencyDetected;
+pub use crate::config::Retention;
+use crate::domain::events::{DeviceEvent, NewEvent};
+use crate::domain::ids::{DeviceId, PatientId};
+use crate::domain::triage::{TriageStatus, in_arrival_order};
+use crate::domain::vitals::Reading;
+use crate::persistence::group::{GroupCommit, Projection};
+use crate::persistence::readings::{self, RetainedReading};
+use crate::persistence::{StoreError, patients};
+
+/// A reading as the window keeps it: 100,000 live devices hold ten each, so the entry is
+/// compact. The device id is the actor's own (not repeated), and absent vitals are NaN rather
+/// than `Option<f64>` (8 bytes instead of 16; validated vitals are always finite).
+#[derive(Clone, Debug)]
+pub(super) struct WindowEntry {
+    patient_id: Option<PatientId>,
+    timestamp: DateTime<Utc>,
+    vitals: [f64; 6],
+    pub(super) location: Option<crate::domain::vitals::GeoPoint>,
+    steps: Option<u32>,
+    fall_detected: bool,
+    moving: Option<bool>,
+    on_oxygen: Option<bool>,
+    consciousness: Option<crate::domain::vitals::Consciousness>,
+}
+
+impl WindowEntry {
+    pub(super) fn new(r: &Reading) -> Self {
+        let v = |x: Option<f64>| x.unwrap_or(f64::NAN);
+        Self {
+            patient_id: r.patient_id.clone(),
+            timestamp: r.timestamp,
+            vitals: [
+                v(r.heart_rate_bpm),
+                v(r.spo2_pct),
+                v(r.respiration_rate_bpm),
+                v(r.body_temp_c),
+                v(r.systolic_bp_mmhg),
+                v(r.diastolic_bp_mmhg),
+            ],
+            location: r.location,
+            steps: r.steps,
+            fall_detected: r.fall_detected,
+            moving: r.moving,
+            on_oxygen: r.on_oxygen,
+            consciousness: r.consciousness,
+        }
+    }
+
+    /// The reading as it arrived from `device`.
+    fn reading(&self, device: &DeviceId) -> Reading {
+        let v = |i: usize| Some(self.vitals[i]).filter(|x| !x.is_nan());
+        Reading {
+            device_id: device.clone(),
+            patient_id: self.patient_id.clone(),
+            timestamp: self.timestamp,
+            heart_rate_bpm: v(0),
+            spo2_pct: v(1),
+            respiration_rate_bpm: v(2),
+            body_temp_c: v(3),
+            systolic_bp_mmhg: v(4),
+            diastolic_bp_mmhg: v(5),
+            fall_detected: self.fall_detected,
+            moving: self.moving,
+            on_oxygen: self.on_oxygen,
+            consciousness: self.consciousness,
+            location: self.location,
+            steps: self.steps,
+        }
+    }
+}
+
+pub(super) fn evidence(window: &VecDeque<WindowEntry>, device: &DeviceId) -> Vec<Reading> {
+    window.iter().map(|e| e.reading(device)).collect()
+}
+
+/// What a batch of readings did to a device: the answer for each, the status changes to
+/// store, the emergencies to hand off (with their slot in the answers), the readings to
+/// retain, and whether any was in order (the fall timer is re-armed then).
+pub(super) struct Batch {
+    pub(super) outcomes: Vec<(usize, ReadingOutcome)>,
+    pub(super) changes: Vec<Change>,
+    pub(super) handoffs: Vec<(usize, EmergencyDetected)>,
+    pub(super) evidence_rows: Vec<RetainedReading>,
+    pub(super) any_in_order: bool,
+}
+
+/// Triages `readings` (in request order) and applies the in-order ones to `live`; a reading
+/// from an earlier second is answered but never rolls the state back.
+pub(super) fn take_readings(
+    live: &mut Live,
+    id: &DeviceId,
+    runtime: &TriageRuntime,
+    readings: Vec<(usize, Reading)>,
+    now: DateTime<Utc>,
+) -> Batch {
+    let patient_id = live.patient_id.clone();
+    let retention = runtime.retention;
+    let mut outcomes = Vec::with_capacity(readings.len());
+    let mut changes = Vec::new();
+    let mut handoffs = Vec::new();
+    let mut evidence_rows = Vec::new();
+    let mut any_in_order = false;
+    let rules = &runtime.rules;
+    let scored: Vec<Scored> = readings
+        .into_iter()
+        .map(|(index, reading)| Scored::new(rules, index, reading))
+        .collect();
+    for scored in &scored {
+        if scored
+            .reading
+            .patient_id
+            .as_ref()
+            .is_some_and(|p| *p != patient_id)
+        {
+            outcomes.push((scored.index, ReadingOutcome::PatientMismatch));
+            continue;
+        }
+        let in_order = in_arrival_order(live.last_measured, scored.reading.timestamp);
+        let (status, reasons) = if in_order {
+            any_in_order = true;
+            let (status, reasons, change) = DeviceActor::apply(live, scored, now);
+            let onset = change.is_some();
+            if let Some(change) = change {
+                changes.push(change);
+            }
+            if status == TriageStatus::Emergency {
+                handoffs.push((
+                    outcomes.len(),
+                    EmergencyDetected {
+                        patient_id: patient_id.clone(),
+                        device_id: id.clone(),
+                        location: scored.reading.location,
+                        reasons: reasons.clone(),
+                        evidence: evidence(&live.window, id),
+                        detected_at: scored.reading.timestamp,
+                        onset,
+                    },
+                ));
+            }
+            (status, reasons)
+        } else {
+            // Out of order: answered, never allowed to roll the state back.
+            (scored.assessment.status, scored.assessment.reasons.clone())
+        };
+        if retention == Retention::All {
+            let mut row = retained(&scored.reading, &patient_id, status, now);
+            row.news2_score = Some(i32::from(scored.assessment.news2.score));
+            evidence_rows.push(row);
+        }
+        outcomes.push((
+            scored.index,
+            ReadingOutcome::Accepted(Accepted {
+                device_id: id.clone(),
+                patient_id: patient_id.clone(),
+                status,
+                reasons,
+                news2: scored.assessment.news2.clone(),
+                incident_id: None,
+            }),
+        ));
+    }
+    if retention == Retention::Evidence {
+        for change in &changes {
+            for r in &change.evidence {
+                evidence_rows.push(retained(r, &patient_id, change.to, now));
+            }
+        }
+    }
+    Batch {
+        outcomes,
+        changes,
+        handoffs,
+        evidence_rows,
+        any_in_order,
+    }
+}
+
+/// Waits for the change before this one to be stored; an error if it was not (the actor is
+/// stopping, and its successor reloads the stored state).
+pub(super) async fn in_line(before: Option<oneshot::Receiver<bool>>) -> Result<(), StoreError> {
+    match before {
+        None => Ok(()),
+        Some(stored) => match stored.await {
+            Ok(true) => Ok(()),
+            _ => Err(StoreError::Unavailable(
+                "an earlier change of this device was not stored".into(),
+            )),
+        },
+    }
+}
+
+pub(super) fn retained(
+    reading: &Reading,
+    patient_id: &PatientId,
+    status: TriageStatus,
+    now: DateTime<Utc>,
+) -> RetainedReading {
+    RetainedReading {
+        device_id: reading.device_id.clone(),
+        patient_id: patient_id.clone(),
+        measured_at: reading.timestamp,
+        received_at: now,
+        status: status.as_str(),
+        news2_score: None,
+        reading: serde_json::to_string(reading).unwrap_or_default(),
+    }
+}
+
+/// Appends the status events and updates the device projection (and evidence readings) in one
+/// transaction.
+pub(super) async fn persist_changes(
+    writer: &GroupCommit,
+    device_id: DeviceId,
+    patient_id: PatientId,
+    changes: Vec<Change>,
+    evidence: Vec<RetainedReading>,
+    final_status: TriageStatus,
+    last_seen: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let stream = format!("device-{device_id}");
+    let events: Vec<NewEvent> = changes
+        .into_iter()
+        .map(|c| {
+            DeviceEvent::StatusChanged {
+                device_id: device_id.clone(),
+                patient_id: patient_id.clone(),
+                from: c.from,
+                to: c.to,
+                reasons: c.reasons,
+                measured_at: c.measured_at,
+                evidence: c.evidence,
+            }
+            .to_new()
+        })
+        .collect();
+    // Batched with the batch's other unit and device appends (see `GroupCommit::append`).
+    let projection: Projection = Box::new(move |tx| {
+        // It may run twice (a replayed batch): each run gets its own copies.
+        let (device_id, evidence) = (device_id.clone(), evidence.clone());
+        Box::pin(async move {
+            patients::set_device_status(tx, &device_id, final_status.as_str(), last_seen).await?;
+            if !evidence.is_empty() {
+                readings::insert_many(tx, &evidence).await?;
+            }
+            Ok(())
+        })
+    });
+    writer.append(&stream, events, None, Some(projection)).await
+}
