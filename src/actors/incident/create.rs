@@ -305,10 +305,10 @@ impl Handler<OpenIncident> for IncidentDirectory {
                                 .await
                                 .map_err(ActorError::mailbox("incident"))??,
                             None => {
-                                let inspection =
-                                    addr.send(InspectIncident).await.map_err(|_| {
-                                        StoreError::Unavailable("incident actor gone".into())
-                                    })?;
+                                let inspection = addr
+                                    .send(InspectIncident)
+                                    .await
+                                    .map_err(ActorError::mailbox("incident"))?;
                                 inspection
                                     .state
                                     .and_then(|s| serde_json::from_value(s).ok())
