@@ -276,9 +276,21 @@ impl Application {
     /// Binds the listener and builds the server over an already opened database; recovers the
     /// open incidents before serving.
     pub async fn build_with_db(settings: Settings, db: Db) -> anyhow::Result<Self> {
-        let rules = load_triage_rules(&settings)?;
         let listener = TcpListener::bind(&settings.bind)
             .with_context(|| format!("binding {}", settings.bind))?;
+        Self::build_with_listener(settings, db, listener, true).await
+    }
+
+    /// Builds the server on an already bound listener (a cluster node binds its internal
+    /// address at start, long before it owns anything to serve there). With `own_signals`
+    /// SIGINT/SIGTERM stop it; a cluster node handles them itself, to hand its shard over.
+    pub async fn build_with_listener(
+        settings: Settings,
+        db: Db,
+        listener: TcpListener,
+        own_signals: bool,
+    ) -> anyhow::Result<Self> {
+        let rules = load_triage_rules(&settings)?;
         let port = listener.local_addr()?.port();
         let _ = prometheus();
 
@@ -375,6 +387,9 @@ impl Application {
         .tcp_nodelay(true);
         if let Some(workers) = settings.http.workers {
             server = server.workers(workers.max(1));
+        }
+        if !own_signals {
+            server = server.disable_signals();
         }
         let server = server.listen(listener)?.run();
         Ok(Self {

@@ -206,7 +206,7 @@ async fn demo(
 }
 
 /// Ctrl-C or SIGTERM.
-async fn stop_signal() {
+pub async fn stop_signal() {
     #[cfg(unix)]
     {
         let mut term =
@@ -239,8 +239,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             settings.admin.enable_fault_injection |= args.enable_fault_injection;
             init_tracing(settings.log.format);
             tracing::info!(bind = %settings.bind, "starting SHERS");
-            let app = Application::build(settings).await?;
-            app.run_until_stopped().await?;
+            if settings.clustered() {
+                crate::cluster::serve(settings).await?;
+            } else {
+                if settings.redis.url.is_some() {
+                    tracing::warn!("REDIS_URL is ignored on SQLite: one node holds every shard");
+                }
+                let app = Application::build(settings).await?;
+                app.run_until_stopped().await?;
+            }
             tracing::info!("stopped");
         }
         Command::Demo(DemoArgs { serve: args, sim }) => demo(&cli, args, sim).await?,

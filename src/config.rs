@@ -46,8 +46,10 @@ pub struct Settings {
     pub bind: String,
     /// Database connection.
     pub database: DatabaseSettings,
-    /// Redis for multi-node fan-out; unset means single node.
+    /// Redis: with PostgreSQL, setting it runs this process as a cluster node.
     pub redis: RedisSettings,
+    /// Cluster membership and shard leases (used only when running as a cluster).
+    pub cluster: ClusterSettings,
     /// HTTP server limits and behaviour.
     pub http: HttpSettings,
     /// Log output.
@@ -131,6 +133,7 @@ impl Default for Settings {
             bind: "127.0.0.1:8080".to_owned(),
             database: DatabaseSettings::default(),
             redis: RedisSettings::default(),
+            cluster: ClusterSettings::default(),
             http: HttpSettings::default(),
             log: LogSettings::default(),
             auth: AuthSettings::default(),
@@ -177,6 +180,38 @@ impl Default for DatabaseSettings {
 pub struct RedisSettings {
     /// `redis://host:port/` (`REDIS_URL`); unset runs a single node.
     pub url: Option<Secret<String>>,
+}
+
+/// Cluster settings (`SHERS_CLUSTER__*`). A process runs as a cluster node when Redis is
+/// configured and the database is PostgreSQL; otherwise it holds every shard alone.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSettings {
+    /// This node's name in `/admin/cluster` and the lease table (`SHERS_CLUSTER__NODE_ID`;
+    /// default: the host name and a random suffix). Must be unique among live nodes.
+    pub node_id: Option<String>,
+    /// Where this node serves the shards it owns, for the other nodes' forwarded requests
+    /// (`SHERS_CLUSTER__INTERNAL_BIND`, default `127.0.0.1:0`: a free loopback port, right for
+    /// nodes on one host; in containers e.g. `0.0.0.0:8081`).
+    pub internal_bind: String,
+    /// The URL other nodes reach `internal_bind` at (`SHERS_CLUSTER__ADVERTISE_URL`, e.g.
+    /// `http://10.0.3.7:8081`); default: `http://` and the bound address, which needs a
+    /// concrete (not unspecified) bind address.
+    pub advertise_url: Option<String>,
+    /// How long a shard lease lasts without renewal, in milliseconds (`SHERS_CLUSTER__LEASE_MS`,
+    /// default 3000). Renewed every third of it; failover takes about this long plus recovery.
+    pub lease_ms: u64,
+}
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self {
+            node_id: None,
+            internal_bind: "127.0.0.1:0".to_owned(),
+            advertise_url: None,
+            lease_ms: 3_000,
+        }
+    }
 }
 
 /// HTTP server settings.
@@ -467,6 +502,14 @@ impl Settings {
             .check()
             .map_err(|m| ConfigError(config::ConfigError::Message(m)))?;
         Ok(settings)
+    }
+
+    /// Whether this process runs as a cluster node: Redis configured and PostgreSQL as the
+    /// database. SQLite, or no Redis, is one node holding everything.
+    pub fn clustered(&self) -> bool {
+        let url = self.database.url.expose();
+        self.redis.url.is_some()
+            && (url.starts_with("postgres://") || url.starts_with("postgresql://"))
     }
 
     /// Applies command-line overrides (highest precedence).

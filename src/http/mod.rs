@@ -10,6 +10,7 @@ pub mod crew_session;
 pub mod error;
 pub mod events;
 pub mod fleet;
+pub mod front;
 pub mod incidents;
 pub mod insurance;
 pub mod json;

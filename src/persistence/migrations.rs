@@ -35,6 +35,10 @@ async fn blocking<T: Send + 'static>(
         .map_err(migration_error)
 }
 
+/// A session advisory lock around PostgreSQL migrations (the number is arbitrary and fixed).
+const MIGRATION_LOCK: &str = "SELECT pg_advisory_lock(7411300651)";
+const MIGRATION_UNLOCK: &str = "SELECT pg_advisory_unlock(7411300651)";
+
 /// Which direction to move the schema.
 enum Direction {
     Up,
@@ -61,8 +65,14 @@ async fn run(
             .await
         }
         Db::Postgres(pool) => {
+            // Nodes of a cluster start together: one migrates while the others wait on this
+            // lock (held by a connection of its own), then find nothing left to do.
+            let mut lock = pool.get().await?;
+            diesel::sql_query(MIGRATION_LOCK)
+                .execute(&mut *lock)
+                .await?;
             let conn = pool.get().await?;
-            blocking(move || {
+            let ran = blocking(move || {
                 let mut harness = AsyncMigrationHarness::new(conn);
                 let n = match direction {
                     Direction::Up => harness.run_pending_migrations(POSTGRES)?.len(),
@@ -70,7 +80,11 @@ async fn run(
                 };
                 Ok(n)
             })
-            .await
+            .await;
+            diesel::sql_query(MIGRATION_UNLOCK)
+                .execute(&mut *lock)
+                .await?;
+            ran
         }
     }
 }

@@ -8,6 +8,7 @@
 //! The schema in [`schema`] is portable: ids are `TEXT`, times are `TIMESTAMP` holding UTC,
 //! JSON payloads are `TEXT`. This module knows domain types, never actors or HTTP.
 
+pub mod cluster;
 pub mod events;
 pub mod fleet;
 pub mod group;

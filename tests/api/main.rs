@@ -12,6 +12,7 @@ mod helpers;
 mod auth;
 mod billing;
 mod browser;
+mod cluster;
 mod demo;
 mod dispatch;
 mod errors;

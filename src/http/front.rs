@@ -1,0 +1,420 @@
+//! A cluster node's public server (see [`crate::cluster`]): the probes, `/metrics` and
+//! `/admin/cluster` are answered here; every other request, HTTP or WebSocket, is forwarded
+//! to the node that owns the dispatch shard and its answer relayed, so any node accepts any
+//! request. Forwarding is transport only: authentication, validation and every rule stay with
+//! the owner's handlers, which see the caller's own credentials.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::dev::Server;
+use actix_web::http::StatusCode;
+use actix_web::middleware::from_fn;
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+use anyhow::Context as _;
+use futures_util::{SinkExt as _, StreamExt as _};
+use serde::Serialize;
+use tokio_tungstenite::tungstenite::{self, Message as Up, client::IntoClientRequest as _};
+
+use super::auth::{AdminOnly, AuthService, Authorized};
+use super::error::ApiError;
+use super::telemetry::{ShersRootSpan, observe};
+use crate::cluster::ClusterState;
+use crate::config::Settings;
+use crate::persistence::cluster::{self, HandoverRow, LeaseRow, NodeRow};
+use crate::persistence::{Db, StoreError};
+
+/// What the front's handlers share.
+pub struct Front {
+    cluster: Arc<ClusterState>,
+    db: Db,
+    http: reqwest::Client,
+    body_limit: usize,
+}
+
+/// Builds the front server on `listener` (signals are the node's to handle).
+pub fn server(
+    settings: &Settings,
+    db: Db,
+    cluster: Arc<ClusterState>,
+    listener: TcpListener,
+) -> anyhow::Result<Server> {
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(1))
+        .pool_idle_timeout(Duration::from_secs(30))
+        .tcp_nodelay(true)
+        .build()
+        .context("building the forwarding client")?;
+    let front = web::Data::new(Front {
+        cluster,
+        db: db.clone(),
+        http,
+        // Room above the owner's own limit, so the owner answers an oversized body with its
+        // usual problem.
+        body_limit: settings.http.body_limit_bytes.saturating_mul(2),
+    });
+    let auth = web::Data::new(AuthService::new(
+        db,
+        Duration::from_secs(settings.auth.cache_ttl_s),
+    ));
+    let mut server = HttpServer::new(move || {
+        App::new()
+            .app_data(front.clone())
+            .app_data(auth.clone())
+            .route("/healthz", web::get().to(super::ops::healthz))
+            .route("/readyz", web::get().to(readyz))
+            .service(
+                web::resource("/metrics")
+                    .route(web::get().to(super::ops::metrics))
+                    .wrap(from_fn(super::auth::authenticate)),
+            )
+            .service(
+                web::resource("/admin/cluster")
+                    .route(web::get().to(cluster_overview))
+                    .wrap(from_fn(super::auth::authenticate)),
+            )
+            .default_service(web::to(forward))
+            .wrap(from_fn(observe))
+            .wrap(tracing_actix_web::TracingLogger::<ShersRootSpan>::new())
+    })
+    .disable_signals()
+    .shutdown_timeout(settings.http.shutdown_timeout_s)
+    .tcp_nodelay(true);
+    if let Some(workers) = settings.http.workers {
+        server = server.workers(workers.max(1));
+    }
+    Ok(server.listen(listener)?.run())
+}
+
+/// The front's readiness: joined the cluster (registered, first lease round done), with who
+/// owns dispatch right now. A node is ready while a handover is under way: it answers 503 with
+/// `Retry-After` for the few seconds nobody owns the shard.
+async fn readyz(front: web::Data<Front>) -> HttpResponse {
+    let owner = front.cluster.owner();
+    let body = serde_json::json!({
+        "status": if front.cluster.joined() { "ready" } else { "not_ready" },
+        "database": "postgres",
+        "node": front.cluster.node_id,
+        "dispatch_owner": owner.as_ref().map(|o| &o.node_id),
+        "reason": (!front.cluster.joined()).then_some("not joined the cluster yet"),
+    });
+    if front.cluster.joined() {
+        HttpResponse::Ok().json(body)
+    } else {
+        HttpResponse::ServiceUnavailable()
+            .insert_header(("Retry-After", "1"))
+            .json(body)
+    }
+}
+
+/// `GET /admin/cluster`.
+#[derive(Serialize)]
+struct Overview {
+    /// The node that answered.
+    node: String,
+    /// Members: address, version, last heartbeat, and the shards each holds.
+    nodes: Vec<NodeView>,
+    /// Every shard lease with its epoch.
+    shards: Vec<LeaseRow>,
+    /// The most recent handovers, newest first.
+    handovers: Vec<HandoverRow>,
+}
+
+#[derive(Serialize)]
+struct NodeView {
+    #[serde(flatten)]
+    node: NodeRow,
+    /// Alive: heard from within two leases and not left.
+    alive: bool,
+    /// Shards this node holds now, with their epochs.
+    shards: Vec<HeldShard>,
+}
+
+#[derive(Serialize)]
+struct HeldShard {
+    shard: String,
+    epoch: i64,
+}
+
+async fn cluster_overview(
+    _auth: Authorized<AdminOnly>,
+    front: web::Data<Front>,
+) -> Result<HttpResponse, ApiError> {
+    let (nodes, shards, handovers) = front
+        .db
+        .run(|mut conn| async move { cluster::overview(&mut conn, 20).await })
+        .await
+        .map_err(|e: StoreError| ApiError::from(e))?;
+    let horizon = chrono::Duration::from_std(front.cluster.lease * 2).unwrap_or_default();
+    let now = chrono::Utc::now();
+    let nodes = nodes
+        .into_iter()
+        .map(|node| NodeView {
+            alive: node.left_at.is_none() && now - node.heartbeat_at <= horizon,
+            shards: shards
+                .iter()
+                .filter(|l| l.live && l.holder.as_deref() == Some(node.node_id.as_str()))
+                .map(|l| HeldShard {
+                    shard: l.shard.clone(),
+                    epoch: l.epoch,
+                })
+                .collect(),
+            node,
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(Overview {
+        node: front.cluster.node_id.clone(),
+        nodes,
+        shards,
+        handovers,
+    }))
+}
+
+fn unavailable(detail: &str) -> HttpResponse {
+    actix_web::ResponseError::error_response(&ApiError::Unavailable {
+        detail: detail.to_owned(),
+        retry_after_s: 1,
+    })
+}
+
+/// Headers that describe one connection, not the message: never relayed.
+fn hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+    )
+}
+
+fn is_websocket(req: &HttpRequest) -> bool {
+    req.headers()
+        .get(actix_web::http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+}
+
+/// Forwards any other request to the dispatch shard's owner.
+async fn forward(req: HttpRequest, payload: web::Payload, front: web::Data<Front>) -> HttpResponse {
+    let Some(owner) = front.cluster.owner() else {
+        front.cluster.suspect_owner();
+        return unavailable("no node holds the dispatch shard right now (handover); retry");
+    };
+    metrics::counter!("shers_forwarded_requests_total").increment(1);
+    let path = req
+        .uri()
+        .path_and_query()
+        .map_or("/", actix_web::http::uri::PathAndQuery::as_str);
+    if is_websocket(&req) {
+        return forward_websocket(&req, payload, &front, &owner.address, path).await;
+    }
+    let body = match payload.to_bytes_limited(front.body_limit).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(_)) => {
+            return actix_web::ResponseError::error_response(&ApiError::PayloadTooLarge {
+                limit: front.body_limit / 2,
+            });
+        }
+        Err(_) => return HttpResponse::BadRequest().finish(),
+    };
+    let Ok(method) = reqwest::Method::from_bytes(req.method().as_str().as_bytes()) else {
+        return HttpResponse::MethodNotAllowed().finish();
+    };
+    let mut upstream = front
+        .http
+        .request(method, format!("{}{path}", owner.address))
+        .body(body);
+    for (name, value) in req.headers() {
+        if !hop_by_hop(name.as_str()) {
+            upstream = upstream.header(name.as_str(), value.as_bytes());
+        }
+    }
+    if let Some(peer) = req.peer_addr() {
+        upstream = upstream.header("x-forwarded-for", peer.ip().to_string());
+    }
+    let answer = match upstream.send().await {
+        Ok(answer) => answer,
+        Err(e) => {
+            tracing::warn!(owner = %owner.node_id, error = %e, "forwarding to the dispatch owner failed");
+            front.cluster.suspect_owner();
+            return unavailable(
+                "the node holding the dispatch shard did not answer (handover); retry",
+            );
+        }
+    };
+    relay(answer).await
+}
+
+/// The owner's answer, as ours. Event streams are relayed as they come; anything else whole.
+async fn relay(answer: reqwest::Response) -> HttpResponse {
+    let status = StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    let mut out = HttpResponse::build(status);
+    for (name, value) in answer.headers() {
+        if !hop_by_hop(name.as_str()) {
+            out.append_header((name.as_str(), value.as_bytes()));
+        }
+    }
+    let streaming = answer
+        .headers()
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
+    if streaming {
+        let chunks = futures_util::stream::unfold(answer, |mut answer| async move {
+            match answer.chunk().await {
+                Ok(Some(chunk)) => Some((Ok::<_, actix_web::Error>(chunk), answer)),
+                _ => None,
+            }
+        });
+        return out.streaming(chunks);
+    }
+    match answer.bytes().await {
+        Ok(body) => out.body(body),
+        Err(_) => unavailable("the dispatch owner's answer was cut off (handover); retry"),
+    }
+}
+
+/// Connects to the owner's WebSocket endpoint first (so a refusal, e.g. 401, reaches the
+/// client as the owner gave it), then upgrades the client and relays frames both ways.
+async fn forward_websocket(
+    req: &HttpRequest,
+    payload: web::Payload,
+    front: &Front,
+    owner: &str,
+    path: &str,
+) -> HttpResponse {
+    let url = format!("ws{}{path}", owner.strip_prefix("http").unwrap_or(owner));
+    let Ok(mut request) = url.as_str().into_client_request() else {
+        return HttpResponse::BadRequest().finish();
+    };
+    for name in [
+        "authorization",
+        "sec-websocket-protocol",
+        "origin",
+        "user-agent",
+    ] {
+        if let Some(value) = req.headers().get(name)
+            && let Ok(value) = tungstenite::http::HeaderValue::from_bytes(value.as_bytes())
+        {
+            request.headers_mut().insert(name, value);
+        }
+    }
+    let (upstream, response) = match tokio_tungstenite::connect_async(request).await {
+        Ok(connected) => connected,
+        Err(tungstenite::Error::Http(refused)) => {
+            let status =
+                StatusCode::from_u16(refused.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+            let mut out = HttpResponse::build(status);
+            for (name, value) in refused.headers() {
+                if !hop_by_hop(name.as_str()) {
+                    out.append_header((name.as_str(), value.as_bytes()));
+                }
+            }
+            return out.body(refused.into_body().unwrap_or_default());
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "forwarding a WebSocket to the dispatch owner failed");
+            front.cluster.suspect_owner();
+            return unavailable(
+                "the node holding the dispatch shard did not answer (handover); retry",
+            );
+        }
+    };
+    let (mut answer, session, stream) = match actix_ws::handle(req, payload) {
+        Ok(upgraded) => upgraded,
+        Err(e) => return e.error_response(),
+    };
+    if let Some(protocol) = response.headers().get("sec-websocket-protocol")
+        && let Ok(value) = actix_web::http::header::HeaderValue::from_bytes(protocol.as_bytes())
+    {
+        answer
+            .headers_mut()
+            .insert(actix_web::http::header::SEC_WEBSOCKET_PROTOCOL, value);
+    }
+    actix_web::rt::spawn(pump(session, stream.max_frame_size(1 << 20), upstream));
+    answer
+}
+
+type Upstream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Relays frames between the client and the owner until either side closes. When the owner
+/// goes away (a handover), the client is closed with 1012 "service restart" so it reconnects
+/// (consoles resume with `since`).
+async fn pump(
+    mut client: actix_ws::Session,
+    mut from_client: actix_ws::MessageStream,
+    upstream: Upstream,
+) {
+    use actix_ws::Message as Down;
+    let (mut to_owner, mut from_owner) = upstream.split();
+    loop {
+        tokio::select! {
+            frame = from_client.next() => {
+                let relayed = match frame {
+                    Some(Ok(Down::Text(text))) => Up::text(text.to_string()),
+                    Some(Ok(Down::Binary(bytes))) => Up::binary(bytes),
+                    Some(Ok(Down::Ping(bytes))) => Up::Ping(bytes),
+                    Some(Ok(Down::Pong(bytes))) => Up::Pong(bytes),
+                    Some(Ok(Down::Close(reason))) => {
+                        let frame = reason.map(|r| tungstenite::protocol::CloseFrame {
+                            code: u16::from(r.code).into(),
+                            reason: r.description.unwrap_or_default().into(),
+                        });
+                        let _ = to_owner.send(Up::Close(frame)).await;
+                        return;
+                    }
+                    Some(Ok(Down::Continuation(_) | Down::Nop)) => continue,
+                    Some(Err(_)) | None => {
+                        let _ = to_owner.send(Up::Close(None)).await;
+                        return;
+                    }
+                };
+                if to_owner.send(relayed).await.is_err() {
+                    let _ = client.close(Some(restarting())).await;
+                    return;
+                }
+            }
+            frame = from_owner.next() => {
+                let sent = match frame {
+                    Some(Ok(Up::Text(text))) => client.text(text.as_str().to_owned()).await,
+                    Some(Ok(Up::Binary(bytes))) => client.binary(bytes).await,
+                    Some(Ok(Up::Ping(bytes))) => client.ping(&bytes).await,
+                    Some(Ok(Up::Pong(bytes))) => client.pong(&bytes).await,
+                    Some(Ok(Up::Close(frame))) => {
+                        let reason = frame.map(|f| actix_ws::CloseReason {
+                            code: u16::from(f.code).into(),
+                            description: Some(f.reason.as_str().to_owned()).filter(|d| !d.is_empty()),
+                        });
+                        let _ = client.close(reason).await;
+                        return;
+                    }
+                    Some(Ok(Up::Frame(_))) => continue,
+                    Some(Err(_)) | None => {
+                        let _ = client.close(Some(restarting())).await;
+                        return;
+                    }
+                };
+                if sent.is_err() {
+                    let _ = to_owner.send(Up::Close(None)).await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn restarting() -> actix_ws::CloseReason {
+    actix_ws::CloseReason {
+        code: actix_ws::CloseCode::Restart,
+        description: Some("dispatch is moving to another node; reconnect".to_owned()),
+    }
+}

@@ -1,0 +1,406 @@
+//! Cluster membership and shard leases (PostgreSQL only; see `docs/architecture.md`,
+//! "Running as a cluster").
+//!
+//! Every time here is the database's clock (`clock_timestamp()`), so nodes with skewed clocks
+//! still agree on who holds a lease. The fencing itself is in the database: a connection opened
+//! for a shard's owner carries `shers.fence = '<shard>@<epoch>'` ([`fenced_url`]) and the
+//! `shers_fence` trigger on every table refuses its writes once the lease moved on.
+
+use chrono::{DateTime, Utc};
+use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz};
+use diesel_async::RunQueryDsl;
+
+use super::{DbConn, StoreError};
+use crate::db_run;
+
+/// The shard that owns a region's dispatch (one region for now).
+pub const DISPATCH_SHARD: &str = "dispatch/default";
+
+/// The prefix of `application_name` on fenced connections, so a new owner can find and end the
+/// old owner's sessions.
+const FENCED_APP: &str = "shers-fence:";
+
+/// A lease this node just took.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acquired {
+    /// The new fencing epoch.
+    pub epoch: i64,
+    /// The previous holder, if any.
+    pub from: Option<String>,
+    /// `first`, `released` or `expired`.
+    pub reason: &'static str,
+}
+
+/// Who holds a shard now.
+#[derive(Debug, Clone, PartialEq, Eq, diesel::QueryableByName)]
+pub struct Owner {
+    /// The holder's node id.
+    #[diesel(sql_type = Text)]
+    pub node_id: String,
+    /// Its internal base URL.
+    #[diesel(sql_type = Text)]
+    pub address: String,
+    /// The lease's epoch.
+    #[diesel(sql_type = BigInt)]
+    pub epoch: i64,
+}
+
+/// A member as listed by `/admin/cluster`.
+#[derive(Debug, Clone, serde::Serialize, diesel::QueryableByName)]
+pub struct NodeRow {
+    /// Node id.
+    #[diesel(sql_type = Text)]
+    pub node_id: String,
+    /// Internal base URL.
+    #[diesel(sql_type = Text)]
+    pub address: String,
+    /// Build version.
+    #[diesel(sql_type = Text)]
+    pub version: String,
+    /// When it joined.
+    #[diesel(sql_type = Timestamptz)]
+    pub started_at: DateTime<Utc>,
+    /// Its last heartbeat.
+    #[diesel(sql_type = Timestamptz)]
+    pub heartbeat_at: DateTime<Utc>,
+    /// When it left gracefully, if it did.
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    pub left_at: Option<DateTime<Utc>>,
+}
+
+/// A shard lease as listed by `/admin/cluster`.
+#[derive(Debug, Clone, serde::Serialize, diesel::QueryableByName)]
+pub struct LeaseRow {
+    /// Shard name.
+    #[diesel(sql_type = Text)]
+    pub shard: String,
+    /// Holder (also kept after a release or expiry, for the record).
+    #[diesel(sql_type = Nullable<Text>)]
+    pub holder: Option<String>,
+    /// Fencing epoch.
+    #[diesel(sql_type = BigInt)]
+    pub epoch: i64,
+    /// When the lease runs out unless renewed.
+    #[diesel(sql_type = Timestamptz)]
+    pub expires_at: DateTime<Utc>,
+    /// When the holder took it.
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    pub acquired_at: Option<DateTime<Utc>>,
+    /// When the holder gave it up, if it did.
+    #[diesel(sql_type = Nullable<Timestamptz>)]
+    pub released_at: Option<DateTime<Utc>>,
+    /// Whether it is held right now (not released, not expired).
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    pub live: bool,
+}
+
+/// A change of shard holder.
+#[derive(Debug, Clone, serde::Serialize, diesel::QueryableByName)]
+pub struct HandoverRow {
+    /// Shard name.
+    #[diesel(sql_type = Text)]
+    pub shard: String,
+    /// Previous holder.
+    #[diesel(sql_type = Nullable<Text>)]
+    pub from_node: Option<String>,
+    /// New holder.
+    #[diesel(sql_type = Text)]
+    pub to_node: String,
+    /// The new epoch.
+    #[diesel(sql_type = BigInt)]
+    pub epoch: i64,
+    /// `first`, `released` or `expired`.
+    #[diesel(sql_type = Text)]
+    pub reason: String,
+    /// When.
+    #[diesel(sql_type = Timestamptz)]
+    pub at: DateTime<Utc>,
+}
+
+#[derive(diesel::QueryableByName)]
+struct Previous {
+    #[diesel(sql_type = Nullable<Text>)]
+    holder: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    released: bool,
+    #[diesel(sql_type = diesel::sql_types::Bool)]
+    free: bool,
+}
+
+#[derive(diesel::QueryableByName)]
+struct Epoch {
+    #[diesel(sql_type = BigInt)]
+    epoch: i64,
+}
+
+fn postgres_only() -> StoreError {
+    StoreError::Unavailable("running as a cluster needs PostgreSQL".into())
+}
+
+/// Records this node as a member (again, after a restart under the same id).
+pub async fn join(
+    conn: &mut DbConn,
+    node_id: &str,
+    address: &str,
+    version: &str,
+) -> Result<(), StoreError> {
+    let q = diesel::sql_query(
+        "INSERT INTO cluster_nodes (node_id, address, version, started_at, heartbeat_at) \
+         VALUES ($1, $2, $3, clock_timestamp(), clock_timestamp()) \
+         ON CONFLICT (node_id) DO UPDATE SET address = EXCLUDED.address, \
+           version = EXCLUDED.version, started_at = EXCLUDED.started_at, \
+           heartbeat_at = EXCLUDED.heartbeat_at, left_at = NULL",
+    )
+    .bind::<Text, _>(node_id)
+    .bind::<Text, _>(address)
+    .bind::<Text, _>(version);
+    db_run!(conn, |_c| { Err(postgres_only()) } else |c| {
+        q.execute(c).await?;
+        Ok(())
+    })
+}
+
+/// Refreshes this node's heartbeat.
+pub async fn heartbeat(conn: &mut DbConn, node_id: &str) -> Result<(), StoreError> {
+    let q = diesel::sql_query(
+        "UPDATE cluster_nodes SET heartbeat_at = clock_timestamp(), left_at = NULL \
+         WHERE node_id = $1",
+    )
+    .bind::<Text, _>(node_id);
+    db_run!(conn, |_c| { Err(postgres_only()) } else |c| {
+        q.execute(c).await?;
+        Ok(())
+    })
+}
+
+/// Marks this node as gone (graceful stop).
+pub async fn leave(conn: &mut DbConn, node_id: &str) -> Result<(), StoreError> {
+    let q = diesel::sql_query(
+        "UPDATE cluster_nodes SET left_at = clock_timestamp() WHERE node_id = $1",
+    )
+    .bind::<Text, _>(node_id);
+    db_run!(conn, |_c| { Err(postgres_only()) } else |c| {
+        q.execute(c).await?;
+        Ok(())
+    })
+}
+
+/// Takes `shard` for `node_id` if nobody holds it (never held, released or expired), bumping
+/// its epoch and recording the handover, all in one transaction. `None` when it is held.
+pub async fn try_acquire(
+    conn: &mut DbConn,
+    shard: &str,
+    node_id: &str,
+    lease_ms: i64,
+) -> Result<Option<Acquired>, StoreError> {
+    let shard = shard.to_owned();
+    let node_id = node_id.to_owned();
+    conn.write_transaction(async |conn| {
+        let ensure = diesel::sql_query(
+            "INSERT INTO shard_leases (shard, holder, epoch, expires_at) \
+             VALUES ($1, NULL, 0, '-infinity') ON CONFLICT (shard) DO NOTHING",
+        )
+        .bind::<Text, _>(&shard);
+        let prev_q = diesel::sql_query(
+            "SELECT holder, released_at IS NOT NULL AS released, \
+               (holder IS NULL OR released_at IS NOT NULL OR expires_at <= clock_timestamp()) AS free \
+             FROM shard_leases WHERE shard = $1 FOR UPDATE",
+        )
+        .bind::<Text, _>(&shard);
+        let take = diesel::sql_query(
+            "UPDATE shard_leases SET holder = $2, epoch = epoch + 1, \
+               expires_at = clock_timestamp() + $3 * interval '1 millisecond', \
+               acquired_at = clock_timestamp(), released_at = NULL \
+             WHERE shard = $1 RETURNING epoch",
+        )
+        .bind::<Text, _>(&shard)
+        .bind::<Text, _>(&node_id)
+        .bind::<BigInt, _>(lease_ms);
+        let (prev, epoch): (Previous, Option<i64>) =
+            db_run!(conn, |_c| { Err(postgres_only()) } else |c| {
+                ensure.execute(c).await?;
+                let prev: Previous = prev_q.get_result(c).await?;
+                if !prev.free {
+                    return Ok(None);
+                }
+                let e: Epoch = take.get_result(c).await?;
+                Ok::<_, StoreError>((prev, Some(e.epoch)))
+            })?;
+        let Some(epoch) = epoch else {
+            return Ok(None);
+        };
+        let reason = match (&prev.holder, prev.released) {
+            (None, _) => "first",
+            (Some(_), true) => "released",
+            (Some(_), false) => "expired",
+        };
+        let record = diesel::sql_query(
+            "INSERT INTO shard_handovers (shard, from_node, to_node, epoch, reason, at) \
+             VALUES ($1, $2, $3, $4, $5, clock_timestamp())",
+        )
+        .bind::<Text, _>(&shard)
+        .bind::<Nullable<Text>, _>(prev.holder.as_deref())
+        .bind::<Text, _>(&node_id)
+        .bind::<BigInt, _>(epoch)
+        .bind::<Text, _>(reason);
+        db_run!(conn, |_c| { Err(postgres_only()) } else |c| {
+            record.execute(c).await?;
+            Ok::<_, StoreError>(())
+        })?;
+        Ok(Some(Acquired {
+            epoch,
+            from: prev.holder,
+            reason,
+        }))
+    })
+    .await
+}
+
+/// Extends the lease `node_id` holds at `epoch`; `false` when it no longer holds it (taken over
+/// or released), whatever the expiry.
+pub async fn renew(
+    conn: &mut DbConn,
+    shard: &str,
+    node_id: &str,
+    epoch: i64,
+    lease_ms: i64,
+) -> Result<bool, StoreError> {
+    let q = diesel::sql_query(
+        "UPDATE shard_leases SET expires_at = clock_timestamp() + $4 * interval '1 millisecond' \
+         WHERE shard = $1 AND holder = $2 AND epoch = $3 AND released_at IS NULL",
+    )
+    .bind::<Text, _>(shard)
+    .bind::<Text, _>(node_id)
+    .bind::<BigInt, _>(epoch)
+    .bind::<BigInt, _>(lease_ms);
+    db_run!(conn, |_c| { Err(postgres_only()) } else |c| {
+        Ok(q.execute(c).await? == 1)
+    })
+}
+
+/// Gives the lease up at once (graceful stop), so another node takes it without waiting for
+/// expiry. From here on the fence refuses writes made at `epoch`.
+pub async fn release(
+    conn: &mut DbConn,
+    shard: &str,
+    node_id: &str,
+    epoch: i64,
+) -> Result<bool, StoreError> {
+    let q = diesel::sql_query(
+        "UPDATE shard_leases SET released_at = clock_timestamp(), expires_at = clock_timestamp() \
+         WHERE shard = $1 AND holder = $2 AND epoch = $3 AND released_at IS NULL",
+    )
+    .bind::<Text, _>(shard)
+    .bind::<Text, _>(node_id)
+    .bind::<BigInt, _>(epoch);
+    db_run!(conn, |_c| { Err(postgres_only()) } else |c| {
+        Ok(q.execute(c).await? == 1)
+    })
+}
+
+/// Ends every database session opened for `shard` at an epoch other than `epoch`: their open
+/// transactions roll back, so nothing the previous holder started commits after the new owner
+/// began recovering. Returns how many sessions were ended.
+pub async fn end_stale_sessions(
+    conn: &mut DbConn,
+    shard: &str,
+    epoch: i64,
+) -> Result<usize, StoreError> {
+    let q = diesel::sql_query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name LIKE $1 \
+           AND application_name <> $2",
+    )
+    .bind::<Text, _>(format!("{FENCED_APP}{shard}@%"))
+    .bind::<Text, _>(application_name(shard, epoch));
+    db_run!(conn, |_c| { Err(postgres_only()) } else |c| {
+        Ok(q.execute(c).await?)
+    })
+}
+
+/// The live holder of `shard` and where to reach it, if any.
+pub async fn owner(conn: &mut DbConn, shard: &str) -> Result<Option<Owner>, StoreError> {
+    let q = diesel::sql_query(
+        "SELECT l.holder AS node_id, n.address, l.epoch FROM shard_leases l \
+         JOIN cluster_nodes n ON n.node_id = l.holder \
+         WHERE l.shard = $1 AND l.released_at IS NULL AND l.expires_at > clock_timestamp()",
+    )
+    .bind::<Text, _>(shard);
+    db_run!(conn, |_c| { Err(postgres_only()) } else |c| {
+        use diesel::OptionalExtension as _;
+        Ok(q.get_result::<Owner>(c).await.optional()?)
+    })
+}
+
+/// Members (heard from in the last `recent_s` seconds, or still not marked as left), leases
+/// and the last `handovers` handovers, for `/admin/cluster`.
+pub async fn overview(
+    conn: &mut DbConn,
+    handovers: i64,
+) -> Result<(Vec<NodeRow>, Vec<LeaseRow>, Vec<HandoverRow>), StoreError> {
+    let nodes = diesel::sql_query(
+        "SELECT node_id, address, version, started_at, heartbeat_at, left_at FROM cluster_nodes \
+         WHERE left_at IS NULL OR left_at > clock_timestamp() - interval '1 hour' \
+         ORDER BY node_id",
+    );
+    let leases = diesel::sql_query(
+        "SELECT shard, holder, epoch, expires_at, acquired_at, released_at, \
+           (holder IS NOT NULL AND released_at IS NULL AND expires_at > clock_timestamp()) AS live \
+         FROM shard_leases ORDER BY shard",
+    );
+    let recent = diesel::sql_query(
+        "SELECT shard, from_node, to_node, epoch, reason, at FROM shard_handovers \
+         ORDER BY id DESC LIMIT $1",
+    )
+    .bind::<BigInt, _>(handovers);
+    db_run!(conn, |_c| { Err(postgres_only()) } else |c| {
+        Ok((nodes.load(c).await?, leases.load(c).await?, recent.load(c).await?))
+    })
+}
+
+/// The `application_name` of connections fenced at `shard@epoch`.
+fn application_name(shard: &str, epoch: i64) -> String {
+    format!("{FENCED_APP}{shard}@{epoch}")
+}
+
+/// `url` with the startup options that fence every connection opened from it at
+/// `shard@epoch` (and name it, so [`end_stale_sessions`] finds it).
+pub fn fenced_url(url: &str, shard: &str, epoch: i64) -> String {
+    let options = format!("-c shers.fence={shard}@{epoch}");
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!(
+        "{url}{sep}application_name={}&options={}",
+        percent_encode(&application_name(shard, epoch)),
+        percent_encode(&options)
+    )
+}
+
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 2);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fenced_urls_carry_the_fence_as_a_startup_option() {
+        assert_eq!(
+            fenced_url("postgres://u@h/db", "dispatch/default", 7),
+            "postgres://u@h/db?application_name=shers-fence%3Adispatch%2Fdefault%407\
+             &options=-c%20shers.fence%3Ddispatch%2Fdefault%407"
+        );
+        assert!(
+            fenced_url("postgres://u@h/db?sslmode=disable", "s", 1)
+                .contains("disable&application_name=")
+        );
+    }
+}

@@ -1,0 +1,835 @@
+//! Running as a cluster: three real `shers serve` processes on loopback sharing one PostgreSQL
+//! database and one Redis, killed with SIGKILL, paused with SIGSTOP and stopped with SIGTERM.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use shers::domain::auth::Role;
+use shers::domain::ids::UnitId;
+use shers::persistence::{Backend, Db, tokens};
+
+use crate::helpers::{TestDb, api, postgres_available};
+
+/// A short lease keeps the failover tests quick; the default is 3 s.
+const LEASE_MS: u64 = 1_500;
+
+const SCENE: (f64, f64) = (51.5000, -0.1200);
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn redis_url() -> Option<String> {
+    match std::env::var("SHERS_TEST_REDIS_URL") {
+        Ok(url) => Some(url),
+        Err(_) => {
+            let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+            assert!(!ci, "CI=true and SHERS_TEST_REDIS_URL is unset");
+            eprintln!("SKIPPED: cluster test, no Redis (run scripts/test.sh)");
+            None
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Node {
+    id: String,
+    port: u16,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+/// Three (or more) nodes on one fresh PostgreSQL database and the test Redis.
+struct Cluster {
+    db_guard: TestDb,
+    db: Db,
+    redis: String,
+    dir: tempfile::TempDir,
+    nodes: Vec<Node>,
+    client: reqwest::Client,
+    admin: String,
+    console: String,
+    gateway: String,
+    restarts: usize,
+    env: Vec<(&'static str, &'static str)>,
+}
+
+impl Cluster {
+    /// `None` when PostgreSQL or Redis is unavailable outside CI.
+    async fn start(nodes: usize) -> Option<Self> {
+        Self::start_with(nodes, Vec::new()).await
+    }
+
+    /// Like [`Cluster::start`], with extra settings for every node.
+    async fn start_with(nodes: usize, env: Vec<(&'static str, &'static str)>) -> Option<Self> {
+        if !postgres_available().await {
+            return None;
+        }
+        let redis = redis_url()?;
+        let db_guard = TestDb::new(Backend::Postgres).await;
+        let db = db_guard.migrated().await;
+        let mut conn = db.conn().await.unwrap();
+        let mut token = async |role| {
+            tokens::create(
+                &mut conn,
+                role,
+                None,
+                None,
+                "cluster test",
+                chrono::Utc::now(),
+            )
+            .await
+            .unwrap()
+            .token
+        };
+        let (admin, console, gateway) = (
+            token(Role::Admin).await,
+            token(Role::Console).await,
+            token(Role::Gateway).await,
+        );
+        let mut cluster = Self {
+            db_guard,
+            db,
+            redis,
+            dir: tempfile::tempdir().unwrap(),
+            nodes: Vec::new(),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap(),
+            admin,
+            console,
+            gateway,
+            restarts: 0,
+            env,
+        };
+        for i in 0..nodes {
+            let node = cluster.spawn(&format!("n{}", i + 1), free_port());
+            cluster.nodes.push(node);
+        }
+        cluster.wait_owner(None, Duration::from_secs(30)).await;
+        Some(cluster)
+    }
+
+    fn spawn(&mut self, id: &str, port: u16) -> Node {
+        let log = self.dir.path().join(format!("{id}-{}.log", self.restarts));
+        self.restarts += 1;
+        let file = std::fs::File::create(&log).unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_shers"));
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("SHERS_") || key == "DATABASE_URL" || key == "REDIS_URL" {
+                command.env_remove(key.as_ref());
+            }
+        }
+        command
+            .args(["serve", "--bind", &format!("127.0.0.1:{port}")])
+            .env("DATABASE_URL", &self.db_guard.url)
+            .env("REDIS_URL", &self.redis)
+            .env("SHERS_CLUSTER__NODE_ID", id)
+            .env("SHERS_CLUSTER__LEASE_MS", LEASE_MS.to_string())
+            .env("SHERS_PAYMENTS__PROVIDER", "sandbox")
+            .env("SHERS_HTTP__WORKERS", "2")
+            .env("RUST_LOG", "info,shers::access=warn")
+            .envs(self.env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file);
+        Node {
+            id: id.to_owned(),
+            port,
+            child: Some(command.spawn().unwrap()),
+            log,
+        }
+    }
+
+    fn url(&self, node: usize, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.nodes[node].port)
+    }
+
+    fn ws_url(&self, node: usize, path_and_query: &str) -> String {
+        format!("ws://127.0.0.1:{}{path_and_query}", self.nodes[node].port)
+    }
+
+    fn index_of(&self, id: &str) -> usize {
+        self.nodes.iter().position(|n| n.id == id).unwrap()
+    }
+
+    /// The last lines of every node's log, for failure messages.
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        for node in &self.nodes {
+            let text = std::fs::read_to_string(&node.log).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("--- {} ---\n", node.id));
+            out.push_str(&lines[lines.len().saturating_sub(25)..].join("\n"));
+            out.push('\n');
+        }
+        out
+    }
+
+    /// `GET /admin/cluster` on `node`.
+    async fn overview(&self, node: usize) -> Option<Value> {
+        let resp = self
+            .client
+            .get(self.url(node, "/admin/cluster"))
+            .bearer_auth(&self.admin)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()?;
+        (resp.status() == 200).then_some(())?;
+        resp.json().await.ok()
+    }
+
+    /// Waits until a live node other than `not` holds the dispatch shard and answers through
+    /// every live front; returns its index.
+    async fn wait_owner(&self, not: Option<usize>, limit: Duration) -> usize {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            for i in 0..self.nodes.len() {
+                if self.nodes[i].child.is_none() || Some(i) == not {
+                    continue;
+                }
+                let Some(view) = self.overview(i).await else {
+                    continue;
+                };
+                let holder = view["shards"]
+                    .as_array()
+                    .and_then(|s| s.iter().find(|l| l["live"] == true))
+                    .and_then(|l| l["holder"].as_str())
+                    .map(str::to_owned);
+                if let Some(holder) = holder {
+                    let owner = self.index_of(&holder);
+                    if Some(owner) != not && self.all_answer(not).await {
+                        return owner;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "no node took the dispatch shard in {limit:?}\n{}",
+            self.logs()
+        );
+    }
+
+    /// Every live front but `not` answers a forwarded request.
+    async fn all_answer(&self, not: Option<usize>) -> bool {
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].child.is_none() || Some(i) == not {
+                continue;
+            }
+            let ok = self
+                .client
+                .get(self.url(i, api::UNITS))
+                .bearer_auth(&self.console)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            if !ok {
+                return false;
+            }
+        }
+        true
+    }
+
+    fn signal(&self, node: usize, signal: &str) {
+        let pid = self.nodes[node].child.as_ref().unwrap().id();
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} {pid}");
+    }
+
+    fn kill9(&mut self, node: usize) {
+        self.signal(node, "-KILL");
+        let mut child = self.nodes[node].child.take().unwrap();
+        let _ = child.wait();
+    }
+
+    /// Waits up to `limit` for `node` to exit; its exit code.
+    fn wait_exit(&mut self, node: usize, limit: Duration) -> Option<i32> {
+        let started = Instant::now();
+        let child = self.nodes[node].child.as_mut().unwrap();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.nodes[node].child = None;
+                return status.code();
+            }
+            if started.elapsed() > limit {
+                panic!("node {node} still running after {limit:?}\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts `node` again on its port, under its id.
+    fn restart(&mut self, node: usize) {
+        let (id, port) = (self.nodes[node].id.clone(), self.nodes[node].port);
+        let fresh = self.spawn(&id, port);
+        self.nodes[node] = fresh;
+    }
+
+    async fn crew_token(&self, unit: &str) -> String {
+        let mut conn = self.db.conn().await.unwrap();
+        tokens::create(
+            &mut conn,
+            Role::Crew,
+            Some(&UnitId::from(unit)),
+            None,
+            "crew",
+            chrono::Utc::now(),
+        )
+        .await
+        .unwrap()
+        .token
+    }
+
+    /// POST with retries on 503 after `Retry-After` (as clients are told to).
+    async fn post(&self, node: usize, path: &str, token: &str, body: &Value) -> reqwest::Response {
+        self.send_retrying(reqwest::Method::POST, node, path, token, Some(body))
+            .await
+    }
+
+    /// POST without a body, retrying on 503.
+    async fn post_empty(&self, node: usize, path: &str, token: &str) -> reqwest::Response {
+        self.send_retrying(reqwest::Method::POST, node, path, token, None)
+            .await
+    }
+
+    /// GET, retrying on 503.
+    async fn get(&self, node: usize, path: &str, token: &str) -> reqwest::Response {
+        self.send_retrying(reqwest::Method::GET, node, path, token, None)
+            .await
+    }
+
+    async fn send_retrying(
+        &self,
+        method: reqwest::Method,
+        node: usize,
+        path: &str,
+        token: &str,
+        body: Option<&Value>,
+    ) -> reqwest::Response {
+        let (started, limit) = (Instant::now(), Duration::from_secs(20));
+        loop {
+            let mut request = self.client.request(method.clone(), self.url(node, path));
+            if let Some(body) = body {
+                request = request.json(body);
+            }
+            let resp = request.bearer_auth(token).send().await.unwrap();
+            if resp.status() != StatusCode::SERVICE_UNAVAILABLE || started.elapsed() > limit {
+                return resp;
+            }
+            let wait = resp
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<u64>().ok())
+                .expect("a 503 says when to retry");
+            tokio::time::sleep(Duration::from_millis(wait * 200)).await;
+        }
+    }
+
+    async fn add_unit(&self, node: usize, id: &str, lat: f64) {
+        let resp = self
+            .post(
+                node,
+                api::UNITS,
+                &self.admin,
+                &json!({"id": id, "call_sign": id, "capability": "als",
+                        "location": {"lat": lat, "lng": SCENE.1}}),
+            )
+            .await;
+        assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+    }
+
+    async fn register_wearer(&self, node: usize, patient: &str, device: &str) {
+        let resp = self
+            .post(
+                node,
+                api::PATIENTS,
+                &self.admin,
+                &json!({"id": patient, "name": "Cluster Patient",
+                        "next_of_kin": [{"name": "Kin", "phone": "+447700900123"}]}),
+            )
+            .await;
+        assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+        let resp = self
+            .post(
+                node,
+                api::DEVICES,
+                &self.admin,
+                &json!({"id": device, "patient_id": patient, "model": "watch"}),
+            )
+            .await;
+        assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+    }
+
+    /// Posts an emergency reading for `device` on `node`; the incident id it opened.
+    async fn emergency(&self, node: usize, device: &str) -> String {
+        let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let resp = self
+            .post(
+                node,
+                api::VITALS,
+                &self.gateway,
+                &json!({"device_id": device, "timestamp": at, "heart_rate_bpm": 165,
+                        "spo2_pct": 86, "location": {"lat": SCENE.0, "lng": SCENE.1}}),
+            )
+            .await;
+        assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+        let answer: Value = resp.json().await.unwrap();
+        answer["results"][0]["incident_id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no incident: {answer}"))
+            .to_owned()
+    }
+
+    async fn incident(&self, node: usize, id: &str) -> Value {
+        self.get(node, &api::incident(id), &self.console)
+            .await
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// Every stored event of `kind`, straight from the database.
+    async fn events_of(&self, kind: &str) -> Vec<shers::domain::events::RecordedEvent> {
+        let mut conn = self.db.conn().await.unwrap();
+        shers::persistence::events::read_since(&mut conn, 0, 100_000)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == kind)
+            .collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+async fn next_json(socket: &mut Socket, within: Duration) -> Value {
+    loop {
+        let frame = tokio::time::timeout(within, socket.next())
+            .await
+            .expect("a frame in time")
+            .expect("the socket is open")
+            .expect("a good frame");
+        match frame {
+            tokio_tungstenite::tungstenite::Message::Text(t) => {
+                return serde_json::from_str(&t).unwrap();
+            }
+            tokio_tungstenite::tungstenite::Message::Ping(_) => continue,
+            other => panic!("unexpected frame {other:?}"),
+        }
+    }
+}
+
+/// A unit registered through node 1 is offered an emergency posted on node 2 while its crew
+/// is connected to node 3; its accept, sent to node 1, wins; every node shows the same.
+#[actix_web::test]
+async fn every_node_accepts_every_request() {
+    let Some(cluster) = Cluster::start(3).await else {
+        return;
+    };
+    cluster.add_unit(0, "C-1", SCENE.0 + 0.002).await;
+    let crew = cluster.crew_token("C-1").await;
+    let (mut socket, _) = tokio_tungstenite::connect_async(
+        cluster.ws_url(2, &format!("{}?access_token={crew}", api::WS_CREW)),
+    )
+    .await
+    .unwrap();
+    cluster.register_wearer(1, "cp-1", "cw-1").await;
+    let incident = cluster.emergency(1, "cw-1").await;
+    let offer = next_json(&mut socket, Duration::from_secs(5)).await;
+    assert_eq!(offer["type"], "offer", "{offer}");
+    assert_eq!(offer["incident_id"], incident.as_str());
+
+    let resp = cluster
+        .post_empty(
+            0,
+            &api::accept_offer(offer["offer_id"].as_str().unwrap()),
+            &crew,
+        )
+        .await;
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    for node in 0..3 {
+        let seen = cluster.incident(node, &incident).await;
+        assert_eq!(seen["assigned_unit_id"], "C-1", "node {node}: {seen}");
+        let units: Value = cluster
+            .get(node, api::UNITS, &cluster.console)
+            .await
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(units["items"].as_array().unwrap().len(), 1, "node {node}");
+    }
+    // The crew hears of the assignment on its own node.
+    let mut assigned = false;
+    for _ in 0..4 {
+        if next_json(&mut socket, Duration::from_secs(5)).await["type"] == "assigned" {
+            assigned = true;
+            break;
+        }
+    }
+    assert!(assigned);
+
+    // Unauthenticated or wrong-role requests are refused as on one node, through any front.
+    let resp = cluster
+        .client
+        .get(cluster.url(1, api::UNITS))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    let resp = cluster
+        .client
+        .get(cluster.url(2, "/admin/cluster"))
+        .bearer_auth(&cluster.console)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 403);
+
+    let view = cluster.overview(2).await.unwrap();
+    let nodes = view["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3, "{view}");
+    assert!(nodes.iter().all(|n| n["alive"] == true), "{view}");
+    let holders: Vec<&Value> = nodes
+        .iter()
+        .filter(|n| !n["shards"].as_array().unwrap().is_empty())
+        .collect();
+    assert_eq!(holders.len(), 1, "exactly one node holds dispatch: {view}");
+    assert_eq!(holders[0]["shards"][0]["shard"], "dispatch/default");
+    assert!(holders[0]["shards"][0]["epoch"].as_i64().unwrap() >= 1);
+    for node in 0..3 {
+        let ready: Value = cluster
+            .client
+            .get(cluster.url(node, api::READYZ))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(ready["status"], "ready", "{ready}");
+    }
+}
+
+/// kill -9 of the node holding dispatch while emergencies stream in through the other fronts:
+/// every acknowledged reading ends with an offered incident, the one posted during the outage
+/// within lease expiry plus recovery, and no unit ever holds two incidents.
+#[actix_web::test]
+async fn killing_the_dispatch_owner_loses_no_emergency() {
+    // One unit per offer round, so eight units serve eight emergencies.
+    let Some(mut cluster) =
+        Cluster::start_with(3, vec![("SHERS_DISPATCH__OFFERS_PER_ROUND", "1")]).await
+    else {
+        return;
+    };
+    let owner = cluster.wait_owner(None, Duration::from_secs(10)).await;
+    let front = (owner + 1) % 3;
+    for u in 0..8 {
+        cluster
+            .add_unit(front, &format!("K-{u}"), SCENE.0 + 0.001 * f64::from(u + 1))
+            .await;
+    }
+    for p in 0..8 {
+        cluster
+            .register_wearer(front, &format!("kp-{p}"), &format!("kw-{p}"))
+            .await;
+    }
+    let mut incidents = Vec::new();
+    for p in 0..3 {
+        incidents.push(cluster.emergency(front, &format!("kw-{p}")).await);
+    }
+    cluster.kill9(owner);
+    let killed = Instant::now();
+    // Posted during the outage, to a surviving front: answered once a new owner serves.
+    let during = cluster.emergency(front, "kw-3").await;
+    incidents.push(during.clone());
+    let (mut offered_after, mut seen) = (None, Value::Null);
+    while killed.elapsed() < Duration::from_secs(15) {
+        seen = cluster.incident(front, &during).await;
+        if seen["offers"].as_array().is_some_and(|o| !o.is_empty()) {
+            offered_after = Some(killed.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let offered_after =
+        offered_after.unwrap_or_else(|| panic!("never offered: {seen}\n{}", cluster.logs()));
+    eprintln!("kill -9 to the first offer of an emergency posted meanwhile: {offered_after:?}");
+    assert!(
+        offered_after < Duration::from_millis(LEASE_MS) + Duration::from_secs(5),
+        "offered after {offered_after:?}"
+    );
+    for p in 4..8 {
+        let other = (front + p) % 3;
+        let node = if other == owner { front } else { other };
+        incidents.push(cluster.emergency(node, &format!("kw-{p}")).await);
+    }
+    for id in &incidents {
+        let started = Instant::now();
+        loop {
+            let seen = cluster.incident(front, id).await;
+            if seen["offers"].as_array().is_some_and(|o| !o.is_empty()) {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{id} never offered: {seen}\n{}",
+                cluster.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // One incident per wearer, and no unit holds two incidents.
+    assert_eq!(cluster.events_of("incident.created").await.len(), 8);
+    let units: Value = cluster
+        .get(front, api::UNITS, &cluster.console)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let mut held = std::collections::HashSet::new();
+    for unit in units["items"].as_array().unwrap() {
+        if let Some(incident) = unit["incident_id"].as_str() {
+            assert!(held.insert(incident.to_owned()), "two units on {incident}");
+        }
+    }
+}
+
+/// A node paused (SIGSTOP) past its lease loses dispatch to another node; when it wakes up
+/// (SIGCONT) it writes nothing and exits for its supervisor to restart it as a standby.
+#[actix_web::test]
+async fn a_paused_owner_writes_nothing_after_it_wakes_up() {
+    // The offer expires while the owner is paused: on waking, its timer tries to write.
+    let Some(mut cluster) =
+        Cluster::start_with(3, vec![("SHERS_DISPATCH__OFFER_TTL_S", "2")]).await
+    else {
+        return;
+    };
+    let owner = cluster.wait_owner(None, Duration::from_secs(10)).await;
+    let front = (owner + 1) % 3;
+    cluster.add_unit(front, "P-1", SCENE.0 + 0.001).await;
+    cluster.register_wearer(front, "pp-1", "pw-1").await;
+    // An offer whose expiry timer is due while the owner is paused.
+    let incident = cluster.emergency(front, "pw-1").await;
+    let events_before = cluster.events_of("dispatch.offered").await.len();
+    assert_eq!(events_before, 1);
+    cluster.signal(owner, "-STOP");
+    let successor = cluster
+        .wait_owner(
+            Some(owner),
+            Duration::from_millis(LEASE_MS) + Duration::from_secs(10),
+        )
+        .await;
+    assert_ne!(successor, owner);
+    let stored = cluster.incident(front, &incident).await;
+    assert!(
+        stored["offers"].as_array().is_some_and(|o| !o.is_empty()),
+        "{stored}"
+    );
+    // The new owner expires the offer; the paused one's timer for it is overdue by now.
+    let started = Instant::now();
+    while cluster.events_of("dispatch.offer_expired").await.is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the new owner never expired the offer\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (seq_before, epoch) = {
+        let mut conn = cluster.db.conn().await.unwrap();
+        let all = shers::persistence::events::read_since(&mut conn, 0, 100_000)
+            .await
+            .unwrap();
+        let view = cluster.overview(front).await.unwrap();
+        (
+            all.last().map_or(0, |e| e.seq),
+            view["shards"][0]["epoch"].as_i64().unwrap(),
+        )
+    };
+    cluster.signal(owner, "-CONT");
+    let code = cluster.wait_exit(owner, Duration::from_secs(5));
+    assert_eq!(
+        code,
+        Some(shers::cluster::LOST_LEASE_EXIT),
+        "{}",
+        cluster.logs()
+    );
+    // Whatever was written since came from the new owner: the lease never moved back.
+    let view = cluster.overview(front).await.unwrap();
+    assert_eq!(
+        view["shards"][0]["epoch"].as_i64().unwrap(),
+        epoch,
+        "{view}"
+    );
+    let log = std::fs::read_to_string(&cluster.nodes[owner].log).unwrap();
+    assert!(log.contains("lost the dispatch shard's lease"), "{log}");
+
+    let mut conn = cluster.db.conn().await.unwrap();
+    let after = shers::persistence::events::read_since(&mut conn, seq_before, 100_000)
+        .await
+        .unwrap();
+    drop(conn);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    eprintln!(
+        "{} events written after the pause, all by the new owner",
+        after.len()
+    );
+    // The expiry was recorded once, by the new owner: the woken node's attempt was refused.
+    let expired = cluster.events_of("dispatch.offer_expired").await;
+    let mut offers = std::collections::HashSet::new();
+    for e in &expired {
+        assert!(
+            offers.insert(e.data["offer_id"].to_string()),
+            "an offer expired twice: {expired:?}"
+        );
+    }
+    // The node restarts as a standby and the cluster goes on.
+    cluster.restart(owner);
+    let now = cluster.wait_owner(None, Duration::from_secs(10)).await;
+    assert_eq!(now, successor);
+}
+
+/// A connection fenced at an epoch the lease has moved past cannot write, even inside a
+/// transaction it began before the takeover (the fence is the database's, not the node's).
+#[actix_web::test]
+async fn a_write_fenced_at_a_stale_epoch_is_refused() {
+    if !postgres_available().await {
+        return;
+    }
+    use shers::persistence::cluster::{self as lease, DISPATCH_SHARD, fenced_url};
+    let guard = TestDb::new(Backend::Postgres).await;
+    let db = guard.migrated().await;
+    let mut conn = db.conn().await.unwrap();
+    let first = lease::try_acquire(&mut conn, DISPATCH_SHARD, "a", 60_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((first.epoch, first.reason), (1, "first"));
+    assert!(
+        lease::try_acquire(&mut conn, DISPATCH_SHARD, "b", 60_000)
+            .await
+            .unwrap()
+            .is_none(),
+        "a live lease is not taken"
+    );
+    let mut settings = guard.settings();
+    settings.url = shers::config::Secret::new(fenced_url(&guard.url, DISPATCH_SHARD, 1));
+    let fenced = Db::connect(&settings).await.unwrap();
+    let mut writer = fenced.conn().await.unwrap();
+    let now = chrono::Utc::now();
+    tokens::create(&mut writer, Role::Admin, None, None, "before", now)
+        .await
+        .expect("the holder writes");
+    // "a" releases; "b" takes over at epoch 2.
+    assert!(
+        lease::release(&mut conn, DISPATCH_SHARD, "a", 1)
+            .await
+            .unwrap()
+    );
+    let second = lease::try_acquire(&mut conn, DISPATCH_SHARD, "b", 60_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((second.epoch, second.reason), (2, "released"));
+    let refused = tokens::create(&mut writer, Role::Admin, None, None, "after", now).await;
+    let Err(error) = refused else {
+        panic!("a stale epoch's write is refused");
+    };
+    assert!(error.to_string().contains("fenced"), "{error}");
+}
+
+/// SIGTERM on the owner hands dispatch over at once (no lease expiry), and requests sent
+/// meanwhile succeed when retried as `Retry-After` says.
+#[actix_web::test]
+async fn a_graceful_stop_hands_dispatch_over_at_once() {
+    let Some(mut cluster) = Cluster::start(3).await else {
+        return;
+    };
+    let owner = cluster.wait_owner(None, Duration::from_secs(10)).await;
+    let front = (owner + 1) % 3;
+    cluster.add_unit(front, "G-1", SCENE.0 + 0.001).await;
+    cluster.signal(owner, "-TERM");
+    let stopped = Instant::now();
+    let code = cluster.wait_exit(owner, Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{}", cluster.logs());
+    let successor = cluster
+        .wait_owner(Some(owner), Duration::from_secs(10))
+        .await;
+    let took = stopped.elapsed();
+    eprintln!("SIGTERM to a new owner answering: {took:?}");
+    assert!(
+        took < Duration::from_millis(LEASE_MS),
+        "handed over in {took:?}, not at lease expiry"
+    );
+    let view = cluster.overview(successor).await.unwrap();
+    assert_eq!(view["handovers"][0]["reason"], "released", "{view}");
+    let units: Value = cluster
+        .get(front, api::UNITS, &cluster.console)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(units["items"][0]["id"], "G-1");
+}
+
+/// Every table a shard writes carries the fence trigger, tables added later included.
+#[actix_web::test]
+async fn every_table_is_fenced() {
+    if !postgres_available().await {
+        return;
+    }
+    #[derive(diesel::QueryableByName, Debug)]
+    struct Unfenced {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        tablename: String,
+    }
+    let guard = TestDb::new(Backend::Postgres).await;
+    let db = guard.migrated().await;
+    let shers::persistence::DbConn::Postgres(mut conn) = db.conn().await.unwrap() else {
+        unreachable!()
+    };
+    use diesel_async::RunQueryDsl as _;
+    let unfenced: Vec<Unfenced> = diesel::sql_query(
+        "SELECT tablename FROM pg_tables t WHERE schemaname = current_schema() \
+         AND tablename NOT IN ('cluster_nodes', 'shard_leases', 'shard_handovers', \
+                               '__diesel_schema_migrations') \
+         AND NOT EXISTS (SELECT 1 FROM information_schema.triggers g \
+                         WHERE g.event_object_table = t.tablename \
+                           AND g.trigger_name = 'shers_fence')",
+    )
+    .load(&mut *conn)
+    .await
+    .unwrap();
+    assert!(
+        unfenced.is_empty(),
+        "tables without the fence: {unfenced:?}"
+    );
+}
