@@ -14,6 +14,7 @@ mod billing;
 mod browser;
 mod cluster;
 mod demo;
+mod deploy;
 mod dispatch;
 mod errors;
 mod events;
