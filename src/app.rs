@@ -46,6 +46,7 @@ pub struct Application {
     fleet: actix::Addr<Fleet>,
     /// The token minted for billing's calls to the insurance service, revoked at the end.
     internal_token: Option<crate::domain::ids::TokenId>,
+    closing: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 /// Opens the configured database and applies pending migrations.
@@ -339,6 +340,7 @@ impl Application {
             start_billing(&settings, &db, port, &fleet, &incidents).await?;
 
         let settings = Arc::new(settings);
+        let (closing, closing_rx) = tokio::sync::watch::channel(false);
         let state = web::Data::new(AppState {
             db: db.clone(),
             settings: settings.clone(),
@@ -352,6 +354,7 @@ impl Application {
             ingest_gate: Arc::new(tokio::sync::Semaphore::new(
                 settings.triage.max_in_flight_readings.max(1),
             )),
+            closing: closing_rx,
             _arbiters: Arc::new(arbiters),
         });
         let auth = web::Data::new(AuthService::new(
@@ -402,6 +405,7 @@ impl Application {
             broadcaster,
             fleet,
             internal_token,
+            closing: Arc::new(closing),
         })
     }
 
@@ -438,6 +442,16 @@ impl Application {
     /// The fleet (units and hospitals).
     pub fn fleet(&self) -> &actix::Addr<Fleet> {
         &self.fleet
+    }
+
+    /// Ends every long-lived session (WebSocket with 1012 "service restart", SSE streams), so
+    /// a graceful stop drains only requests; call it before stopping the server through
+    /// [`Application::handle`]. The returned closure may be called from anywhere, later.
+    pub fn session_closer(&self) -> impl Fn() + 'static {
+        let closing = self.closing.clone();
+        move || {
+            closing.send_replace(true);
+        }
     }
 
     /// A handle to stop the server.

@@ -137,7 +137,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let front_task = actix_web::rt::spawn(front);
 
     let mut internal = Some(internal);
-    let mut shard: Option<(actix_web::dev::ServerHandle, tokio::task::JoinHandle<()>)> = None;
+    let mut shard: Option<Shard> = None;
     let stop = crate::cli::stop_signal();
     tokio::pin!(stop);
     loop {
@@ -147,13 +147,13 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
                 Some(lease::Event::Acquired { epoch }) => {
                     let Some(listener) = internal.take() else { continue };
                     let app = start_shard(&settings, epoch, listener).await?;
-                    let handle = app.handle();
+                    let (handle, close_sessions) = (app.handle(), Box::new(app.session_closer()));
                     let task = actix_web::rt::spawn(async move {
                         if let Err(e) = app.run_until_stopped().await {
                             tracing::error!(error = %e, "the shard server failed");
                         }
                     });
-                    shard = Some((handle, task));
+                    shard = Some(Shard { handle, close_sessions, task });
                 }
                 // The lease thread ended: it has already logged why.
                 None => break,
@@ -162,9 +162,12 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     }
 
     tracing::info!(node = %node_id, "stopping: handing the dispatch shard over");
-    if let Some((handle, task)) = shard {
-        handle.stop(true).await;
-        let _ = task.await;
+    if let Some(shard) = shard {
+        // Sessions first (their clients reconnect through any front and resume), then the
+        // requests in flight, so every acknowledged write is done before the release.
+        (shard.close_sessions)();
+        shard.handle.stop(true).await;
+        let _ = shard.task.await;
     }
     let (done, released) = oneshot::channel();
     if control.send(lease::Control::Leave(done)).is_ok() {
@@ -175,6 +178,13 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let _ = lease_thread.join();
     tracing::info!(node = %node_id, "left the cluster");
     Ok(())
+}
+
+/// The shard server while this node holds the dispatch shard.
+struct Shard {
+    handle: actix_web::dev::ServerHandle,
+    close_sessions: Box<dyn Fn()>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// Starts the shard server: the whole application over connections fenced at `epoch`,

@@ -188,7 +188,12 @@ pub async fn crew_ws(
         .map_err(busy)?
         .ok_or_else(|| ApiError::not_found("the token's unit is not registered"))?;
     let (response, session, stream) = actix_ws::handle(&req, body)?;
-    let mut socket = Socket::new(session, stream, state.settings.http.body_limit_bytes);
+    let mut socket = Socket::new(
+        session,
+        stream,
+        state.settings.http.body_limit_bytes,
+        state.closing.clone(),
+    );
     let state: Arc<AppState> = state.into_inner();
     let session_id = SESSION_IDS.fetch_add(1, Ordering::Relaxed);
     let (recipient, mut pushed) = Pusher::<CrewPush>::start_for();

@@ -111,7 +111,12 @@ pub async fn stream(
         None => head(&state).await?,
     };
     let rx = feed(state.db.clone(), state.broadcaster.clone(), since);
-    let body = tokio_stream_from(rx).map(|item| {
+    // The stream ends when the node hands over; the client reconnects with Last-Event-ID.
+    let mut closing = state.closing.clone();
+    let handing_over = async move {
+        let _ = closing.wait_for(|closing| *closing).await;
+    };
+    let body = tokio_stream_from(rx).take_until(handing_over).map(|item| {
         Ok::<_, actix_web::Error>(match item {
             FeedItem::Event(e) => sse_frame(&e),
             FeedItem::Resync(seq) => Bytes::from(format!(
@@ -323,7 +328,7 @@ pub async fn console_ws(
         None => head(&state).await?,
     };
     let (response, session, stream) = actix_ws::handle(&req, body)?;
-    let mut socket = Socket::new(session, stream, CONSOLE_FRAME_LIMIT);
+    let mut socket = Socket::new(session, stream, CONSOLE_FRAME_LIMIT, state.closing.clone());
     let state: Arc<AppState> = state.into_inner();
     let mut rx = feed(state.db.clone(), state.broadcaster.clone(), since);
     let principal = auth.principal;

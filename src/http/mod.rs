@@ -57,6 +57,9 @@ pub struct AppState {
     pub devices: Addr<DeviceDirectory>,
     /// Admission control for ingest: one permit per reading being triaged.
     pub ingest_gate: Arc<tokio::sync::Semaphore>,
+    /// Turns true when the node hands its work over: long-lived sessions (WebSocket, SSE)
+    /// end so the drain does not wait on them, and their clients reconnect elsewhere.
+    pub closing: tokio::sync::watch::Receiver<bool>,
     /// The arbiters (threads) device actors run on; kept alive with the state.
     pub _arbiters: Arc<Vec<actix::Arbiter>>,
 }

@@ -268,7 +268,12 @@ pub async fn gateway_ws(
     body: web::Payload,
 ) -> Result<HttpResponse, actix_web::Error> {
     let (response, session, stream) = actix_ws::handle(&req, body)?;
-    let mut socket = Socket::new(session, stream, state.settings.http.body_limit_bytes);
+    let mut socket = Socket::new(
+        session,
+        stream,
+        state.settings.http.body_limit_bytes,
+        state.closing.clone(),
+    );
     let state: Arc<AppState> = state.into_inner();
     actix_web::rt::spawn(async move {
         let reason = loop {

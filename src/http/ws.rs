@@ -38,12 +38,19 @@ pub struct Socket {
     stream: AggregatedMessageStream,
     last_heard: Instant,
     heartbeat: tokio::time::Interval,
+    closing: tokio::sync::watch::Receiver<bool>,
 }
 
 impl Socket {
     /// Wraps a fresh `actix_ws::handle` pair; frames (and joined continuations) over
-    /// `frame_limit` bytes end the connection.
-    pub fn new(session: Session, stream: actix_ws::MessageStream, frame_limit: usize) -> Self {
+    /// `frame_limit` bytes end the connection, and so does `closing` turning true (the server
+    /// is handing its work to another node: the client is told to reconnect).
+    pub fn new(
+        session: Session,
+        stream: actix_ws::MessageStream,
+        frame_limit: usize,
+        closing: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
         let stream = stream
             .max_frame_size(frame_limit)
             .aggregate_continuations()
@@ -53,6 +60,7 @@ impl Socket {
             stream,
             last_heard: Instant::now(),
             heartbeat: tokio::time::interval(HEARTBEAT_INTERVAL),
+            closing,
         }
     }
 
@@ -89,6 +97,12 @@ impl Socket {
                     }
                     None => return Incoming::Closed(None),
                 },
+                _ = self.closing.wait_for(|closing| *closing) => {
+                    return Incoming::Closed(Some(CloseReason {
+                        code: CloseCode::Restart,
+                        description: Some("this node is handing over; reconnect".to_owned()),
+                    }));
+                }
                 _ = self.heartbeat.tick() => {
                     if self.last_heard.elapsed() > CLIENT_TIMEOUT {
                         return Incoming::Closed(Some(CloseReason {

@@ -20,6 +20,10 @@ const LEASE_MS: u64 = 1_500;
 
 const SCENE: (f64, f64) = (51.5000, -0.1200);
 
+/// One cluster at a time: three processes per test already fill this machine's cores, and
+/// lease timing under a starved CPU is not what these tests are about.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -52,6 +56,7 @@ struct Node {
 
 /// Three (or more) nodes on one fresh PostgreSQL database and the test Redis.
 struct Cluster {
+    _serial: tokio::sync::MutexGuard<'static, ()>,
     db_guard: TestDb,
     db: Db,
     redis: String,
@@ -77,6 +82,7 @@ impl Cluster {
             return None;
         }
         let redis = redis_url()?;
+        let serial = ONE_AT_A_TIME.lock().await;
         let db_guard = TestDb::new(Backend::Postgres).await;
         let db = db_guard.migrated().await;
         let mut conn = db.conn().await.unwrap();
@@ -99,6 +105,7 @@ impl Cluster {
             token(Role::Gateway).await,
         );
         let mut cluster = Self {
+            _serial: serial,
             db_guard,
             db,
             redis,
@@ -828,8 +835,263 @@ async fn every_table_is_fenced() {
     .load(&mut *conn)
     .await
     .unwrap();
-    assert!(
-        unfenced.is_empty(),
-        "tables without the fence: {unfenced:?}"
-    );
+    let names: Vec<&str> = unfenced.iter().map(|u| u.tablename.as_str()).collect();
+    assert!(names.is_empty(), "tables without the fence: {names:?}");
+}
+
+/// Three crews connected through three different nodes race for each of 100 incidents: exactly
+/// one accept wins every time.
+#[actix_web::test]
+async fn the_accept_race_across_nodes_has_one_winner() {
+    let Some(cluster) = Cluster::start(3).await else {
+        return;
+    };
+    let units = ["R-1", "R-2", "R-3"];
+    let mut crews = Vec::new();
+    for (i, id) in units.iter().enumerate() {
+        cluster
+            .add_unit(i, id, SCENE.0 + 0.001 * (i as f64 + 1.0))
+            .await;
+        crews.push(cluster.crew_token(id).await);
+    }
+    for round in 0..100 {
+        let created: Value = cluster
+            .post(
+                round % 3,
+                api::INCIDENTS,
+                &cluster.console,
+                &json!({"location": {"lat": SCENE.0, "lng": SCENE.1}, "priority": "urgent"}),
+            )
+            .await
+            .json()
+            .await
+            .unwrap();
+        let id = created["id"].as_str().unwrap().to_owned();
+        let mut offers = Vec::new();
+        for _ in 0..250 {
+            let seen = cluster.incident(round % 3, &id).await;
+            offers = seen["offers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|o| o["status"] == "pending")
+                .map(|o| {
+                    (
+                        o["id"].as_str().unwrap().to_owned(),
+                        o["unit_id"].as_str().unwrap().to_owned(),
+                    )
+                })
+                .collect();
+            if offers.len() == 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(offers.len(), 3, "round {round}");
+        let paths: Vec<(usize, String)> = offers
+            .iter()
+            .map(|(offer, unit)| {
+                let crew = units.iter().position(|u| u == unit).unwrap();
+                (crew, api::accept_offer(offer))
+            })
+            .collect();
+        // Each crew through "its" node.
+        let accepts = paths
+            .iter()
+            .map(|(crew, path)| cluster.post_empty(*crew, path, &crews[*crew]));
+        let answers = futures_util::future::join_all(accepts).await;
+        let won = answers.iter().filter(|r| r.status() == 200).count();
+        assert_eq!(won, 1, "round {round}: exactly one accept wins");
+        let resp = cluster
+            .post(
+                (round + 1) % 3,
+                &api::cancel_incident(&id),
+                &cluster.console,
+                &json!({"reason": "drill"}),
+            )
+            .await;
+        assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+        for _ in 0..250 {
+            let list: Value = cluster
+                .get(round % 3, api::UNITS, &cluster.console)
+                .await
+                .json()
+                .await
+                .unwrap();
+            if list["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|u| u["status"] == "available")
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    assert_eq!(cluster.events_of("dispatch.assigned").await.len(), 100);
+}
+
+/// The same patient's emergency posted to all three nodes at once opens one incident; a
+/// wearable's readings spread over the nodes give the same status events as on one node.
+#[actix_web::test]
+async fn a_wearable_is_one_wearable_whichever_node_hears_it() {
+    let Some(cluster) = Cluster::start(3).await else {
+        return;
+    };
+    cluster.add_unit(0, "S-1", SCENE.0 + 0.001).await;
+    cluster.register_wearer(0, "sp-1", "sw-1").await;
+    let posts = (0..3).map(|node| cluster.emergency(node, "sw-1"));
+    let ids = futures_util::future::join_all(posts).await;
+    assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+    assert_eq!(cluster.events_of("incident.created").await.len(), 1);
+
+    // Normal, abnormal, normal, emergency-free: one reading per node in turn, then the same
+    // readings on a single node; the status changes must match.
+    let readings: Vec<Value> = [(72, 98), (125, 93), (74, 98), (130, 92), (70, 97)]
+        .iter()
+        .enumerate()
+        .map(|(i, (hr, spo2))| {
+            let at = chrono::Utc::now() + chrono::Duration::milliseconds(i as i64 * 10);
+            json!({"timestamp": at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                   "heart_rate_bpm": hr, "spo2_pct": spo2,
+                   "location": {"lat": SCENE.0, "lng": SCENE.1}})
+        })
+        .collect();
+    cluster.register_wearer(1, "sp-2", "sw-2").await;
+    for (i, reading) in readings.iter().enumerate() {
+        let mut body = reading.clone();
+        body["device_id"] = json!("sw-2");
+        let resp = cluster
+            .post(i % 3, api::VITALS, &cluster.gateway, &body)
+            .await;
+        assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    }
+    let single = crate::helpers::TestApp::spawn(Backend::Postgres).await;
+    single.register_wearer("sp-2", "sw-2").await;
+    for reading in &readings {
+        let mut body = reading.clone();
+        body["device_id"] = json!("sw-2");
+        assert_eq!(single.post_vitals(&body).await.status(), 200);
+    }
+    let changes = |events: Vec<shers::domain::events::RecordedEvent>| -> Vec<(Value, Value)> {
+        events
+            .into_iter()
+            .filter(|e| e.data["device_id"] == "sw-2")
+            .map(|e| (e.data["from"].clone(), e.data["to"].clone()))
+            .collect()
+    };
+    let mut clustered = Vec::new();
+    for _ in 0..100 {
+        clustered = changes(cluster.events_of("vitals.status_changed").await);
+        if clustered.len() >= 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let alone = changes(single.events_of("vitals.status_changed").await);
+    assert!(alone.len() >= 4, "{alone:?}");
+    assert_eq!(clustered, alone);
+}
+
+/// A console on each node sees every event exactly once and in order, across a handover
+/// (reconnecting with `since`, as the dashboard does, when its connection is closed).
+#[actix_web::test]
+async fn consoles_on_every_node_see_every_event_once_in_order_across_a_handover() {
+    let Some(mut cluster) = Cluster::start(3).await else {
+        return;
+    };
+    let owner = cluster.wait_owner(None, Duration::from_secs(10)).await;
+    // The consoles connect to the two nodes that stay up.
+    let watched: Vec<usize> = (0..3).filter(|n| *n != owner).collect();
+    let mut consoles = Vec::new();
+    for &node in &watched {
+        let url = cluster.ws_url(
+            node,
+            &format!(
+                "{}?since=0&access_token={}",
+                api::WS_CONSOLE,
+                cluster.console
+            ),
+        );
+        consoles.push(actix_web::rt::spawn(watch_console(url)));
+    }
+    let front = watched[0];
+    for u in 0..3 {
+        cluster
+            .add_unit(front, &format!("V-{u}"), SCENE.0 + 0.001)
+            .await;
+    }
+    cluster.register_wearer(front, "vp-1", "vw-1").await;
+    cluster.register_wearer(front, "vp-2", "vw-2").await;
+    cluster.emergency(front, "vw-1").await;
+    cluster.signal(owner, "-TERM");
+    assert_eq!(cluster.wait_exit(owner, Duration::from_secs(10)), Some(0));
+    cluster.emergency(watched[1], "vw-2").await;
+    let mut conn = cluster.db.conn().await.unwrap();
+    let stored: Vec<i64> = shers::persistence::events::read_since(&mut conn, 0, 100_000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    drop(conn);
+    let last = *stored.last().unwrap();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(15) {
+        let caught_up = SEEN.with(|s| {
+            let seen = s.borrow();
+            seen.len() == watched.len() && seen.values().all(|v| v.last() >= Some(&last))
+        });
+        if caught_up {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for console in consoles {
+        console.abort();
+        let _ = console.await;
+    }
+    let all = SEEN.with(|s| s.borrow().clone());
+    assert_eq!(all.len(), 2, "{all:?}");
+    for (url, seqs) in all {
+        let upto: Vec<i64> = seqs.iter().copied().filter(|s| *s <= last).collect();
+        assert_eq!(upto, stored, "console on {url}: every event once, in order");
+    }
+}
+
+thread_local! {
+    /// What each console watcher saw: its URL's origin → event sequence numbers, in order.
+    static SEEN: std::cell::RefCell<std::collections::BTreeMap<String, Vec<i64>>> =
+        std::cell::RefCell::default();
+}
+
+/// Follows the console stream at `url`, reconnecting after `since` when the connection is
+/// closed (1012 at a handover) or cannot be opened, and records every event's `seq`.
+async fn watch_console(url: String) {
+    let origin = url.split("/api/").next().unwrap().to_owned();
+    let mut since = 0;
+    loop {
+        let resumed = url.replace("since=0", &format!("since={since}"));
+        let (mut socket, _) = match tokio_tungstenite::connect_async(&resumed).await {
+            Ok(connected) => connected,
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        while let Some(Ok(frame)) = socket.next().await {
+            let tokio_tungstenite::tungstenite::Message::Text(text) = frame else {
+                continue;
+            };
+            let event: Value = serde_json::from_str(&text).unwrap();
+            if event.get("kind").is_some()
+                && let Some(seq) = event["seq"].as_i64()
+            {
+                since = seq;
+                SEEN.with(|s| s.borrow_mut().entry(origin.clone()).or_default().push(seq));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
