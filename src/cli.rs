@@ -48,7 +48,7 @@ pub enum Command {
     /// Run the insurance verification service alone (`/insurance/v1`).
     Insurance(ServeArgs),
     /// Measure a running SHERS under load (ingest, detect-to-offer, accept-race, fanout).
-    Loadgen(crate::sim::loadgen::LoadgenArgs),
+    Loadgen(Box<crate::sim::loadgen::LoadgenArgs>),
 }
 
 /// Options of `demo`: the server's and the simulation's.
@@ -258,7 +258,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Loadgen(args) => {
             init_tracing(crate::config::LogFormat::Text);
-            crate::sim::loadgen::run(args.clone()).await?;
+            crate::sim::loadgen::run((**args).clone()).await?;
         }
         Command::Migrate(args) => {
             let settings = settings(&cli, None)?;

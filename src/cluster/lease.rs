@@ -78,6 +78,9 @@ struct Lease {
     /// decides when to give up, never whether a write is allowed).
     held: Option<(i64, Instant)>,
     redis: Option<redis::aio::ConnectionManager>,
+    redis_url: Option<String>,
+    pushes: mpsc::UnboundedSender<redis::PushInfo>,
+    rounds_without_redis: u64,
 }
 
 async fn run(
@@ -92,8 +95,9 @@ async fn run(
         .await
         .context("opening the lease thread's database connections")?;
     let (push_tx, mut pushes) = mpsc::unbounded_channel();
-    let redis = match &settings.redis.url {
-        Some(url) => connect_redis(url.expose(), push_tx).await,
+    let redis_url = settings.redis.url.as_ref().map(|u| u.expose().clone());
+    let redis = match &redis_url {
+        Some(url) => connect_redis(url, push_tx.clone()).await,
         None => None,
     };
     let mut lease = Lease {
@@ -103,6 +107,9 @@ async fn run(
         version: env!("CARGO_PKG_VERSION"),
         held: None,
         redis,
+        redis_url,
+        pushes: push_tx,
+        rounds_without_redis: 0,
     };
     lease.join().await?;
     let tick = lease.state.lease / 3;
@@ -188,19 +195,20 @@ impl Lease {
             self.give_up_if_expired();
             return;
         };
-        if let Err(e) = cluster::heartbeat(&mut conn, &self.state.node_id).await {
-            tracing::warn!(error = %e, "cluster heartbeat failed");
-        }
-        let (key, address) = (self.heartbeat_key(), self.state.address.clone());
-        self.announce(&key, &address, 3).await;
+        // The renewal first: nothing else in the round may delay it.
         match self.held {
             Some((epoch, _)) => self.renew(&mut conn, epoch).await,
             None => self.try_take(&mut conn, events).await,
+        }
+        if let Err(e) = cluster::heartbeat(&mut conn, &self.state.node_id).await {
+            tracing::warn!(error = %e, "cluster heartbeat failed");
         }
         match cluster::owner(&mut conn, DISPATCH_SHARD).await {
             Ok(owner) => self.state.set_owner(owner),
             Err(e) => tracing::warn!(error = %e, "cannot read the dispatch shard's owner"),
         }
+        let (key, address) = (self.heartbeat_key(), self.state.address.clone());
+        self.announce(&key, &address, 3).await;
     }
 
     async fn renew(&mut self, conn: &mut DbConn, epoch: i64) {
@@ -296,8 +304,15 @@ impl Lease {
             match cluster::release(&mut conn, DISPATCH_SHARD, &self.state.node_id, epoch).await {
                 Ok(true) => {
                     tracing::info!(shard = DISPATCH_SHARD, epoch, "released the dispatch shard");
-                    self.publish(&format!("released {DISPATCH_SHARD} {epoch}"))
-                        .await;
+                    // Awaited: this thread ends next, and the others should not wait a round.
+                    if let Some(redis) = self.redis.as_mut() {
+                        let mut publish = redis::cmd("PUBLISH");
+                        publish
+                            .arg(CHANNEL)
+                            .arg(format!("released {DISPATCH_SHARD} {epoch}"));
+                        let sent = publish.query_async::<i64>(redis);
+                        let _ = tokio::time::timeout(self.state.lease / 4, sent).await;
+                    }
                 }
                 Ok(false) => {}
                 Err(e) => tracing::warn!(error = %e, "releasing the dispatch shard failed"),
@@ -308,42 +323,63 @@ impl Lease {
         }
         if let Some(redis) = self.redis.as_mut() {
             let key = format!("shers:node:{}", self.state.node_id);
-            let _: Result<(), _> = redis::cmd("DEL").arg(&key).query_async(redis).await;
+            let mut del = redis::cmd("DEL");
+            del.arg(&key);
+            let del = del.query_async::<()>(redis);
+            let _ = tokio::time::timeout(self.state.lease / 4, del).await;
         }
     }
 
-    /// `SET key value PX lease*factor` on Redis (membership with expiry), best effort.
+    /// `SET key value PX lease*factor` on Redis (membership with expiry), best effort and in
+    /// the background: a slow or absent Redis never delays a round. Without a connection
+    /// (Redis was down at start), tries to open one every tenth round.
     async fn announce(&mut self, key: &str, value: &str, factor: u32) {
         let px = self
             .state
             .lease
             .as_millis()
             .saturating_mul(u128::from(factor));
-        if let Some(redis) = self.redis.as_mut() {
-            let set: Result<(), _> = redis::cmd("SET")
-                .arg(key)
-                .arg(value)
-                .arg("PX")
-                .arg(u64::try_from(px).unwrap_or(u64::MAX))
-                .query_async(redis)
-                .await;
-            if let Err(e) = set {
+        let px = u64::try_from(px).unwrap_or(u64::MAX);
+        let Some(redis) = self.redis.clone() else {
+            self.rounds_without_redis += 1;
+            if self.rounds_without_redis.is_multiple_of(10)
+                && let Some(url) = self.redis_url.clone()
+            {
+                let budget = self.state.lease / 4;
+                if let Ok(Some(manager)) =
+                    tokio::time::timeout(budget, connect_redis(&url, self.pushes.clone())).await
+                {
+                    tracing::info!("Redis reachable again: cluster wake-ups resume");
+                    self.redis = Some(manager);
+                }
+            }
+            return;
+        };
+        let (key, value, budget) = (key.to_owned(), value.to_owned(), self.state.lease / 4);
+        tokio::task::spawn_local(async move {
+            let mut redis = redis;
+            let mut set = redis::cmd("SET");
+            set.arg(&key).arg(&value).arg("PX").arg(px);
+            let set = set.query_async::<()>(&mut redis);
+            if let Ok(Err(e)) = tokio::time::timeout(budget, set).await {
                 tracing::debug!(error = %e, "Redis heartbeat failed");
             }
-        }
+        });
     }
 
-    /// Wakes every node's lease thread, best effort.
+    /// Wakes every node's lease thread, best effort and in the background.
     async fn publish(&mut self, message: &str) {
-        if let Some(redis) = self.redis.as_mut() {
-            let sent: Result<i64, _> = redis::cmd("PUBLISH")
-                .arg(CHANNEL)
-                .arg(message)
-                .query_async(redis)
-                .await;
-            if let Err(e) = sent {
+        let Some(mut redis) = self.redis.clone() else {
+            return;
+        };
+        let (message, budget) = (message.to_owned(), self.state.lease / 4);
+        tokio::task::spawn_local(async move {
+            let mut publish = redis::cmd("PUBLISH");
+            publish.arg(CHANNEL).arg(&message);
+            let sent = publish.query_async::<i64>(&mut redis);
+            if let Ok(Err(e)) = tokio::time::timeout(budget, sent).await {
                 tracing::debug!(error = %e, "Redis publish failed");
             }
-        }
+        });
     }
 }

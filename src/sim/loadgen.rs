@@ -123,6 +123,11 @@ pub struct LoadgenArgs {
     /// Pause between detect-to-offer probes, milliseconds (default 20).
     #[arg(long, value_name = "MS")]
     pub probe_gap_ms: Option<u64>,
+    /// Where crews connect their WebSockets (default: `--url`). With a cluster, point `--url`
+    /// at one node and this at another to measure a reading on one node reaching a crew on
+    /// another (`detect-to-offer`).
+    #[arg(long, value_name = "URL")]
+    pub crew_url: Option<String>,
     /// Write the report as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,

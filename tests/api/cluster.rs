@@ -78,10 +78,19 @@ impl Cluster {
 
     /// Like [`Cluster::start`], with extra settings for every node.
     async fn start_with(nodes: usize, env: Vec<(&'static str, &'static str)>) -> Option<Self> {
+        let redis = redis_url()?;
+        Self::start_on(nodes, env, redis).await
+    }
+
+    /// Like [`Cluster::start_with`], on the Redis at `redis`.
+    async fn start_on(
+        nodes: usize,
+        env: Vec<(&'static str, &'static str)>,
+        redis: String,
+    ) -> Option<Self> {
         if !postgres_available().await {
             return None;
         }
-        let redis = redis_url()?;
         let serial = ONE_AT_A_TIME.lock().await;
         let db_guard = TestDb::new(Backend::Postgres).await;
         let db = db_guard.migrated().await;
@@ -268,7 +277,7 @@ impl Cluster {
     }
 
     /// Waits up to `limit` for `node` to exit; its exit code.
-    fn wait_exit(&mut self, node: usize, limit: Duration) -> Option<i32> {
+    async fn wait_exit(&mut self, node: usize, limit: Duration) -> Option<i32> {
         let started = Instant::now();
         let child = self.nodes[node].child.as_mut().unwrap();
         loop {
@@ -279,7 +288,7 @@ impl Cluster {
             if started.elapsed() > limit {
                 panic!("node {node} still running after {limit:?}\n{}", self.logs());
             }
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -682,7 +691,7 @@ async fn a_paused_owner_writes_nothing_after_it_wakes_up() {
         )
     };
     cluster.signal(owner, "-CONT");
-    let code = cluster.wait_exit(owner, Duration::from_secs(5));
+    let code = cluster.wait_exit(owner, Duration::from_secs(5)).await;
     assert_eq!(
         code,
         Some(shers::cluster::LOST_LEASE_EXIT),
@@ -785,7 +794,7 @@ async fn a_graceful_stop_hands_dispatch_over_at_once() {
     cluster.add_unit(front, "G-1", SCENE.0 + 0.001).await;
     cluster.signal(owner, "-TERM");
     let stopped = Instant::now();
-    let code = cluster.wait_exit(owner, Duration::from_secs(10));
+    let code = cluster.wait_exit(owner, Duration::from_secs(10)).await;
     assert_eq!(code, Some(0), "{}", cluster.logs());
     let successor = cluster
         .wait_owner(Some(owner), Duration::from_secs(10))
@@ -1026,7 +1035,10 @@ async fn consoles_on_every_node_see_every_event_once_in_order_across_a_handover(
     cluster.register_wearer(front, "vp-2", "vw-2").await;
     cluster.emergency(front, "vw-1").await;
     cluster.signal(owner, "-TERM");
-    assert_eq!(cluster.wait_exit(owner, Duration::from_secs(10)), Some(0));
+    assert_eq!(
+        cluster.wait_exit(owner, Duration::from_secs(10)).await,
+        Some(0)
+    );
     cluster.emergency(watched[1], "vw-2").await;
     let mut conn = cluster.db.conn().await.unwrap();
     let stored: Vec<i64> = shers::persistence::events::read_since(&mut conn, 0, 100_000)
@@ -1094,4 +1106,223 @@ async fn watch_console(url: String) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Each node in turn stopped (SIGTERM) and started again while readings and reads flow
+/// through every front: no request fails once retried as `Retry-After` says.
+#[actix_web::test]
+async fn a_rolling_restart_under_load_fails_no_request() {
+    let Some(mut cluster) = Cluster::start(3).await else {
+        return;
+    };
+    cluster.add_unit(0, "L-1", SCENE.0 + 0.001).await;
+    for p in 0..6 {
+        cluster
+            .register_wearer(p % 3, &format!("lp-{p}"), &format!("lw-{p}"))
+            .await;
+    }
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port).collect();
+    let (client, gateway, console) = (
+        cluster.client.clone(),
+        cluster.gateway.clone(),
+        cluster.console.clone(),
+    );
+    // Steady load: a normal reading and a read every 20 ms, round robin over the fronts (as
+    // NGINX spreads them), each retried on 503 and on a refused connection (the node being
+    // restarted), for at most 20 s.
+    let load = actix_web::rt::spawn(async move {
+        let (mut sent, mut failed) = (0u32, Vec::new());
+        let mut i = 0usize;
+        while !*stopped.borrow_and_update() {
+            let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+            let body = json!({"device_id": format!("lw-{}", i % 6), "timestamp": at,
+                              "heart_rate_bpm": 72, "spo2_pct": 98});
+            let started = Instant::now();
+            let outcome = loop {
+                let port = ports[(i + started.elapsed().as_millis() as usize / 250) % 3];
+                let request = if i.is_multiple_of(2) {
+                    client
+                        .post(format!("http://127.0.0.1:{port}{}", api::VITALS))
+                        .bearer_auth(&gateway)
+                        .json(&body)
+                } else {
+                    client
+                        .get(format!("http://127.0.0.1:{port}{}", api::UNITS))
+                        .bearer_auth(&console)
+                };
+                match request.send().await {
+                    Ok(r) if r.status() == 503 && started.elapsed() < Duration::from_secs(20) => {
+                        let wait = r.headers().get("retry-after").cloned();
+                        assert!(wait.is_some(), "a 503 says when to retry");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Ok(r) => break r.status(),
+                    Err(e) if e.is_connect() && started.elapsed() < Duration::from_secs(20) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(e) => panic!("request failed: {e}"),
+                }
+            };
+            if outcome != 200 {
+                failed.push((i, outcome));
+            }
+            sent += 1;
+            i += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (sent, failed)
+    });
+    for node in 0..3 {
+        cluster.signal(node, "-TERM");
+        assert_eq!(
+            cluster.wait_exit(node, Duration::from_secs(15)).await,
+            Some(0)
+        );
+        cluster.restart(node);
+        cluster.wait_owner(None, Duration::from_secs(15)).await;
+        // Load on the whole cluster again before the next node goes.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    stop.send_replace(true);
+    let (sent, failed) = load.await.unwrap();
+    eprintln!("rolling restart: {sent} requests, {} failed", failed.len());
+    assert!(sent > 40, "the load ran ({sent} requests)");
+    assert!(
+        failed.is_empty(),
+        "failed requests: {failed:?}\n{}",
+        cluster.logs()
+    );
+}
+
+/// Redis stopped, then started again: dispatch goes on (handovers by polling the lease table
+/// alone), no event is lost and consoles catch up.
+#[actix_web::test]
+async fn redis_down_and_back_loses_nothing() {
+    let Some(port) = private_redis_port() else {
+        return;
+    };
+    let mut redis = start_redis(port);
+    // A cluster on its own Redis, so stopping it disturbs no other test.
+    let Some(mut cluster) = Cluster::start_on(
+        3,
+        vec![("SHERS_DISPATCH__OFFERS_PER_ROUND", "1")],
+        format!("redis://127.0.0.1:{port}/"),
+    )
+    .await
+    else {
+        let _ = redis.kill();
+        let _ = redis.wait();
+        return;
+    };
+    let owner = cluster
+        .wait_owner(
+            None,
+            Duration::from_millis(LEASE_MS) + Duration::from_secs(15),
+        )
+        .await;
+    let front = (owner + 1) % 3;
+    let watched = (owner + 2) % 3;
+    let url = cluster.ws_url(
+        watched,
+        &format!(
+            "{}?since=0&access_token={}",
+            api::WS_CONSOLE,
+            cluster.console
+        ),
+    );
+    let console = actix_web::rt::spawn(watch_console(url));
+    for u in 0..2 {
+        cluster
+            .add_unit(front, &format!("D-{u}"), SCENE.0 + 0.001)
+            .await;
+    }
+    cluster.register_wearer(front, "dp-1", "dw-1").await;
+    cluster.register_wearer(front, "dp-2", "dw-2").await;
+
+    let _ = redis.kill();
+    let _ = redis.wait();
+    let first = cluster.emergency(front, "dw-1").await;
+    // A handover without Redis: found by the lease rounds alone.
+    cluster.signal(owner, "-TERM");
+    assert_eq!(
+        cluster.wait_exit(owner, Duration::from_secs(10)).await,
+        Some(0)
+    );
+    let second = cluster.emergency(front, "dw-2").await;
+    let mut redis = start_redis(port);
+    cluster.restart(owner);
+    cluster.wait_owner(None, Duration::from_secs(15)).await;
+    for id in [&first, &second] {
+        let seen = cluster.incident(front, id).await;
+        assert!(
+            seen["offers"].as_array().is_some_and(|o| !o.is_empty()),
+            "{seen}"
+        );
+    }
+    let mut conn = cluster.db.conn().await.unwrap();
+    let stored: Vec<i64> = shers::persistence::events::read_since(&mut conn, 0, 100_000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    drop(conn);
+    let last = *stored.last().unwrap();
+    let started = Instant::now();
+    let origin = format!("ws://127.0.0.1:{}", cluster.nodes[watched].port);
+    let mut seen = Vec::new();
+    while started.elapsed() < Duration::from_secs(15) {
+        seen = SEEN.with(|s| s.borrow().get(&origin).cloned().unwrap_or_default());
+        if seen.last() >= Some(&last) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    console.abort();
+    let _ = console.await;
+    let _ = redis.kill();
+    let _ = redis.wait();
+    let upto: Vec<i64> = seen.into_iter().filter(|s| *s <= last).collect();
+    assert_eq!(upto, stored, "the console saw every event once, in order");
+}
+
+/// A free port for a Redis of the test's own, if `redis-server` is installed.
+fn private_redis_port() -> Option<u16> {
+    let installed = Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !installed {
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+        assert!(!ci, "CI=true and redis-server is not installed");
+        eprintln!("SKIPPED: redis-server not installed");
+        return None;
+    }
+    Some(free_port())
+}
+
+fn start_redis(port: u16) -> Child {
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
 }

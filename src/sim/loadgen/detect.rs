@@ -98,14 +98,11 @@ pub async fn run(args: &LoadgenArgs, fixtures: &Fixtures) -> anyhow::Result<Repo
     let console = fixtures
         .admin()
         .with_token(&fixtures.token("console", None).await?);
-    let crews = Crews::connect(
-        fixtures.admin(),
-        &units,
-        true,
-        fixtures.concurrency(),
-        &mut rng,
-    )
-    .await?;
+    let crew_api = match &args.crew_url {
+        Some(url) => crate::sim::client::Api::new(url, fixtures.admin().token())?,
+        None => fixtures.admin().clone(),
+    };
+    let crews = Crews::connect(&crew_api, &units, true, fixtures.concurrency(), &mut rng).await?;
     let templates = vitals::templates(&background, batch, &mut rng, 0.0);
     let feed = Feed {
         interval: vitals::batch_interval(&templates, hz),
