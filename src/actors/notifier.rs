@@ -9,9 +9,8 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use chrono::Utc;
-use serde_json::json;
 
-use crate::domain::events::{ExpectedVersion, NewEvent};
+use crate::domain::events::{DeliveryOutcome, ExpectedVersion, NotificationEvent};
 use crate::domain::notify::{Channel, MAX_ATTEMPTS, MessageContext, Template, backoff, render};
 use crate::integrations::notify::{DeliveryError, Notifier, Outgoing};
 use crate::persistence::incidents::{self as store, DueNotification};
@@ -179,14 +178,15 @@ async fn deliver_due(db: &Db, channels: &Channels) -> Result<(), StoreError> {
         let result = provider.send(&outgoing).await;
         let attempts = n.attempts.saturating_add(1);
         let now = Utc::now();
-        let (status, next, error, event) = match result {
-            Ok(_) => ("sent", now, None, Some("notification.sent")),
+        // `delivered`: `Some` when this attempt is final (sent or given up), `None` to retry.
+        let (status, next, error, delivered) = match result {
+            Ok(_) => ("sent", now, None, Some(true)),
             Err(DeliveryError::Transient {
                 retry_after,
                 reason,
             }) => {
                 if u32::try_from(attempts).unwrap_or(u32::MAX) >= MAX_ATTEMPTS {
-                    ("failed", now, Some(reason), Some("notification.failed"))
+                    ("failed", now, Some(reason), Some(false))
                 } else {
                     let wait = backoff(u32::try_from(attempts).unwrap_or(0), retry_after);
                     let next =
@@ -194,9 +194,7 @@ async fn deliver_due(db: &Db, channels: &Channels) -> Result<(), StoreError> {
                     ("queued", next, Some(reason), None)
                 }
             }
-            Err(DeliveryError::Permanent { reason }) => {
-                ("failed", now, Some(reason), Some("notification.failed"))
-            }
+            Err(DeliveryError::Permanent { reason }) => ("failed", now, Some(reason), Some(false)),
         };
         tracing::info!(notification.id = %n.id, notification.channel = %n.channel, notification.status = status, attempts, "notification attempt");
         let (id, incident, channel_name, template_name) = (
@@ -207,17 +205,25 @@ async fn deliver_due(db: &Db, channels: &Channels) -> Result<(), StoreError> {
         );
         db.run(move |mut conn| async move {
             conn.write_transaction(async |tx| {
-                store::record_attempt(tx, &id, status, attempts, next, error.as_deref(), now).await?;
-                if let Some(kind) = event {
-                    let mut e = NewEvent::new(
-                        kind,
-                        json!({"notification_id": id, "incident_id": incident, "channel": channel_name,
-                               "template": template_name, "attempts": attempts, "reason": error}),
-                    );
-                    e.incident_id = Some(incident.clone());
-                    events::append(tx, &format!("notifications-{incident}"), ExpectedVersion::Any, &[e], now)
-                        .await
-                        ?;
+                store::record_attempt(tx, &id, status, attempts, next, error.as_deref(), now)
+                    .await?;
+                if let Some(delivered) = delivered {
+                    let outcome = DeliveryOutcome {
+                        notification_id: &id,
+                        incident_id: &incident,
+                        channel: &channel_name,
+                        template: &template_name,
+                        attempts,
+                        reason: error.as_deref(),
+                    };
+                    let event = if delivered {
+                        NotificationEvent::Sent(outcome)
+                    } else {
+                        NotificationEvent::Failed(outcome)
+                    };
+                    let stream = format!("notifications-{incident}");
+                    events::append(tx, &stream, ExpectedVersion::Any, &[event.to_new()], now)
+                        .await?;
                 }
                 Ok::<_, StoreError>(())
             })

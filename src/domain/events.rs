@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::dispatch::UnitStatus;
-use super::ids::{DeviceId, IncidentId, PatientId, UnitId};
+use super::ids::{DeviceId, IncidentId, OfferId, PatientId, UnitId};
 use super::triage::TriageStatus;
 use super::vitals::Reading;
 
@@ -217,6 +217,123 @@ impl DeviceEvent {
     }
 }
 
+/// The data of an untagged payload (a struct or an internally tagged enum): as with
+/// [`data_of`], serialising these plain types cannot fail, so the `Null` fallback is never taken.
+fn value_of(data: &impl Serialize) -> serde_json::Value {
+    serde_json::to_value(data).unwrap_or(serde_json::Value::Null)
+}
+
+/// The data of a `dispatch.offer_<status>` event: an offer was closed (accepted, declined,
+/// expired or withdrawn). The status is part of the kind, so it is not a field here.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct OfferClosed<'a> {
+    /// The offer.
+    pub offer_id: OfferId,
+    /// Its incident.
+    pub incident_id: IncidentId,
+    /// The unit it was made to.
+    pub unit_id: &'a UnitId,
+    /// Why it was closed, for people.
+    pub reason: &'a str,
+    /// When (server clock).
+    pub at: DateTime<Utc>,
+}
+
+impl OfferClosed<'_> {
+    /// The `dispatch.offer_{status}` event to append, with its correlation ids.
+    pub fn to_new(&self, status: &str) -> NewEvent {
+        let mut event = NewEvent::new(format!("dispatch.offer_{status}"), value_of(self));
+        event.incident_id = Some(self.incident_id.to_string());
+        event.unit_id = Some(self.unit_id.0.clone());
+        event
+    }
+}
+
+/// Evidence attached to an incident (`incident.evidence_added`), when SHERS produces it
+/// itself. The serde form is internally tagged: `{"kind": "vitals", …}`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Evidence {
+    /// A wearable's readings turned `emergency`.
+    Vitals {
+        /// The device that reported them.
+        device_id: DeviceId,
+        /// When the emergency reading was measured.
+        detected_at: DateTime<Utc>,
+        /// Why, for people.
+        reasons: Vec<String>,
+        /// The readings behind the verdict, newest last.
+        readings: Vec<Reading>,
+    },
+}
+
+impl Evidence {
+    /// The evidence as the incident stores it.
+    pub fn to_value(&self) -> serde_json::Value {
+        value_of(self)
+    }
+}
+
+/// What the next-of-kin outbox records: `notification.queued` (on the incident's stream, with
+/// the command that queued it) and the final delivery outcome (on `notifications-{incident}`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "kind", content = "data")]
+pub enum NotificationEvent<'a> {
+    /// `notification.queued`: an outbox row was written.
+    #[serde(rename = "notification.queued")]
+    Queued {
+        /// The outbox row.
+        notification_id: &'a str,
+        /// The incident it is about.
+        incident_id: IncidentId,
+        /// Who (a name: patient data).
+        recipient: &'a str,
+        /// `sms` or `email`.
+        channel: &'a str,
+        /// Template name.
+        template: &'a str,
+    },
+    /// `notification.sent`: the provider took the message.
+    #[serde(rename = "notification.sent")]
+    Sent(DeliveryOutcome<'a>),
+    /// `notification.failed`: delivery gave up (permanent error or attempts exhausted).
+    #[serde(rename = "notification.failed")]
+    Failed(DeliveryOutcome<'a>),
+}
+
+/// The data of `notification.sent` / `notification.failed`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DeliveryOutcome<'a> {
+    /// The outbox row.
+    pub notification_id: &'a str,
+    /// The incident it is about.
+    pub incident_id: &'a str,
+    /// `sms`, `email` or `webhook`.
+    pub channel: &'a str,
+    /// Template name.
+    pub template: &'a str,
+    /// Attempts made, this one included.
+    pub attempts: i32,
+    /// The last error, if any (`null` when sent at the first try).
+    pub reason: Option<&'a str>,
+}
+
+impl NotificationEvent<'_> {
+    /// The event to append, with its correlation id.
+    pub fn to_new(&self) -> NewEvent {
+        let (kind, incident_id) = match self {
+            NotificationEvent::Queued { incident_id, .. } => {
+                ("notification.queued", incident_id.to_string())
+            }
+            NotificationEvent::Sent(o) => ("notification.sent", o.incident_id.to_owned()),
+            NotificationEvent::Failed(o) => ("notification.failed", o.incident_id.to_owned()),
+        };
+        let mut event = NewEvent::new(kind, data_of(self));
+        event.incident_id = Some(incident_id);
+        event
+    }
+}
+
 #[cfg(test)]
 mod typed_event_tests {
     use super::*;
@@ -265,6 +382,73 @@ mod typed_event_tests {
             offline.data,
             serde_json::json!({"device_id": "d-1", "patient_id": "p-1",
                                "last_seen_at": "2026-12-05T08:00:00Z", "silent_s": 300})
+        );
+    }
+
+    #[test]
+    fn outbox_offer_and_evidence_payloads_keep_their_stored_shape() {
+        let at: DateTime<Utc> = "2026-12-05T08:00:00Z".parse().unwrap_or_default();
+        let incident = IncidentId(uuid::Uuid::nil());
+        let nil = "00000000-0000-0000-0000-000000000000";
+        let queued = NotificationEvent::Queued {
+            notification_id: "n-1",
+            incident_id: incident,
+            recipient: "Ann",
+            channel: "sms",
+            template: "incident_created",
+        }
+        .to_new();
+        assert_eq!(queued.kind, "notification.queued");
+        assert_eq!(queued.incident_id.as_deref(), Some(nil));
+        assert_eq!(
+            queued.data,
+            serde_json::json!({"notification_id": "n-1", "incident_id": nil, "recipient": "Ann",
+                               "channel": "sms", "template": "incident_created"})
+        );
+        let failed = NotificationEvent::Failed(DeliveryOutcome {
+            notification_id: "n-1",
+            incident_id: nil,
+            channel: "sms",
+            template: "incident_created",
+            attempts: 5,
+            reason: None,
+        })
+        .to_new();
+        assert_eq!(failed.kind, "notification.failed");
+        assert_eq!(failed.incident_id.as_deref(), Some(nil));
+        assert_eq!(
+            failed.data,
+            serde_json::json!({"notification_id": "n-1", "incident_id": nil, "channel": "sms",
+                               "template": "incident_created", "attempts": 5, "reason": null})
+        );
+        let unit = UnitId::from("U-1");
+        let closed = OfferClosed {
+            offer_id: OfferId(uuid::Uuid::nil()),
+            incident_id: incident,
+            unit_id: &unit,
+            reason: "taken",
+            at,
+        }
+        .to_new("withdrawn");
+        assert_eq!(closed.kind, "dispatch.offer_withdrawn");
+        assert_eq!(closed.unit_id.as_deref(), Some("U-1"));
+        assert_eq!(
+            closed.data,
+            serde_json::json!({"offer_id": nil, "incident_id": nil, "unit_id": "U-1",
+                               "reason": "taken", "at": "2026-12-05T08:00:00Z"})
+        );
+        let evidence = Evidence::Vitals {
+            device_id: DeviceId::from("d-1"),
+            detected_at: at,
+            reasons: vec!["SpO2 low".into()],
+            readings: Vec::new(),
+        }
+        .to_value();
+        assert_eq!(
+            evidence,
+            serde_json::json!({"kind": "vitals", "device_id": "d-1",
+                               "detected_at": "2026-12-05T08:00:00Z", "reasons": ["SpO2 low"],
+                               "readings": []})
         );
     }
 }

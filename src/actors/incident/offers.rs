@@ -7,7 +7,6 @@ use std::time::Duration;
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use serde_json::json;
 
 use super::create::FirstRound;
 use super::{IncidentActor, IncidentError, OfferGroup, PendingOffer, ToIncident, persist};
@@ -17,7 +16,7 @@ use crate::actors::unit::{
     StopWaiting, Uncommit, UnitAddr, WaitForUnit,
 };
 use crate::config::DispatchSettings;
-use crate::domain::events::NewEvent;
+use crate::domain::events::{NewEvent, OfferClosed};
 use crate::domain::geo::LatLng;
 use crate::domain::ids::{IncidentId, OfferId, UnitId};
 use crate::domain::incident::{
@@ -40,13 +39,14 @@ pub(super) async fn close_offers(
     let moved = fleet_store::close_offers(tx, &ids, status, now, decline).await?;
     for (offer, unit) in offers {
         if moved.contains(offer) {
-            let mut e = NewEvent::new(
-                format!("dispatch.offer_{status}"),
-                json!({"offer_id": offer, "incident_id": incident, "unit_id": unit, "reason": reason, "at": now}),
-            );
-            e.incident_id = Some(incident.to_string());
-            e.unit_id = Some(unit.0.clone());
-            out.push(e);
+            let closed = OfferClosed {
+                offer_id: *offer,
+                incident_id: incident,
+                unit_id: unit,
+                reason,
+                at: now,
+            };
+            out.push(closed.to_new(status));
         }
     }
     Ok(out)
