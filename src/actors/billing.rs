@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use chrono::Utc;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 
 use crate::actors::incident::{IncidentDirectory, Route};
 use crate::actors::unit::{Fleet, HospitalLocation, IncidentOver, UnitAddr, ViewUnit};
@@ -21,7 +22,7 @@ use crate::domain::billing::{
     next_step,
 };
 use crate::domain::dispatch::Capability;
-use crate::domain::events::{ExpectedVersion, NewEvent};
+use crate::domain::events::{BillingEvent, BillingOutcome, ExpectedVersion};
 use crate::domain::ids::IncidentId;
 use crate::domain::incident::Command;
 use crate::integrations::payments::{ChargeRequest, PaymentError, PaymentProvider};
@@ -125,14 +126,13 @@ impl Handler<ResumeBilling> for Billing {
     }
 }
 
-async fn record(db: &Db, saga: &Saga, kind: Option<&str>, data: Value) -> Result<(), StoreError> {
-    let (saga, kind) = (saga.clone(), kind.map(str::to_owned));
+async fn record(db: &Db, saga: &Saga, event: Option<BillingEvent>) -> Result<(), StoreError> {
+    let (saga, event) = (saga.clone(), event.map(|e| e.to_new()));
     let done = is_done(&saga);
     db.run(move |mut conn| async move {
         conn.write_transaction(async |tx| {
             invoices::save(tx, &saga, done, Utc::now()).await?;
-            if let Some(kind) = kind {
-                let mut e = NewEvent::new(kind, data);
+            if let Some(mut e) = event {
                 e.incident_id = Some(saga.incident_id.clone());
                 events::append(
                     tx,
@@ -192,9 +192,15 @@ async fn load_or_create(
         .await;
     match inserted {
         Ok(()) => {
-            record(&db, &saga, Some("billing.started"), json!({"incident_id": incident, "invoice_id": invoice_id,
-                "amount_cents": amount, "currency": saga.currency, "distance_m": distance_m.round(), "als": als}))
-            .await?;
+            let started = BillingEvent::Started {
+                incident_id: incident,
+                invoice_id: invoice_id.clone(),
+                amount_cents: amount,
+                currency: saga.currency.clone(),
+                distance_m: distance_m.round(),
+                als,
+            };
+            record(&db, &saga, Some(started)).await?;
             Ok((saga, invoice_id))
         }
         // Another run created it first: use that one (one invoice per incident).
@@ -208,6 +214,15 @@ async fn load_or_create(
         }
         Err(e) => Err(e),
     }
+}
+
+/// The body of the insurer's coverage check. The fields are declared in the order the insurer
+/// has always received them (alphabetical, as `serde_json::Value` wrote them).
+#[derive(Serialize)]
+struct CoverageRequest<'a> {
+    amount_cents: i64,
+    incident_id: &'a str,
+    patient_id: &'a str,
 }
 
 async fn verify_insurance(
@@ -230,8 +245,15 @@ async fn verify_insurance(
         .http
         .post(url)
         .bearer_auth(&deps.insurance_token)
-        .header("Idempotency-Key", billing::idempotency_key(&saga.incident_id, Step::VerifyInsurance))
-        .json(&json!({"patient_id": patient_id, "incident_id": saga.incident_id, "amount_cents": saga.amount_cents}))
+        .header(
+            "Idempotency-Key",
+            billing::idempotency_key(&saga.incident_id, Step::VerifyInsurance),
+        )
+        .json(&CoverageRequest {
+            amount_cents: saga.amount_cents,
+            incident_id: &saga.incident_id,
+            patient_id: &patient_id,
+        })
         .send()
         .await;
     let resp = match resp {
@@ -306,6 +328,47 @@ fn payment_result(
             intent_id: None,
             reason: e.to_string(),
         },
+    }
+}
+
+/// The event a step's result records, if any (transient failures record none).
+fn step_event(incident: IncidentId, step: Step, result: &StepResult) -> Option<BillingEvent> {
+    match (step, result) {
+        (Step::VerifyInsurance, StepResult::InsuranceVerified(d)) => {
+            Some(BillingEvent::InsuranceVerified {
+                incident_id: incident,
+                coverage_status: d.coverage,
+                covered_cents: d.covered_cents,
+                patient_due_cents: d.patient_due_cents,
+            })
+        }
+        (Step::Charge, StepResult::Charged { status, .. }) if status == "succeeded" => {
+            Some(BillingEvent::PaymentSucceeded {
+                incident_id: incident,
+                status: status.clone(),
+            })
+        }
+        (Step::Charge, StepResult::Charged { status, .. }) => Some(BillingEvent::PaymentFailed {
+            incident_id: incident,
+            status: Some(status.clone()),
+            reason: None,
+        }),
+        (Step::Charge, StepResult::ChargeFailed { reason, .. }) => {
+            Some(BillingEvent::PaymentFailed {
+                incident_id: incident,
+                status: None,
+                reason: Some(reason.clone()),
+            })
+        }
+        (Step::RefundPayment | Step::CancelPayment | Step::ReleaseClaim | Step::VoidInvoice, r)
+            if !matches!(r, StepResult::Transient(_)) =>
+        {
+            Some(BillingEvent::Compensated {
+                incident_id: incident,
+                step,
+            })
+        }
+        _ => None,
     }
 }
 
@@ -393,28 +456,7 @@ async fn drive(deps: BillingDeps, incident: IncidentId) -> Result<(), StoreError
             Step::Done => break,
         };
         let transient = matches!(result, StepResult::Transient(_));
-        let event = match (&step, &result) {
-            (Step::VerifyInsurance, StepResult::InsuranceVerified(d)) => Some((
-                "billing.insurance_verified",
-                json!({"coverage_status": d.coverage, "covered_cents": d.covered_cents, "patient_due_cents": d.patient_due_cents}),
-            )),
-            (Step::Charge, StepResult::Charged { status, .. }) if status == "succeeded" => {
-                Some(("billing.payment_succeeded", json!({"status": status})))
-            }
-            (Step::Charge, StepResult::Charged { status, .. }) => {
-                Some(("billing.payment_failed", json!({"status": status})))
-            }
-            (Step::Charge, StepResult::ChargeFailed { reason, .. }) => {
-                Some(("billing.payment_failed", json!({"reason": reason})))
-            }
-            (
-                Step::RefundPayment | Step::CancelPayment | Step::ReleaseClaim | Step::VoidInvoice,
-                r,
-            ) if !matches!(r, StepResult::Transient(_)) => {
-                Some(("billing.compensated", json!({"step": step})))
-            }
-            _ => None,
-        };
+        let event = step_event(incident, step, &result);
         saga = match apply(&saga, step, result, Utc::now()) {
             Ok(s) => s,
             Err(e) => {
@@ -422,11 +464,7 @@ async fn drive(deps: BillingDeps, incident: IncidentId) -> Result<(), StoreError
                 return Err(StoreError::Corrupt(e.to_string()));
             }
         };
-        let (kind, mut data) = event.map_or((None, json!({})), |(k, d)| (Some(k), d));
-        if let Some(obj) = data.as_object_mut() {
-            obj.insert("incident_id".into(), json!(incident));
-        }
-        record(&db, &saga, kind, data).await?;
+        record(&db, &saga, event).await?;
         if transient {
             actix_web::rt::time::sleep(backoff(saga.attempts)).await;
         }
@@ -435,17 +473,17 @@ async fn drive(deps: BillingDeps, incident: IncidentId) -> Result<(), StoreError
     let paid = saga.status == billing::InvoiceStatus::Paid;
     let outcome = if paid { "paid" } else { "failed" };
     if !already_done {
-        record(
-            &db,
-            &saga,
-            Some(if paid {
-                "billing.completed"
-            } else {
-                "billing.failed"
-            }),
-            json!({"incident_id": incident, "status": saga.status, "reason": saga.failure}),
-        )
-        .await?;
+        let ended = BillingOutcome {
+            incident_id: incident,
+            status: saga.status,
+            reason: saga.failure.clone(),
+        };
+        let event = if paid {
+            BillingEvent::Completed(ended)
+        } else {
+            BillingEvent::Failed(ended)
+        };
+        record(&db, &saga, Some(event)).await?;
     }
     let closed = deps
         .incidents
@@ -531,5 +569,23 @@ impl PaymentProvider for PaymentsNotConfigured {
     }
     fn name(&self) -> &'static str {
         "none"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coverage_request_body_is_unchanged_on_the_wire() {
+        let body = CoverageRequest {
+            amount_cents: 12_345,
+            incident_id: "i-1",
+            patient_id: "p-1",
+        };
+        assert_eq!(
+            serde_json::to_string(&body).ok().as_deref(),
+            Some(r#"{"amount_cents":12345,"incident_id":"i-1","patient_id":"p-1"}"#)
+        );
     }
 }

@@ -7,6 +7,7 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use super::billing::{Coverage, InvoiceStatus, Step};
 use super::dispatch::UnitStatus;
 use super::ids::{DeviceId, IncidentId, OfferId, PatientId, UnitId};
 use super::triage::TriageStatus;
@@ -334,6 +335,110 @@ impl NotificationEvent<'_> {
     }
 }
 
+/// What a billing saga records (`billing-{incident}`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "kind", content = "data")]
+pub enum BillingEvent {
+    /// `billing.started`: the invoice was created.
+    #[serde(rename = "billing.started")]
+    Started {
+        /// The incident billed.
+        incident_id: IncidentId,
+        /// The invoice.
+        invoice_id: String,
+        /// The amount, in minor units.
+        amount_cents: i64,
+        /// ISO currency code.
+        currency: String,
+        /// Scene to hospital, metres (rounded; a float, as stored so far).
+        distance_m: f64,
+        /// Whether the unit was advanced life support.
+        als: bool,
+    },
+    /// `billing.insurance_verified`: the insurer decided.
+    #[serde(rename = "billing.insurance_verified")]
+    InsuranceVerified {
+        /// The incident billed.
+        incident_id: IncidentId,
+        /// The kind of coverage.
+        coverage_status: Coverage,
+        /// Paid by the insurer, in minor units.
+        covered_cents: i64,
+        /// Owed by the patient, in minor units.
+        patient_due_cents: i64,
+    },
+    /// `billing.payment_succeeded`.
+    #[serde(rename = "billing.payment_succeeded")]
+    PaymentSucceeded {
+        /// The incident billed.
+        incident_id: IncidentId,
+        /// The payment intent's status.
+        status: String,
+    },
+    /// `billing.payment_failed`: the charge came back unsuccessful (`status`) or was
+    /// refused (`reason`); exactly one of the two is present.
+    #[serde(rename = "billing.payment_failed")]
+    PaymentFailed {
+        /// The incident billed.
+        incident_id: IncidentId,
+        /// The payment intent's status, when the provider answered with one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        status: Option<String>,
+        /// Why the charge was refused, when it was.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// `billing.compensated`: a compensation step ran.
+    #[serde(rename = "billing.compensated")]
+    Compensated {
+        /// The incident billed.
+        incident_id: IncidentId,
+        /// The compensation.
+        step: Step,
+    },
+    /// `billing.completed`: the saga ended paid.
+    #[serde(rename = "billing.completed")]
+    Completed(BillingOutcome),
+    /// `billing.failed`: the saga ended unpaid.
+    #[serde(rename = "billing.failed")]
+    Failed(BillingOutcome),
+}
+
+/// The data of `billing.completed` / `billing.failed`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BillingOutcome {
+    /// The incident billed.
+    pub incident_id: IncidentId,
+    /// The invoice's final status.
+    pub status: InvoiceStatus,
+    /// Why it failed, if it did.
+    pub reason: Option<String>,
+}
+
+impl BillingEvent {
+    /// The event to append, with its correlation id.
+    pub fn to_new(&self) -> NewEvent {
+        let (kind, incident_id) = match self {
+            BillingEvent::Started { incident_id, .. } => ("billing.started", incident_id),
+            BillingEvent::InsuranceVerified { incident_id, .. } => {
+                ("billing.insurance_verified", incident_id)
+            }
+            BillingEvent::PaymentSucceeded { incident_id, .. } => {
+                ("billing.payment_succeeded", incident_id)
+            }
+            BillingEvent::PaymentFailed { incident_id, .. } => {
+                ("billing.payment_failed", incident_id)
+            }
+            BillingEvent::Compensated { incident_id, .. } => ("billing.compensated", incident_id),
+            BillingEvent::Completed(o) => ("billing.completed", &o.incident_id),
+            BillingEvent::Failed(o) => ("billing.failed", &o.incident_id),
+        };
+        let mut event = NewEvent::new(kind, data_of(self));
+        event.incident_id = Some(incident_id.to_string());
+        event
+    }
+}
+
 #[cfg(test)]
 mod typed_event_tests {
     use super::*;
@@ -449,6 +554,59 @@ mod typed_event_tests {
             serde_json::json!({"kind": "vitals", "device_id": "d-1",
                                "detected_at": "2026-12-05T08:00:00Z", "reasons": ["SpO2 low"],
                                "readings": []})
+        );
+    }
+
+    #[test]
+    fn billing_events_keep_their_stored_shape() {
+        let incident = IncidentId(uuid::Uuid::nil());
+        let nil = "00000000-0000-0000-0000-000000000000";
+        let started = BillingEvent::Started {
+            incident_id: incident,
+            invoice_id: "inv_1".into(),
+            amount_cents: 12_345,
+            currency: "EUR".into(),
+            distance_m: 1500.0,
+            als: true,
+        }
+        .to_new();
+        assert_eq!(started.kind, "billing.started");
+        assert_eq!(started.incident_id.as_deref(), Some(nil));
+        assert_eq!(
+            started.data,
+            serde_json::json!({"incident_id": nil, "invoice_id": "inv_1", "amount_cents": 12_345,
+                               "currency": "EUR", "distance_m": 1500.0, "als": true})
+        );
+        let declined = BillingEvent::PaymentFailed {
+            incident_id: incident,
+            status: None,
+            reason: Some("card_declined".into()),
+        }
+        .to_new();
+        assert_eq!(declined.kind, "billing.payment_failed");
+        assert_eq!(
+            declined.data,
+            serde_json::json!({"incident_id": nil, "reason": "card_declined"})
+        );
+        let compensated = BillingEvent::Compensated {
+            incident_id: incident,
+            step: Step::VoidInvoice,
+        }
+        .to_new();
+        assert_eq!(
+            compensated.data,
+            serde_json::json!({"incident_id": nil, "step": "void_invoice"})
+        );
+        let completed = BillingEvent::Completed(BillingOutcome {
+            incident_id: incident,
+            status: InvoiceStatus::Paid,
+            reason: None,
+        })
+        .to_new();
+        assert_eq!(completed.kind, "billing.completed");
+        assert_eq!(
+            completed.data,
+            serde_json::json!({"incident_id": nil, "status": "paid", "reason": null})
         );
     }
 }
