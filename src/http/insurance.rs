@@ -60,16 +60,13 @@ pub async fn verify(
     ApiError::check(errors)?;
     let decision = db
         .run(move |mut conn| async move {
-            conn.write_transaction(async |tx| {
-                store::verify(
-                    tx,
-                    &b.patient_id,
-                    &b.incident_id,
-                    b.amount_cents,
-                    Utc::now(),
-                )
-                .await
-            })
+            store::verify(
+                &mut conn,
+                &b.patient_id,
+                &b.incident_id,
+                b.amount_cents,
+                Utc::now(),
+            )
             .await
         })
         .await
@@ -100,15 +97,12 @@ pub async fn release(
 ) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
     let claim = id.clone();
-    db.run(move |mut conn| async move {
-        conn.write_transaction(async |tx| store::release(tx, &claim, Utc::now()).await)
-            .await
-    })
-    .await
-    .map_err(|e| match e {
-        StoreError::NotFound => ApiError::not_found("no such claim"),
-        other => other.into(),
-    })?;
+    db.run(move |mut conn| async move { store::release(&mut conn, &claim, Utc::now()).await })
+        .await
+        .map_err(|e| match e {
+            StoreError::NotFound => ApiError::not_found("no such claim"),
+            other => other.into(),
+        })?;
     Ok(HttpResponse::Ok().json(json!({"claim_id": id, "status": "released"})))
 }
 

@@ -66,9 +66,22 @@ fn coverage_of(amount: i64, covered: i64) -> Coverage {
     }
 }
 
-/// Verifies coverage for an incident's bill and holds the covered part (call inside a write
-/// transaction). `Conflict` when the incident was already verified with another amount.
+/// Verifies coverage for an incident's bill and holds the covered part, in one write
+/// transaction. `Conflict` when the incident was already verified with another amount.
 pub async fn verify(
+    conn: &mut DbConn,
+    patient_id: &str,
+    incident_id: &str,
+    amount_cents: i64,
+    now: DateTime<Utc>,
+) -> Result<InsuranceDecision, StoreError> {
+    conn.write_transaction(async |tx| {
+        verify_in(tx, patient_id, incident_id, amount_cents, now).await
+    })
+    .await
+}
+
+async fn verify_in(
     conn: &mut DbConn,
     patient_id: &str,
     incident_id: &str,
@@ -141,9 +154,18 @@ pub async fn verify(
     Ok(decision)
 }
 
-/// Releases a held claim, returning its covered amount to the policy (idempotent; `NotFound`
-/// for an unknown claim). Call inside a write transaction.
+/// Releases a held claim, returning its covered amount to the policy, in one write
+/// transaction (idempotent; `NotFound` for an unknown claim).
 pub async fn release(
+    conn: &mut DbConn,
+    claim_id: &str,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    conn.write_transaction(async |tx| release_in(tx, claim_id, now).await)
+        .await
+}
+
+async fn release_in(
     conn: &mut DbConn,
     claim_id: &str,
     now: DateTime<Utc>,
