@@ -372,6 +372,36 @@ fn step_event(incident: IncidentId, step: Step, result: &StepResult) -> Option<B
     }
 }
 
+/// Who pays: the patient's id and, when insured, their member number (the charge's customer).
+struct Payer {
+    patient_id: Option<String>,
+    member_ref: Option<String>,
+}
+
+impl Payer {
+    /// The incident's patient and their insurance membership, if any.
+    async fn of(db: &Db, incident: IncidentId) -> Result<Self, StoreError> {
+        let (patient_id, member_ref) = db
+            .run(move |mut conn| async move {
+                let Some((i, _)) = incident_store::find(&mut conn, incident).await? else {
+                    return Ok::<_, StoreError>((None, None));
+                };
+                let member = match &i.patient_id {
+                    Some(p) => patients::find_patient(&mut conn, p)
+                        .await?
+                        .and_then(|p| p.insurance.map(|ins| ins.member_id)),
+                    None => None,
+                };
+                Ok((i.patient_id.map(|p| p.0), member))
+            })
+            .await?;
+        Ok(Self {
+            patient_id,
+            member_ref,
+        })
+    }
+}
+
 /// Drives one saga to its end.
 async fn drive(deps: BillingDeps, incident: IncidentId) -> Result<(), StoreError> {
     let (mut saga, _) = load_or_create(&deps, incident).await?;
@@ -379,81 +409,11 @@ async fn drive(deps: BillingDeps, incident: IncidentId) -> Result<(), StoreError
     // incident is closed (idempotent), never run or record anything twice.
     let already_done = is_done(&saga);
     let db = deps.db.clone();
-    let (patient_id, member_ref) = db
-        .run(move |mut conn| async move {
-            let Some((i, _)) = incident_store::find(&mut conn, incident).await? else {
-                return Ok::<_, StoreError>((None, None));
-            };
-            let member = match &i.patient_id {
-                Some(p) => patients::find_patient(&mut conn, p)
-                    .await?
-                    .and_then(|p| p.insurance.map(|ins| ins.member_id)),
-                None => None,
-            };
-            Ok((i.patient_id.map(|p| p.0), member))
-        })
-        .await?;
+    let payer = Payer::of(&db, incident).await?;
     loop {
         let step = next_step(&saga);
-        if step == Step::Done {
+        let Some(result) = run_step(&deps, &saga, step, &payer).await else {
             break;
-        }
-        let key = billing::idempotency_key(&saga.incident_id, step);
-        let result = match step {
-            Step::VerifyInsurance => verify_insurance(&deps, &saga, patient_id.clone()).await,
-            Step::Charge => {
-                let due = saga
-                    .insurance
-                    .as_ref()
-                    .map_or(saga.amount_cents, |d| d.patient_due_cents);
-                payment_result(
-                    deps.payments
-                        .create_and_confirm(ChargeRequest {
-                            amount_cents: due,
-                            currency: saga.currency.clone(),
-                            customer_ref: member_ref
-                                .clone()
-                                .or_else(|| patient_id.clone())
-                                .unwrap_or_default(),
-                            description: format!(
-                                "Ambulance service, incident {}",
-                                saga.incident_id
-                            ),
-                            idempotency_key: key.clone(),
-                        })
-                        .await,
-                )
-            }
-            Step::Complete => StepResult::Completed,
-            Step::RefundPayment => match &saga.payment {
-                Some(p) => {
-                    let due = saga
-                        .insurance
-                        .as_ref()
-                        .map_or(saga.amount_cents, |d| d.patient_due_cents);
-                    match deps.payments.refund(&p.intent_id, due, &key).await {
-                        Ok(_) => StepResult::Refunded,
-                        Err(PaymentError::Transient { reason, .. }) => {
-                            StepResult::Transient(reason)
-                        }
-                        Err(e) => StepResult::Transient(format!("refund failed: {e}")),
-                    }
-                }
-                None => StepResult::Refunded,
-            },
-            Step::CancelPayment => match &saga.payment {
-                Some(p) => match deps.payments.cancel(&p.intent_id, &key).await {
-                    Ok(intent) if intent.status.as_str() == "canceled" => StepResult::Cancelled,
-                    other => payment_result(other),
-                },
-                None => StepResult::Cancelled,
-            },
-            Step::ReleaseClaim => match saga.insurance.as_ref().and_then(|d| d.claim_id.clone()) {
-                Some(claim) => release_claim(&deps, &claim).await,
-                None => StepResult::Released,
-            },
-            Step::VoidInvoice => StepResult::Voided,
-            Step::Done => break,
         };
         let transient = matches!(result, StepResult::Transient(_));
         let event = step_event(incident, step, &result);
@@ -469,7 +429,76 @@ async fn drive(deps: BillingDeps, incident: IncidentId) -> Result<(), StoreError
             actix_web::rt::time::sleep(backoff(saga.attempts)).await;
         }
     }
-    // The saga is over: record the outcome, close the incident, release the unit.
+    finish(&deps, &saga, incident, already_done).await
+}
+
+/// Executes one step against the insurer or the payment provider; `None` when the saga is
+/// done.
+async fn run_step(
+    deps: &BillingDeps,
+    saga: &Saga,
+    step: Step,
+    payer: &Payer,
+) -> Option<StepResult> {
+    if step == Step::Done {
+        return None;
+    }
+    let key = billing::idempotency_key(&saga.incident_id, step);
+    let due = saga
+        .insurance
+        .as_ref()
+        .map_or(saga.amount_cents, |d| d.patient_due_cents);
+    let result = match step {
+        Step::Done => return None,
+        Step::VerifyInsurance => verify_insurance(deps, saga, payer.patient_id.clone()).await,
+        Step::Charge => payment_result(
+            deps.payments
+                .create_and_confirm(ChargeRequest {
+                    amount_cents: due,
+                    currency: saga.currency.clone(),
+                    customer_ref: payer
+                        .member_ref
+                        .clone()
+                        .or_else(|| payer.patient_id.clone())
+                        .unwrap_or_default(),
+                    description: format!("Ambulance service, incident {}", saga.incident_id),
+                    idempotency_key: key,
+                })
+                .await,
+        ),
+        Step::Complete => StepResult::Completed,
+        Step::RefundPayment => match &saga.payment {
+            Some(p) => match deps.payments.refund(&p.intent_id, due, &key).await {
+                Ok(_) => StepResult::Refunded,
+                Err(PaymentError::Transient { reason, .. }) => StepResult::Transient(reason),
+                Err(e) => StepResult::Transient(format!("refund failed: {e}")),
+            },
+            None => StepResult::Refunded,
+        },
+        Step::CancelPayment => match &saga.payment {
+            Some(p) => match deps.payments.cancel(&p.intent_id, &key).await {
+                Ok(intent) if intent.status.as_str() == "canceled" => StepResult::Cancelled,
+                other => payment_result(other),
+            },
+            None => StepResult::Cancelled,
+        },
+        Step::ReleaseClaim => match saga.insurance.as_ref().and_then(|d| d.claim_id.clone()) {
+            Some(claim) => release_claim(deps, &claim).await,
+            None => StepResult::Released,
+        },
+        Step::VoidInvoice => StepResult::Voided,
+    };
+    Some(result)
+}
+
+/// The saga is over: record the outcome (unless recorded before), close the incident and
+/// release its unit.
+async fn finish(
+    deps: &BillingDeps,
+    saga: &Saga,
+    incident: IncidentId,
+    already_done: bool,
+) -> Result<(), StoreError> {
     let paid = saga.status == billing::InvoiceStatus::Paid;
     let outcome = if paid { "paid" } else { "failed" };
     if !already_done {
@@ -483,7 +512,7 @@ async fn drive(deps: BillingDeps, incident: IncidentId) -> Result<(), StoreError
         } else {
             BillingEvent::Failed(ended)
         };
-        record(&db, &saga, Some(event)).await?;
+        record(&deps.db, saga, Some(event)).await?;
     }
     let closed = deps
         .incidents
