@@ -287,58 +287,76 @@ async fn create(
         .await
 }
 
+impl IncidentDirectory {
+    /// The patient's open incident (which gets `evidence`, if any), or the one being created
+    /// for them right now; `None` when they have neither and a new one is to be opened.
+    fn join_open(
+        &mut self,
+        patient: &PatientId,
+        evidence: Option<&serde_json::Value>,
+        ctx: &mut Context<Self>,
+    ) -> Option<ResponseActFuture<Self, Result<Opened, IncidentError>>> {
+        // The patient already has an open incident: return it (with the new evidence).
+        if let Some(&id) = self.open_by_patient.get(patient) {
+            let addr = self.actor_for(id, ctx);
+            let evidence = evidence.cloned();
+            return Some(Box::pin(
+                async move {
+                    let incident = match evidence {
+                        Some(evidence) => addr
+                            .send(Execute(Command::AddEvidence { evidence }))
+                            .await
+                            .map_err(ActorError::mailbox("incident"))??,
+                        None => {
+                            let inspection = addr
+                                .send(InspectIncident)
+                                .await
+                                .map_err(ActorError::mailbox("incident"))?;
+                            inspection
+                                .state
+                                .and_then(|s| serde_json::from_value(s).ok())
+                                .ok_or(IncidentError::NotFound)?
+                        }
+                    };
+                    Ok(Opened {
+                        incident,
+                        created: false,
+                    })
+                }
+                .into_actor(self),
+            ));
+        }
+        // It is being created right now: wait for that one.
+        if let Some(waiters) = self.creating.get_mut(patient) {
+            let (tx, rx) = oneshot::channel();
+            waiters.push((tx, evidence.cloned()));
+            return Some(Box::pin(
+                async move {
+                    match rx.await {
+                        Ok(Ok(opened)) => Ok(opened),
+                        Ok(Err(e)) => Err(IncidentError::Store(StoreError::Unavailable(e))),
+                        Err(_) => Err(IncidentError::Actor(ActorError::Abandoned(
+                            "incident directory",
+                        ))),
+                    }
+                }
+                .into_actor(self),
+            ));
+        }
+        None
+    }
+}
+
 impl Handler<OpenIncident> for IncidentDirectory {
     type Result = ResponseActFuture<Self, Result<Opened, IncidentError>>;
 
+    // Long on purpose: the path from a detection to the first offer, read top to bottom
+    // (reserve a round alongside the prefetch, one commit, settle); one piece, no extra hops.
     fn handle(&mut self, msg: OpenIncident, ctx: &mut Self::Context) -> Self::Result {
         let req = msg.0;
         if let Some(patient) = &req.patient_id {
-            // The patient already has an open incident: return it (with the new evidence).
-            if let Some(&id) = self.open_by_patient.get(patient) {
-                let addr = self.actor_for(id, ctx);
-                let evidence = req.evidence.clone();
-                return Box::pin(
-                    async move {
-                        let incident = match evidence {
-                            Some(evidence) => addr
-                                .send(Execute(Command::AddEvidence { evidence }))
-                                .await
-                                .map_err(ActorError::mailbox("incident"))??,
-                            None => {
-                                let inspection = addr
-                                    .send(InspectIncident)
-                                    .await
-                                    .map_err(ActorError::mailbox("incident"))?;
-                                inspection
-                                    .state
-                                    .and_then(|s| serde_json::from_value(s).ok())
-                                    .ok_or(IncidentError::NotFound)?
-                            }
-                        };
-                        Ok(Opened {
-                            incident,
-                            created: false,
-                        })
-                    }
-                    .into_actor(self),
-                );
-            }
-            // It is being created right now: wait for that one.
-            if let Some(waiters) = self.creating.get_mut(patient) {
-                let (tx, rx) = oneshot::channel();
-                waiters.push((tx, req.evidence.clone()));
-                return Box::pin(
-                    async move {
-                        match rx.await {
-                            Ok(Ok(opened)) => Ok(opened),
-                            Ok(Err(e)) => Err(IncidentError::Store(StoreError::Unavailable(e))),
-                            Err(_) => Err(IncidentError::Actor(ActorError::Abandoned(
-                                "incident directory",
-                            ))),
-                        }
-                    }
-                    .into_actor(self),
-                );
+            if let Some(joined) = self.join_open(patient, req.evidence.as_ref(), ctx) {
+                return joined;
             }
             self.creating.insert(patient.clone(), Vec::new());
         }

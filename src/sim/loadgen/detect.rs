@@ -60,6 +60,7 @@ struct Prober<'a> {
 }
 
 /// `--scenario detect-to-offer`.
+// Long on purpose: a load scenario read top to bottom (set up, drive, measure, report).
 pub async fn run(args: &LoadgenArgs, fixtures: &Fixtures) -> anyhow::Result<Report> {
     let devices = args.pick(args.devices, 10_000, 20);
     let hz = args.pick(args.hz, 1.0, 1.0);
