@@ -147,6 +147,37 @@ async fn context_for(
     .await
 }
 
+/// What an attempt leaves behind: the row's status, when to try next, the last error and
+/// `delivered` (`Some` when this attempt is final: `true` sent, `false` given up; `None` to
+/// retry with backoff).
+fn outcome_of(
+    result: Result<String, DeliveryError>,
+    attempts: i32,
+    now: chrono::DateTime<Utc>,
+) -> (
+    &'static str,
+    chrono::DateTime<Utc>,
+    Option<String>,
+    Option<bool>,
+) {
+    match result {
+        Ok(_) => ("sent", now, None, Some(true)),
+        Err(DeliveryError::Transient {
+            retry_after,
+            reason,
+        }) => {
+            if u32::try_from(attempts).unwrap_or(u32::MAX) >= MAX_ATTEMPTS {
+                ("failed", now, Some(reason), Some(false))
+            } else {
+                let wait = backoff(u32::try_from(attempts).unwrap_or(0), retry_after);
+                let next = now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX);
+                ("queued", next, Some(reason), None)
+            }
+        }
+        Err(DeliveryError::Permanent { reason }) => ("failed", now, Some(reason), Some(false)),
+    }
+}
+
 async fn deliver_due(db: &Db, channels: &Channels) -> Result<(), StoreError> {
     let due = db
         .run(|mut conn| async move { store::due_notifications(&mut conn, Utc::now(), BATCH).await })
@@ -178,24 +209,7 @@ async fn deliver_due(db: &Db, channels: &Channels) -> Result<(), StoreError> {
         let result = provider.send(&outgoing).await;
         let attempts = n.attempts.saturating_add(1);
         let now = Utc::now();
-        // `delivered`: `Some` when this attempt is final (sent or given up), `None` to retry.
-        let (status, next, error, delivered) = match result {
-            Ok(_) => ("sent", now, None, Some(true)),
-            Err(DeliveryError::Transient {
-                retry_after,
-                reason,
-            }) => {
-                if u32::try_from(attempts).unwrap_or(u32::MAX) >= MAX_ATTEMPTS {
-                    ("failed", now, Some(reason), Some(false))
-                } else {
-                    let wait = backoff(u32::try_from(attempts).unwrap_or(0), retry_after);
-                    let next =
-                        now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX);
-                    ("queued", next, Some(reason), None)
-                }
-            }
-            Err(DeliveryError::Permanent { reason }) => ("failed", now, Some(reason), Some(false)),
-        };
+        let (status, next, error, delivered) = outcome_of(result, attempts, now);
         tracing::info!(notification.id = %n.id, notification.channel = %n.channel, notification.status = status, attempts, "notification attempt");
         let (id, incident, channel_name, template_name) = (
             n.id.clone(),

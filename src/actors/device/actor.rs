@@ -619,6 +619,8 @@ impl Handler<CancelFall> for DeviceActor {
 
 impl DeviceActor {
     /// Runs the fall watch at `now` (a tick, or a wearer cancel) and persists what follows.
+    // Long on purpose: the fall watch's counterpart of ProcessReadings (verdict, status
+    // change, hand-off, persist), read top to bottom.
     fn fall_verdict(
         &mut self,
         now: DateTime<Utc>,

@@ -390,6 +390,8 @@ impl IncidentActor {
 impl Handler<NextRound> for IncidentActor {
     type Result = AtomicResponse<Self, ()>;
 
+    // Long on purpose: one offer round as its numbered steps (rank and reserve, escalate or
+    // record, publish) in one atomic handler, on the dispatch hot path.
     fn handle(&mut self, _: NextRound, _: &mut Self::Context) -> Self::Result {
         let (Some(fleet), Some(state)) = (self.deps.fleet.clone(), self.state.clone()) else {
             return ready(());
@@ -586,6 +588,8 @@ impl Handler<RoundExpired> for IncidentActor {
 impl Handler<AcceptOffer> for IncidentActor {
     type Result = AtomicResponse<Self, Result<OfferOutcome, IncidentError>>;
 
+    // Long on purpose: first accept wins, checked, committed on the unit and persisted in one
+    // atomic step on the accept hot path; splitting it would add hops between them.
     fn handle(&mut self, msg: AcceptOffer, _: &mut Self::Context) -> Self::Result {
         let Some(state) = self.state.clone() else {
             return ready(Err(IncidentError::NotFound));
@@ -735,6 +739,8 @@ impl Handler<DeclineOffer> for IncidentActor {
 impl Handler<ManualAssign> for IncidentActor {
     type Result = AtomicResponse<Self, Result<Incident, IncidentError>>;
 
+    // Long on purpose: the manual twin of AcceptOffer (decide, commit the unit, persist, undo
+    // on failure) in one atomic step, read top to bottom.
     fn handle(&mut self, msg: ManualAssign, _: &mut Self::Context) -> Self::Result {
         let Some(state) = self.state.clone() else {
             return ready(Err(IncidentError::NotFound));
