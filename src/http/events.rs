@@ -17,6 +17,7 @@ use super::error::ApiError;
 use super::ws::{Incoming, Socket};
 use crate::actors::broadcaster::{Broadcast, FeedItem, Stats, feed};
 use crate::domain::events::RecordedEvent;
+use crate::domain::ids::UnitId;
 use crate::persistence::events;
 
 /// `?since=SEQ&limit=N`.
@@ -174,7 +175,7 @@ enum ConsoleFrame {
         #[serde(default)]
         request_id: Option<String>,
         incident_id: String,
-        unit_id: String,
+        unit_id: UnitId,
     },
     /// Cancel (as `POST /api/v1/incidents/{id}/cancel`).
     Cancel {
@@ -187,7 +188,7 @@ enum ConsoleFrame {
     UnitStatus {
         #[serde(default)]
         request_id: Option<String>,
-        unit_id: String,
+        unit_id: UnitId,
         status: crate::domain::dispatch::CrewReport,
     },
 }
@@ -253,7 +254,7 @@ async fn create_incident(
 async fn assign(
     state: &AppState,
     incident_id: &str,
-    unit_id: String,
+    unit_id: UnitId,
 ) -> Result<serde_json::Value, ApiError> {
     use crate::actors::incident::{ManualAssign, ToIncident};
     let id = incident_id
@@ -263,9 +264,7 @@ async fn assign(
         .incidents
         .send(ToIncident {
             incident_id: id,
-            message: ManualAssign {
-                unit_id: crate::domain::ids::UnitId(unit_id),
-            },
+            message: ManualAssign { unit_id },
         })
         .await
         .map_err(super::incidents::mailbox)?
@@ -306,7 +305,7 @@ async fn cancel(
 /// `unit_status`: a dispatcher takes a unit out of service or puts it back.
 async fn unit_status(
     state: &AppState,
-    unit_id: String,
+    unit_id: UnitId,
     status: crate::domain::dispatch::CrewReport,
 ) -> Result<serde_json::Value, ApiError> {
     use crate::domain::dispatch::CrewReport;
@@ -317,7 +316,7 @@ async fn unit_status(
         ));
     }
     let update = super::fleet::crew(state)
-        .report(&crate::domain::ids::UnitId(unit_id), status, None)
+        .report(&unit_id, status, None)
         .await
         .map_err(super::fleet::crew_error)?;
     Ok(serde_json::to_value(update).unwrap_or_default())

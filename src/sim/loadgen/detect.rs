@@ -216,7 +216,7 @@ impl Prober<'_> {
 
     async fn probe(&self, wearer: &Wearer, scene: Point, out: &mut Probes) {
         out.count += 1;
-        let body = vitals::emergency(&wearer.device_id, scene);
+        let body = vitals::emergency(wearer.device_id.as_str(), scene);
         let request = self
             .gateway
             .http()
@@ -286,7 +286,7 @@ impl Prober<'_> {
             .post(format!("{}/api/v1/vitals", self.gateway.base_url()))
             .bearer_auth(self.gateway.token())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(vitals::normal(&wearer.device_id))
+            .body(vitals::normal(wearer.device_id.as_str()))
             .send()
             .await;
     }
