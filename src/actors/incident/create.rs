@@ -19,7 +19,7 @@ use super::{
 use crate::actors::error::ActorError;
 use crate::domain::events::NewEvent;
 use crate::domain::ids::{IncidentId, PatientId};
-use crate::domain::incident::{Command, Incident, handle};
+use crate::domain::incident::{Command, Incident, IncidentEvent, handle};
 use crate::domain::patients::Patient;
 use crate::persistence::fleet::{self as fleet_store, OfferRecord};
 use crate::persistence::group::GroupCommit;
@@ -199,6 +199,25 @@ async fn find_patient(
     }
 }
 
+/// The new incident's state and events: opened, dispatch started and, when a first round was
+/// reserved, its offers recorded.
+fn opened_state(
+    open: &Command,
+    first_offers: &[OfferRecord],
+    now: DateTime<Utc>,
+) -> Result<(Incident, Vec<IncidentEvent>), IncidentError> {
+    let (opened, mut events) = handle(None, open, now)?;
+    let (mut state, more) = handle(Some(&opened), &Command::StartDispatch, now)?;
+    events.extend(more);
+    if !first_offers.is_empty() {
+        let unit_ids = first_offers.iter().map(|o| o.unit_id.clone()).collect();
+        let (offered, more) = handle(Some(&state), &Command::RecordOffers { unit_ids }, now)?;
+        events.extend(more);
+        state = offered;
+    }
+    Ok((state, events))
+}
+
 /// Creates incident `id`, with its first offer round when one was reserved, in one commit.
 /// On PostgreSQL, with the patient and reference prefetched, that is one statement
 /// ([`store::create_pg`]), which the writer runs without a transaction when it is alone: one
@@ -241,17 +260,7 @@ async fn create(
                     description: req.description.clone(),
                     evidence: req.evidence.clone(),
                 };
-                let (opened, mut events) = handle(None, &open, now)?;
-                let (mut state, more) = handle(Some(&opened), &Command::StartDispatch, now)?;
-                events.extend(more);
-                if !first_offers.is_empty() {
-                    let unit_ids = first_offers.iter().map(|o| o.unit_id.clone()).collect();
-                    let (offered, more) =
-                        handle(Some(&state), &Command::RecordOffers { unit_ids }, now)?;
-                    events.extend(more);
-                    state = offered;
-                }
-
+                let (state, events) = opened_state(&open, &first_offers, now)?;
                 let (outbox, queued) =
                     next_of_kin_outbox(patient.as_deref(), id, "incident_created");
                 if one_statement && tx.backend() == crate::persistence::Backend::Postgres {
