@@ -251,7 +251,7 @@ impl OfferClosed<'_> {
 }
 
 /// Evidence attached to an incident (`incident.evidence_added`), when SHERS produces it
-/// itself. The serde form is internally tagged: `{"kind": "vitals", …}`.
+/// itself. The serde form is internally tagged: `{"kind": "vitals", …}`, `{"kind": "caller", …}`.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Evidence {
@@ -265,6 +265,13 @@ pub enum Evidence {
         reasons: Vec<String>,
         /// The readings behind the verdict, newest last.
         readings: Vec<Reading>,
+    },
+    /// Who called it in (a console or patient request); either may be `null`.
+    Caller {
+        /// The caller's name, for people.
+        name: Option<String>,
+        /// Call-back number.
+        phone: Option<String>,
     },
 }
 
@@ -554,6 +561,15 @@ mod typed_event_tests {
             serde_json::json!({"kind": "vitals", "device_id": "d-1",
                                "detected_at": "2026-12-05T08:00:00Z", "reasons": ["SpO2 low"],
                                "readings": []})
+        );
+        let caller = Evidence::Caller {
+            name: Some("Ann".into()),
+            phone: None,
+        }
+        .to_value();
+        assert_eq!(
+            caller,
+            serde_json::json!({"kind": "caller", "name": "Ann", "phone": null})
         );
     }
 

@@ -12,6 +12,7 @@ use super::error::ApiError;
 use super::json::JsonBody;
 use crate::actors::incident::{IncidentError, OpenIncident, OpenRequest, Route};
 use crate::domain::auth::{Principal, Role};
+use crate::domain::events::Evidence;
 use crate::domain::geo::LatLng;
 use crate::domain::ids::{IncidentId, PatientId};
 use crate::domain::incident::{Command, Incident, Priority, Source, Times};
@@ -392,9 +393,13 @@ pub(crate) async fn open(
         patient_id: body.patient_id,
         location: body.location,
         description: body.description,
-        evidence: body
-            .caller
-            .map(|c| json!({"kind": "caller", "name": c.name, "phone": c.phone})),
+        evidence: body.caller.map(|c| {
+            Evidence::Caller {
+                name: c.name,
+                phone: c.phone,
+            }
+            .to_value()
+        }),
     };
     let opened = state
         .incidents
