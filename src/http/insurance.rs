@@ -12,6 +12,7 @@ use serde_json::json;
 use super::auth::{AdminOnly, Authorized};
 use super::error::ApiError;
 use super::json::JsonBody;
+use crate::domain::ids::PatientId;
 use crate::domain::patients::valid_external_id;
 use crate::domain::validation::FieldError;
 use crate::persistence::insurance::{self as store, Policy};
@@ -25,7 +26,8 @@ const MAX_AMOUNT_CENTS: i64 = 1_000_000_000;
 #[serde(deny_unknown_fields)]
 pub struct VerifyRequest {
     /// The insured patient.
-    pub patient_id: String,
+    #[schema(value_type = String)]
+    pub patient_id: PatientId,
     /// The incident being billed (one claim per incident).
     pub incident_id: String,
     /// The bill, minor units; a positive integer.
@@ -45,7 +47,7 @@ pub async fn verify(
 ) -> Result<HttpResponse, ApiError> {
     let b = body.0;
     let mut errors = Vec::new();
-    if !valid_external_id(&b.patient_id) {
+    if !valid_external_id(b.patient_id.as_str()) {
         errors.push(FieldError::new("/patient_id", "is not a valid id"));
     }
     if !valid_external_id(&b.incident_id) {
@@ -111,7 +113,8 @@ pub async fn release(
 #[serde(deny_unknown_fields)]
 pub struct NewPolicy {
     /// Insured patient.
-    pub patient_id: String,
+    #[schema(value_type = String)]
+    pub patient_id: PatientId,
     /// The insurer, by name.
     pub provider: String,
     /// Member number.
@@ -130,7 +133,7 @@ pub async fn create_policy(
 ) -> Result<HttpResponse, ApiError> {
     let b = body.0;
     let mut errors = Vec::new();
-    if !valid_external_id(&b.patient_id) {
+    if !valid_external_id(b.patient_id.as_str()) {
         errors.push(FieldError::new("/patient_id", "is not a valid id"));
     }
     if b.provider.trim().is_empty() || b.provider.len() > 200 {

@@ -11,6 +11,7 @@ use super::schema::{insurance_claims, insurance_policies};
 use super::{DbConn, StoreError, to_db_time};
 use crate::db_run;
 use crate::domain::billing::{Coverage, InsuranceDecision, decide_coverage};
+use crate::domain::ids::PatientId;
 
 /// A stored policy.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -18,7 +19,7 @@ pub struct Policy {
     /// Its stable identifier.
     pub id: String,
     /// Insured patient.
-    pub patient_id: String,
+    pub patient_id: PatientId,
     /// The insurer, by name.
     pub provider: String,
     /// Member number.
@@ -37,7 +38,7 @@ pub async fn upsert_policy(
         diesel::insert_into(insurance_policies::table)
             .values((
                 insurance_policies::id.eq(&policy.id),
-                insurance_policies::patient_id.eq(&policy.patient_id),
+                insurance_policies::patient_id.eq(policy.patient_id.as_str()),
                 insurance_policies::provider.eq(&policy.provider),
                 insurance_policies::member_id.eq(&policy.member_id),
                 insurance_policies::remaining_cents.eq(policy.remaining_cents),
@@ -70,7 +71,7 @@ fn coverage_of(amount: i64, covered: i64) -> Coverage {
 /// transaction. `Conflict` when the incident was already verified with another amount.
 pub async fn verify(
     conn: &mut DbConn,
-    patient_id: &str,
+    patient_id: &PatientId,
     incident_id: &str,
     amount_cents: i64,
     now: DateTime<Utc>,
@@ -83,7 +84,7 @@ pub async fn verify(
 
 async fn verify_in(
     conn: &mut DbConn,
-    patient_id: &str,
+    patient_id: &PatientId,
     incident_id: &str,
     amount_cents: i64,
     now: DateTime<Utc>,
@@ -116,7 +117,7 @@ async fn verify_in(
     }
     let policy: Option<(String, i64)> = db_run!(conn, |c| {
         insurance_policies::table
-            .filter(insurance_policies::patient_id.eq(patient_id))
+            .filter(insurance_policies::patient_id.eq(patient_id.as_str()))
             .select((insurance_policies::id, insurance_policies::remaining_cents))
             .first(c)
             .await
@@ -140,7 +141,7 @@ async fn verify_in(
             .values((
                 insurance_claims::id.eq(&claim_id),
                 insurance_claims::policy_id.eq(&policy_id),
-                insurance_claims::patient_id.eq(patient_id),
+                insurance_claims::patient_id.eq(patient_id.as_str()),
                 insurance_claims::incident_id.eq(incident_id),
                 insurance_claims::amount_cents.eq(amount_cents),
                 insurance_claims::covered_cents.eq(covered),
