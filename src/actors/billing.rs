@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 use chrono::Utc;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde_json::Value;
 
 use crate::actors::incident::{IncidentDirectory, Route};
 use crate::actors::unit::{Fleet, HospitalLocation, IncidentOver, UnitAddr, ViewUnit};
@@ -21,7 +22,7 @@ use crate::domain::billing::{
     next_step,
 };
 use crate::domain::dispatch::Capability;
-use crate::domain::events::{ExpectedVersion, NewEvent};
+use crate::domain::events::{BillingEvent, BillingOutcome, ExpectedVersion};
 use crate::domain::ids::IncidentId;
 use crate::domain::incident::Command;
 use crate::integrations::payments::{ChargeRequest, PaymentError, PaymentProvider};
@@ -125,14 +126,13 @@ impl Handler<ResumeBilling> for Billing {
     }
 }
 
-async fn record(db: &Db, saga: &Saga, kind: Option<&str>, data: Value) -> Result<(), StoreError> {
-    let (saga, kind) = (saga.clone(), kind.map(str::to_owned));
+async fn record(db: &Db, saga: &Saga, event: Option<BillingEvent>) -> Result<(), StoreError> {
+    let (saga, event) = (saga.clone(), event.map(|e| e.to_new()));
     let done = is_done(&saga);
     db.run(move |mut conn| async move {
         conn.write_transaction(async |tx| {
             invoices::save(tx, &saga, done, Utc::now()).await?;
-            if let Some(kind) = kind {
-                let mut e = NewEvent::new(kind, data);
+            if let Some(mut e) = event {
                 e.incident_id = Some(saga.incident_id.clone());
                 events::append(
                     tx,
@@ -192,9 +192,15 @@ async fn load_or_create(
         .await;
     match inserted {
         Ok(()) => {
-            record(&db, &saga, Some("billing.started"), json!({"incident_id": incident, "invoice_id": invoice_id,
-                "amount_cents": amount, "currency": saga.currency, "distance_m": distance_m.round(), "als": als}))
-            .await?;
+            let started = BillingEvent::Started {
+                incident_id: incident,
+                invoice_id: invoice_id.clone(),
+                amount_cents: amount,
+                currency: saga.currency.clone(),
+                distance_m: distance_m.round(),
+                als,
+            };
+            record(&db, &saga, Some(started)).await?;
             Ok((saga, invoice_id))
         }
         // Another run created it first: use that one (one invoice per incident).
@@ -208,6 +214,15 @@ async fn load_or_create(
         }
         Err(e) => Err(e),
     }
+}
+
+/// The body of the insurer's coverage check. The fields are declared in the order the insurer
+/// has always received them (alphabetical, as `serde_json::Value` wrote them).
+#[derive(Serialize)]
+struct CoverageRequest<'a> {
+    amount_cents: i64,
+    incident_id: &'a str,
+    patient_id: &'a str,
 }
 
 async fn verify_insurance(
@@ -230,8 +245,15 @@ async fn verify_insurance(
         .http
         .post(url)
         .bearer_auth(&deps.insurance_token)
-        .header("Idempotency-Key", billing::idempotency_key(&saga.incident_id, Step::VerifyInsurance))
-        .json(&json!({"patient_id": patient_id, "incident_id": saga.incident_id, "amount_cents": saga.amount_cents}))
+        .header(
+            "Idempotency-Key",
+            billing::idempotency_key(&saga.incident_id, Step::VerifyInsurance),
+        )
+        .json(&CoverageRequest {
+            amount_cents: saga.amount_cents,
+            incident_id: &saga.incident_id,
+            patient_id: &patient_id,
+        })
         .send()
         .await;
     let resp = match resp {
@@ -309,6 +331,77 @@ fn payment_result(
     }
 }
 
+/// The event a step's result records, if any (transient failures record none).
+fn step_event(incident: IncidentId, step: Step, result: &StepResult) -> Option<BillingEvent> {
+    match (step, result) {
+        (Step::VerifyInsurance, StepResult::InsuranceVerified(d)) => {
+            Some(BillingEvent::InsuranceVerified {
+                incident_id: incident,
+                coverage_status: d.coverage,
+                covered_cents: d.covered_cents,
+                patient_due_cents: d.patient_due_cents,
+            })
+        }
+        (Step::Charge, StepResult::Charged { status, .. }) if status == "succeeded" => {
+            Some(BillingEvent::PaymentSucceeded {
+                incident_id: incident,
+                status: status.clone(),
+            })
+        }
+        (Step::Charge, StepResult::Charged { status, .. }) => Some(BillingEvent::PaymentFailed {
+            incident_id: incident,
+            status: Some(status.clone()),
+            reason: None,
+        }),
+        (Step::Charge, StepResult::ChargeFailed { reason, .. }) => {
+            Some(BillingEvent::PaymentFailed {
+                incident_id: incident,
+                status: None,
+                reason: Some(reason.clone()),
+            })
+        }
+        (Step::RefundPayment | Step::CancelPayment | Step::ReleaseClaim | Step::VoidInvoice, r)
+            if !matches!(r, StepResult::Transient(_)) =>
+        {
+            Some(BillingEvent::Compensated {
+                incident_id: incident,
+                step,
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Who pays: the patient's id and, when insured, their member number (the charge's customer).
+struct Payer {
+    patient_id: Option<String>,
+    member_ref: Option<String>,
+}
+
+impl Payer {
+    /// The incident's patient and their insurance membership, if any.
+    async fn of(db: &Db, incident: IncidentId) -> Result<Self, StoreError> {
+        let (patient_id, member_ref) = db
+            .run(move |mut conn| async move {
+                let Some((i, _)) = incident_store::find(&mut conn, incident).await? else {
+                    return Ok::<_, StoreError>((None, None));
+                };
+                let member = match &i.patient_id {
+                    Some(p) => patients::find_patient(&mut conn, p)
+                        .await?
+                        .and_then(|p| p.insurance.map(|ins| ins.member_id)),
+                    None => None,
+                };
+                Ok((i.patient_id.map(|p| p.0), member))
+            })
+            .await?;
+        Ok(Self {
+            patient_id,
+            member_ref,
+        })
+    }
+}
+
 /// Drives one saga to its end.
 async fn drive(deps: BillingDeps, incident: IncidentId) -> Result<(), StoreError> {
     let (mut saga, _) = load_or_create(&deps, incident).await?;
@@ -316,105 +409,14 @@ async fn drive(deps: BillingDeps, incident: IncidentId) -> Result<(), StoreError
     // incident is closed (idempotent), never run or record anything twice.
     let already_done = is_done(&saga);
     let db = deps.db.clone();
-    let (patient_id, member_ref) = db
-        .run(move |mut conn| async move {
-            let Some((i, _)) = incident_store::find(&mut conn, incident).await? else {
-                return Ok::<_, StoreError>((None, None));
-            };
-            let member = match &i.patient_id {
-                Some(p) => patients::find_patient(&mut conn, p)
-                    .await?
-                    .and_then(|p| p.insurance.map(|ins| ins.member_id)),
-                None => None,
-            };
-            Ok((i.patient_id.map(|p| p.0), member))
-        })
-        .await?;
+    let payer = Payer::of(&db, incident).await?;
     loop {
         let step = next_step(&saga);
-        if step == Step::Done {
+        let Some(result) = run_step(&deps, &saga, step, &payer).await else {
             break;
-        }
-        let key = billing::idempotency_key(&saga.incident_id, step);
-        let result = match step {
-            Step::VerifyInsurance => verify_insurance(&deps, &saga, patient_id.clone()).await,
-            Step::Charge => {
-                let due = saga
-                    .insurance
-                    .as_ref()
-                    .map_or(saga.amount_cents, |d| d.patient_due_cents);
-                payment_result(
-                    deps.payments
-                        .create_and_confirm(ChargeRequest {
-                            amount_cents: due,
-                            currency: saga.currency.clone(),
-                            customer_ref: member_ref
-                                .clone()
-                                .or_else(|| patient_id.clone())
-                                .unwrap_or_default(),
-                            description: format!(
-                                "Ambulance service, incident {}",
-                                saga.incident_id
-                            ),
-                            idempotency_key: key.clone(),
-                        })
-                        .await,
-                )
-            }
-            Step::Complete => StepResult::Completed,
-            Step::RefundPayment => match &saga.payment {
-                Some(p) => {
-                    let due = saga
-                        .insurance
-                        .as_ref()
-                        .map_or(saga.amount_cents, |d| d.patient_due_cents);
-                    match deps.payments.refund(&p.intent_id, due, &key).await {
-                        Ok(_) => StepResult::Refunded,
-                        Err(PaymentError::Transient { reason, .. }) => {
-                            StepResult::Transient(reason)
-                        }
-                        Err(e) => StepResult::Transient(format!("refund failed: {e}")),
-                    }
-                }
-                None => StepResult::Refunded,
-            },
-            Step::CancelPayment => match &saga.payment {
-                Some(p) => match deps.payments.cancel(&p.intent_id, &key).await {
-                    Ok(intent) if intent.status.as_str() == "canceled" => StepResult::Cancelled,
-                    other => payment_result(other),
-                },
-                None => StepResult::Cancelled,
-            },
-            Step::ReleaseClaim => match saga.insurance.as_ref().and_then(|d| d.claim_id.clone()) {
-                Some(claim) => release_claim(&deps, &claim).await,
-                None => StepResult::Released,
-            },
-            Step::VoidInvoice => StepResult::Voided,
-            Step::Done => break,
         };
         let transient = matches!(result, StepResult::Transient(_));
-        let event = match (&step, &result) {
-            (Step::VerifyInsurance, StepResult::InsuranceVerified(d)) => Some((
-                "billing.insurance_verified",
-                json!({"coverage_status": d.coverage, "covered_cents": d.covered_cents, "patient_due_cents": d.patient_due_cents}),
-            )),
-            (Step::Charge, StepResult::Charged { status, .. }) if status == "succeeded" => {
-                Some(("billing.payment_succeeded", json!({"status": status})))
-            }
-            (Step::Charge, StepResult::Charged { status, .. }) => {
-                Some(("billing.payment_failed", json!({"status": status})))
-            }
-            (Step::Charge, StepResult::ChargeFailed { reason, .. }) => {
-                Some(("billing.payment_failed", json!({"reason": reason})))
-            }
-            (
-                Step::RefundPayment | Step::CancelPayment | Step::ReleaseClaim | Step::VoidInvoice,
-                r,
-            ) if !matches!(r, StepResult::Transient(_)) => {
-                Some(("billing.compensated", json!({"step": step})))
-            }
-            _ => None,
-        };
+        let event = step_event(incident, step, &result);
         saga = match apply(&saga, step, result, Utc::now()) {
             Ok(s) => s,
             Err(e) => {
@@ -422,30 +424,95 @@ async fn drive(deps: BillingDeps, incident: IncidentId) -> Result<(), StoreError
                 return Err(StoreError::Corrupt(e.to_string()));
             }
         };
-        let (kind, mut data) = event.map_or((None, json!({})), |(k, d)| (Some(k), d));
-        if let Some(obj) = data.as_object_mut() {
-            obj.insert("incident_id".into(), json!(incident));
-        }
-        record(&db, &saga, kind, data).await?;
+        record(&db, &saga, event).await?;
         if transient {
             actix_web::rt::time::sleep(backoff(saga.attempts)).await;
         }
     }
-    // The saga is over: record the outcome, close the incident, release the unit.
+    finish(&deps, &saga, incident, already_done).await
+}
+
+/// Executes one step against the insurer or the payment provider; `None` when the saga is
+/// done.
+async fn run_step(
+    deps: &BillingDeps,
+    saga: &Saga,
+    step: Step,
+    payer: &Payer,
+) -> Option<StepResult> {
+    if step == Step::Done {
+        return None;
+    }
+    let key = billing::idempotency_key(&saga.incident_id, step);
+    let due = saga
+        .insurance
+        .as_ref()
+        .map_or(saga.amount_cents, |d| d.patient_due_cents);
+    let result = match step {
+        Step::Done => return None,
+        Step::VerifyInsurance => verify_insurance(deps, saga, payer.patient_id.clone()).await,
+        Step::Charge => payment_result(
+            deps.payments
+                .create_and_confirm(ChargeRequest {
+                    amount_cents: due,
+                    currency: saga.currency.clone(),
+                    customer_ref: payer
+                        .member_ref
+                        .clone()
+                        .or_else(|| payer.patient_id.clone())
+                        .unwrap_or_default(),
+                    description: format!("Ambulance service, incident {}", saga.incident_id),
+                    idempotency_key: key,
+                })
+                .await,
+        ),
+        Step::Complete => StepResult::Completed,
+        Step::RefundPayment => match &saga.payment {
+            Some(p) => match deps.payments.refund(&p.intent_id, due, &key).await {
+                Ok(_) => StepResult::Refunded,
+                Err(PaymentError::Transient { reason, .. }) => StepResult::Transient(reason),
+                Err(e) => StepResult::Transient(format!("refund failed: {e}")),
+            },
+            None => StepResult::Refunded,
+        },
+        Step::CancelPayment => match &saga.payment {
+            Some(p) => match deps.payments.cancel(&p.intent_id, &key).await {
+                Ok(intent) if intent.status.as_str() == "canceled" => StepResult::Cancelled,
+                other => payment_result(other),
+            },
+            None => StepResult::Cancelled,
+        },
+        Step::ReleaseClaim => match saga.insurance.as_ref().and_then(|d| d.claim_id.clone()) {
+            Some(claim) => release_claim(deps, &claim).await,
+            None => StepResult::Released,
+        },
+        Step::VoidInvoice => StepResult::Voided,
+    };
+    Some(result)
+}
+
+/// The saga is over: record the outcome (unless recorded before), close the incident and
+/// release its unit.
+async fn finish(
+    deps: &BillingDeps,
+    saga: &Saga,
+    incident: IncidentId,
+    already_done: bool,
+) -> Result<(), StoreError> {
     let paid = saga.status == billing::InvoiceStatus::Paid;
     let outcome = if paid { "paid" } else { "failed" };
     if !already_done {
-        record(
-            &db,
-            &saga,
-            Some(if paid {
-                "billing.completed"
-            } else {
-                "billing.failed"
-            }),
-            json!({"incident_id": incident, "status": saga.status, "reason": saga.failure}),
-        )
-        .await?;
+        let ended = BillingOutcome {
+            incident_id: incident,
+            status: saga.status,
+            reason: saga.failure.clone(),
+        };
+        let event = if paid {
+            BillingEvent::Completed(ended)
+        } else {
+            BillingEvent::Failed(ended)
+        };
+        record(&deps.db, saga, Some(event)).await?;
     }
     let closed = deps
         .incidents
@@ -531,5 +598,23 @@ impl PaymentProvider for PaymentsNotConfigured {
     }
     fn name(&self) -> &'static str {
         "none"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coverage_request_body_is_unchanged_on_the_wire() {
+        let body = CoverageRequest {
+            amount_cents: 12_345,
+            incident_id: "i-1",
+            patient_id: "p-1",
+        };
+        assert_eq!(
+            serde_json::to_string(&body).ok().as_deref(),
+            Some(r#"{"amount_cents":12345,"incident_id":"i-1","patient_id":"p-1"}"#)
+        );
     }
 }

@@ -9,9 +9,8 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use chrono::Utc;
-use serde_json::json;
 
-use crate::domain::events::{ExpectedVersion, NewEvent};
+use crate::domain::events::{DeliveryOutcome, ExpectedVersion, NotificationEvent};
 use crate::domain::notify::{Channel, MAX_ATTEMPTS, MessageContext, Template, backoff, render};
 use crate::integrations::notify::{DeliveryError, Notifier, Outgoing};
 use crate::persistence::incidents::{self as store, DueNotification};
@@ -148,6 +147,37 @@ async fn context_for(
     .await
 }
 
+/// What an attempt leaves behind: the row's status, when to try next, the last error and
+/// `delivered` (`Some` when this attempt is final: `true` sent, `false` given up; `None` to
+/// retry with backoff).
+fn outcome_of(
+    result: Result<String, DeliveryError>,
+    attempts: i32,
+    now: chrono::DateTime<Utc>,
+) -> (
+    &'static str,
+    chrono::DateTime<Utc>,
+    Option<String>,
+    Option<bool>,
+) {
+    match result {
+        Ok(_) => ("sent", now, None, Some(true)),
+        Err(DeliveryError::Transient {
+            retry_after,
+            reason,
+        }) => {
+            if u32::try_from(attempts).unwrap_or(u32::MAX) >= MAX_ATTEMPTS {
+                ("failed", now, Some(reason), Some(false))
+            } else {
+                let wait = backoff(u32::try_from(attempts).unwrap_or(0), retry_after);
+                let next = now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX);
+                ("queued", next, Some(reason), None)
+            }
+        }
+        Err(DeliveryError::Permanent { reason }) => ("failed", now, Some(reason), Some(false)),
+    }
+}
+
 async fn deliver_due(db: &Db, channels: &Channels) -> Result<(), StoreError> {
     let due = db
         .run(|mut conn| async move { store::due_notifications(&mut conn, Utc::now(), BATCH).await })
@@ -179,25 +209,7 @@ async fn deliver_due(db: &Db, channels: &Channels) -> Result<(), StoreError> {
         let result = provider.send(&outgoing).await;
         let attempts = n.attempts.saturating_add(1);
         let now = Utc::now();
-        let (status, next, error, event) = match result {
-            Ok(_) => ("sent", now, None, Some("notification.sent")),
-            Err(DeliveryError::Transient {
-                retry_after,
-                reason,
-            }) => {
-                if u32::try_from(attempts).unwrap_or(u32::MAX) >= MAX_ATTEMPTS {
-                    ("failed", now, Some(reason), Some("notification.failed"))
-                } else {
-                    let wait = backoff(u32::try_from(attempts).unwrap_or(0), retry_after);
-                    let next =
-                        now + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::MAX);
-                    ("queued", next, Some(reason), None)
-                }
-            }
-            Err(DeliveryError::Permanent { reason }) => {
-                ("failed", now, Some(reason), Some("notification.failed"))
-            }
-        };
+        let (status, next, error, delivered) = outcome_of(result, attempts, now);
         tracing::info!(notification.id = %n.id, notification.channel = %n.channel, notification.status = status, attempts, "notification attempt");
         let (id, incident, channel_name, template_name) = (
             n.id.clone(),
@@ -207,17 +219,25 @@ async fn deliver_due(db: &Db, channels: &Channels) -> Result<(), StoreError> {
         );
         db.run(move |mut conn| async move {
             conn.write_transaction(async |tx| {
-                store::record_attempt(tx, &id, status, attempts, next, error.as_deref(), now).await?;
-                if let Some(kind) = event {
-                    let mut e = NewEvent::new(
-                        kind,
-                        json!({"notification_id": id, "incident_id": incident, "channel": channel_name,
-                               "template": template_name, "attempts": attempts, "reason": error}),
-                    );
-                    e.incident_id = Some(incident.clone());
-                    events::append(tx, &format!("notifications-{incident}"), ExpectedVersion::Any, &[e], now)
-                        .await
-                        ?;
+                store::record_attempt(tx, &id, status, attempts, next, error.as_deref(), now)
+                    .await?;
+                if let Some(delivered) = delivered {
+                    let outcome = DeliveryOutcome {
+                        notification_id: &id,
+                        incident_id: &incident,
+                        channel: &channel_name,
+                        template: &template_name,
+                        attempts,
+                        reason: error.as_deref(),
+                    };
+                    let event = if delivered {
+                        NotificationEvent::Sent(outcome)
+                    } else {
+                        NotificationEvent::Failed(outcome)
+                    };
+                    let stream = format!("notifications-{incident}");
+                    events::append(tx, &stream, ExpectedVersion::Any, &[event.to_new()], now)
+                        .await?;
                 }
                 Ok::<_, StoreError>(())
             })

@@ -7,8 +7,9 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use super::billing::{Coverage, InvoiceStatus, Step};
 use super::dispatch::UnitStatus;
-use super::ids::{DeviceId, IncidentId, PatientId, UnitId};
+use super::ids::{DeviceId, IncidentId, OfferId, PatientId, UnitId};
 use super::triage::TriageStatus;
 use super::vitals::Reading;
 
@@ -217,6 +218,234 @@ impl DeviceEvent {
     }
 }
 
+/// The data of an untagged payload (a struct or an internally tagged enum): as with
+/// [`data_of`], serialising these plain types cannot fail, so the `Null` fallback is never taken.
+fn value_of(data: &impl Serialize) -> serde_json::Value {
+    serde_json::to_value(data).unwrap_or(serde_json::Value::Null)
+}
+
+/// The data of a `dispatch.offer_<status>` event: an offer was closed (accepted, declined,
+/// expired or withdrawn). The status is part of the kind, so it is not a field here.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct OfferClosed<'a> {
+    /// The offer.
+    pub offer_id: OfferId,
+    /// Its incident.
+    pub incident_id: IncidentId,
+    /// The unit it was made to.
+    pub unit_id: &'a UnitId,
+    /// Why it was closed, for people.
+    pub reason: &'a str,
+    /// When (server clock).
+    pub at: DateTime<Utc>,
+}
+
+impl OfferClosed<'_> {
+    /// The `dispatch.offer_{status}` event to append, with its correlation ids.
+    pub fn to_new(&self, status: &str) -> NewEvent {
+        let mut event = NewEvent::new(format!("dispatch.offer_{status}"), value_of(self));
+        event.incident_id = Some(self.incident_id.to_string());
+        event.unit_id = Some(self.unit_id.0.clone());
+        event
+    }
+}
+
+/// Evidence attached to an incident (`incident.evidence_added`), when SHERS produces it
+/// itself. The serde form is internally tagged: `{"kind": "vitals", …}`, `{"kind": "caller", …}`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Evidence {
+    /// A wearable's readings turned `emergency`.
+    Vitals {
+        /// The device that reported them.
+        device_id: DeviceId,
+        /// When the emergency reading was measured.
+        detected_at: DateTime<Utc>,
+        /// Why, for people.
+        reasons: Vec<String>,
+        /// The readings behind the verdict, newest last.
+        readings: Vec<Reading>,
+    },
+    /// Who called it in (a console or patient request); either may be `null`.
+    Caller {
+        /// The caller's name, for people.
+        name: Option<String>,
+        /// Call-back number.
+        phone: Option<String>,
+    },
+}
+
+impl Evidence {
+    /// The evidence as the incident stores it.
+    pub fn to_value(&self) -> serde_json::Value {
+        value_of(self)
+    }
+}
+
+/// What the next-of-kin outbox records: `notification.queued` (on the incident's stream, with
+/// the command that queued it) and the final delivery outcome (on `notifications-{incident}`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "kind", content = "data")]
+pub enum NotificationEvent<'a> {
+    /// `notification.queued`: an outbox row was written.
+    #[serde(rename = "notification.queued")]
+    Queued {
+        /// The outbox row.
+        notification_id: &'a str,
+        /// The incident it is about.
+        incident_id: IncidentId,
+        /// Who (a name: patient data).
+        recipient: &'a str,
+        /// `sms` or `email`.
+        channel: &'a str,
+        /// Template name.
+        template: &'a str,
+    },
+    /// `notification.sent`: the provider took the message.
+    #[serde(rename = "notification.sent")]
+    Sent(DeliveryOutcome<'a>),
+    /// `notification.failed`: delivery gave up (permanent error or attempts exhausted).
+    #[serde(rename = "notification.failed")]
+    Failed(DeliveryOutcome<'a>),
+}
+
+/// The data of `notification.sent` / `notification.failed`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct DeliveryOutcome<'a> {
+    /// The outbox row.
+    pub notification_id: &'a str,
+    /// The incident it is about.
+    pub incident_id: &'a str,
+    /// `sms`, `email` or `webhook`.
+    pub channel: &'a str,
+    /// Template name.
+    pub template: &'a str,
+    /// Attempts made, this one included.
+    pub attempts: i32,
+    /// The last error, if any (`null` when sent at the first try).
+    pub reason: Option<&'a str>,
+}
+
+impl NotificationEvent<'_> {
+    /// The event to append, with its correlation id.
+    pub fn to_new(&self) -> NewEvent {
+        let (kind, incident_id) = match self {
+            NotificationEvent::Queued { incident_id, .. } => {
+                ("notification.queued", incident_id.to_string())
+            }
+            NotificationEvent::Sent(o) => ("notification.sent", o.incident_id.to_owned()),
+            NotificationEvent::Failed(o) => ("notification.failed", o.incident_id.to_owned()),
+        };
+        let mut event = NewEvent::new(kind, data_of(self));
+        event.incident_id = Some(incident_id);
+        event
+    }
+}
+
+/// What a billing saga records (`billing-{incident}`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "kind", content = "data")]
+pub enum BillingEvent {
+    /// `billing.started`: the invoice was created.
+    #[serde(rename = "billing.started")]
+    Started {
+        /// The incident billed.
+        incident_id: IncidentId,
+        /// The invoice.
+        invoice_id: String,
+        /// The amount, in minor units.
+        amount_cents: i64,
+        /// ISO currency code.
+        currency: String,
+        /// Scene to hospital, metres (rounded; a float, as stored so far).
+        distance_m: f64,
+        /// Whether the unit was advanced life support.
+        als: bool,
+    },
+    /// `billing.insurance_verified`: the insurer decided.
+    #[serde(rename = "billing.insurance_verified")]
+    InsuranceVerified {
+        /// The incident billed.
+        incident_id: IncidentId,
+        /// The kind of coverage.
+        coverage_status: Coverage,
+        /// Paid by the insurer, in minor units.
+        covered_cents: i64,
+        /// Owed by the patient, in minor units.
+        patient_due_cents: i64,
+    },
+    /// `billing.payment_succeeded`.
+    #[serde(rename = "billing.payment_succeeded")]
+    PaymentSucceeded {
+        /// The incident billed.
+        incident_id: IncidentId,
+        /// The payment intent's status.
+        status: String,
+    },
+    /// `billing.payment_failed`: the charge came back unsuccessful (`status`) or was
+    /// refused (`reason`); exactly one of the two is present.
+    #[serde(rename = "billing.payment_failed")]
+    PaymentFailed {
+        /// The incident billed.
+        incident_id: IncidentId,
+        /// The payment intent's status, when the provider answered with one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        status: Option<String>,
+        /// Why the charge was refused, when it was.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// `billing.compensated`: a compensation step ran.
+    #[serde(rename = "billing.compensated")]
+    Compensated {
+        /// The incident billed.
+        incident_id: IncidentId,
+        /// The compensation.
+        step: Step,
+    },
+    /// `billing.completed`: the saga ended paid.
+    #[serde(rename = "billing.completed")]
+    Completed(BillingOutcome),
+    /// `billing.failed`: the saga ended unpaid.
+    #[serde(rename = "billing.failed")]
+    Failed(BillingOutcome),
+}
+
+/// The data of `billing.completed` / `billing.failed`.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct BillingOutcome {
+    /// The incident billed.
+    pub incident_id: IncidentId,
+    /// The invoice's final status.
+    pub status: InvoiceStatus,
+    /// Why it failed, if it did.
+    pub reason: Option<String>,
+}
+
+impl BillingEvent {
+    /// The event to append, with its correlation id.
+    pub fn to_new(&self) -> NewEvent {
+        let (kind, incident_id) = match self {
+            BillingEvent::Started { incident_id, .. } => ("billing.started", incident_id),
+            BillingEvent::InsuranceVerified { incident_id, .. } => {
+                ("billing.insurance_verified", incident_id)
+            }
+            BillingEvent::PaymentSucceeded { incident_id, .. } => {
+                ("billing.payment_succeeded", incident_id)
+            }
+            BillingEvent::PaymentFailed { incident_id, .. } => {
+                ("billing.payment_failed", incident_id)
+            }
+            BillingEvent::Compensated { incident_id, .. } => ("billing.compensated", incident_id),
+            BillingEvent::Completed(o) => ("billing.completed", &o.incident_id),
+            BillingEvent::Failed(o) => ("billing.failed", &o.incident_id),
+        };
+        let mut event = NewEvent::new(kind, data_of(self));
+        event.incident_id = Some(incident_id.to_string());
+        event
+    }
+}
+
 #[cfg(test)]
 mod typed_event_tests {
     use super::*;
@@ -265,6 +494,135 @@ mod typed_event_tests {
             offline.data,
             serde_json::json!({"device_id": "d-1", "patient_id": "p-1",
                                "last_seen_at": "2026-12-05T08:00:00Z", "silent_s": 300})
+        );
+    }
+
+    #[test]
+    fn outbox_offer_and_evidence_payloads_keep_their_stored_shape() {
+        let at: DateTime<Utc> = "2026-12-05T08:00:00Z".parse().unwrap_or_default();
+        let incident = IncidentId(uuid::Uuid::nil());
+        let nil = "00000000-0000-0000-0000-000000000000";
+        let queued = NotificationEvent::Queued {
+            notification_id: "n-1",
+            incident_id: incident,
+            recipient: "Ann",
+            channel: "sms",
+            template: "incident_created",
+        }
+        .to_new();
+        assert_eq!(queued.kind, "notification.queued");
+        assert_eq!(queued.incident_id.as_deref(), Some(nil));
+        assert_eq!(
+            queued.data,
+            serde_json::json!({"notification_id": "n-1", "incident_id": nil, "recipient": "Ann",
+                               "channel": "sms", "template": "incident_created"})
+        );
+        let failed = NotificationEvent::Failed(DeliveryOutcome {
+            notification_id: "n-1",
+            incident_id: nil,
+            channel: "sms",
+            template: "incident_created",
+            attempts: 5,
+            reason: None,
+        })
+        .to_new();
+        assert_eq!(failed.kind, "notification.failed");
+        assert_eq!(failed.incident_id.as_deref(), Some(nil));
+        assert_eq!(
+            failed.data,
+            serde_json::json!({"notification_id": "n-1", "incident_id": nil, "channel": "sms",
+                               "template": "incident_created", "attempts": 5, "reason": null})
+        );
+        let unit = UnitId::from("U-1");
+        let closed = OfferClosed {
+            offer_id: OfferId(uuid::Uuid::nil()),
+            incident_id: incident,
+            unit_id: &unit,
+            reason: "taken",
+            at,
+        }
+        .to_new("withdrawn");
+        assert_eq!(closed.kind, "dispatch.offer_withdrawn");
+        assert_eq!(closed.unit_id.as_deref(), Some("U-1"));
+        assert_eq!(
+            closed.data,
+            serde_json::json!({"offer_id": nil, "incident_id": nil, "unit_id": "U-1",
+                               "reason": "taken", "at": "2026-12-05T08:00:00Z"})
+        );
+        let evidence = Evidence::Vitals {
+            device_id: DeviceId::from("d-1"),
+            detected_at: at,
+            reasons: vec!["SpO2 low".into()],
+            readings: Vec::new(),
+        }
+        .to_value();
+        assert_eq!(
+            evidence,
+            serde_json::json!({"kind": "vitals", "device_id": "d-1",
+                               "detected_at": "2026-12-05T08:00:00Z", "reasons": ["SpO2 low"],
+                               "readings": []})
+        );
+        let caller = Evidence::Caller {
+            name: Some("Ann".into()),
+            phone: None,
+        }
+        .to_value();
+        assert_eq!(
+            caller,
+            serde_json::json!({"kind": "caller", "name": "Ann", "phone": null})
+        );
+    }
+
+    #[test]
+    fn billing_events_keep_their_stored_shape() {
+        let incident = IncidentId(uuid::Uuid::nil());
+        let nil = "00000000-0000-0000-0000-000000000000";
+        let started = BillingEvent::Started {
+            incident_id: incident,
+            invoice_id: "inv_1".into(),
+            amount_cents: 12_345,
+            currency: "EUR".into(),
+            distance_m: 1500.0,
+            als: true,
+        }
+        .to_new();
+        assert_eq!(started.kind, "billing.started");
+        assert_eq!(started.incident_id.as_deref(), Some(nil));
+        assert_eq!(
+            started.data,
+            serde_json::json!({"incident_id": nil, "invoice_id": "inv_1", "amount_cents": 12_345,
+                               "currency": "EUR", "distance_m": 1500.0, "als": true})
+        );
+        let declined = BillingEvent::PaymentFailed {
+            incident_id: incident,
+            status: None,
+            reason: Some("card_declined".into()),
+        }
+        .to_new();
+        assert_eq!(declined.kind, "billing.payment_failed");
+        assert_eq!(
+            declined.data,
+            serde_json::json!({"incident_id": nil, "reason": "card_declined"})
+        );
+        let compensated = BillingEvent::Compensated {
+            incident_id: incident,
+            step: Step::VoidInvoice,
+        }
+        .to_new();
+        assert_eq!(
+            compensated.data,
+            serde_json::json!({"incident_id": nil, "step": "void_invoice"})
+        );
+        let completed = BillingEvent::Completed(BillingOutcome {
+            incident_id: incident,
+            status: InvoiceStatus::Paid,
+            reason: None,
+        })
+        .to_new();
+        assert_eq!(completed.kind, "billing.completed");
+        assert_eq!(
+            completed.data,
+            serde_json::json!({"incident_id": nil, "status": "paid", "reason": null})
         );
     }
 }

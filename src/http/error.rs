@@ -315,6 +315,7 @@ mod tests {
         serde_json::to_value(err.problem()).unwrap()
     }
 
+    // Long on purpose: one exact problem+json per ApiError variant, listed side by side.
     #[test]
     fn every_variant_has_its_exact_json() {
         let p = |slug: &str| format!("{PROBLEM_BASE}{slug}");

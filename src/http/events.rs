@@ -17,6 +17,7 @@ use super::error::ApiError;
 use super::ws::{Incoming, Socket};
 use crate::actors::broadcaster::{Broadcast, FeedItem, Stats, feed};
 use crate::domain::events::RecordedEvent;
+use crate::domain::ids::UnitId;
 use crate::persistence::events;
 
 /// `?since=SEQ&limit=N`.
@@ -179,7 +180,7 @@ enum ConsoleFrame {
         #[serde(default)]
         request_id: Option<String>,
         incident_id: String,
-        unit_id: String,
+        unit_id: UnitId,
     },
     /// Cancel (as `POST /api/v1/incidents/{id}/cancel`).
     Cancel {
@@ -192,7 +193,7 @@ enum ConsoleFrame {
     UnitStatus {
         #[serde(default)]
         request_id: Option<String>,
-        unit_id: String,
+        unit_id: UnitId,
         status: crate::domain::dispatch::CrewReport,
     },
 }
@@ -204,112 +205,126 @@ async fn command(
     principal: &crate::domain::auth::Principal,
     frame: ConsoleFrame,
 ) -> serde_json::Value {
-    use crate::actors::incident::{ManualAssign, Route, ToIncident};
-    use crate::domain::incident::Command;
-    let (request_id, result): (Option<String>, Result<serde_json::Value, ApiError>) = match frame {
+    let (request_id, result) = match frame {
         ConsoleFrame::Subscribe { .. } => return json!({"type": "error"}),
         ConsoleFrame::CreateIncident {
             request_id,
             incident,
-        } => {
-            let result = async {
-                super::incidents::validate(&incident)?;
-                let (status, text, _) = super::incidents::open(state, principal, incident).await?;
-                let mut body: serde_json::Value =
-                    serde_json::from_str(&text).map_err(|e| ApiError::Internal(e.into()))?;
-                if let Some(o) = body.as_object_mut() {
-                    o.insert("created".into(), json!(status == 201));
-                }
-                Ok(body)
-            }
-            .await;
-            (request_id, result)
-        }
+        } => (
+            request_id,
+            create_incident(state, principal, incident).await,
+        ),
         ConsoleFrame::Assign {
             request_id,
             incident_id,
             unit_id,
-        } => {
-            let result =
-                async {
-                    let id = incident_id
-                        .parse()
-                        .map_err(|_| ApiError::not_found("no incident with this id"))?;
-                    let incident = state
-                        .incidents
-                        .send(ToIncident {
-                            incident_id: id,
-                            message: ManualAssign {
-                                unit_id: crate::domain::ids::UnitId(unit_id),
-                            },
-                        })
-                        .await
-                        .map_err(super::incidents::mailbox)?
-                        .map_err(super::incidents::incident_error)?;
-                    Ok(serde_json::to_value(super::incidents::summary_of(incident))
-                        .unwrap_or_default())
-                }
-                .await;
-            (request_id, result)
-        }
+        } => (request_id, assign(state, &incident_id, unit_id).await),
         ConsoleFrame::Cancel {
             request_id,
             incident_id,
             reason,
-        } => {
-            let result =
-                async {
-                    let id = incident_id
-                        .parse()
-                        .map_err(|_| ApiError::not_found("no incident with this id"))?;
-                    if reason.trim().is_empty() {
-                        return Err(ApiError::field("/reason", "must not be empty"));
-                    }
-                    let incident = state
-                        .incidents
-                        .send(Route {
-                            id,
-                            command: Command::Cancel {
-                                reason,
-                                by: principal.role.as_str().to_owned(),
-                            },
-                        })
-                        .await
-                        .map_err(super::incidents::mailbox)?
-                        .map_err(super::incidents::incident_error)?;
-                    Ok(serde_json::to_value(super::incidents::summary_of(incident))
-                        .unwrap_or_default())
-                }
-                .await;
-            (request_id, result)
-        }
+        } => (
+            request_id,
+            cancel(state, principal, &incident_id, reason).await,
+        ),
         ConsoleFrame::UnitStatus {
             request_id,
             unit_id,
             status,
-        } => {
-            use crate::domain::dispatch::CrewReport;
-            let result = async {
-                if !matches!(status, CrewReport::Available | CrewReport::OutOfService) {
-                    return Err(ApiError::field(
-                        "/status",
-                        "dispatchers may only set available or out_of_service",
-                    ));
-                }
-                let update = super::fleet::crew(state)
-                    .report(&crate::domain::ids::UnitId(unit_id), status, None)
-                    .await
-                    .map_err(super::fleet::crew_error)?;
-                Ok(serde_json::to_value(update).unwrap_or_default())
-            }
-            .await;
-            (request_id, result)
-        }
+        } => (request_id, unit_status(state, unit_id, status).await),
     };
     match result {
         Ok(result) => json!({"type": "command_result", "request_id": request_id, "result": result}),
         Err(e) => json!({"type": "error", "request_id": request_id, "error": e.problem()}),
     }
+}
+
+/// `create_incident`: as `POST /api/v1/incidents`, with `created` in the answer.
+async fn create_incident(
+    state: &AppState,
+    principal: &crate::domain::auth::Principal,
+    incident: super::incidents::NewIncident,
+) -> Result<serde_json::Value, ApiError> {
+    super::incidents::validate(&incident)?;
+    let (status, text, _) = super::incidents::open(state, principal, incident).await?;
+    let mut body: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| ApiError::Internal(e.into()))?;
+    if let Some(o) = body.as_object_mut() {
+        o.insert("created".into(), json!(status == 201));
+    }
+    Ok(body)
+}
+
+/// `assign`: as `POST /api/v1/incidents/{id}/assign`.
+async fn assign(
+    state: &AppState,
+    incident_id: &str,
+    unit_id: UnitId,
+) -> Result<serde_json::Value, ApiError> {
+    use crate::actors::incident::{ManualAssign, ToIncident};
+    let id = incident_id
+        .parse()
+        .map_err(|_| ApiError::not_found("no incident with this id"))?;
+    let incident = state
+        .incidents
+        .send(ToIncident {
+            incident_id: id,
+            message: ManualAssign { unit_id },
+        })
+        .await
+        .map_err(super::incidents::mailbox)?
+        .map_err(super::incidents::incident_error)?;
+    Ok(serde_json::to_value(super::incidents::summary_of(incident)).unwrap_or_default())
+}
+
+/// `cancel`: as `POST /api/v1/incidents/{id}/cancel`, on behalf of the principal's role.
+async fn cancel(
+    state: &AppState,
+    principal: &crate::domain::auth::Principal,
+    incident_id: &str,
+    reason: String,
+) -> Result<serde_json::Value, ApiError> {
+    use crate::actors::incident::Route;
+    use crate::domain::incident::Command;
+    let id = incident_id
+        .parse()
+        .map_err(|_| ApiError::not_found("no incident with this id"))?;
+    if reason.trim().is_empty() {
+        return Err(ApiError::field("/reason", "must not be empty"));
+    }
+    let incident = state
+        .incidents
+        .send(Route {
+            id,
+            command: Command::Cancel {
+                reason,
+                by: principal.role.as_str().to_owned(),
+            },
+        })
+        .await
+        .map_err(super::incidents::mailbox)?
+        .map_err(super::incidents::incident_error)?;
+    Ok(serde_json::to_value(super::incidents::summary_of(incident)).unwrap_or_default())
+}
+
+/// `unit_status`: a dispatcher takes a unit out of service or puts it back.
+async fn unit_status(
+    state: &AppState,
+    unit_id: UnitId,
+    status: crate::domain::dispatch::CrewReport,
+) -> Result<serde_json::Value, ApiError> {
+    use crate::domain::dispatch::CrewReport;
+    if !matches!(status, CrewReport::Available | CrewReport::OutOfService) {
+        return Err(ApiError::field(
+            "/status",
+            "dispatchers may only set available or out_of_service",
+        ));
+    }
+    let update = super::fleet::crew(state)
+        .report(&unit_id, status, None)
+        .await
+        .map_err(super::fleet::crew_error)?;
+    Ok(serde_json::to_value(update).unwrap_or_default())
 }
 
 /// The console WebSocket: replays events after `since`, then streams live ones; each event is

@@ -436,7 +436,8 @@ pub async fn unit_status(
 #[serde(deny_unknown_fields)]
 pub struct AssignBody {
     /// The unit to send.
-    pub unit_id: String,
+    #[schema(value_type = String)]
+    pub unit_id: UnitId,
 }
 
 /// A dispatcher assigns a unit by hand (also after escalation).
@@ -452,7 +453,7 @@ pub async fn assign(
     let incident_id = id
         .parse()
         .map_err(|_| ApiError::not_found("no incident with this id"))?;
-    let unit = UnitId(body.0.unit_id);
+    let unit = body.0.unit_id;
     if state
         .fleet
         .send(UnitAddr(unit.clone()))

@@ -12,6 +12,7 @@ use super::error::ApiError;
 use super::json::JsonBody;
 use crate::actors::incident::{IncidentError, OpenIncident, OpenRequest, Route};
 use crate::domain::auth::{Principal, Role};
+use crate::domain::events::Evidence;
 use crate::domain::geo::LatLng;
 use crate::domain::ids::{IncidentId, PatientId};
 use crate::domain::incident::{Command, Incident, Priority, Source, Times};
@@ -289,22 +290,7 @@ pub async fn create(
             _ => body.patient_id = principal.patient_id.clone(),
         }
     }
-    let key = req
-        .headers()
-        .get("Idempotency-Key")
-        .map(|v| v.to_str().map(str::to_owned))
-        .transpose()
-        .map_err(|_| ApiError::field("/headers/Idempotency-Key", "must be visible ASCII"))?;
-    if key
-        .as_ref()
-        .is_some_and(|k| k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY)
-    {
-        return Err(ApiError::field(
-            "/headers/Idempotency-Key",
-            "must be 1 to 255 characters",
-        ));
-    }
-    let Some(key) = key else {
+    let Some(key) = idempotency_key(&req)? else {
         let (status, text, id) = open(&state, &principal, body).await?;
         return Ok(respond(status, text, id));
     };
@@ -326,13 +312,7 @@ pub async fn create(
             .await?
     };
     match claim {
-        IdempotencyState::Done { status, body } => Ok(HttpResponse::build(
-            actix_web::http::StatusCode::from_u16(status)
-                .unwrap_or(actix_web::http::StatusCode::OK),
-        )
-        .insert_header(("Idempotent-Replayed", "true"))
-        .content_type("application/json")
-        .body(body)),
+        IdempotencyState::Done { status, body } => Ok(replayed(status, body)),
         IdempotencyState::InProgress => Err(ApiError::Conflict {
             detail: "a request with this Idempotency-Key is still being processed".to_owned(),
             extensions: Default::default(),
@@ -361,6 +341,36 @@ pub async fn create(
     }
 }
 
+/// The request's `Idempotency-Key`, if any: visible ASCII, 1 to 255 characters.
+fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
+    let key = req
+        .headers()
+        .get("Idempotency-Key")
+        .map(|v| v.to_str().map(str::to_owned))
+        .transpose()
+        .map_err(|_| ApiError::field("/headers/Idempotency-Key", "must be visible ASCII"))?;
+    if key
+        .as_ref()
+        .is_some_and(|k| k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY)
+    {
+        return Err(ApiError::field(
+            "/headers/Idempotency-Key",
+            "must be 1 to 255 characters",
+        ));
+    }
+    Ok(key)
+}
+
+/// The first answer to a request with this `Idempotency-Key`, again.
+fn replayed(status: u16, body: String) -> HttpResponse {
+    HttpResponse::build(
+        actix_web::http::StatusCode::from_u16(status).unwrap_or(actix_web::http::StatusCode::OK),
+    )
+    .insert_header(("Idempotent-Replayed", "true"))
+    .content_type("application/json")
+    .body(body)
+}
+
 fn respond(status: u16, text: String, id: IncidentId) -> HttpResponse {
     HttpResponse::build(
         actix_web::http::StatusCode::from_u16(status).unwrap_or(actix_web::http::StatusCode::OK),
@@ -383,9 +393,13 @@ pub(crate) async fn open(
         patient_id: body.patient_id,
         location: body.location,
         description: body.description,
-        evidence: body
-            .caller
-            .map(|c| json!({"kind": "caller", "name": c.name, "phone": c.phone})),
+        evidence: body.caller.map(|c| {
+            Evidence::Caller {
+                name: c.name,
+                phone: c.phone,
+            }
+            .to_value()
+        }),
     };
     let opened = state
         .incidents

@@ -12,6 +12,7 @@ use serde_json::json;
 use super::auth::{AdminOnly, Authorized};
 use super::error::ApiError;
 use super::json::JsonBody;
+use crate::domain::ids::PatientId;
 use crate::domain::patients::valid_external_id;
 use crate::domain::validation::FieldError;
 use crate::persistence::insurance::{self as store, Policy};
@@ -25,7 +26,8 @@ const MAX_AMOUNT_CENTS: i64 = 1_000_000_000;
 #[serde(deny_unknown_fields)]
 pub struct VerifyRequest {
     /// The insured patient.
-    pub patient_id: String,
+    #[schema(value_type = String)]
+    pub patient_id: PatientId,
     /// The incident being billed (one claim per incident).
     pub incident_id: String,
     /// The bill, minor units; a positive integer.
@@ -45,7 +47,7 @@ pub async fn verify(
 ) -> Result<HttpResponse, ApiError> {
     let b = body.0;
     let mut errors = Vec::new();
-    if !valid_external_id(&b.patient_id) {
+    if !valid_external_id(b.patient_id.as_str()) {
         errors.push(FieldError::new("/patient_id", "is not a valid id"));
     }
     if !valid_external_id(&b.incident_id) {
@@ -60,16 +62,13 @@ pub async fn verify(
     ApiError::check(errors)?;
     let decision = db
         .run(move |mut conn| async move {
-            conn.write_transaction(async |tx| {
-                store::verify(
-                    tx,
-                    &b.patient_id,
-                    &b.incident_id,
-                    b.amount_cents,
-                    Utc::now(),
-                )
-                .await
-            })
+            store::verify(
+                &mut conn,
+                &b.patient_id,
+                &b.incident_id,
+                b.amount_cents,
+                Utc::now(),
+            )
             .await
         })
         .await
@@ -100,15 +99,12 @@ pub async fn release(
 ) -> Result<HttpResponse, ApiError> {
     let id = id.into_inner();
     let claim = id.clone();
-    db.run(move |mut conn| async move {
-        conn.write_transaction(async |tx| store::release(tx, &claim, Utc::now()).await)
-            .await
-    })
-    .await
-    .map_err(|e| match e {
-        StoreError::NotFound => ApiError::not_found("no such claim"),
-        other => other.into(),
-    })?;
+    db.run(move |mut conn| async move { store::release(&mut conn, &claim, Utc::now()).await })
+        .await
+        .map_err(|e| match e {
+            StoreError::NotFound => ApiError::not_found("no such claim"),
+            other => other.into(),
+        })?;
     Ok(HttpResponse::Ok().json(json!({"claim_id": id, "status": "released"})))
 }
 
@@ -117,7 +113,8 @@ pub async fn release(
 #[serde(deny_unknown_fields)]
 pub struct NewPolicy {
     /// Insured patient.
-    pub patient_id: String,
+    #[schema(value_type = String)]
+    pub patient_id: PatientId,
     /// The insurer, by name.
     pub provider: String,
     /// Member number.
@@ -136,7 +133,7 @@ pub async fn create_policy(
 ) -> Result<HttpResponse, ApiError> {
     let b = body.0;
     let mut errors = Vec::new();
-    if !valid_external_id(&b.patient_id) {
+    if !valid_external_id(b.patient_id.as_str()) {
         errors.push(FieldError::new("/patient_id", "is not a valid id"));
     }
     if b.provider.trim().is_empty() || b.provider.len() > 200 {

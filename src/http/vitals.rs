@@ -143,6 +143,60 @@ fn body_error(e: BodyError) -> ApiError {
     }
 }
 
+/// Files each device outcome as a result or a rejection (its pointer follows `body`'s
+/// shape); an `Unavailable` outcome fails the whole request.
+fn file_outcomes(
+    body: &[u8],
+    outcomes: Vec<(usize, ReadingOutcome)>,
+    results: &mut Vec<ReadingResult>,
+    rejected: &mut Vec<Rejected>,
+) -> Result<(), ApiError> {
+    let mut shape = None;
+    for (index, outcome) in outcomes {
+        match outcome {
+            ReadingOutcome::Accepted(a) => {
+                results.push(ReadingResult {
+                    index,
+                    device_id: a.device_id,
+                    status: a.status,
+                    reasons: a.reasons,
+                    news2: a.news2.into(),
+                    incident_id: a.incident_id,
+                });
+            }
+            ReadingOutcome::UnknownDevice => {
+                let shape = *shape.get_or_insert_with(|| shape_of(body));
+                rejected.push(Rejected {
+                    index,
+                    errors: vec![FieldError::new(
+                        pointer(shape, index, "device_id"),
+                        "unknown device: register it with POST /api/v1/devices",
+                    )],
+                });
+            }
+            ReadingOutcome::PatientMismatch => {
+                let shape = *shape.get_or_insert_with(|| shape_of(body));
+                rejected.push(Rejected {
+                    index,
+                    errors: vec![FieldError::new(
+                        pointer(shape, index, "patient_id"),
+                        "the device is registered to a different patient",
+                    )],
+                });
+            }
+            ReadingOutcome::Unavailable => {
+                return Err(ApiError::Unavailable {
+                    detail: "device state could not be stored; retry the request \
+                             (repeated readings are recognised)"
+                        .to_owned(),
+                    retry_after_s: 1,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Parses, triages and applies one ingest body.
 pub async fn ingest_body(state: &AppState, body: &[u8]) -> Result<IngestResponse, ApiError> {
     let now = Utc::now();
@@ -180,49 +234,7 @@ pub async fn ingest_body(state: &AppState, body: &[u8]) -> Result<IngestResponse
                     detail: "the device directory is unavailable; retry shortly".to_owned(),
                     retry_after_s: 1,
                 })?;
-        let mut shape = None;
-        for (index, outcome) in outcomes {
-            match outcome {
-                ReadingOutcome::Accepted(a) => {
-                    results.push(ReadingResult {
-                        index,
-                        device_id: a.device_id,
-                        status: a.status,
-                        reasons: a.reasons,
-                        news2: a.news2.into(),
-                        incident_id: a.incident_id,
-                    });
-                }
-                ReadingOutcome::UnknownDevice => {
-                    let shape = *shape.get_or_insert_with(|| shape_of(body));
-                    rejected.push(Rejected {
-                        index,
-                        errors: vec![FieldError::new(
-                            pointer(shape, index, "device_id"),
-                            "unknown device: register it with POST /api/v1/devices",
-                        )],
-                    });
-                }
-                ReadingOutcome::PatientMismatch => {
-                    let shape = *shape.get_or_insert_with(|| shape_of(body));
-                    rejected.push(Rejected {
-                        index,
-                        errors: vec![FieldError::new(
-                            pointer(shape, index, "patient_id"),
-                            "the device is registered to a different patient",
-                        )],
-                    });
-                }
-                ReadingOutcome::Unavailable => {
-                    return Err(ApiError::Unavailable {
-                        detail: "device state could not be stored; retry the request \
-                                 (repeated readings are recognised)"
-                            .to_owned(),
-                        retry_after_s: 1,
-                    });
-                }
-            }
-        }
+        file_outcomes(body, outcomes, &mut results, &mut rejected)?;
     }
     rejected.sort_by_key(|r| r.index);
     // Nothing accepted (a single bad reading, or a batch of only bad ones): a 422 naming the

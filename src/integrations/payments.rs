@@ -1078,6 +1078,8 @@ mod tests {
     /// Every route: records the request, then answers by the first path segment (`mode`), so
     /// one server plays every scenario (the adapter's base URL is `http://addr/{mode}`).
     /// Executed POSTs are stored under their idempotency key and replayed like Stripe does.
+    // Long on purpose: one fake server for every Stripe scenario, one arm per mode, so the
+    // scenarios read side by side.
     async fn stripe(
         req: HttpRequest,
         op: &'static str,

@@ -557,6 +557,8 @@ async fn timed<T>(started: std::time::Instant, future: impl Future<Output = T>) 
     (output, started.elapsed().as_secs_f64() * 1e3)
 }
 
+// Long on purpose: the group-commit loop (collect, run, replay, answer), read top to bottom;
+// every write in the process passes here, so it stays one loop with no extra awaits.
 async fn writer(
     db: Db,
     mut items: mpsc::UnboundedReceiver<Item>,

@@ -504,6 +504,8 @@ struct Created {
 /// Stores a new incident in one statement (a data-modifying `WITH` query): PostgreSQL only,
 /// atomic on its own. Returns the stream's version. A stream or incident that already exists is a
 /// `Conflict`, and so is the patient's other open incident.
+// Long on purpose: one SQL statement (a data-modifying WITH) and its binds, which only
+// read well together.
 pub async fn create_pg(
     conn: &mut DbConn,
     new: &NewIncident<'_>,

@@ -11,6 +11,7 @@ use super::schema::{insurance_claims, insurance_policies};
 use super::{DbConn, StoreError, to_db_time};
 use crate::db_run;
 use crate::domain::billing::{Coverage, InsuranceDecision, decide_coverage};
+use crate::domain::ids::PatientId;
 
 /// A stored policy.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -18,7 +19,7 @@ pub struct Policy {
     /// Its stable identifier.
     pub id: String,
     /// Insured patient.
-    pub patient_id: String,
+    pub patient_id: PatientId,
     /// The insurer, by name.
     pub provider: String,
     /// Member number.
@@ -37,7 +38,7 @@ pub async fn upsert_policy(
         diesel::insert_into(insurance_policies::table)
             .values((
                 insurance_policies::id.eq(&policy.id),
-                insurance_policies::patient_id.eq(&policy.patient_id),
+                insurance_policies::patient_id.eq(policy.patient_id.as_str()),
                 insurance_policies::provider.eq(&policy.provider),
                 insurance_policies::member_id.eq(&policy.member_id),
                 insurance_policies::remaining_cents.eq(policy.remaining_cents),
@@ -66,11 +67,24 @@ fn coverage_of(amount: i64, covered: i64) -> Coverage {
     }
 }
 
-/// Verifies coverage for an incident's bill and holds the covered part (call inside a write
-/// transaction). `Conflict` when the incident was already verified with another amount.
+/// Verifies coverage for an incident's bill and holds the covered part, in one write
+/// transaction. `Conflict` when the incident was already verified with another amount.
 pub async fn verify(
     conn: &mut DbConn,
-    patient_id: &str,
+    patient_id: &PatientId,
+    incident_id: &str,
+    amount_cents: i64,
+    now: DateTime<Utc>,
+) -> Result<InsuranceDecision, StoreError> {
+    conn.write_transaction(async |tx| {
+        verify_in(tx, patient_id, incident_id, amount_cents, now).await
+    })
+    .await
+}
+
+async fn verify_in(
+    conn: &mut DbConn,
+    patient_id: &PatientId,
     incident_id: &str,
     amount_cents: i64,
     now: DateTime<Utc>,
@@ -103,7 +117,7 @@ pub async fn verify(
     }
     let policy: Option<(String, i64)> = db_run!(conn, |c| {
         insurance_policies::table
-            .filter(insurance_policies::patient_id.eq(patient_id))
+            .filter(insurance_policies::patient_id.eq(patient_id.as_str()))
             .select((insurance_policies::id, insurance_policies::remaining_cents))
             .first(c)
             .await
@@ -127,7 +141,7 @@ pub async fn verify(
             .values((
                 insurance_claims::id.eq(&claim_id),
                 insurance_claims::policy_id.eq(&policy_id),
-                insurance_claims::patient_id.eq(patient_id),
+                insurance_claims::patient_id.eq(patient_id.as_str()),
                 insurance_claims::incident_id.eq(incident_id),
                 insurance_claims::amount_cents.eq(amount_cents),
                 insurance_claims::covered_cents.eq(covered),
@@ -141,9 +155,18 @@ pub async fn verify(
     Ok(decision)
 }
 
-/// Releases a held claim, returning its covered amount to the policy (idempotent; `NotFound`
-/// for an unknown claim). Call inside a write transaction.
+/// Releases a held claim, returning its covered amount to the policy, in one write
+/// transaction (idempotent; `NotFound` for an unknown claim).
 pub async fn release(
+    conn: &mut DbConn,
+    claim_id: &str,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    conn.write_transaction(async |tx| release_in(tx, claim_id, now).await)
+        .await
+}
+
+async fn release_in(
     conn: &mut DbConn,
     claim_id: &str,
     now: DateTime<Utc>,

@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use super::client::{Api, ApiStatusError};
 use super::rng::SimRng;
 use crate::domain::geo::LatLng;
+use crate::domain::ids::{DeviceId, PatientId};
 
 /// The seed the city is generated from: fixed, so ids and positions are the same every run.
 const CITY_SEED: u64 = 0x00ED_1B0B;
@@ -93,9 +94,9 @@ pub enum Cover {
 #[derive(Clone, Debug)]
 pub struct WearerSpec {
     /// Patient id.
-    pub patient_id: String,
+    pub patient_id: PatientId,
     /// Device id.
-    pub device_id: String,
+    pub device_id: DeviceId,
     /// Device model.
     pub model: &'static str,
     /// Where they live (and, in the simulation, are).
@@ -333,8 +334,8 @@ fn wearer(n: usize, rng: &mut SimRng) -> WearerSpec {
         body_temp_c: (rng.range(36.4, 37.0) * 10.0).round() / 10.0,
     };
     WearerSpec {
-        patient_id: format!("edi-p{n:04}"),
-        device_id: format!("edi-w{n:04}"),
+        patient_id: PatientId(format!("edi-p{n:04}")),
+        device_id: DeviceId(format!("edi-w{n:04}")),
         model: pick(rng, MODELS),
         home,
         baseline,

@@ -299,6 +299,7 @@ impl Crew {
     }
 
     /// A frame from the server.
+    // Long on purpose: one arm per server frame type, read as the crew protocol.
     async fn on_frame(&mut self, frame: &Value) {
         let now = Instant::now();
         let text = |key: &str| frame[key].as_str().map(str::to_owned);
@@ -411,6 +412,7 @@ impl Crew {
         self.advance(tx, now).await
     }
 
+    // Long on purpose: the simulated crew's state machine, one arm per phase.
     async fn advance(&mut self, tx: &mut Sink, now: Instant) -> anyhow::Result<()> {
         match self.phase.clone() {
             Phase::Idle | Phase::Accepting { .. } => {}

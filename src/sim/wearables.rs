@@ -305,7 +305,7 @@ impl Wearables {
         };
         let give_up = self.clock.wall(GIVE_UP_S);
         for w in self.wearers.iter_mut().filter(|w| w.in_trouble()) {
-            match open.get(&w.spec.patient_id) {
+            match open.get(w.spec.patient_id.as_str()) {
                 Some((id, status)) => {
                     w.incident = Some(id.clone());
                     let helped = HELP_ARRIVED.contains(&status.as_str());

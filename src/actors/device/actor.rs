@@ -459,6 +459,8 @@ impl Actor for DeviceActor {
 impl Handler<ProcessReadings> for DeviceActor {
     type Result = ResponseActFuture<Self, Vec<(usize, ReadingOutcome)>>;
 
+    // Long on purpose: the ingest hot path for one device batch (triage, hand-off, persist),
+    // kept in one piece so a reading costs no extra hops on its way to an emergency.
     fn handle(&mut self, msg: ProcessReadings, ctx: &mut Self::Context) -> Self::Result {
         let now = Utc::now();
         self.messages += 1;
@@ -617,6 +619,8 @@ impl Handler<CancelFall> for DeviceActor {
 
 impl DeviceActor {
     /// Runs the fall watch at `now` (a tick, or a wearer cancel) and persists what follows.
+    // Long on purpose: the fall watch's counterpart of ProcessReadings (verdict, status
+    // change, hand-off, persist), read top to bottom.
     fn fall_verdict(
         &mut self,
         now: DateTime<Utc>,

@@ -214,6 +214,8 @@ impl Supervised for IncidentActor {
 impl Handler<Execute> for IncidentActor {
     type Result = AtomicResponse<Self, Result<Incident, IncidentError>>;
 
+    // Long on purpose: decide, persist and apply one command as a single atomic step, read
+    // top to bottom (with the reload on a concurrent writer).
     fn handle(&mut self, msg: Execute, ctx: &mut Self::Context) -> Self::Result {
         self.messages += 1;
         let now = Utc::now();

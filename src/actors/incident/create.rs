@@ -19,7 +19,7 @@ use super::{
 use crate::actors::error::ActorError;
 use crate::domain::events::NewEvent;
 use crate::domain::ids::{IncidentId, PatientId};
-use crate::domain::incident::{Command, Incident, handle};
+use crate::domain::incident::{Command, Incident, IncidentEvent, handle};
 use crate::domain::patients::Patient;
 use crate::persistence::fleet::{self as fleet_store, OfferRecord};
 use crate::persistence::group::GroupCommit;
@@ -199,6 +199,25 @@ async fn find_patient(
     }
 }
 
+/// The new incident's state and events: opened, dispatch started and, when a first round was
+/// reserved, its offers recorded.
+fn opened_state(
+    open: &Command,
+    first_offers: &[OfferRecord],
+    now: DateTime<Utc>,
+) -> Result<(Incident, Vec<IncidentEvent>), IncidentError> {
+    let (opened, mut events) = handle(None, open, now)?;
+    let (mut state, more) = handle(Some(&opened), &Command::StartDispatch, now)?;
+    events.extend(more);
+    if !first_offers.is_empty() {
+        let unit_ids = first_offers.iter().map(|o| o.unit_id.clone()).collect();
+        let (offered, more) = handle(Some(&state), &Command::RecordOffers { unit_ids }, now)?;
+        events.extend(more);
+        state = offered;
+    }
+    Ok((state, events))
+}
+
 /// Creates incident `id`, with its first offer round when one was reserved, in one commit.
 /// On PostgreSQL, with the patient and reference prefetched, that is one statement
 /// ([`store::create_pg`]), which the writer runs without a transaction when it is alone: one
@@ -241,17 +260,7 @@ async fn create(
                     description: req.description.clone(),
                     evidence: req.evidence.clone(),
                 };
-                let (opened, mut events) = handle(None, &open, now)?;
-                let (mut state, more) = handle(Some(&opened), &Command::StartDispatch, now)?;
-                events.extend(more);
-                if !first_offers.is_empty() {
-                    let unit_ids = first_offers.iter().map(|o| o.unit_id.clone()).collect();
-                    let (offered, more) =
-                        handle(Some(&state), &Command::RecordOffers { unit_ids }, now)?;
-                    events.extend(more);
-                    state = offered;
-                }
-
+                let (state, events) = opened_state(&open, &first_offers, now)?;
                 let (outbox, queued) =
                     next_of_kin_outbox(patient.as_deref(), id, "incident_created");
                 if one_statement && tx.backend() == crate::persistence::Backend::Postgres {
@@ -287,58 +296,76 @@ async fn create(
         .await
 }
 
+impl IncidentDirectory {
+    /// The patient's open incident (which gets `evidence`, if any), or the one being created
+    /// for them right now; `None` when they have neither and a new one is to be opened.
+    fn join_open(
+        &mut self,
+        patient: &PatientId,
+        evidence: Option<&serde_json::Value>,
+        ctx: &mut Context<Self>,
+    ) -> Option<ResponseActFuture<Self, Result<Opened, IncidentError>>> {
+        // The patient already has an open incident: return it (with the new evidence).
+        if let Some(&id) = self.open_by_patient.get(patient) {
+            let addr = self.actor_for(id, ctx);
+            let evidence = evidence.cloned();
+            return Some(Box::pin(
+                async move {
+                    let incident = match evidence {
+                        Some(evidence) => addr
+                            .send(Execute(Command::AddEvidence { evidence }))
+                            .await
+                            .map_err(ActorError::mailbox("incident"))??,
+                        None => {
+                            let inspection = addr
+                                .send(InspectIncident)
+                                .await
+                                .map_err(ActorError::mailbox("incident"))?;
+                            inspection
+                                .state
+                                .and_then(|s| serde_json::from_value(s).ok())
+                                .ok_or(IncidentError::NotFound)?
+                        }
+                    };
+                    Ok(Opened {
+                        incident,
+                        created: false,
+                    })
+                }
+                .into_actor(self),
+            ));
+        }
+        // It is being created right now: wait for that one.
+        if let Some(waiters) = self.creating.get_mut(patient) {
+            let (tx, rx) = oneshot::channel();
+            waiters.push((tx, evidence.cloned()));
+            return Some(Box::pin(
+                async move {
+                    match rx.await {
+                        Ok(Ok(opened)) => Ok(opened),
+                        Ok(Err(e)) => Err(IncidentError::Store(StoreError::Unavailable(e))),
+                        Err(_) => Err(IncidentError::Actor(ActorError::Abandoned(
+                            "incident directory",
+                        ))),
+                    }
+                }
+                .into_actor(self),
+            ));
+        }
+        None
+    }
+}
+
 impl Handler<OpenIncident> for IncidentDirectory {
     type Result = ResponseActFuture<Self, Result<Opened, IncidentError>>;
 
+    // Long on purpose: the path from a detection to the first offer, read top to bottom
+    // (reserve a round alongside the prefetch, one commit, settle); one piece, no extra hops.
     fn handle(&mut self, msg: OpenIncident, ctx: &mut Self::Context) -> Self::Result {
         let req = msg.0;
         if let Some(patient) = &req.patient_id {
-            // The patient already has an open incident: return it (with the new evidence).
-            if let Some(&id) = self.open_by_patient.get(patient) {
-                let addr = self.actor_for(id, ctx);
-                let evidence = req.evidence.clone();
-                return Box::pin(
-                    async move {
-                        let incident = match evidence {
-                            Some(evidence) => addr
-                                .send(Execute(Command::AddEvidence { evidence }))
-                                .await
-                                .map_err(ActorError::mailbox("incident"))??,
-                            None => {
-                                let inspection = addr
-                                    .send(InspectIncident)
-                                    .await
-                                    .map_err(ActorError::mailbox("incident"))?;
-                                inspection
-                                    .state
-                                    .and_then(|s| serde_json::from_value(s).ok())
-                                    .ok_or(IncidentError::NotFound)?
-                            }
-                        };
-                        Ok(Opened {
-                            incident,
-                            created: false,
-                        })
-                    }
-                    .into_actor(self),
-                );
-            }
-            // It is being created right now: wait for that one.
-            if let Some(waiters) = self.creating.get_mut(patient) {
-                let (tx, rx) = oneshot::channel();
-                waiters.push((tx, req.evidence.clone()));
-                return Box::pin(
-                    async move {
-                        match rx.await {
-                            Ok(Ok(opened)) => Ok(opened),
-                            Ok(Err(e)) => Err(IncidentError::Store(StoreError::Unavailable(e))),
-                            Err(_) => Err(IncidentError::Actor(ActorError::Abandoned(
-                                "incident directory",
-                            ))),
-                        }
-                    }
-                    .into_actor(self),
-                );
+            if let Some(joined) = self.join_open(patient, req.evidence.as_ref(), ctx) {
+                return joined;
             }
             self.creating.insert(patient.clone(), Vec::new());
         }

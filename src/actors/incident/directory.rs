@@ -7,7 +7,6 @@ use std::sync::Arc;
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use futures_util::future::join_all;
-use serde_json::json;
 use tokio::sync::oneshot;
 
 use super::create::REFERENCE_BLOCK;
@@ -20,6 +19,7 @@ use super::{
 use crate::actors::error::ActorError;
 use crate::actors::unit::{ReconcileUnits, UnitFree};
 use crate::domain::dispatch::unit_claim;
+use crate::domain::events::Evidence;
 use crate::domain::geo::LatLng;
 use crate::domain::ids::{DeviceId, IncidentId, PatientId};
 use crate::domain::incident::{Command, Incident, Priority, Source};
@@ -367,13 +367,15 @@ impl Handler<EmergencyDetected> for IncidentDirectory {
                 lng: g.lng,
             }),
             description: Some(msg.reasons.join("; ")),
-            evidence: Some(json!({
-                "kind": "vitals",
-                "device_id": msg.device_id,
-                "detected_at": msg.detected_at,
-                "reasons": msg.reasons,
-                "readings": msg.evidence,
-            })),
+            evidence: Some(
+                Evidence::Vitals {
+                    device_id: msg.device_id,
+                    detected_at: msg.detected_at,
+                    reasons: msg.reasons,
+                    readings: msg.evidence,
+                }
+                .to_value(),
+            ),
         };
         // Opened here, not through the mailbox: one hop fewer on the way to the offer.
         Box::pin(

@@ -7,7 +7,6 @@ use std::time::Duration;
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use serde_json::json;
 
 use super::create::FirstRound;
 use super::{IncidentActor, IncidentError, OfferGroup, PendingOffer, ToIncident, persist};
@@ -17,7 +16,7 @@ use crate::actors::unit::{
     StopWaiting, Uncommit, UnitAddr, WaitForUnit,
 };
 use crate::config::DispatchSettings;
-use crate::domain::events::NewEvent;
+use crate::domain::events::{NewEvent, OfferClosed};
 use crate::domain::geo::LatLng;
 use crate::domain::ids::{IncidentId, OfferId, UnitId};
 use crate::domain::incident::{
@@ -40,13 +39,14 @@ pub(super) async fn close_offers(
     let moved = fleet_store::close_offers(tx, &ids, status, now, decline).await?;
     for (offer, unit) in offers {
         if moved.contains(offer) {
-            let mut e = NewEvent::new(
-                format!("dispatch.offer_{status}"),
-                json!({"offer_id": offer, "incident_id": incident, "unit_id": unit, "reason": reason, "at": now}),
-            );
-            e.incident_id = Some(incident.to_string());
-            e.unit_id = Some(unit.0.clone());
-            out.push(e);
+            let closed = OfferClosed {
+                offer_id: *offer,
+                incident_id: incident,
+                unit_id: unit,
+                reason,
+                at: now,
+            };
+            out.push(closed.to_new(status));
         }
     }
     Ok(out)
@@ -390,6 +390,8 @@ impl IncidentActor {
 impl Handler<NextRound> for IncidentActor {
     type Result = AtomicResponse<Self, ()>;
 
+    // Long on purpose: one offer round as its numbered steps (rank and reserve, escalate or
+    // record, publish) in one atomic handler, on the dispatch hot path.
     fn handle(&mut self, _: NextRound, _: &mut Self::Context) -> Self::Result {
         let (Some(fleet), Some(state)) = (self.deps.fleet.clone(), self.state.clone()) else {
             return ready(());
@@ -586,6 +588,8 @@ impl Handler<RoundExpired> for IncidentActor {
 impl Handler<AcceptOffer> for IncidentActor {
     type Result = AtomicResponse<Self, Result<OfferOutcome, IncidentError>>;
 
+    // Long on purpose: first accept wins, checked, committed on the unit and persisted in one
+    // atomic step on the accept hot path; splitting it would add hops between them.
     fn handle(&mut self, msg: AcceptOffer, _: &mut Self::Context) -> Self::Result {
         let Some(state) = self.state.clone() else {
             return ready(Err(IncidentError::NotFound));
@@ -735,6 +739,8 @@ impl Handler<DeclineOffer> for IncidentActor {
 impl Handler<ManualAssign> for IncidentActor {
     type Result = AtomicResponse<Self, Result<Incident, IncidentError>>;
 
+    // Long on purpose: the manual twin of AcceptOffer (decide, commit the unit, persist, undo
+    // on failure) in one atomic step, read top to bottom.
     fn handle(&mut self, msg: ManualAssign, _: &mut Self::Context) -> Self::Result {
         let Some(state) = self.state.clone() else {
             return ready(Err(IncidentError::NotFound));

@@ -2,10 +2,9 @@
 //! projections and the next-of-kin outbox in one transaction, and rebuilding state from it.
 
 use chrono::{DateTime, Utc};
-use serde_json::json;
 
 use crate::actors::error::ActorError;
-use crate::domain::events::{ExpectedVersion, NewEvent, RecordedEvent};
+use crate::domain::events::{ExpectedVersion, NewEvent, NotificationEvent, RecordedEvent};
 use crate::domain::ids::IncidentId;
 use crate::domain::incident::{Incident, IncidentEvent, IncidentStatus, Rejection, replay};
 use crate::persistence::events::{self, AppendError};
@@ -103,18 +102,14 @@ pub(super) fn next_of_kin_outbox(
             let notification_id = uuid::Uuid::now_v7().to_string();
             // A hash: the key is logged and sent to providers, and must not reveal the address.
             let key = crate::domain::notify::idempotency_key(&id.to_string(), address, known);
-            let mut event = NewEvent::new(
-                "notification.queued",
-                json!({
-                    "notification_id": notification_id,
-                    "incident_id": id,
-                    "recipient": kin.name,
-                    "channel": channel,
-                    "template": template,
-                }),
-            );
-            event.incident_id = Some(id.to_string());
-            queued.push(event);
+            let event = NotificationEvent::Queued {
+                notification_id: &notification_id,
+                incident_id: id,
+                recipient: &kin.name,
+                channel,
+                template,
+            };
+            queued.push(event.to_new());
             outbox.push(NewNotification {
                 id: notification_id,
                 incident_id: id,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use futures_util::future::join_all;
-use serde_json::{Value, json};
+use serde::Serialize;
 
 use super::{ACTOR_TIMEOUT, AmbulanceActor, Reconcile, Reserve, UnitView};
 use crate::domain::dispatch::{
@@ -558,9 +558,26 @@ impl Handler<ReleaseBed> for Fleet {
     }
 }
 
-/// Hospitals as the API shows them.
+/// A hospital as the API shows it (`GET /api/v1/hospitals`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct HospitalView {
+    /// The hospital.
+    pub id: HospitalId,
+    /// Its name.
+    pub name: String,
+    /// Its emergency entrance.
+    pub location: LatLng,
+    /// Services offered.
+    pub capabilities: Vec<String>,
+    /// Beds for incoming emergency patients.
+    pub capacity: u32,
+    /// Beds taken.
+    pub occupied: u32,
+}
+
+/// Hospitals as the API shows them, by id.
 #[derive(Message, Debug)]
-#[rtype(result = "Vec<Value>")]
+#[rtype(result = "Vec<HospitalView>")]
 pub struct ListHospitals;
 
 impl Handler<ListHospitals> for Fleet {
@@ -570,13 +587,16 @@ impl Handler<ListHospitals> for Fleet {
         let mut list: Vec<_> = self
             .hospitals
             .values()
-            .map(|e| {
-                json!({"id": e.snapshot.id, "name": e.name, "location": e.snapshot.location,
-                       "capabilities": e.snapshot.capabilities, "capacity": e.snapshot.capacity,
-                       "occupied": e.snapshot.occupied})
+            .map(|e| HospitalView {
+                id: e.snapshot.id.clone(),
+                name: e.name.clone(),
+                location: e.snapshot.location,
+                capabilities: e.snapshot.capabilities.clone(),
+                capacity: e.snapshot.capacity,
+                occupied: e.snapshot.occupied,
             })
             .collect();
-        list.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+        list.sort_by(|a, b| a.id.cmp(&b.id));
         MessageResult(list)
     }
 }

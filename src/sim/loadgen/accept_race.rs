@@ -70,6 +70,7 @@ struct Waves<'a> {
 }
 
 /// `--scenario accept-race`.
+// Long on purpose: a load scenario read top to bottom (set up, drive, measure, report).
 pub async fn run(args: &LoadgenArgs, fixtures: &Fixtures) -> anyhow::Result<Report> {
     let per_incident = args.pick(args.crews_per_incident, 3, 3).max(1);
     let unit_count = args.pick(args.units, 600, 6).max(per_incident);
@@ -184,6 +185,7 @@ pub async fn run(args: &LoadgenArgs, fixtures: &Fixtures) -> anyhow::Result<Repo
 }
 
 impl Waves<'_> {
+    // Long on purpose: one wave of the race in order (create, wait for offers, accept at once).
     async fn wave(&self, tally: &mut Tally) {
         tally.waves += 1;
         // Create one incident per cluster, `concurrency` requests in flight.

@@ -60,6 +60,7 @@ struct Prober<'a> {
 }
 
 /// `--scenario detect-to-offer`.
+// Long on purpose: a load scenario read top to bottom (set up, drive, measure, report).
 pub async fn run(args: &LoadgenArgs, fixtures: &Fixtures) -> anyhow::Result<Report> {
     let devices = args.pick(args.devices, 10_000, 20);
     let hz = args.pick(args.hz, 1.0, 1.0);
@@ -212,7 +213,7 @@ impl Prober<'_> {
 
     async fn probe(&self, wearer: &Wearer, scene: Point, out: &mut Probes) {
         out.count += 1;
-        let body = vitals::emergency(&wearer.device_id, scene);
+        let body = vitals::emergency(wearer.device_id.as_str(), scene);
         let request = self
             .gateway
             .http()
@@ -282,7 +283,7 @@ impl Prober<'_> {
             .post(format!("{}/api/v1/vitals", self.gateway.base_url()))
             .bearer_auth(self.gateway.token())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(vitals::normal(&wearer.device_id))
+            .body(vitals::normal(wearer.device_id.as_str()))
             .send()
             .await;
     }

@@ -135,6 +135,7 @@ impl Tally {
 }
 
 /// `--scenario fanout`.
+// Long on purpose: a load scenario read top to bottom (set up, drive, measure, report).
 pub async fn run(args: &LoadgenArgs, fixtures: &Fixtures) -> anyhow::Result<Report> {
     let consoles = args.pick(args.consoles, 500, 5).max(1);
     let sources = args.pick(args.units, 50, 3).max(1);

@@ -10,6 +10,7 @@ use anyhow::{Context as _, bail};
 use futures_util::{StreamExt as _, TryStreamExt as _};
 use serde_json::{Value, json};
 
+use crate::domain::ids::{DeviceId, PatientId};
 use crate::sim::client::{Api, ApiStatusError};
 use crate::sim::rng::SimRng;
 
@@ -41,9 +42,9 @@ impl Point {
 #[derive(Clone, Debug)]
 pub struct Wearer {
     /// Device id.
-    pub device_id: String,
+    pub device_id: DeviceId,
     /// Patient id.
-    pub patient_id: String,
+    pub patient_id: PatientId,
 }
 
 /// A registered unit and its crew token.
@@ -163,8 +164,8 @@ impl Fixtures {
         let wearers: Vec<(Wearer, Point)> = (0..n)
             .map(|i| {
                 let wearer = Wearer {
-                    patient_id: format!("{}-{tag}-p{i}", self.prefix),
-                    device_id: format!("{}-{tag}-d{i}", self.prefix),
+                    patient_id: PatientId(format!("{}-{tag}-p{i}", self.prefix)),
+                    device_id: DeviceId(format!("{}-{tag}-d{i}", self.prefix)),
                 };
                 (wearer, home(i))
             })

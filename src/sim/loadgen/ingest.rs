@@ -117,6 +117,8 @@ pub async fn drive(
     Ok(total)
 }
 
+// Long on purpose: the load generator's send loop (pace, build, send, tally), kept in one
+// piece so it measures the server rather than itself.
 async fn worker(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) -> FeedOutcome {
     let mut tally = FeedOutcome::default();
     let templates = &shared.feed.templates;

@@ -18,6 +18,7 @@ const BUCKETS: usize = 40;
 const OVERFLOW_GAP: f64 = 60.0;
 
 /// The histogram of `sorted_ms` (ascending, milliseconds) titled `title`.
+// Long on purpose: one SVG drawn top to bottom (axes, bars, overflow, percentile marks).
 pub fn histogram(title: &str, sorted_ms: &[f64]) -> String {
     let p50 = percentile(sorted_ms, 0.50);
     let p99 = percentile(sorted_ms, 0.99);

@@ -157,12 +157,13 @@ fn now_stamp() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::ids::{DeviceId, PatientId};
 
     fn wearers(n: usize) -> Vec<Wearer> {
         (0..n)
             .map(|i| Wearer {
-                device_id: format!("d{i}"),
-                patient_id: format!("p{i}"),
+                device_id: DeviceId(format!("d{i}")),
+                patient_id: PatientId(format!("p{i}")),
             })
             .collect()
     }
