@@ -243,6 +243,8 @@ async fn forward(req: HttpRequest, payload: web::Payload, front: web::Data<Front
     let answer = match upstream.send().await {
         Ok(answer) => answer,
         Err(e) => {
+            // Without the URL: its query may carry what the log must not.
+            let e = e.without_url();
             tracing::warn!(owner = %owner.node_id, error = %e, "forwarding to the dispatch owner failed");
             front.cluster.suspect_owner();
             return unavailable(

@@ -75,9 +75,12 @@ BEGIN
           AND tablename NOT IN ('cluster_nodes', 'shard_leases', 'shard_handovers',
                                 '__diesel_schema_migrations')
     LOOP
+        -- The WHEN clause keeps unfenced connections (a single node) from calling the
+        -- function at all: the check costs them nothing.
         EXECUTE format(
             'CREATE TRIGGER shers_fence BEFORE INSERT OR UPDATE OR DELETE OR TRUNCATE ON %I '
-            'FOR EACH STATEMENT EXECUTE FUNCTION shers_fence()', t);
+            'FOR EACH STATEMENT WHEN (current_setting(''shers.fence'', true) <> '''') '
+            'EXECUTE FUNCTION shers_fence()', t);
     END LOOP;
 END
 $$;
