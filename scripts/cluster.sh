@@ -7,7 +7,7 @@
 #   scripts/cluster.sh postgres://postgres@127.0.0.1:5432/shers_cluster redis://127.0.0.1:6379/ 18200
 #
 # NGINX listens on PORT, the nodes on PORT+1..PORT+3; logs and the NGINX config go to
-# target/cluster/. SHERS_BIN overrides the binary (default target/release/shers); extra
+# target/cluster/. CLUSTER_BIN overrides the binary (default target/release/shers); extra
 # SHERS_* variables in the environment reach every node. An admin token is printed.
 set -euo pipefail
 if [[ $# -lt 3 ]]; then
@@ -15,7 +15,7 @@ if [[ $# -lt 3 ]]; then
     exit 2
 fi
 DB=$1; REDIS=$2; PORT=$3
-BIN=${SHERS_BIN:-target/release/shers}
+BIN=${CLUSTER_BIN:-target/release/shers}
 DIR=target/cluster
 mkdir -p "$DIR"
 DIR=$(cd "$DIR" && pwd)

@@ -15,7 +15,7 @@ if [[ $# -lt 4 ]]; then
     exit 2
 fi
 DB=$1; REDIS=$2; PORT=$3; TOKEN=$4; ROUNDS=${5:-20}
-BIN=${SHERS_BIN:-target/release/shers}
+BIN=${CLUSTER_BIN:-target/release/shers}
 DIR=target/cluster
 API="http://127.0.0.1:$PORT"
 auth=(-H "Authorization: Bearer $TOKEN" -H "Content-Type: application/json")
