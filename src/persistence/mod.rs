@@ -368,6 +368,8 @@ impl Db {
         Self::open(settings, true).await
     }
 
+    // Long on purpose: the two backends' pool set-ups side by side, each with the reason for
+    // its settings, read top to bottom.
     async fn open(settings: &DatabaseSettings, writer: bool) -> Result<Self, ConnectError> {
         let url = settings.url.expose();
         let timeout = Duration::from_millis(settings.timeout_ms);

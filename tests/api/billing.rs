@@ -147,7 +147,7 @@ async fn declined_charge_is_compensated(backend: Backend) {
 
 /// A Stripe-compatible fake that replays by `Idempotency-Key` (as Stripe does) and can hold its
 /// first answer long enough for the test to kill SHERS mid-charge.
-mod fake_stripe {
+pub(crate) mod fake_stripe {
     use std::collections::HashMap;
     use std::sync::Mutex;
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -1326,3 +1326,133 @@ fn start_redis(port: u16) -> Child {
     }
     child
 }
+
+/// kill -9 of the node holding dispatch while the payment provider holds its answer to a
+/// charge: the next holder resumes the billing saga and the patient is charged exactly once
+/// (the fake Stripe counts charges by idempotency key).
+#[actix_web::test]
+async fn killing_the_holder_mid_charge_never_charges_twice() {
+    use std::sync::atomic::Ordering;
+    let fake = crate::billing::fake_stripe::start(crate::billing::fake_stripe::Stripe::default());
+    let stripe = fake.state();
+    stripe.hold_first.store(true, Ordering::SeqCst);
+    let base: &'static str =
+        Box::leak(format!("http://127.0.0.1:{}", fake.port()).into_boxed_str());
+    let Some(mut cluster) = Cluster::start_with(
+        3,
+        vec![
+            ("SHERS_PAYMENTS__PROVIDER", "stripe"),
+            ("SHERS_PAYMENTS__BASE_URL", base),
+            ("SHERS_PAYMENTS__API_KEY", "sk_test_fake"),
+        ],
+    )
+    .await
+    else {
+        return;
+    };
+    let owner = cluster.wait_owner(None, Duration::from_secs(10)).await;
+    let front = (owner + 1) % 3;
+    let admin = cluster.admin.clone();
+    for (path, body) in [
+        (
+            api::PATIENTS,
+            json!({"id": "bp-1", "name": "Billed Patient",
+                   "home_location": {"lat": SCENE.0, "lng": SCENE.1},
+                   "insurance": {"provider": "Acme Health", "member_id": "M-777"}}),
+        ),
+        (
+            api::INSURANCE_POLICIES,
+            json!({"patient_id": "bp-1", "provider": "Acme Health", "member_id": "M-777",
+                   "coverage_cents": 0}),
+        ),
+        (
+            api::HOSPITALS,
+            json!({"id": "h1", "name": "General", "location": {"lat": SCENE.0 + 0.1, "lng": SCENE.1},
+                   "capacity": 3}),
+        ),
+    ] {
+        let resp = cluster.post(front, path, &admin, &body).await;
+        assert_eq!(resp.status(), 201, "{path}: {}", resp.text().await.unwrap());
+    }
+    cluster.add_unit(front, "B-1", SCENE.0 + 0.002).await;
+    let created: Value = cluster
+        .post(
+            front,
+            api::INCIDENTS,
+            &cluster.console,
+            &json!({"patient_id": "bp-1"}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = created["id"].as_str().unwrap().to_owned();
+    let mut offer = None;
+    for _ in 0..250 {
+        let seen = cluster.incident(front, &id).await;
+        offer = seen["offers"][0]["id"].as_str().map(str::to_owned);
+        if offer.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let crew = cluster.crew_token("B-1").await;
+    let resp = cluster
+        .post_empty(front, &api::accept_offer(offer.unwrap()), &crew)
+        .await;
+    assert_eq!(resp.status(), 200);
+    for status in ["enroute", "on_scene", "transporting", "at_hospital"] {
+        let resp = cluster
+            .post(
+                front,
+                &api::unit_status("B-1"),
+                &crew,
+                &json!({"status": status}),
+            )
+            .await;
+        assert_eq!(
+            resp.status(),
+            200,
+            "{status}: {}",
+            resp.text().await.unwrap()
+        );
+    }
+    // The provider has charged and holds its answer: kill the holder now.
+    let started = Instant::now();
+    while stripe.requests.load(Ordering::SeqCst) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no charge\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cluster.kill9(owner);
+    let started = Instant::now();
+    let closed = loop {
+        let seen = cluster.incident(front, &id).await;
+        if seen["status"] == "closed" {
+            break seen;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "never closed: {seen}\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(closed["invoice"]["status"], "paid", "{}", closed["invoice"]);
+    assert!(
+        stripe.requests.load(Ordering::SeqCst) >= 2,
+        "the charge was retried"
+    );
+    assert_eq!(
+        stripe.intents.lock().unwrap().len(),
+        1,
+        "exactly one charge"
+    );
+    assert_eq!(
+        cluster.events_of("billing.payment_succeeded").await.len(),
+        1
+    );
+}
