@@ -15,6 +15,7 @@ use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use anyhow::Context as _;
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde::Serialize;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message as Up, client::IntoClientRequest as _};
 
 use super::auth::{AdminOnly, AuthService, Authorized};
@@ -214,7 +215,7 @@ async fn forward(req: HttpRequest, payload: web::Payload, front: web::Data<Front
         .path_and_query()
         .map_or("/", actix_web::http::uri::PathAndQuery::as_str);
     if is_websocket(&req) {
-        return forward_websocket(&req, payload, &front, &owner.address, path).await;
+        return forward_websocket(&req, payload, front.clone(), &owner.address, path).await;
     }
     let body = match payload.to_bytes_limited(front.body_limit).await {
         Ok(Ok(body)) => body,
@@ -289,26 +290,26 @@ async fn relay(answer: reqwest::Response) -> HttpResponse {
 async fn forward_websocket(
     req: &HttpRequest,
     payload: web::Payload,
-    front: &Front,
+    front: web::Data<Front>,
     owner: &str,
     path: &str,
 ) -> HttpResponse {
-    let url = format!("ws{}{path}", owner.strip_prefix("http").unwrap_or(owner));
-    let Ok(mut request) = url.as_str().into_client_request() else {
-        return HttpResponse::BadRequest().finish();
-    };
-    for name in [
+    let headers: Vec<(&'static str, Vec<u8>)> = [
         "authorization",
         "sec-websocket-protocol",
         "origin",
         "user-agent",
-    ] {
-        if let Some(value) = req.headers().get(name)
-            && let Ok(value) = tungstenite::http::HeaderValue::from_bytes(value.as_bytes())
-        {
-            request.headers_mut().insert(name, value);
-        }
-    }
+    ]
+    .into_iter()
+    .filter_map(|name| {
+        req.headers()
+            .get(name)
+            .map(|v| (name, v.as_bytes().to_vec()))
+    })
+    .collect();
+    let Some(request) = upstream_request(owner, path, &headers) else {
+        return HttpResponse::BadRequest().finish();
+    };
     let (upstream, response) = match tokio_tungstenite::connect_async(request).await {
         Ok(connected) => connected,
         Err(tungstenite::Error::Http(refused)) => {
@@ -341,28 +342,173 @@ async fn forward_websocket(
             .headers_mut()
             .insert(actix_web::http::header::SEC_WEBSOCKET_PROTOCOL, value);
     }
-    actix_web::rt::spawn(pump(session, stream.max_frame_size(1 << 20), upstream));
+    // A console follows the event stream: at a handover the front resumes it on the new
+    // holder after the last event relayed, and its client sees no break.
+    let resume = (req.path() == CONSOLE_PATH).then(|| ConsoleResume {
+        front,
+        path: path_without_since(path),
+        headers,
+        last_seq: None,
+        subscribe: None,
+        swallow_subscribed: false,
+    });
+    actix_web::rt::spawn(pump(
+        session,
+        stream.max_frame_size(1 << 20),
+        upstream,
+        resume,
+    ));
     answer
+}
+
+/// The console WebSocket, whose stream the front resumes across a handover.
+const CONSOLE_PATH: &str = "/api/v1/ws/console";
+
+/// How long a console's stream waits for a new holder before its client is told to reconnect.
+const RESUME_FOR: Duration = Duration::from_secs(30);
+
+/// The handshake for `path` on `owner`, with the client's own credentials and headers.
+fn upstream_request(
+    owner: &str,
+    path: &str,
+    headers: &[(&'static str, Vec<u8>)],
+) -> Option<tungstenite::handshake::client::Request> {
+    let url = format!("ws{}{path}", owner.strip_prefix("http").unwrap_or(owner));
+    let mut request = url.as_str().into_client_request().ok()?;
+    for (name, value) in headers {
+        if let Ok(value) = tungstenite::http::HeaderValue::from_bytes(value) {
+            request.headers_mut().insert(*name, value);
+        }
+    }
+    Some(request)
+}
+
+/// `path` without its `since` parameter.
+fn path_without_since(path: &str) -> String {
+    let Some((base, query)) = path.split_once('?') else {
+        return path.to_owned();
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| !pair.starts_with("since="))
+        .collect();
+    if kept.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    }
+}
+
+/// Which side of a relayed connection went away.
+enum Gone {
+    Client,
+    Owner,
+}
+
+/// What a console's stream needs to resume on another node.
+struct ConsoleResume {
+    front: web::Data<Front>,
+    /// The path and query without `since`.
+    path: String,
+    headers: Vec<(&'static str, Vec<u8>)>,
+    /// The last sequence number the client was sent (events and heartbeats carry it).
+    last_seq: Option<i64>,
+    /// The client's last `subscribe` frame, sent again to the new holder.
+    subscribe: Option<String>,
+    /// The new holder's answer to that resent `subscribe`, which the client must not see.
+    swallow_subscribed: bool,
+}
+
+/// The fields of a frame the front looks at.
+#[derive(serde::Deserialize)]
+struct FrameHead<'a> {
+    #[serde(rename = "type", borrow, default)]
+    kind: Option<std::borrow::Cow<'a, str>>,
+    #[serde(default)]
+    seq: Option<i64>,
+}
+
+impl ConsoleResume {
+    /// Notes a frame from the client; `subscribe` frames are kept to be resent.
+    fn note_client_frame(&mut self, text: &str) {
+        if serde_json::from_str::<FrameHead<'_>>(text)
+            .is_ok_and(|f| f.kind.as_deref() == Some("subscribe"))
+        {
+            self.subscribe = Some(text.to_owned());
+        }
+    }
+
+    /// Notes a frame from the holder; `false` when the client must not get it.
+    fn note_owner_frame(&mut self, text: &str) -> bool {
+        let Ok(head) = serde_json::from_str::<FrameHead<'_>>(text) else {
+            return true;
+        };
+        if let Some(seq) = head.seq {
+            self.last_seq = Some(self.last_seq.map_or(seq, |last| last.max(seq)));
+        }
+        if self.swallow_subscribed && head.kind.as_deref() == Some("subscribed") {
+            self.swallow_subscribed = false;
+            return false;
+        }
+        true
+    }
+
+    /// Connects to the dispatch shard's holder again, after the last event relayed, and
+    /// resends the client's subscription; `None` after [`RESUME_FOR`] without a holder.
+    async fn reconnect(&mut self) -> Option<Upstream> {
+        let started = std::time::Instant::now();
+        while started.elapsed() < RESUME_FOR {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let Some(owner) = self.front.cluster.owner() else {
+                continue;
+            };
+            let path = match self.last_seq {
+                Some(seq) if self.path.contains('?') => format!("{}&since={seq}", self.path),
+                Some(seq) => format!("{}?since={seq}", self.path),
+                None => self.path.clone(),
+            };
+            let request = upstream_request(&owner.address, &path, &self.headers)?;
+            let Ok((mut upstream, _)) = tokio_tungstenite::connect_async(request).await else {
+                self.front.cluster.suspect_owner();
+                continue;
+            };
+            if let Some(subscribe) = &self.subscribe {
+                if upstream.send(Up::text(subscribe.clone())).await.is_err() {
+                    continue;
+                }
+                self.swallow_subscribed = true;
+            }
+            metrics::counter!("shers_console_streams_resumed_total").increment(1);
+            return Some(upstream);
+        }
+        None
+    }
 }
 
 type Upstream =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Relays frames between the client and the owner until either side closes. When the owner
-/// goes away (a handover), the client is closed with 1012 "service restart" so it reconnects
-/// (consoles resume with `since`).
+/// goes away (a handover), a console's stream is resumed on the new holder (`resume`); any
+/// other client is closed with 1012 "service restart" so it reconnects.
 async fn pump(
     mut client: actix_ws::Session,
     mut from_client: actix_ws::MessageStream,
     upstream: Upstream,
+    mut resume: Option<ConsoleResume>,
 ) {
     use actix_ws::Message as Down;
     let (mut to_owner, mut from_owner) = upstream.split();
     loop {
-        tokio::select! {
+        let owner_gone = tokio::select! {
             frame = from_client.next() => {
                 let relayed = match frame {
-                    Some(Ok(Down::Text(text))) => Up::text(text.to_string()),
+                    Some(Ok(Down::Text(text))) => {
+                        if let Some(resume) = resume.as_mut() {
+                            resume.note_client_frame(&text);
+                        }
+                        Up::text(text.to_string())
+                    }
                     Some(Ok(Down::Binary(bytes))) => Up::binary(bytes),
                     Some(Ok(Down::Ping(bytes))) => Up::Ping(bytes),
                     Some(Ok(Down::Pong(bytes))) => Up::Pong(bytes),
@@ -380,17 +526,25 @@ async fn pump(
                         return;
                     }
                 };
-                if to_owner.send(relayed).await.is_err() {
-                    let _ = client.close(Some(restarting())).await;
-                    return;
-                }
+                to_owner.send(relayed).await.is_err()
             }
             frame = from_owner.next() => {
-                let sent = match frame {
-                    Some(Ok(Up::Text(text))) => client.text(text.as_str().to_owned()).await,
-                    Some(Ok(Up::Binary(bytes))) => client.binary(bytes).await,
-                    Some(Ok(Up::Ping(bytes))) => client.ping(&bytes).await,
-                    Some(Ok(Up::Pong(bytes))) => client.pong(&bytes).await,
+                let relayed = match frame {
+                    Some(Ok(Up::Text(text))) => {
+                        if resume.as_mut().is_some_and(|r| !r.note_owner_frame(text.as_str())) {
+                            continue;
+                        }
+                        client.text(text.as_str().to_owned()).await.map_err(|_| Gone::Client)
+                    }
+                    Some(Ok(Up::Binary(bytes))) => client.binary(bytes).await.map_err(|_| Gone::Client),
+                    Some(Ok(Up::Ping(bytes))) => client.ping(&bytes).await.map_err(|_| Gone::Client),
+                    Some(Ok(Up::Pong(bytes))) => client.pong(&bytes).await.map_err(|_| Gone::Client),
+                    // The holder is handing over: a console resumes elsewhere.
+                    Some(Ok(Up::Close(Some(frame))))
+                        if resume.is_some() && frame.code == CloseCode::Restart =>
+                    {
+                        Err(Gone::Owner)
+                    }
                     Some(Ok(Up::Close(frame))) => {
                         let reason = frame.map(|f| actix_ws::CloseReason {
                             code: u16::from(f.code).into(),
@@ -400,13 +554,27 @@ async fn pump(
                         return;
                     }
                     Some(Ok(Up::Frame(_))) => continue,
-                    Some(Err(_)) | None => {
-                        let _ = client.close(Some(restarting())).await;
+                    Some(Err(_)) | None => Err(Gone::Owner),
+                };
+                match relayed {
+                    Ok(()) => false,
+                    Err(Gone::Client) => {
+                        let _ = to_owner.send(Up::Close(None)).await;
                         return;
                     }
-                };
-                if sent.is_err() {
-                    let _ = to_owner.send(Up::Close(None)).await;
+                    Err(Gone::Owner) => true,
+                }
+            }
+        };
+        if owner_gone {
+            let resumed = match resume.as_mut() {
+                Some(resume) => resume.reconnect().await,
+                None => None,
+            };
+            match resumed {
+                Some(upstream) => (to_owner, from_owner) = upstream.split(),
+                None => {
+                    let _ = client.close(Some(restarting())).await;
                     return;
                 }
             }

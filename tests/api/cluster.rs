@@ -1002,8 +1002,8 @@ async fn a_wearable_is_one_wearable_whichever_node_hears_it() {
     assert_eq!(clustered, alone);
 }
 
-/// A console on each node sees every event exactly once and in order, across a handover
-/// (reconnecting with `since`, as the dashboard does, when its connection is closed).
+/// A console on each node sees every event exactly once and in order, across a handover: the
+/// front it is connected to resumes its stream on the new holder, so it never reconnects.
 #[actix_web::test]
 async fn consoles_on_every_node_see_every_event_once_in_order_across_a_handover() {
     let Some(mut cluster) = Cluster::start(3).await else {
@@ -1069,11 +1069,17 @@ async fn consoles_on_every_node_see_every_event_once_in_order_across_a_handover(
         let upto: Vec<i64> = seqs.iter().copied().filter(|s| *s <= last).collect();
         assert_eq!(upto, stored, "console on {url}: every event once, in order");
     }
+    // The fronts resumed the streams on the new holder: no console had to reconnect.
+    let connects = CONNECTS.with(|c| c.borrow().clone());
+    assert!(connects.values().all(|n| *n == 1), "{connects:?}");
 }
 
 thread_local! {
     /// What each console watcher saw: its URL's origin → event sequence numbers, in order.
     static SEEN: std::cell::RefCell<std::collections::BTreeMap<String, Vec<i64>>> =
+        std::cell::RefCell::default();
+    /// How many times each console watcher connected: its URL's origin → connections.
+    static CONNECTS: std::cell::RefCell<std::collections::BTreeMap<String, usize>> =
         std::cell::RefCell::default();
 }
 
@@ -1091,6 +1097,7 @@ async fn watch_console(url: String) {
                 continue;
             }
         };
+        CONNECTS.with(|c| *c.borrow_mut().entry(origin.clone()).or_default() += 1);
         while let Some(Ok(frame)) = socket.next().await {
             let tokio_tungstenite::tungstenite::Message::Text(text) = frame else {
                 continue;
