@@ -1217,8 +1217,6 @@ async fn redis_down_and_back_loses_nothing() {
     )
     .await
     else {
-        let _ = redis.kill();
-        let _ = redis.wait();
         return;
     };
     let owner = cluster
@@ -1246,8 +1244,7 @@ async fn redis_down_and_back_loses_nothing() {
     cluster.register_wearer(front, "dp-1", "dw-1").await;
     cluster.register_wearer(front, "dp-2", "dw-2").await;
 
-    let _ = redis.kill();
-    let _ = redis.wait();
+    redis.stop();
     let first = cluster.emergency(front, "dw-1").await;
     // A handover without Redis: found by the lease rounds alone.
     cluster.signal(owner, "-TERM");
@@ -1256,7 +1253,7 @@ async fn redis_down_and_back_loses_nothing() {
         Some(0)
     );
     let second = cluster.emergency(front, "dw-2").await;
-    let mut redis = start_redis(port);
+    let _redis = start_redis(port);
     cluster.restart(owner);
     cluster.wait_owner(None, Duration::from_secs(15)).await;
     for id in [&first, &second] {
@@ -1287,8 +1284,6 @@ async fn redis_down_and_back_loses_nothing() {
     }
     console.abort();
     let _ = console.await;
-    let _ = redis.kill();
-    let _ = redis.wait();
     let upto: Vec<i64> = seen.into_iter().filter(|s| *s <= last).collect();
     assert_eq!(upto, stored, "the console saw every event once, in order");
 }
@@ -1309,7 +1304,23 @@ fn private_redis_port() -> Option<u16> {
     Some(free_port())
 }
 
-fn start_redis(port: u16) -> Child {
+/// A `redis-server` of a test's own, stopped when dropped (a failing test included).
+struct RedisServer(Child);
+
+impl RedisServer {
+    fn stop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn start_redis(port: u16) -> RedisServer {
     let child = Command::new("redis-server")
         .args([
             "--port",
@@ -1330,7 +1341,7 @@ fn start_redis(port: u16) -> Child {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    child
+    RedisServer(child)
 }
 
 /// kill -9 of the node holding dispatch while the payment provider holds its answer to a
