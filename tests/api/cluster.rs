@@ -10,7 +10,6 @@ use futures_util::StreamExt as _;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use shers::domain::auth::Role;
-use shers::domain::ids::UnitId;
 use shers::persistence::{Backend, Db, tokens};
 
 use crate::helpers::{TestDb, api, postgres_available};
@@ -300,18 +299,25 @@ impl Cluster {
     }
 
     async fn crew_token(&self, unit: &str) -> String {
-        let mut conn = self.db.conn().await.unwrap();
-        tokens::create(
-            &mut conn,
-            Role::Crew,
-            Some(&UnitId::from(unit)),
-            None,
-            "crew",
-            chrono::Utc::now(),
-        )
-        .await
-        .unwrap()
-        .token
+        crate::helpers::crew_token(&self.db, unit).await
+    }
+
+    /// Polls incident `id` through `node` until it has an offer; panics with the nodes' logs
+    /// after `limit`.
+    async fn wait_offered(&self, node: usize, id: &str, limit: Duration) -> Value {
+        let started = Instant::now();
+        loop {
+            let seen = self.incident(node, id).await;
+            if seen["offers"].as_array().is_some_and(|o| !o.is_empty()) {
+                return seen;
+            }
+            assert!(
+                started.elapsed() < limit,
+                "{id} never offered: {seen}\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// POST with retries on 503 after `Retry-After` (as clients are told to).
@@ -586,17 +592,10 @@ async fn killing_the_dispatch_owner_loses_no_emergency() {
     // Posted during the outage, to a surviving front: answered once a new owner serves.
     let during = cluster.emergency(front, "kw-3").await;
     incidents.push(during.clone());
-    let (mut offered_after, mut seen) = (None, Value::Null);
-    while killed.elapsed() < Duration::from_secs(15) {
-        seen = cluster.incident(front, &during).await;
-        if seen["offers"].as_array().is_some_and(|o| !o.is_empty()) {
-            offered_after = Some(killed.elapsed());
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let offered_after =
-        offered_after.unwrap_or_else(|| panic!("never offered: {seen}\n{}", cluster.logs()));
+    cluster
+        .wait_offered(front, &during, Duration::from_secs(15))
+        .await;
+    let offered_after = killed.elapsed();
     eprintln!("kill -9 to the first offer of an emergency posted meanwhile: {offered_after:?}");
     assert!(
         offered_after < Duration::from_millis(LEASE_MS) + Duration::from_secs(5),
@@ -608,19 +607,9 @@ async fn killing_the_dispatch_owner_loses_no_emergency() {
         incidents.push(cluster.emergency(node, &format!("kw-{p}")).await);
     }
     for id in &incidents {
-        let started = Instant::now();
-        loop {
-            let seen = cluster.incident(front, id).await;
-            if seen["offers"].as_array().is_some_and(|o| !o.is_empty()) {
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(10),
-                "{id} never offered: {seen}\n{}",
-                cluster.logs()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        cluster
+            .wait_offered(front, id, Duration::from_secs(10))
+            .await;
     }
     // One incident per wearer, and no unit holds two incidents.
     assert_eq!(cluster.events_of("incident.created").await.len(), 8);
@@ -878,18 +867,7 @@ async fn the_accept_race_across_nodes_has_one_winner() {
         let mut offers = Vec::new();
         for _ in 0..250 {
             let seen = cluster.incident(round % 3, &id).await;
-            offers = seen["offers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|o| o["status"] == "pending")
-                .map(|o| {
-                    (
-                        o["id"].as_str().unwrap().to_owned(),
-                        o["unit_id"].as_str().unwrap().to_owned(),
-                    )
-                })
-                .collect();
+            offers = crate::dispatch::pending_offers(&seen);
             if offers.len() == 3 {
                 break;
             }
@@ -1404,15 +1382,10 @@ async fn killing_the_holder_mid_charge_never_charges_twice() {
         .await
         .unwrap();
     let id = created["id"].as_str().unwrap().to_owned();
-    let mut offer = None;
-    for _ in 0..250 {
-        let seen = cluster.incident(front, &id).await;
-        offer = seen["offers"][0]["id"].as_str().map(str::to_owned);
-        if offer.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let offered = cluster
+        .wait_offered(front, &id, Duration::from_secs(5))
+        .await;
+    let offer = offered["offers"][0]["id"].as_str().map(str::to_owned);
     let crew = cluster.crew_token("B-1").await;
     let resp = cluster
         .post_empty(front, &api::accept_offer(offer.unwrap()), &crew)

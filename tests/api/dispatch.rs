@@ -36,7 +36,7 @@ async fn open_incident(app: &TestApp, priority: &str) -> String {
     body["id"].as_str().unwrap().to_owned()
 }
 
-fn pending_offers(incident: &Value) -> Vec<(String, String)> {
+pub(crate) fn pending_offers(incident: &Value) -> Vec<(String, String)> {
     incident["offers"]
         .as_array()
         .unwrap()

@@ -195,6 +195,22 @@ pub fn with_database(url: &str, name: &str) -> String {
     out
 }
 
+/// A crew token bound to `unit`, stored straight in `db`.
+pub async fn crew_token(db: &Db, unit: &str) -> String {
+    let mut conn = db.conn().await.unwrap();
+    tokens::create(
+        &mut conn,
+        Role::Crew,
+        Some(&UnitId::from(unit)),
+        None,
+        "crew",
+        Utc::now(),
+    )
+    .await
+    .unwrap()
+    .token
+}
+
 /// A fresh database for one test, removed on drop.
 pub struct TestDb {
     pub url: String,
@@ -391,18 +407,7 @@ impl TestApp {
 
     /// A crew token bound to `unit`.
     pub async fn crew_token(&self, unit: &str) -> String {
-        let mut conn = self.db.conn().await.unwrap();
-        tokens::create(
-            &mut conn,
-            Role::Crew,
-            Some(&UnitId::from(unit)),
-            None,
-            "crew",
-            Utc::now(),
-        )
-        .await
-        .unwrap()
-        .token
+        crew_token(&self.db, unit).await
     }
 
     /// Registers a unit at a position, as admin.
