@@ -9,7 +9,6 @@ use std::time::Duration;
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use futures_util::future::join_all;
-use serde::Serialize;
 
 use super::{ACTOR_TIMEOUT, AmbulanceActor, Reconcile, Reserve, UnitView};
 use crate::domain::dispatch::{
@@ -558,26 +557,9 @@ impl Handler<ReleaseBed> for Fleet {
     }
 }
 
-/// A hospital as the API shows it (`GET /api/v1/hospitals`).
-#[derive(Clone, Debug, PartialEq, Serialize)]
-pub struct HospitalView {
-    /// The hospital.
-    pub id: HospitalId,
-    /// Its name.
-    pub name: String,
-    /// Its emergency entrance.
-    pub location: LatLng,
-    /// Services offered.
-    pub capabilities: Vec<String>,
-    /// Beds for incoming emergency patients.
-    pub capacity: u32,
-    /// Beds taken.
-    pub occupied: u32,
-}
-
 /// Hospitals as the API shows them, by id.
 #[derive(Message, Debug)]
-#[rtype(result = "Vec<HospitalView>")]
+#[rtype(result = "Vec<HospitalRecord>")]
 pub struct ListHospitals;
 
 impl Handler<ListHospitals> for Fleet {
@@ -587,7 +569,7 @@ impl Handler<ListHospitals> for Fleet {
         let mut list: Vec<_> = self
             .hospitals
             .values()
-            .map(|e| HospitalView {
+            .map(|e| HospitalRecord {
                 id: e.snapshot.id.clone(),
                 name: e.name.clone(),
                 location: e.snapshot.location,
