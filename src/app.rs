@@ -279,18 +279,23 @@ impl Application {
     pub async fn build_with_db(settings: Settings, db: Db) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(&settings.bind)
             .with_context(|| format!("binding {}", settings.bind))?;
-        Self::build_with_listener(settings, db, listener, true).await
+        Self::build_with_listener(settings, db, listener, None).await
     }
 
     /// Builds the server on an already bound listener (a cluster node binds its internal
-    /// address at start, long before it owns anything to serve there). With `own_signals`
-    /// SIGINT/SIGTERM stop it; a cluster node handles them itself, to hand its shard over.
+    /// address at start, long before it owns anything to serve there). A single node (`node`
+    /// is `None`) stops on SIGINT/SIGTERM and applies readings to its own device actors. A
+    /// cluster node's dispatch shard (`node` is its device side) leaves the signals to the
+    /// node, which hands its shards over, sends readings to their device shards, and also
+    /// serves the node's internal device routes.
+    // Long on purpose: the whole wiring of the application, in start order.
     pub async fn build_with_listener(
         settings: Settings,
         db: Db,
         listener: TcpListener,
-        own_signals: bool,
+        node: Option<Arc<crate::cluster::devices::NodeDevices>>,
     ) -> anyhow::Result<Self> {
+        let own_signals = node.is_none();
         let rules = load_triage_rules(&settings)?;
         let port = listener.local_addr()?.port();
         let _ = prometheus();
@@ -351,6 +356,10 @@ impl Application {
             broadcaster: broadcaster.clone(),
             billing: billing.clone(),
             devices: device_directory.clone(),
+            ingest: match &node {
+                Some(devices) => crate::cluster::devices::Ingestion::Cluster(devices.clone()),
+                None => crate::cluster::devices::Ingestion::Local(device_directory.clone()),
+            },
             ingest_gate: Arc::new(tokio::sync::Semaphore::new(
                 settings.triage.max_in_flight_readings.max(1),
             )),
@@ -373,6 +382,9 @@ impl Application {
                 .app_data(db_data.clone())
                 .configure(http::routes)
                 .configure(|cfg| {
+                    if let Some(devices) = &node {
+                        http::internal::node_routes(cfg, web::Data::from(devices.clone()));
+                    }
                     if embed_insurance {
                         crate::http::insurance::routes(cfg);
                     }

@@ -201,6 +201,10 @@ pub struct ClusterSettings {
     /// How long a shard lease lasts without renewal, in milliseconds (`SHERS_CLUSTER__LEASE_MS`,
     /// default 3000). Renewed every third of it; failover takes about this long plus recovery.
     pub lease_ms: u64,
+    /// How many shards the wearables are spread over by a hash of their device id
+    /// (`SHERS_CLUSTER__DEVICE_SHARDS`, default 16, at most 1024). Every node takes an equal
+    /// share of them. All nodes of a cluster must agree on it.
+    pub device_shards: u32,
 }
 
 impl Default for ClusterSettings {
@@ -210,6 +214,7 @@ impl Default for ClusterSettings {
             internal_bind: "127.0.0.1:0".to_owned(),
             advertise_url: None,
             lease_ms: 3_000,
+            device_shards: 16,
         }
     }
 }

@@ -1,21 +1,24 @@
-//! The lease thread: membership, the dispatch shard's lease, and who owns it.
+//! The lease thread: membership, the shards' leases, and who owns them.
 //!
 //! It runs on a thread and runtime of its own, with database connections of its own, so a
 //! busy actor system or HTTP worker never delays a renewal: a late renewal is a lost lease.
-//! Every third of the lease it heartbeats, renews the lease it holds (or exits the process
-//! when it no longer holds it), tries to take the lease when nobody holds it, and refreshes the
-//! owner the front forwards to. Redis carries wake-ups between nodes (`shers:cluster`): a
+//! Every third of the lease it renews the leases it holds (or exits the process when it no
+//! longer holds one), takes the dispatch shard when nobody holds it, heartbeats, refreshes the
+//! owners the front and the device router forward to, and takes or sheds device shards so
+//! every live node holds its even share of the wearables. Redis carries wake-ups between nodes (`shers:cluster`): a
 //! released or taken lease is seen by the others at once instead of at their next round.
 //! Without Redis, or while it is down, the rounds alone keep everything correct, only slower.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{ClusterState, LOST_LEASE_EXIT};
+use super::{ClusterState, LOST_LEASE_EXIT, Owners};
 use crate::config::Settings;
+use crate::domain::shards::{device_shard_name, fair_share, parse_device_shard};
 use crate::persistence::cluster::{self, DISPATCH_SHARD};
 use crate::persistence::{Db, DbConn, StoreError};
 
@@ -25,9 +28,19 @@ pub const CHANNEL: &str = "shers:cluster";
 /// What the lease thread tells the node.
 #[derive(Debug)]
 pub enum Event {
-    /// This node now holds the dispatch shard at `epoch`: start serving it.
+    /// This node now holds `shard` at `epoch`: start serving it.
     Acquired {
+        /// The shard.
+        shard: String,
         /// The fencing epoch.
+        epoch: i64,
+    },
+    /// This node holds more device shards than its share: stop serving `shard`, then answer
+    /// with [`Control::Release`] so another node takes it at once.
+    Shed {
+        /// The shard.
+        shard: String,
+        /// The epoch held.
         epoch: i64,
     },
 }
@@ -35,8 +48,15 @@ pub enum Event {
 /// What the node tells the lease thread.
 #[derive(Debug)]
 pub enum Control {
-    /// Release the lease (if held), leave the cluster, answer, and end the thread.
+    /// Release every lease held, leave the cluster, answer, and end the thread.
     Leave(oneshot::Sender<()>),
+    /// A shed shard is no longer served here: release its lease.
+    Release {
+        /// The shard.
+        shard: String,
+        /// The epoch held.
+        epoch: i64,
+    },
 }
 
 /// Starts the lease thread.
@@ -74,9 +94,11 @@ struct Lease {
     state: Arc<ClusterState>,
     lease_ms: i64,
     version: &'static str,
-    /// The epoch held, and when it was last renewed (by this node's clock, which only
+    /// The shards held: epoch, and when last renewed (by this node's clock, which only
     /// decides when to give up, never whether a write is allowed).
-    held: Option<(i64, Instant)>,
+    held: BTreeMap<String, (i64, Instant)>,
+    /// Device shards told to the node as shed, waiting for its [`Control::Release`].
+    shedding: BTreeSet<String>,
     redis: Option<redis::aio::ConnectionManager>,
     redis_url: Option<String>,
     pushes: mpsc::UnboundedSender<redis::PushInfo>,
@@ -105,7 +127,8 @@ async fn run(
         lease_ms: i64::try_from(state.lease.as_millis()).unwrap_or(3_000),
         state,
         version: env!("CARGO_PKG_VERSION"),
-        held: None,
+        held: BTreeMap::new(),
+        shedding: BTreeSet::new(),
         redis,
         redis_url,
         pushes: push_tx,
@@ -120,12 +143,17 @@ async fn run(
             () = tokio::time::sleep(tick) => {}
             () = lease.state.wake.notified() => {}
             Some(_) = pushes.recv() => {}
-            command = control.recv() => {
-                lease.leave().await;
-                if let Some(Control::Leave(done)) = command {
+            command = control.recv() => match command {
+                Some(Control::Release { shard, epoch }) => lease.release(&shard, epoch).await,
+                Some(Control::Leave(done)) => {
+                    lease.leave().await;
                     let _ = done.send(());
+                    return Ok(());
                 }
-                return Ok(());
+                None => {
+                    lease.leave().await;
+                    return Ok(());
+                }
             }
         }
     }
@@ -189,133 +217,246 @@ impl Lease {
         format!("shers:node:{}", self.state.node_id)
     }
 
-    /// One round: heartbeat, renew or take the lease, refresh the owner.
+    /// One round: renew what is held, take the dispatch shard if it is free, heartbeat,
+    /// refresh the owners, then take or shed device shards towards this node's share.
     async fn round(&mut self, events: &mpsc::UnboundedSender<Event>) {
         let Ok(mut conn) = self.conn().await else {
             self.give_up_if_expired();
             return;
         };
-        // The renewal first: nothing else in the round may delay it.
-        match self.held {
-            Some((epoch, _)) => self.renew(&mut conn, epoch).await,
-            None => self.try_take(&mut conn, events).await,
+        // The renewals first (dispatch before devices): nothing else may delay them.
+        let mut shards: Vec<(String, i64)> = self
+            .held
+            .iter()
+            .map(|(s, (e, _))| (s.clone(), *e))
+            .collect();
+        shards.sort_by_key(|(s, _)| s != DISPATCH_SHARD);
+        for (shard, epoch) in shards {
+            self.renew(&mut conn, &shard, epoch).await;
+        }
+        if !self.held.contains_key(DISPATCH_SHARD) {
+            self.try_take(&mut conn, DISPATCH_SHARD, events).await;
         }
         if let Err(e) = cluster::heartbeat(&mut conn, &self.state.node_id).await {
             tracing::warn!(error = %e, "cluster heartbeat failed");
         }
-        match cluster::owner(&mut conn, DISPATCH_SHARD).await {
-            Ok(owner) => self.state.set_owner(owner),
-            Err(e) => tracing::warn!(error = %e, "cannot read the dispatch shard's owner"),
-        }
+        let held = match cluster::owners(&mut conn).await {
+            Ok(held) => held,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the shards' owners");
+                return;
+            }
+        };
+        let owners = self.owners_of(held);
+        self.balance_devices(&mut conn, &owners, events).await;
+        self.state.set_owners(owners);
         let (key, address) = (self.heartbeat_key(), self.state.address.clone());
         self.announce(&key, &address, 3).await;
     }
 
-    async fn renew(&mut self, conn: &mut DbConn, epoch: i64) {
+    fn owners_of(&self, held: Vec<cluster::Held>) -> Owners {
+        let mut owners = Owners {
+            dispatch: None,
+            devices: vec![None; self.state.device_shards as usize],
+        };
+        for h in held {
+            if h.shard == DISPATCH_SHARD {
+                owners.dispatch = Some(h.owner);
+            } else if let Some(slot) =
+                parse_device_shard(&h.shard).and_then(|i| owners.devices.get_mut(i as usize))
+            {
+                *slot = Some(h.owner);
+            }
+        }
+        owners
+    }
+
+    /// Takes free device shards up to this node's fair share, or sheds what is above it (a
+    /// node joined), so the wearables spread evenly over the live nodes.
+    async fn balance_devices(
+        &mut self,
+        conn: &mut DbConn,
+        owners: &Owners,
+        events: &mpsc::UnboundedSender<Event>,
+    ) {
+        let within = self.lease_ms.saturating_mul(2);
+        let live = match cluster::live_nodes(conn, within).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot count the live nodes");
+                return;
+            }
+        };
+        let share = fair_share(self.state.device_shards, live) as usize;
+        let mine: Vec<String> = self
+            .held
+            .keys()
+            .filter(|s| parse_device_shard(s).is_some() && !self.shedding.contains(*s))
+            .cloned()
+            .collect();
+        if mine.len() > share {
+            // The highest-numbered first, so nodes agree on which move and none ping-pong.
+            for shard in mine.iter().rev().take(mine.len() - share) {
+                if let Some((epoch, _)) = self.held.get(shard) {
+                    tracing::info!(shard = %shard, epoch, share, "shedding a device shard");
+                    self.shedding.insert(shard.clone());
+                    let _ = events.send(Event::Shed {
+                        shard: shard.clone(),
+                        epoch: *epoch,
+                    });
+                }
+            }
+            return;
+        }
+        let mut wanted = share - mine.len();
+        for (index, owner) in owners.devices.iter().enumerate() {
+            if wanted == 0 {
+                break;
+            }
+            let shard = device_shard_name(u32::try_from(index).unwrap_or(u32::MAX));
+            if owner.is_none()
+                && !self.held.contains_key(&shard)
+                && self.try_take(conn, &shard, events).await
+            {
+                wanted -= 1;
+            }
+        }
+    }
+
+    async fn renew(&mut self, conn: &mut DbConn, shard: &str, epoch: i64) {
         let started = Instant::now();
-        match cluster::renew(
-            conn,
-            DISPATCH_SHARD,
-            &self.state.node_id,
-            epoch,
-            self.lease_ms,
-        )
-        .await
-        {
+        match cluster::renew(conn, shard, &self.state.node_id, epoch, self.lease_ms).await {
             Ok(true) => {
                 metrics::histogram!("shers_lease_renew_seconds")
                     .record(started.elapsed().as_secs_f64());
-                self.held = Some((epoch, started));
+                self.held.insert(shard.to_owned(), (epoch, started));
             }
             Ok(false) => {
                 // Taken over while this node was paused or cut off: the fence already refuses
                 // its writes; stop before it does anything else.
                 tracing::error!(
-                    shard = DISPATCH_SHARD,
+                    shard,
                     epoch,
-                    "lost the dispatch shard's lease; exiting so the supervisor restarts this node"
+                    "lost a shard's lease; exiting so the supervisor restarts this node"
                 );
                 std::process::exit(LOST_LEASE_EXIT);
             }
             Err(e) => {
-                tracing::warn!(error = %e, "lease renewal failed");
+                tracing::warn!(shard, error = %e, "lease renewal failed");
                 self.give_up_if_expired();
             }
         }
     }
 
-    /// Exits when the lease has certainly run out by now (no renewal for a whole lease).
+    /// Exits when a lease has certainly run out by now (no renewal for a whole lease).
     fn give_up_if_expired(&self) {
-        if let Some((epoch, renewed)) = self.held
-            && renewed.elapsed() >= self.state.lease
-        {
-            tracing::error!(
-                shard = DISPATCH_SHARD,
-                epoch,
-                "could not renew the dispatch shard's lease in time; exiting"
-            );
-            std::process::exit(LOST_LEASE_EXIT);
+        for (shard, (epoch, renewed)) in &self.held {
+            if renewed.elapsed() >= self.state.lease {
+                tracing::error!(
+                    shard = %shard,
+                    epoch,
+                    "could not renew a shard's lease in time; exiting"
+                );
+                std::process::exit(LOST_LEASE_EXIT);
+            }
         }
     }
 
-    async fn try_take(&mut self, conn: &mut DbConn, events: &mpsc::UnboundedSender<Event>) {
+    /// Takes `shard` if it is free; whether it was taken.
+    async fn try_take(
+        &mut self,
+        conn: &mut DbConn,
+        shard: &str,
+        events: &mpsc::UnboundedSender<Event>,
+    ) -> bool {
         let started = Instant::now();
-        let taken =
-            cluster::try_acquire(conn, DISPATCH_SHARD, &self.state.node_id, self.lease_ms).await;
+        let taken = cluster::try_acquire(conn, shard, &self.state.node_id, self.lease_ms).await;
         let acquired = match taken {
             Ok(Some(a)) => a,
-            Ok(None) => return,
+            Ok(None) => return false,
             Err(e) => {
-                tracing::warn!(error = %e, "taking the dispatch shard failed");
-                return;
+                tracing::warn!(shard, error = %e, "taking a shard failed");
+                return false;
             }
         };
         // Whatever the previous holder still has open is rolled back before recovery reads.
-        match cluster::end_stale_sessions(conn, DISPATCH_SHARD, acquired.epoch).await {
+        match cluster::end_stale_sessions(conn, shard, acquired.epoch).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(
+                shard,
                 sessions = n,
                 "ended the previous holder's database sessions"
             ),
-            Err(e) => tracing::warn!(error = %e, "could not end the previous holder's sessions"),
+            Err(e) => {
+                tracing::warn!(shard, error = %e, "could not end the previous holder's sessions")
+            }
         }
         tracing::info!(
-            shard = DISPATCH_SHARD,
+            shard,
             epoch = acquired.epoch,
             from = acquired.from.as_deref().unwrap_or("-"),
             reason = acquired.reason,
-            "took the dispatch shard"
+            "took a shard"
         );
-        metrics::counter!("shers_shard_handovers_total", "shard" => DISPATCH_SHARD, "reason" => acquired.reason)
+        let kind = if shard == DISPATCH_SHARD {
+            DISPATCH_SHARD
+        } else {
+            "devices"
+        };
+        metrics::counter!("shers_shard_handovers_total", "shard" => kind, "reason" => acquired.reason)
             .increment(1);
-        self.held = Some((acquired.epoch, started));
+        self.held
+            .insert(shard.to_owned(), (acquired.epoch, started));
         let _ = events.send(Event::Acquired {
+            shard: shard.to_owned(),
             epoch: acquired.epoch,
         });
-        self.publish(&format!("acquired {DISPATCH_SHARD} {}", acquired.epoch))
+        self.publish(&format!("acquired {shard} {}", acquired.epoch))
             .await;
+        true
+    }
+
+    /// Releases one shard at once (a shed device shard), and tells the other nodes.
+    async fn release(&mut self, shard: &str, epoch: i64) {
+        self.shedding.remove(shard);
+        if self.held.get(shard).is_none_or(|(e, _)| *e != epoch) {
+            return;
+        }
+        self.held.remove(shard);
+        let Ok(mut conn) = self.conn().await else {
+            return;
+        };
+        match cluster::release(&mut conn, shard, &self.state.node_id, epoch).await {
+            Ok(true) => {
+                tracing::info!(shard, epoch, "released a shard");
+                self.publish(&format!("released {shard} {epoch}")).await;
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(shard, error = %e, "releasing a shard failed"),
+        }
     }
 
     async fn leave(&mut self) {
         let Ok(mut conn) = self.conn().await else {
             return;
         };
-        if let Some((epoch, _)) = self.held.take() {
-            match cluster::release(&mut conn, DISPATCH_SHARD, &self.state.node_id, epoch).await {
+        let held = std::mem::take(&mut self.held);
+        for (shard, (epoch, _)) in held {
+            match cluster::release(&mut conn, &shard, &self.state.node_id, epoch).await {
                 Ok(true) => {
-                    tracing::info!(shard = DISPATCH_SHARD, epoch, "released the dispatch shard");
+                    tracing::info!(shard = %shard, epoch, "released a shard");
                     // Awaited: this thread ends next, and the others should not wait a round.
                     if let Some(redis) = self.redis.as_mut() {
                         let mut publish = redis::cmd("PUBLISH");
                         publish
                             .arg(CHANNEL)
-                            .arg(format!("released {DISPATCH_SHARD} {epoch}"));
+                            .arg(format!("released {shard} {epoch}"));
                         let sent = publish.query_async::<i64>(redis);
                         let _ = tokio::time::timeout(self.state.lease / 4, sent).await;
                     }
                 }
                 Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "releasing the dispatch shard failed"),
+                Err(e) => tracing::warn!(shard = %shard, error = %e, "releasing a shard failed"),
             }
         }
         if let Err(e) = cluster::leave(&mut conn, &self.state.node_id).await {

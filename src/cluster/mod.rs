@@ -5,14 +5,19 @@
 //! - the **front**, on the public address (`SHERS_BIND`), which any client or load balancer may
 //!   reach: probes, `/metrics`, `/admin/cluster`, and everything else forwarded (HTTP and
 //!   WebSocket) to the node that owns the dispatch shard;
-//! - the **shard server**, on the internal address, started only while this node holds the
-//!   `dispatch/default` lease: the whole single-node application (actors, recovery, every
-//!   endpoint) over database connections fenced at the lease's epoch.
+//! - the **internal server**, on the internal address: the device shards this node serves
+//!   ([`devices`]) and, while this node holds the `dispatch/default` lease, the whole
+//!   single-node application (actors, recovery, every endpoint) over database connections
+//!   fenced at the lease's epoch.
 //!
-//! The [`lease`] thread joins the cluster, renews or takes the lease and learns who owns it.
+//! The wearables are spread over `cluster.device_shards` device shards, each held by one node
+//! ([`devices`]); every node takes an even share of them.
+//!
+//! The [`lease`] thread joins the cluster, renews or takes the leases and learns who owns them.
 //! A node that loses a lease it held exits (code 75) and is restarted by its supervisor as a
 //! standby: stopping a live actor system in place is where split brains come from.
 
+pub mod devices;
 pub mod lease;
 
 use std::net::TcpListener;
@@ -25,11 +30,24 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::app::{Application, open_database};
 use crate::config::{Secret, Settings};
+use crate::domain::auth::Role;
+use crate::domain::shards::parse_device_shard;
 use crate::persistence::Db;
 use crate::persistence::cluster::{DISPATCH_SHARD, Owner, fenced_url};
+use crate::persistence::tokens;
+use devices::NodeDevices;
 
 /// Exit code of a node that lost a lease it held (EX_TEMPFAIL: restart me).
 pub const LOST_LEASE_EXIT: i32 = 75;
+
+/// Who holds the shards, as last read by the lease thread.
+#[derive(Debug, Default, Clone)]
+pub struct Owners {
+    /// The dispatch shard's holder.
+    pub dispatch: Option<Owner>,
+    /// Each device shard's holder, by index.
+    pub devices: Vec<Option<Owner>>,
+}
 
 /// What this node knows about the cluster, shared by the front and the lease thread.
 pub struct ClusterState {
@@ -39,32 +57,40 @@ pub struct ClusterState {
     pub address: String,
     /// The lease duration.
     pub lease: Duration,
-    owner: RwLock<Option<Owner>>,
+    /// How many device shards the wearables are spread over.
+    pub device_shards: u32,
+    owners: RwLock<Arc<Owners>>,
     joined: AtomicBool,
     /// Wakes the lease thread for an immediate round (a forward failed, Redis said so).
     pub(crate) wake: Notify,
 }
 
 impl ClusterState {
-    fn new(node_id: String, address: String, lease: Duration) -> Self {
+    fn new(node_id: String, address: String, lease: Duration, device_shards: u32) -> Self {
         Self {
             node_id,
             address,
             lease,
-            owner: RwLock::new(None),
+            device_shards,
+            owners: RwLock::new(Arc::new(Owners::default())),
             joined: AtomicBool::new(false),
             wake: Notify::new(),
         }
     }
 
-    /// The live owner of the dispatch shard, as last seen.
-    pub fn owner(&self) -> Option<Owner> {
-        self.owner.read().ok().and_then(|o| o.clone())
+    /// The live holders of every shard, as last seen.
+    pub fn owners(&self) -> Arc<Owners> {
+        self.owners.read().map(|o| o.clone()).unwrap_or_default()
     }
 
-    pub(crate) fn set_owner(&self, owner: Option<Owner>) {
-        if let Ok(mut slot) = self.owner.write() {
-            *slot = owner;
+    /// The live owner of the dispatch shard, as last seen.
+    pub fn owner(&self) -> Option<Owner> {
+        self.owners().dispatch.clone()
+    }
+
+    pub(crate) fn set_owners(&self, owners: Owners) {
+        if let Ok(mut slot) = self.owners.write() {
+            *slot = Arc::new(owners);
         }
     }
 
@@ -77,9 +103,18 @@ impl ClusterState {
         self.joined.store(true, Ordering::Release);
     }
 
-    /// Called when forwarding to the owner failed: forget it and look again now.
+    /// Called when forwarding to the dispatch owner failed: forget it and look again now.
     pub fn suspect_owner(&self) {
-        self.set_owner(None);
+        if let Ok(mut slot) = self.owners.write() {
+            let mut owners = Owners::clone(&slot);
+            owners.dispatch = None;
+            *slot = Arc::new(owners);
+        }
+        self.wake.notify_one();
+    }
+
+    /// Called when a device shard's holder refused or could not be reached: look again now.
+    pub fn suspect_devices(&self) {
         self.wake.notify_one();
     }
 }
@@ -111,8 +146,9 @@ fn advertised(settings: &Settings, listener: &TcpListener) -> anyhow::Result<Str
     Ok(format!("http://{addr}"))
 }
 
-/// Runs this process as a cluster node until SIGINT/SIGTERM (then hands its shard over at
-/// once) or until it loses its lease (then exits with [`LOST_LEASE_EXIT`]).
+/// Runs this process as a cluster node until SIGINT/SIGTERM (then hands its shards over at
+/// once) or until it loses a lease (then exits with [`LOST_LEASE_EXIT`]).
+// Long on purpose: the node's whole life (start, the lease events, the ordered handover).
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let db = open_database(&settings).await?;
     let node_id = node_id(&settings);
@@ -125,28 +161,82 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         node_id.clone(),
         address.clone(),
         Duration::from_millis(settings.cluster.lease_ms.max(300)),
+        settings
+            .cluster
+            .device_shards
+            .clamp(1, crate::domain::shards::MAX_DEVICE_SHARDS),
     ));
     tracing::info!(node = %node_id, address = %address, "joining the cluster");
+
+    // The node's own token for the other nodes' internal endpoints, revoked when it leaves
+    // (a killed node's stays live; it is listed as "node … (internal)").
+    let token = {
+        let mut conn = db.conn().await?;
+        tokens::create(
+            &mut conn,
+            Role::Admin,
+            None,
+            None,
+            &format!("node {node_id} (internal)"),
+            chrono::Utc::now(),
+        )
+        .await
+        .context("minting the node's internal token")?
+    };
+    // Device actors run on their own threads, one per core, sharded by device id.
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let arbiters: Vec<actix::Arbiter> = (0..threads).map(|_| actix::Arbiter::new()).collect();
+    let devices = Arc::new(NodeDevices::new(
+        &settings,
+        state.clone(),
+        db.clone(),
+        token.token.clone(),
+        arbiters.iter().map(actix::Arbiter::handle).collect(),
+    )?);
 
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let (control, control_rx) = mpsc::unbounded_channel();
     let lease_thread = lease::spawn(settings.clone(), state.clone(), events_tx, control_rx)?;
 
-    let front = crate::http::front::server(&settings, db.clone(), state.clone(), public)?;
+    let front = crate::http::front::server(
+        &settings,
+        db.clone(),
+        state.clone(),
+        devices.clone(),
+        public,
+    )?;
     let front_handle = front.handle();
     let front_task = actix_web::rt::spawn(front);
 
-    let mut internal = Some(internal);
+    // The internal address serves the device routes until this node holds the dispatch
+    // shard, whose server then serves them too.
+    let mut node_server = Some(Served::spawn(crate::http::front::node_server(
+        &settings,
+        db.clone(),
+        devices.clone(),
+        internal.try_clone()?,
+    )?));
     let mut shard: Option<Shard> = None;
+    let drain = Duration::from_secs(2);
     let stop = crate::cli::stop_signal();
     tokio::pin!(stop);
     loop {
         tokio::select! {
             () = &mut stop => break,
             event = events.recv() => match event {
-                Some(lease::Event::Acquired { epoch }) => {
-                    let Some(listener) = internal.take() else { continue };
-                    let app = start_shard(&settings, epoch, listener).await?;
+                Some(lease::Event::Acquired { shard: name, epoch }) if name == DISPATCH_SHARD => {
+                    if shard.is_some() {
+                        continue;
+                    }
+                    if let Some(server) = node_server.take() {
+                        // At once, not gracefully: readings in flight may be waiting for this
+                        // very shard to hand their emergencies to. Their callers answer 503 and
+                        // the retries are deduplicated; new connections wait in the listener's
+                        // backlog meanwhile.
+                        server.abort().await;
+                    }
+                    let app =
+                        start_shard(&settings, epoch, internal.try_clone()?, devices.clone()).await?;
                     let (handle, close_sessions) = (app.handle(), Box::new(app.session_closer()));
                     let task = actix_web::rt::spawn(async move {
                         if let Err(e) = app.run_until_stopped().await {
@@ -155,13 +245,29 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
                     });
                     shard = Some(Shard { handle, close_sessions, task });
                 }
+                Some(lease::Event::Acquired { shard: name, epoch }) => {
+                    let Some(index) = parse_device_shard(&name) else { continue };
+                    if let Err(e) = devices.start_shard(index, epoch).await {
+                        tracing::error!(shard = %name, error = ?e, "cannot serve a device shard; giving it back");
+                        let _ = control.send(lease::Control::Release { shard: name, epoch });
+                    }
+                }
+                Some(lease::Event::Shed { shard: name, epoch }) => {
+                    let (devices, control) = (devices.clone(), control.clone());
+                    actix_web::rt::spawn(async move {
+                        if let Some(index) = parse_device_shard(&name) {
+                            devices.stop_shard(index, drain).await;
+                        }
+                        let _ = control.send(lease::Control::Release { shard: name, epoch });
+                    });
+                }
                 // The lease thread ended: it has already logged why.
                 None => break,
             },
         }
     }
 
-    tracing::info!(node = %node_id, "stopping: handing the dispatch shard over");
+    tracing::info!(node = %node_id, "stopping: handing the shards over");
     if let Some(shard) = shard {
         // Sessions first (their clients reconnect through any front and resume), then the
         // requests in flight, so every acknowledged write is done before the release.
@@ -169,15 +275,52 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         shard.handle.stop(true).await;
         let _ = shard.task.await;
     }
+    if let Some(server) = node_server.take() {
+        server.stop().await;
+    }
+    devices.stop_all(drain).await;
     let (done, released) = oneshot::channel();
     if control.send(lease::Control::Leave(done)).is_ok() {
         let _ = tokio::time::timeout(Duration::from_secs(5), released).await;
     }
+    if let Ok(mut conn) = db.conn().await
+        && let Err(e) = tokens::revoke(&mut conn, token.record.id, chrono::Utc::now()).await
+    {
+        tracing::warn!(error = %e, "could not revoke the node's internal token");
+    }
     front_handle.stop(true).await;
     let _ = front_task.await;
     let _ = lease_thread.join();
+    drop(arbiters);
     tracing::info!(node = %node_id, "left the cluster");
     Ok(())
+}
+
+/// A server running on its own task.
+struct Served {
+    handle: actix_web::dev::ServerHandle,
+    task: tokio::task::JoinHandle<Result<(), std::io::Error>>,
+}
+
+impl Served {
+    fn spawn(server: actix_web::dev::Server) -> Self {
+        Self {
+            handle: server.handle(),
+            task: actix_web::rt::spawn(server),
+        }
+    }
+
+    /// Stops it gracefully (requests in flight finish).
+    async fn stop(self) {
+        self.handle.stop(true).await;
+        let _ = self.task.await;
+    }
+
+    /// Stops it now, dropping the requests in flight.
+    async fn abort(self) {
+        self.handle.stop(false).await;
+        let _ = self.task.await;
+    }
 }
 
 /// The shard server while this node holds the dispatch shard.
@@ -193,6 +336,7 @@ async fn start_shard(
     settings: &Settings,
     epoch: i64,
     listener: TcpListener,
+    devices: Arc<NodeDevices>,
 ) -> anyhow::Result<Application> {
     let mut fenced = settings.clone();
     fenced.database.url = Secret::new(fenced_url(
@@ -204,7 +348,7 @@ async fn start_shard(
     let db = Db::connect(&fenced.database)
         .await
         .context("opening fenced database connections")?;
-    let app = Application::build_with_listener(fenced, db, listener, false).await?;
+    let app = Application::build_with_listener(fenced, db, listener, Some(devices)).await?;
     tracing::info!(
         shard = DISPATCH_SHARD,
         epoch,

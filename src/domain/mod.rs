@@ -14,6 +14,7 @@ pub mod incident;
 pub mod news2;
 pub mod notify;
 pub mod patients;
+pub mod shards;
 pub mod triage;
 pub mod validation;
 pub mod vitals;

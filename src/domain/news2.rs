@@ -11,12 +11,12 @@
 //! temperature to one decimal, halves away from zero, before banding (so 20.4/min scores as 20,
 //! 36.04 °C as 36.0 and 36.06 °C as 36.1). The triage thresholds compare the raw value instead.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::vitals::{Consciousness, Reading};
 
 /// One of the seven NEWS2 parameters.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum News2Param {
     /// Respiration rate, per minute.
@@ -36,7 +36,7 @@ pub enum News2Param {
 }
 
 /// Clinical risk band of a NEWS2 aggregate.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum News2Risk {
     /// Aggregate 0–4 and no parameter scoring 3.
@@ -62,7 +62,7 @@ impl News2Risk {
 }
 
 /// The points one present parameter scored.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct News2Component {
     /// Which parameter.
     pub param: News2Param,
@@ -71,7 +71,7 @@ pub struct News2Component {
 }
 
 /// A NEWS2 result; serialised as `{score, risk, missing, parameters, complete}`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct News2 {
     /// Aggregate of the present parameters (0–20).
     pub score: u8,

@@ -146,7 +146,7 @@ impl Vital {
 /// Every field has been validated: vitals are finite and inside [`Vital::valid_range`],
 /// diastolic < systolic, the timestamp is within the ingest window, and the reading carries
 /// something to triage (see [`parse_body`]).
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Reading {
     /// The device that sent it (1–128 characters).
     pub device_id: DeviceId,

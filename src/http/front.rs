@@ -20,8 +20,11 @@ use tokio_tungstenite::tungstenite::{self, Message as Up, client::IntoClientRequ
 
 use super::auth::{AdminOnly, AuthService, Authorized};
 use super::error::ApiError;
+use super::json::{BodyLimit, read_body};
 use super::telemetry::{ShersRootSpan, observe};
+use super::vitals::{GatewayOnly, ingest_with};
 use crate::cluster::ClusterState;
+use crate::cluster::devices::{Ingestion, NodeDevices};
 use crate::config::Settings;
 use crate::persistence::cluster::{self, HandoverRow, LeaseRow, NodeRow};
 use crate::persistence::{Db, StoreError};
@@ -32,6 +35,10 @@ pub struct Front {
     db: Db,
     http: reqwest::Client,
     body_limit: usize,
+    /// Readings go straight to their device shards from here, not through the dispatch
+    /// shard's holder.
+    ingest: Ingestion,
+    ingest_gate: Arc<tokio::sync::Semaphore>,
 }
 
 /// Builds the front server on `listener` (signals are the node's to handle).
@@ -39,6 +46,7 @@ pub fn server(
     settings: &Settings,
     db: Db,
     cluster: Arc<ClusterState>,
+    devices: Arc<NodeDevices>,
     listener: TcpListener,
 ) -> anyhow::Result<Server> {
     let http = reqwest::Client::builder()
@@ -54,7 +62,12 @@ pub fn server(
         // Room above the owner's own limit, so the owner answers an oversized body with its
         // usual problem.
         body_limit: settings.http.body_limit_bytes.saturating_mul(2),
+        ingest: Ingestion::Cluster(devices),
+        ingest_gate: Arc::new(tokio::sync::Semaphore::new(
+            settings.triage.max_in_flight_readings.max(1),
+        )),
     });
+    let body_limit = BodyLimit(settings.http.body_limit_bytes);
     let auth = web::Data::new(AuthService::new(
         db,
         Duration::from_secs(settings.auth.cache_ttl_s),
@@ -63,7 +76,13 @@ pub fn server(
         App::new()
             .app_data(front.clone())
             .app_data(auth.clone())
+            .app_data(body_limit)
             .route("/healthz", web::get().to(super::ops::healthz))
+            .service(
+                web::resource("/api/v1/vitals")
+                    .route(web::post().to(vitals))
+                    .wrap(from_fn(super::auth::authenticate)),
+            )
             .route("/readyz", web::get().to(readyz))
             .service(
                 web::resource("/metrics")
@@ -85,6 +104,47 @@ pub fn server(
     if let Some(workers) = settings.http.workers {
         server = server.workers(workers.max(1));
     }
+    Ok(server.listen(listener)?.run())
+}
+
+/// `POST /api/v1/vitals` on a node: the same handler as on a single node, with the batch split
+/// over the device shards' holders and answered as one.
+async fn vitals(
+    _auth: Authorized<GatewayOnly>,
+    front: web::Data<Front>,
+    req: HttpRequest,
+    mut payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_body(&req, &mut payload).await?;
+    let response = ingest_with(&front.ingest, &front.ingest_gate, &body).await?;
+    Ok(HttpResponse::Ok().json(response))
+}
+
+/// A node's internal server while it does not hold the dispatch shard: the routes of the
+/// device shards it serves (`http::internal::node_routes`).
+pub fn node_server(
+    settings: &Settings,
+    db: Db,
+    devices: Arc<NodeDevices>,
+    listener: TcpListener,
+) -> anyhow::Result<Server> {
+    let auth = web::Data::new(AuthService::new(
+        db,
+        Duration::from_secs(settings.auth.cache_ttl_s),
+    ));
+    let devices = web::Data::from(devices);
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(auth.clone())
+            .configure(|cfg| super::internal::node_routes(cfg, devices.clone()))
+            .default_service(web::to(super::not_found))
+            .wrap(from_fn(super::auth::authenticate))
+            .wrap(from_fn(observe))
+    })
+    .disable_signals()
+    .shutdown_timeout(settings.http.shutdown_timeout_s)
+    .tcp_nodelay(true)
+    .workers(settings.http.workers.unwrap_or(2).clamp(1, 4));
     Ok(server.listen(listener)?.run())
 }
 

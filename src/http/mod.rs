@@ -13,6 +13,7 @@ pub mod fleet;
 pub mod front;
 pub mod incidents;
 pub mod insurance;
+pub mod internal;
 pub mod json;
 pub mod openapi;
 pub mod ops;
@@ -60,6 +61,8 @@ pub struct AppState {
     /// Turns true when the node hands its work over: long-lived sessions (WebSocket, SSE)
     /// end so the drain does not wait on them, and their clients reconnect elsewhere.
     pub closing: tokio::sync::watch::Receiver<bool>,
+    /// Where readings go: the local device directory, or a cluster's device shards.
+    pub ingest: crate::cluster::devices::Ingestion,
     /// The arbiters (threads) device actors run on; kept alive with the state.
     pub _arbiters: Arc<Vec<actix::Arbiter>>,
 }
@@ -68,7 +71,8 @@ pub struct AppState {
 ///
 /// Long on purpose: the whole route table in one place, read top to bottom.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.route("/", web::get().to(ops::index))
+    cfg.configure(internal::routes)
+        .route("/", web::get().to(ops::index))
         .route("/healthz", web::get().to(ops::healthz))
         .route("/readyz", web::get().to(ops::readyz))
         .route("/metrics", web::get().to(ops::metrics))

@@ -16,8 +16,8 @@ use super::auth::{Authorized, Policy};
 use super::error::ApiError;
 use super::json::read_body;
 use super::ws::{Incoming, Socket};
-use crate::actors::device::Ingest;
 use crate::actors::device::ReadingOutcome;
+use crate::cluster::devices::Ingestion;
 use crate::domain::auth::Role;
 use crate::domain::ids::{DeviceId, IncidentId};
 use crate::domain::news2::{News2, News2Param, News2Risk};
@@ -199,6 +199,16 @@ fn file_outcomes(
 
 /// Parses, triages and applies one ingest body.
 pub async fn ingest_body(state: &AppState, body: &[u8]) -> Result<IngestResponse, ApiError> {
+    ingest_with(&state.ingest, &state.ingest_gate, body).await
+}
+
+/// Parses one ingest body and applies its readings through `ingest`, at most `gate`'s
+/// permits of readings in flight.
+pub async fn ingest_with(
+    ingest: &Ingestion,
+    gate: &Arc<tokio::sync::Semaphore>,
+    body: &[u8],
+) -> Result<IngestResponse, ApiError> {
     let now = Utc::now();
     let parsed = parse_body(body, now, &IngestLimits::default()).map_err(body_error)?;
     let total = parsed.items.len();
@@ -217,23 +227,20 @@ pub async fn ingest_body(state: &AppState, body: &[u8]) -> Result<IngestResponse
     let mut results = Vec::with_capacity(readings.len());
     if !readings.is_empty() {
         let permits = u32::try_from(readings.len()).unwrap_or(u32::MAX);
-        let _permit = state
-            .ingest_gate
-            .clone()
-            .try_acquire_many_owned(permits)
-            .map_err(|_| ApiError::Unavailable {
-                detail: "ingest is at capacity; retry shortly".to_owned(),
-                retry_after_s: 1,
-            })?;
-        let outcomes =
-            state
-                .devices
-                .send(Ingest(readings))
-                .await
+        let _permit =
+            gate.clone()
+                .try_acquire_many_owned(permits)
                 .map_err(|_| ApiError::Unavailable {
-                    detail: "the device directory is unavailable; retry shortly".to_owned(),
+                    detail: "ingest is at capacity; retry shortly".to_owned(),
                     retry_after_s: 1,
                 })?;
+        let outcomes = ingest
+            .apply(readings)
+            .await
+            .ok_or_else(|| ApiError::Unavailable {
+                detail: "the device directory is unavailable; retry shortly".to_owned(),
+                retry_after_s: 1,
+            })?;
         file_outcomes(body, outcomes, &mut results, &mut rejected)?;
     }
     rejected.sort_by_key(|r| r.index);

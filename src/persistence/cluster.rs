@@ -13,8 +13,7 @@ use diesel_async::RunQueryDsl;
 use super::{DbConn, StoreError};
 use crate::db_run;
 
-/// The shard that owns a region's dispatch (one region for now).
-pub const DISPATCH_SHARD: &str = "dispatch/default";
+pub use crate::domain::shards::DISPATCH_SHARD;
 
 /// The prefix of `application_name` on fenced connections, so a new owner can find and end the
 /// old owner's sessions.
@@ -329,6 +328,65 @@ pub async fn owner(conn: &mut DbConn, shard: &str) -> Result<Option<Owner>, Stor
     db_run!(conn, |_c| { Err(postgres_only()) } else |c| {
         use diesel::OptionalExtension as _;
         Ok(q.get_result::<Owner>(c).await.optional()?)
+    })
+}
+
+/// A live lease and where its holder is reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Held {
+    /// The shard.
+    pub shard: String,
+    /// Its holder and epoch.
+    pub owner: Owner,
+}
+
+#[derive(diesel::QueryableByName)]
+struct HeldRow {
+    #[diesel(sql_type = Text)]
+    shard: String,
+    #[diesel(sql_type = Text)]
+    node_id: String,
+    #[diesel(sql_type = Text)]
+    address: String,
+    #[diesel(sql_type = BigInt)]
+    epoch: i64,
+}
+
+/// Every live lease (not released, not expired) with its holder's address.
+pub async fn owners(conn: &mut DbConn) -> Result<Vec<Held>, StoreError> {
+    let q = diesel::sql_query(
+        "SELECT l.shard, l.holder AS node_id, n.address, l.epoch FROM shard_leases l \
+         JOIN cluster_nodes n ON n.node_id = l.holder \
+         WHERE l.released_at IS NULL AND l.expires_at > clock_timestamp()",
+    );
+    db_run!(conn, |_c| { Err(postgres_only()) } else |c| {
+        let rows: Vec<HeldRow> = q.load(c).await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| Held {
+                shard: r.shard,
+                owner: Owner { node_id: r.node_id, address: r.address, epoch: r.epoch },
+            })
+            .collect())
+    })
+}
+
+#[derive(diesel::QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+/// How many members are live: not left, and heard from within `within_ms`.
+pub async fn live_nodes(conn: &mut DbConn, within_ms: i64) -> Result<u32, StoreError> {
+    let q = diesel::sql_query(
+        "SELECT count(*) AS n FROM cluster_nodes WHERE left_at IS NULL \
+           AND heartbeat_at > clock_timestamp() - $1 * interval '1 millisecond'",
+    )
+    .bind::<BigInt, _>(within_ms);
+    db_run!(conn, |_c| { Err(postgres_only()) } else |c| {
+        let count: Count = q.get_result(c).await?;
+        Ok(u32::try_from(count.n).unwrap_or(u32::MAX))
     })
 }
 

@@ -16,6 +16,8 @@ use crate::helpers::{TestDb, api, postgres_available};
 
 /// A short lease keeps the failover tests quick; the default is 3 s.
 const LEASE_MS: u64 = 1_500;
+/// The default number of device shards.
+const DEVICE_SHARDS: usize = 16;
 
 const SCENE: (f64, f64) = (51.5000, -0.1200);
 
@@ -134,7 +136,49 @@ impl Cluster {
             cluster.nodes.push(node);
         }
         cluster.wait_owner(None, Duration::from_secs(30)).await;
+        cluster.wait_devices_spread(Duration::from_secs(30)).await;
         Some(cluster)
+    }
+
+    /// Waits until every device shard is held by a live node and no live node holds more than
+    /// its share (the wearables are spread evenly); returns how many each node holds.
+    async fn wait_devices_spread(&self, limit: Duration) -> Vec<usize> {
+        let started = Instant::now();
+        let live: Vec<usize> = (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].child.is_some())
+            .collect();
+        let share = DEVICE_SHARDS.div_ceil(live.len());
+        let mut last = Value::Null;
+        while started.elapsed() < limit {
+            if let Some(view) = self.overview(live[0]).await {
+                let mut held = vec![0; self.nodes.len()];
+                let mut covered = 0;
+                for lease in view["shards"].as_array().into_iter().flatten() {
+                    let is_device = lease["shard"]
+                        .as_str()
+                        .is_some_and(|s| s.starts_with("devices/"));
+                    if !is_device || lease["live"] != true {
+                        continue;
+                    }
+                    let Some(holder) = lease["holder"].as_str() else {
+                        continue;
+                    };
+                    if let Some(i) = self.nodes.iter().position(|n| n.id == holder) {
+                        held[i] += 1;
+                        covered += 1;
+                    }
+                }
+                if covered == DEVICE_SHARDS && live.iter().all(|&i| held[i] <= share) {
+                    return held;
+                }
+                last = view;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!(
+            "the device shards were not spread in {limit:?}: {last:#}\n{}",
+            self.logs()
+        );
     }
 
     fn spawn(&mut self, id: &str, port: u16) -> Node {
@@ -222,7 +266,10 @@ impl Cluster {
                 };
                 let holder = view["shards"]
                     .as_array()
-                    .and_then(|s| s.iter().find(|l| l["live"] == true))
+                    .and_then(|s| {
+                        s.iter()
+                            .find(|l| l["shard"] == "dispatch/default" && l["live"] == true)
+                    })
                     .and_then(|l| l["holder"].as_str())
                     .map(str::to_owned);
                 if let Some(holder) = holder {
@@ -452,6 +499,15 @@ impl Drop for Cluster {
     }
 }
 
+/// The dispatch shard's epoch in an `/admin/cluster` view.
+fn dispatch_epoch(view: &Value) -> i64 {
+    view["shards"]
+        .as_array()
+        .and_then(|s| s.iter().find(|l| l["shard"] == "dispatch/default"))
+        .and_then(|l| l["epoch"].as_i64())
+        .unwrap_or_else(|| panic!("no dispatch shard: {view}"))
+}
+
 async fn next_json(socket: &mut Socket, within: Duration) -> Value {
     loop {
         let frame = tokio::time::timeout(within, socket.next())
@@ -539,13 +595,27 @@ async fn every_node_accepts_every_request() {
     let nodes = view["nodes"].as_array().unwrap();
     assert_eq!(nodes.len(), 3, "{view}");
     assert!(nodes.iter().all(|n| n["alive"] == true), "{view}");
-    let holders: Vec<&Value> = nodes
+    let dispatch: Vec<&Value> = nodes
         .iter()
-        .filter(|n| !n["shards"].as_array().unwrap().is_empty())
+        .flat_map(|n| n["shards"].as_array().unwrap())
+        .filter(|s| s["shard"] == "dispatch/default")
         .collect();
-    assert_eq!(holders.len(), 1, "exactly one node holds dispatch: {view}");
-    assert_eq!(holders[0]["shards"][0]["shard"], "dispatch/default");
-    assert!(holders[0]["shards"][0]["epoch"].as_i64().unwrap() >= 1);
+    assert_eq!(dispatch.len(), 1, "exactly one node holds dispatch: {view}");
+    assert!(dispatch[0]["epoch"].as_i64().unwrap() >= 1);
+    // The wearables are spread: every node serves some of the device shards, each shard is
+    // held by exactly one node.
+    for node in nodes {
+        let devices = node["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["shard"].as_str().unwrap().starts_with("devices/"))
+            .count();
+        assert!(
+            (1..=6).contains(&devices),
+            "a share of the 16 device shards: {view}"
+        );
+    }
     for node in 0..3 {
         let ready: Value = cluster
             .client
@@ -674,10 +744,7 @@ async fn a_paused_owner_writes_nothing_after_it_wakes_up() {
             .await
             .unwrap();
         let view = cluster.overview(front).await.unwrap();
-        (
-            all.last().map_or(0, |e| e.seq),
-            view["shards"][0]["epoch"].as_i64().unwrap(),
-        )
+        (all.last().map_or(0, |e| e.seq), dispatch_epoch(&view))
     };
     cluster.signal(owner, "-CONT");
     let code = cluster.wait_exit(owner, Duration::from_secs(10)).await;
@@ -689,13 +756,9 @@ async fn a_paused_owner_writes_nothing_after_it_wakes_up() {
     );
     // Whatever was written since came from the new owner: the lease never moved back.
     let view = cluster.overview(front).await.unwrap();
-    assert_eq!(
-        view["shards"][0]["epoch"].as_i64().unwrap(),
-        epoch,
-        "{view}"
-    );
+    assert_eq!(dispatch_epoch(&view), epoch, "{view}");
     let log = std::fs::read_to_string(&cluster.nodes[owner].log).unwrap();
-    assert!(log.contains("lost the dispatch shard's lease"), "{log}");
+    assert!(log.contains("lost a shard's lease"), "{log}");
 
     let mut conn = cluster.db.conn().await.unwrap();
     let after = shers::persistence::events::read_since(&mut conn, seq_before, 100_000)

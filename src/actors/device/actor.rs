@@ -15,7 +15,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use chrono::{DateTime, Utc};
 use futures_util::future::OptionFuture;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use super::readings::{
@@ -62,7 +62,7 @@ pub struct Scored {
 }
 
 /// The verdict for one reading.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Accepted {
     /// The device.
     pub device_id: DeviceId,
@@ -79,7 +79,7 @@ pub struct Accepted {
 }
 
 /// What happened to one reading.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum ReadingOutcome {
     /// Triaged and applied.
     Accepted(Accepted),

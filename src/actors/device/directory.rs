@@ -269,3 +269,29 @@ impl Handler<RegisterDevice> for DeviceDirectory {
         })
     }
 }
+
+/// Stops every device actor and then the directory: the shard they belong to moved to another
+/// node (a cluster rebalanced), which reloads each device's stored state on its next reading.
+#[derive(Message, Debug, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Retire;
+
+impl Handler<Retire> for DeviceDirectory {
+    type Result = ();
+
+    fn handle(&mut self, _: Retire, ctx: &mut Self::Context) {
+        for entry in self.devices.values() {
+            entry.addr.do_send(Retire);
+        }
+        self.devices.clear();
+        ctx.stop();
+    }
+}
+
+impl Handler<Retire> for DeviceActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Retire, ctx: &mut Self::Context) {
+        ctx.stop();
+    }
+}

@@ -574,7 +574,7 @@ impl Handler<UnitFree> for IncidentDirectory {
 }
 
 /// A wearer's readings are `emergency`: an incident is needed (or the open one gets evidence).
-#[derive(Message, Clone, Debug)]
+#[derive(Message, Clone, Debug, serde::Serialize, serde::Deserialize)]
 #[rtype(result = "Result<Option<IncidentId>, StoreError>")]
 pub struct EmergencyDetected {
     /// The wearer.

@@ -1,0 +1,386 @@
+//! Wearables spread over the cluster: the device shards this node serves, and the router that
+//! sends each reading to the node serving its device's shard.
+//!
+//! A wearable belongs to shard `devices/<fnv1a(id) mod n>` ([`device_shard`]). The node holding
+//! a device shard's lease runs that shard's device actors under a [`DeviceDirectory`] of its
+//! own, whose writes go through one connection fenced at the shard's epoch: a node that lost
+//! the shard (even one paused and woken up) cannot store a device's state. A reading batch
+//! arriving anywhere is split by shard, applied locally or posted to the holders'
+//! `/internal/v1/readings`, and answered as one. An emergency is handed to the dispatch
+//! shard's holder over `/internal/v1/emergencies` ([`RemoteHandoff`]), waiting out a failover.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use anyhow::Context as _;
+use futures_util::future::join_all;
+use serde::{Deserialize, Serialize};
+
+use super::ClusterState;
+use crate::actors::device::{DeviceDirectory, Ingest, ReadingOutcome, Retire, TriageRuntime};
+use crate::actors::incident::EmergencyDetected;
+use crate::config::{Secret, Settings};
+use crate::domain::ids::IncidentId;
+use crate::domain::shards::{device_shard, device_shard_name};
+use crate::domain::triage::TriageRules;
+use crate::domain::vitals::Reading;
+use crate::persistence::cluster::fenced_url;
+use crate::persistence::group::GroupCommit;
+use crate::persistence::{Db, StoreError};
+
+/// Where the readings of a server go: its own device directory (one node owns everything), or
+/// the cluster's device shards.
+#[derive(Clone)]
+pub enum Ingestion {
+    /// A single node: every device actor is local.
+    Local(Addr<DeviceDirectory>),
+    /// A cluster node: readings go to their device shard's holder.
+    Cluster(Arc<NodeDevices>),
+}
+
+impl Ingestion {
+    /// Applies readings (each with its index in the request); `None` when the local directory
+    /// is gone.
+    pub async fn apply(
+        &self,
+        readings: Vec<(usize, Reading)>,
+    ) -> Option<Vec<(usize, ReadingOutcome)>> {
+        match self {
+            Ingestion::Local(directory) => directory.send(Ingest(readings)).await.ok(),
+            Ingestion::Cluster(devices) => Some(devices.ingest(readings).await),
+        }
+    }
+}
+
+/// The body of `POST /internal/v1/readings` and of its answer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ShardReadings(pub Vec<(usize, Reading)>);
+
+/// The answer of `POST /internal/v1/readings`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ShardOutcomes(pub Vec<(usize, ReadingOutcome)>);
+
+/// The answer of `POST /internal/v1/emergencies`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct HandedOff {
+    /// The incident the emergency joined or opened (none: the wearer needs no new one).
+    pub incident_id: Option<IncidentId>,
+}
+
+/// One device shard served here.
+struct LocalShard {
+    epoch: i64,
+    directory: Addr<DeviceDirectory>,
+}
+
+/// The device shards this node serves and the router to the others'.
+pub struct NodeDevices {
+    cluster: Arc<ClusterState>,
+    local: RwLock<HashMap<u32, Arc<LocalShard>>>,
+    http: reqwest::Client,
+    token: String,
+    db: Db,
+    settings: Settings,
+    rules: TriageRules,
+    arbiters: Vec<ArbiterHandle>,
+    handoff: Recipient<EmergencyDetected>,
+}
+
+impl NodeDevices {
+    /// The device side of a node: `token` is the node's own (admin) token for the other
+    /// nodes' internal endpoints, `db` its unfenced connections (reads only).
+    pub fn new(
+        settings: &Settings,
+        cluster: Arc<ClusterState>,
+        db: Db,
+        token: String,
+        arbiters: Vec<ArbiterHandle>,
+    ) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(10))
+            .pool_idle_timeout(Duration::from_secs(30))
+            .tcp_nodelay(true)
+            .build()
+            .context("building the device router's client")?;
+        let handoff = RemoteHandoff {
+            cluster: cluster.clone(),
+            http: http.clone(),
+            token: token.clone(),
+        }
+        .start()
+        .recipient();
+        Ok(Self {
+            cluster,
+            local: RwLock::new(HashMap::new()),
+            http,
+            token,
+            db,
+            settings: settings.clone(),
+            rules: crate::app::load_triage_rules(settings)?,
+            arbiters,
+            handoff,
+        })
+    }
+
+    fn local(&self, index: u32) -> Option<Arc<LocalShard>> {
+        self.local.read().ok()?.get(&index).cloned()
+    }
+
+    /// The device shards served here, with their epochs.
+    pub fn served(&self) -> Vec<(u32, i64)> {
+        let mut served: Vec<(u32, i64)> = self
+            .local
+            .read()
+            .map(|l| l.iter().map(|(i, s)| (*i, s.epoch)).collect())
+            .unwrap_or_default();
+        served.sort_unstable();
+        served
+    }
+
+    /// Starts serving device shard `index` at `epoch`: a directory of its own whose writes go
+    /// through one connection fenced at that epoch.
+    pub async fn start_shard(&self, index: u32, epoch: i64) -> anyhow::Result<()> {
+        let shard = device_shard_name(index);
+        let mut fenced = self.settings.database.clone();
+        fenced.url = Secret::new(fenced_url(
+            self.settings.database.url.expose(),
+            &shard,
+            epoch,
+        ));
+        let writer = Db::connect_writer(&fenced)
+            .await
+            .with_context(|| format!("opening {shard}'s fenced writer connection"))?;
+        let runtime = Arc::new(TriageRuntime {
+            writer: GroupCommit::start(writer, 128),
+            rules: self.rules.clone(),
+            offline_after: Duration::from_secs(self.settings.triage.device_offline_s.max(1)),
+            retention: self.settings.triage.raw_retention,
+        });
+        let directory = DeviceDirectory::new(
+            self.db.clone(),
+            runtime,
+            self.handoff.clone(),
+            self.arbiters.clone(),
+        )
+        .start();
+        if let Ok(mut local) = self.local.write() {
+            local.insert(index, Arc::new(LocalShard { epoch, directory }));
+        }
+        tracing::info!(shard = %shard, epoch, "serving a device shard");
+        Ok(())
+    }
+
+    /// Stops serving device shard `index`: new readings are refused (503, retried), the ones in
+    /// flight finish (up to `drain`), then its device actors stop.
+    pub async fn stop_shard(&self, index: u32, drain: Duration) {
+        let Some(shard) = self.local.write().ok().and_then(|mut l| l.remove(&index)) else {
+            return;
+        };
+        let deadline = Instant::now() + drain;
+        while Arc::strong_count(&shard) > 1 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        shard.directory.do_send(Retire);
+        tracing::info!(shard = %device_shard_name(index), epoch = shard.epoch, "stopped serving a device shard");
+    }
+
+    /// Stops serving every device shard (the node is stopping).
+    pub async fn stop_all(&self, drain: Duration) {
+        let served = self.served();
+        join_all(
+            served
+                .into_iter()
+                .map(|(index, _)| self.stop_shard(index, drain)),
+        )
+        .await;
+    }
+
+    /// Applies readings wherever their devices' shards are served, as one answer.
+    pub async fn ingest(&self, readings: Vec<(usize, Reading)>) -> Vec<(usize, ReadingOutcome)> {
+        let shards = self.cluster.device_shards;
+        let mut groups: HashMap<u32, Vec<(usize, Reading)>> = HashMap::new();
+        for item in readings {
+            groups
+                .entry(device_shard(&item.1.device_id, shards))
+                .or_default()
+                .push(item);
+        }
+        let owners = self.cluster.owners();
+        let sends = groups.into_iter().map(|(index, group)| {
+            let owner = owners
+                .devices
+                .get(index as usize)
+                .and_then(Option::as_ref)
+                .filter(|o| o.node_id != self.cluster.node_id)
+                .map(|o| o.address.clone());
+            async move {
+                match (self.local(index), owner) {
+                    (Some(shard), _) => apply_local(&shard, group).await,
+                    (None, Some(address)) => self.post(&address, group).await,
+                    (None, None) => {
+                        self.cluster.suspect_devices();
+                        unavailable(group)
+                    }
+                }
+            }
+        });
+        let mut all: Vec<(usize, ReadingOutcome)> =
+            join_all(sends).await.into_iter().flatten().collect();
+        all.sort_by_key(|(i, _)| *i);
+        all
+    }
+
+    /// Applies readings of shards served here; the others are answered `Unavailable` (the
+    /// caller's view of the owners was stale: its client retries).
+    pub async fn ingest_local(
+        &self,
+        readings: Vec<(usize, Reading)>,
+    ) -> Vec<(usize, ReadingOutcome)> {
+        let shards = self.cluster.device_shards;
+        let mut groups: HashMap<u32, Vec<(usize, Reading)>> = HashMap::new();
+        for item in readings {
+            groups
+                .entry(device_shard(&item.1.device_id, shards))
+                .or_default()
+                .push(item);
+        }
+        let sends = groups.into_iter().map(|(index, group)| async move {
+            match self.local(index) {
+                Some(shard) => apply_local(&shard, group).await,
+                None => unavailable(group),
+            }
+        });
+        let mut all: Vec<(usize, ReadingOutcome)> =
+            join_all(sends).await.into_iter().flatten().collect();
+        all.sort_by_key(|(i, _)| *i);
+        all
+    }
+
+    async fn post(
+        &self,
+        address: &str,
+        group: Vec<(usize, Reading)>,
+    ) -> Vec<(usize, ReadingOutcome)> {
+        let indices: Vec<usize> = group.iter().map(|(i, _)| *i).collect();
+        let sent = self
+            .http
+            .post(format!("{address}/internal/v1/readings"))
+            .bearer_auth(&self.token)
+            .json(&ShardReadings(group))
+            .send()
+            .await;
+        let answer = match sent {
+            Ok(r) if r.status().is_success() => r.json::<ShardOutcomes>().await.ok(),
+            Ok(r) => {
+                tracing::debug!(status = %r.status(), "a device shard's holder refused readings");
+                None
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "a device shard's holder is unreachable");
+                None
+            }
+        };
+        match answer {
+            Some(ShardOutcomes(outcomes)) => {
+                if outcomes
+                    .iter()
+                    .any(|(_, o)| *o == ReadingOutcome::Unavailable)
+                {
+                    self.cluster.suspect_devices();
+                }
+                outcomes
+            }
+            None => {
+                self.cluster.suspect_devices();
+                indices
+                    .into_iter()
+                    .map(|i| (i, ReadingOutcome::Unavailable))
+                    .collect()
+            }
+        }
+    }
+}
+
+async fn apply_local(
+    shard: &Arc<LocalShard>,
+    group: Vec<(usize, Reading)>,
+) -> Vec<(usize, ReadingOutcome)> {
+    let indices: Vec<usize> = group.iter().map(|(i, _)| *i).collect();
+    match shard.directory.send(Ingest(group)).await {
+        Ok(outcomes) => outcomes,
+        Err(_) => indices
+            .into_iter()
+            .map(|i| (i, ReadingOutcome::Unavailable))
+            .collect(),
+    }
+}
+
+fn unavailable(group: Vec<(usize, Reading)>) -> Vec<(usize, ReadingOutcome)> {
+    group
+        .into_iter()
+        .map(|(i, _)| (i, ReadingOutcome::Unavailable))
+        .collect()
+}
+
+/// Hands emergencies detected by this node's device actors to the dispatch shard's holder,
+/// wherever it is. While dispatch fails over (no holder, or the holder gone), it keeps trying
+/// for up to two leases and a bit: the emergency waits for the new holder instead of being
+/// refused.
+pub struct RemoteHandoff {
+    cluster: Arc<ClusterState>,
+    http: reqwest::Client,
+    token: String,
+}
+
+impl Actor for RemoteHandoff {
+    type Context = Context<Self>;
+}
+
+impl Handler<EmergencyDetected> for RemoteHandoff {
+    type Result = ResponseFuture<Result<Option<IncidentId>, StoreError>>;
+
+    fn handle(&mut self, msg: EmergencyDetected, _: &mut Self::Context) -> Self::Result {
+        let (cluster, http, token) = (self.cluster.clone(), self.http.clone(), self.token.clone());
+        Box::pin(async move {
+            let deadline = Instant::now() + cluster.lease * 2 + Duration::from_secs(2);
+            loop {
+                let last = match cluster.owner() {
+                    None => "no dispatch holder".to_owned(),
+                    Some(owner) => {
+                        let sent = http
+                            .post(format!("{}/internal/v1/emergencies", owner.address))
+                            .bearer_auth(&token)
+                            .json(&msg)
+                            .send()
+                            .await;
+                        match sent {
+                            Ok(r) if r.status().is_success() => {
+                                return r.json::<HandedOff>().await.map(|h| h.incident_id).map_err(
+                                    |e| StoreError::Unavailable(format!("incident hand-off: {e}")),
+                                );
+                            }
+                            Ok(r) if r.status().is_client_error() => {
+                                return Err(StoreError::Unavailable(format!(
+                                    "incident hand-off refused: {}",
+                                    r.status()
+                                )));
+                            }
+                            Ok(r) => format!("dispatch holder answered {}", r.status()),
+                            Err(e) => format!("dispatch holder unreachable: {e}"),
+                        }
+                    }
+                };
+                if Instant::now() >= deadline {
+                    return Err(StoreError::Unavailable(format!(
+                        "incident hand-off: {last}"
+                    )));
+                }
+                cluster.suspect_owner();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    }
+}

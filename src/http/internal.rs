@@ -1,0 +1,69 @@
+//! Node-to-node endpoints of a cluster (see `crate::cluster`), called with a node's own admin
+//! token; not part of the public API.
+//!
+//! - `POST /internal/v1/emergencies` (every server): an emergency detected by a device actor on
+//!   another node, handed to this server's incidents as a local device actor would.
+//! - `POST /internal/v1/readings` (cluster nodes): validated readings for the device shards
+//!   this node serves.
+
+use actix_web::{HttpRequest, HttpResponse, web};
+
+use super::AppState;
+use super::auth::{AdminOnly, Authorized};
+use super::error::ApiError;
+use super::json::{BodyLimit, parse_json, read_body};
+use crate::actors::incident::EmergencyDetected;
+use crate::cluster::devices::{HandedOff, NodeDevices, ShardOutcomes, ShardReadings};
+
+/// Hands an emergency to the incidents: one incident per wearer, as on a single node.
+pub async fn emergency(
+    _auth: Authorized<AdminOnly>,
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    mut payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_body(&req, &mut payload).await?;
+    let detected: EmergencyDetected = parse_json(&body)?;
+    let incident_id =
+        state
+            .incidents
+            .send(detected)
+            .await
+            .map_err(|_| ApiError::Unavailable {
+                detail: "the incident directory is unavailable; retry shortly".to_owned(),
+                retry_after_s: 1,
+            })??;
+    Ok(HttpResponse::Ok().json(HandedOff { incident_id }))
+}
+
+/// Applies readings to the device shards served here (the others' are answered unavailable).
+pub async fn readings(
+    _auth: Authorized<AdminOnly>,
+    devices: web::Data<NodeDevices>,
+    req: HttpRequest,
+    mut payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_body(&req, &mut payload).await?;
+    let ShardReadings(readings) = parse_json(&body)?;
+    let outcomes = devices.ingest_local(readings).await;
+    Ok(HttpResponse::Ok().json(ShardOutcomes(outcomes)))
+}
+
+/// The routes every server has.
+pub fn routes(cfg: &mut web::ServiceConfig) {
+    cfg.route("/internal/v1/emergencies", web::post().to(emergency));
+}
+
+/// The routes of a cluster node's internal server; `devices` is served with them.
+pub fn node_routes(cfg: &mut web::ServiceConfig, devices: web::Data<NodeDevices>) {
+    // A batch that passed a front's limit is re-encoded field by field here: allow for that.
+    cfg.service(
+        web::resource("/internal/v1/readings")
+            .app_data(devices)
+            .app_data(BodyLimit(INTERNAL_BODY_LIMIT))
+            .route(web::post().to(readings)),
+    );
+}
+
+/// The body limit of node-to-node requests (their bodies were already admitted by a front).
+const INTERNAL_BODY_LIMIT: usize = 64 * 1024 * 1024;
