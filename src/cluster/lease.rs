@@ -279,8 +279,11 @@ impl Lease {
         owners: &Owners,
         events: &mpsc::UnboundedSender<Event>,
     ) {
-        let within = self.lease_ms.saturating_mul(2);
-        let live = match cluster::live_nodes(conn, within).await {
+        // A node is counted until one lease after its last heartbeat, about when its leases
+        // run out: counted longer, the survivors would stay at their old share and leave a
+        // dead node's shards unserved; counted shorter (a slow round), no harm is done, as
+        // only free shards are ever taken.
+        let live = match cluster::live_nodes(conn, self.lease_ms).await {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot count the live nodes");

@@ -697,6 +697,92 @@ async fn killing_the_dispatch_owner_loses_no_emergency() {
     }
 }
 
+/// The wearables are spread over the nodes' device shards: one batch naming devices of every
+/// shard is split by holder and answered as one, in request order. kill -9 of a node serving
+/// device shards (not dispatch): its shards are taken over after the lease, and an emergency
+/// from one of its wearables, posted during the outage, is answered and offered.
+#[actix_web::test]
+async fn wearables_are_spread_over_the_nodes_and_outlive_their_holder() {
+    let Some(mut cluster) = Cluster::start(3).await else {
+        return;
+    };
+    let owner = cluster.wait_owner(None, Duration::from_secs(10)).await;
+    let victim = (owner + 1) % 3;
+    let front = (owner + 2) % 3;
+    cluster.add_unit(front, "W-1", SCENE.0 + 0.001).await;
+    let devices: Vec<String> = (0..48).map(|i| format!("ww-{i}")).collect();
+    for (i, device) in devices.iter().enumerate() {
+        cluster
+            .register_wearer(i % 3, &format!("wp-{i}"), device)
+            .await;
+    }
+    let view = cluster.overview(front).await.unwrap();
+    let holder_of = |device: &str| -> String {
+        let shard = shers::domain::shards::device_shard(&device.into(), DEVICE_SHARDS as u32);
+        let name = format!("devices/{shard}");
+        view["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["shard"] == name.as_str() && l["live"] == true)
+            .and_then(|l| l["holder"].as_str())
+            .unwrap_or_else(|| panic!("nobody holds {name}: {view}"))
+            .to_owned()
+    };
+    let holders: std::collections::HashSet<String> = devices.iter().map(|d| holder_of(d)).collect();
+    assert_eq!(holders.len(), 3, "48 wearables land on every node: {view}");
+
+    // One batch through the dispatch holder's front: every node applies its share.
+    let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let batch: Vec<Value> = devices
+        .iter()
+        .map(|d| json!({"device_id": d, "timestamp": at, "heart_rate_bpm": 72, "spo2_pct": 98}))
+        .collect();
+    let resp = cluster
+        .post(
+            owner,
+            api::VITALS,
+            &cluster.gateway,
+            &json!({"readings": batch}),
+        )
+        .await;
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let answer: Value = resp.json().await.unwrap();
+    assert_eq!(answer["accepted"], 48, "{answer}");
+    for (i, result) in answer["results"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(result["index"], i, "{answer}");
+        assert_eq!(result["device_id"], devices[i].as_str(), "{answer}");
+        assert_eq!(result["status"], "normal", "{answer}");
+    }
+
+    let victim_id = cluster.nodes[victim].id.clone();
+    let orphan = devices
+        .iter()
+        .find(|d| holder_of(d) == victim_id)
+        .unwrap()
+        .clone();
+    cluster.kill9(victim);
+    let killed = Instant::now();
+    // Answered once another node serves the shard (503 + Retry-After meanwhile).
+    let incident = cluster.emergency(front, &orphan).await;
+    cluster
+        .wait_offered(front, &incident, Duration::from_secs(15))
+        .await;
+    let offered_after = killed.elapsed();
+    eprintln!(
+        "kill -9 of a device holder to the offer of its wearable's emergency: {offered_after:?}"
+    );
+    assert!(
+        offered_after < Duration::from_millis(LEASE_MS) + Duration::from_secs(5),
+        "offered after {offered_after:?}"
+    );
+    // The survivors hold every device shard between them.
+    let spread = cluster.wait_devices_spread(Duration::from_secs(10)).await;
+    assert_eq!(spread[victim], 0, "{spread:?}");
+    assert_eq!(spread.iter().sum::<usize>(), DEVICE_SHARDS);
+    assert_eq!(cluster.events_of("incident.created").await.len(), 1);
+}
+
 /// A node paused (SIGSTOP) past its lease loses dispatch to another node; when it wakes up
 /// (SIGCONT) it writes nothing and exits for its supervisor to restart it as a standby.
 #[actix_web::test]
