@@ -34,7 +34,7 @@ done
 times=()
 for i in $(seq 1 "$ROUNDS"); do
     owner=$(curl -s -H "Authorization: Bearer $TOKEN" "$API/admin/cluster" |
-        json "[s['holder'] for s in d['shards'] if s['live']][0]")
+        json "[s['holder'] for s in d['shards'] if s['live'] and s['shard'] == 'dispatch/default'][0]")
     n=${owner#node}
     pid=$(pgrep -f "serve --bind 127.0.0.1:$((PORT + n))\$" | head -1)
     start=$(date +%s.%N)
