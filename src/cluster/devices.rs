@@ -19,10 +19,13 @@ use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
 
 use super::ClusterState;
-use crate::actors::device::{DeviceDirectory, Ingest, ReadingOutcome, Retire, TriageRuntime};
+use crate::actors::device::{
+    DeviceActor, DeviceDirectory, DeviceSummary, Ingest, ListDevices, Lookup, ReadingOutcome,
+    Retire, TriageRuntime,
+};
 use crate::actors::incident::EmergencyDetected;
 use crate::config::{Secret, Settings};
-use crate::domain::ids::IncidentId;
+use crate::domain::ids::{DeviceId, IncidentId};
 use crate::domain::shards::{device_shard, device_shard_name};
 use crate::domain::triage::TriageRules;
 use crate::domain::vitals::Reading;
@@ -52,6 +55,16 @@ impl Ingestion {
             Ingestion::Cluster(devices) => Some(devices.ingest(readings).await),
         }
     }
+}
+
+/// Where a wearable's live device actor is, for `/admin/actors`.
+pub enum Located {
+    /// On this node: its address and restart count.
+    Here(Addr<DeviceActor>, u32),
+    /// Its shard is served by the node at this internal address.
+    Node(String),
+    /// Nowhere: no live actor, or its shard has no holder right now.
+    Nowhere,
 }
 
 /// The body of `POST /internal/v1/readings` and of its answer.
@@ -196,6 +209,81 @@ impl NodeDevices {
                 .map(|(index, _)| self.stop_shard(index, drain)),
         )
         .await;
+    }
+
+    /// Where `id`'s live actor is.
+    pub async fn locate(&self, id: &DeviceId) -> Located {
+        let index = device_shard(id, self.cluster.device_shards);
+        if let Some(shard) = self.local(index) {
+            return match shard.directory.send(Lookup(id.clone())).await {
+                Ok(Some((addr, restarts))) => Located::Here(addr, restarts),
+                _ => Located::Nowhere,
+            };
+        }
+        self.cluster
+            .owners()
+            .devices
+            .get(index as usize)
+            .and_then(Option::as_ref)
+            .filter(|o| o.node_id != self.cluster.node_id)
+            .map_or(Located::Nowhere, |o| Located::Node(o.address.clone()))
+    }
+
+    /// A page of the live device actors of the shards served here, and how many there are.
+    pub async fn list_local(&self, limit: usize) -> (usize, Vec<(DeviceSummary, u32)>) {
+        let shards: Vec<Arc<LocalShard>> = self
+            .local
+            .read()
+            .map(|l| l.values().cloned().collect())
+            .unwrap_or_default();
+        let pages = join_all(
+            shards
+                .iter()
+                .map(|s| s.directory.send(ListDevices { limit })),
+        )
+        .await;
+        let (mut total, mut items) = (0, Vec::new());
+        for (count, page) in pages.into_iter().flatten() {
+            total += count;
+            items.extend(page);
+        }
+        items.truncate(limit);
+        (total, items)
+    }
+
+    /// The internal addresses of the other nodes serving device shards.
+    pub fn other_holders(&self) -> Vec<String> {
+        let mut addresses: Vec<String> = self
+            .cluster
+            .owners()
+            .devices
+            .iter()
+            .flatten()
+            .filter(|o| o.node_id != self.cluster.node_id)
+            .map(|o| o.address.clone())
+            .collect();
+        addresses.sort_unstable();
+        addresses.dedup();
+        addresses
+    }
+
+    /// `GET {address}{path}` on another node with this node's token: its status and body, or
+    /// `None` when it cannot be reached.
+    pub async fn get_from(
+        &self,
+        address: &str,
+        path: &str,
+    ) -> Option<(u16, actix_web::web::Bytes)> {
+        let resp = self
+            .http
+            .get(format!("{address}{path}"))
+            .bearer_auth(&self.token)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .ok()?;
+        let status = resp.status().as_u16();
+        Some((status, resp.bytes().await.ok()?))
     }
 
     /// Applies readings wherever their devices' shards are served, as one answer.

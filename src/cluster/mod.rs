@@ -31,7 +31,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use crate::app::{Application, open_database};
 use crate::config::{Secret, Settings};
 use crate::domain::auth::Role;
-use crate::domain::shards::parse_device_shard;
+use crate::domain::shards::{MAX_DEVICE_SHARDS, parse_device_shard};
 use crate::persistence::Db;
 use crate::persistence::cluster::{DISPATCH_SHARD, Owner, fenced_url};
 use crate::persistence::tokens;
@@ -150,6 +150,11 @@ fn advertised(settings: &Settings, listener: &TcpListener) -> anyhow::Result<Str
 /// once) or until it loses a lease (then exits with [`LOST_LEASE_EXIT`]).
 // Long on purpose: the node's whole life (start, the lease events, the ordered handover).
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let shards = settings.cluster.device_shards;
+    anyhow::ensure!(
+        (1..=MAX_DEVICE_SHARDS).contains(&shards),
+        "cluster.device_shards (SHERS_CLUSTER__DEVICE_SHARDS) must be 1 to {MAX_DEVICE_SHARDS}, not {shards}"
+    );
     let db = open_database(&settings).await?;
     let node_id = node_id(&settings);
     let internal = TcpListener::bind(&settings.cluster.internal_bind)
@@ -161,10 +166,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         node_id.clone(),
         address.clone(),
         Duration::from_millis(settings.cluster.lease_ms.max(300)),
-        settings
-            .cluster
-            .device_shards
-            .clamp(1, crate::domain::shards::MAX_DEVICE_SHARDS),
+        shards,
     ));
     tracing::info!(node = %node_id, address = %address, "joining the cluster");
 

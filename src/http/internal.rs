@@ -5,6 +5,8 @@
 //!   another node, handed to this server's incidents as a local device actor would.
 //! - `POST /internal/v1/readings` (cluster nodes): validated readings for the device shards
 //!   this node serves.
+//! - `GET /internal/v1/actors/devices[/{id}]` (cluster nodes): the live device actors of the
+//!   shards this node serves, for `/admin/actors` on the dispatch holder.
 
 use actix_web::{HttpRequest, HttpResponse, web};
 
@@ -59,9 +61,19 @@ pub fn node_routes(cfg: &mut web::ServiceConfig, devices: web::Data<NodeDevices>
     // A batch that passed a front's limit is re-encoded field by field here: allow for that.
     cfg.service(
         web::resource("/internal/v1/readings")
-            .app_data(devices)
+            .app_data(devices.clone())
             .app_data(BodyLimit(INTERNAL_BODY_LIMIT))
             .route(web::post().to(readings)),
+    )
+    .service(
+        web::resource("/internal/v1/actors/devices")
+            .app_data(devices.clone())
+            .route(web::get().to(super::admin::node_devices)),
+    )
+    .service(
+        web::resource("/internal/v1/actors/devices/{id}")
+            .app_data(devices)
+            .route(web::get().to(super::admin::node_device)),
     );
 }
 

@@ -433,7 +433,8 @@ pub fn fenced_url(url: &str, shard: &str, epoch: i64) -> String {
     )
 }
 
-fn percent_encode(s: &str) -> String {
+/// `s` percent-encoded for a URL query value or path segment (unreserved characters kept).
+pub(crate) fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len() * 2);
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {

@@ -755,6 +755,41 @@ async fn wearables_are_spread_over_the_nodes_and_outlive_their_holder() {
         assert_eq!(result["status"], "normal", "{answer}");
     }
 
+    // Ops see every wearable's live actor, whichever node serves it and whichever front asks.
+    let actors: Value = cluster
+        .get(
+            victim,
+            "/admin/actors?kind=device&limit=1000",
+            &cluster.admin,
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(actors["counts"]["device"], 48, "{actors}");
+    assert_eq!(actors["items"].as_array().unwrap().len(), 48, "{actors}");
+    for device in [&devices[0], &devices[1], &devices[2]] {
+        let resp = cluster
+            .get(
+                front,
+                &format!("/admin/actors/device/{device}"),
+                &cluster.admin,
+            )
+            .await;
+        assert_eq!(resp.status(), 200, "{device} on {}", holder_of(device));
+        let view: Value = resp.json().await.unwrap();
+        assert_eq!(view["kind"], "device", "{view}");
+        assert_eq!(view["status"], "normal", "{view}");
+    }
+    let resp = cluster
+        .get(
+            front,
+            "/admin/actors/device/no-such-wearable",
+            &cluster.admin,
+        )
+        .await;
+    assert_eq!(resp.status(), 404);
+
     let victim_id = cluster.nodes[victim].id.clone();
     let orphan = devices
         .iter()
