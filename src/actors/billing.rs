@@ -27,6 +27,7 @@ use crate::domain::ids::IncidentId;
 use crate::domain::incident::Command;
 use crate::integrations::payments::{ChargeRequest, PaymentError, PaymentProvider};
 use crate::persistence::incidents as incident_store;
+use crate::persistence::cluster::confirm_lease;
 use crate::persistence::invoices;
 use crate::persistence::{Db, StoreError, events, patients};
 
@@ -412,6 +413,11 @@ async fn drive(deps: BillingDeps, incident: IncidentId) -> Result<(), StoreError
     let payer = Payer::of(&db, incident).await?;
     loop {
         let step = next_step(&saga);
+        if step != Step::Done {
+            // A node that lost dispatch calls no provider: the new holder resumes the saga.
+            db.run(|mut conn| async move { confirm_lease(&mut conn).await })
+                .await?;
+        }
         let Some(result) = run_step(&deps, &saga, step, &payer).await else {
             break;
         };

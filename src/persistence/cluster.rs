@@ -317,6 +317,19 @@ pub async fn end_stale_sessions(
     })
 }
 
+/// Confirms, just before a call the outside world sees (an SMS, a charge), that the shard lease
+/// this connection is fenced at is still held: an error once it moved on, so a former holder
+/// that was paused and woke up acts no more than it writes. A statement-level trigger fires
+/// even when no row matches, so this is the fence check alone. Nothing to check on an
+/// unfenced connection (a single node) or on SQLite.
+pub async fn confirm_lease(conn: &mut DbConn) -> Result<(), StoreError> {
+    let q = diesel::sql_query("UPDATE notifications SET id = id WHERE false");
+    db_run!(conn, |_c| { Ok(()) } else |c| {
+        q.execute(c).await?;
+        Ok(())
+    })
+}
+
 /// The live holder of `shard` and where to reach it, if any.
 pub async fn owner(conn: &mut DbConn, shard: &str) -> Result<Option<Owner>, StoreError> {
     let q = diesel::sql_query(

@@ -937,6 +937,9 @@ async fn a_write_fenced_at_a_stale_epoch_is_refused() {
     tokens::create(&mut writer, Role::Admin, None, None, "before", now)
         .await
         .expect("the holder writes");
+    lease::confirm_lease(&mut writer)
+        .await
+        .expect("the holder may call providers");
     // "a" releases; "b" takes over at epoch 2.
     assert!(
         lease::release(&mut conn, DISPATCH_SHARD, "a", 1)
@@ -953,6 +956,14 @@ async fn a_write_fenced_at_a_stale_epoch_is_refused() {
         panic!("a stale epoch's write is refused");
     };
     assert!(error.to_string().contains("fenced"), "{error}");
+    // Nor may it send an SMS or charge a card (notifier and billing confirm first).
+    let refused = lease::confirm_lease(&mut writer).await;
+    assert!(
+        refused.is_err_and(|e| e.to_string().contains("fenced")),
+        "a stale epoch's provider call is refused"
+    );
+    // An unfenced connection (a single node) confirms nothing and is never refused.
+    lease::confirm_lease(&mut conn).await.unwrap();
 }
 
 /// SIGTERM on the owner hands dispatch over at once (no lease expiry), and requests sent
