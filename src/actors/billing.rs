@@ -26,8 +26,8 @@ use crate::domain::events::{BillingEvent, BillingOutcome, ExpectedVersion};
 use crate::domain::ids::IncidentId;
 use crate::domain::incident::Command;
 use crate::integrations::payments::{ChargeRequest, PaymentError, PaymentProvider};
-use crate::persistence::incidents as incident_store;
 use crate::persistence::cluster::confirm_lease;
+use crate::persistence::incidents as incident_store;
 use crate::persistence::invoices;
 use crate::persistence::{Db, StoreError, events, patients};
 

@@ -2,7 +2,8 @@
 //! duplicate at the seam between replay and live.
 //!
 //! The event store's sequence is gap-free and commits become visible in sequence order, so
-//! the broadcaster simply tails it (woken by each commit, polling as a fallback) and fans each
+//! the broadcaster simply tails it (woken by each commit, this process's or, on a cluster,
+//! another node's over Redis; polling as a fallback) and fans each
 //! event out to every subscriber through a bounded buffer. A subscriber whose buffer is full is
 //! dropped rather than slowing everyone; its feed notices, tells the client to resync from its
 //! last sequence, replays from the store and subscribes again.
@@ -114,6 +115,7 @@ impl Broadcaster {
         ctx.spawn(
             async move {
                 let notified = events::appended().notified();
+                let elsewhere = events::appended_elsewhere().notified();
                 let page =
                     db.run(move |mut conn| async move {
                         events::read_since(&mut conn, since, PAGE).await
@@ -123,7 +125,13 @@ impl Broadcaster {
                 // or failed look waits, for a commit or the poll interval; `notified` was
                 // created before the read, so a commit during the read is not missed.
                 if !page.as_ref().is_ok_and(|p| !p.is_empty()) {
-                    let _ = tokio::time::timeout(POLL_INTERVAL, notified).await;
+                    let woken = async {
+                        tokio::select! {
+                            () = notified => {}
+                            () = elsewhere => {}
+                        }
+                    };
+                    let _ = tokio::time::timeout(POLL_INTERVAL, woken).await;
                 }
                 page
             }

@@ -207,8 +207,10 @@ async fn deliver_due(db: &Db, channels: &Channels) -> Result<(), StoreError> {
             template: n.template.clone(),
         };
         // Not sent by a node that lost dispatch (it would be sent twice).
-        db.run(|mut conn| async move { crate::persistence::cluster::confirm_lease(&mut conn).await })
-            .await?;
+        db.run(
+            |mut conn| async move { crate::persistence::cluster::confirm_lease(&mut conn).await },
+        )
+        .await?;
         let result = provider.send(&outgoing).await;
         let attempts = n.attempts.saturating_add(1);
         let now = Utc::now();

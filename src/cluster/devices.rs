@@ -436,6 +436,13 @@ impl Handler<EmergencyDetected> for RemoteHandoff {
             let deadline = Instant::now() + cluster.lease * 2 + Duration::from_secs(2);
             loop {
                 let last = match cluster.owner() {
+                    // This node is handing dispatch over: the reading is refused (503) and
+                    // retried, rather than holding up the drain that lets the next holder in.
+                    Some(owner) if owner.node_id == cluster.node_id && cluster.stopping() => {
+                        return Err(StoreError::Unavailable(
+                            "incident hand-off: dispatch is being handed over".to_owned(),
+                        ));
+                    }
                     None => "no dispatch holder".to_owned(),
                     Some(owner) => {
                         let sent = http

@@ -119,7 +119,7 @@ async fn run(
     let (push_tx, mut pushes) = mpsc::unbounded_channel();
     let redis_url = settings.redis.url.as_ref().map(|u| u.expose().clone());
     let redis = match &redis_url {
-        Some(url) => connect_redis(url, push_tx.clone()).await,
+        Some(url) => connect_redis(url, push_tx.clone(), CHANNEL).await,
         None => None,
     };
     let mut lease = Lease {
@@ -159,11 +159,12 @@ async fn run(
     }
 }
 
-/// A RESP3 connection manager subscribed to [`CHANNEL`], re-subscribing after reconnects.
+/// A RESP3 connection manager subscribed to `channel`, re-subscribing after reconnects.
 /// `None` (with a warning) when Redis cannot be reached now; the cluster still works.
-async fn connect_redis(
+pub(crate) async fn connect_redis(
     url: &str,
     pushes: mpsc::UnboundedSender<redis::PushInfo>,
+    channel: &str,
 ) -> Option<redis::aio::ConnectionManager> {
     let url = if url.contains("protocol=") {
         url.to_owned()
@@ -187,7 +188,7 @@ async fn connect_redis(
             return None;
         }
     };
-    if let Err(e) = manager.subscribe(CHANNEL).await {
+    if let Err(e) = manager.subscribe(channel).await {
         tracing::warn!(error = %e, "cannot subscribe to cluster wake-ups; polling instead");
     }
     Some(manager)
@@ -491,7 +492,8 @@ impl Lease {
             {
                 let budget = self.state.lease / 4;
                 if let Ok(Some(manager)) =
-                    tokio::time::timeout(budget, connect_redis(&url, self.pushes.clone())).await
+                    tokio::time::timeout(budget, connect_redis(&url, self.pushes.clone(), CHANNEL))
+                        .await
                 {
                     tracing::info!("Redis reachable again: cluster wake-ups resume");
                     self.redis = Some(manager);

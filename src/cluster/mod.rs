@@ -19,6 +19,7 @@
 
 pub mod devices;
 pub mod lease;
+pub mod wakeups;
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -61,6 +62,7 @@ pub struct ClusterState {
     pub device_shards: u32,
     owners: RwLock<Arc<Owners>>,
     joined: AtomicBool,
+    stopping: AtomicBool,
     /// Wakes the lease thread for an immediate round (a forward failed, Redis said so).
     pub(crate) wake: Notify,
 }
@@ -74,6 +76,7 @@ impl ClusterState {
             device_shards,
             owners: RwLock::new(Arc::new(Owners::default())),
             joined: AtomicBool::new(false),
+            stopping: AtomicBool::new(false),
             wake: Notify::new(),
         }
     }
@@ -101,6 +104,11 @@ impl ClusterState {
 
     pub(crate) fn set_joined(&self) {
         self.joined.store(true, Ordering::Release);
+    }
+
+    /// Whether this node is handing its shards over (SIGTERM).
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
     }
 
     /// Called when forwarding to the dispatch owner failed: forget it and look again now.
@@ -196,6 +204,9 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         arbiters.iter().map(actix::Arbiter::handle).collect(),
     )?);
 
+    if let Some(url) = &settings.redis.url {
+        wakeups::spawn(url.expose().clone(), node_id.clone());
+    }
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let (control, control_rx) = mpsc::unbounded_channel();
     let lease_thread = lease::spawn(settings.clone(), state.clone(), events_tx, control_rx)?;
@@ -270,6 +281,10 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     }
 
     tracing::info!(node = %node_id, "stopping: handing the shards over");
+    state.stopping.store(true, Ordering::Release);
+    // The internal socket closes as soon as its server stops accepting: other nodes' calls are
+    // refused at once (and retried elsewhere) instead of waiting in its backlog.
+    drop(internal);
     if let Some(shard) = shard {
         // Sessions first (their clients reconnect through any front and resume), then the
         // requests in flight, so every acknowledged write is done before the release.

@@ -28,6 +28,14 @@ pub fn appended() -> &'static tokio::sync::Notify {
     NOTIFY.get_or_init(tokio::sync::Notify::new)
 }
 
+/// Woken when another cluster node committed events (its wake-up arrived over Redis): tailers
+/// look at once. Kept apart from [`appended`], which the node publishes, so a wake-up is never
+/// echoed back.
+pub fn appended_elsewhere() -> &'static tokio::sync::Notify {
+    static NOTIFY: std::sync::OnceLock<tokio::sync::Notify> = std::sync::OnceLock::new();
+    NOTIFY.get_or_init(tokio::sync::Notify::new)
+}
+
 /// Why an append failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AppendError {

@@ -790,6 +790,44 @@ async fn wearables_are_spread_over_the_nodes_and_outlive_their_holder() {
         .await;
     assert_eq!(resp.status(), 404);
 
+    // A status change stored on another node wakes the dispatch holder's event tail over
+    // Redis (consoles are served from it), instead of waiting for its next poll.
+    let owner_id = cluster.nodes[owner].id.clone();
+    let elsewhere = devices.iter().find(|d| holder_of(d) != owner_id).unwrap();
+    let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let resp = cluster
+        .post(
+            front,
+            api::VITALS,
+            &cluster.gateway,
+            &json!({"device_id": elsewhere, "timestamp": at, "heart_rate_bpm": 125, "spo2_pct": 93}),
+        )
+        .await;
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let started = Instant::now();
+    loop {
+        let metrics = cluster
+            .get(owner, "/metrics", &cluster.admin)
+            .await
+            .text()
+            .await
+            .unwrap();
+        let received = metrics
+            .lines()
+            .find(|l| l.starts_with("shers_event_wakeups_total{direction=\"received\"}"))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if received > 0.0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the holder heard no wake-up:\n{metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
     let victim_id = cluster.nodes[victim].id.clone();
     let orphan = devices
         .iter()
