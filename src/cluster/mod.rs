@@ -29,6 +29,9 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::sync::{Notify, mpsc, oneshot};
 
+use actix::Actor as _;
+
+use crate::actors::broadcaster::Broadcaster;
 use crate::app::{Application, open_database};
 use crate::config::{Secret, Settings};
 use crate::domain::auth::Role;
@@ -211,11 +214,21 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let (control, control_rx) = mpsc::unbounded_channel();
     let lease_thread = lease::spawn(settings.clone(), state.clone(), events_tx, control_rx)?;
 
+    // SSE streams are served by every front from its own tail of the event store.
+    let broadcaster = Broadcaster::new(db.clone())
+        .await
+        .context("starting the node's event tail")?
+        .start();
+    let (closing, closing_rx) = tokio::sync::watch::channel(false);
     let front = crate::http::front::server(
         &settings,
         db.clone(),
         state.clone(),
-        devices.clone(),
+        crate::http::front::Local {
+            devices: devices.clone(),
+            broadcaster,
+            closing: closing_rx,
+        },
         public,
     )?;
     let front_handle = front.handle();
@@ -282,6 +295,8 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
 
     tracing::info!(node = %node_id, "stopping: handing the shards over");
     state.stopping.store(true, Ordering::Release);
+    // This front's SSE streams end; their clients reconnect (through any node) and resume.
+    let _ = closing.send(true);
     // The internal socket closes as soon as its server stops accepting: other nodes' calls are
     // refused at once (and retried elsewhere) instead of waiting in its backlog.
     drop(internal);

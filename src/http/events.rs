@@ -15,10 +15,12 @@ use super::AppState;
 use super::auth::{Authorized, ConsoleOnly};
 use super::error::ApiError;
 use super::ws::{Incoming, Socket};
-use crate::actors::broadcaster::{Broadcast, FeedItem, Stats, feed};
+use actix::Addr;
+
+use crate::actors::broadcaster::{Broadcast, Broadcaster, FeedItem, Stats, feed};
 use crate::domain::events::RecordedEvent;
 use crate::domain::ids::UnitId;
-use crate::persistence::events;
+use crate::persistence::{Db, events};
 
 /// `?since=SEQ&limit=N`.
 #[derive(Debug, Deserialize)]
@@ -71,9 +73,8 @@ pub async fn page(
     Ok(HttpResponse::Ok().json(json!({"items": items, "next_cursor": next})))
 }
 
-async fn head(state: &AppState) -> Result<i64, ApiError> {
-    state
-        .broadcaster
+async fn head(broadcaster: &Addr<Broadcaster>) -> Result<i64, ApiError> {
+    broadcaster
         .send(Stats)
         .await
         .map(|(_, head)| head)
@@ -101,7 +102,18 @@ pub async fn stream(
     state: web::Data<AppState>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    let q = query(&req)?;
+    sse(&state.db, &state.broadcaster, state.closing.clone(), &req).await
+}
+
+/// The SSE stream of `req` from `broadcaster`'s tail of `db`, ending when `closing` turns
+/// true. A cluster node's front serves it from its own tail (`http::front`).
+pub async fn sse(
+    db: &Db,
+    broadcaster: &Addr<Broadcaster>,
+    mut closing: tokio::sync::watch::Receiver<bool>,
+    req: &HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    let q = query(req)?;
     let last_event_id = req
         .headers()
         .get("Last-Event-ID")
@@ -109,11 +121,10 @@ pub async fn stream(
         .and_then(|v| v.trim().parse::<i64>().ok());
     let since = match last_event_id.or(q.since) {
         Some(s) => s,
-        None => head(&state).await?,
+        None => head(broadcaster).await?,
     };
-    let rx = feed(state.db.clone(), state.broadcaster.clone(), since);
+    let rx = feed(db.clone(), broadcaster.clone(), since);
     // The stream ends when the node hands over; the client reconnects with Last-Event-ID.
-    let mut closing = state.closing.clone();
     let handing_over = async move {
         let _ = closing.wait_for(|closing| *closing).await;
     };
@@ -340,7 +351,7 @@ pub async fn console_ws(
     let q = query(&req)?;
     let since = match q.since {
         Some(s) => s,
-        None => head(&state).await?,
+        None => head(&state.broadcaster).await?,
     };
     let (response, session, stream) = actix_ws::handle(&req, body)?;
     let mut socket = Socket::new(session, stream, CONSOLE_FRAME_LIMIT, state.closing.clone());

@@ -18,11 +18,12 @@ use serde::Serialize;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message as Up, client::IntoClientRequest as _};
 
-use super::auth::{AdminOnly, AuthService, Authorized};
+use super::auth::{AdminOnly, AuthService, Authorized, ConsoleOnly};
 use super::error::ApiError;
 use super::json::{BodyLimit, read_body};
 use super::telemetry::{ShersRootSpan, observe};
 use super::vitals::{GatewayOnly, ingest_with};
+use crate::actors::broadcaster::Broadcaster;
 use crate::cluster::ClusterState;
 use crate::cluster::devices::{Ingestion, NodeDevices};
 use crate::config::Settings;
@@ -39,6 +40,20 @@ pub struct Front {
     /// shard's holder.
     ingest: Ingestion,
     ingest_gate: Arc<tokio::sync::Semaphore>,
+    /// SSE streams are served from this node's own tail of the event store.
+    broadcaster: actix::Addr<Broadcaster>,
+    /// Turns true when the node starts handing over: SSE streams end.
+    closing: tokio::sync::watch::Receiver<bool>,
+}
+
+/// What a node's front serves itself besides forwarding.
+pub struct Local {
+    /// The node's device shards (readings go straight to them).
+    pub devices: Arc<NodeDevices>,
+    /// The node's own tail of the event store (SSE).
+    pub broadcaster: actix::Addr<Broadcaster>,
+    /// Turns true when the node starts handing over.
+    pub closing: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Builds the front server on `listener` (signals are the node's to handle).
@@ -46,7 +61,7 @@ pub fn server(
     settings: &Settings,
     db: Db,
     cluster: Arc<ClusterState>,
-    devices: Arc<NodeDevices>,
+    local: Local,
     listener: TcpListener,
 ) -> anyhow::Result<Server> {
     let http = reqwest::Client::builder()
@@ -62,7 +77,9 @@ pub fn server(
         // Room above the owner's own limit, so the owner answers an oversized body with its
         // usual problem.
         body_limit: settings.http.body_limit_bytes.saturating_mul(2),
-        ingest: Ingestion::Cluster(devices),
+        ingest: Ingestion::Cluster(local.devices),
+        broadcaster: local.broadcaster,
+        closing: local.closing,
         ingest_gate: Arc::new(tokio::sync::Semaphore::new(
             settings.triage.max_in_flight_readings.max(1),
         )),
@@ -81,6 +98,11 @@ pub fn server(
             .service(
                 web::resource("/api/v1/vitals")
                     .route(web::post().to(vitals))
+                    .wrap(from_fn(super::auth::authenticate)),
+            )
+            .service(
+                web::resource("/api/v1/events/stream")
+                    .route(web::get().to(events_stream))
                     .wrap(from_fn(super::auth::authenticate)),
             )
             .route("/readyz", web::get().to(readyz))
@@ -118,6 +140,16 @@ async fn vitals(
     let body = read_body(&req, &mut payload).await?;
     let response = ingest_with(&front.ingest, &front.ingest_gate, &body).await?;
     Ok(HttpResponse::Ok().json(response))
+}
+
+/// `GET /api/v1/events/stream` on a node: served from the node's own tail of the event store
+/// (woken by every node's commits over Redis), so it goes on through a dispatch handover.
+async fn events_stream(
+    _auth: Authorized<ConsoleOnly>,
+    front: web::Data<Front>,
+    req: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
+    super::events::sse(&front.db, &front.broadcaster, front.closing.clone(), &req).await
 }
 
 /// A node's internal server while it does not hold the dispatch shard: the routes of the

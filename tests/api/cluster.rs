@@ -856,6 +856,98 @@ async fn wearables_are_spread_over_the_nodes_and_outlive_their_holder() {
     assert_eq!(cluster.events_of("incident.created").await.len(), 1);
 }
 
+/// An SSE client on a node that does not hold dispatch is served from that node's own tail of
+/// the event store: it sees every event once and in order, the wearables' events stored on
+/// other nodes included, and its stream goes on through kill -9 of the dispatch holder.
+#[actix_web::test]
+async fn sse_on_any_node_goes_on_through_a_failover_with_every_event_once_in_order() {
+    // One unit per offer round: each emergency finds free units.
+    let Some(mut cluster) =
+        Cluster::start_with(3, vec![("SHERS_DISPATCH__OFFERS_PER_ROUND", "1")]).await
+    else {
+        return;
+    };
+    let owner = cluster.wait_owner(None, Duration::from_secs(10)).await;
+    let (watcher, poster) = ((owner + 1) % 3, (owner + 2) % 3);
+    let streaming = reqwest::Client::new();
+    let resp = streaming
+        .get(cluster.url(watcher, "/api/v1/events/stream?since=0"))
+        .bearer_auth(&cluster.console)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<i64>::new()));
+    let ended = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (seen, ended) = (seen.clone(), ended.clone());
+        tokio::spawn(async move {
+            let mut resp = resp;
+            let mut buffer = String::new();
+            while let Ok(Some(chunk)) = resp.chunk().await {
+                buffer.push_str(&String::from_utf8_lossy(&chunk));
+                while let Some(end) = buffer.find("\n\n") {
+                    let frame: String = buffer.drain(..end + 2).collect();
+                    if let Some(id) = frame.lines().find_map(|l| l.strip_prefix("id: ")) {
+                        seen.lock().unwrap().push(id.parse().unwrap());
+                    }
+                }
+            }
+            ended.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    for u in 0..8 {
+        cluster
+            .add_unit(
+                poster,
+                &format!("E-{u}"),
+                SCENE.0 + 0.001 * f64::from(u + 1),
+            )
+            .await;
+    }
+    for p in 0..3 {
+        cluster
+            .register_wearer(poster, &format!("ep-{p}"), &format!("ew-{p}"))
+            .await;
+    }
+    let first = cluster.emergency(poster, "ew-0").await;
+    cluster
+        .wait_offered(poster, &first, Duration::from_secs(10))
+        .await;
+    cluster.kill9(owner);
+    let second = cluster.emergency(poster, "ew-1").await;
+    cluster
+        .wait_offered(poster, &second, Duration::from_secs(15))
+        .await;
+    // Every stored event reaches the stream, once and in order, without a reconnect.
+    let started = Instant::now();
+    loop {
+        let stored: Vec<i64> = {
+            let mut conn = cluster.db.conn().await.unwrap();
+            shers::persistence::events::read_since(&mut conn, 0, 100_000)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|e| e.seq)
+                .collect()
+        };
+        let got = seen.lock().unwrap().clone();
+        if got == stored {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the stream saw {got:?}\nthe store holds {stored:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !ended.load(std::sync::atomic::Ordering::SeqCst),
+        "the stream ended at the failover"
+    );
+    reader.abort();
+}
+
 /// A node paused (SIGSTOP) past its lease loses dispatch to another node; when it wakes up
 /// (SIGCONT) it writes nothing and exits for its supervisor to restart it as a standby.
 #[actix_web::test]
