@@ -335,6 +335,13 @@ impl Application {
         )
         .start();
         let devices = device_directory.clone();
+        // A cluster's wearables are served by their device shards, which resume their own.
+        if node.is_none()
+            && let Err(e) =
+                crate::actors::device::wake_pending_falls(&db, &device_directory, |_| true).await
+        {
+            tracing::warn!(error = %e, "running fall watches not resumed yet; they resume on each wearable's next reading");
+        }
 
         let notifier = NotifierActor::new(db.clone(), notification_channels(&settings)?).start();
         let broadcaster = Broadcaster::new(db.clone())

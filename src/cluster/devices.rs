@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::ClusterState;
 use crate::actors::device::{
     DeviceActor, DeviceDirectory, DeviceSummary, Ingest, ListDevices, Lookup, ReadingOutcome,
-    Retire, TriageRuntime,
+    Retire, TriageRuntime, wake_pending_falls,
 };
 use crate::actors::incident::EmergencyDetected;
 use crate::config::{Secret, Settings};
@@ -180,7 +180,19 @@ impl NodeDevices {
         )
         .start();
         if let Ok(mut local) = self.local.write() {
-            local.insert(index, Arc::new(LocalShard { epoch, directory }));
+            local.insert(
+                index,
+                Arc::new(LocalShard {
+                    epoch,
+                    directory: directory.clone(),
+                }),
+            );
+        }
+        let shards = self.cluster.device_shards;
+        if let Err(e) =
+            wake_pending_falls(&self.db, &directory, |id| device_shard(id, shards) == index).await
+        {
+            tracing::warn!(shard = %shard, error = %e, "running fall watches not resumed yet; they resume on each wearable's next reading");
         }
         tracing::info!(shard = %shard, epoch, "serving a device shard");
         Ok(())

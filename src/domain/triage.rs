@@ -380,6 +380,17 @@ impl FallWatch {
         }
     }
 
+    /// The running watch: when the wearer fell and when it escalates; `None` when idle.
+    pub fn active(&self) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
+        self.active.map(|a| (a.fall_at, a.deadline))
+    }
+
+    /// Resumes a watch that was running when the device's state was last stored (the device
+    /// actor restarted, or its shard moved to another node).
+    pub fn resume(&mut self, fall_at: DateTime<Utc>, deadline: DateTime<Utc>) {
+        self.active = Some(ActiveFall { fall_at, deadline });
+    }
+
     /// Feeds one accepted reading and its assessment, received at `now`.
     pub fn on_reading(
         &mut self,

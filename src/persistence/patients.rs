@@ -171,7 +171,12 @@ struct DeviceRow {
     registered_at: chrono::NaiveDateTime,
     last_status: Option<String>,
     last_seen_at: Option<chrono::NaiveDateTime>,
+    fall_at: Option<chrono::NaiveDateTime>,
+    fall_deadline: Option<chrono::NaiveDateTime>,
 }
+
+/// A running fall watch: when the wearer fell, and when it escalates without movement.
+pub type FallWatchState = (DateTime<Utc>, DateTime<Utc>);
 
 /// A registered device with its last known triage state.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -182,6 +187,8 @@ pub struct DeviceState {
     pub last_status: Option<String>,
     /// When the last reading behind that status was measured.
     pub last_seen_at: Option<DateTime<Utc>>,
+    /// Its running fall watch, if one was running when its state was last stored.
+    pub fall: Option<FallWatchState>,
 }
 
 /// Registers a device. A duplicate id is a `StoreError::Conflict`.
@@ -193,6 +200,8 @@ pub async fn insert_device(conn: &mut DbConn, device: &Device) -> Result<(), Sto
         registered_at: to_db_time(device.registered_at),
         last_status: None,
         last_seen_at: None,
+        fall_at: None,
+        fall_deadline: None,
     };
     db_run!(conn, |c| {
         diesel::insert_into(devices::table)
@@ -230,6 +239,10 @@ impl DeviceRow {
             },
             last_status: self.last_status,
             last_seen_at: self.last_seen_at.map(from_db_time),
+            fall: self
+                .fall_at
+                .zip(self.fall_deadline)
+                .map(|(at, deadline)| (from_db_time(at), from_db_time(deadline))),
         }
     }
 }
@@ -251,21 +264,42 @@ pub async fn find_devices(
     Ok(rows.into_iter().map(DeviceRow::into_state).collect())
 }
 
-/// Records a device's new status (projection of `vitals.status_changed`).
+/// Records a device's new status (projection of `vitals.status_changed`) and its fall watch.
 pub async fn set_device_status(
     conn: &mut DbConn,
     id: &DeviceId,
     status: &str,
     seen_at: DateTime<Utc>,
+    fall: Option<FallWatchState>,
 ) -> Result<(), StoreError> {
+    let (fall_at, fall_deadline) = match fall {
+        Some((at, deadline)) => (Some(to_db_time(at)), Some(to_db_time(deadline))),
+        None => (None, None),
+    };
     db_run!(conn, |c| {
         diesel::update(devices::table.find(id.as_str()))
             .set((
                 devices::last_status.eq(Some(status)),
                 devices::last_seen_at.eq(Some(to_db_time(seen_at))),
+                devices::fall_at.eq(fall_at),
+                devices::fall_deadline.eq(fall_deadline),
             ))
             .execute(c)
             .await?
     });
     Ok(())
+}
+
+/// The devices with a fall watch running, as last stored: their actors are started at once
+/// (at start-up, or when their cluster shard is taken over) so the watch escalates on time
+/// even if the wearable says nothing more.
+pub async fn pending_falls(conn: &mut DbConn) -> Result<Vec<DeviceId>, StoreError> {
+    let ids: Vec<String> = db_run!(conn, |c| {
+        devices::table
+            .filter(devices::fall_deadline.is_not_null())
+            .select(devices::id)
+            .load(c)
+            .await?
+    });
+    Ok(ids.into_iter().map(DeviceId).collect())
 }

@@ -69,6 +69,8 @@ diesel::table! {
         registered_at -> Timestamp,
         last_status -> Nullable<Text>,
         last_seen_at -> Nullable<Timestamp>,
+        fall_at -> Nullable<Timestamp>,
+        fall_deadline -> Nullable<Timestamp>,
     }
 }
 

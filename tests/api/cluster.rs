@@ -703,7 +703,9 @@ async fn killing_the_dispatch_owner_loses_no_emergency() {
 /// from one of its wearables, posted during the outage, is answered and offered.
 #[actix_web::test]
 async fn wearables_are_spread_over_the_nodes_and_outlive_their_holder() {
-    let Some(mut cluster) = Cluster::start(3).await else {
+    // A short fall grace: a fall watch running on the killed node must escalate elsewhere.
+    let Some(mut cluster) = Cluster::start_with(3, vec![("SHERS_TRIAGE__FALL_GRACE_S", "3")]).await
+    else {
         return;
     };
     let owner = cluster.wait_owner(None, Duration::from_secs(10)).await;
@@ -829,11 +831,23 @@ async fn wearables_are_spread_over_the_nodes_and_outlive_their_holder() {
     }
 
     let victim_id = cluster.nodes[victim].id.clone();
-    let orphan = devices
-        .iter()
-        .find(|d| holder_of(d) == victim_id)
-        .unwrap()
-        .clone();
+    let mut orphans = devices.iter().filter(|d| holder_of(d) == victim_id);
+    let orphan = orphans.next().unwrap().clone();
+    // A wearer who fell and lies still, on the node about to die: the wearable says nothing
+    // more, yet the watch escalates on the node that takes its shard over.
+    let faller = orphans.next().expect("two wearables on the victim").clone();
+    let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let resp = cluster
+        .post(
+            front,
+            api::VITALS,
+            &cluster.gateway,
+            &json!({"device_id": faller, "timestamp": at, "heart_rate_bpm": 80, "fall_detected": true,
+                    "location": {"lat": SCENE.0, "lng": SCENE.1}}),
+        )
+        .await;
+    let answer: Value = resp.json().await.unwrap();
+    assert_eq!(answer["results"][0]["status"], "abnormal", "{answer}");
     cluster.kill9(victim);
     let killed = Instant::now();
     // Answered once another node serves the shard (503 + Retry-After meanwhile).
@@ -853,7 +867,25 @@ async fn wearables_are_spread_over_the_nodes_and_outlive_their_holder() {
     let spread = cluster.wait_devices_spread(Duration::from_secs(10)).await;
     assert_eq!(spread[victim], 0, "{spread:?}");
     assert_eq!(spread.iter().sum::<usize>(), DEVICE_SHARDS);
-    assert_eq!(cluster.events_of("incident.created").await.len(), 1);
+    let started = Instant::now();
+    loop {
+        let created = cluster.events_of("incident.created").await;
+        let fell = created.iter().any(|e| {
+            e.data["description"]
+                .as_str()
+                .is_some_and(|d| d.contains("fall without movement"))
+        });
+        if fell {
+            assert_eq!(created.len(), 2, "the orphan's and the faller's");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "the fall watch died with its node\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// An SSE client on a node that does not hold dispatch is served from that node's own tail of

@@ -25,6 +25,7 @@ both_backends!(
     a_device_takes_readings_while_its_emergency_is_dispatched,
     retention_all_keeps_every_reading,
     the_node_to_node_emergency_hand_off_is_admin_only_and_opens_one_incident,
+    a_running_fall_watch_escalates_after_a_restart_without_another_reading,
 );
 
 fn ts(offset_s: i64) -> String {
@@ -710,4 +711,79 @@ async fn the_node_to_node_emergency_hand_off_is_admin_only_and_opens_one_inciden
     }
     assert_eq!(ids[0], ids[1]);
     assert_eq!(app.events_of("incident.created").await.len(), 1);
+}
+
+/// A fall watch running when the server stops (a restart, or on a cluster the wearable's shard
+/// moving to another node) is stored with the device: the next server starts the device's
+/// actor at once and the watch escalates on time, though the wearable says nothing more.
+async fn a_running_fall_watch_escalates_after_a_restart_without_another_reading(backend: Backend) {
+    // A long grace: the first server's actor (which lives on in this test process after its
+    // server stops) must not be the one that escalates.
+    let grace = |s: &mut shers::config::Settings| s.triage.fall_grace_s = Some(600);
+    let app = TestApp::builder(backend).with_settings(grace).start().await;
+    app.register_wearer("p-1", "f1").await;
+    let fall =
+        json!({"device_id": "f1", "timestamp": ts(0), "heart_rate_bpm": 80, "fall_detected": true});
+    let body: Value = app.post_vitals(&fall).await.json().await.unwrap();
+    assert_eq!(body["results"][0]["status"], "abnormal");
+    let tdb = app.kill().await;
+    // The stored watch, as the first server left it, then moved on as if its grace were nearly
+    // over.
+    let db = tdb.connect().await;
+    let mut conn = db.conn().await.unwrap();
+    let stored = shers::persistence::patients::find_device(&mut conn, &DeviceId::from("f1"))
+        .await
+        .unwrap()
+        .unwrap();
+    let (fall_at, deadline) = stored.fall.expect("the running watch is stored");
+    assert!(deadline > Utc::now() + Duration::seconds(500), "{deadline}");
+    shers::persistence::patients::set_device_status(
+        &mut conn,
+        &DeviceId::from("f1"),
+        "abnormal",
+        stored.last_seen_at.unwrap(),
+        Some((fall_at, Utc::now() + Duration::seconds(1))),
+    )
+    .await
+    .unwrap();
+    drop(conn);
+    let app = TestApp::builder(backend)
+        .with_settings(grace)
+        .start_on(tdb)
+        .await;
+    let started = std::time::Instant::now();
+    loop {
+        let created = app.events_of("incident.created").await;
+        if let Some(incident) = created.first() {
+            assert!(
+                incident.data["description"]
+                    .as_str()
+                    .unwrap()
+                    .contains("fall without movement"),
+                "{:?}",
+                incident.data
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(15),
+            "the fall watch did not survive the restart"
+        );
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Escalated: the stored watch is cleared, so a further restart does not repeat it.
+    let changes: Vec<String> = app
+        .events_of("vitals.status_changed")
+        .await
+        .iter()
+        .map(|e| e.data["to"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(changes, ["abnormal", "emergency"]);
+    let mut conn = app.db.conn().await.unwrap();
+    let stored = shers::persistence::patients::find_device(&mut conn, &DeviceId::from("f1"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.fall, None);
+    assert_eq!(stored.last_status.as_deref(), Some("emergency"));
 }

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use super::readings::{
-    Batch, WindowEntry, evidence, in_line, persist_changes, retained, take_readings,
+    Batch, Projected, WindowEntry, evidence, in_line, persist_changes, retained, take_readings,
 };
 use crate::actors::incident::EmergencyDetected;
 pub use crate::config::Retention;
@@ -30,7 +30,7 @@ use crate::domain::triage::{Assessment, FallEvent, FallWatch, TriageRules, Triag
 use crate::domain::vitals::Reading;
 use crate::persistence::group::GroupCommit;
 use crate::persistence::patients::DeviceState;
-use crate::persistence::{Db, StoreError, patients};
+use crate::persistence::{Db, StoreError, events, patients};
 
 /// Readings kept in the window (evidence for the next status change).
 pub const WINDOW: usize = 10;
@@ -211,7 +211,7 @@ pub(super) struct Live {
     /// The newest in-order reading's own triage (what the status returns to after a fall
     /// alert is cancelled).
     last_assessed: TriageStatus,
-    fall: FallWatch,
+    pub(super) fall: FallWatch,
     offline_timer: Option<SpawnHandle>,
     fall_timer: Option<SpawnHandle>,
 }
@@ -345,6 +345,70 @@ impl DeviceActor {
         );
     }
 
+    /// A fall watch resumed from the stored state: its readings (the evidence of the change it
+    /// caused, with the wearer's location) are read back first, then the watch is armed, to
+    /// escalate on time (at once if overdue) with the evidence a never-stopped actor would have.
+    fn resume_fall_watch(&mut self, ctx: &mut Context<Self>) {
+        let (db, stream) = (self.db.clone(), format!("device-{}", self.id));
+        ctx.wait(
+            async move {
+                db.run(move |mut conn| async move { events::read_stream(&mut conn, &stream).await })
+                    .await
+            }
+            .into_actor(self)
+            .map(|found, act, ctx| {
+                let evidence = found.ok().and_then(|events| {
+                    events
+                        .into_iter()
+                        .rev()
+                        .find(|e| e.kind == "vitals.status_changed")
+                        .and_then(|e| {
+                            serde_json::from_value::<Vec<Reading>>(e.data["evidence"].clone()).ok()
+                        })
+                });
+                if let (Some(live), Some(evidence)) = (act.live(), evidence) {
+                    for reading in evidence.iter().rev().take(WINDOW).rev() {
+                        live.window.push_back(WindowEntry::new(reading));
+                    }
+                }
+                act.arm_fall_timer(ctx);
+            }),
+        );
+    }
+
+    /// Stores the device's row alone (no event), in line after its earlier changes: a fall
+    /// watch that ended without changing the status.
+    fn store_fall_watch(
+        &mut self,
+        ctx: &mut Context<Self>,
+        patient_id: PatientId,
+        projected: Projected,
+    ) -> ResponseActFuture<Self, Option<TriageStatus>> {
+        let status = projected.status;
+        let (writer, id) = (self.runtime.writer.clone(), self.id.clone());
+        let (before, done) = self.next_in_line();
+        self.arm_fall_timer(ctx);
+        let work = async move {
+            let stored = match in_line(before).await {
+                Ok(()) => {
+                    persist_changes(&writer, id, patient_id, Vec::new(), Vec::new(), projected)
+                        .await
+                }
+                Err(e) => Err(e),
+            };
+            let _ = done.send(stored.is_ok());
+            stored
+        };
+        Box::pin(work.into_actor(self).map(move |res, act, ctx| match res {
+            Ok(()) => Some(status),
+            Err(e) => {
+                tracing::warn!(device.id = %act.id, error = %e, "fall watch end not persisted");
+                ctx.stop();
+                None
+            }
+        }))
+    }
+
     /// This change's place in line: the answer of the change before it (if any), and the
     /// sender to answer for this one.
     fn next_in_line(&mut self) -> (Option<oneshot::Receiver<bool>>, oneshot::Sender<bool>) {
@@ -438,7 +502,13 @@ impl Actor for DeviceActor {
                         last_measured: state.last_seen_at,
                         last_received: Utc::now(),
                         last_assessed: TriageStatus::Normal,
-                        fall: FallWatch::new(grace),
+                        fall: {
+                            let mut watch = FallWatch::new(grace);
+                            if let Some((fall_at, deadline)) = state.fall {
+                                watch.resume(fall_at, deadline);
+                            }
+                            watch
+                        },
                         offline_timer: None,
                         fall_timer: None,
                     })),
@@ -450,6 +520,9 @@ impl Actor for DeviceActor {
                 };
                 if matches!(act.phase, Phase::Ready(_)) {
                     act.arm_offline_timer(ctx);
+                    if act.live().is_some_and(|l| l.fall.active().is_some()) {
+                        act.resume_fall_watch(ctx);
+                    }
                 }
             }),
         );
@@ -503,8 +576,10 @@ impl Handler<ProcessReadings> for DeviceActor {
             handoffs,
             evidence_rows,
             any_in_order,
+            fall_changed,
         } = take_readings(live, &id, &self.runtime, msg.0, now);
         let final_status = live.status;
+        let fall = live.fall.active();
         let last_seen = live.last_measured;
         self.arm_offline_timer(ctx);
         if any_in_order {
@@ -523,7 +598,7 @@ impl Handler<ProcessReadings> for DeviceActor {
         // incident is dispatched, and their changes are stored after this one's.
         // Only a batch with a change to store takes a place in line.
         // (With `raw_retention = all`, every accepted reading is a row to store.)
-        let to_store = !changes.is_empty() || !evidence_rows.is_empty();
+        let to_store = !changes.is_empty() || !evidence_rows.is_empty() || fall_changed;
         let line = to_store.then(|| self.next_in_line());
         let work = async move {
             let mut incidents = Vec::with_capacity(handoffs.len());
@@ -555,8 +630,11 @@ impl Handler<ProcessReadings> for DeviceActor {
                         persist_patient,
                         changes,
                         evidence_rows,
-                        final_status,
-                        last_seen.unwrap_or(now),
+                        Projected {
+                            status: final_status,
+                            last_seen: last_seen.unwrap_or(now),
+                            fall,
+                        },
                     )
                     .await
                 }
@@ -648,12 +726,24 @@ impl DeviceActor {
             }
         };
         let from = live.status;
+        let (patient_id, last_seen, fall) = (
+            live.patient_id.clone(),
+            live.last_measured.unwrap_or(now),
+            live.fall.active(),
+        );
         if to == from {
-            return Box::pin(fut::ready(Some(to)));
+            // No status change, but the watch ended: store that, or it resumes after a restart.
+            return self.store_fall_watch(
+                ctx,
+                patient_id,
+                Projected {
+                    status: to,
+                    last_seen,
+                    fall,
+                },
+            );
         }
         live.status = to;
-        let patient_id = live.patient_id.clone();
-        let last_seen = live.last_measured.unwrap_or(now);
         let evidence: Vec<Reading> = evidence(&live.window, &id);
         let location = live.window.iter().rev().find_map(|r| r.location);
         let change = Change {
@@ -685,8 +775,11 @@ impl DeviceActor {
                         patient_id.clone(),
                         vec![change],
                         rows,
-                        to,
-                        last_seen,
+                        Projected {
+                            status: to,
+                            last_seen,
+                            fall,
+                        },
                     )
                     .await
                 }

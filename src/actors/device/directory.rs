@@ -295,3 +295,53 @@ impl Handler<Retire> for DeviceActor {
         ctx.stop();
     }
 }
+
+/// Starts the actors of `devices` (those not running), each loading its stored state: the
+/// devices whose fall watch was running when their state was last stored, so it escalates on
+/// time even if the wearable says nothing more (after a restart, or a shard taken over).
+#[derive(Message, Debug)]
+#[rtype(result = "usize")]
+pub struct WakeDevices(pub Vec<DeviceId>);
+
+impl Handler<WakeDevices> for DeviceDirectory {
+    type Result = usize;
+
+    fn handle(&mut self, msg: WakeDevices, _: &mut Self::Context) -> usize {
+        let mut new_devices: Vec<(DeviceId, Loaded)> = Vec::new();
+        for id in msg.0 {
+            if self.live(&id).is_none() {
+                let (loaded, preload) = tokio::sync::oneshot::channel();
+                self.start(&id, preload);
+                new_devices.push((id, loaded));
+            }
+        }
+        let started = new_devices.len();
+        if started > 0 {
+            actix::spawn(load_devices(self.db.clone(), new_devices));
+        }
+        started
+    }
+}
+
+/// Wakes the devices with a running fall watch among those `owns` accepts.
+pub async fn wake_pending_falls(
+    db: &Db,
+    directory: &Addr<DeviceDirectory>,
+    owns: impl Fn(&DeviceId) -> bool,
+) -> Result<usize, StoreError> {
+    let pending = db
+        .run(|mut conn| async move { patients::pending_falls(&mut conn).await })
+        .await?;
+    let mine: Vec<DeviceId> = pending.into_iter().filter(|id| owns(id)).collect();
+    if mine.is_empty() {
+        return Ok(0);
+    }
+    let started = directory
+        .send(WakeDevices(mine))
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("device directory: {e}")))?;
+    if started > 0 {
+        tracing::info!(devices = started, "resumed running fall watches");
+    }
+    Ok(started)
+}

@@ -15,6 +15,7 @@ use crate::domain::ids::{DeviceId, PatientId};
 use crate::domain::triage::{TriageStatus, in_arrival_order};
 use crate::domain::vitals::Reading;
 use crate::persistence::group::{GroupCommit, Projection};
+use crate::persistence::patients::FallWatchState;
 use crate::persistence::readings::{self, RetainedReading};
 use crate::persistence::{StoreError, patients};
 
@@ -93,6 +94,8 @@ pub(super) struct Batch {
     pub(super) handoffs: Vec<(usize, EmergencyDetected)>,
     pub(super) evidence_rows: Vec<RetainedReading>,
     pub(super) any_in_order: bool,
+    /// Whether the fall watch started, stood down or escalated (it is stored then).
+    pub(super) fall_changed: bool,
 }
 
 /// Triages `readings` (in request order) and applies the in-order ones to `live`; a reading
@@ -113,6 +116,7 @@ pub(super) fn take_readings(
     let mut handoffs = Vec::new();
     let mut evidence_rows = Vec::new();
     let mut any_in_order = false;
+    let fall_before = live.fall.active();
     let rules = &runtime.rules;
     let scored: Vec<Scored> = readings
         .into_iter()
@@ -185,6 +189,7 @@ pub(super) fn take_readings(
         handoffs,
         evidence_rows,
         any_in_order,
+        fall_changed: live.fall.active() != fall_before,
     }
 }
 
@@ -219,6 +224,14 @@ pub(super) fn retained(
     }
 }
 
+/// The device's row after a change: what a restarted actor (or the next holder of its shard)
+/// resumes from.
+pub(super) struct Projected {
+    pub(super) status: TriageStatus,
+    pub(super) last_seen: DateTime<Utc>,
+    pub(super) fall: Option<FallWatchState>,
+}
+
 /// Appends the status events and updates the device projection (and evidence readings) in one
 /// transaction.
 pub(super) async fn persist_changes(
@@ -227,9 +240,13 @@ pub(super) async fn persist_changes(
     patient_id: PatientId,
     changes: Vec<Change>,
     evidence: Vec<RetainedReading>,
-    final_status: TriageStatus,
-    last_seen: DateTime<Utc>,
+    projected: Projected,
 ) -> Result<(), StoreError> {
+    let Projected {
+        status: final_status,
+        last_seen,
+        fall,
+    } = projected;
     let stream = format!("device-{device_id}");
     let events: Vec<NewEvent> = changes
         .into_iter()
@@ -251,7 +268,8 @@ pub(super) async fn persist_changes(
         // It may run twice (a replayed batch): each run gets its own copies.
         let (device_id, evidence) = (device_id.clone(), evidence.clone());
         Box::pin(async move {
-            patients::set_device_status(tx, &device_id, final_status.as_str(), last_seen).await?;
+            patients::set_device_status(tx, &device_id, final_status.as_str(), last_seen, fall)
+                .await?;
             if !evidence.is_empty() {
                 readings::insert_many(tx, &evidence).await?;
             }

@@ -1,0 +1,4 @@
+-- A wearable's running fall watch (a fall without movement yet), so the escalation survives
+-- the device actor: a restart, an idle stop, or its shard moving to another cluster node.
+ALTER TABLE devices ADD COLUMN fall_at TIMESTAMP;
+ALTER TABLE devices ADD COLUMN fall_deadline TIMESTAMP;
