@@ -40,6 +40,8 @@ pub struct Front {
     /// shard's holder.
     ingest: Ingestion,
     ingest_gate: Arc<tokio::sync::Semaphore>,
+    /// The largest gateway WebSocket frame.
+    frame_limit: usize,
     /// SSE streams are served from this node's own tail of the event store.
     broadcaster: actix::Addr<Broadcaster>,
     /// Turns true when the node starts handing over: SSE streams end.
@@ -78,6 +80,7 @@ pub fn server(
         // usual problem.
         body_limit: settings.http.body_limit_bytes.saturating_mul(2),
         ingest: Ingestion::Cluster(local.devices),
+        frame_limit: settings.http.body_limit_bytes,
         broadcaster: local.broadcaster,
         closing: local.closing,
         ingest_gate: Arc::new(tokio::sync::Semaphore::new(
@@ -98,6 +101,11 @@ pub fn server(
             .service(
                 web::resource("/api/v1/vitals")
                     .route(web::post().to(vitals))
+                    .wrap(from_fn(super::auth::authenticate)),
+            )
+            .service(
+                web::resource("/api/v1/ws/gateway")
+                    .route(web::get().to(gateway))
                     .wrap(from_fn(super::auth::authenticate)),
             )
             .service(
@@ -140,6 +148,24 @@ async fn vitals(
     let body = read_body(&req, &mut payload).await?;
     let response = ingest_with(&front.ingest, &front.ingest_gate, &body).await?;
     Ok(HttpResponse::Ok().json(response))
+}
+
+/// `GET /api/v1/ws/gateway` on a node: served here, each frame's readings sent straight to
+/// their device shards (not relayed through the dispatch holder).
+async fn gateway(
+    _auth: Authorized<GatewayOnly>,
+    front: web::Data<Front>,
+    req: HttpRequest,
+    body: web::Payload,
+) -> Result<HttpResponse, actix_web::Error> {
+    super::vitals::gateway_session(
+        front.ingest.clone(),
+        front.ingest_gate.clone(),
+        front.frame_limit,
+        front.closing.clone(),
+        &req,
+        body,
+    )
 }
 
 /// `GET /api/v1/events/stream` on a node: served from the node's own tail of the event store

@@ -286,18 +286,32 @@ pub async fn gateway_ws(
     req: HttpRequest,
     body: web::Payload,
 ) -> Result<HttpResponse, actix_web::Error> {
-    let (response, session, stream) = actix_ws::handle(&req, body)?;
-    let mut socket = Socket::new(
-        session,
-        stream,
+    gateway_session(
+        state.ingest.clone(),
+        state.ingest_gate.clone(),
         state.settings.http.body_limit_bytes,
         state.closing.clone(),
-    );
-    let state: Arc<AppState> = state.into_inner();
+        &req,
+        body,
+    )
+}
+
+/// Upgrades `req` to a gateway WebSocket whose frames are applied through `ingest`; it closes
+/// when `closing` turns true. A cluster node's front serves it with the node's device shards.
+pub fn gateway_session(
+    ingest: Ingestion,
+    gate: Arc<tokio::sync::Semaphore>,
+    frame_limit: usize,
+    closing: tokio::sync::watch::Receiver<bool>,
+    req: &HttpRequest,
+    body: web::Payload,
+) -> Result<HttpResponse, actix_web::Error> {
+    let (response, session, stream) = actix_ws::handle(req, body)?;
+    let mut socket = Socket::new(session, stream, frame_limit, closing);
     actix_web::rt::spawn(async move {
         let reason = loop {
             let reply = match socket.next().await {
-                Incoming::Text(text) => match ingest_body(&state, text.as_bytes()).await {
+                Incoming::Text(text) => match ingest_with(&ingest, &gate, text.as_bytes()).await {
                     Ok(answer) => serde_json::to_string(&answer),
                     Err(err) => serde_json::to_string(&err.problem()),
                 },

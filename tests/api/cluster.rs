@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt as _;
+use futures_util::{SinkExt as _, StreamExt as _};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use shers::domain::auth::Role;
@@ -756,6 +756,29 @@ async fn wearables_are_spread_over_the_nodes_and_outlive_their_holder() {
         assert_eq!(result["device_id"], devices[i].as_str(), "{answer}");
         assert_eq!(result["status"], "normal", "{answer}");
     }
+
+    // The gateway WebSocket answers a frame the same way, on a node that does not hold
+    // dispatch: its readings go straight to their shards.
+    let (mut gateway, _) = tokio_tungstenite::connect_async(cluster.ws_url(
+        victim,
+        &format!("{}?access_token={}", api::WS_GATEWAY, cluster.gateway),
+    ))
+    .await
+    .unwrap();
+    let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let frame: Vec<Value> = devices
+        .iter()
+        .map(|d| json!({"device_id": d, "timestamp": at, "heart_rate_bpm": 73, "spo2_pct": 98}))
+        .collect();
+    gateway
+        .send(tokio_tungstenite::tungstenite::Message::text(
+            json!({"readings": frame}).to_string(),
+        ))
+        .await
+        .unwrap();
+    let answer = next_json(&mut gateway, Duration::from_secs(10)).await;
+    assert_eq!(answer["accepted"], 48, "{answer}");
+    drop(gateway);
 
     // Ops see every wearable's live actor, whichever node serves it and whichever front asks.
     let actors: Value = cluster
