@@ -99,7 +99,12 @@ pub struct NodeDevices {
     rules: TriageRules,
     arbiters: Vec<ArbiterHandle>,
     handoff: Recipient<EmergencyDetected>,
+    local_dispatch: LocalDispatch,
 }
+
+/// This node's own incident directory while it holds the dispatch shard: emergencies of its
+/// device shards are handed to it directly, not over HTTP to itself.
+type LocalDispatch = Arc<RwLock<Option<Recipient<EmergencyDetected>>>>;
 
 impl NodeDevices {
     /// The device side of a node: `token` is the node's own (admin) token for the other
@@ -118,10 +123,12 @@ impl NodeDevices {
             .tcp_nodelay(true)
             .build()
             .context("building the device router's client")?;
+        let local_dispatch = LocalDispatch::default();
         let handoff = RemoteHandoff {
             cluster: cluster.clone(),
             http: http.clone(),
             token: token.clone(),
+            local: local_dispatch.clone(),
         }
         .start()
         .recipient();
@@ -135,7 +142,15 @@ impl NodeDevices {
             rules: crate::app::load_triage_rules(settings)?,
             arbiters,
             handoff,
+            local_dispatch,
         })
+    }
+
+    /// This node now serves the dispatch shard with `incidents`: hand emergencies to it directly.
+    pub fn serve_dispatch(&self, incidents: Recipient<EmergencyDetected>) {
+        if let Ok(mut slot) = self.local_dispatch.write() {
+            *slot = Some(incidents);
+        }
     }
 
     fn local(&self, index: u32) -> Option<Arc<LocalShard>> {
@@ -433,6 +448,7 @@ pub struct RemoteHandoff {
     cluster: Arc<ClusterState>,
     http: reqwest::Client,
     token: String,
+    local: LocalDispatch,
 }
 
 impl Actor for RemoteHandoff {
@@ -444,6 +460,18 @@ impl Handler<EmergencyDetected> for RemoteHandoff {
 
     fn handle(&mut self, msg: EmergencyDetected, _: &mut Self::Context) -> Self::Result {
         let (cluster, http, token) = (self.cluster.clone(), self.http.clone(), self.token.clone());
+        // This node holds dispatch (and is not handing it over): no hop at all.
+        let local = self.local.read().ok().and_then(|l| l.clone());
+        if let Some(incidents) = local
+            && !cluster.stopping()
+        {
+            return Box::pin(async move {
+                incidents
+                    .send(msg)
+                    .await
+                    .map_err(|e| StoreError::Unavailable(format!("incident hand-off: {e}")))?
+            });
+        }
         Box::pin(async move {
             let deadline = Instant::now() + cluster.lease * 2 + Duration::from_secs(2);
             loop {
