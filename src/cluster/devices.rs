@@ -313,8 +313,8 @@ impl NodeDevices {
         Some((status, resp.bytes().await.ok()?))
     }
 
-    /// Applies readings wherever their devices' shards are served, as one answer.
-    pub async fn ingest(&self, readings: Vec<(usize, Reading)>) -> Vec<(usize, ReadingOutcome)> {
+    /// `readings` grouped by their devices' shard.
+    fn by_shard(&self, readings: Vec<(usize, Reading)>) -> HashMap<u32, Vec<(usize, Reading)>> {
         let shards = self.cluster.device_shards;
         let mut groups: HashMap<u32, Vec<(usize, Reading)>> = HashMap::new();
         for item in readings {
@@ -323,6 +323,12 @@ impl NodeDevices {
                 .or_default()
                 .push(item);
         }
+        groups
+    }
+
+    /// Applies readings wherever their devices' shards are served, as one answer.
+    pub async fn ingest(&self, readings: Vec<(usize, Reading)>) -> Vec<(usize, ReadingOutcome)> {
+        let groups = self.by_shard(readings);
         let owners = self.cluster.owners();
         let sends = groups.into_iter().map(|(index, group)| {
             let owner = owners
@@ -354,14 +360,7 @@ impl NodeDevices {
         &self,
         readings: Vec<(usize, Reading)>,
     ) -> Vec<(usize, ReadingOutcome)> {
-        let shards = self.cluster.device_shards;
-        let mut groups: HashMap<u32, Vec<(usize, Reading)>> = HashMap::new();
-        for item in readings {
-            groups
-                .entry(device_shard(&item.1.device_id, shards))
-                .or_default()
-                .push(item);
-        }
+        let groups = self.by_shard(readings);
         let sends = groups.into_iter().map(|(index, group)| async move {
             match self.local(index) {
                 Some(shard) => apply_local(&shard, group).await,

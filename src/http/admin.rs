@@ -282,22 +282,26 @@ async fn list_devices(
                 (count, page, elsewhere)
             }
         };
-    let summaries = page
-        .into_iter()
-        .map(|(s, restarts)| ActorSummary {
-            kind: "device",
-            id: s.id.0,
-            status: s.status,
-            mailbox_len: None,
-            restarts,
-            last_message_at: s.last_message_at,
-        })
-        .collect();
+    let summaries = page.into_iter().map(device_summary).collect();
     Ok((
         count,
         summaries,
         elsewhere.into_iter().take(limit).collect(),
     ))
+}
+
+/// A device actor as `/admin/actors` lists it.
+fn device_summary(
+    (summary, restarts): (crate::actors::device::DeviceSummary, u32),
+) -> ActorSummary {
+    ActorSummary {
+        kind: "device",
+        id: summary.id.0,
+        status: summary.status,
+        mailbox_len: None,
+        restarts,
+        last_message_at: summary.last_message_at,
+    }
 }
 
 /// A node's own device actors, as `/internal/v1/actors/devices` answers.
@@ -317,14 +321,7 @@ pub async fn node_devices(
     let (count, page) = devices.list_local(limit).await;
     let items = page
         .into_iter()
-        .map(|(s, restarts)| ActorSummary {
-            kind: "device",
-            id: s.id.0,
-            status: s.status,
-            mailbox_len: None,
-            restarts,
-            last_message_at: s.last_message_at,
-        })
+        .map(device_summary)
         .filter_map(|i| serde_json::to_value(i).ok())
         .collect();
     Ok(HttpResponse::Ok().json(NodeDevicesPage { count, items }))
