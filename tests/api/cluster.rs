@@ -426,6 +426,18 @@ impl Cluster {
         assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
     }
 
+    /// `n` units `<prefix>-0` … north of the scene, 0.001° apart (the nearest first).
+    async fn add_units_in_a_line(&self, node: usize, prefix: &str, n: u32) {
+        for u in 0..n {
+            self.add_unit(
+                node,
+                &format!("{prefix}-{u}"),
+                SCENE.0 + 0.001 * f64::from(u + 1),
+            )
+            .await;
+        }
+    }
+
     async fn register_wearer(&self, node: usize, patient: &str, device: &str) {
         let resp = self
             .post(
@@ -643,11 +655,7 @@ async fn killing_the_dispatch_owner_loses_no_emergency() {
     };
     let owner = cluster.wait_owner(None, Duration::from_secs(10)).await;
     let front = (owner + 1) % 3;
-    for u in 0..8 {
-        cluster
-            .add_unit(front, &format!("K-{u}"), SCENE.0 + 0.001 * f64::from(u + 1))
-            .await;
-    }
+    cluster.add_units_in_a_line(front, "K", 8).await;
     for p in 0..8 {
         cluster
             .register_wearer(front, &format!("kp-{p}"), &format!("kw-{p}"))
@@ -951,15 +959,7 @@ async fn sse_on_any_node_goes_on_through_a_failover_with_every_event_once_in_ord
             ended.store(true, std::sync::atomic::Ordering::SeqCst);
         })
     };
-    for u in 0..8 {
-        cluster
-            .add_unit(
-                poster,
-                &format!("E-{u}"),
-                SCENE.0 + 0.001 * f64::from(u + 1),
-            )
-            .await;
-    }
+    cluster.add_units_in_a_line(poster, "E", 8).await;
     for p in 0..3 {
         cluster
             .register_wearer(poster, &format!("ep-{p}"), &format!("ew-{p}"))
