@@ -49,6 +49,17 @@ pub enum Command {
     Insurance(ServeArgs),
     /// Measure a running SHERS under load (ingest, detect-to-offer, accept-race, fanout).
     Loadgen(Box<crate::sim::loadgen::LoadgenArgs>),
+    /// Crash-point drills.
+    #[command(subcommand)]
+    Fault(FaultCommand),
+}
+
+/// `fault` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum FaultCommand {
+    /// Print every crash point, one bare name per line (`#` lines are comments): first those
+    /// a plain emergency reaches, in order, then the rest.
+    Points,
 }
 
 /// Options of `demo`: the server's and the simulation's.
@@ -205,6 +216,24 @@ async fn demo(
     crate::sim::demo::print_summary(&db).await
 }
 
+/// Arms `[fault] crash_at` when `serve` runs with `--enable-fault-injection`; an unknown
+/// point stops the server before it starts.
+fn arm_crash_point(settings: &Settings) -> anyhow::Result<()> {
+    let Some(name) = settings.fault.crash_at.as_deref() else {
+        return Ok(());
+    };
+    if !settings.admin.enable_fault_injection {
+        tracing::warn!(
+            fault.crash_at = name,
+            "fault.crash_at is ignored without --enable-fault-injection"
+        );
+        return Ok(());
+    }
+    let point = crate::fault::arm(name)?;
+    tracing::warn!(fault.crash_at = point, "fault injection: crash point armed");
+    Ok(())
+}
+
 /// Ctrl-C or SIGTERM.
 pub async fn stop_signal() {
     #[cfg(unix)]
@@ -238,6 +267,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut settings = settings(&cli, args.bind.clone())?;
             settings.admin.enable_fault_injection |= args.enable_fault_injection;
             init_tracing(settings.log.format);
+            arm_crash_point(&settings)?;
             tracing::info!(bind = %settings.bind, "starting SHERS");
             if settings.clustered() {
                 crate::cluster::serve(settings).await?;
@@ -256,6 +286,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             init_tracing(settings.log.format);
             crate::app::serve_insurance(settings).await?;
         }
+        Command::Fault(FaultCommand::Points) => print!("{}", crate::fault::listing()),
         Command::Loadgen(args) => {
             init_tracing(crate::config::LogFormat::Text);
             crate::sim::loadgen::run((**args).clone()).await?;

@@ -70,6 +70,8 @@ pub struct Settings {
     pub notify: NotifySettings,
     /// Operations and admin endpoints.
     pub admin: AdminSettings,
+    /// Crash-point drills (acted on only by `serve --enable-fault-injection`).
+    pub fault: FaultSettings,
     /// Response-time standards (seconds per NEMSIS interval) for analytics compliance.
     pub analytics: crate::domain::analytics::Thresholds,
     /// The embedded dashboard.
@@ -127,6 +129,17 @@ pub struct AdminSettings {
     pub enable_fault_injection: bool,
 }
 
+/// Crash-point drills.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FaultSettings {
+    /// A crash point (`shers fault points` lists them; `SHERS_FAULT__CRASH_AT`): with `serve
+    /// --enable-fault-injection` the process aborts, as kill -9 would, the first time it
+    /// reaches this point, and an unknown name stops `serve`. Every other subcommand, and
+    /// `serve` without the flag, accepts the setting and ignores it.
+    pub crash_at: Option<String>,
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Self {
@@ -144,6 +157,7 @@ impl Default for Settings {
             insurance: InsuranceSettings::default(),
             notify: NotifySettings::default(),
             admin: AdminSettings::default(),
+            fault: FaultSettings::default(),
             analytics: crate::domain::analytics::Thresholds::default(),
             dashboard: DashboardSettings::default(),
         }

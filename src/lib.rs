@@ -11,6 +11,7 @@
 //! - [`integrations`]: outbound adapters (routing, payments, insurance, notifications).
 //! - [`http`]: actix-web handlers; validate, authorise, send a message; no business rules.
 //! - [`sim`]: the demo city and the load generator, which use only the public API.
+//! - [`fault`]: named crash points for recovery drills (imports nothing of the crate).
 //! - [`app`]: the composition root; [`config`]: layered settings; [`cli`]: the command line.
 
 pub mod actors;
@@ -19,6 +20,7 @@ pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod domain;
+pub mod fault;
 pub mod http;
 pub mod integrations;
 pub mod persistence;

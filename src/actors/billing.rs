@@ -24,7 +24,7 @@ use crate::domain::billing::{
 use crate::domain::dispatch::Capability;
 use crate::domain::events::{BillingEvent, BillingOutcome, ExpectedVersion};
 use crate::domain::ids::IncidentId;
-use crate::domain::incident::Command;
+use crate::domain::incident::{Command, IncidentStatus};
 use crate::integrations::payments::{ChargeRequest, PaymentError, PaymentProvider};
 use crate::persistence::cluster::confirm_lease;
 use crate::persistence::incidents as incident_store;
@@ -98,7 +98,11 @@ impl Handler<StartBilling> for Billing {
     }
 }
 
-/// Resume every unfinished saga (start-up).
+/// Resume every saga that may not have ended (start-up, dispatch takeover): each unfinished
+/// invoice, and each incident still at the hospital or in billing, whatever its invoice says.
+/// An incident can be in billing with no invoice (the process died before it was created) or
+/// with a finished one (it died before the outcome or the close was stored); both are driven
+/// to the end from where they stand.
 #[derive(Message, Debug)]
 #[rtype(result = "Result<usize, StoreError>")]
 pub struct ResumeBilling;
@@ -110,18 +114,32 @@ impl Handler<ResumeBilling> for Billing {
         let db = self.deps.db.clone();
         Box::pin(
             async move {
-                db.run(|mut conn| async move { invoices::unfinished(&mut conn).await })
-                    .await
+                db.run(|mut conn| async move {
+                    let mut ids: Vec<IncidentId> = invoices::unfinished(&mut conn)
+                        .await?
+                        .iter()
+                        .filter_map(|inv| inv.saga.incident_id.parse().ok())
+                        .collect();
+                    ids.extend(
+                        incident_store::ids_in_status(
+                            &mut conn,
+                            &[IncidentStatus::AtHospital, IncidentStatus::Billing],
+                        )
+                        .await?,
+                    );
+                    ids.sort_unstable();
+                    ids.dedup();
+                    Ok::<_, StoreError>(ids)
+                })
+                .await
             }
             .into_actor(self)
             .map(|res, act, ctx| {
-                let open = res?;
-                for inv in &open {
-                    if let Ok(id) = inv.saga.incident_id.parse() {
-                        act.run(id, ctx);
-                    }
+                let ids = res?;
+                for id in &ids {
+                    act.run(*id, ctx);
                 }
-                Ok(open.len())
+                Ok(ids.len())
             }),
         )
     }
@@ -185,23 +203,34 @@ async fn load_or_create(
     let amount = billing::amount_cents(&deps.tariff, distance_m, als);
     let saga = billing::start(incident.to_string(), amount, deps.tariff.currency.clone());
     let invoice_id = format!("inv_{}", uuid::Uuid::now_v7().simple());
+    let started = BillingEvent::Started {
+        incident_id: incident,
+        invoice_id: invoice_id.clone(),
+        amount_cents: amount,
+        currency: saga.currency.clone(),
+        distance_m: distance_m.round(),
+        als,
+    };
     let (stored, id2, provider) = (saga.clone(), invoice_id.clone(), deps.payments.name());
+    // The invoice and its `billing.started` are one transaction: recovery never finds one
+    // without the other.
     let inserted = db
         .run(move |mut conn| async move {
-            invoices::insert(&mut conn, &id2, &stored, provider, Utc::now()).await
+            conn.write_transaction(async |tx| {
+                let now = Utc::now();
+                invoices::insert(tx, &id2, &stored, provider, now).await?;
+                let mut event = started.to_new();
+                event.incident_id = Some(stored.incident_id.clone());
+                let stream = format!("billing-{}", stored.incident_id);
+                events::append(tx, &stream, ExpectedVersion::Any, &[event], now).await?;
+                Ok::<_, StoreError>(())
+            })
+            .await
         })
         .await;
     match inserted {
         Ok(()) => {
-            let started = BillingEvent::Started {
-                incident_id: incident,
-                invoice_id: invoice_id.clone(),
-                amount_cents: amount,
-                currency: saga.currency.clone(),
-                distance_m: distance_m.round(),
-                als,
-            };
-            record(&db, &saga, Some(started)).await?;
+            crate::fault::crash_point("billing.stored_invoice");
             Ok((saga, invoice_id))
         }
         // Another run created it first: use that one (one invoice per incident).
@@ -405,10 +434,10 @@ impl Payer {
 
 /// Drives one saga to its end.
 async fn drive(deps: BillingDeps, incident: IncidentId) -> Result<(), StoreError> {
+    if !enter_billing(&deps, incident).await? {
+        return Ok(());
+    }
     let (mut saga, _) = load_or_create(&deps, incident).await?;
-    // Asked again after it finished: the outcome is recorded already; only make sure the
-    // incident is closed (idempotent), never run or record anything twice.
-    let already_done = is_done(&saga);
     let db = deps.db.clone();
     let payer = Payer::of(&db, incident).await?;
     loop {
@@ -418,9 +447,12 @@ async fn drive(deps: BillingDeps, incident: IncidentId) -> Result<(), StoreError
             db.run(|mut conn| async move { confirm_lease(&mut conn).await })
                 .await?;
         }
+        let points = crash_points(step);
+        crate::fault::crash_point_opt(points.before);
         let Some(result) = run_step(&deps, &saga, step, &payer).await else {
             break;
         };
+        crate::fault::crash_point_opt(points.after);
         let transient = matches!(result, StepResult::Transient(_));
         let event = step_event(incident, step, &result);
         saga = match apply(&saga, step, result, Utc::now()) {
@@ -431,11 +463,123 @@ async fn drive(deps: BillingDeps, incident: IncidentId) -> Result<(), StoreError
             }
         };
         record(&db, &saga, event).await?;
+        crate::fault::crash_point_opt(points.stored);
         if transient {
             actix_web::rt::time::sleep(backoff(saga.attempts)).await;
         }
     }
-    finish(&deps, &saga, incident, already_done).await
+    finish(&deps, &saga, incident).await
+}
+
+/// The crash points around one step: before its call, after the call (not stored), stored.
+struct StepPoints {
+    before: Option<&'static str>,
+    after: Option<&'static str>,
+    stored: Option<&'static str>,
+}
+
+/// The crash points of `step` (steps without a provider call have only `stored`).
+fn crash_points(step: Step) -> StepPoints {
+    let (before, after, stored) = match step {
+        Step::VerifyInsurance => (
+            "billing.before_verify_insurance",
+            "billing.after_verify_insurance",
+            "billing.stored_verify_insurance",
+        ),
+        Step::Charge => (
+            "billing.before_charge",
+            "billing.after_charge",
+            "billing.stored_charge",
+        ),
+        Step::CancelPayment => (
+            "billing.before_cancel_payment",
+            "billing.after_cancel_payment",
+            "billing.stored_cancel_payment",
+        ),
+        Step::RefundPayment => (
+            "billing.before_refund_payment",
+            "billing.after_refund_payment",
+            "billing.stored_refund_payment",
+        ),
+        Step::ReleaseClaim => (
+            "billing.before_release_claim",
+            "billing.after_release_claim",
+            "billing.stored_release_claim",
+        ),
+        Step::Complete => {
+            return StepPoints {
+                before: None,
+                after: None,
+                stored: Some("billing.stored_complete"),
+            };
+        }
+        Step::VoidInvoice => {
+            return StepPoints {
+                before: None,
+                after: None,
+                stored: Some("billing.stored_void_invoice"),
+            };
+        }
+        Step::Done => {
+            return StepPoints {
+                before: None,
+                after: None,
+                stored: None,
+            };
+        }
+    };
+    StepPoints {
+        before: Some(before),
+        after: Some(after),
+        stored: Some(stored),
+    }
+}
+
+/// Makes sure the incident is in billing before its saga runs, and says whether there is a
+/// saga to run. An incident still `at_hospital` (the process died between the handover and
+/// the start of billing) is moved to billing here, as the crew's report would have; one that
+/// is already closed or cancelled has nothing to bill.
+async fn enter_billing(deps: &BillingDeps, incident: IncidentId) -> Result<bool, StoreError> {
+    let found = deps
+        .db
+        .run(move |mut conn| async move { incident_store::find(&mut conn, incident).await })
+        .await?;
+    let Some((state, _)) = found else {
+        return Ok(false);
+    };
+    match state.status {
+        IncidentStatus::Billing => Ok(true),
+        IncidentStatus::AtHospital => {
+            match deps
+                .incidents
+                .send(Route {
+                    id: incident,
+                    command: Command::StartBilling,
+                })
+                .await
+            {
+                Ok(Ok(_)) => Ok(true),
+                Ok(Err(e)) => Err(StoreError::Unavailable(format!(
+                    "moving the incident to billing: {e}"
+                ))),
+                Err(e) => Err(StoreError::Unavailable(format!(
+                    "incident directory unreachable: {e}"
+                ))),
+            }
+        }
+        // Ended already: only an invoice left unfinished can still need its saga finished (its
+        // compensations, say); never open a new one.
+        IncidentStatus::Closed | IncidentStatus::Cancelled => {
+            let id = incident.to_string();
+            Ok(deps
+                .db
+                .run(move |mut conn| async move { invoices::for_incident(&mut conn, &id).await })
+                .await?
+                .is_some_and(|inv| !inv.done))
+        }
+        // Not at the hospital yet: there is nothing to bill.
+        _ => Ok(false),
+    }
 }
 
 /// Executes one step against the insurer or the payment provider; `None` when the saga is
@@ -457,6 +601,12 @@ async fn run_step(
     let result = match step {
         Step::Done => return None,
         Step::VerifyInsurance => verify_insurance(deps, saga, payer.patient_id.clone()).await,
+        // A payment the provider still processes is read again, never created again (a
+        // provider replaying the first answer to the same key would say `processing` forever).
+        Step::Charge if saga.payment.is_some() => match &saga.payment {
+            Some(p) => payment_result(deps.payments.retrieve(&p.intent_id).await),
+            None => StepResult::Transient("no payment to read".into()),
+        },
         Step::Charge => payment_result(
             deps.payments
                 .create_and_confirm(ChargeRequest {
@@ -497,17 +647,20 @@ async fn run_step(
     Some(result)
 }
 
-/// The saga is over: record the outcome (unless recorded before), close the incident and
-/// release its unit.
-async fn finish(
-    deps: &BillingDeps,
-    saga: &Saga,
-    incident: IncidentId,
-    already_done: bool,
-) -> Result<(), StoreError> {
+/// The saga is over: record the outcome (unless it is stored already), close the incident and
+/// release its unit. Each of the three is idempotent, so a saga resumed after a crash at any
+/// point between them finishes them all exactly once.
+async fn finish(deps: &BillingDeps, saga: &Saga, incident: IncidentId) -> Result<(), StoreError> {
     let paid = saga.status == billing::InvoiceStatus::Paid;
     let outcome = if paid { "paid" } else { "failed" };
-    if !already_done {
+    let stream = format!("billing-{incident}");
+    let recorded = deps
+        .db
+        .run(move |mut conn| async move { events::read_stream(&mut conn, &stream).await })
+        .await?
+        .iter()
+        .any(|e| e.kind == "billing.completed" || e.kind == "billing.failed");
+    if !recorded {
         let ended = BillingOutcome {
             incident_id: incident,
             status: saga.status,
@@ -519,6 +672,7 @@ async fn finish(
             BillingEvent::Failed(ended)
         };
         record(&deps.db, saga, Some(event)).await?;
+        crate::fault::crash_point("billing.stored_outcome");
     }
     let closed = deps
         .incidents

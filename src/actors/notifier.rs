@@ -211,7 +211,9 @@ async fn deliver_due(db: &Db, channels: &Channels) -> Result<(), StoreError> {
             |mut conn| async move { crate::persistence::cluster::confirm_lease(&mut conn).await },
         )
         .await?;
+        crate::fault::crash_point("notify.before_send");
         let result = provider.send(&outgoing).await;
+        crate::fault::crash_point("notify.after_send");
         let attempts = n.attempts.saturating_add(1);
         let now = Utc::now();
         let (status, next, error, delivered) = outcome_of(result, attempts, now);
@@ -249,6 +251,7 @@ async fn deliver_due(db: &Db, channels: &Channels) -> Result<(), StoreError> {
             .await
         })
         .await?;
+        crate::fault::crash_point("notify.after_mark");
     }
     Ok(())
 }

@@ -409,6 +409,9 @@ impl Lease {
         };
         metrics::counter!("shers_shard_handovers_total", "shard" => kind, "reason" => acquired.reason)
             .increment(1);
+        if shard == DISPATCH_SHARD {
+            crate::fault::crash_point("lease.after_takeover");
+        }
         self.held
             .insert(shard.to_owned(), (acquired.epoch, started));
         let _ = events.send(Event::Acquired {

@@ -263,6 +263,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
                     }
                     let app =
                         start_shard(&settings, epoch, internal.try_clone()?, devices.clone()).await?;
+                    crate::fault::crash_point("lease.after_recover");
                     devices.serve_dispatch(app.incidents().clone().recipient());
                     let (handle, close_sessions) = (app.handle(), Box::new(app.session_closer()));
                     let task = actix_web::rt::spawn(async move {

@@ -329,6 +329,28 @@ pub async fn open_ids(conn: &mut DbConn) -> Result<Vec<IncidentId>, StoreError> 
         .collect()
 }
 
+/// Ids of the incidents in any of `statuses` (billing's recovery: those at the hospital or in
+/// billing, whatever their invoice says).
+pub async fn ids_in_status(
+    conn: &mut DbConn,
+    statuses: &[IncidentStatus],
+) -> Result<Vec<IncidentId>, StoreError> {
+    let names: Vec<&'static str> = statuses.iter().map(|s| s.as_str()).collect();
+    let ids: Vec<String> = db_run!(conn, |c| {
+        incidents::table
+            .filter(incidents::status.eq_any(&names))
+            .select(incidents::id)
+            .load(c)
+            .await?
+    });
+    ids.into_iter()
+        .map(|s| {
+            s.parse()
+                .map_err(|e| StoreError::Corrupt(format!("incident id: {e}")))
+        })
+        .collect()
+}
+
 /// How many incidents there are in each status (`(status, count)`, one row per status present).
 pub async fn count_by_status(conn: &mut DbConn) -> Result<Vec<(String, i64)>, StoreError> {
     Ok(db_run!(conn, |c| {

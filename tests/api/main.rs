@@ -13,6 +13,7 @@ mod auth;
 mod billing;
 mod browser;
 mod cluster;
+mod crash;
 mod demo;
 mod deploy;
 mod dispatch;

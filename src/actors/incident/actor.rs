@@ -239,6 +239,7 @@ impl Handler<Execute> for IncidentActor {
         if events.is_empty() {
             return AtomicResponse::new(Box::pin(fut::ready(Ok(next))));
         }
+        let crash_at = stored_point(&msg.0);
         let writer = self.deps.writer.clone();
         let expected = self.version;
         let to_store = next.clone();
@@ -271,6 +272,7 @@ impl Handler<Execute> for IncidentActor {
         AtomicResponse::new(Box::pin(work.into_actor(self).map(move |res, act, ctx| {
             match res {
                 Ok(version) => {
+                    crate::fault::crash_point_opt(crash_at);
                     act.version = version;
                     act.state = Some(next.clone());
                     if next.status == IncidentStatus::Cancelled {
@@ -350,3 +352,17 @@ impl Handler<InspectIncident> for IncidentActor {
 /// (`dispatch.offer_<status>`).
 /// Offers to close with one status and reason.
 pub(super) type OfferGroup<'a> = (&'a str, &'a str, Vec<(OfferId, UnitId)>);
+
+/// The crash point reached once `command` is stored (see [`crate::fault`]).
+fn stored_point(command: &Command) -> Option<&'static str> {
+    Some(match command {
+        Command::ReportEnroute => "incident.stored_report_enroute",
+        Command::ReportOnScene => "incident.stored_report_on_scene",
+        Command::ReportTransporting { .. } => "incident.stored_report_transporting",
+        Command::ReportAtHospital => "incident.stored_report_at_hospital",
+        Command::StartBilling => "incident.stored_start_billing",
+        Command::Close { .. } => "incident.stored_close",
+        Command::Cancel { .. } => "incident.stored_cancel",
+        _ => return None,
+    })
+}

@@ -230,6 +230,7 @@ async fn create(
     prefetched: Option<Prefetched>,
     now: DateTime<Utc>,
 ) -> Result<(Incident, i64), IncidentError> {
+    crate::fault::crash_point("incident.before_create");
     let one_statement = prefetched.is_some();
     writer
         .write_as(one_statement, move |tx| {
@@ -498,6 +499,7 @@ impl IncidentDirectory {
         (reserve, prefetch, store): (Duration, Duration, Duration),
         ctx: &mut Context<Self>,
     ) -> Opened {
+        crate::fault::crash_point("incident.after_create");
         if let Some(p) = &incident.patient_id {
             self.open_by_patient.insert(p.clone(), incident.id);
         }

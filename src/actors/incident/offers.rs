@@ -466,6 +466,7 @@ impl Handler<NextRound> for IncidentActor {
             Box::pin(act.commit(next.clone(), events, records.clone(), Vec::new(), now).into_actor(act).map(
                 move |res, act, ctx| match res {
                     Ok(version) => {
+                        crate::fault::crash_point("dispatch.after_round_stored");
                         act.version = version;
                         act.state = Some(next);
                         act.publish_round(&records, &reserved, round, expires_at, ctx);
@@ -653,11 +654,14 @@ impl Handler<AcceptOffer> for IncidentActor {
                 .timeout(ACTOR_TIMEOUT)
                 .await
             {
-                Ok(Ok(_)) => {}
+                Ok(Ok(_)) => crate::fault::crash_point("dispatch.after_unit_commit"),
                 _ => return Ok((false, 0)),
             }
             match persist.await {
-                Ok(v) => Ok((true, v)),
+                Ok(v) => {
+                    crate::fault::crash_point("dispatch.after_accept");
+                    Ok((true, v))
+                }
                 Err(e) => {
                     addr.do_send(Uncommit { incident_id: id });
                     Err(e)

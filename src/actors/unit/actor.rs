@@ -176,16 +176,24 @@ impl AmbulanceActor {
     /// again with the next change). The answer says when it is stored, for a caller that
     /// acknowledges the change to someone (a crew's status report).
     fn persist_event(&self, event: NewEvent, what: &'static str) -> Stored {
-        self.persist(event_with_unit(event, &self.record), what, false)
+        self.persist(event_with_unit(event, &self.record), what, false, None)
     }
 
     /// A position fix: stored with the other units' fixes, after a short wait (see
     /// `GroupCommit::append_unit_position`).
     fn persist_position(&self, event: NewEvent) {
-        drop(self.persist(event_with_unit(event, &self.record), "location", true));
+        drop(self.persist(event_with_unit(event, &self.record), "location", true, None));
     }
 
-    fn persist(&self, event: NewEvent, what: &'static str, position: bool) -> Stored {
+    /// Stores `event` with the unit's row; `crash_at` is the crash point reached once it is
+    /// stored.
+    fn persist(
+        &self,
+        event: NewEvent,
+        what: &'static str,
+        position: bool,
+        crash_at: Option<&'static str>,
+    ) -> Stored {
         let writer = self.writer.clone();
         let record = self.record.clone();
         let (stored, answer) = tokio::sync::oneshot::channel();
@@ -201,8 +209,9 @@ impl AmbulanceActor {
             } else {
                 writer.append_unit(&stream, vec![event], record).await
             };
-            if let Err(e) = &result {
-                tracing::warn!(unit.id = %id, error = %e, "unit {what} not persisted");
+            match &result {
+                Ok(_) => crate::fault::crash_point_opt(crash_at),
+                Err(e) => tracing::warn!(unit.id = %id, error = %e, "unit {what} not persisted"),
             }
             let _ = stored.send(result);
         });
@@ -218,7 +227,21 @@ impl AmbulanceActor {
             incident_id: self.assignment,
             reconciled: None,
         };
-        self.persist_event(event.to_new(), "status")
+        let crash_at = match self.status {
+            UnitStatus::Assigned => Some("unit.stored_assigned"),
+            UnitStatus::Enroute => Some("unit.stored_enroute"),
+            UnitStatus::OnScene => Some("unit.stored_on_scene"),
+            UnitStatus::Transporting => Some("unit.stored_transporting"),
+            UnitStatus::AtHospital => Some("unit.stored_at_hospital"),
+            UnitStatus::Available => Some("unit.stored_available"),
+            _ => None,
+        };
+        self.persist(
+            event_with_unit(event.to_new(), &self.record),
+            "status",
+            false,
+            crash_at,
+        )
     }
 
     /// Changes the status; the answer says when the change is stored (`None`: no change).
@@ -298,6 +321,7 @@ impl Handler<PublishOffer> for AmbulanceActor {
         {
             p.frame = Some(msg.frame.clone());
             self.push(CrewPush::Offer(msg.frame));
+            crate::fault::crash_point("dispatch.after_offer");
         }
     }
 }
