@@ -395,3 +395,64 @@ async fn the_same_billing_command_twice_charges_once(backend: Backend) {
     );
     assert_eq!(app.events_of("billing.completed").await.len(), 1);
 }
+
+both_backends!(a_processing_payment_is_read_again_not_created_again);
+
+/// A payment the provider is still processing is re-read (`GET /v1/payment_intents/{id}`)
+/// until it settles. Creating it again with the same idempotency key would get Stripe's
+/// replay of the first answer, `processing`, for ever.
+async fn a_processing_payment_is_read_again_not_created_again(backend: Backend) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use actix_web::{HttpRequest, HttpResponse, web};
+
+    #[derive(Default)]
+    struct Provider {
+        creates: AtomicUsize,
+        reads: AtomicUsize,
+    }
+    async fn create(state: web::Data<Provider>) -> HttpResponse {
+        state.creates.fetch_add(1, Ordering::SeqCst);
+        // Every create (a replay included) answers what the first one did.
+        HttpResponse::Ok().json(
+            json!({"id": "pi_slow", "object": "payment_intent", "status": "processing", "amount": 1}),
+        )
+    }
+    async fn read(state: web::Data<Provider>, req: HttpRequest) -> HttpResponse {
+        state.reads.fetch_add(1, Ordering::SeqCst);
+        let id = req.match_info().get("id").unwrap_or_default().to_owned();
+        HttpResponse::Ok()
+            .json(json!({"id": id, "object": "payment_intent", "status": "succeeded", "amount": 1}))
+    }
+    let fake = FakeServer::start(Provider::default(), |cfg| {
+        cfg.route("/v1/payment_intents", web::post().to(create))
+            .route("/v1/payment_intents/{id}", web::get().to(read));
+    });
+    let port = fake.port();
+    let app = TestApp::builder(backend)
+        .with_settings(move |s| {
+            s.payments.provider = shers::config::PaymentProvider::Stripe;
+            s.payments.base_url = format!("http://127.0.0.1:{port}");
+            s.payments.api_key = Some(shers::config::Secret::new("sk_test_fake".into()));
+        })
+        .start()
+        .await;
+    let id = run_to_hospital(&app, "pp-1", "M-888", 0).await;
+    let mut incident = Value::Null;
+    for _ in 0..200 {
+        incident = app.incident(&id, Role::Console).await.json().await.unwrap();
+        if incident["status"] == "closed" {
+            break;
+        }
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(incident["status"], "closed", "{incident:#}");
+    assert_eq!(
+        incident["invoice"]["status"], "paid",
+        "{:#}",
+        incident["invoice"]
+    );
+    let provider = fake.state();
+    assert_eq!(provider.creates.load(Ordering::SeqCst), 1, "created once");
+    assert!(provider.reads.load(Ordering::SeqCst) >= 1, "read again");
+}
