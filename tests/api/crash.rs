@@ -639,7 +639,7 @@ const DECLINE_POINTS: &[&str] = &[
     "billing.stored_void_invoice",
 ];
 
-/// Runs `points` a few at a time (each on its own database, process and port).
+/// Runs `points` one after the other (each on its own database, process and port).
 /// `SHERS_TEST_CRASH_POINTS=a,b` narrows a run to those points while working on them.
 async fn run_all(backend: Backend, points: &[&'static str], scenario: Scenario) {
     let only = std::env::var("SHERS_TEST_CRASH_POINTS").unwrap_or_default();
@@ -648,14 +648,20 @@ async fn run_all(backend: Backend, points: &[&'static str], scenario: Scenario) 
         .copied()
         .filter(|p| only.is_empty() || only.split(',').any(|o| o == *p))
         .collect();
-    for chunk in points.chunks(3) {
-        futures_util::future::join_all(chunk.iter().map(|p| run_point(backend, p, scenario))).await;
+    // One point, one process at a time across every crash test: they run beside the rest of
+    // the suite, whose cluster tests need CPU to renew their leases.
+    let _one = ONE_AT_A_TIME.lock().await;
+    for point in points {
+        run_point(backend, point, scenario).await;
     }
 }
 
 /// Points of the other dispatch paths: a declined offer's next round, and a cancellation.
 const DECLINED_OFFER_POINTS: &[&str] = &["dispatch.after_round_stored"];
 const CANCEL_POINTS: &[&str] = &["incident.stored_cancel"];
+
+/// Serialises the crash tests (see [`run_all`]).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 both_backends!(
     every_point_of_a_plain_emergency_recovers,
