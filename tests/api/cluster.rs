@@ -23,12 +23,12 @@ const SCENE: (f64, f64) = (51.5000, -0.1200);
 
 /// One cluster at a time: three processes per test already fill this machine's cores, and
 /// lease timing under a starved CPU is not what these tests are about.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+pub(crate) static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-fn redis_url() -> Option<String> {
+pub(crate) fn redis_url() -> Option<String> {
     match std::env::var("SHERS_TEST_REDIS_URL") {
         Ok(url) => Some(url),
         Err(_) => {

@@ -48,12 +48,16 @@ struct Scenario {
     decline_first: bool,
     /// A dispatcher cancels the incident once a unit is assigned.
     cancel: bool,
+    /// The process runs as a one-node cluster on this Redis (and PostgreSQL): it takes the
+    /// dispatch lease from the process before it, which was killed holding it.
+    cluster: Option<&'static str>,
 }
 
 const PLAIN: Scenario = Scenario {
     charge: Charge::Succeed,
     decline_first: false,
     cancel: false,
+    cluster: None,
 };
 
 /// A Stripe stand-in that keeps what Stripe keeps: one intent per idempotency key (a replayed
@@ -146,6 +150,7 @@ struct Server {
     port: u16,
     stripe_port: u16,
     offers_per_round: usize,
+    redis: Option<&'static str>,
     dir: tempfile::TempDir,
     child: Option<Child>,
     starts: usize,
@@ -162,6 +167,7 @@ impl Server {
             port: free_port(),
             stripe_port,
             offers_per_round: if scenario.decline_first { 1 } else { 3 },
+            redis: scenario.cluster,
             dir: tempfile::tempdir().unwrap(),
             child: None,
             starts: 0,
@@ -212,6 +218,12 @@ impl Server {
             .stderr(file);
         if let Some(point) = crash_at {
             command.env("SHERS_FAULT__CRASH_AT", point);
+        }
+        if let Some(redis) = self.redis {
+            command
+                .env("REDIS_URL", redis)
+                .env("SHERS_CLUSTER__NODE_ID", "crash-n1")
+                .env("SHERS_CLUSTER__LEASE_MS", "1500");
         }
         self.child = Some(command.spawn().unwrap());
         let started = Instant::now();
@@ -660,6 +672,9 @@ async fn run_all(backend: Backend, points: &[&'static str], scenario: Scenario) 
 const DECLINED_OFFER_POINTS: &[&str] = &["dispatch.after_round_stored"];
 const CANCEL_POINTS: &[&str] = &["incident.stored_cancel"];
 
+/// The lease points: a node taking the dispatch shard over from a killed holder.
+const LEASE_POINTS: &[&str] = &["lease.after_takeover", "lease.after_recover"];
+
 /// Serialises the crash tests (see [`run_all`]).
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
@@ -709,14 +724,6 @@ const NOT_DRIVEN_HERE: &[(&str, &str)] = &[
         "billing.stored_refund_payment",
         "as billing.before_refund_payment",
     ),
-    (
-        "lease.after_takeover",
-        "a cluster path: not driven by a test yet",
-    ),
-    (
-        "lease.after_recover",
-        "a cluster path: not driven by a test yet",
-    ),
 ];
 
 #[test]
@@ -726,6 +733,7 @@ fn every_point_is_driven_by_a_test() {
         .chain(DECLINE_POINTS.iter().copied())
         .chain(DECLINED_OFFER_POINTS.iter().copied())
         .chain(CANCEL_POINTS.iter().copied())
+        .chain(LEASE_POINTS.iter().copied())
         .chain(NOT_DRIVEN_HERE.iter().map(|(n, _)| *n))
         .collect();
     let missing: Vec<&str> = shers::fault::POINTS
@@ -737,4 +745,25 @@ fn every_point_is_driven_by_a_test() {
         missing.is_empty(),
         "crash points no test drives: {missing:?}"
     );
+}
+
+/// The lease points on a PostgreSQL cluster node: the process seeding the data is killed
+/// holding every lease; the next one takes the dispatch shard over when the lease runs out and
+/// crashes right after taking it (or after recovering it); the one after that finishes the
+/// emergency. One cluster at a time with the cluster tests, which share Redis.
+#[actix_web::test]
+async fn the_lease_points_recover_on_a_cluster() {
+    let Some(redis) = crate::cluster::redis_url() else {
+        return;
+    };
+    if !crate::helpers::postgres_available().await {
+        return;
+    }
+    let _cluster = crate::cluster::ONE_AT_A_TIME.lock().await;
+    let redis: &'static str = Box::leak(redis.into_boxed_str());
+    let cluster = Scenario {
+        cluster: Some(redis),
+        ..PLAIN
+    };
+    run_all(Backend::Postgres, LEASE_POINTS, cluster).await;
 }
