@@ -11,6 +11,8 @@
 //!   accept at once: exactly one winner per incident; created→offered rate; accept latency.
 //! - `fanout`: many console WebSockets; each event's append time (`at`) → receipt at every
 //!   console; every console must see every event.
+//! - `connections`: `/healthz` and a console read, alone and then beside thousands of open
+//!   console WebSockets and slow-header (slowloris) connections.
 //!
 //! Every run creates its own fixtures (patients, devices, units, tokens) with the admin token
 //! under a random per-run prefix and a random region, so runs never meet each other's units.
@@ -25,6 +27,7 @@
 //! This module must not reach into actors or the database: only [`super::client`].
 
 mod accept_race;
+mod connections;
 mod crews;
 mod detect;
 mod fanout;
@@ -58,6 +61,8 @@ pub enum Scenario {
     AcceptRace,
     /// Console WebSocket fan-out: event append → receipt at every console; nothing missing.
     Fanout,
+    /// Probes alone, then beside many open consoles and slow-header connections.
+    Connections,
 }
 
 impl Scenario {
@@ -68,6 +73,7 @@ impl Scenario {
             Self::DetectToOffer => "detect-to-offer",
             Self::AcceptRace => "accept-race",
             Self::Fanout => "fanout",
+            Self::Connections => "connections",
         }
     }
 }
@@ -107,9 +113,12 @@ pub struct LoadgenArgs {
     /// fanout: 50 event sources at 1 Hz).
     #[arg(long, value_name = "N")]
     pub units: Option<usize>,
-    /// Console WebSockets (fanout; default 500).
+    /// Console WebSockets (fanout: default 500; connections: 2000).
     #[arg(long, value_name = "N")]
     pub consoles: Option<usize>,
+    /// Slow-header connections (connections; default 200).
+    #[arg(long, value_name = "N")]
+    pub slow: Option<usize>,
     /// Crews offered each accept-race incident: set it to the server's
     /// `dispatch.offers_per_round` (default 3).
     #[arg(long, value_name = "K")]
@@ -172,6 +181,7 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<Report> {
         Scenario::DetectToOffer => detect::run(&args, &fixtures).await,
         Scenario::AcceptRace => accept_race::run(&args, &fixtures).await,
         Scenario::Fanout => fanout::run(&args, &fixtures).await,
+        Scenario::Connections => connections::run(&args, &fixtures).await,
     };
     // Clean up whatever happened: units out of service, tokens revoked.
     let cleanup = fixtures.cleanup().await;

@@ -138,3 +138,22 @@ async fn fanout_smoke(backend: Backend) {
         "{table}"
     );
 }
+
+both_backends!(connections_smoke);
+
+async fn connections_smoke(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let report = smoke(&app, "connections", &["--duration", "1.5"]).await;
+    let table = report.table();
+    // Both probes answered alone and in the crowd, and no console was dropped.
+    for series in 0..4 {
+        assert!(samples(&report, series) > 0, "{table}");
+        assert_eq!(report.series[series].errors, 0, "{table}");
+    }
+    assert_eq!(report.counters["consoles_broken"], 0, "{table}");
+    assert_eq!(
+        report.counters["slow_closed_by_server"] + report.counters["slow_still_open_at_end"],
+        5,
+        "{table}"
+    );
+}
