@@ -273,6 +273,7 @@ async fn assign(
     unit_id: UnitId,
 ) -> Result<serde_json::Value, ApiError> {
     use crate::actors::incident::{ManualAssign, ToIncident};
+    super::fleet::unit_id_field(&unit_id)?;
     let id = incident_id
         .parse()
         .map_err(|_| ApiError::not_found("no incident with this id"))?;
@@ -297,12 +298,10 @@ async fn cancel(
 ) -> Result<serde_json::Value, ApiError> {
     use crate::actors::incident::Route;
     use crate::domain::incident::Command;
+    let reason = super::incidents::cancel_reason(&reason)?;
     let id = incident_id
         .parse()
         .map_err(|_| ApiError::not_found("no incident with this id"))?;
-    if reason.trim().is_empty() {
-        return Err(ApiError::field("/reason", "must not be empty"));
-    }
     let incident = state
         .incidents
         .send(Route {
@@ -325,6 +324,7 @@ async fn unit_status(
     status: crate::domain::dispatch::CrewReport,
 ) -> Result<serde_json::Value, ApiError> {
     use crate::domain::dispatch::CrewReport;
+    super::fleet::unit_id_field(&unit_id)?;
     if !matches!(status, CrewReport::Available | CrewReport::OutOfService) {
         return Err(ApiError::field(
             "/status",

@@ -33,6 +33,7 @@ use crate::actors::device::TriageRuntime;
 use crate::actors::incident::IncidentDirectory;
 use crate::actors::unit::Fleet;
 use crate::config::Settings;
+use crate::domain::validation::valid_external_id;
 use crate::persistence::Db;
 use error::ApiError;
 
@@ -172,6 +173,17 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             "/admin/actors/unit/{id}/crash",
             web::post().to(admin::crash_unit),
         );
+}
+
+/// A caller-chosen id (patient, unit, device, claim) taken from a path. An id that breaks the
+/// id rule ([`valid_external_id`]) names nothing, so it is answered 404 with `not_found`
+/// before any lookup sees it.
+pub(crate) fn path_id(raw: String, not_found: &str) -> Result<String, ApiError> {
+    if valid_external_id(&raw) {
+        Ok(raw)
+    } else {
+        Err(ApiError::not_found(not_found))
+    }
 }
 
 async fn method_not_allowed() -> Result<actix_web::HttpResponse, ApiError> {
