@@ -30,7 +30,8 @@ pub struct EventsQuery {
     pub since: Option<i64>,
     /// Page size (1–1000, default 100).
     pub limit: Option<i64>,
-    /// WebSocket token (accepted on upgrades only).
+    /// The console WebSocket's token, read by `http::auth` (no other route takes one from
+    /// its URL; here it is only let through).
     pub access_token: Option<String>,
 }
 
@@ -341,7 +342,9 @@ async fn unit_status(
 /// The console WebSocket: replays events after `since`, then streams live ones; each event is
 /// one text frame holding exactly the event; other frames carry a `type`.
 #[utoipa::path(get, path = "/api/v1/ws/console", tag = "events", security(("bearer" = [])),
-    params(("since" = Option<i64>, Query)), responses((status = 101, description = "WebSocket upgrade")))]
+    params(("since" = Option<i64>, Query),
+           ("access_token" = Option<String>, Query, description = "the token, for clients that cannot set Authorization on an upgrade")),
+    responses((status = 101, description = "WebSocket upgrade")))]
 pub async fn console_ws(
     auth: Authorized<ConsoleOnly>,
     state: web::Data<AppState>,
