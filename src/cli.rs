@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::app::{Application, open_database};
 use crate::config::Settings;
-use crate::domain::auth::{Role, validate_binding};
+use crate::domain::auth::{Role, validate_new_token};
 use crate::domain::ids::{PatientId, TokenId, UnitId};
 use crate::http::telemetry::{init_tracing, init_tracing_with_default};
 use crate::persistence::{Db, migrations, tokens};
@@ -121,6 +121,16 @@ pub enum TokenCommand {
 
 /// The SQLite file `demo` uses unless `--database-url` says otherwise.
 pub const DEMO_DATABASE_URL: &str = "sqlite://data/shers-demo.db";
+
+/// The `token create` option a problem pointer of [`validate_new_token`] stands for.
+fn cli_option(pointer: &str) -> &str {
+    match pointer {
+        "/unit_id" => "--unit",
+        "/patient_id" => "--patient",
+        "/name" => "--name",
+        other => other,
+    }
+}
 
 fn settings(cli: &Cli, bind: Option<String>) -> anyhow::Result<Settings> {
     Ok(Settings::load(cli.config.as_deref())?.with_overrides(bind, cli.database_url.clone()))
@@ -321,8 +331,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 } => {
                     let unit = unit.as_deref().map(UnitId::from);
                     let patient = patient.as_deref().map(PatientId::from);
-                    validate_binding(*role, unit.as_ref(), patient.as_ref())?;
                     let name = name.clone().unwrap_or_else(|| format!("{role} token"));
+                    let name = validate_new_token(*role, unit.as_ref(), patient.as_ref(), &name)
+                        .map_err(|errors| {
+                            let problems: Vec<String> = errors
+                                .iter()
+                                .map(|e| format!("{}: {}", cli_option(&e.pointer), e.message))
+                                .collect();
+                            anyhow::anyhow!("{}", problems.join("; "))
+                        })?;
                     let created = tokens::create(
                         &mut conn,
                         *role,

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::ids::{PatientId, TokenId, UnitId};
+use super::validation::{FieldError, TextKind, check_id, check_text};
 
 /// An API role (`docs/api.md` "Conventions").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -191,7 +192,40 @@ pub fn validate_binding(
     }
 }
 
+/// Checks everything about a new token but the store: its binding fits its role
+/// ([`validate_binding`]), a bound unit or patient is a well-formed id, and its name is one
+/// line of 1 to 200 characters. Answers the trimmed name, or every problem with its pointer
+/// (`/unit_id`, `/patient_id`, `/name`), for the admin API and the command line alike.
+pub fn validate_new_token(
+    role: Role,
+    unit: Option<&UnitId>,
+    patient: Option<&PatientId>,
+    name: &str,
+) -> Result<String, Vec<FieldError>> {
+    let mut errors = Vec::new();
+    check_text(&mut errors, "/name", name, TextKind::Line, true, 200);
+    if let Err(e) = validate_binding(role, unit, patient) {
+        let pointer = match e {
+            BindingError::CrewNeedsUnit | BindingError::UnitNotAllowed => "/unit_id",
+            BindingError::PatientNeedsPatient | BindingError::PatientNotAllowed => "/patient_id",
+        };
+        errors.push(FieldError::new(pointer, e.to_string()));
+    }
+    if let Some(unit) = unit {
+        check_id(&mut errors, "/unit_id", unit.as_str());
+    }
+    if let Some(patient) = patient {
+        check_id(&mut errors, "/patient_id", patient.as_str());
+    }
+    if errors.is_empty() {
+        Ok(name.trim().to_owned())
+    } else {
+        Err(errors)
+    }
+}
+
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod binding_tests {
     use super::*;
 
@@ -221,5 +255,29 @@ mod binding_tests {
             Err(BindingError::PatientNotAllowed)
         );
         assert_eq!(validate_binding(Role::Gateway, None, None), Ok(()));
+    }
+
+    #[test]
+    fn new_tokens_have_a_one_line_name_and_well_formed_bindings() {
+        assert_eq!(
+            validate_new_token(Role::Crew, Some(&UnitId::from("M-12")), None, " Medic 12 "),
+            Ok("Medic 12".to_owned())
+        );
+        let pointers = |errors: Vec<FieldError>| -> Vec<String> {
+            errors.into_iter().map(|e| e.pointer).collect()
+        };
+        let errors = validate_new_token(
+            Role::Crew,
+            Some(&UnitId::from("M\u{0}12")),
+            None,
+            "night\ndesk",
+        )
+        .unwrap_err();
+        assert_eq!(pointers(errors), ["/name", "/unit_id"]);
+        let errors =
+            validate_new_token(Role::Patient, None, Some(&PatientId::from("")), "").unwrap_err();
+        assert_eq!(pointers(errors), ["/name", "/patient_id"]);
+        let errors = validate_new_token(Role::Console, None, None, &"x".repeat(201)).unwrap_err();
+        assert_eq!(pointers(errors), ["/name"]);
     }
 }

@@ -15,6 +15,7 @@ pub mod news2;
 pub mod notify;
 pub mod patients;
 pub mod shards;
+pub mod strict_json;
 pub mod triage;
 pub mod validation;
 pub mod vitals;

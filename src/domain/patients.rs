@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use super::geo::LatLng;
 use super::ids::{DeviceId, PatientId};
-use super::validation::FieldError;
+use super::validation::{FieldError, TextKind, check_id, check_text};
 
 /// Most next-of-kin contacts per patient.
 pub const MAX_NEXT_OF_KIN: usize = 10;
@@ -89,16 +89,6 @@ pub struct Patient {
     pub created_at: DateTime<Utc>,
 }
 
-/// Whether `id` is an acceptable caller-chosen identifier: 1–128 printable ASCII characters
-/// without spaces or `/`.
-pub fn valid_external_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b'/' && b != b'?' && b != b'#')
-}
-
 fn valid_phone(phone: &str) -> bool {
     let digits = phone.strip_prefix('+').unwrap_or("");
     (8..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit())
@@ -112,19 +102,9 @@ fn valid_email(email: &str) -> bool {
                 && !domain.starts_with('.')
                 && !domain.ends_with('.')
                 && email.len() <= 254
-                && !email.chars().any(char::is_whitespace)
+                && !email.chars().any(|c| c.is_whitespace() || c.is_control())
         }
         None => false,
-    }
-}
-
-fn check_text(value: &str, pointer: &str, max: usize, errors: &mut Vec<FieldError>) {
-    let len = value.trim().chars().count();
-    if len == 0 || len > max {
-        errors.push(FieldError::new(
-            pointer,
-            format!("must be 1 to {max} characters"),
-        ));
     }
 }
 
@@ -136,15 +116,10 @@ impl NewPatient {
         now: DateTime<Utc>,
     ) -> Result<Patient, Vec<FieldError>> {
         let mut errors = Vec::new();
-        if let Some(id) = &self.id
-            && !valid_external_id(id.as_str())
-        {
-            errors.push(FieldError::new(
-                "/id",
-                "must be 1 to 128 printable characters without spaces, '/', '?' or '#'",
-            ));
+        if let Some(id) = &self.id {
+            check_id(&mut errors, "/id", id.as_str());
         }
-        check_text(&self.name, "/name", 200, &mut errors);
+        check_text(&mut errors, "/name", &self.name, TextKind::Line, true, 200);
         if let Some(dob) = self.date_of_birth
             && dob > now.date_naive()
         {
@@ -157,8 +132,22 @@ impl NewPatient {
             home.validate("/home_location", &mut errors);
         }
         if let Some(ins) = &self.insurance {
-            check_text(&ins.provider, "/insurance/provider", 200, &mut errors);
-            check_text(&ins.member_id, "/insurance/member_id", 100, &mut errors);
+            check_text(
+                &mut errors,
+                "/insurance/provider",
+                &ins.provider,
+                TextKind::Line,
+                true,
+                200,
+            );
+            check_text(
+                &mut errors,
+                "/insurance/member_id",
+                &ins.member_id,
+                TextKind::Line,
+                true,
+                100,
+            );
         }
         if self.next_of_kin.len() > MAX_NEXT_OF_KIN {
             errors.push(FieldError::new(
@@ -168,7 +157,18 @@ impl NewPatient {
         }
         for (i, kin) in self.next_of_kin.iter().enumerate() {
             let base = format!("/next_of_kin/{i}");
-            check_text(&kin.name, &format!("{base}/name"), 200, &mut errors);
+            check_text(
+                &mut errors,
+                &format!("{base}/name"),
+                &kin.name,
+                TextKind::Line,
+                true,
+                200,
+            );
+            if let Some(relation) = &kin.relation {
+                let pointer = format!("{base}/relation");
+                check_text(&mut errors, &pointer, relation, TextKind::Line, false, 100);
+            }
             if let Some(phone) = &kin.phone
                 && !valid_phone(phone)
             {
@@ -242,17 +242,10 @@ impl NewDevice {
     /// Validates the shape (the patient's existence is checked against the store).
     pub fn validate(self, now: DateTime<Utc>) -> Result<Device, Vec<FieldError>> {
         let mut errors = Vec::new();
-        if !valid_external_id(self.id.as_str()) {
-            errors.push(FieldError::new(
-                "/id",
-                "must be 1 to 128 printable characters without spaces, '/', '?' or '#'",
-            ));
-        }
-        if !valid_external_id(self.patient_id.as_str()) {
-            errors.push(FieldError::new("/patient_id", "is not a valid patient id"));
-        }
+        check_id(&mut errors, "/id", self.id.as_str());
+        check_id(&mut errors, "/patient_id", self.patient_id.as_str());
         if let Some(model) = &self.model {
-            check_text(model, "/model", 100, &mut errors);
+            check_text(&mut errors, "/model", model, TextKind::Line, true, 100);
         }
         if !errors.is_empty() {
             return Err(errors);
@@ -313,6 +306,27 @@ mod tests {
                 "/next_of_kin/0/phone",
                 "/next_of_kin/1/email",
                 "/next_of_kin/2"
+            ]
+        );
+    }
+
+    #[test]
+    fn names_and_contacts_are_one_line_of_text() {
+        let errors = patient(serde_json::json!({
+            "name": "Ada\u{0}", "insurance": {"provider": "NHS\n", "member_id": "1\u{85}"},
+            "next_of_kin": [{"name": "B\tC", "relation": "son\u{7f}", "email": "a\u{0}@b.c"}]
+        }))
+        .unwrap_err();
+        let pointers: Vec<&str> = errors.iter().map(|e| e.pointer.as_str()).collect();
+        assert_eq!(
+            pointers,
+            [
+                "/name",
+                "/insurance/provider",
+                "/insurance/member_id",
+                "/next_of_kin/0/name",
+                "/next_of_kin/0/relation",
+                "/next_of_kin/0/email"
             ]
         );
     }

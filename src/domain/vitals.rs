@@ -23,8 +23,9 @@ use serde_json::value::RawValue;
 use serde_path_to_error::Segment;
 
 use super::ids::{DeviceId, PatientId};
+use super::strict_json::{self, StrictError};
 pub use super::validation::FieldError;
-use super::validation::push_pointer_token;
+use super::validation::{TextKind, push_pointer_token};
 
 /// A position fix in WGS 84 degrees.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -148,7 +149,7 @@ impl Vital {
 /// something to triage (see [`parse_body`]).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Reading {
-    /// The device that sent it (1–128 characters).
+    /// The device that sent it (1–128 characters, one line without control characters).
     pub device_id: DeviceId,
     /// The patient, when the sender names one.
     pub patient_id: Option<PatientId>,
@@ -295,7 +296,9 @@ impl BodyError {
 /// `fall_detected: true` (a fall alert without vitals is exactly what must not be dropped), or
 /// `moving: true` (the movement signal that stands a fall watch down). Other rules: a present
 /// field must not be `null` (omit it instead); each vital may be given once (e.g. not both
-/// `body_temp_c` and `body_temp_f`); `device_id` and `patient_id` are 1–128 characters.
+/// `body_temp_c` and `body_temp_f`); `device_id` and `patient_id` are 1–128 characters, one
+/// line without control characters ([`TextKind::Line`]). A FHIR resource is read as strict
+/// JSON (`domain::strict_json`); the typed shapes refuse a duplicated field themselves.
 ///
 /// FHIR: device `device.identifier.value`, time `effectiveDateTime` or `effectiveInstant`,
 /// patient `subject.reference` (`Patient/<id>`); each Observation's value and its `component`s
@@ -333,7 +336,7 @@ pub fn parse_body(
             parse_item(raw.get(), index, Base::Batch(index), &ctx, &mut items);
         }
     } else if probe.resource_type.is_some() {
-        let value: Value = serde_json::from_str(text).map_err(|e| malformed(&e))?;
+        let value = strict_json::from_str(text).map_err(|e| strict_error("", e))?;
         fhir_resource(&value, "", None, &ctx, &mut items)?;
     } else {
         parse_item(text, 0, Base::Path(""), &ctx, &mut items);
@@ -401,6 +404,8 @@ impl<'a> Problems<'a> {
             self.add(tail, "must not be empty");
         } else if id.len() > MAX_ID_CHARS && id.chars().count() > MAX_ID_CHARS {
             self.add(tail, format!("must be at most {MAX_ID_CHARS} characters"));
+        } else if let Some(found) = TextKind::Line.forbidden(id) {
+            self.add(tail, TextKind::Line.message(found));
         }
     }
 
@@ -417,6 +422,14 @@ impl<'a> Problems<'a> {
 
 /// Longest device or patient id, in characters.
 const MAX_ID_CHARS: usize = 128;
+
+/// Whether `id` is acceptable as a device or patient id in a reading: 1 to [`MAX_ID_CHARS`]
+/// characters, one line without control characters.
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && (id.len() <= MAX_ID_CHARS || id.chars().count() <= MAX_ID_CHARS)
+        && TextKind::Line.forbidden(id).is_none()
+}
 
 const NO_VITAL: &str = "no vital sign: give at least one of heart_rate_bpm, spo2_pct, \
     respiration_rate_bpm, body_temp_c, systolic_bp_mmhg, diastolic_bp_mmhg, consciousness, \
@@ -820,8 +833,8 @@ fn parse_item(raw: &str, index: usize, base: Base<'_>, ctx: &Ctx<'_>, out: &mut 
         }),
         Ok(_) => {
             let prefix = base.join("");
-            let nested = serde_json::from_str::<Value>(raw)
-                .map_err(|e| malformed(&e))
+            let nested = strict_json::from_str(raw)
+                .map_err(|e| strict_error(&prefix, e))
                 .and_then(|value| fhir_resource(&value, &prefix, Some(index), ctx, out));
             if let Err(e) = nested {
                 let error = FieldError::new(e.pointer(), e.to_string());
@@ -841,6 +854,9 @@ fn parse_item(raw: &str, index: usize, base: Base<'_>, ctx: &Ctx<'_>, out: &mut 
 /// Locates a serde error inside a reading. The fast path does not track paths (that costs an
 /// allocation per key), so the failing reading is parsed again with `serde_path_to_error`.
 fn type_error(raw: &str, base: Base<'_>, first: &serde_json::Error) -> FieldError {
+    if let Some(duplicate) = duplicate_at(raw, first) {
+        return FieldError::new(base.join(&duplicate.pointer), duplicate.message);
+    }
     let mut pointer = base.join("");
     let mut de = serde_json::Deserializer::from_str(raw);
     let message = match serde_path_to_error::deserialize::<_, RawReading>(&mut de) {
@@ -858,6 +874,18 @@ fn type_error(raw: &str, base: Base<'_>, first: &serde_json::Error) -> FieldErro
         }
     };
     FieldError::new(pointer, message)
+}
+
+/// Where a duplicated field is, when `e` is serde's "duplicate field" error: serde reports it
+/// at the enclosing object, strict JSON at the name itself (read again only on this path).
+fn duplicate_at(text: &str, e: &serde_json::Error) -> Option<FieldError> {
+    if !e.to_string().starts_with("duplicate field") {
+        return None;
+    }
+    match strict_json::from_str(text) {
+        Err(StrictError::Refused(refused)) => Some(refused),
+        _ => None,
+    }
 }
 
 /// serde_json's message without its " at line L column C" suffix (positions inside one reading
@@ -880,6 +908,18 @@ fn malformed(e: &serde_json::Error) -> BodyError {
     }
 }
 
+/// A FHIR resource (read as a `Value`, unlike the typed shapes) that strict JSON refused: a
+/// duplicated name or a control character, at `prefix` + its pointer.
+fn strict_error(prefix: &str, e: StrictError) -> BodyError {
+    match e {
+        StrictError::Syntax(e) => malformed(&e),
+        StrictError::Refused(refused) => BodyError::NotAReading {
+            pointer: format!("{prefix}{}", refused.pointer),
+            message: refused.message,
+        },
+    }
+}
+
 fn invalid_utf8(body: &[u8], e: &std::str::Utf8Error) -> BodyError {
     let valid = &body[..e.valid_up_to()];
     let line_start = valid.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
@@ -898,6 +938,12 @@ fn probe_error(text: &str, e: &serde_json::Error) -> BodyError {
     // A type error stops the parser early; the rest of the body may still be broken JSON.
     if let Err(syntax) = serde_json::from_str::<IgnoredAny>(text) {
         return malformed(&syntax);
+    }
+    if let Some(duplicate) = duplicate_at(text, e) {
+        return BodyError::NotAReading {
+            pointer: duplicate.pointer,
+            message: duplicate.message,
+        };
     }
     let mut de = serde_json::Deserializer::from_str(text);
     let at_readings = serde_path_to_error::deserialize::<_, Probe<'_>>(&mut de).is_err_and(
@@ -1118,9 +1164,12 @@ fn read_observation(obs: &Value, at: &str) -> ObservationParts {
 
     let device_at = format!("{at}/device/identifier/value");
     let device_id = match obs.pointer("/device/identifier/value").map(Value::as_str) {
-        Some(Some(id)) if !id.is_empty() && id.chars().count() <= MAX_ID_CHARS => Some(id),
+        Some(Some(id)) if valid_id(id) => Some(id),
         Some(Some(_)) => {
-            fail(device_at, "must be 1–128 characters");
+            fail(
+                device_at,
+                "must be 1–128 characters, one line without control characters",
+            );
             None
         }
         _ => {
@@ -1159,9 +1208,7 @@ fn read_observation(obs: &Value, at: &str) -> ObservationParts {
             .and_then(|(_, id)| id.split('/').next());
         let at = format!("{at}/subject/reference");
         match id {
-            Some(id) if !id.is_empty() && id.chars().count() <= MAX_ID_CHARS => {
-                Some((id.to_owned(), at))
-            }
+            Some(id) if valid_id(id) => Some((id.to_owned(), at)),
             _ => {
                 fail(at, "expected a Patient/<id> reference");
                 None
@@ -1915,6 +1962,46 @@ mod tests {
         map.remove("valueQuantity");
         map.insert("dataAbsentReason".into(), json!({"text": "off wrist"}));
         assert!(errors(&absent)[0].message.starts_with("no vital sign"));
+    }
+
+    #[test]
+    fn duplicated_names_are_refused_where_they_are() {
+        let at = |text: &str| -> Vec<String> {
+            match parse_body(text.as_bytes(), now(), &IngestLimits::default()) {
+                Ok(parsed) => parsed
+                    .items
+                    .into_iter()
+                    .flat_map(|i| i.outcome.err().unwrap_or_default())
+                    .map(|e| format!("{} {}", e.pointer, e.message))
+                    .collect(),
+                Err(e) => vec![format!("{} {e}", e.pointer())],
+            }
+        };
+        let reading =
+            r#"{"device_id": "d", "timestamp": "2026-11-23T08:00:00Z", "heart_rate_bpm": 72"#;
+        assert_eq!(
+            at(&format!(r#"{reading}, "heart_rate_bpm": 250}}"#)),
+            ["/heart_rate_bpm duplicate field `heart_rate_bpm`"]
+        );
+        assert_eq!(
+            at(&format!(
+                r#"{{"readings": [{reading}}}, {reading}, "location": {{"lat": 1, "lat": 2, "lng": 3}}}}]}}"#
+            )),
+            ["/readings/1/location/lat duplicate field `lat`"]
+        );
+        assert_eq!(
+            at(r#"{"readings": [], "readings": []}"#),
+            ["/readings duplicate field `readings`"]
+        );
+        let mut fhir = observation("8867-4", json!(72), "/min").to_string();
+        fhir.insert_str(1, r#""status": "final", "#);
+        assert_eq!(at(&fhir), ["/status duplicate field `status`"]);
+        let mut text = observation("8867-4", json!(72), "/min").to_string();
+        text.insert_str(1, "\"note\": \"\\u0000\", ");
+        assert_eq!(
+            at(&text)[0],
+            "/note must not contain control characters other than tab and line breaks (found U+0000)"
+        );
     }
 
     #[test]

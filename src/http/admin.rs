@@ -11,7 +11,7 @@ use super::error::ApiError;
 use super::json::JsonBody;
 use crate::actors::device::ListDevices;
 use crate::cluster::devices::{Ingestion, Located, NodeDevices};
-use crate::domain::auth::{Role, validate_binding};
+use crate::domain::auth::{Role, validate_new_token};
 use crate::domain::ids::{DeviceId, PatientId, TokenId, UnitId};
 use crate::persistence::tokens::{self, TokenRecord};
 
@@ -62,19 +62,13 @@ pub async fn create_token(
     body: JsonBody<CreateToken>,
 ) -> Result<HttpResponse, ApiError> {
     let body = body.0;
-    let name = body.name.trim();
-    if name.is_empty() || name.len() > 200 {
-        return Err(ApiError::field("/name", "must be 1 to 200 characters"));
-    }
-    validate_binding(body.role, body.unit_id.as_ref(), body.patient_id.as_ref()).map_err(|e| {
-        let pointer = match e {
-            crate::domain::auth::BindingError::CrewNeedsUnit
-            | crate::domain::auth::BindingError::UnitNotAllowed => "/unit_id",
-            _ => "/patient_id",
-        };
-        ApiError::field(pointer, e.to_string())
-    })?;
-    let name = name.to_owned();
+    let name = validate_new_token(
+        body.role,
+        body.unit_id.as_ref(),
+        body.patient_id.as_ref(),
+        &body.name,
+    )
+    .map_err(ApiError::fields)?;
     let created = state
         .db
         .run(move |mut conn| async move {
@@ -333,7 +327,8 @@ pub async fn node_device(
     devices: web::Data<NodeDevices>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    match devices.locate(&DeviceId(id.into_inner())).await {
+    let id = super::path_id(id.into_inner(), "no live device actor with this id")?;
+    match devices.locate(&DeviceId(id)).await {
         Located::Here(addr, restarts) => device_view(&addr, restarts).await,
         _ => Err(ApiError::not_found("no live device actor with this id")),
     }
@@ -372,6 +367,7 @@ pub async fn inspect_actor(
     use crate::actors::unit::{InspectUnit, UnitAddr};
     let (kind, id) = path.into_inner();
     let gone = || ApiError::not_found(format!("no live {kind} actor with this id"));
+    let id = super::path_id(id, "no live actor with this id")?;
     match kind.as_str() {
         "device" => {
             let id = DeviceId(id.clone());
@@ -499,7 +495,10 @@ pub async fn crash_unit(
     if !state.settings.admin.enable_fault_injection {
         return Err(ApiError::not_found("fault injection is disabled"));
     }
-    let unit = UnitId(id.into_inner());
+    let unit = UnitId(super::path_id(
+        id.into_inner(),
+        "no live unit actor with this id",
+    )?);
     let addr = state
         .fleet
         .send(UnitAddr(unit.clone()))

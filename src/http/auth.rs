@@ -2,9 +2,11 @@
 //!
 //! Handlers take an [`Authorized<P>`] argument, where `P` names the roles allowed; a handler
 //! cannot forget the check because it cannot run without the extractor succeeding. Tokens come
-//! from `Authorization: Bearer …`, or, for WebSocket upgrades only (browsers cannot set headers
-//! there), from `?access_token=…`. Verified tokens are cached briefly so the hot path does not
-//! hit the database on every request.
+//! from `Authorization: Bearer …`. The WebSocket endpoints, and only they, opt in to
+//! `?access_token=…` as well (browsers cannot set headers on an upgrade): a route is on
+//! [`super::WEBSOCKET_ROUTES`] or it never reads a token from its URL, whatever headers the
+//! request carries. Verified tokens are cached briefly so the hot path does not hit the
+//! database on every request.
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
@@ -104,6 +106,8 @@ pub struct Authorized<P> {
     _policy: PhantomData<P>,
 }
 
+/// The request's token: the `Authorization` header's, or on a WebSocket route (one of
+/// [`super::WEBSOCKET_ROUTES`]) being upgraded, the `access_token` query parameter's.
 fn bearer_token(req: &HttpRequest) -> Option<String> {
     if let Some(value) = req.headers().get(header::AUTHORIZATION) {
         let value = value.to_str().ok()?;
@@ -112,12 +116,7 @@ fn bearer_token(req: &HttpRequest) -> Option<String> {
             .eq_ignore_ascii_case("bearer")
             .then(|| token.trim().to_owned());
     }
-    let is_upgrade = req
-        .headers()
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    if !is_upgrade {
+    if !takes_query_token(req) {
         return None;
     }
     req.query_string()
@@ -125,6 +124,19 @@ fn bearer_token(req: &HttpRequest) -> Option<String> {
         .filter_map(|pair| pair.split_once('='))
         .find(|(k, _)| *k == "access_token")
         .map(|(_, v)| v.to_owned())
+}
+
+/// Whether `req` may carry its token in the query string: a `GET` upgrading to a WebSocket on
+/// a route that opted in. Compared with the path as sent, so a spelling the router would also
+/// accept (percent-encoded letters) gets no token from the URL: refused, never let through.
+fn takes_query_token(req: &HttpRequest) -> bool {
+    req.method() == actix_web::http::Method::GET
+        && super::WEBSOCKET_ROUTES.contains(&req.path())
+        && req
+            .headers()
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
 /// Set on requests whose token could not be checked because the database was unreachable.

@@ -173,6 +173,7 @@ async fn crew_frame(crew: &Crew, unit: &UnitId, text: &str) -> Value {
 /// The crew WebSocket: offers are pushed; accept/decline/location/status frames come in.
 /// A reconnecting crew gets its pending offer or assignment again.
 #[utoipa::path(get, path = "/api/v1/ws/crew", tag = "crews", security(("bearer" = [])),
+    params(("access_token" = Option<String>, Query, description = "the token, for clients that cannot set Authorization on an upgrade")),
     responses((status = 101, description = "WebSocket upgrade")))]
 pub async fn crew_ws(
     auth: Authorized<CrewOnly>,

@@ -30,7 +30,8 @@ pub struct EventsQuery {
     pub since: Option<i64>,
     /// Page size (1–1000, default 100).
     pub limit: Option<i64>,
-    /// WebSocket token (accepted on upgrades only).
+    /// The console WebSocket's token, read by `http::auth` (no other route takes one from
+    /// its URL; here it is only let through).
     pub access_token: Option<String>,
 }
 
@@ -273,6 +274,7 @@ async fn assign(
     unit_id: UnitId,
 ) -> Result<serde_json::Value, ApiError> {
     use crate::actors::incident::{ManualAssign, ToIncident};
+    super::fleet::unit_id_field(&unit_id)?;
     let id = incident_id
         .parse()
         .map_err(|_| ApiError::not_found("no incident with this id"))?;
@@ -297,12 +299,10 @@ async fn cancel(
 ) -> Result<serde_json::Value, ApiError> {
     use crate::actors::incident::Route;
     use crate::domain::incident::Command;
+    let reason = super::incidents::cancel_reason(&reason)?;
     let id = incident_id
         .parse()
         .map_err(|_| ApiError::not_found("no incident with this id"))?;
-    if reason.trim().is_empty() {
-        return Err(ApiError::field("/reason", "must not be empty"));
-    }
     let incident = state
         .incidents
         .send(Route {
@@ -325,6 +325,7 @@ async fn unit_status(
     status: crate::domain::dispatch::CrewReport,
 ) -> Result<serde_json::Value, ApiError> {
     use crate::domain::dispatch::CrewReport;
+    super::fleet::unit_id_field(&unit_id)?;
     if !matches!(status, CrewReport::Available | CrewReport::OutOfService) {
         return Err(ApiError::field(
             "/status",
@@ -341,7 +342,9 @@ async fn unit_status(
 /// The console WebSocket: replays events after `since`, then streams live ones; each event is
 /// one text frame holding exactly the event; other frames carry a `type`.
 #[utoipa::path(get, path = "/api/v1/ws/console", tag = "events", security(("bearer" = [])),
-    params(("since" = Option<i64>, Query)), responses((status = 101, description = "WebSocket upgrade")))]
+    params(("since" = Option<i64>, Query),
+           ("access_token" = Option<String>, Query, description = "the token, for clients that cannot set Authorization on an upgrade")),
+    responses((status = 101, description = "WebSocket upgrade")))]
 pub async fn console_ws(
     auth: Authorized<ConsoleOnly>,
     state: web::Data<AppState>,

@@ -10,6 +10,7 @@ use super::AppState;
 use super::auth::{AdminOnly, Authorized, ConsoleOnly, Policy};
 use super::error::ApiError;
 use super::json::JsonBody;
+use super::path_id;
 use crate::actors::incident::{IncidentError, ManualAssign, ToIncident};
 use crate::actors::unit::{
     AllUnits, ListHospitals, RegisterHospital, RegisterUnit, UnitAddr, ViewUnit,
@@ -19,8 +20,7 @@ use crate::domain::auth::{Principal, Role};
 use crate::domain::dispatch::{Capability, CrewReport, UnitStatus};
 use crate::domain::geo::LatLng;
 use crate::domain::ids::{HospitalId, OfferId, UnitId};
-use crate::domain::patients::valid_external_id;
-use crate::domain::validation::FieldError;
+use crate::domain::validation::{FieldError, TextKind, check_id, check_text};
 use crate::persistence::StoreError;
 use crate::persistence::fleet::{HospitalRecord, UnitRecord};
 
@@ -86,6 +86,14 @@ pub(crate) fn crew_error(e: CrewError) -> ApiError {
     }
 }
 
+/// A unit named in a body at `/unit_id` must be a well-formed id (422 otherwise), before any
+/// lookup.
+pub(crate) fn unit_id_field(unit: &UnitId) -> Result<(), ApiError> {
+    let mut errors = Vec::new();
+    check_id(&mut errors, "/unit_id", unit.as_str());
+    ApiError::check(errors)
+}
+
 fn own_unit(principal: &Principal, unit: &UnitId) -> Result<(), ApiError> {
     if principal.role == Role::Crew && principal.unit_id.as_ref() != Some(unit) {
         return Err(ApiError::Forbidden {
@@ -134,15 +142,15 @@ pub async fn create_unit(
 ) -> Result<HttpResponse, ApiError> {
     let body = body.0;
     let mut errors = Vec::new();
-    if !valid_external_id(&body.id) {
-        errors.push(FieldError::new(
-            "/id",
-            "must be 1 to 128 printable characters without spaces, '/', '?' or '#'",
-        ));
-    }
-    if body.call_sign.trim().is_empty() || body.call_sign.chars().count() > 64 {
-        errors.push(FieldError::new("/call_sign", "must be 1 to 64 characters"));
-    }
+    check_id(&mut errors, "/id", &body.id);
+    check_text(
+        &mut errors,
+        "/call_sign",
+        &body.call_sign,
+        TextKind::Line,
+        true,
+        64,
+    );
     body.location.validate("/location", &mut errors);
     if let Some(b) = &body.base {
         b.validate("/base", &mut errors);
@@ -195,9 +203,10 @@ pub async fn get_unit(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
+    let unit = path_id(id.into_inner(), "no such unit")?;
     let addr = state
         .fleet
-        .send(UnitAddr(UnitId(id.into_inner())))
+        .send(UnitAddr(UnitId(unit)))
         .await
         .map_err(busy)?
         .ok_or_else(|| ApiError::not_found("no such unit"))?;
@@ -233,14 +242,13 @@ pub async fn create_hospital(
 ) -> Result<HttpResponse, ApiError> {
     let body = body.0;
     let mut errors = Vec::new();
-    if body.id.as_deref().is_some_and(|i| !valid_external_id(i)) {
-        errors.push(FieldError::new(
-            "/id",
-            "must be 1 to 128 printable characters without spaces, '/', '?' or '#'",
-        ));
+    if let Some(id) = &body.id {
+        check_id(&mut errors, "/id", id);
     }
-    if body.name.trim().is_empty() || body.name.chars().count() > 200 {
-        errors.push(FieldError::new("/name", "must be 1 to 200 characters"));
+    check_text(&mut errors, "/name", &body.name, TextKind::Line, true, 200);
+    for (i, capability) in body.capabilities.iter().enumerate() {
+        let pointer = format!("/capabilities/{i}");
+        check_text(&mut errors, &pointer, capability, TextKind::Line, true, 64);
     }
     body.location.validate("/location", &mut errors);
     if body.capacity > 10_000 {
@@ -304,18 +312,19 @@ pub async fn accept_offer(
 }
 
 /// `POST /api/v1/offers/{id}/decline` body.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeclineBody {
-    /// Why (optional).
+    /// Why, for people (optional; at most 500 characters, line breaks allowed).
     #[serde(default)]
     pub reason: Option<String>,
 }
 
 /// The crew declines an offer; the next round skips this unit.
 #[utoipa::path(post, path = "/api/v1/offers/{id}/decline", tag = "crews", security(("bearer" = [])),
-    params(("id" = String, Path)),
-    responses((status = 200, description = "{outcome: declined}"), (status = 409, body = super::error::Problem)))]
+    params(("id" = String, Path)), request_body(content = Option<DeclineBody>, description = "optional"),
+    responses((status = 200, description = "{outcome: declined}"), (status = 409, body = super::error::Problem),
+              (status = 422, body = super::error::Problem)))]
 pub async fn decline_offer(
     auth: Authorized<CrewOnly>,
     state: web::Data<AppState>,
@@ -332,9 +341,6 @@ pub async fn decline_offer(
         super::json::parse_json(&bytes)?
     };
     let reason = body.reason.unwrap_or_else(|| "declined".into());
-    if reason.chars().count() > 500 {
-        return Err(ApiError::field("/reason", "at most 500 characters"));
-    }
     let outcome = crew(&state)
         .decline(&unit, offer_id(&id)?, reason)
         .await
@@ -371,7 +377,7 @@ pub async fn unit_location(
     id: web::Path<String>,
     body: JsonBody<LocationBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let unit = UnitId(id.into_inner());
+    let unit = UnitId(path_id(id.into_inner(), "no such unit")?);
     own_unit(&auth.principal, &unit)?;
     let b = body.0;
     crew(&state)
@@ -413,7 +419,7 @@ pub async fn unit_status(
     id: web::Path<String>,
     body: JsonBody<StatusBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let unit = UnitId(id.into_inner());
+    let unit = UnitId(path_id(id.into_inner(), "no such unit")?);
     own_unit(&auth.principal, &unit)?;
     let b = body.0;
     if auth.principal.role != Role::Crew
@@ -454,6 +460,7 @@ pub async fn assign(
         .parse()
         .map_err(|_| ApiError::not_found("no incident with this id"))?;
     let unit = body.0.unit_id;
+    unit_id_field(&unit)?;
     if state
         .fleet
         .send(UnitAddr(unit.clone()))

@@ -16,7 +16,7 @@ use crate::domain::events::Evidence;
 use crate::domain::geo::LatLng;
 use crate::domain::ids::{IncidentId, PatientId};
 use crate::domain::incident::{Command, Incident, Priority, Source, Times};
-use crate::domain::validation::FieldError;
+use crate::domain::validation::{TextKind, check_id, check_text};
 use crate::persistence::incidents::{
     self as store, IdempotencyState, NotificationView, StatusFilter,
 };
@@ -231,27 +231,50 @@ pub(crate) fn mailbox(_: actix::MailboxError) -> ApiError {
     }
 }
 
+/// Checks a new incident's fields (the REST body and the console's `create_incident` frame).
 pub(crate) fn validate(body: &NewIncident) -> Result<(), ApiError> {
     let mut errors = Vec::new();
+    if let Some(patient) = &body.patient_id {
+        check_id(&mut errors, "/patient_id", patient.as_str());
+    }
     if let Some(l) = &body.location {
         l.validate("/location", &mut errors);
     }
-    if body
-        .description
-        .as_ref()
-        .is_some_and(|d| d.chars().count() > 2000)
-    {
-        errors.push(FieldError::new("/description", "at most 2000 characters"));
+    if let Some(d) = &body.description {
+        check_text(&mut errors, "/description", d, TextKind::Lines, false, 2000);
     }
     if let Some(c) = &body.caller {
-        if c.name.as_ref().is_some_and(|n| n.chars().count() > 200) {
-            errors.push(FieldError::new("/caller/name", "at most 200 characters"));
+        if let Some(name) = &c.name {
+            check_text(
+                &mut errors,
+                "/caller/name",
+                name,
+                TextKind::Line,
+                false,
+                200,
+            );
         }
-        if c.phone.as_ref().is_some_and(|p| p.chars().count() > 32) {
-            errors.push(FieldError::new("/caller/phone", "at most 32 characters"));
+        if let Some(phone) = &c.phone {
+            check_text(
+                &mut errors,
+                "/caller/phone",
+                phone,
+                TextKind::Line,
+                false,
+                32,
+            );
         }
     }
     ApiError::check(errors)
+}
+
+/// A cancellation reason (the REST body and the console's `cancel` frame): text over one or
+/// more lines, 1 to 500 characters once trimmed. Answers it trimmed.
+pub(crate) fn cancel_reason(reason: &str) -> Result<String, ApiError> {
+    let mut errors = Vec::new();
+    check_text(&mut errors, "/reason", reason, TextKind::Lines, true, 500);
+    ApiError::check(errors)?;
+    Ok(reason.trim().to_owned())
 }
 
 fn source_for(principal: &Principal) -> Source {
@@ -343,12 +366,19 @@ pub async fn create(
 
 /// The request's `Idempotency-Key`, if any: visible ASCII, 1 to 255 characters.
 fn idempotency_key(req: &HttpRequest) -> Result<Option<String>, ApiError> {
-    let key = req
-        .headers()
-        .get("Idempotency-Key")
-        .map(|v| v.to_str().map(str::to_owned))
-        .transpose()
-        .map_err(|_| ApiError::field("/headers/Idempotency-Key", "must be visible ASCII"))?;
+    let key = match req.headers().get("Idempotency-Key") {
+        None => None,
+        Some(value) => match value.to_str() {
+            // `to_str` lets a tab through; a key is one line.
+            Ok(key) if TextKind::Line.forbidden(key).is_none() => Some(key.to_owned()),
+            _ => {
+                return Err(ApiError::field(
+                    "/headers/Idempotency-Key",
+                    "must be visible ASCII",
+                ));
+            }
+        },
+    };
     if key
         .as_ref()
         .is_some_and(|k| k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY)
@@ -434,11 +464,13 @@ pub struct IncidentPage {
     pub next_cursor: Option<String>,
 }
 
+/// A cursor this API handed out: `<created_at µs>_<incident id>`.
 fn parse_cursor(cursor: &str) -> Option<(DateTime<Utc>, String)> {
     let (micros, id) = cursor.split_once('_')?;
     let at = DateTime::from_timestamp_micros(micros.parse().ok()?)?;
     let at = crate::domain::validation::storable_instant("/query/cursor", at).ok()?;
-    Some((at, id.to_owned()))
+    let id: IncidentId = id.parse().ok()?;
+    Some((at, id.to_string()))
 }
 
 /// Lists incidents (dispatchers), newest first, with cursor paging.
@@ -535,10 +567,7 @@ pub async fn cancel(
     id: web::Path<String>,
     body: JsonBody<CancelBody>,
 ) -> Result<HttpResponse, ApiError> {
-    let reason = body.0.reason.trim().to_owned();
-    if reason.is_empty() || reason.chars().count() > 500 {
-        return Err(ApiError::field("/reason", "must be 1 to 500 characters"));
-    }
+    let reason = cancel_reason(&body.0.reason)?;
     let incident = load(&state, &auth.principal, &id).await?;
     let updated = state
         .incidents

@@ -13,8 +13,7 @@ use super::auth::{AdminOnly, Authorized};
 use super::error::ApiError;
 use super::json::JsonBody;
 use crate::domain::ids::PatientId;
-use crate::domain::patients::valid_external_id;
-use crate::domain::validation::FieldError;
+use crate::domain::validation::{FieldError, TextKind, check_id, check_text};
 use crate::persistence::insurance::{self as store, Policy};
 use crate::persistence::{Db, StoreError};
 
@@ -47,12 +46,8 @@ pub async fn verify(
 ) -> Result<HttpResponse, ApiError> {
     let b = body.0;
     let mut errors = Vec::new();
-    if !valid_external_id(b.patient_id.as_str()) {
-        errors.push(FieldError::new("/patient_id", "is not a valid id"));
-    }
-    if !valid_external_id(&b.incident_id) {
-        errors.push(FieldError::new("/incident_id", "is not a valid id"));
-    }
+    check_id(&mut errors, "/patient_id", b.patient_id.as_str());
+    check_id(&mut errors, "/incident_id", &b.incident_id);
     if b.amount_cents <= 0 || b.amount_cents > MAX_AMOUNT_CENTS {
         errors.push(FieldError::new(
             "/amount_cents",
@@ -97,7 +92,7 @@ pub async fn release(
     db: web::Data<Db>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let id = id.into_inner();
+    let id = super::path_id(id.into_inner(), "no such claim")?;
     let claim = id.clone();
     db.run(move |mut conn| async move { store::release(&mut conn, &claim, Utc::now()).await })
         .await
@@ -133,15 +128,23 @@ pub async fn create_policy(
 ) -> Result<HttpResponse, ApiError> {
     let b = body.0;
     let mut errors = Vec::new();
-    if !valid_external_id(b.patient_id.as_str()) {
-        errors.push(FieldError::new("/patient_id", "is not a valid id"));
-    }
-    if b.provider.trim().is_empty() || b.provider.len() > 200 {
-        errors.push(FieldError::new("/provider", "must be 1 to 200 characters"));
-    }
-    if b.member_id.trim().is_empty() || b.member_id.len() > 100 {
-        errors.push(FieldError::new("/member_id", "must be 1 to 100 characters"));
-    }
+    check_id(&mut errors, "/patient_id", b.patient_id.as_str());
+    check_text(
+        &mut errors,
+        "/provider",
+        &b.provider,
+        TextKind::Line,
+        true,
+        200,
+    );
+    check_text(
+        &mut errors,
+        "/member_id",
+        &b.member_id,
+        TextKind::Line,
+        true,
+        100,
+    );
     if b.coverage_cents < 0 || b.coverage_cents > MAX_AMOUNT_CENTS {
         errors.push(FieldError::new(
             "/coverage_cents",

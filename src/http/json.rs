@@ -1,5 +1,10 @@
 //! Request body extraction with our error contract: 413 over the limit, 415 when not JSON,
 //! 400 for malformed JSON, 422 for valid JSON of the wrong shape, each with a JSON pointer.
+//!
+//! [`parse_json`] is the one way a handler reads JSON a client sent (bodies through
+//! [`JsonBody`], WebSocket frames directly): it reads through [`crate::domain::strict_json`],
+//! so no handler can forget to refuse a duplicated name or a control character. Vitals ingest
+//! keeps its own, faster parser (`domain::vitals`), which refuses both too.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -12,6 +17,7 @@ use futures_util::StreamExt as _;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
+use crate::domain::strict_json::{self, StrictError};
 use crate::domain::validation::{FieldError, push_pointer_token};
 
 /// The JSON body size limit, registered as app data.
@@ -83,13 +89,17 @@ pub fn pointer_of(path: &serde_path_to_error::Path) -> String {
     pointer
 }
 
-/// Deserialises `bytes` into `T`: a body that is not JSON is a 400 with its position; JSON of
-/// the wrong shape is a 422 with a pointer to the field. (Parsing to a `Value` first keeps the
-/// two apart: serde_json reports some type errors, e.g. a number where an enum is expected, as
-/// syntax errors when deserialising straight from bytes. Hot paths have their own parsers.)
+/// Deserialises `bytes` into `T`: a body that is not JSON is a 400 with its position; JSON
+/// SHERS refuses (a duplicated name, a control character: see
+/// [`crate::domain::strict_json`]) or of the wrong shape is a 422 with a pointer to the field.
+/// (Reading a `Value` first keeps the two apart: serde_json reports some type errors, e.g. a
+/// number where an enum is expected, as syntax errors when deserialising straight from bytes.
+/// Hot paths have their own parsers.)
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    let value: serde_json::Value =
-        serde_json::from_slice(bytes).map_err(|e| classify(String::new(), e))?;
+    let value = strict_json::from_slice(bytes).map_err(|e| match e {
+        StrictError::Syntax(e) => classify(String::new(), e),
+        StrictError::Refused(refused) => ApiError::fields(vec![refused]),
+    })?;
     serde_path_to_error::deserialize(value).map_err(|err| {
         let pointer = pointer_of(err.path());
         let message = err.into_inner().to_string();
@@ -157,6 +167,25 @@ mod tests {
         assert_eq!(err.status_code().as_u16(), 422);
         let problem = err.problem();
         assert_eq!(problem.errors[0].pointer, "/readings/1/heart_rate_bpm");
+    }
+
+    #[test]
+    fn duplicate_names_and_control_characters_are_422_with_a_pointer() {
+        for (body, pointer) in [
+            (
+                &br#"{"readings":[{"heart_rate_bpm":1,"heart_rate_bpm":2}]}"#[..],
+                "/readings/0/heart_rate_bpm",
+            ),
+            (br#"{"readings":[],"readings":[]}"#, "/readings"),
+            (
+                br#"{"readings":[{"heart_rate_bpm":1,"note":"\u0000"}]}"#,
+                "/readings/0/note",
+            ),
+        ] {
+            let err = parse_json::<Batch>(body).unwrap_err();
+            assert_eq!(err.status_code().as_u16(), 422);
+            assert_eq!(err.problem().errors[0].pointer, pointer);
+        }
     }
 
     #[test]

@@ -33,6 +33,7 @@ use crate::actors::device::TriageRuntime;
 use crate::actors::incident::IncidentDirectory;
 use crate::actors::unit::Fleet;
 use crate::config::Settings;
+use crate::domain::validation::valid_external_id;
 use crate::persistence::Db;
 use error::ApiError;
 
@@ -66,6 +67,18 @@ pub struct AppState {
     /// The arbiters (threads) device actors run on; kept alive with the state.
     pub _arbiters: Arc<Vec<actix::Arbiter>>,
 }
+
+/// The crew WebSocket.
+pub const WS_CREW: &str = "/api/v1/ws/crew";
+/// The console WebSocket.
+pub const WS_CONSOLE: &str = "/api/v1/ws/console";
+/// The gateway WebSocket.
+pub const WS_GATEWAY: &str = "/api/v1/ws/gateway";
+
+/// The WebSocket routes: the only ones that accept a token as `?access_token=` (browsers cannot
+/// set an `Authorization` header on an upgrade). Every other route reads a token from the
+/// header only, so tokens stay out of URLs and logs.
+pub const WEBSOCKET_ROUTES: [&str; 3] = [WS_CREW, WS_CONSOLE, WS_GATEWAY];
 
 /// Registers every route.
 ///
@@ -135,7 +148,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             "/api/v1/offers/{id}/decline",
             web::post().to(fleet::decline_offer),
         )
-        .route("/api/v1/ws/crew", web::get().to(crew_session::crew_ws))
+        .route(WS_CREW, web::get().to(crew_session::crew_ws))
         .route(
             "/api/v1/incidents/{id}/cancel",
             web::post().to(incidents::cancel),
@@ -146,9 +159,9 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         )
         .route("/api/v1/events", web::get().to(events::page))
         .route("/api/v1/events/stream", web::get().to(events::stream))
-        .route("/api/v1/ws/console", web::get().to(events::console_ws))
+        .route(WS_CONSOLE, web::get().to(events::console_ws))
         .route("/api/v1/vitals", web::post().to(vitals::ingest))
-        .route("/api/v1/ws/gateway", web::get().to(vitals::gateway_ws))
+        .route(WS_GATEWAY, web::get().to(vitals::gateway_ws))
         .service(
             web::resource("/admin/tokens")
                 .route(web::get().to(admin::list_tokens))
@@ -172,6 +185,17 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             "/admin/actors/unit/{id}/crash",
             web::post().to(admin::crash_unit),
         );
+}
+
+/// A caller-chosen id (patient, unit, device, claim) taken from a path. An id that breaks the
+/// id rule ([`valid_external_id`]) names nothing, so it is answered 404 with `not_found`
+/// before any lookup sees it.
+pub(crate) fn path_id(raw: String, not_found: &str) -> Result<String, ApiError> {
+    if valid_external_id(&raw) {
+        Ok(raw)
+    } else {
+        Err(ApiError::not_found(not_found))
+    }
 }
 
 async fn method_not_allowed() -> Result<actix_web::HttpResponse, ApiError> {

@@ -68,7 +68,7 @@ pub async fn get_patient(
     state: web::Data<AppState>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let id = PatientId(id.into_inner());
+    let id = PatientId(super::path_id(id.into_inner(), "no patient with this id")?);
     if auth.principal.role == Role::Patient && auth.principal.patient_id.as_ref() != Some(&id) {
         return Err(ApiError::Forbidden {
             detail: "a patient token may only read its own patient".to_owned(),

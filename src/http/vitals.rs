@@ -279,6 +279,7 @@ pub async fn ingest(
 
 /// The gateway WebSocket: each text frame is an ingest body, answered by one frame.
 #[utoipa::path(get, path = "/api/v1/ws/gateway", tag = "vitals", security(("bearer" = [])),
+    params(("access_token" = Option<String>, Query, description = "the token, for clients that cannot set Authorization on an upgrade")),
     responses((status = 101, description = "WebSocket upgrade")))]
 pub async fn gateway_ws(
     _auth: Authorized<GatewayOnly>,

@@ -71,23 +71,66 @@ async fn role_matrix(backend: Backend) {
             }
         }
     }
+}
 
-    // Tokens in the query string are honoured only for WebSocket upgrades.
-    let token = app.token(Role::Console).await;
-    let url = app.url(&format!("{}?access_token={token}", api::WHOAMI));
-    let plain = app.client.get(&url).send().await.unwrap();
-    assert_eq!(plain.status(), StatusCode::UNAUTHORIZED);
-    let upgrade = app
-        .client
-        .get(&url)
-        .header("Connection", "Upgrade")
-        .header("Upgrade", "websocket")
+both_backends!(query_tokens_open_only_the_websockets);
+
+/// A token in the query string is read on the WebSocket routes only: on any other route it is
+/// no credential, even dressed as a WebSocket upgrade.
+async fn query_tokens_open_only_the_websockets(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let admin = app.token(Role::Admin).await;
+    let upgrade = |req: reqwest::RequestBuilder| {
+        req.header("Connection", "Upgrade")
+            .header("Upgrade", "websocket")
+            .header("Sec-WebSocket-Version", "13")
+            .header("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ==")
+    };
+    for (_, path, _) in ENDPOINTS
+        .iter()
+        .filter(|(_, _, allowed)| !allowed.is_empty())
+    {
+        let url = app.url(&format!("{path}?access_token={admin}"));
+        let plain = app.client.get(&url).send().await.unwrap();
+        assert_eq!(plain.status(), StatusCode::UNAUTHORIZED, "{path}");
+        let dressed = upgrade(app.client.get(&url)).send().await.unwrap();
+        assert_eq!(dressed.status(), StatusCode::UNAUTHORIZED, "{path}");
+    }
+    // A write dressed as an upgrade creates nothing.
+    let before: Value = app.tokens(Role::Admin).await.json().await.unwrap();
+    let url = app.url(&format!("{}?access_token={admin}", api::ADMIN_TOKENS));
+    let post = upgrade(app.client.post(&url))
+        .json(&json!({"role": "admin", "name": "sneaked in"}))
         .send()
         .await
         .unwrap();
-    assert_eq!(upgrade.status(), StatusCode::OK);
-    let me: Value = upgrade.json().await.unwrap();
-    assert_eq!(me["role"], "console");
+    assert_eq!(post.status(), StatusCode::UNAUTHORIZED);
+    let after: Value = app.tokens(Role::Admin).await.json().await.unwrap();
+    assert_eq!(after["items"], before["items"]);
+
+    // The WebSocket routes still take it (browsers cannot set headers on an upgrade).
+    app.add_unit("UNIT-1", 51.5, -0.12, "als").await;
+    let crew = app.crew_token("UNIT-1").await;
+    let console = app.token(Role::Console).await;
+    let gateway = app.token(Role::Gateway).await;
+    for url in [
+        app.ws_crew_url(&crew),
+        app.ws_console_url(0, &console),
+        app.ws_gateway_url(Some(&gateway)),
+    ] {
+        let (mut socket, response) = tokio_tungstenite::connect_async(&url).await.unwrap();
+        assert_eq!(response.status().as_u16(), 101, "{url}");
+        socket.close(None).await.unwrap();
+    }
+    // ... and only as an upgrade, and only the token they are given.
+    for path in [api::WS_CREW, api::WS_CONSOLE, api::WS_GATEWAY] {
+        let url = app.url(&format!("{path}?access_token={admin}"));
+        let plain = app.client.get(&url).send().await.unwrap();
+        assert_eq!(plain.status(), StatusCode::UNAUTHORIZED, "{path}");
+        let url = app.url(&format!("{path}?access_token=shers_not-a-real-token"));
+        let forged = upgrade(app.client.get(&url)).send().await.unwrap();
+        assert_eq!(forged.status(), StatusCode::UNAUTHORIZED, "{path}");
+    }
 }
 
 async fn revoked_tokens_stop_working(backend: Backend) {

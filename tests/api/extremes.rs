@@ -299,7 +299,12 @@ async fn extreme_values_never_fail_a_request(backend: Backend) {
         .json()
         .await
         .unwrap();
-    let params = query_parameters(&openapi);
+    // `access_token` (the WebSocket routes' credential) is the auth tests' business: here a
+    // value must reach the handler.
+    let params: Vec<_> = query_parameters(&openapi)
+        .into_iter()
+        .filter(|(_, _, name)| name != "access_token")
+        .collect();
     assert!(
         params.len() >= 8,
         "the OpenAPI document lists too few query parameters: {params:?}"
@@ -311,9 +316,6 @@ async fn extreme_values_never_fail_a_request(backend: Backend) {
 
     // 1. Every query parameter, every edge value.
     for (method, path, name) in &params {
-        if name == "access_token" {
-            continue;
-        }
         for value in edge_values() {
             let what = format!("{method} {path}?{name}={value}");
             check(

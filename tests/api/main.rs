@@ -21,6 +21,7 @@ mod errors;
 mod events;
 mod extremes;
 mod incidents;
+mod input;
 mod insurance;
 mod loadgen;
 mod notifications;

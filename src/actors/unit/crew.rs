@@ -17,6 +17,7 @@ use crate::domain::dispatch::{CrewReport, apply_report};
 use crate::domain::geo::LatLng;
 use crate::domain::ids::{HospitalId, OfferId, UnitId};
 use crate::domain::incident::{Command, IncidentStatus};
+use crate::domain::validation::{TextKind, check_id, check_text};
 use crate::persistence::fleet as fleet_store;
 use crate::persistence::incidents as incident_store;
 
@@ -162,6 +163,11 @@ impl Crew {
         offer_id: OfferId,
         reason: String,
     ) -> Result<OfferOutcome, CrewError> {
+        let mut errors = Vec::new();
+        check_text(&mut errors, "/reason", &reason, TextKind::Lines, false, 500);
+        if let Some(e) = errors.pop() {
+            return Err(CrewError::Invalid("/reason", e.message));
+        }
         let addr = self.unit(unit).await?;
         let (_, _, pending) = addr.send(Commitments).await.map_err(gone)?;
         match pending {
@@ -237,6 +243,13 @@ impl Crew {
         report: CrewReport,
         hospital_id: Option<HospitalId>,
     ) -> Result<StatusUpdate, CrewError> {
+        if let Some(hospital) = &hospital_id {
+            let mut errors = Vec::new();
+            check_id(&mut errors, "/hospital_id", hospital.as_str());
+            if let Some(e) = errors.pop() {
+                return Err(CrewError::Invalid("/hospital_id", e.message));
+            }
+        }
         let addr = self.unit(unit).await?;
         let (status, assignment, _) = addr.send(Commitments).await.map_err(gone)?;
         apply_report(status, report).map_err(|r| CrewError::Rejected(r.reason))?;
