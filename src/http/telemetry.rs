@@ -117,7 +117,8 @@ pub async fn observe(
 /// `RUST_LOG=info,shers::access=warn` keeps only failed requests.
 pub const ACCESS_LOG: &str = "shers::access";
 
-/// Installs the global tracing subscriber: `RUST_LOG` levels (default `info`), text or JSON.
+/// Installs the global tracing subscriber: `RUST_LOG` levels (default `info`), text or JSON,
+/// on standard error, coloured only when that is a terminal and `NO_COLOR` is unset.
 /// Returns quietly if a subscriber is already installed (tests).
 pub fn init_tracing(format: crate::config::LogFormat) {
     init_tracing_with_default(format, "info");
@@ -133,9 +134,20 @@ pub fn init_tracing_with_default(format: crate::config::LogFormat, default_filte
     // 5xx's cause is logged where it happens (`http::error`).
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    let builder = fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(colours_wanted());
     let _ = match format {
         crate::config::LogFormat::Text => builder.try_init(),
         crate::config::LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// Whether log lines get ANSI colour codes: only when standard error (where they go) is a
+/// terminal and `NO_COLOR` is unset or empty. A log file, a pipe or a log collector gets plain
+/// text, which `grep` and the collectors' parsers read as it is.
+fn colours_wanted() -> bool {
+    use std::io::IsTerminal as _;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
