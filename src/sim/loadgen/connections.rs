@@ -27,6 +27,9 @@ use crate::sim::client::{Api, Ws};
 const PROBE_GAP: Duration = Duration::from_millis(50);
 /// Longest baseline phase (it is never longer than the measured one).
 const BASELINE: Duration = Duration::from_secs(3);
+/// What `/healthz` in the crowd must stay under at p99: a tenth of the one-second timeout
+/// orchestrators give a readiness probe by default.
+const TARGET_P99_MS: f64 = 100.0;
 /// A slow connection's pace: one more header line this often.
 const DRIP: Duration = Duration::from_secs(1);
 
@@ -95,31 +98,32 @@ pub async fn run(args: &LoadgenArgs, fixtures: &Fixtures) -> anyhow::Result<Repo
     report.count("consoles_broken", broken.load(Ordering::Relaxed));
     report.count("slow_closed_by_server", closed_after_s.len() as u64);
     report.count("slow_still_open_at_end", still_open);
-    for (name, probe) in [
-        ("healthz alone", health_alone),
-        ("units alone", units_alone),
-        ("healthz in the crowd", health_crowd),
-        ("units in the crowd", units_crowd),
+    // `/healthz` in the crowd last: the target is checked against it.
+    for (name, probe, seconds) in [
+        ("healthz alone", health_alone, baseline),
+        ("units alone", units_alone, baseline),
+        ("units in the crowd", units_crowd, args.duration()),
+        ("healthz in the crowd", health_crowd, args.duration()),
     ] {
-        let rate = probe.samples.len() as f64;
+        let rate = probe.samples.len() as f64 / seconds.as_secs_f64().max(1e-9);
         report.series.push(Series::new(
             name,
             probe.samples,
             rate,
-            "probes",
+            "probes/s",
             probe.errors,
         ));
     }
+    report.target(Figure::P99Ms, TARGET_P99_MS);
     if !closed_after_s.is_empty() {
         report.series.push(Series::new(
-            "slow connection closed after",
+            "slow connection cut after",
             closed_after_s,
             0.0,
             "-",
             0,
         ));
     }
-    report.target(Figure::P99Ms, 50.0);
     Ok(report)
 }
 
