@@ -184,6 +184,10 @@ impl Server {
 
     /// Starts a process, armed with `crash_at` when given, and waits until it is ready.
     async fn start(&mut self, crash_at: Option<&str>) {
+        self.start_attempt(crash_at, 0).await;
+    }
+
+    async fn start_attempt(&mut self, crash_at: Option<&str>, attempt: usize) {
         let file = std::fs::File::create(self.log(self.starts)).unwrap();
         self.starts += 1;
         let mut command = Command::new(env!("CARGO_BIN_EXE_shers"));
@@ -229,6 +233,13 @@ impl Server {
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(30) {
             if let Some(status) = self.exited() {
+                // Another test took the port between two starts: move to a free one (the
+                // clients follow `self.port`).
+                let log = std::fs::read_to_string(self.log(self.starts - 1)).unwrap_or_default();
+                if log.contains("Address already in use") && attempt < 5 {
+                    self.port = free_port();
+                    return Box::pin(self.start_attempt(crash_at, attempt + 1)).await;
+                }
                 // A point reached during start-up (recovery) is a crash like any other; the
                 // driver sees the exit.
                 if crash_at.is_some() {
