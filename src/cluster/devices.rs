@@ -342,7 +342,7 @@ impl NodeDevices {
                     (Some(shard), _) => apply_local(&shard, group).await,
                     (None, Some(address)) => self.post(&address, group).await,
                     (None, None) => {
-                        self.cluster.suspect_devices();
+                        self.cluster.refresh_owners();
                         unavailable(group)
                     }
                 }
@@ -403,12 +403,12 @@ impl NodeDevices {
                     .iter()
                     .any(|(_, o)| *o == ReadingOutcome::Unavailable)
                 {
-                    self.cluster.suspect_devices();
+                    self.cluster.refresh_owners();
                 }
                 outcomes
             }
             None => {
-                self.cluster.suspect_devices();
+                self.cluster.refresh_owners();
                 indices
                     .into_iter()
                     .map(|i| (i, ReadingOutcome::Unavailable))
@@ -482,7 +482,10 @@ impl Handler<EmergencyDetected> for RemoteHandoff {
                             "incident hand-off: dispatch is being handed over".to_owned(),
                         ));
                     }
-                    None => "no dispatch holder".to_owned(),
+                    None => {
+                        cluster.refresh_owners();
+                        "no dispatch holder".to_owned()
+                    }
                     Some(owner) => {
                         let sent = http
                             .post(format!("{}/internal/v1/emergencies", owner.address))
@@ -502,8 +505,19 @@ impl Handler<EmergencyDetected> for RemoteHandoff {
                                     r.status()
                                 )));
                             }
-                            Ok(r) => format!("dispatch holder answered {}", r.status()),
-                            Err(e) => format!("dispatch holder unreachable: {e}"),
+                            // Not the holder (any more): read the owners again.
+                            Ok(r) => {
+                                cluster.refresh_owners();
+                                format!("dispatch holder answered {}", r.status())
+                            }
+                            Err(e) => {
+                                if e.is_connect() {
+                                    cluster.suspect_owner(&owner);
+                                } else {
+                                    cluster.refresh_owners();
+                                }
+                                format!("dispatch holder unreachable: {}", e.without_url())
+                            }
                         }
                     }
                 };
@@ -512,7 +526,6 @@ impl Handler<EmergencyDetected> for RemoteHandoff {
                         "incident hand-off: {last}"
                     )));
                 }
-                cluster.suspect_owner();
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })

@@ -114,9 +114,14 @@ impl ClusterState {
         self.stopping.load(Ordering::Acquire)
     }
 
-    /// Called when forwarding to the dispatch owner failed: forget it and look again now.
-    pub fn suspect_owner(&self) {
-        if let Ok(mut slot) = self.owners.write() {
+    /// Called when a connection to the dispatch owner `failed` could not be made: forget it
+    /// (unless the owners were read again since) and look again now. Only a failure to reach
+    /// the peer may lead here, never anything a client sent: what a client sends must not
+    /// change what this node believes about its peers.
+    pub fn suspect_owner(&self, failed: &Owner) {
+        if let Ok(mut slot) = self.owners.write()
+            && slot.dispatch.as_ref() == Some(failed)
+        {
             let mut owners = Owners::clone(&slot);
             owners.dispatch = None;
             *slot = Arc::new(owners);
@@ -124,8 +129,9 @@ impl ClusterState {
         self.wake.notify_one();
     }
 
-    /// Called when a device shard's holder refused or could not be reached: look again now.
-    pub fn suspect_devices(&self) {
+    /// Called when a shard had no known holder, or its holder refused or could not be reached:
+    /// read the owners again now (this changes nothing by itself).
+    pub fn refresh_owners(&self) {
         self.wake.notify_one();
     }
 }

@@ -345,6 +345,19 @@ impl Cluster {
         self.nodes[node] = fresh;
     }
 
+    /// How many requests `node`'s front has forwarded (its `/metrics`).
+    async fn forwarded(&self, node: usize) -> u64 {
+        let text = self
+            .get(node, api::METRICS, &self.admin)
+            .await
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("shers_forwarded_requests_total "))
+            .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+    }
+
     async fn crew_token(&self, unit: &str) -> String {
         crate::helpers::crew_token(&self.db, unit).await
     }
@@ -509,6 +522,26 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// Sends `head` (a request line and headers, without the blank line) to `port` as raw HTTP/1.1
+/// and returns the status code of the answer.
+async fn raw_status(port: u16, head: &str) -> u16 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream
+        .write_all(format!("{head}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    text.split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {text:?}"))
 }
 
 /// The dispatch shard's epoch in an `/admin/cluster` view.
@@ -1824,5 +1857,114 @@ async fn killing_the_holder_mid_charge_never_charges_twice() {
     assert_eq!(
         cluster.events_of("billing.payment_succeeded").await.len(),
         1
+    );
+}
+
+/// A request target that is not a path (`OPTIONS *`, `GET *`, an absolute URI) is answered 400
+/// by the front, and a request without a verified token 401 by the front itself: neither is
+/// forwarded, and nothing such a client sends makes a front doubt the dispatch owner (which
+/// would answer everyone 503 until the next lease round).
+#[actix_web::test]
+async fn a_client_cannot_make_a_front_doubt_the_dispatch_owner() {
+    let Some(cluster) = Cluster::start(3).await else {
+        return;
+    };
+    let owner = cluster.wait_owner(None, Duration::from_secs(10)).await;
+    let front = (owner + 1) % 3;
+    let port = cluster.nodes[front].port;
+    let console = format!("Authorization: Bearer {}", cluster.console);
+    for head in [
+        "OPTIONS * HTTP/1.1\r\nHost: x".to_owned(),
+        format!("GET * HTTP/1.1\r\nHost: x\r\n{console}"),
+        format!(
+            "GET http://127.0.0.1:{port}{} HTTP/1.1\r\nHost: x\r\n{console}",
+            api::UNITS
+        ),
+        format!(
+            "POST http://example.org{} HTTP/1.1\r\nHost: x\r\nContent-Length: 0",
+            api::VITALS
+        ),
+    ] {
+        assert_eq!(raw_status(port, &head).await, 400, "{head}");
+    }
+
+    let before = cluster.forwarded(front).await;
+    for token in [
+        None,
+        Some("shers_00"),
+        Some("shers_node_00"),
+        Some("garbage"),
+    ] {
+        for path in [
+            api::UNITS,
+            api::ADMIN_TOKENS,
+            "/internal/v1/emergencies",
+            "/nope",
+        ] {
+            let mut request = cluster.client.get(cluster.url(front, path));
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let status = request.send().await.unwrap().status();
+            assert_eq!(status, 401, "{path} with {token:?}");
+        }
+    }
+    assert_eq!(
+        cluster.forwarded(front).await,
+        before,
+        "nothing unauthenticated was forwarded"
+    );
+    // The start page is public, and forwarded; so is a request with a token.
+    let page = cluster
+        .client
+        .get(cluster.url(front, api::DASHBOARD))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let units = cluster.get(front, api::UNITS, &cluster.console).await;
+    assert_eq!(units.status(), 200);
+    assert_eq!(cluster.forwarded(front).await, before + 2);
+
+    // Four clients send `GET *` while a console reads through the same front.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let flood: Vec<_> = (0..4)
+        .map(|_| {
+            let mut stopped = stopped.clone();
+            actix_web::rt::spawn(async move {
+                let mut sent = 0u32;
+                while !*stopped.borrow_and_update() {
+                    assert_eq!(raw_status(port, "GET * HTTP/1.1\r\nHost: x").await, 400);
+                    sent += 1;
+                }
+                sent
+            })
+        })
+        .collect();
+    let mut statuses = std::collections::BTreeMap::new();
+    for _ in 0..300 {
+        let status = cluster
+            .client
+            .get(cluster.url(front, api::UNITS))
+            .bearer_auth(&cluster.console)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        *statuses.entry(status).or_insert(0) += 1;
+    }
+    stop.send_replace(true);
+    let mut garbage = 0;
+    for task in flood {
+        garbage += task.await.unwrap();
+    }
+    eprintln!("{garbage} `GET *` sent meanwhile; the console's reads: {statuses:?}");
+    assert!(garbage > 0);
+    assert_eq!(
+        statuses.keys().copied().collect::<Vec<u16>>(),
+        [200],
+        "{statuses:?}\n{}",
+        cluster.logs()
     );
 }
