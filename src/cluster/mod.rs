@@ -13,6 +13,10 @@
 //! The wearables are spread over `cluster.device_shards` device shards, each held by one node
 //! ([`devices`]); every node takes an even share of them.
 //!
+//! Each start of a node is an *incarnation* with an id of its own ([`ClusterState::instance`]):
+//! leases are held by an incarnation, not merely a node id, so a node restarted under its id is
+//! never routed work its previous process held.
+//!
 //! The [`lease`] thread joins the cluster, renews or takes the leases and learns who owns them.
 //! A node that loses a lease it held exits (code 75) and is restarted by its supervisor as a
 //! standby: stopping a live actor system in place is where split brains come from.
@@ -57,6 +61,9 @@ pub struct Owners {
 pub struct ClusterState {
     /// This node's id.
     pub node_id: String,
+    /// This incarnation's id: fresh at every start, stored with the membership and with every
+    /// lease this process takes.
+    pub instance: String,
     /// This node's internal base URL (where its shard server listens).
     pub address: String,
     /// The lease duration.
@@ -74,6 +81,7 @@ impl ClusterState {
     fn new(node_id: String, address: String, lease: Duration, device_shards: u32) -> Self {
         Self {
             node_id,
+            instance: uuid::Uuid::new_v4().simple().to_string(),
             address,
             lease,
             device_shards,
@@ -185,7 +193,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         Duration::from_millis(settings.cluster.lease_ms.max(300)),
         shards,
     ));
-    tracing::info!(node = %node_id, address = %address, "joining the cluster");
+    tracing::info!(node = %node_id, instance = %state.instance, address = %address, "joining the cluster");
 
     // The node's own token for the other nodes' internal endpoints, revoked when it leaves
     // (a killed node's stays live; it is listed as "node … (internal)").

@@ -188,7 +188,10 @@ async fn events_stream(
 }
 
 /// A node's internal server while it does not hold the dispatch shard: the routes of the
-/// device shards it serves (`http::internal::node_routes`).
+/// device shards it serves (`http::internal::node_routes`), for the other nodes only. Anything
+/// else is dispatch work sent here by a node whose view of the owners is out of date (this node
+/// just lost or was restarted out of the dispatch shard, or has not taken it yet): answered 503
+/// with `Retry-After`, never 404, so no client takes it as final.
 pub fn node_server(
     settings: &Settings,
     db: Db,
@@ -204,7 +207,7 @@ pub fn node_server(
         App::new()
             .app_data(auth.clone())
             .configure(|cfg| super::internal::node_routes(cfg, devices.clone()))
-            .default_service(web::to(super::not_found))
+            .default_service(web::to(not_the_dispatch_holder))
             .wrap(from_fn(super::auth::authenticate))
             .wrap(from_fn(observe))
     })
@@ -213,6 +216,11 @@ pub fn node_server(
     .tcp_nodelay(true)
     .workers(settings.http.workers.unwrap_or(2).clamp(1, 4));
     Ok(server.listen(listener)?.run())
+}
+
+/// What a node's internal server answers to dispatch work while it does not hold the shard.
+async fn not_the_dispatch_holder() -> HttpResponse {
+    unavailable("this node does not hold the dispatch shard (handover); retry")
 }
 
 /// Whether `uri` is a request target in origin form (`/path?query`): not `*`, not an absolute
@@ -311,7 +319,15 @@ async fn cluster_overview(
             alive: node.left_at.is_none() && now - node.heartbeat_at <= horizon,
             shards: shards
                 .iter()
-                .filter(|l| l.live && l.holder.as_deref() == Some(node.node_id.as_str()))
+                .filter(|l| {
+                    // Held by this incarnation (a node restarted under its id holds nothing of
+                    // its predecessor's).
+                    l.live
+                        && l.holder.as_deref() == Some(node.node_id.as_str())
+                        && l.holder_instance
+                            .as_deref()
+                            .is_none_or(|i| i == node.instance)
+                })
                 .map(|l| HeldShard {
                     shard: l.shard.clone(),
                     epoch: l.epoch,

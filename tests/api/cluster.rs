@@ -182,6 +182,11 @@ impl Cluster {
     }
 
     fn spawn(&mut self, id: &str, port: u16) -> Node {
+        self.spawn_with(id, port, &[])
+    }
+
+    /// Like [`Cluster::spawn`], with extra settings for this node alone.
+    fn spawn_with(&mut self, id: &str, port: u16, extra: &[(&str, String)]) -> Node {
         let log = self.dir.path().join(format!("{id}-{}.log", self.restarts));
         self.restarts += 1;
         let file = std::fs::File::create(&log).unwrap();
@@ -202,6 +207,7 @@ impl Cluster {
             .env("SHERS_HTTP__WORKERS", "2")
             .env("RUST_LOG", "info,shers::access=warn")
             .envs(self.env.iter().copied())
+            .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(file);
@@ -340,9 +346,27 @@ impl Cluster {
 
     /// Starts `node` again on its port, under its id.
     fn restart(&mut self, node: usize) {
+        self.restart_with(node, &[]);
+    }
+
+    /// Like [`Cluster::restart`], with extra settings for the new process.
+    fn restart_with(&mut self, node: usize, extra: &[(&str, String)]) {
         let (id, port) = (self.nodes[node].id.clone(), self.nodes[node].port);
-        let fresh = self.spawn(&id, port);
+        let fresh = self.spawn_with(&id, port, extra);
         self.nodes[node] = fresh;
+    }
+
+    /// The internal base URL `node` advertises (`/admin/cluster`).
+    async fn internal_url(&self, node: usize) -> String {
+        let view = self.overview(node).await.expect("an overview");
+        view["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node_id"] == self.nodes[node].id.as_str())
+            .and_then(|n| n["address"].as_str())
+            .unwrap_or_else(|| panic!("{} is not a member: {view}", self.nodes[node].id))
+            .to_owned()
     }
 
     /// How many requests `node`'s front has forwarded (its `/metrics`).
@@ -1135,13 +1159,13 @@ async fn a_write_fenced_at_a_stale_epoch_is_refused() {
     let guard = TestDb::new(Backend::Postgres).await;
     let db = guard.migrated().await;
     let mut conn = db.conn().await.unwrap();
-    let first = lease::try_acquire(&mut conn, DISPATCH_SHARD, "a", 60_000)
+    let first = lease::try_acquire(&mut conn, DISPATCH_SHARD, "a", "a-1", 60_000)
         .await
         .unwrap()
         .unwrap();
     assert_eq!((first.epoch, first.reason), (1, "first"));
     assert!(
-        lease::try_acquire(&mut conn, DISPATCH_SHARD, "b", 60_000)
+        lease::try_acquire(&mut conn, DISPATCH_SHARD, "b", "b-1", 60_000)
             .await
             .unwrap()
             .is_none(),
@@ -1164,7 +1188,7 @@ async fn a_write_fenced_at_a_stale_epoch_is_refused() {
             .await
             .unwrap()
     );
-    let second = lease::try_acquire(&mut conn, DISPATCH_SHARD, "b", 60_000)
+    let second = lease::try_acquire(&mut conn, DISPATCH_SHARD, "b", "b-1", 60_000)
         .await
         .unwrap()
         .unwrap();
@@ -1967,4 +1991,129 @@ async fn a_client_cannot_make_a_front_doubt_the_dispatch_owner() {
         "{statuses:?}\n{}",
         cluster.logs()
     );
+}
+
+/// kill -9 of the dispatch holder, restarted at once under its own id and internal address (as
+/// compose and supervisors with fixed node ids do): until a node serves dispatch again, every
+/// answer through every front is the real one or 503 with `Retry-After`, never a 404 from the
+/// restarted process (which holds nothing yet, though its previous incarnation's lease still
+/// runs). A node's internal server answers dispatch work it does not hold 503 with
+/// `Retry-After` too.
+#[actix_web::test]
+async fn a_holder_restarted_under_its_own_id_is_sent_no_dispatch_work() {
+    let Some(mut cluster) = Cluster::start(3).await else {
+        return;
+    };
+    let owner = cluster.wait_owner(None, Duration::from_secs(10)).await;
+    let front = (owner + 1) % 3;
+    cluster.register_wearer(front, "rp-1", "rw-1").await;
+    let request = json!({"patient_id": "rp-1", "location": {"lat": SCENE.0, "lng": SCENE.1}});
+    let standby = cluster.internal_url(front).await;
+    let resp = cluster
+        .client
+        .post(format!("{standby}{}", api::INCIDENTS))
+        .bearer_auth(&cluster.console)
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+
+    let epoch = dispatch_epoch(&cluster.overview(front).await.unwrap());
+    let address = cluster.internal_url(owner).await;
+    let bind = address.trim_start_matches("http://").to_owned();
+    cluster.kill9(owner);
+    cluster.restart_with(owner, &[("SHERS_CLUSTER__INTERNAL_BIND", bind)]);
+    let started = Instant::now();
+    let (mut answers, mut wrong) = (std::collections::BTreeMap::new(), Vec::new());
+    // Until dispatch has moved to a new epoch and twenty rounds in a row were answered.
+    let mut settled = 0;
+    while settled < 20 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "dispatch never settled: {answers:?}\n{}",
+            cluster.logs()
+        );
+        let mut all_served = true;
+        for node in 0..3 {
+            let sent = cluster
+                .client
+                .post(cluster.url(node, api::INCIDENTS))
+                .bearer_auth(&cluster.console)
+                .json(&request)
+                .send()
+                .await;
+            // The restarted process is not listening yet.
+            let Ok(resp) = sent else {
+                all_served = false;
+                continue;
+            };
+            let status = resp.status().as_u16();
+            let retry = resp.headers().contains_key("retry-after");
+            let body = resp.text().await.unwrap_or_default();
+            *answers.entry(status).or_insert(0) += 1;
+            all_served &= matches!(status, 200 | 201);
+            if !(matches!(status, 200 | 201) || status == 503 && retry) {
+                wrong.push((cluster.nodes[node].id.clone(), status, body));
+            }
+        }
+        let moved = cluster
+            .overview(front)
+            .await
+            .is_some_and(|v| dispatch_epoch(&v) > epoch);
+        settled = if moved && all_served { settled + 1 } else { 0 };
+    }
+    eprintln!("answers through the failover: {answers:?}");
+    assert!(wrong.is_empty(), "{wrong:?}");
+    assert_eq!(cluster.events_of("incident.created").await.len(), 1);
+}
+
+/// A lease belongs to the incarnation (the process) that took it, not merely its node id: once
+/// the node joins again under its id (restarted), the lease its previous process took routes
+/// nowhere until it is taken again.
+#[actix_web::test]
+async fn a_lease_belongs_to_the_incarnation_that_took_it() {
+    if !postgres_available().await {
+        return;
+    }
+    use shers::persistence::cluster::{self as lease, DISPATCH_SHARD, Member};
+    let guard = TestDb::new(Backend::Postgres).await;
+    let db = guard.migrated().await;
+    let mut conn = db.conn().await.unwrap();
+    let member = |instance| Member {
+        node_id: "n1",
+        instance,
+        address: "http://127.0.0.1:1",
+        version: "test",
+    };
+    lease::join(&mut conn, member("first")).await.unwrap();
+    lease::try_acquire(&mut conn, DISPATCH_SHARD, "n1", "first", 60_000)
+        .await
+        .unwrap()
+        .unwrap();
+    let owner = lease::owner(&mut conn, DISPATCH_SHARD).await.unwrap();
+    assert_eq!(owner.map(|o| o.instance).as_deref(), Some("first"));
+
+    // Restarted under its id, before the lease ran out.
+    lease::join(&mut conn, member("second")).await.unwrap();
+    assert_eq!(lease::owner(&mut conn, DISPATCH_SHARD).await.unwrap(), None);
+    assert!(lease::owners(&mut conn).await.unwrap().is_empty());
+    // The previous process, woken up, refreshes nothing and leaves nothing.
+    lease::leave(&mut conn, "n1", "first").await.unwrap();
+    assert_eq!(lease::live_nodes(&mut conn, 60_000).await.unwrap(), 1);
+    // Its lease is released (or runs out); the new incarnation takes it and is routed to.
+    assert!(
+        lease::release(&mut conn, DISPATCH_SHARD, "n1", 1)
+            .await
+            .unwrap()
+    );
+    lease::try_acquire(&mut conn, DISPATCH_SHARD, "n1", "second", 60_000)
+        .await
+        .unwrap()
+        .unwrap();
+    let owner = lease::owner(&mut conn, DISPATCH_SHARD).await.unwrap();
+    assert_eq!(owner.map(|o| o.instance).as_deref(), Some("second"));
+    lease::leave(&mut conn, "n1", "second").await.unwrap();
+    assert_eq!(lease::live_nodes(&mut conn, 60_000).await.unwrap(), 0);
 }
