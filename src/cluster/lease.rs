@@ -206,6 +206,7 @@ impl Lease {
             instance: &self.state.instance,
             address: &self.state.address,
             version: self.version,
+            credential_hash: &self.state.credential_hash,
         };
         cluster::join(&mut conn, member)
             .await

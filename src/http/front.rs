@@ -194,18 +194,14 @@ async fn events_stream(
 /// with `Retry-After`, never 404, so no client takes it as final.
 pub fn node_server(
     settings: &Settings,
-    db: Db,
     devices: Arc<NodeDevices>,
     listener: TcpListener,
 ) -> anyhow::Result<Server> {
-    let auth = web::Data::new(AuthService::new(
-        db,
-        Duration::from_secs(settings.auth.cache_ttl_s),
-    ));
+    let peers = devices.peers();
     let devices = web::Data::from(devices);
     let server = HttpServer::new(move || {
         App::new()
-            .app_data(auth.clone())
+            .app_data(peers.clone())
             .configure(|cfg| super::internal::node_routes(cfg, devices.clone()))
             .default_service(web::to(not_the_dispatch_holder))
             .wrap(from_fn(super::auth::authenticate))

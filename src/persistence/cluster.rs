@@ -151,7 +151,7 @@ fn postgres_only() -> StoreError {
     StoreError::Unavailable("running as a cluster needs PostgreSQL".into())
 }
 
-/// A node's incarnation as it joins.
+/// A node's incarnation as it joins: who it is and how the other nodes know its calls.
 #[derive(Debug, Clone, Copy)]
 pub struct Member<'a> {
     /// The node id (configured, so the same across restarts).
@@ -162,25 +162,28 @@ pub struct Member<'a> {
     pub address: &'a str,
     /// Build version.
     pub version: &'a str,
+    /// The SHA-256 hex of the credential it presents to the other nodes.
+    pub credential_hash: &'a str,
 }
 
 /// Records this incarnation as the member under its node id (again, after a restart under the
-/// same id: the previous incarnation's address is replaced, and the leases it still holds are
-/// nobody's to route to until they expire).
+/// same id: the previous incarnation's address and credential are replaced, and the leases it
+/// still holds are nobody's to route to until they expire).
 pub async fn join(conn: &mut DbConn, member: Member<'_>) -> Result<(), StoreError> {
     let q = diesel::sql_query(
         "INSERT INTO cluster_nodes \
-           (node_id, instance, address, version, started_at, heartbeat_at) \
-         VALUES ($1, $2, $3, $4, clock_timestamp(), clock_timestamp()) \
+           (node_id, instance, address, version, credential_hash, started_at, heartbeat_at) \
+         VALUES ($1, $2, $3, $4, $5, clock_timestamp(), clock_timestamp()) \
          ON CONFLICT (node_id) DO UPDATE SET instance = EXCLUDED.instance, \
            address = EXCLUDED.address, version = EXCLUDED.version, \
-           started_at = EXCLUDED.started_at, \
+           credential_hash = EXCLUDED.credential_hash, started_at = EXCLUDED.started_at, \
            heartbeat_at = EXCLUDED.heartbeat_at, left_at = NULL",
     )
     .bind::<Text, _>(member.node_id)
     .bind::<Text, _>(member.instance)
     .bind::<Text, _>(member.address)
-    .bind::<Text, _>(member.version);
+    .bind::<Text, _>(member.version)
+    .bind::<Text, _>(member.credential_hash);
     db_run!(conn, |_c| { Err(postgres_only()) } else |c| {
         q.execute(c).await?;
         Ok(())
@@ -202,7 +205,7 @@ pub async fn heartbeat(conn: &mut DbConn, node_id: &str, instance: &str) -> Resu
     })
 }
 
-/// Marks this incarnation as gone (graceful stop).
+/// Marks this incarnation as gone (graceful stop); its credential stops working at once.
 pub async fn leave(conn: &mut DbConn, node_id: &str, instance: &str) -> Result<(), StoreError> {
     let q = diesel::sql_query(
         "UPDATE cluster_nodes SET left_at = clock_timestamp() \
@@ -447,6 +450,32 @@ pub async fn live_nodes(conn: &mut DbConn, within_ms: i64) -> Result<u32, StoreE
     db_run!(conn, |_c| { Err(postgres_only()) } else |c| {
         let count: Count = q.get_result(c).await?;
         Ok(u32::try_from(count.n).unwrap_or(u32::MAX))
+    })
+}
+
+#[derive(diesel::QueryableByName)]
+struct MemberId {
+    #[diesel(sql_type = Text)]
+    node_id: String,
+}
+
+/// The node whose current incarnation presents the credential hashed `credential_hash`, if it
+/// is live: not left, and heard from within `within_ms`. A former incarnation's credential
+/// (replaced when the node restarted under its id) matches nothing.
+pub async fn member_by_credential(
+    conn: &mut DbConn,
+    credential_hash: &str,
+    within_ms: i64,
+) -> Result<Option<String>, StoreError> {
+    let q = diesel::sql_query(
+        "SELECT node_id FROM cluster_nodes WHERE credential_hash = $1 AND left_at IS NULL \
+           AND heartbeat_at > clock_timestamp() - $2 * interval '1 millisecond'",
+    )
+    .bind::<Text, _>(credential_hash)
+    .bind::<BigInt, _>(within_ms);
+    db_run!(conn, |_c| { Ok(None) } else |c| {
+        use diesel::OptionalExtension as _;
+        Ok(q.get_result::<MemberId>(c).await.optional()?.map(|m| m.node_id))
     })
 }
 

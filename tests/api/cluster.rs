@@ -382,6 +382,20 @@ impl Cluster {
             .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
     }
 
+    /// The names of the live API tokens.
+    async fn live_tokens(&self) -> Vec<String> {
+        let mut conn = self.db.conn().await.unwrap();
+        let mut names: Vec<String> = tokens::list(&mut conn)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|t| t.revoked_at.is_none())
+            .map(|t| t.name)
+            .collect();
+        names.sort();
+        names
+    }
+
     async fn crew_token(&self, unit: &str) -> String {
         crate::helpers::crew_token(&self.db, unit).await
     }
@@ -2069,39 +2083,231 @@ async fn a_holder_restarted_under_its_own_id_is_sent_no_dispatch_work() {
     assert_eq!(cluster.events_of("incident.created").await.len(), 1);
 }
 
+/// Nodes call each other with credentials of their own, here caught on the wire by a tap in
+/// front of a node's internal address: such a credential works on the node-to-node endpoints,
+/// gets 401 on every public route (listing or minting tokens above all), and dies with its
+/// process (two leases after its last heartbeat, here after kill -9).
+#[actix_web::test]
+async fn node_credentials_work_between_nodes_only_and_die_with_their_process() {
+    let Some(mut cluster) = Cluster::start(2).await else {
+        return;
+    };
+    let owner = cluster.wait_owner(None, Duration::from_secs(10)).await;
+    // A third node, whose internal traffic passes through a tap.
+    let internal = free_port();
+    let tap = crate::helpers::TcpProxy::tapped(format!("127.0.0.1:{internal}")).await;
+    let node = cluster.spawn_with(
+        "n3",
+        free_port(),
+        &[
+            (
+                "SHERS_CLUSTER__INTERNAL_BIND",
+                format!("127.0.0.1:{internal}"),
+            ),
+            (
+                "SHERS_CLUSTER__ADVERTISE_URL",
+                format!("http://127.0.0.1:{}", tap.port),
+            ),
+        ],
+    );
+    cluster.nodes.push(node);
+    cluster.wait_devices_spread(Duration::from_secs(30)).await;
+    // The dispatch holder asks every node for its device actors.
+    let started = Instant::now();
+    while tap.bearers().is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "no node called n3\n{}",
+            cluster.logs()
+        );
+        let resp = cluster.get(0, api::ADMIN_ACTORS, &cluster.admin).await;
+        assert_eq!(resp.status(), 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stolen = tap.bearers()[0].clone();
+    let n3 = format!("http://127.0.0.1:{internal}/internal/v1/actors/devices");
+    let client = cluster.client.clone();
+    let status = async |url: &str, token: Option<&str>| {
+        let mut request = client.get(url);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.unwrap().status()
+    };
+    assert_eq!(status(&n3, Some(&stolen)).await, 200, "it is a node's");
+    // A node's internal server knows no API token, an admin's included.
+    assert_eq!(status(&n3, Some(&cluster.admin)).await, 401);
+    assert_eq!(status(&n3, None).await, 401);
+
+    // No public route takes it, on any front nor on the holder's own server.
+    let holder = cluster.internal_url(owner).await;
+    let mut bases: Vec<String> = (0..3).map(|i| cluster.url(i, "")).collect();
+    bases.push(holder.clone());
+    for base in &bases {
+        for path in [api::ADMIN_TOKENS, api::UNITS, api::WHOAMI] {
+            let url = format!("{base}{path}");
+            assert_eq!(status(&url, Some(&stolen)).await, 401, "{url}");
+        }
+        let minted = cluster
+            .client
+            .post(format!("{base}{}", api::ADMIN_TOKENS))
+            .bearer_auth(&stolen)
+            .json(&json!({"role": "admin", "name": "stolen"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(minted.status(), 401, "{base}");
+    }
+    assert!(
+        !cluster.live_tokens().await.contains(&"stolen".to_owned()),
+        "no token was minted"
+    );
+
+    // It is good for the node-to-node hand-off of an emergency: a malformed one is a 422
+    // naming the field, and the wearer gets one incident however often it is handed over.
+    cluster.register_wearer(0, "hp-1", "hw-1").await;
+    let emergencies = format!("{holder}/internal/v1/emergencies");
+    let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let handed = json!({
+        "patient_id": "hp-1", "device_id": "hw-1", "location": {"lat": SCENE.0, "lng": SCENE.1},
+        "reasons": ["heart rate 165 bpm"], "evidence": [], "detected_at": at, "onset": true
+    });
+    let post = async |token: &str, body: &Value| {
+        client
+            .post(&emergencies)
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    };
+    assert_eq!(post(&cluster.admin, &handed).await.status(), 403);
+    let bad = post(&stolen, &json!({"patient_id": "hp-1"})).await;
+    assert_eq!(bad.status(), 422);
+    let problem: Value = bad.json().await.unwrap();
+    assert!(problem["errors"][0]["pointer"].is_string(), "{problem}");
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let resp = post(&stolen, &handed).await;
+        assert_eq!(resp.status(), 200);
+        let answer: Value = resp.json().await.unwrap();
+        ids.push(answer["incident_id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(ids[0], ids[1]);
+    assert_eq!(cluster.events_of("incident.created").await.len(), 1);
+
+    // Its node is killed: the credential stops working once the node stops counting as alive.
+    cluster.kill9(owner);
+    let killed = Instant::now();
+    while status(&n3, Some(&stolen)).await != 401 {
+        assert!(
+            killed.elapsed() < Duration::from_secs(20),
+            "a killed node's credential still works\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("kill -9 to its credential refused: {:?}", killed.elapsed());
+}
+
+/// Nodes and billing mint no API tokens for themselves, so kill -9 and restarts leave none
+/// behind; the ones older builds minted (`node <id> (internal)`, `billing (internal)`, left
+/// live by crashes) are revoked when a node starts.
+#[actix_web::test]
+async fn restarts_leave_no_live_tokens_behind() {
+    let Some(mut cluster) = Cluster::start(3).await else {
+        return;
+    };
+    let live = cluster.live_tokens().await;
+    assert_eq!(live, ["cluster test"; 3], "only the test's own tokens");
+    {
+        let mut conn = cluster.db.conn().await.unwrap();
+        for name in [
+            "node n1 (internal)",
+            "node n9 (internal)",
+            "billing (internal)",
+        ] {
+            tokens::create(&mut conn, Role::Admin, None, None, name, chrono::Utc::now())
+                .await
+                .unwrap();
+        }
+    }
+    for _ in 0..3 {
+        let owner = cluster.wait_owner(None, Duration::from_secs(15)).await;
+        let front = (owner + 1) % 3;
+        let epoch = dispatch_epoch(&cluster.overview(front).await.unwrap());
+        cluster.kill9(owner);
+        cluster.restart(owner);
+        // Taken again (by whichever node) and served through every front.
+        let started = Instant::now();
+        while cluster
+            .overview(front)
+            .await
+            .is_none_or(|v| dispatch_epoch(&v) <= epoch)
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "{}",
+                cluster.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        cluster.wait_owner(None, Duration::from_secs(15)).await;
+    }
+    assert_eq!(cluster.live_tokens().await, live);
+}
+
 /// A lease belongs to the incarnation (the process) that took it, not merely its node id: once
 /// the node joins again under its id (restarted), the lease its previous process took routes
-/// nowhere until it is taken again.
+/// nowhere until it is taken again, and the previous process's credential matches no member.
 #[actix_web::test]
 async fn a_lease_belongs_to_the_incarnation_that_took_it() {
     if !postgres_available().await {
         return;
     }
+    use shers::domain::auth::hash_token;
     use shers::persistence::cluster::{self as lease, DISPATCH_SHARD, Member};
     let guard = TestDb::new(Backend::Postgres).await;
     let db = guard.migrated().await;
     let mut conn = db.conn().await.unwrap();
-    let member = |instance| Member {
+    let member = |instance, credential| Member {
         node_id: "n1",
         instance,
         address: "http://127.0.0.1:1",
         version: "test",
+        credential_hash: credential,
     };
-    lease::join(&mut conn, member("first")).await.unwrap();
+    let (first, second) = (
+        hash_token("shers_node_first"),
+        hash_token("shers_node_second"),
+    );
+    lease::join(&mut conn, member("first", &first))
+        .await
+        .unwrap();
     lease::try_acquire(&mut conn, DISPATCH_SHARD, "n1", "first", 60_000)
         .await
         .unwrap()
         .unwrap();
     let owner = lease::owner(&mut conn, DISPATCH_SHARD).await.unwrap();
     assert_eq!(owner.map(|o| o.instance).as_deref(), Some("first"));
+    let member_of = async |conn: &mut shers::persistence::DbConn, hash: &str| {
+        lease::member_by_credential(conn, hash, 60_000)
+            .await
+            .unwrap()
+    };
+    assert_eq!(member_of(&mut conn, &first).await.as_deref(), Some("n1"));
 
     // Restarted under its id, before the lease ran out.
-    lease::join(&mut conn, member("second")).await.unwrap();
+    lease::join(&mut conn, member("second", &second))
+        .await
+        .unwrap();
     assert_eq!(lease::owner(&mut conn, DISPATCH_SHARD).await.unwrap(), None);
     assert!(lease::owners(&mut conn).await.unwrap().is_empty());
+    assert_eq!(member_of(&mut conn, &first).await, None);
+    assert_eq!(member_of(&mut conn, &second).await.as_deref(), Some("n1"));
     // The previous process, woken up, refreshes nothing and leaves nothing.
     lease::leave(&mut conn, "n1", "first").await.unwrap();
-    assert_eq!(lease::live_nodes(&mut conn, 60_000).await.unwrap(), 1);
+    assert_eq!(member_of(&mut conn, &second).await.as_deref(), Some("n1"));
     // Its lease is released (or runs out); the new incarnation takes it and is routed to.
     assert!(
         lease::release(&mut conn, DISPATCH_SHARD, "n1", 1)
@@ -2115,5 +2321,5 @@ async fn a_lease_belongs_to_the_incarnation_that_took_it() {
     let owner = lease::owner(&mut conn, DISPATCH_SHARD).await.unwrap();
     assert_eq!(owner.map(|o| o.instance).as_deref(), Some("second"));
     lease::leave(&mut conn, "n1", "second").await.unwrap();
-    assert_eq!(lease::live_nodes(&mut conn, 60_000).await.unwrap(), 0);
+    assert_eq!(member_of(&mut conn, &second).await, None, "left: dead");
 }
