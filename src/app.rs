@@ -23,7 +23,7 @@ use crate::actors::unit::{Fleet, LoadFleet, SetUnitFreeRecipient};
 use crate::config::Settings;
 use crate::domain::billing::Tariff;
 use crate::domain::triage::TriageRules;
-use crate::http::auth::AuthService;
+use crate::http::auth::{AuthService, BillingCredential};
 use crate::http::json::BodyLimit;
 use crate::http::telemetry::{ShersRootSpan, observe, prometheus};
 use crate::http::{self, AppState};
@@ -44,12 +44,12 @@ pub struct Application {
     billing: actix::Addr<Billing>,
     broadcaster: actix::Addr<Broadcaster>,
     fleet: actix::Addr<Fleet>,
-    /// The token minted for billing's calls to the insurance service, revoked at the end.
-    internal_token: Option<crate::domain::ids::TokenId>,
     closing: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
-/// Opens the configured database and applies pending migrations.
+/// Opens the configured database, applies pending migrations, and revokes the admin tokens
+/// older builds minted for their own use and may have left live
+/// ([`tokens::revoke_legacy_internal`]).
 pub async fn open_database(settings: &Settings) -> anyhow::Result<Db> {
     let db = Db::connect(&settings.database)
         .await
@@ -59,6 +59,18 @@ pub async fn open_database(settings: &Settings) -> anyhow::Result<Db> {
         .context("running migrations")?;
     if applied > 0 {
         tracing::info!(migrations.applied = applied, db.backend = ?db.backend(), "migrations applied");
+    }
+    let revoked = db
+        .run(|mut conn| async move {
+            tokens::revoke_legacy_internal(&mut conn, chrono::Utc::now()).await
+        })
+        .await
+        .context("revoking the internal tokens older builds left")?;
+    if revoked > 0 {
+        tracing::info!(
+            tokens.revoked = revoked,
+            "revoked internal admin tokens left by an older build"
+        );
     }
     Ok(db)
 }
@@ -189,35 +201,37 @@ async fn start_incidents(
     Ok(incidents)
 }
 
-/// Starts the billing saga driver with its payment provider and insurance client, and
-/// resumes unfinished sagas. Without a configured insurance token, billing gets one of its own
-/// for this run (answered second, to be revoked when the server stops).
+/// The credential billing presents to the insurance service: the configured
+/// `insurance.api_token`, or else one of this process's own, accepted by this server's
+/// embedded `/insurance/v1` alone (its verifier is returned to be mounted with it) and gone
+/// with the process.
+fn insurance_credential(
+    settings: &Settings,
+) -> anyhow::Result<(String, Option<web::Data<BillingCredential>>)> {
+    if let Some(token) = &settings.insurance.api_token {
+        return Ok((token.expose().clone(), None));
+    }
+    if settings.insurance.base_url.is_some() {
+        tracing::warn!(
+            "insurance.base_url is set without insurance.api_token: billing's own credential \
+             is accepted only by this server's embedded insurance service"
+        );
+    }
+    let (verifier, secret) =
+        BillingCredential::generate().context("making billing's insurance credential")?;
+    Ok((secret, Some(web::Data::new(verifier))))
+}
+
+/// Starts the billing saga driver with its payment provider and insurance client (presenting
+/// `insurance_token`), and resumes unfinished sagas.
 async fn start_billing(
     settings: &Settings,
     db: &Db,
     port: u16,
+    insurance_token: String,
     fleet: &actix::Addr<Fleet>,
     incidents: &actix::Addr<IncidentDirectory>,
-) -> anyhow::Result<(actix::Addr<Billing>, Option<crate::domain::ids::TokenId>)> {
-    // Without a configured token, billing gets one of its own for this run, revoked when
-    // the server stops (a crash leaves it live; it is listed as "billing (internal)").
-    let (insurance_token, internal_token) = match &settings.insurance.api_token {
-        Some(t) => (t.expose().clone(), None),
-        None => {
-            let mut conn = db.conn().await?;
-            let created = tokens::create(
-                &mut conn,
-                crate::domain::auth::Role::Admin,
-                None,
-                None,
-                "billing (internal)",
-                chrono::Utc::now(),
-            )
-            .await
-            .context("minting the internal billing token")?;
-            (created.token, Some(created.record.id))
-        }
-    };
+) -> anyhow::Result<actix::Addr<Billing>> {
     let payments: Arc<dyn PaymentProvider> =
         match (settings.payments.provider, &settings.payments.api_key) {
             (crate::config::PaymentProvider::Sandbox, _) => {
@@ -264,7 +278,7 @@ async fn start_billing(
     })
     .start();
     billing.do_send(ResumeBilling);
-    Ok((billing, internal_token))
+    Ok(billing)
 }
 
 impl Application {
@@ -348,8 +362,12 @@ impl Application {
             .await
             .context("starting the event broadcaster")?
             .start();
-        let (billing, internal_token) =
-            start_billing(&settings, &db, port, &fleet, &incidents).await?;
+        let (insurance_token, billing_credential) = insurance_credential(&settings)?;
+        let billing =
+            start_billing(&settings, &db, port, insurance_token, &fleet, &incidents).await?;
+        // A cluster node's shard server accepts the other nodes' credentials on its
+        // node-to-node endpoints.
+        let peers = node.as_ref().map(|devices| devices.peers());
 
         let settings = Arc::new(settings);
         let (closing, closing_rx) = tokio::sync::watch::channel(false);
@@ -382,14 +400,21 @@ impl Application {
         let embed_insurance = settings.insurance.embedded;
 
         let mut server = HttpServer::new(move || {
-            App::new()
+            let mut app = App::new()
                 .app_data(state.clone())
                 .app_data(auth.clone())
                 .app_data(body_limit)
-                .app_data(db_data.clone())
-                .configure(http::routes)
+                .app_data(db_data.clone());
+            if let Some(peers) = &peers {
+                app = app.app_data(peers.clone());
+            }
+            if let Some(billing) = &billing_credential {
+                app = app.app_data(billing.clone());
+            }
+            app.configure(http::routes)
                 .configure(|cfg| {
                     if let Some(devices) = &node {
+                        http::internal::dispatch_routes(cfg);
                         http::internal::node_routes(cfg, web::Data::from(devices.clone()));
                     }
                     if embed_insurance {
@@ -423,7 +448,6 @@ impl Application {
             billing,
             broadcaster,
             fleet,
-            internal_token,
             closing: Arc::new(closing),
         })
     }
@@ -480,19 +504,7 @@ impl Application {
 
     /// Serves until the server is stopped (SIGINT/SIGTERM drain in-flight requests).
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        let served = self.server.await;
-        if let Some(id) = self.internal_token {
-            let revoked = self
-                .db
-                .run(move |mut conn| async move {
-                    tokens::revoke(&mut conn, id, chrono::Utc::now()).await
-                })
-                .await;
-            if let Err(e) = revoked {
-                tracing::warn!(error = %e, "internal billing token not revoked");
-            }
-        }
-        served
+        self.server.await
     }
 }
 

@@ -429,8 +429,9 @@ pub struct InsuranceSettings {
     pub base_url: Option<String>,
     /// Mount the insurance service in-process at `/insurance/v1`.
     pub embedded: bool,
-    /// Bearer token (role admin on the insurance service) billing uses; when unset and the
-    /// service is embedded, an internal token is minted at start-up.
+    /// Bearer token (role admin on the insurance service) billing uses. When unset, billing
+    /// presents a credential this process makes at start and holds in memory, which only this
+    /// process's embedded service accepts (no token is minted).
     pub api_token: Option<Secret<String>>,
 }
 

@@ -8,6 +8,8 @@
 //! arriving anywhere is split by shard, applied locally or posted to the holders'
 //! `/internal/v1/readings`, and answered as one. An emergency is handed to the dispatch
 //! shard's holder over `/internal/v1/emergencies` ([`RemoteHandoff`]), waiting out a failover.
+//! Every node-to-node call carries this incarnation's own credential, and this node accepts the
+//! other nodes' ([`NodeDevices::peers`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -29,6 +31,7 @@ use crate::domain::ids::{DeviceId, IncidentId};
 use crate::domain::shards::{device_shard, device_shard_name};
 use crate::domain::triage::TriageRules;
 use crate::domain::vitals::Reading;
+use crate::http::auth::NodeCredentials;
 use crate::persistence::cluster::fenced_url;
 use crate::persistence::group::GroupCommit;
 use crate::persistence::{Db, StoreError};
@@ -94,6 +97,7 @@ pub struct NodeDevices {
     local: RwLock<HashMap<u32, Arc<LocalShard>>>,
     http: reqwest::Client,
     token: String,
+    peers: actix_web::web::Data<NodeCredentials>,
     db: Db,
     settings: Settings,
     rules: TriageRules,
@@ -107,7 +111,7 @@ pub struct NodeDevices {
 type LocalDispatch = Arc<RwLock<Option<Recipient<EmergencyDetected>>>>;
 
 impl NodeDevices {
-    /// The device side of a node: `token` is the node's own (admin) token for the other
+    /// The device side of a node: `token` is this incarnation's own credential for the other
     /// nodes' internal endpoints, `db` its unfenced connections (reads only).
     pub fn new(
         settings: &Settings,
@@ -123,6 +127,7 @@ impl NodeDevices {
             .tcp_nodelay(true)
             .build()
             .context("building the device router's client")?;
+        let lease = cluster.lease;
         let local_dispatch = LocalDispatch::default();
         let handoff = RemoteHandoff {
             cluster: cluster.clone(),
@@ -137,6 +142,7 @@ impl NodeDevices {
             local: RwLock::new(HashMap::new()),
             http,
             token,
+            peers: actix_web::web::Data::new(NodeCredentials::new(db.clone(), lease)),
             db,
             settings: settings.clone(),
             rules: crate::app::load_triage_rules(settings)?,
@@ -144,6 +150,12 @@ impl NodeDevices {
             handoff,
             local_dispatch,
         })
+    }
+
+    /// The verifier of the other nodes' credentials, for this node's servers of node-to-node
+    /// endpoints (its internal server, and its shard server while it holds dispatch).
+    pub fn peers(&self) -> actix_web::web::Data<NodeCredentials> {
+        self.peers.clone()
     }
 
     /// This node now serves the dispatch shard with `incidents`: hand emergencies to it directly.
@@ -342,7 +354,7 @@ impl NodeDevices {
                     (Some(shard), _) => apply_local(&shard, group).await,
                     (None, Some(address)) => self.post(&address, group).await,
                     (None, None) => {
-                        self.cluster.suspect_devices();
+                        self.cluster.refresh_owners();
                         unavailable(group)
                     }
                 }
@@ -403,12 +415,12 @@ impl NodeDevices {
                     .iter()
                     .any(|(_, o)| *o == ReadingOutcome::Unavailable)
                 {
-                    self.cluster.suspect_devices();
+                    self.cluster.refresh_owners();
                 }
                 outcomes
             }
             None => {
-                self.cluster.suspect_devices();
+                self.cluster.refresh_owners();
                 indices
                     .into_iter()
                     .map(|i| (i, ReadingOutcome::Unavailable))
@@ -482,7 +494,10 @@ impl Handler<EmergencyDetected> for RemoteHandoff {
                             "incident hand-off: dispatch is being handed over".to_owned(),
                         ));
                     }
-                    None => "no dispatch holder".to_owned(),
+                    None => {
+                        cluster.refresh_owners();
+                        "no dispatch holder".to_owned()
+                    }
                     Some(owner) => {
                         let sent = http
                             .post(format!("{}/internal/v1/emergencies", owner.address))
@@ -502,8 +517,19 @@ impl Handler<EmergencyDetected> for RemoteHandoff {
                                     r.status()
                                 )));
                             }
-                            Ok(r) => format!("dispatch holder answered {}", r.status()),
-                            Err(e) => format!("dispatch holder unreachable: {e}"),
+                            // Not the holder (any more): read the owners again.
+                            Ok(r) => {
+                                cluster.refresh_owners();
+                                format!("dispatch holder answered {}", r.status())
+                            }
+                            Err(e) => {
+                                if e.is_connect() {
+                                    cluster.suspect_owner(&owner);
+                                } else {
+                                    cluster.refresh_owners();
+                                }
+                                format!("dispatch holder unreachable: {}", e.without_url())
+                            }
                         }
                     }
                 };
@@ -512,7 +538,6 @@ impl Handler<EmergencyDetected> for RemoteHandoff {
                         "incident hand-off: {last}"
                     )));
                 }
-                cluster.suspect_owner();
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })

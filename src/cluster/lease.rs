@@ -201,14 +201,16 @@ impl Lease {
 
     async fn join(&mut self) -> anyhow::Result<()> {
         let mut conn = self.conn().await?;
-        cluster::join(
-            &mut conn,
-            &self.state.node_id,
-            &self.state.address,
-            self.version,
-        )
-        .await
-        .context("joining the cluster")?;
+        let member = cluster::Member {
+            node_id: &self.state.node_id,
+            instance: &self.state.instance,
+            address: &self.state.address,
+            version: self.version,
+            credential_hash: &self.state.credential_hash,
+        };
+        cluster::join(&mut conn, member)
+            .await
+            .context("joining the cluster")?;
         let (key, address) = (self.heartbeat_key(), self.state.address.clone());
         self.announce(&key, &address, 3).await;
         Ok(())
@@ -238,7 +240,9 @@ impl Lease {
         if !self.held.contains_key(DISPATCH_SHARD) {
             self.try_take(&mut conn, DISPATCH_SHARD, events).await;
         }
-        if let Err(e) = cluster::heartbeat(&mut conn, &self.state.node_id).await {
+        if let Err(e) =
+            cluster::heartbeat(&mut conn, &self.state.node_id, &self.state.instance).await
+        {
             tracing::warn!(error = %e, "cluster heartbeat failed");
         }
         let held = match cluster::owners(&mut conn).await {
@@ -374,7 +378,8 @@ impl Lease {
         events: &mpsc::UnboundedSender<Event>,
     ) -> bool {
         let started = Instant::now();
-        let taken = cluster::try_acquire(conn, shard, &self.state.node_id, self.lease_ms).await;
+        let (node, instance) = (&self.state.node_id, &self.state.instance);
+        let taken = cluster::try_acquire(conn, shard, node, instance, self.lease_ms).await;
         let acquired = match taken {
             Ok(Some(a)) => a,
             Ok(None) => return false,
@@ -466,7 +471,7 @@ impl Lease {
                 Err(e) => tracing::warn!(shard = %shard, error = %e, "releasing a shard failed"),
             }
         }
-        if let Err(e) = cluster::leave(&mut conn, &self.state.node_id).await {
+        if let Err(e) = cluster::leave(&mut conn, &self.state.node_id, &self.state.instance).await {
             tracing::warn!(error = %e, "could not record leaving the cluster");
         }
         if let Some(redis) = self.redis.as_mut() {

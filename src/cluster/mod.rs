@@ -13,6 +13,12 @@
 //! The wearables are spread over `cluster.device_shards` device shards, each held by one node
 //! ([`devices`]); every node takes an even share of them.
 //!
+//! Each start of a node is an *incarnation* with an id of its own ([`ClusterState::instance`]):
+//! leases are held by an incarnation, not merely a node id, so a node restarted under its id is
+//! never routed work its previous process held. Nodes call each other with a credential the
+//! incarnation made at start ([`crate::http::auth::NodeCredentials`]), good for the
+//! node-to-node endpoints only and dead with the process.
+//!
 //! The [`lease`] thread joins the cluster, renews or takes the leases and learns who owns them.
 //! A node that loses a lease it held exits (code 75) and is restarted by its supervisor as a
 //! standby: stopping a live actor system in place is where split brains come from.
@@ -34,11 +40,9 @@ use actix::Actor as _;
 use crate::actors::broadcaster::Broadcaster;
 use crate::app::{Application, open_database};
 use crate::config::{Secret, Settings};
-use crate::domain::auth::Role;
 use crate::domain::shards::{MAX_DEVICE_SHARDS, parse_device_shard};
 use crate::persistence::Db;
 use crate::persistence::cluster::{DISPATCH_SHARD, Owner, fenced_url};
-use crate::persistence::tokens;
 use devices::NodeDevices;
 
 /// Exit code of a node that lost a lease it held (EX_TEMPFAIL: restart me).
@@ -57,6 +61,12 @@ pub struct Owners {
 pub struct ClusterState {
     /// This node's id.
     pub node_id: String,
+    /// This incarnation's id: fresh at every start, stored with the membership and with every
+    /// lease this process takes.
+    pub instance: String,
+    /// The SHA-256 hex of the credential this incarnation presents to the other nodes
+    /// (stored with the membership; the secret itself is only in memory).
+    pub credential_hash: String,
     /// This node's internal base URL (where its shard server listens).
     pub address: String,
     /// The lease duration.
@@ -71,9 +81,17 @@ pub struct ClusterState {
 }
 
 impl ClusterState {
-    fn new(node_id: String, address: String, lease: Duration, device_shards: u32) -> Self {
+    fn new(
+        node_id: String,
+        credential_hash: String,
+        address: String,
+        lease: Duration,
+        device_shards: u32,
+    ) -> Self {
         Self {
             node_id,
+            instance: uuid::Uuid::new_v4().simple().to_string(),
+            credential_hash,
             address,
             lease,
             device_shards,
@@ -114,9 +132,14 @@ impl ClusterState {
         self.stopping.load(Ordering::Acquire)
     }
 
-    /// Called when forwarding to the dispatch owner failed: forget it and look again now.
-    pub fn suspect_owner(&self) {
-        if let Ok(mut slot) = self.owners.write() {
+    /// Called when a connection to the dispatch owner `failed` could not be made: forget it
+    /// (unless the owners were read again since) and look again now. Only a failure to reach
+    /// the peer may lead here, never anything a client sent: what a client sends must not
+    /// change what this node believes about its peers.
+    pub fn suspect_owner(&self, failed: &Owner) {
+        if let Ok(mut slot) = self.owners.write()
+            && slot.dispatch.as_ref() == Some(failed)
+        {
             let mut owners = Owners::clone(&slot);
             owners.dispatch = None;
             *slot = Arc::new(owners);
@@ -124,8 +147,9 @@ impl ClusterState {
         self.wake.notify_one();
     }
 
-    /// Called when a device shard's holder refused or could not be reached: look again now.
-    pub fn suspect_devices(&self) {
+    /// Called when a shard had no known holder, or its holder refused or could not be reached:
+    /// read the owners again now (this changes nothing by itself).
+    pub fn refresh_owners(&self) {
         self.wake.notify_one();
     }
 }
@@ -173,29 +197,18 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let address = advertised(&settings, &internal)?;
     let public =
         TcpListener::bind(&settings.bind).with_context(|| format!("binding {}", settings.bind))?;
+    // This incarnation's credential for the other nodes' internal endpoints: in memory only,
+    // known to them by its hash in the membership row, dead when this process is.
+    let credential = crate::http::auth::new_secret(crate::domain::auth::NODE_CREDENTIAL_PREFIX)
+        .context("making the node's credential")?;
     let state = Arc::new(ClusterState::new(
         node_id.clone(),
+        crate::domain::auth::hash_token(&credential),
         address.clone(),
         Duration::from_millis(settings.cluster.lease_ms.max(300)),
         shards,
     ));
-    tracing::info!(node = %node_id, address = %address, "joining the cluster");
-
-    // The node's own token for the other nodes' internal endpoints, revoked when it leaves
-    // (a killed node's stays live; it is listed as "node … (internal)").
-    let token = {
-        let mut conn = db.conn().await?;
-        tokens::create(
-            &mut conn,
-            Role::Admin,
-            None,
-            None,
-            &format!("node {node_id} (internal)"),
-            chrono::Utc::now(),
-        )
-        .await
-        .context("minting the node's internal token")?
-    };
+    tracing::info!(node = %node_id, instance = %state.instance, address = %address, "joining the cluster");
     // Device actors run on their own threads, one per core, sharded by device id.
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let arbiters: Vec<actix::Arbiter> = (0..threads).map(|_| actix::Arbiter::new()).collect();
@@ -203,7 +216,7 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         &settings,
         state.clone(),
         db.clone(),
-        token.token.clone(),
+        credential,
         arbiters.iter().map(actix::Arbiter::handle).collect(),
     )?);
 
@@ -238,7 +251,6 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     // shard, whose server then serves them too.
     let mut node_server = Some(Served::spawn(crate::http::front::node_server(
         &settings,
-        db.clone(),
         devices.clone(),
         internal.try_clone()?,
     )?));
@@ -316,11 +328,6 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
     let (done, released) = oneshot::channel();
     if control.send(lease::Control::Leave(done)).is_ok() {
         let _ = tokio::time::timeout(Duration::from_secs(5), released).await;
-    }
-    if let Ok(mut conn) = db.conn().await
-        && let Err(e) = tokens::revoke(&mut conn, token.record.id, chrono::Utc::now()).await
-    {
-        tracing::warn!(error = %e, "could not revoke the node's internal token");
     }
     front_handle.stop(true).await;
     let _ = front_task.await;

@@ -114,10 +114,30 @@ pub fn hash_token(token: &str) -> String {
     out
 }
 
+/// Prefix of a cluster node's credential for the other nodes' `/internal/v1` endpoints. It is
+/// not an API token: no route of the public API accepts it.
+pub const NODE_CREDENTIAL_PREFIX: &str = "shers_node_";
+
+/// Prefix of the credential a server's billing presents to that same server's
+/// `/insurance/v1`. It is not an API token: no other route accepts it.
+pub const BILLING_CREDENTIAL_PREFIX: &str = "shers_billing_";
+
+/// Whether `credential` is one of the processes' own credentials (a node's, billing's) rather
+/// than an API token, by its prefix.
+pub fn is_service_credential(credential: &str) -> bool {
+    credential.starts_with(NODE_CREDENTIAL_PREFIX)
+        || credential.starts_with(BILLING_CREDENTIAL_PREFIX)
+}
+
 /// Formats 32 random bytes as a token.
 pub fn format_token(random: &[u8; 32]) -> String {
-    let mut out = String::with_capacity(TOKEN_PREFIX.len() + 64);
-    out.push_str(TOKEN_PREFIX);
+    format_credential(TOKEN_PREFIX, random)
+}
+
+/// Formats 32 random bytes as a secret starting with `prefix`.
+pub fn format_credential(prefix: &str, random: &[u8; 32]) -> String {
+    let mut out = String::with_capacity(prefix.len() + 64);
+    out.push_str(prefix);
     for byte in random {
         out.push(char::from(HEX[usize::from(byte >> 4)]));
         out.push(char::from(HEX[usize::from(byte & 0xf)]));
@@ -157,6 +177,16 @@ mod tests {
         let token = format_token(&[0xab; 32]);
         assert!(token.starts_with("shers_abab"));
         assert_eq!(token.len(), 6 + 64);
+    }
+
+    #[test]
+    fn service_credentials_are_told_from_api_tokens_by_prefix() {
+        let node = format_credential(NODE_CREDENTIAL_PREFIX, &[0xab; 32]);
+        let billing = format_credential(BILLING_CREDENTIAL_PREFIX, &[0xab; 32]);
+        assert!(is_service_credential(&node) && is_service_credential(&billing));
+        // An API token's hex never spells either prefix.
+        assert!(!is_service_credential(&format_token(&[0xab; 32])));
+        assert!(!is_service_credential(&format_token(&[0x00; 32])));
     }
 }
 

@@ -6,7 +6,7 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
-use super::auth::{AdminOnly, AuthService, Authorized};
+use super::auth::{AdminOnly, AuthService, Authorized, FromNode};
 use super::error::ApiError;
 use super::json::JsonBody;
 use crate::actors::device::ListDevices;
@@ -307,7 +307,7 @@ struct NodeDevicesPage {
 
 /// `GET /internal/v1/actors/devices`: the device actors of the shards this node serves.
 pub async fn node_devices(
-    _auth: Authorized<AdminOnly>,
+    _auth: FromNode,
     devices: web::Data<NodeDevices>,
     query: web::Query<ActorsQuery>,
 ) -> Result<HttpResponse, ApiError> {
@@ -323,7 +323,7 @@ pub async fn node_devices(
 
 /// `GET /internal/v1/actors/devices/{id}`: one device actor of a shard this node serves.
 pub async fn node_device(
-    _auth: Authorized<AdminOnly>,
+    _auth: FromNode,
     devices: web::Data<NodeDevices>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {

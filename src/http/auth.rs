@@ -7,6 +7,12 @@
 //! [`super::WEBSOCKET_ROUTES`] or it never reads a token from its URL, whatever headers the
 //! request carries. Verified tokens are cached briefly so the hot path does not hit the
 //! database on every request.
+//!
+//! The processes' own calls carry credentials of their own, never API tokens, each good for
+//! one purpose only and dying with the process that made it ([`ServiceCaller`]): a cluster
+//! node's for the other nodes' `/internal/v1` endpoints ([`NodeCredentials`], [`FromNode`]),
+//! billing's for its own server's `/insurance/v1` ([`BillingCredential`], [`InsuranceCaller`]).
+//! No public route accepts either.
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
@@ -18,8 +24,11 @@ use actix_web::http::header;
 use actix_web::{FromRequest, HttpRequest, web};
 
 use super::error::ApiError;
-use crate::domain::auth::{Principal, Role, hash_token};
-use crate::persistence::{Db, tokens};
+use crate::domain::auth::{
+    BILLING_CREDENTIAL_PREFIX, NODE_CREDENTIAL_PREFIX, Principal, Role, format_credential,
+    hash_token, is_service_credential,
+};
+use crate::persistence::{Db, cluster, tokens};
 
 /// Most cache entries kept before the cache is cleared (bounds memory under a flood of
 /// random tokens).
@@ -73,6 +82,123 @@ impl AuthService {
             cache.clear();
         }
     }
+}
+
+/// Another process of this deployment, calling with a credential of its own (never an API
+/// token): set by [`authenticate`], required by [`FromNode`], accepted by [`InsuranceCaller`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ServiceCaller {
+    /// Another node of the cluster (its id), on `/internal/v1/*`.
+    Node(String),
+    /// This server's own billing, on the insurance calls billing makes.
+    Billing,
+}
+
+/// A new random secret starting with `prefix` (256 bits, like an API token).
+pub fn new_secret(prefix: &str) -> anyhow::Result<String> {
+    let mut random = [0_u8; 32];
+    getrandom::fill(&mut random).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+    Ok(format_credential(prefix, &random))
+}
+
+/// How many leases after its last heartbeat a node's credential still works: as long as the
+/// node counts as alive in `/admin/cluster`. By then its leases have run out and the node, if
+/// it still runs, has exited.
+const CREDENTIAL_LIVE_LEASES: u32 = 2;
+
+/// Verifies the credentials cluster nodes present to each other. A node's credential is
+/// random, made when its process starts, held in memory only, and known to the other nodes as
+/// a hash in that node's membership row (`cluster_nodes.credential_hash`). So it works while
+/// that process is the live member under its node id, and no longer: not after a graceful
+/// leave, not two leases after the last heartbeat (kill -9, a partition), and not once the node
+/// was restarted under its id (the row then holds the new process's hash). Nothing is minted in
+/// `api_tokens`, so nothing piles up there. Verdicts are cached for a third of a lease, so the
+/// readings between nodes (a hot path) do not query the database per request.
+pub struct NodeCredentials {
+    db: Db,
+    live_within_ms: i64,
+    ttl: Duration,
+    cache: Mutex<HashMap<String, (Option<String>, Instant)>>,
+}
+
+impl NodeCredentials {
+    /// A verifier over the membership table of `db`, for a cluster with leases of `lease`.
+    pub fn new(db: Db, lease: Duration) -> Self {
+        let live = lease.saturating_mul(CREDENTIAL_LIVE_LEASES);
+        Self {
+            db,
+            live_within_ms: i64::try_from(live.as_millis()).unwrap_or(i64::MAX),
+            ttl: lease / 3,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The node presenting `credential`, or `None` when no live node does.
+    pub async fn verify(&self, credential: &str) -> Result<Option<String>, ApiError> {
+        let hash = hash_token(credential);
+        let now = Instant::now();
+        if let Ok(cache) = self.cache.lock()
+            && let Some((node, at)) = cache.get(&hash)
+            && now.duration_since(*at) < self.ttl
+        {
+            return Ok(node.clone());
+        }
+        let (lookup, within) = (hash.clone(), self.live_within_ms);
+        let node = self
+            .db
+            .run(move |mut conn| async move {
+                cluster::member_by_credential(&mut conn, &lookup, within).await
+            })
+            .await?;
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= MAX_CACHE_ENTRIES {
+                cache.clear();
+            }
+            cache.insert(hash, (node.clone(), now));
+        }
+        Ok(node)
+    }
+}
+
+/// The credential a server's billing presents to the same server's `/insurance/v1` when no
+/// `insurance.api_token` is configured: random, made at start and held in memory only (never
+/// stored), so it works on this process alone and dies with it.
+pub struct BillingCredential {
+    hash: String,
+}
+
+impl BillingCredential {
+    /// A new credential: its verifier, and the secret to give billing.
+    pub fn generate() -> anyhow::Result<(Self, String)> {
+        let secret = new_secret(BILLING_CREDENTIAL_PREFIX)?;
+        Ok((
+            Self {
+                hash: hash_token(&secret),
+            },
+            secret,
+        ))
+    }
+
+    fn matches(&self, credential: &str) -> bool {
+        hash_token(credential) == self.hash
+    }
+}
+
+/// The process presenting `credential` (a node's or billing's), if this server knows it.
+async fn service_caller(
+    req: &actix_web::dev::ServiceRequest,
+    credential: &str,
+) -> Result<Option<ServiceCaller>, ApiError> {
+    if credential.starts_with(NODE_CREDENTIAL_PREFIX) {
+        let Some(nodes) = req.app_data::<web::Data<NodeCredentials>>().cloned() else {
+            return Ok(None);
+        };
+        return Ok(nodes.verify(credential).await?.map(ServiceCaller::Node));
+    }
+    Ok(req
+        .app_data::<web::Data<BillingCredential>>()
+        .filter(|billing| billing.matches(credential))
+        .map(|_| ServiceCaller::Billing))
 }
 
 /// A set of roles allowed to use an endpoint.
@@ -151,7 +277,19 @@ pub async fn authenticate(
     next: actix_web::middleware::Next<impl actix_web::body::MessageBody>,
 ) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
     use actix_web::HttpMessage as _;
-    if let Some(token) = bearer_token(req.request()).filter(|t| !t.is_empty())
+    let token = bearer_token(req.request()).filter(|t| !t.is_empty());
+    // A process's own credential is never looked up as an API token, nor the other way round.
+    if let Some(credential) = token.as_deref().filter(|t| is_service_credential(t)) {
+        match service_caller(&req, credential).await {
+            Ok(Some(caller)) => {
+                req.extensions_mut().insert(caller);
+            }
+            Ok(None) => {}
+            Err(_) => {
+                req.extensions_mut().insert(AuthUnavailable);
+            }
+        }
+    } else if let Some(token) = token
         && let Some(service) = req.app_data::<web::Data<AuthService>>().cloned()
     {
         match service.authenticate(&token).await {
@@ -196,5 +334,64 @@ impl<P: Policy + 'static> FromRequest for Authorized<P> {
             None => Err(ApiError::Unauthorized),
         };
         std::future::ready(result)
+    }
+}
+
+/// The caller of a node-to-node endpoint (`/internal/v1/*`): another node of this cluster, by
+/// its own credential ([`NodeCredentials`]). API tokens, admin ones included, are refused
+/// (403); no credential, or one no live node presents, is 401.
+pub struct FromNode {
+    /// The calling node's id.
+    pub node_id: String,
+}
+
+impl FromRequest for FromNode {
+    type Error = ApiError;
+    type Future = std::future::Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
+        use actix_web::HttpMessage as _;
+        let extensions = req.extensions();
+        let result = match extensions.get::<ServiceCaller>() {
+            Some(ServiceCaller::Node(node_id)) => Ok(FromNode {
+                node_id: node_id.clone(),
+            }),
+            Some(ServiceCaller::Billing) => Err(node_only()),
+            None if extensions.get::<Principal>().is_some() => Err(node_only()),
+            None if extensions.get::<AuthUnavailable>().is_some() => Err(ApiError::Unavailable {
+                detail: "credentials cannot be checked right now; retry shortly".to_owned(),
+                retry_after_s: 2,
+            }),
+            None => Err(ApiError::Unauthorized),
+        };
+        std::future::ready(result)
+    }
+}
+
+fn node_only() -> ApiError {
+    ApiError::Forbidden {
+        detail: "a node-to-node endpoint: only the cluster's nodes may call it".to_owned(),
+    }
+}
+
+/// The caller of the insurance calls billing makes (verify, release a claim): an `admin` token
+/// (an operator, or another server's billing with its configured `insurance.api_token`), or
+/// this server's own billing by its in-memory credential ([`BillingCredential`]).
+pub struct InsuranceCaller;
+
+impl FromRequest for InsuranceCaller {
+    type Error = ApiError;
+    type Future = std::future::Ready<Result<Self, ApiError>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
+        use actix_web::HttpMessage as _;
+        if matches!(
+            req.extensions().get::<ServiceCaller>(),
+            Some(ServiceCaller::Billing)
+        ) {
+            return std::future::ready(Ok(InsuranceCaller));
+        }
+        let admin = Authorized::<AdminOnly>::from_request(req, payload).into_inner();
+        std::future::ready(admin.map(|_| InsuranceCaller))
     }
 }

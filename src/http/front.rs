@@ -1,8 +1,12 @@
 //! A cluster node's public server (see [`crate::cluster`]): the probes, `/metrics` and
 //! `/admin/cluster` are answered here; every other request, HTTP or WebSocket, is forwarded
 //! to the node that owns the dispatch shard and its answer relayed, so any node accepts any
-//! request. Forwarding is transport only: authentication, validation and every rule stay with
-//! the owner's handlers, which see the caller's own credentials.
+//! request. Validation and every rule stay with the owner's handlers, which see the caller's
+//! own credentials; the front only admits what it forwards: a request target that is a path
+//! (origin form; `*` and absolute URIs are 400 here), and, but for the public start page, a
+//! token it verified itself (401 here otherwise). Nothing a client sends changes what the
+//! node believes about its peers: only a connection to the owner that cannot be made marks it
+//! suspect.
 
 use std::net::TcpListener;
 use std::sync::Arc;
@@ -18,7 +22,7 @@ use serde::Serialize;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message as Up, client::IntoClientRequest as _};
 
-use super::auth::{AdminOnly, AuthService, Authorized, ConsoleOnly};
+use super::auth::{AdminOnly, AnyRole, AuthService, Authorized, ConsoleOnly};
 use super::error::ApiError;
 use super::json::{BodyLimit, read_body};
 use super::telemetry::{ShersRootSpan, observe};
@@ -27,7 +31,7 @@ use crate::actors::broadcaster::Broadcaster;
 use crate::cluster::ClusterState;
 use crate::cluster::devices::{Ingestion, NodeDevices};
 use crate::config::Settings;
-use crate::persistence::cluster::{self, HandoverRow, LeaseRow, NodeRow};
+use crate::persistence::cluster::{self, HandoverRow, LeaseRow, NodeRow, Owner};
 use crate::persistence::{Db, StoreError};
 
 /// What the front's handlers share.
@@ -88,6 +92,8 @@ pub fn server(
         )),
     });
     let body_limit = BodyLimit(settings.http.body_limit_bytes);
+    // The recorder, from the start: what the front counts before the first scrape counts too.
+    let _ = super::telemetry::prometheus();
     let auth = web::Data::new(AuthService::new(
         db,
         Duration::from_secs(settings.auth.cache_ttl_s),
@@ -124,7 +130,10 @@ pub fn server(
                     .route(web::get().to(cluster_overview))
                     .wrap(from_fn(super::auth::authenticate)),
             )
-            .default_service(web::to(forward))
+            // Verified here, before anything is forwarded (`forward` admits only the public
+            // start page without a token).
+            .default_service(web::to(forward).wrap(from_fn(super::auth::authenticate)))
+            .wrap(from_fn(origin_form_only))
             .wrap(from_fn(observe))
             .wrap(tracing_actix_web::TracingLogger::<ShersRootSpan>::new())
     })
@@ -179,23 +188,22 @@ async fn events_stream(
 }
 
 /// A node's internal server while it does not hold the dispatch shard: the routes of the
-/// device shards it serves (`http::internal::node_routes`).
+/// device shards it serves (`http::internal::node_routes`), for the other nodes only. Anything
+/// else is dispatch work sent here by a node whose view of the owners is out of date (this node
+/// just lost or was restarted out of the dispatch shard, or has not taken it yet): answered 503
+/// with `Retry-After`, never 404, so no client takes it as final.
 pub fn node_server(
     settings: &Settings,
-    db: Db,
     devices: Arc<NodeDevices>,
     listener: TcpListener,
 ) -> anyhow::Result<Server> {
-    let auth = web::Data::new(AuthService::new(
-        db,
-        Duration::from_secs(settings.auth.cache_ttl_s),
-    ));
+    let peers = devices.peers();
     let devices = web::Data::from(devices);
     let server = HttpServer::new(move || {
         App::new()
-            .app_data(auth.clone())
+            .app_data(peers.clone())
             .configure(|cfg| super::internal::node_routes(cfg, devices.clone()))
-            .default_service(web::to(super::not_found))
+            .default_service(web::to(not_the_dispatch_holder))
             .wrap(from_fn(super::auth::authenticate))
             .wrap(from_fn(observe))
     })
@@ -204,6 +212,40 @@ pub fn node_server(
     .tcp_nodelay(true)
     .workers(settings.http.workers.unwrap_or(2).clamp(1, 4));
     Ok(server.listen(listener)?.run())
+}
+
+/// What a node's internal server answers to dispatch work while it does not hold the shard.
+async fn not_the_dispatch_holder() -> HttpResponse {
+    unavailable("this node does not hold the dispatch shard (handover); retry")
+}
+
+/// Whether `uri` is a request target in origin form (`/path?query`): not `*`, not an absolute
+/// URI, not an authority.
+fn is_origin_form(uri: &actix_web::http::Uri) -> bool {
+    uri.scheme().is_none() && uri.authority().is_none() && uri.path().starts_with('/')
+}
+
+/// Middleware: answers 400 to a request whose target is not a path (`OPTIONS *`, `GET *`,
+/// `GET http://host/…`): this server has nothing to say about `*` and forwards nothing but
+/// paths.
+async fn origin_form_only(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody + 'static>,
+) -> Result<actix_web::dev::ServiceResponse<actix_web::body::BoxBody>, actix_web::Error> {
+    if !is_origin_form(req.uri()) {
+        let problem = actix_web::ResponseError::error_response(&ApiError::Malformed {
+            detail: "the request target must be a path (origin form), not `*` or an absolute URI"
+                .to_owned(),
+            errors: Vec::new(),
+        });
+        return Ok(req.into_response(problem));
+    }
+    Ok(next.call(req).await?.map_into_boxed_body())
+}
+
+/// Whether `req` may be forwarded without a token: the start page (its data needs one).
+fn is_public(req: &HttpRequest) -> bool {
+    req.method() == actix_web::http::Method::GET && req.path() == "/"
 }
 
 /// The front's readiness: joined the cluster (registered, first lease round done), with who
@@ -273,7 +315,15 @@ async fn cluster_overview(
             alive: node.left_at.is_none() && now - node.heartbeat_at <= horizon,
             shards: shards
                 .iter()
-                .filter(|l| l.live && l.holder.as_deref() == Some(node.node_id.as_str()))
+                .filter(|l| {
+                    // Held by this incarnation (a node restarted under its id holds nothing of
+                    // its predecessor's).
+                    l.live
+                        && l.holder.as_deref() == Some(node.node_id.as_str())
+                        && l.holder_instance
+                            .as_deref()
+                            .is_none_or(|i| i == node.instance)
+                })
                 .map(|l| HeldShard {
                     shard: l.shard.clone(),
                     epoch: l.epoch,
@@ -321,19 +371,32 @@ fn is_websocket(req: &HttpRequest) -> bool {
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
-/// Forwards any other request to the dispatch shard's owner.
+/// Forwards any other request to the dispatch shard's owner, once its token is verified here
+/// (the public start page needs none).
 async fn forward(req: HttpRequest, payload: web::Payload, front: web::Data<Front>) -> HttpResponse {
+    if !is_public(&req)
+        && let Err(refused) = <Authorized<AnyRole> as actix_web::FromRequest>::extract(&req).await
+    {
+        return actix_web::ResponseError::error_response(&refused);
+    }
     let Some(owner) = front.cluster.owner() else {
-        front.cluster.suspect_owner();
+        front.cluster.refresh_owners();
         return unavailable("no node holds the dispatch shard right now (handover); retry");
     };
-    metrics::counter!("shers_forwarded_requests_total").increment(1);
+    // A path (the front admits nothing else): the owner's URL is this path on its address.
     let path = req
         .uri()
         .path_and_query()
         .map_or("/", actix_web::http::uri::PathAndQuery::as_str);
+    let Ok(url) = reqwest::Url::parse(&format!("{}{path}", owner.address)) else {
+        return actix_web::ResponseError::error_response(&ApiError::Malformed {
+            detail: "the request target is not a valid path".to_owned(),
+            errors: Vec::new(),
+        });
+    };
+    metrics::counter!("shers_forwarded_requests_total").increment(1);
     if is_websocket(&req) {
-        return forward_websocket(&req, payload, front.clone(), &owner.address, path).await;
+        return forward_websocket(&req, payload, front.clone(), &owner, path).await;
     }
     let body = match payload.to_bytes_limited(front.body_limit).await {
         Ok(Ok(body)) => body,
@@ -347,10 +410,7 @@ async fn forward(req: HttpRequest, payload: web::Payload, front: web::Data<Front
     let Ok(method) = reqwest::Method::from_bytes(req.method().as_str().as_bytes()) else {
         return HttpResponse::MethodNotAllowed().finish();
     };
-    let mut upstream = front
-        .http
-        .request(method, format!("{}{path}", owner.address))
-        .body(body);
+    let mut upstream = front.http.request(method, url).body(body);
     for (name, value) in req.headers() {
         if !hop_by_hop(name.as_str()) {
             upstream = upstream.header(name.as_str(), value.as_bytes());
@@ -365,7 +425,11 @@ async fn forward(req: HttpRequest, payload: web::Payload, front: web::Data<Front
             // Without the URL: its query may carry what the log must not.
             let e = e.without_url();
             tracing::warn!(owner = %owner.node_id, error = %e, "forwarding to the dispatch owner failed");
-            front.cluster.suspect_owner();
+            // Only a connection that could not be made says the owner may be gone; a request
+            // cut off midway (the owner died with it, or closed it) is answered and retried.
+            if e.is_connect() {
+                front.cluster.suspect_owner(&owner);
+            }
             return unavailable(
                 "the node holding the dispatch shard did not answer (handover); retry",
             );
@@ -409,7 +473,7 @@ async fn forward_websocket(
     req: &HttpRequest,
     payload: web::Payload,
     front: web::Data<Front>,
-    owner: &str,
+    owner: &Owner,
     path: &str,
 ) -> HttpResponse {
     let headers: Vec<(&'static str, Vec<u8>)> = [
@@ -425,7 +489,7 @@ async fn forward_websocket(
             .map(|v| (name, v.as_bytes().to_vec()))
     })
     .collect();
-    let Some(request) = upstream_request(owner, path, &headers) else {
+    let Some(request) = upstream_request(&owner.address, path, &headers) else {
         return HttpResponse::BadRequest().finish();
     };
     let (upstream, response) = match tokio_tungstenite::connect_async(request).await {
@@ -443,7 +507,9 @@ async fn forward_websocket(
         }
         Err(e) => {
             tracing::warn!(error = %e, "forwarding a WebSocket to the dispatch owner failed");
-            front.cluster.suspect_owner();
+            if unreachable(&e) {
+                front.cluster.suspect_owner(owner);
+            }
             return unavailable(
                 "the node holding the dispatch shard did not answer (handover); retry",
             );
@@ -477,6 +543,12 @@ async fn forward_websocket(
         resume,
     ));
     answer
+}
+
+/// Whether a WebSocket handshake failed for want of a connection to the owner (not because of
+/// anything in the client's request: a refusal, a protocol mismatch).
+fn unreachable(e: &tungstenite::Error) -> bool {
+    matches!(e, tungstenite::Error::Io(_))
 }
 
 /// The console WebSocket, whose stream the front resumes across a handover.
@@ -586,9 +658,20 @@ impl ConsoleResume {
                 None => self.path.clone(),
             };
             let request = upstream_request(&owner.address, &path, &self.headers)?;
-            let Ok((mut upstream, _)) = tokio_tungstenite::connect_async(request).await else {
-                self.front.cluster.suspect_owner();
-                continue;
+            let mut upstream = match tokio_tungstenite::connect_async(request).await {
+                Ok((upstream, _)) => upstream,
+                Err(e) if unreachable(&e) => {
+                    self.front.cluster.suspect_owner(&owner);
+                    continue;
+                }
+                // Not the holder (any more): look again.
+                Err(tungstenite::Error::Http(answer)) if answer.status().is_server_error() => {
+                    self.front.cluster.refresh_owners();
+                    continue;
+                }
+                // The new holder refused the client (its token was revoked meanwhile, say):
+                // the client reconnects and hears why itself.
+                Err(_) => return None,
             };
             if let Some(subscribe) = &self.subscribe {
                 if upstream.send(Up::text(subscribe.clone())).await.is_err() {
@@ -704,5 +787,21 @@ fn restarting() -> actix_ws::CloseReason {
     actix_ws::CloseReason {
         code: actix_ws::CloseCode::Restart,
         description: Some("dispatch is moving to another node; reconnect".to_owned()),
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::is_origin_form;
+
+    #[test]
+    fn only_paths_are_origin_form() {
+        for target in ["/", "/api/v1/units?limit=5", "//twice"] {
+            assert!(is_origin_form(&target.parse().unwrap()), "{target}");
+        }
+        for target in ["*", "http://example.org/api/v1/units", "example.org:443"] {
+            assert!(!is_origin_form(&target.parse().unwrap()), "{target}");
+        }
     }
 }

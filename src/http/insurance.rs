@@ -2,14 +2,16 @@
 //! `/insurance/v1`: in-process by `shers serve`/`demo` (unless `insurance.embedded = false`),
 //! or alone by `shers insurance`. Billing always calls it over HTTP.
 //!
-//! Service-to-service and administrative: every endpoint needs an `admin` token.
+//! Service-to-service and administrative: every endpoint needs an `admin` token; the calls
+//! billing makes (verify, release) also accept the server's own billing credential
+//! ([`InsuranceCaller`]), which works on this process only.
 
 use actix_web::{HttpResponse, web};
 use chrono::Utc;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::auth::{AdminOnly, Authorized};
+use super::auth::{AdminOnly, Authorized, InsuranceCaller};
 use super::error::ApiError;
 use super::json::JsonBody;
 use crate::domain::ids::PatientId;
@@ -40,7 +42,7 @@ pub struct VerifyRequest {
     responses((status = 200, description = "the decision"), (status = 409, body = super::error::Problem),
               (status = 422, body = super::error::Problem)))]
 pub async fn verify(
-    _auth: Authorized<AdminOnly>,
+    _auth: InsuranceCaller,
     db: web::Data<Db>,
     body: JsonBody<VerifyRequest>,
 ) -> Result<HttpResponse, ApiError> {
@@ -88,7 +90,7 @@ pub async fn verify(
     security(("bearer" = [])), params(("id" = String, Path)),
     responses((status = 200, description = "released"), (status = 404, body = super::error::Problem)))]
 pub async fn release(
-    _auth: Authorized<AdminOnly>,
+    _auth: InsuranceCaller,
     db: web::Data<Db>,
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {

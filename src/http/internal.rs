@@ -1,8 +1,10 @@
-//! Node-to-node endpoints of a cluster (see `crate::cluster`), called with a node's own admin
-//! token; not part of the public API.
+//! Node-to-node endpoints of a cluster (see `crate::cluster`); not part of the public API.
+//! Only the cluster's nodes may call them, each with its own credential ([`FromNode`]); API
+//! tokens, admin ones included, are refused.
 //!
-//! - `POST /internal/v1/emergencies` (every server): an emergency detected by a device actor on
-//!   another node, handed to this server's incidents as a local device actor would.
+//! - `POST /internal/v1/emergencies` (the dispatch shard's server): an emergency detected by a
+//!   device actor on another node, handed to this server's incidents as a local device actor
+//!   would.
 //! - `POST /internal/v1/readings` (cluster nodes): validated readings for the device shards
 //!   this node serves.
 //! - `GET /internal/v1/actors/devices[/{id}]` (cluster nodes): the live device actors of the
@@ -11,7 +13,7 @@
 use actix_web::{HttpRequest, HttpResponse, web};
 
 use super::AppState;
-use super::auth::{AdminOnly, Authorized};
+use super::auth::FromNode;
 use super::error::ApiError;
 use super::json::{BodyLimit, parse_json, read_body};
 use crate::actors::incident::EmergencyDetected;
@@ -19,7 +21,7 @@ use crate::cluster::devices::{HandedOff, NodeDevices, ShardOutcomes, ShardReadin
 
 /// Hands an emergency to the incidents: one incident per wearer, as on a single node.
 pub async fn emergency(
-    _auth: Authorized<AdminOnly>,
+    _auth: FromNode,
     state: web::Data<AppState>,
     req: HttpRequest,
     mut payload: web::Payload,
@@ -40,7 +42,7 @@ pub async fn emergency(
 
 /// Applies readings to the device shards served here (the others' are answered unavailable).
 pub async fn readings(
-    _auth: Authorized<AdminOnly>,
+    _auth: FromNode,
     devices: web::Data<NodeDevices>,
     req: HttpRequest,
     mut payload: web::Payload,
@@ -51,8 +53,8 @@ pub async fn readings(
     Ok(HttpResponse::Ok().json(ShardOutcomes(outcomes)))
 }
 
-/// The routes every server has.
-pub fn routes(cfg: &mut web::ServiceConfig) {
+/// The routes of the dispatch shard's server, besides [`node_routes`].
+pub fn dispatch_routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/internal/v1/emergencies", web::post().to(emergency));
 }
 

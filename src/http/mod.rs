@@ -84,8 +84,7 @@ pub const WEBSOCKET_ROUTES: [&str; 3] = [WS_CREW, WS_CONSOLE, WS_GATEWAY];
 ///
 /// Long on purpose: the whole route table in one place, read top to bottom.
 pub fn routes(cfg: &mut web::ServiceConfig) {
-    cfg.configure(internal::routes)
-        .route("/", web::get().to(ops::index))
+    cfg.route("/", web::get().to(ops::index))
         .route("/healthz", web::get().to(ops::healthz))
         .route("/readyz", web::get().to(ops::readyz))
         .route("/metrics", web::get().to(ops::metrics))

@@ -19,6 +19,11 @@ pub use crate::domain::shards::DISPATCH_SHARD;
 /// old owner's sessions.
 const FENCED_APP: &str = "shers-fence:";
 
+/// The join condition of a lease (`l`) and the member (`n`) serving it: the incarnation that
+/// took the lease is still the one running under its node id. (A lease with no incarnation
+/// recorded was taken by an older build, which did not record one.)
+const HOLDING_INCARNATION: &str = "(l.holder_instance IS NULL OR n.instance = l.holder_instance)";
+
 /// A lease this node just took.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Acquired {
@@ -30,12 +35,16 @@ pub struct Acquired {
     pub reason: &'static str,
 }
 
-/// Who holds a shard now.
+/// Who holds a shard now: a node's incarnation (the process that took the lease), never
+/// merely its id, so a node restarted under its id is not sent what its previous process held.
 #[derive(Debug, Clone, PartialEq, Eq, diesel::QueryableByName)]
 pub struct Owner {
     /// The holder's node id.
     #[diesel(sql_type = Text)]
     pub node_id: String,
+    /// The holder's incarnation (the process, fresh at every start).
+    #[diesel(sql_type = Text)]
+    pub instance: String,
     /// Its internal base URL.
     #[diesel(sql_type = Text)]
     pub address: String,
@@ -50,6 +59,9 @@ pub struct NodeRow {
     /// Node id.
     #[diesel(sql_type = Text)]
     pub node_id: String,
+    /// The incarnation now running under this id (the process, fresh at every start).
+    #[diesel(sql_type = Text)]
+    pub instance: String,
     /// Internal base URL.
     #[diesel(sql_type = Text)]
     pub address: String,
@@ -76,6 +88,9 @@ pub struct LeaseRow {
     /// Holder (also kept after a release or expiry, for the record).
     #[diesel(sql_type = Nullable<Text>)]
     pub holder: Option<String>,
+    /// The holder's incarnation (the process that took it).
+    #[diesel(sql_type = Nullable<Text>)]
+    pub holder_instance: Option<String>,
     /// Fencing epoch.
     #[diesel(sql_type = BigInt)]
     pub epoch: i64,
@@ -136,64 +151,87 @@ fn postgres_only() -> StoreError {
     StoreError::Unavailable("running as a cluster needs PostgreSQL".into())
 }
 
-/// Records this node as a member (again, after a restart under the same id).
-pub async fn join(
-    conn: &mut DbConn,
-    node_id: &str,
-    address: &str,
-    version: &str,
-) -> Result<(), StoreError> {
+/// A node's incarnation as it joins: who it is and how the other nodes know its calls.
+#[derive(Debug, Clone, Copy)]
+pub struct Member<'a> {
+    /// The node id (configured, so the same across restarts).
+    pub node_id: &'a str,
+    /// This process's incarnation id.
+    pub instance: &'a str,
+    /// Its internal base URL.
+    pub address: &'a str,
+    /// Build version.
+    pub version: &'a str,
+    /// The SHA-256 hex of the credential it presents to the other nodes.
+    pub credential_hash: &'a str,
+}
+
+/// Records this incarnation as the member under its node id (again, after a restart under the
+/// same id: the previous incarnation's address and credential are replaced, and the leases it
+/// still holds are nobody's to route to until they expire).
+pub async fn join(conn: &mut DbConn, member: Member<'_>) -> Result<(), StoreError> {
     let q = diesel::sql_query(
-        "INSERT INTO cluster_nodes (node_id, address, version, started_at, heartbeat_at) \
-         VALUES ($1, $2, $3, clock_timestamp(), clock_timestamp()) \
-         ON CONFLICT (node_id) DO UPDATE SET address = EXCLUDED.address, \
-           version = EXCLUDED.version, started_at = EXCLUDED.started_at, \
+        "INSERT INTO cluster_nodes \
+           (node_id, instance, address, version, credential_hash, started_at, heartbeat_at) \
+         VALUES ($1, $2, $3, $4, $5, clock_timestamp(), clock_timestamp()) \
+         ON CONFLICT (node_id) DO UPDATE SET instance = EXCLUDED.instance, \
+           address = EXCLUDED.address, version = EXCLUDED.version, \
+           credential_hash = EXCLUDED.credential_hash, started_at = EXCLUDED.started_at, \
            heartbeat_at = EXCLUDED.heartbeat_at, left_at = NULL",
     )
-    .bind::<Text, _>(node_id)
-    .bind::<Text, _>(address)
-    .bind::<Text, _>(version);
+    .bind::<Text, _>(member.node_id)
+    .bind::<Text, _>(member.instance)
+    .bind::<Text, _>(member.address)
+    .bind::<Text, _>(member.version)
+    .bind::<Text, _>(member.credential_hash);
     db_run!(conn, |_c| { Err(postgres_only()) } else |c| {
         q.execute(c).await?;
         Ok(())
     })
 }
 
-/// Refreshes this node's heartbeat.
-pub async fn heartbeat(conn: &mut DbConn, node_id: &str) -> Result<(), StoreError> {
+/// Refreshes this incarnation's heartbeat (a former incarnation under the same id, paused
+/// and woken, refreshes nothing).
+pub async fn heartbeat(conn: &mut DbConn, node_id: &str, instance: &str) -> Result<(), StoreError> {
     let q = diesel::sql_query(
         "UPDATE cluster_nodes SET heartbeat_at = clock_timestamp(), left_at = NULL \
-         WHERE node_id = $1",
+         WHERE node_id = $1 AND instance = $2",
     )
-    .bind::<Text, _>(node_id);
+    .bind::<Text, _>(node_id)
+    .bind::<Text, _>(instance);
     db_run!(conn, |_c| { Err(postgres_only()) } else |c| {
         q.execute(c).await?;
         Ok(())
     })
 }
 
-/// Marks this node as gone (graceful stop).
-pub async fn leave(conn: &mut DbConn, node_id: &str) -> Result<(), StoreError> {
+/// Marks this incarnation as gone (graceful stop); its credential stops working at once.
+pub async fn leave(conn: &mut DbConn, node_id: &str, instance: &str) -> Result<(), StoreError> {
     let q = diesel::sql_query(
-        "UPDATE cluster_nodes SET left_at = clock_timestamp() WHERE node_id = $1",
+        "UPDATE cluster_nodes SET left_at = clock_timestamp() \
+         WHERE node_id = $1 AND instance = $2",
     )
-    .bind::<Text, _>(node_id);
+    .bind::<Text, _>(node_id)
+    .bind::<Text, _>(instance);
     db_run!(conn, |_c| { Err(postgres_only()) } else |c| {
         q.execute(c).await?;
         Ok(())
     })
 }
 
-/// Takes `shard` for `node_id` if nobody holds it (never held, released or expired), bumping
-/// its epoch and recording the handover, all in one transaction. `None` when it is held.
+/// Takes `shard` for incarnation `instance` of `node_id` if nobody holds it (never held,
+/// released or expired), bumping its epoch and recording the handover, all in one
+/// transaction. `None` when it is held.
 pub async fn try_acquire(
     conn: &mut DbConn,
     shard: &str,
     node_id: &str,
+    instance: &str,
     lease_ms: i64,
 ) -> Result<Option<Acquired>, StoreError> {
     let shard = shard.to_owned();
     let node_id = node_id.to_owned();
+    let instance = instance.to_owned();
     conn.write_transaction(async |conn| {
         let ensure = diesel::sql_query(
             "INSERT INTO shard_leases (shard, holder, epoch, expires_at) \
@@ -207,14 +245,15 @@ pub async fn try_acquire(
         )
         .bind::<Text, _>(&shard);
         let take = diesel::sql_query(
-            "UPDATE shard_leases SET holder = $2, epoch = epoch + 1, \
+            "UPDATE shard_leases SET holder = $2, holder_instance = $4, epoch = epoch + 1, \
                expires_at = clock_timestamp() + $3 * interval '1 millisecond', \
                acquired_at = clock_timestamp(), released_at = NULL \
              WHERE shard = $1 RETURNING epoch",
         )
         .bind::<Text, _>(&shard)
         .bind::<Text, _>(&node_id)
-        .bind::<BigInt, _>(lease_ms);
+        .bind::<BigInt, _>(lease_ms)
+        .bind::<Text, _>(&instance);
         let (prev, epoch): (Previous, Option<i64>) =
             db_run!(conn, |_c| { Err(postgres_only()) } else |c| {
                 ensure.execute(c).await?;
@@ -330,13 +369,14 @@ pub async fn confirm_lease(conn: &mut DbConn) -> Result<(), StoreError> {
     })
 }
 
-/// The live holder of `shard` and where to reach it, if any.
+/// The live holder of `shard` and where to reach it, if any: only while the incarnation that
+/// took the lease is still the member under its node id.
 pub async fn owner(conn: &mut DbConn, shard: &str) -> Result<Option<Owner>, StoreError> {
-    let q = diesel::sql_query(
-        "SELECT l.holder AS node_id, n.address, l.epoch FROM shard_leases l \
-         JOIN cluster_nodes n ON n.node_id = l.holder \
-         WHERE l.shard = $1 AND l.released_at IS NULL AND l.expires_at > clock_timestamp()",
-    )
+    let q = diesel::sql_query(format!(
+        "SELECT l.holder AS node_id, n.instance, n.address, l.epoch FROM shard_leases l \
+         JOIN cluster_nodes n ON n.node_id = l.holder AND {HOLDING_INCARNATION} \
+         WHERE l.shard = $1 AND l.released_at IS NULL AND l.expires_at > clock_timestamp()"
+    ))
     .bind::<Text, _>(shard);
     db_run!(conn, |_c| { Err(postgres_only()) } else |c| {
         use diesel::OptionalExtension as _;
@@ -360,25 +400,35 @@ struct HeldRow {
     #[diesel(sql_type = Text)]
     node_id: String,
     #[diesel(sql_type = Text)]
+    instance: String,
+    #[diesel(sql_type = Text)]
     address: String,
     #[diesel(sql_type = BigInt)]
     epoch: i64,
 }
 
-/// Every live lease (not released, not expired) with its holder's address.
+/// Every live lease (not released, not expired) whose holding incarnation is still the member
+/// under its node id, with its address. A lease taken by a former incarnation (the node was
+/// restarted under its id before the lease ran out) is left out: nobody serves it.
 pub async fn owners(conn: &mut DbConn) -> Result<Vec<Held>, StoreError> {
-    let q = diesel::sql_query(
-        "SELECT l.shard, l.holder AS node_id, n.address, l.epoch FROM shard_leases l \
-         JOIN cluster_nodes n ON n.node_id = l.holder \
-         WHERE l.released_at IS NULL AND l.expires_at > clock_timestamp()",
-    );
+    let q = diesel::sql_query(format!(
+        "SELECT l.shard, l.holder AS node_id, n.instance, n.address, l.epoch \
+         FROM shard_leases l \
+         JOIN cluster_nodes n ON n.node_id = l.holder AND {HOLDING_INCARNATION} \
+         WHERE l.released_at IS NULL AND l.expires_at > clock_timestamp()"
+    ));
     db_run!(conn, |_c| { Err(postgres_only()) } else |c| {
         let rows: Vec<HeldRow> = q.load(c).await?;
         Ok(rows
             .into_iter()
             .map(|r| Held {
                 shard: r.shard,
-                owner: Owner { node_id: r.node_id, address: r.address, epoch: r.epoch },
+                owner: Owner {
+                    node_id: r.node_id,
+                    instance: r.instance,
+                    address: r.address,
+                    epoch: r.epoch,
+                },
             })
             .collect())
     })
@@ -403,6 +453,32 @@ pub async fn live_nodes(conn: &mut DbConn, within_ms: i64) -> Result<u32, StoreE
     })
 }
 
+#[derive(diesel::QueryableByName)]
+struct MemberId {
+    #[diesel(sql_type = Text)]
+    node_id: String,
+}
+
+/// The node whose current incarnation presents the credential hashed `credential_hash`, if it
+/// is live: not left, and heard from within `within_ms`. A former incarnation's credential
+/// (replaced when the node restarted under its id) matches nothing.
+pub async fn member_by_credential(
+    conn: &mut DbConn,
+    credential_hash: &str,
+    within_ms: i64,
+) -> Result<Option<String>, StoreError> {
+    let q = diesel::sql_query(
+        "SELECT node_id FROM cluster_nodes WHERE credential_hash = $1 AND left_at IS NULL \
+           AND heartbeat_at > clock_timestamp() - $2 * interval '1 millisecond'",
+    )
+    .bind::<Text, _>(credential_hash)
+    .bind::<BigInt, _>(within_ms);
+    db_run!(conn, |_c| { Ok(None) } else |c| {
+        use diesel::OptionalExtension as _;
+        Ok(q.get_result::<MemberId>(c).await.optional()?.map(|m| m.node_id))
+    })
+}
+
 /// Members (heard from in the last `recent_s` seconds, or still not marked as left), leases
 /// and the last `handovers` handovers, for `/admin/cluster`.
 pub async fn overview(
@@ -410,12 +486,13 @@ pub async fn overview(
     handovers: i64,
 ) -> Result<(Vec<NodeRow>, Vec<LeaseRow>, Vec<HandoverRow>), StoreError> {
     let nodes = diesel::sql_query(
-        "SELECT node_id, address, version, started_at, heartbeat_at, left_at FROM cluster_nodes \
+        "SELECT node_id, instance, address, version, started_at, heartbeat_at, left_at \
+         FROM cluster_nodes \
          WHERE left_at IS NULL OR left_at > clock_timestamp() - interval '1 hour' \
          ORDER BY node_id",
     );
     let leases = diesel::sql_query(
-        "SELECT shard, holder, epoch, expires_at, acquired_at, released_at, \
+        "SELECT shard, holder, holder_instance, epoch, expires_at, acquired_at, released_at, \
            (holder IS NOT NULL AND released_at IS NULL AND expires_at > clock_timestamp()) AS live \
          FROM shard_leases ORDER BY shard",
     );

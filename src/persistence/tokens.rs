@@ -202,3 +202,35 @@ pub async fn create(
     insert(conn, &hash, &record).await?;
     Ok(CreatedToken { token, record })
 }
+
+/// Revokes the admin tokens older builds minted for their own use and could leave live when
+/// they crashed: `node <id> (internal)` (a cluster node's calls to the others) and
+/// `billing (internal)` (billing's calls to the insurance service). Nothing mints them any
+/// more; run at every start, so whatever a crashed older process left is swept. Returns how
+/// many were revoked.
+pub async fn revoke_legacy_internal(
+    conn: &mut DbConn,
+    now: DateTime<Utc>,
+) -> Result<usize, StoreError> {
+    let revoked = db_run!(conn, |c| {
+        diesel::update(
+            api_tokens::table
+                .filter(api_tokens::revoked_at.is_null())
+                .filter(api_tokens::role.eq(Role::Admin.as_str()))
+                .filter(
+                    api_tokens::name
+                        .eq(LEGACY_BILLING)
+                        .or(api_tokens::name.like(LEGACY_NODE)),
+                ),
+        )
+        .set(api_tokens::revoked_at.eq(Some(to_db_time(now))))
+        .execute(c)
+        .await?
+    });
+    Ok(revoked)
+}
+
+/// The name older builds gave billing's own admin token.
+const LEGACY_BILLING: &str = "billing (internal)";
+/// The names older builds gave a cluster node's own admin token (a `LIKE` pattern).
+const LEGACY_NODE: &str = "node % (internal)";

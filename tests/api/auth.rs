@@ -4,10 +4,10 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use shers::domain::auth::Role;
-use shers::persistence::Backend;
+use shers::persistence::{Backend, tokens};
 
 use crate::both_backends;
-use crate::helpers::{TestApp, api};
+use crate::helpers::{TestApp, TestDb, api};
 
 both_backends!(role_matrix, revoked_tokens_stop_working, token_admin_api);
 
@@ -219,41 +219,64 @@ async fn acknowledged_tokens_survive_an_abrupt_stop(backend: Backend) {
     assert_eq!(resp.status(), StatusCode::OK);
 }
 
-both_backends!(the_internal_billing_token_lives_as_long_as_the_server);
+both_backends!(a_server_mints_no_token_for_itself_and_sweeps_what_older_builds_left);
 
-/// Billing's own token for the insurance service is live while the server runs and revoked
-/// when it stops, so restarts do not leave admin tokens behind.
-async fn the_internal_billing_token_lives_as_long_as_the_server(backend: Backend) {
-    let app = TestApp::spawn(backend).await;
-    let internal = |tokens: &Value| -> Vec<Value> {
-        tokens["items"]
-            .as_array()
+/// Billing's calls to the server's own insurance service carry a credential held in memory,
+/// not an API token, so starts and crashes leave no admin token behind. The admin tokens older
+/// builds minted for their own use (`billing (internal)`, `node <id> (internal)`, left live by
+/// a crash) are revoked when a server starts; nobody else's are.
+async fn a_server_mints_no_token_for_itself_and_sweeps_what_older_builds_left(backend: Backend) {
+    let tdb = TestDb::new(backend).await;
+    let db = tdb.migrated().await;
+    let mut conn = db.conn().await.unwrap();
+    let mut mint = async |role, name: &str| {
+        tokens::create(&mut conn, role, None, None, name, chrono::Utc::now())
+            .await
             .unwrap()
-            .iter()
-            .filter(|t| t["name"] == "billing (internal)")
-            .cloned()
-            .collect()
+            .token
     };
-    let tokens: Value = app.tokens(Role::Admin).await.json().await.unwrap();
-    let running = internal(&tokens);
-    assert_eq!(running.len(), 1, "{tokens}");
-    assert!(running[0]["revoked_at"].is_null());
-    let id = running[0]["id"].clone();
-
-    let tdb = app.kill().await;
+    let legacy = [
+        mint(Role::Admin, "billing (internal)").await,
+        mint(Role::Admin, "node shers-1 (internal)").await,
+    ];
+    let kept = [
+        mint(Role::Console, "night desk").await,
+        mint(Role::Admin, "node maintenance (internal) runbook").await,
+    ];
+    drop(conn);
     let app = TestApp::builder(backend).start_on(tdb).await;
-    let mut revoked = false;
-    for _ in 0..100 {
-        let tokens: Value = app.tokens(Role::Admin).await.json().await.unwrap();
-        let all = internal(&tokens);
-        let old = all.iter().find(|t| t["id"] == id).unwrap();
-        if !old["revoked_at"].is_null() {
-            revoked = true;
-            // The new run has its own, live.
-            assert_eq!(all.iter().filter(|t| t["revoked_at"].is_null()).count(), 1);
-            break;
-        }
-        actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
+    for token in &legacy {
+        assert_eq!(app.whoami(token).await.status(), StatusCode::UNAUTHORIZED);
     }
-    assert!(revoked, "the stopped server's internal token is still live");
+    for token in &kept {
+        assert_eq!(app.whoami(token).await.status(), StatusCode::OK);
+    }
+    let live = live_tokens(&app.db).await;
+    assert_eq!(
+        live.len(),
+        2,
+        "only the operators' tokens are live: {live:?}"
+    );
+
+    // Abrupt stops and starts: nothing is minted, nothing piles up.
+    let mut app = app;
+    for _ in 0..3 {
+        let tdb = app.kill().await;
+        app = TestApp::builder(backend).start_on(tdb).await;
+    }
+    assert_eq!(live_tokens(&app.db).await, live);
+}
+
+/// The names of the live tokens.
+async fn live_tokens(db: &shers::persistence::Db) -> Vec<String> {
+    let mut conn = db.conn().await.unwrap();
+    let mut names: Vec<String> = tokens::list(&mut conn)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|t| t.revoked_at.is_none())
+        .map(|t| t.name)
+        .collect();
+    names.sort();
+    names
 }

@@ -5,10 +5,10 @@
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use shers::domain::auth::Role;
-use shers::persistence::Backend;
+use shers::persistence::{Backend, tokens};
 
 use crate::both_backends;
-use crate::helpers::{FakeServer, TestApp, api};
+use crate::helpers::{FakeServer, TestApp, TestDb, api};
 
 both_backends!(
     partial_coverage_is_charged_and_closes,
@@ -455,4 +455,188 @@ async fn a_processing_payment_is_read_again_not_created_again(backend: Backend) 
     let provider = fake.state();
     assert_eq!(provider.creates.load(Ordering::SeqCst), 1, "created once");
     assert!(provider.reads.load(Ordering::SeqCst) >= 1, "read again");
+}
+
+both_backends!(billings_own_credential_is_good_for_its_insurance_calls_only);
+
+/// Without `insurance.api_token`, billing presents a credential its server made at start and
+/// holds in memory (here caught by a fake insurer it was pointed at): it is no API token (no
+/// public route takes it), it works for billing's insurance calls on that same server, and it
+/// dies with the process.
+async fn billings_own_credential_is_good_for_its_insurance_calls_only(backend: Backend) {
+    use actix_web::{HttpRequest, HttpResponse, web};
+    use std::sync::Mutex;
+    async fn verify(
+        seen: web::Data<Mutex<Vec<String>>>,
+        req: HttpRequest,
+        body: web::Json<Value>,
+    ) -> HttpResponse {
+        if let Some(credential) = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+        {
+            seen.lock().unwrap().push(credential.to_owned());
+        }
+        let amount = body["amount_cents"].as_i64().unwrap_or(0);
+        HttpResponse::Ok().json(json!({"verified": true, "coverage_status": "fully_covered",
+            "covered_cents": amount, "patient_due_cents": 0, "claim_id": "clm_fake"}))
+    }
+    let insurer = FakeServer::start(Mutex::new(Vec::<String>::new()), |cfg| {
+        cfg.route(api::INSURANCE_VERIFY, web::post().to(verify));
+    });
+    let url = insurer.url();
+    let settings = move |s: &mut shers::config::Settings| {
+        s.payments.provider = shers::config::PaymentProvider::Sandbox;
+        s.insurance.base_url = Some(url.clone());
+    };
+    let app = TestApp::builder(backend)
+        .with_settings(settings.clone())
+        .start()
+        .await;
+    let id = run_to_hospital(&app, "pc-1", "M-1", 0).await;
+    app.wait_incident(&id, |i| i["status"] == "closed").await;
+    let credential = insurer.state().lock().unwrap()[0].clone();
+    let client = reqwest::Client::new();
+    let send = async |method: reqwest::Method, path: &str, body: &Value| {
+        client
+            .request(method, app.url(path))
+            .bearer_auth(&credential)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    let get = reqwest::Method::GET;
+    let post = reqwest::Method::POST;
+    let nothing = json!({});
+    assert_eq!(
+        send(get.clone(), api::ADMIN_TOKENS, &nothing).await,
+        StatusCode::UNAUTHORIZED
+    );
+    let admin = json!({"role": "admin", "name": "stolen"});
+    assert_eq!(
+        send(post.clone(), api::ADMIN_TOKENS, &admin).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        send(get, api::WHOAMI, &nothing).await,
+        StatusCode::UNAUTHORIZED
+    );
+    let policy = json!({"patient_id": "pc-1", "provider": "Acme Health", "member_id": "M-2",
+                        "coverage_cents": 1});
+    assert_eq!(
+        send(post.clone(), api::INSURANCE_POLICIES, &policy).await,
+        StatusCode::UNAUTHORIZED,
+        "billing only verifies and releases claims"
+    );
+    let claim = json!({"patient_id": "pc-1", "incident_id": "inc-1", "amount_cents": 100});
+    assert_eq!(
+        send(post.clone(), api::INSURANCE_VERIFY, &claim).await,
+        StatusCode::OK
+    );
+
+    // The next run of the server has a credential of its own; the old one is dead.
+    let tdb = app.kill().await;
+    let app = TestApp::builder(backend)
+        .with_settings(settings)
+        .start_on(tdb)
+        .await;
+    let resp = client
+        .post(app.url(api::INSURANCE_VERIFY))
+        .bearer_auth(&credential)
+        .json(&claim)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+}
+
+both_backends!(an_external_insurance_service_takes_the_configured_token);
+
+/// A server whose insurance service runs apart (`shers insurance`, a real process on the same
+/// database) bills through it with the configured `insurance.api_token`.
+async fn an_external_insurance_service_takes_the_configured_token(backend: Backend) {
+    use std::process::{Command, Stdio};
+    let tdb = TestDb::new(backend).await;
+    let db = tdb.migrated().await;
+    let mut conn = db.conn().await.unwrap();
+    let token = tokens::create(
+        &mut conn,
+        Role::Admin,
+        None,
+        None,
+        "billing of the dispatch server",
+        chrono::Utc::now(),
+    )
+    .await
+    .unwrap()
+    .token;
+    drop(conn);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_shers"));
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("SHERS_") || key == "DATABASE_URL" || key == "REDIS_URL" {
+            command.env_remove(key.as_ref());
+        }
+    }
+    let insurer = Killed(
+        command
+            .args(["insurance", "--bind", &format!("127.0.0.1:{port}")])
+            .env("DATABASE_URL", &tdb.url)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let started = std::time::Instant::now();
+    while !client
+        .get(format!("{url}{}", api::HEALTHZ))
+        .send()
+        .await
+        .is_ok_and(|r| r.status() == StatusCode::OK)
+    {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(30),
+            "shers insurance did not start"
+        );
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let app = TestApp::builder(backend)
+        .with_settings(|s| {
+            s.payments.provider = shers::config::PaymentProvider::Sandbox;
+            s.insurance.base_url = Some(url.clone());
+            s.insurance.api_token = Some(shers::config::Secret::new(token));
+        })
+        .start_on(tdb)
+        .await;
+    // The policy is stored through this server's own service (same database); the coverage
+    // decision comes from the external one.
+    let id = run_to_hospital(&app, "px-1", "M-8", 30_000).await;
+    let incident = app.wait_incident(&id, |i| i["status"] == "closed").await;
+    let invoice = &incident["invoice"];
+    assert_eq!(invoice["status"], "paid", "{invoice}");
+    assert_eq!(invoice["covered_cents"], 30_000, "{invoice}");
+    drop(insurer);
+}
+
+/// A child process killed when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }

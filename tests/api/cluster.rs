@@ -182,6 +182,11 @@ impl Cluster {
     }
 
     fn spawn(&mut self, id: &str, port: u16) -> Node {
+        self.spawn_with(id, port, &[])
+    }
+
+    /// Like [`Cluster::spawn`], with extra settings for this node alone.
+    fn spawn_with(&mut self, id: &str, port: u16, extra: &[(&str, String)]) -> Node {
         let log = self.dir.path().join(format!("{id}-{}.log", self.restarts));
         self.restarts += 1;
         let file = std::fs::File::create(&log).unwrap();
@@ -202,6 +207,7 @@ impl Cluster {
             .env("SHERS_HTTP__WORKERS", "2")
             .env("RUST_LOG", "info,shers::access=warn")
             .envs(self.env.iter().copied())
+            .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(file);
@@ -340,9 +346,54 @@ impl Cluster {
 
     /// Starts `node` again on its port, under its id.
     fn restart(&mut self, node: usize) {
+        self.restart_with(node, &[]);
+    }
+
+    /// Like [`Cluster::restart`], with extra settings for the new process.
+    fn restart_with(&mut self, node: usize, extra: &[(&str, String)]) {
         let (id, port) = (self.nodes[node].id.clone(), self.nodes[node].port);
-        let fresh = self.spawn(&id, port);
+        let fresh = self.spawn_with(&id, port, extra);
         self.nodes[node] = fresh;
+    }
+
+    /// The internal base URL `node` advertises (`/admin/cluster`).
+    async fn internal_url(&self, node: usize) -> String {
+        let view = self.overview(node).await.expect("an overview");
+        view["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node_id"] == self.nodes[node].id.as_str())
+            .and_then(|n| n["address"].as_str())
+            .unwrap_or_else(|| panic!("{} is not a member: {view}", self.nodes[node].id))
+            .to_owned()
+    }
+
+    /// How many requests `node`'s front has forwarded (its `/metrics`).
+    async fn forwarded(&self, node: usize) -> u64 {
+        let text = self
+            .get(node, api::METRICS, &self.admin)
+            .await
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix("shers_forwarded_requests_total "))
+            .map_or(0, |v| v.trim().parse::<f64>().unwrap() as u64)
+    }
+
+    /// The names of the live API tokens.
+    async fn live_tokens(&self) -> Vec<String> {
+        let mut conn = self.db.conn().await.unwrap();
+        let mut names: Vec<String> = tokens::list(&mut conn)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|t| t.revoked_at.is_none())
+            .map(|t| t.name)
+            .collect();
+        names.sort();
+        names
     }
 
     async fn crew_token(&self, unit: &str) -> String {
@@ -509,6 +560,26 @@ impl Drop for Cluster {
             }
         }
     }
+}
+
+/// Sends `head` (a request line and headers, without the blank line) to `port` as raw HTTP/1.1
+/// and returns the status code of the answer.
+async fn raw_status(port: u16, head: &str) -> u16 {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream
+        .write_all(format!("{head}\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    text.split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {text:?}"))
 }
 
 /// The dispatch shard's epoch in an `/admin/cluster` view.
@@ -1102,13 +1173,13 @@ async fn a_write_fenced_at_a_stale_epoch_is_refused() {
     let guard = TestDb::new(Backend::Postgres).await;
     let db = guard.migrated().await;
     let mut conn = db.conn().await.unwrap();
-    let first = lease::try_acquire(&mut conn, DISPATCH_SHARD, "a", 60_000)
+    let first = lease::try_acquire(&mut conn, DISPATCH_SHARD, "a", "a-1", 60_000)
         .await
         .unwrap()
         .unwrap();
     assert_eq!((first.epoch, first.reason), (1, "first"));
     assert!(
-        lease::try_acquire(&mut conn, DISPATCH_SHARD, "b", 60_000)
+        lease::try_acquire(&mut conn, DISPATCH_SHARD, "b", "b-1", 60_000)
             .await
             .unwrap()
             .is_none(),
@@ -1131,7 +1202,7 @@ async fn a_write_fenced_at_a_stale_epoch_is_refused() {
             .await
             .unwrap()
     );
-    let second = lease::try_acquire(&mut conn, DISPATCH_SHARD, "b", 60_000)
+    let second = lease::try_acquire(&mut conn, DISPATCH_SHARD, "b", "b-1", 60_000)
         .await
         .unwrap()
         .unwrap();
@@ -1825,4 +1896,430 @@ async fn killing_the_holder_mid_charge_never_charges_twice() {
         cluster.events_of("billing.payment_succeeded").await.len(),
         1
     );
+}
+
+/// A request target that is not a path (`OPTIONS *`, `GET *`, an absolute URI) is answered 400
+/// by the front, and a request without a verified token 401 by the front itself: neither is
+/// forwarded, and nothing such a client sends makes a front doubt the dispatch owner (which
+/// would answer everyone 503 until the next lease round).
+#[actix_web::test]
+async fn a_client_cannot_make_a_front_doubt_the_dispatch_owner() {
+    let Some(cluster) = Cluster::start(3).await else {
+        return;
+    };
+    let owner = cluster.wait_owner(None, Duration::from_secs(10)).await;
+    let front = (owner + 1) % 3;
+    let port = cluster.nodes[front].port;
+    let console = format!("Authorization: Bearer {}", cluster.console);
+    for head in [
+        "OPTIONS * HTTP/1.1\r\nHost: x".to_owned(),
+        format!("GET * HTTP/1.1\r\nHost: x\r\n{console}"),
+        format!(
+            "GET http://127.0.0.1:{port}{} HTTP/1.1\r\nHost: x\r\n{console}",
+            api::UNITS
+        ),
+        format!(
+            "POST http://example.org{} HTTP/1.1\r\nHost: x\r\nContent-Length: 0",
+            api::VITALS
+        ),
+    ] {
+        assert_eq!(raw_status(port, &head).await, 400, "{head}");
+    }
+
+    let before = cluster.forwarded(front).await;
+    for token in [
+        None,
+        Some("shers_00"),
+        Some("shers_node_00"),
+        Some("garbage"),
+    ] {
+        for path in [
+            api::UNITS,
+            api::ADMIN_TOKENS,
+            "/internal/v1/emergencies",
+            "/nope",
+        ] {
+            let mut request = cluster.client.get(cluster.url(front, path));
+            if let Some(token) = token {
+                request = request.bearer_auth(token);
+            }
+            let status = request.send().await.unwrap().status();
+            assert_eq!(status, 401, "{path} with {token:?}");
+        }
+    }
+    assert_eq!(
+        cluster.forwarded(front).await,
+        before,
+        "nothing unauthenticated was forwarded"
+    );
+    // The start page is public, and forwarded; so is a request with a token.
+    let page = cluster
+        .client
+        .get(cluster.url(front, api::DASHBOARD))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    let units = cluster.get(front, api::UNITS, &cluster.console).await;
+    assert_eq!(units.status(), 200);
+    assert_eq!(cluster.forwarded(front).await, before + 2);
+
+    // Four clients send `GET *` while a console reads through the same front.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let flood: Vec<_> = (0..4)
+        .map(|_| {
+            let mut stopped = stopped.clone();
+            actix_web::rt::spawn(async move {
+                let mut sent = 0u32;
+                while !*stopped.borrow_and_update() {
+                    assert_eq!(raw_status(port, "GET * HTTP/1.1\r\nHost: x").await, 400);
+                    sent += 1;
+                }
+                sent
+            })
+        })
+        .collect();
+    let mut statuses = std::collections::BTreeMap::new();
+    for _ in 0..300 {
+        let status = cluster
+            .client
+            .get(cluster.url(front, api::UNITS))
+            .bearer_auth(&cluster.console)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        *statuses.entry(status).or_insert(0) += 1;
+    }
+    stop.send_replace(true);
+    let mut garbage = 0;
+    for task in flood {
+        garbage += task.await.unwrap();
+    }
+    eprintln!("{garbage} `GET *` sent meanwhile; the console's reads: {statuses:?}");
+    assert!(garbage > 0);
+    assert_eq!(
+        statuses.keys().copied().collect::<Vec<u16>>(),
+        [200],
+        "{statuses:?}\n{}",
+        cluster.logs()
+    );
+}
+
+/// kill -9 of the dispatch holder, restarted at once under its own id and internal address (as
+/// compose and supervisors with fixed node ids do): until a node serves dispatch again, every
+/// answer through every front is the real one or 503 with `Retry-After`, never a 404 from the
+/// restarted process (which holds nothing yet, though its previous incarnation's lease still
+/// runs). A node's internal server answers dispatch work it does not hold 503 with
+/// `Retry-After` too.
+#[actix_web::test]
+async fn a_holder_restarted_under_its_own_id_is_sent_no_dispatch_work() {
+    let Some(mut cluster) = Cluster::start(3).await else {
+        return;
+    };
+    let owner = cluster.wait_owner(None, Duration::from_secs(10)).await;
+    let front = (owner + 1) % 3;
+    cluster.register_wearer(front, "rp-1", "rw-1").await;
+    let request = json!({"patient_id": "rp-1", "location": {"lat": SCENE.0, "lng": SCENE.1}});
+    let standby = cluster.internal_url(front).await;
+    let resp = cluster
+        .client
+        .post(format!("{standby}{}", api::INCIDENTS))
+        .bearer_auth(&cluster.console)
+        .json(&request)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+
+    let epoch = dispatch_epoch(&cluster.overview(front).await.unwrap());
+    let address = cluster.internal_url(owner).await;
+    let bind = address.trim_start_matches("http://").to_owned();
+    cluster.kill9(owner);
+    cluster.restart_with(owner, &[("SHERS_CLUSTER__INTERNAL_BIND", bind)]);
+    let started = Instant::now();
+    let (mut answers, mut wrong) = (std::collections::BTreeMap::new(), Vec::new());
+    // Until dispatch has moved to a new epoch and twenty rounds in a row were answered.
+    let mut settled = 0;
+    while settled < 20 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "dispatch never settled: {answers:?}\n{}",
+            cluster.logs()
+        );
+        let mut all_served = true;
+        for node in 0..3 {
+            let sent = cluster
+                .client
+                .post(cluster.url(node, api::INCIDENTS))
+                .bearer_auth(&cluster.console)
+                .json(&request)
+                .send()
+                .await;
+            // The restarted process is not listening yet.
+            let Ok(resp) = sent else {
+                all_served = false;
+                continue;
+            };
+            let status = resp.status().as_u16();
+            let retry = resp.headers().contains_key("retry-after");
+            let body = resp.text().await.unwrap_or_default();
+            *answers.entry(status).or_insert(0) += 1;
+            all_served &= matches!(status, 200 | 201);
+            if !(matches!(status, 200 | 201) || status == 503 && retry) {
+                wrong.push((cluster.nodes[node].id.clone(), status, body));
+            }
+        }
+        let moved = cluster
+            .overview(front)
+            .await
+            .is_some_and(|v| dispatch_epoch(&v) > epoch);
+        settled = if moved && all_served { settled + 1 } else { 0 };
+    }
+    eprintln!("answers through the failover: {answers:?}");
+    assert!(wrong.is_empty(), "{wrong:?}");
+    assert_eq!(cluster.events_of("incident.created").await.len(), 1);
+}
+
+/// Nodes call each other with credentials of their own, here caught on the wire by a tap in
+/// front of a node's internal address: such a credential works on the node-to-node endpoints,
+/// gets 401 on every public route (listing or minting tokens above all), and dies with its
+/// process (two leases after its last heartbeat, here after kill -9).
+#[actix_web::test]
+async fn node_credentials_work_between_nodes_only_and_die_with_their_process() {
+    let Some(mut cluster) = Cluster::start(2).await else {
+        return;
+    };
+    let owner = cluster.wait_owner(None, Duration::from_secs(10)).await;
+    // A third node, whose internal traffic passes through a tap.
+    let internal = free_port();
+    let tap = crate::helpers::TcpProxy::tapped(format!("127.0.0.1:{internal}")).await;
+    let node = cluster.spawn_with(
+        "n3",
+        free_port(),
+        &[
+            (
+                "SHERS_CLUSTER__INTERNAL_BIND",
+                format!("127.0.0.1:{internal}"),
+            ),
+            (
+                "SHERS_CLUSTER__ADVERTISE_URL",
+                format!("http://127.0.0.1:{}", tap.port),
+            ),
+        ],
+    );
+    cluster.nodes.push(node);
+    cluster.wait_devices_spread(Duration::from_secs(30)).await;
+    // The dispatch holder asks every node for its device actors.
+    let started = Instant::now();
+    while tap.bearers().is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "no node called n3\n{}",
+            cluster.logs()
+        );
+        let resp = cluster.get(0, api::ADMIN_ACTORS, &cluster.admin).await;
+        assert_eq!(resp.status(), 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stolen = tap.bearers()[0].clone();
+    let n3 = format!("http://127.0.0.1:{internal}/internal/v1/actors/devices");
+    let client = cluster.client.clone();
+    let status = async |url: &str, token: Option<&str>| {
+        let mut request = client.get(url);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send().await.unwrap().status()
+    };
+    assert_eq!(status(&n3, Some(&stolen)).await, 200, "it is a node's");
+    // A node's internal server knows no API token, an admin's included.
+    assert_eq!(status(&n3, Some(&cluster.admin)).await, 401);
+    assert_eq!(status(&n3, None).await, 401);
+
+    // No public route takes it, on any front nor on the holder's own server.
+    let holder = cluster.internal_url(owner).await;
+    let mut bases: Vec<String> = (0..3).map(|i| cluster.url(i, "")).collect();
+    bases.push(holder.clone());
+    for base in &bases {
+        for path in [api::ADMIN_TOKENS, api::UNITS, api::WHOAMI] {
+            let url = format!("{base}{path}");
+            assert_eq!(status(&url, Some(&stolen)).await, 401, "{url}");
+        }
+        let minted = cluster
+            .client
+            .post(format!("{base}{}", api::ADMIN_TOKENS))
+            .bearer_auth(&stolen)
+            .json(&json!({"role": "admin", "name": "stolen"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(minted.status(), 401, "{base}");
+    }
+    assert!(
+        !cluster.live_tokens().await.contains(&"stolen".to_owned()),
+        "no token was minted"
+    );
+
+    // It is good for the node-to-node hand-off of an emergency: a malformed one is a 422
+    // naming the field, and the wearer gets one incident however often it is handed over.
+    cluster.register_wearer(0, "hp-1", "hw-1").await;
+    let emergencies = format!("{holder}/internal/v1/emergencies");
+    let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let handed = json!({
+        "patient_id": "hp-1", "device_id": "hw-1", "location": {"lat": SCENE.0, "lng": SCENE.1},
+        "reasons": ["heart rate 165 bpm"], "evidence": [], "detected_at": at, "onset": true
+    });
+    let post = async |token: &str, body: &Value| {
+        client
+            .post(&emergencies)
+            .bearer_auth(token)
+            .json(body)
+            .send()
+            .await
+            .unwrap()
+    };
+    assert_eq!(post(&cluster.admin, &handed).await.status(), 403);
+    let bad = post(&stolen, &json!({"patient_id": "hp-1"})).await;
+    assert_eq!(bad.status(), 422);
+    let problem: Value = bad.json().await.unwrap();
+    assert!(problem["errors"][0]["pointer"].is_string(), "{problem}");
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let resp = post(&stolen, &handed).await;
+        assert_eq!(resp.status(), 200);
+        let answer: Value = resp.json().await.unwrap();
+        ids.push(answer["incident_id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(ids[0], ids[1]);
+    assert_eq!(cluster.events_of("incident.created").await.len(), 1);
+
+    // Its node is killed: the credential stops working once the node stops counting as alive.
+    cluster.kill9(owner);
+    let killed = Instant::now();
+    while status(&n3, Some(&stolen)).await != 401 {
+        assert!(
+            killed.elapsed() < Duration::from_secs(20),
+            "a killed node's credential still works\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("kill -9 to its credential refused: {:?}", killed.elapsed());
+}
+
+/// Nodes and billing mint no API tokens for themselves, so kill -9 and restarts leave none
+/// behind; the ones older builds minted (`node <id> (internal)`, `billing (internal)`, left
+/// live by crashes) are revoked when a node starts.
+#[actix_web::test]
+async fn restarts_leave_no_live_tokens_behind() {
+    let Some(mut cluster) = Cluster::start(3).await else {
+        return;
+    };
+    let live = cluster.live_tokens().await;
+    assert_eq!(live, ["cluster test"; 3], "only the test's own tokens");
+    {
+        let mut conn = cluster.db.conn().await.unwrap();
+        for name in [
+            "node n1 (internal)",
+            "node n9 (internal)",
+            "billing (internal)",
+        ] {
+            tokens::create(&mut conn, Role::Admin, None, None, name, chrono::Utc::now())
+                .await
+                .unwrap();
+        }
+    }
+    for _ in 0..3 {
+        let owner = cluster.wait_owner(None, Duration::from_secs(15)).await;
+        let front = (owner + 1) % 3;
+        let epoch = dispatch_epoch(&cluster.overview(front).await.unwrap());
+        cluster.kill9(owner);
+        cluster.restart(owner);
+        // Taken again (by whichever node) and served through every front.
+        let started = Instant::now();
+        while cluster
+            .overview(front)
+            .await
+            .is_none_or(|v| dispatch_epoch(&v) <= epoch)
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(15),
+                "{}",
+                cluster.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        cluster.wait_owner(None, Duration::from_secs(15)).await;
+    }
+    assert_eq!(cluster.live_tokens().await, live);
+}
+
+/// A lease belongs to the incarnation (the process) that took it, not merely its node id: once
+/// the node joins again under its id (restarted), the lease its previous process took routes
+/// nowhere until it is taken again, and the previous process's credential matches no member.
+#[actix_web::test]
+async fn a_lease_belongs_to_the_incarnation_that_took_it() {
+    if !postgres_available().await {
+        return;
+    }
+    use shers::domain::auth::hash_token;
+    use shers::persistence::cluster::{self as lease, DISPATCH_SHARD, Member};
+    let guard = TestDb::new(Backend::Postgres).await;
+    let db = guard.migrated().await;
+    let mut conn = db.conn().await.unwrap();
+    let member = |instance, credential| Member {
+        node_id: "n1",
+        instance,
+        address: "http://127.0.0.1:1",
+        version: "test",
+        credential_hash: credential,
+    };
+    let (first, second) = (
+        hash_token("shers_node_first"),
+        hash_token("shers_node_second"),
+    );
+    lease::join(&mut conn, member("first", &first))
+        .await
+        .unwrap();
+    lease::try_acquire(&mut conn, DISPATCH_SHARD, "n1", "first", 60_000)
+        .await
+        .unwrap()
+        .unwrap();
+    let owner = lease::owner(&mut conn, DISPATCH_SHARD).await.unwrap();
+    assert_eq!(owner.map(|o| o.instance).as_deref(), Some("first"));
+    let member_of = async |conn: &mut shers::persistence::DbConn, hash: &str| {
+        lease::member_by_credential(conn, hash, 60_000)
+            .await
+            .unwrap()
+    };
+    assert_eq!(member_of(&mut conn, &first).await.as_deref(), Some("n1"));
+
+    // Restarted under its id, before the lease ran out.
+    lease::join(&mut conn, member("second", &second))
+        .await
+        .unwrap();
+    assert_eq!(lease::owner(&mut conn, DISPATCH_SHARD).await.unwrap(), None);
+    assert!(lease::owners(&mut conn).await.unwrap().is_empty());
+    assert_eq!(member_of(&mut conn, &first).await, None);
+    assert_eq!(member_of(&mut conn, &second).await.as_deref(), Some("n1"));
+    // The previous process, woken up, refreshes nothing and leaves nothing.
+    lease::leave(&mut conn, "n1", "first").await.unwrap();
+    assert_eq!(member_of(&mut conn, &second).await.as_deref(), Some("n1"));
+    // Its lease is released (or runs out); the new incarnation takes it and is routed to.
+    assert!(
+        lease::release(&mut conn, DISPATCH_SHARD, "n1", 1)
+            .await
+            .unwrap()
+    );
+    lease::try_acquire(&mut conn, DISPATCH_SHARD, "n1", "second", 60_000)
+        .await
+        .unwrap()
+        .unwrap();
+    let owner = lease::owner(&mut conn, DISPATCH_SHARD).await.unwrap();
+    assert_eq!(owner.map(|o| o.instance).as_deref(), Some("second"));
+    lease::leave(&mut conn, "n1", "second").await.unwrap();
+    assert_eq!(member_of(&mut conn, &second).await, None, "left: dead");
 }

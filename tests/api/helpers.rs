@@ -829,17 +829,36 @@ pub struct TcpProxy {
     cut: Arc<AtomicBool>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accept: JoinHandle<()>,
+    /// Bearer credentials seen in HTTP requests passing through (a tapped proxy only).
+    bearers: Arc<Mutex<Vec<String>>>,
 }
 
 impl TcpProxy {
     pub async fn start(upstream: String) -> TcpProxy {
+        Self::start_with(upstream, false).await
+    }
+
+    /// A proxy that also notes every `Authorization: Bearer` credential of the HTTP requests
+    /// passing through it, as anyone on the wire could ([`TcpProxy::bearers`]).
+    pub async fn tapped(upstream: String) -> TcpProxy {
+        Self::start_with(upstream, true).await
+    }
+
+    /// The bearer credentials a tapped proxy has seen, in order.
+    pub fn bearers(&self) -> Vec<String> {
+        self.bearers.lock().unwrap().clone()
+    }
+
+    async fn start_with(upstream: String, tap: bool) -> TcpProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let cut = Arc::new(AtomicBool::new(false));
         let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
+        let bearers: Arc<Mutex<Vec<String>>> = Arc::default();
         let accept = {
             let cut = cut.clone();
             let connections = connections.clone();
+            let bearers = bearers.clone();
             tokio::spawn(async move {
                 while let Ok((mut inbound, _)) = listener.accept().await {
                     if AtomicBool::load(&cut, Ordering::SeqCst) {
@@ -847,8 +866,14 @@ impl TcpProxy {
                         continue;
                     }
                     let upstream = upstream.clone();
+                    let bearers = bearers.clone();
                     let task = tokio::spawn(async move {
-                        if let Ok(mut outbound) = TcpStream::connect(upstream).await {
+                        let Ok(mut outbound) = TcpStream::connect(upstream).await else {
+                            return;
+                        };
+                        if tap {
+                            relay_noting_bearers(inbound, outbound, bearers).await;
+                        } else {
                             let _ =
                                 tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
                         }
@@ -862,6 +887,7 @@ impl TcpProxy {
             cut,
             connections,
             accept,
+            bearers,
         }
     }
 
@@ -884,6 +910,41 @@ impl Drop for TcpProxy {
         self.accept.abort();
         self.cut();
     }
+}
+
+/// Relays a connection both ways, noting the bearer credentials in what the client sends.
+async fn relay_noting_bearers(
+    inbound: TcpStream,
+    outbound: TcpStream,
+    bearers: Arc<Mutex<Vec<String>>>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (mut client_rx, mut client_tx) = inbound.into_split();
+    let (mut server_rx, mut server_tx) = outbound.into_split();
+    let down = tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut server_rx, &mut client_tx).await;
+    });
+    let mut buf = vec![0_u8; 64 * 1024];
+    while let Ok(n) = client_rx.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        let text = String::from_utf8_lossy(&buf[..n]);
+        for line in text.split("\r\n") {
+            let lower = line.to_ascii_lowercase();
+            if let Some(credential) = lower
+                .strip_prefix("authorization: bearer ")
+                .map(|_| line["authorization: bearer ".len()..].trim().to_owned())
+            {
+                bearers.lock().unwrap().push(credential);
+            }
+        }
+        if server_tx.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = server_tx.shutdown().await;
+    let _ = down.await;
 }
 
 /// An app on PostgreSQL reached through a proxy the test can cut.
