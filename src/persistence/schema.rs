@@ -147,15 +147,6 @@ diesel::table! {
 }
 
 diesel::table! {
-    deadlines (incident_id, kind) {
-        incident_id -> Text,
-        kind -> Text,
-        due_at -> Timestamp,
-        data -> Text,
-    }
-}
-
-diesel::table! {
     idempotency_keys (principal, idem_key) {
         principal -> Text,
         idem_key -> Text,
