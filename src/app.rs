@@ -341,13 +341,17 @@ impl Application {
         // Device actors run on their own threads, one per core, sharded by device id.
         let shards = std::thread::available_parallelism().map_or(2, |n| n.get());
         let arbiters: Vec<Arbiter> = (0..shards).map(|_| Arbiter::new()).collect();
-        let device_directory = DeviceDirectory::new(
+        let mut device_directory = DeviceDirectory::new(
             db.clone(),
             triage.clone(),
             handoff,
             arbiters.iter().map(Arbiter::handle).collect(),
-        )
-        .start();
+        );
+        // A cluster's wearables are served (and swept for silence) by their device shards.
+        if node.is_some() {
+            device_directory = device_directory.without_offline_sweep();
+        }
+        let device_directory = device_directory.start();
         let devices = device_directory.clone();
         // A cluster's wearables are served by their device shards, which resume their own.
         if node.is_none()

@@ -6,7 +6,8 @@
 //! own, whose writes go through one connection fenced at the shard's epoch: a node that lost
 //! the shard (even one paused and woken up) cannot store a device's state. A reading batch
 //! arriving anywhere is split by shard, applied locally or posted to the holders'
-//! `/internal/v1/readings`, and answered as one. An emergency is handed to the dispatch
+//! `/internal/v1/readings`, and answered as one. A wearer's "I'm OK" goes the same way, to
+//! the holder's `/internal/v1/devices/fall/cancel`. An emergency is handed to the dispatch
 //! shard's holder over `/internal/v1/emergencies` ([`RemoteHandoff`]), waiting out a failover.
 //! Every node-to-node call carries this incarnation's own credential, and this node accepts the
 //! other nodes' ([`NodeDevices::peers`]).
@@ -22,8 +23,8 @@ use serde::{Deserialize, Serialize};
 
 use super::ClusterState;
 use crate::actors::device::{
-    DeviceActor, DeviceDirectory, DeviceSummary, Ingest, ListDevices, Lookup, ReadingOutcome,
-    Retire, TriageRuntime, wake_pending_falls,
+    CancelDeviceFall, DeviceActor, DeviceDirectory, DeviceSummary, FallCancelled, Ingest,
+    ListDevices, Lookup, ReadingOutcome, Retire, TriageRuntime, wake_pending_falls,
 };
 use crate::actors::incident::EmergencyDetected;
 use crate::config::{Secret, Settings};
@@ -56,6 +57,17 @@ impl Ingestion {
         match self {
             Ingestion::Local(directory) => directory.send(Ingest(readings)).await.ok(),
             Ingestion::Cluster(devices) => Some(devices.ingest(readings).await),
+        }
+    }
+
+    /// Sends a wearer's "I'm OK" to the device's actor, wherever its shard is served.
+    pub async fn cancel_fall(&self, cancel: CancelDeviceFall) -> Result<FallCancelled, StoreError> {
+        match self {
+            Ingestion::Local(directory) => directory
+                .send(cancel)
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("device directory: {e}")))?,
+            Ingestion::Cluster(devices) => devices.cancel_fall(cancel).await,
         }
     }
 }
@@ -205,6 +217,7 @@ impl NodeDevices {
             self.handoff.clone(),
             self.arbiters.clone(),
         )
+        .for_shard(index, self.cluster.device_shards)
         .start();
         if let Ok(mut local) = self.local.write() {
             local.insert(
@@ -383,6 +396,74 @@ impl NodeDevices {
             join_all(sends).await.into_iter().flatten().collect();
         all.sort_by_key(|(i, _)| *i);
         all
+    }
+
+    /// Sends a wearer's "I'm OK" to the device's shard: here, or its holder's
+    /// `/internal/v1/devices/fall/cancel`.
+    pub async fn cancel_fall(&self, cancel: CancelDeviceFall) -> Result<FallCancelled, StoreError> {
+        let index = device_shard(&cancel.device_id, self.cluster.device_shards);
+        if self.local(index).is_some() {
+            return self.cancel_fall_local(cancel).await;
+        }
+        let owner = self
+            .cluster
+            .owners()
+            .devices
+            .get(index as usize)
+            .and_then(Option::as_ref)
+            .filter(|o| o.node_id != self.cluster.node_id)
+            .map(|o| o.address.clone());
+        let Some(address) = owner else {
+            self.cluster.refresh_owners();
+            return Err(StoreError::Unavailable(
+                "the device's shard has no holder right now".to_owned(),
+            ));
+        };
+        let sent = self
+            .http
+            .post(format!("{address}/internal/v1/devices/fall/cancel"))
+            .bearer_auth(&self.token)
+            .json(&cancel)
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => r
+                .json::<FallCancelled>()
+                .await
+                .map_err(|e| StoreError::Unavailable(format!("the device's holder: {e}"))),
+            Ok(r) => {
+                self.cluster.refresh_owners();
+                Err(StoreError::Unavailable(format!(
+                    "the device's holder answered {}",
+                    r.status()
+                )))
+            }
+            Err(e) => {
+                self.cluster.refresh_owners();
+                Err(StoreError::Unavailable(format!(
+                    "the device's holder is unreachable: {e}"
+                )))
+            }
+        }
+    }
+
+    /// A wearer's "I'm OK" for a device of a shard served here (another's is refused: the
+    /// caller's view of the owners was stale, and its client retries).
+    pub async fn cancel_fall_local(
+        &self,
+        cancel: CancelDeviceFall,
+    ) -> Result<FallCancelled, StoreError> {
+        let index = device_shard(&cancel.device_id, self.cluster.device_shards);
+        let Some(shard) = self.local(index) else {
+            return Err(StoreError::Unavailable(
+                "the device's shard is not served here".to_owned(),
+            ));
+        };
+        shard
+            .directory
+            .send(cancel)
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("device directory: {e}")))?
     }
 
     async fn post(

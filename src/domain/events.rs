@@ -203,6 +203,23 @@ pub enum DeviceEvent {
         /// The silence that counts as offline, seconds.
         silent_s: u64,
     },
+    /// `device.fall_cancelled`: the wearer said "I'm OK" while a fall watch ran; it stands
+    /// down without escalating.
+    #[serde(rename = "device.fall_cancelled")]
+    FallCancelled {
+        /// The device.
+        device_id: DeviceId,
+        /// Its wearer.
+        patient_id: PatientId,
+        /// When the fall was detected (the reading's time).
+        fall_at: DateTime<Utc>,
+        /// When the watch would have escalated.
+        deadline: DateTime<Utc>,
+        /// When it was cancelled (server clock).
+        cancelled_at: DateTime<Utc>,
+        /// Who sent the cancel: `gateway` (the device's button) or `patient` (the app).
+        by: crate::domain::auth::Role,
+    },
 }
 
 impl DeviceEvent {
@@ -211,6 +228,7 @@ impl DeviceEvent {
         let (kind, device_id) = match self {
             DeviceEvent::StatusChanged { device_id, .. } => ("vitals.status_changed", device_id),
             DeviceEvent::Offline { device_id, .. } => ("device.offline", device_id),
+            DeviceEvent::FallCancelled { device_id, .. } => ("device.fall_cancelled", device_id),
         };
         let mut event = NewEvent::new(kind, data_of(self));
         event.device_id = Some(device_id.0.clone());
@@ -494,6 +512,24 @@ mod typed_event_tests {
             offline.data,
             serde_json::json!({"device_id": "d-1", "patient_id": "p-1",
                                "last_seen_at": "2026-12-05T08:00:00Z", "silent_s": 300})
+        );
+        let cancelled = DeviceEvent::FallCancelled {
+            device_id: DeviceId::from("d-1"),
+            patient_id: PatientId::from("p-1"),
+            fall_at: at,
+            deadline: at + chrono::Duration::seconds(60),
+            cancelled_at: at + chrono::Duration::seconds(5),
+            by: crate::domain::auth::Role::Patient,
+        }
+        .to_new();
+        assert_eq!(cancelled.kind, "device.fall_cancelled");
+        assert_eq!(cancelled.device_id.as_deref(), Some("d-1"));
+        assert_eq!(
+            cancelled.data,
+            serde_json::json!({"device_id": "d-1", "patient_id": "p-1",
+                               "fall_at": "2026-12-05T08:00:00Z",
+                               "deadline": "2026-12-05T08:01:00Z",
+                               "cancelled_at": "2026-12-05T08:00:05Z", "by": "patient"})
         );
     }
 

@@ -7,6 +7,8 @@
 //!   would.
 //! - `POST /internal/v1/readings` (cluster nodes): validated readings for the device shards
 //!   this node serves.
+//! - `POST /internal/v1/devices/fall/cancel` (cluster nodes): a wearer's "I'm OK" for a device
+//!   of a shard this node serves.
 //! - `GET /internal/v1/actors/devices[/{id}]` (cluster nodes): the live device actors of the
 //!   shards this node serves, for `/admin/actors` on the dispatch holder.
 
@@ -16,6 +18,7 @@ use super::AppState;
 use super::auth::FromNode;
 use super::error::ApiError;
 use super::json::{BodyLimit, parse_json, read_body};
+use crate::actors::device::CancelDeviceFall;
 use crate::actors::incident::EmergencyDetected;
 use crate::cluster::devices::{HandedOff, NodeDevices, ShardOutcomes, ShardReadings};
 
@@ -53,6 +56,19 @@ pub async fn readings(
     Ok(HttpResponse::Ok().json(ShardOutcomes(outcomes)))
 }
 
+/// Sends a wearer's "I'm OK" to a device of a shard served here; answers what it did.
+pub async fn cancel_fall(
+    _auth: FromNode,
+    devices: web::Data<NodeDevices>,
+    req: HttpRequest,
+    mut payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_body(&req, &mut payload).await?;
+    let cancel: CancelDeviceFall = parse_json(&body)?;
+    let done = devices.cancel_fall_local(cancel).await?;
+    Ok(HttpResponse::Ok().json(done))
+}
+
 /// The routes of the dispatch shard's server, besides [`node_routes`].
 pub fn dispatch_routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/internal/v1/emergencies", web::post().to(emergency));
@@ -66,6 +82,11 @@ pub fn node_routes(cfg: &mut web::ServiceConfig, devices: web::Data<NodeDevices>
             .app_data(devices.clone())
             .app_data(BodyLimit(INTERNAL_BODY_LIMIT))
             .route(web::post().to(readings)),
+    )
+    .service(
+        web::resource("/internal/v1/devices/fall/cancel")
+            .app_data(devices.clone())
+            .route(web::post().to(cancel_fall)),
     )
     .service(
         web::resource("/internal/v1/actors/devices")

@@ -7,6 +7,7 @@ pub mod admin;
 pub mod analytics;
 pub mod auth;
 pub mod crew_session;
+pub mod devices;
 pub mod error;
 pub mod events;
 pub mod fleet;
@@ -103,6 +104,10 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             web::get().to(reference::get_patient),
         )
         .route("/api/v1/devices", web::post().to(reference::create_device))
+        .route(
+            "/api/v1/devices/{id}/fall/cancel",
+            web::post().to(devices::cancel_fall),
+        )
         .service(
             web::resource("/api/v1/incidents")
                 .route(web::get().to(incidents::list))

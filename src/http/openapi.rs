@@ -39,6 +39,7 @@ impl Modify for BearerAuth {
         super::reference::create_patient,
         super::reference::get_patient,
         super::reference::create_device,
+        super::devices::cancel_fall,
         super::vitals::ingest,
         super::events::page,
         super::analytics::response_times_handler,

@@ -4,9 +4,12 @@ use chrono::{DateTime, NaiveDate, Utc};
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
+use super::events::{self, Prepared};
 use super::schema::{devices, next_of_kin, patients};
+use super::statement::{Bind, Statement};
 use super::{DbConn, StoreError, from_db_time, to_db_time};
 use crate::db_run;
+use crate::domain::events::DeviceEvent;
 use crate::domain::geo::LatLng;
 use crate::domain::ids::{DeviceId, PatientId};
 use crate::domain::patients::{Device, Insurance, NextOfKin, Patient};
@@ -173,6 +176,7 @@ struct DeviceRow {
     last_seen_at: Option<chrono::NaiveDateTime>,
     fall_at: Option<chrono::NaiveDateTime>,
     fall_deadline: Option<chrono::NaiveDateTime>,
+    heard_at: Option<chrono::NaiveDateTime>,
 }
 
 /// A running fall watch: when the wearer fell, and when it escalates without movement.
@@ -189,6 +193,9 @@ pub struct DeviceState {
     pub last_seen_at: Option<DateTime<Utc>>,
     /// Its running fall watch, if one was running when its state was last stored.
     pub fall: Option<FallWatchState>,
+    /// When it was last heard, as stored ([`mark_heard`]): at or after the last reading's
+    /// arrival; `None` when never heard or once its `device.offline` is recorded.
+    pub heard_at: Option<DateTime<Utc>>,
 }
 
 /// Registers a device. A duplicate id is a `StoreError::Conflict`.
@@ -202,6 +209,7 @@ pub async fn insert_device(conn: &mut DbConn, device: &Device) -> Result<(), Sto
         last_seen_at: None,
         fall_at: None,
         fall_deadline: None,
+        heard_at: None,
     };
     db_run!(conn, |c| {
         diesel::insert_into(devices::table)
@@ -243,6 +251,7 @@ impl DeviceRow {
                 .fall_at
                 .zip(self.fall_deadline)
                 .map(|(at, deadline)| (from_db_time(at), from_db_time(deadline))),
+            heard_at: self.heard_at.map(from_db_time),
         }
     }
 }
@@ -302,4 +311,154 @@ pub async fn pending_falls(conn: &mut DbConn) -> Result<Vec<DeviceId>, StoreErro
             .await?
     });
     Ok(ids.into_iter().map(DeviceId).collect())
+}
+
+/// Most devices named in one SQLite statement (its limit is 32,766 binds).
+const IDS_PER_STATEMENT: usize = 8_192;
+
+/// PostgreSQL: marks many devices heard in one statement (binds: heard at, ids, newest
+/// measurement per device). `last_seen_at` only moves forward.
+const MARK_HEARD_PG: &[&str] = &[
+    "UPDATE devices SET heard_at = ",
+    ", last_seen_at = CASE WHEN devices.last_seen_at IS NULL OR devices.last_seen_at < t.seen \
+         THEN t.seen ELSE devices.last_seen_at END \
+     FROM unnest(",
+    "::text[], ",
+    "::timestamp[]) AS t(id, seen) WHERE devices.id = t.id",
+];
+struct MarkHeardPg;
+
+/// SQLite: marks one device heard (binds: heard at, newest measurement twice, id).
+const MARK_HEARD_SQLITE: &[&str] = &[
+    "UPDATE devices SET heard_at = ",
+    ", last_seen_at = CASE WHEN last_seen_at IS NULL OR last_seen_at < ",
+    " THEN ",
+    " ELSE last_seen_at END WHERE id = ",
+    "",
+];
+struct MarkHeardSqlite;
+
+/// Records that `devices` (each with its newest reading's measurement time) were heard, as of
+/// `heard_at` (which the caller makes at or after the readings' arrival): the offline sweep
+/// ([`silent_devices`]) finds a device once `heard_at` is older than the silence limit, even if
+/// no actor of the device is running. Their `last_seen_at` moves forward to the newest reading.
+pub async fn mark_heard(
+    conn: &mut DbConn,
+    devices: &[(DeviceId, DateTime<Utc>)],
+    heard_at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    if devices.is_empty() {
+        return Ok(());
+    }
+    let heard_at = to_db_time(heard_at);
+    db_run!(conn, |c| {
+        for (id, seen) in devices {
+            let seen = to_db_time(*seen);
+            Statement::<MarkHeardSqlite>::new(
+                MARK_HEARD_SQLITE,
+                vec![
+                    Bind::Timestamp(heard_at),
+                    Bind::Timestamp(seen),
+                    Bind::Timestamp(seen),
+                    Bind::Text(id.as_str()),
+                ],
+            )
+            .execute(c)
+            .await?;
+        }
+    } else |c| {
+        Statement::<MarkHeardPg>::new(
+            MARK_HEARD_PG,
+            vec![
+                Bind::Timestamp(heard_at),
+                Bind::Texts(devices.iter().map(|(id, _)| id.as_str()).collect()),
+                Bind::Timestamps(devices.iter().map(|(_, seen)| to_db_time(*seen)).collect()),
+            ],
+        )
+        .execute(c)
+        .await?;
+    });
+    Ok(())
+}
+
+/// The devices not heard since `heard_before` (and not yet recorded offline): one range of the
+/// `devices_heard_at` index, holding the silent ones.
+pub async fn silent_devices(
+    conn: &mut DbConn,
+    heard_before: DateTime<Utc>,
+) -> Result<Vec<DeviceId>, StoreError> {
+    let before = to_db_time(heard_before);
+    let ids: Vec<String> = db_run!(conn, |c| {
+        devices::table
+            .filter(devices::heard_at.is_not_null())
+            .filter(devices::heard_at.lt(before))
+            .select(devices::id)
+            .load(c)
+            .await?
+    });
+    Ok(ids.into_iter().map(DeviceId).collect())
+}
+
+#[derive(Queryable)]
+struct SilentRow {
+    id: String,
+    patient_id: String,
+    last_seen_at: Option<chrono::NaiveDateTime>,
+}
+
+/// Records `device.offline` (silence of `silent_s` seconds) for those of `ids` not heard since
+/// `heard_before`, and clears their `heard_at`, in the caller's transaction; returns them. A
+/// device heard meanwhile (or already recorded offline) is left alone, so whoever notices the
+/// silence first records it once: the device's actor at its exact deadline, or the sweep of
+/// the devices without one.
+pub async fn record_offline(
+    conn: &mut DbConn,
+    ids: &[DeviceId],
+    heard_before: DateTime<Utc>,
+    silent_s: u64,
+    now: DateTime<Utc>,
+) -> Result<Vec<DeviceId>, StoreError> {
+    let before = to_db_time(heard_before);
+    let mut silent: Vec<SilentRow> = Vec::new();
+    for chunk in ids.chunks(IDS_PER_STATEMENT) {
+        let chunk: Vec<&str> = chunk.iter().map(DeviceId::as_str).collect();
+        let rows: Vec<SilentRow> = db_run!(&mut *conn, |c| {
+            devices::table
+                .filter(devices::id.eq_any(&chunk))
+                .filter(devices::heard_at.is_not_null())
+                .filter(devices::heard_at.lt(before))
+                .select((devices::id, devices::patient_id, devices::last_seen_at))
+                .load(c)
+                .await?
+        });
+        silent.extend(rows);
+    }
+    if silent.is_empty() {
+        return Ok(Vec::new());
+    }
+    for chunk in silent.chunks(IDS_PER_STATEMENT) {
+        let chunk: Vec<&str> = chunk.iter().map(|r| r.id.as_str()).collect();
+        db_run!(&mut *conn, |c| {
+            diesel::update(devices::table.filter(devices::id.eq_any(&chunk)))
+                .set(devices::heard_at.eq(None::<chrono::NaiveDateTime>))
+                .execute(c)
+                .await?
+        });
+    }
+    let prepared = silent
+        .iter()
+        .map(|row| {
+            let event = DeviceEvent::Offline {
+                device_id: DeviceId(row.id.clone()),
+                patient_id: PatientId(row.patient_id.clone()),
+                last_seen_at: row.last_seen_at.map(from_db_time),
+                silent_s,
+            }
+            .to_new();
+            Prepared::new(&format!("device-{}", row.id), event)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let refs: Vec<&Prepared> = prepared.iter().collect();
+    events::append_many(conn, &refs, now).await?;
+    Ok(silent.into_iter().map(|r| DeviceId(r.id)).collect())
 }

@@ -71,6 +71,7 @@ diesel::table! {
         last_seen_at -> Nullable<Timestamp>,
         fall_at -> Nullable<Timestamp>,
         fall_deadline -> Nullable<Timestamp>,
+        heard_at -> Nullable<Timestamp>,
     }
 }
 

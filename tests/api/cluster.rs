@@ -990,6 +990,122 @@ async fn wearables_are_spread_over_the_nodes_and_outlive_their_holder() {
     }
 }
 
+/// The node holding a wearable's shard is killed (-9) while the wearable is silent: the node
+/// that takes the shard over records its `device.offline` once, not before the silence limit,
+/// though the wearable says nothing more. And a wearer's "I'm OK", sent to a front that holds
+/// neither dispatch nor the device's shard, reaches the device's actor on its holder.
+#[actix_web::test]
+async fn silence_outlives_a_shard_holder_and_a_fall_cancel_reaches_the_holder() {
+    let limit_s: i64 = 6;
+    let Some(mut cluster) =
+        Cluster::start_with(3, vec![("SHERS_TRIAGE__DEVICE_OFFLINE_S", "6")]).await
+    else {
+        return;
+    };
+    let owner = cluster.wait_owner(None, Duration::from_secs(10)).await;
+    cluster.wait_devices_spread(Duration::from_secs(10)).await;
+    let devices: Vec<String> = (0..24).map(|i| format!("sw-{i}")).collect();
+    for (i, device) in devices.iter().enumerate() {
+        cluster
+            .register_wearer(i % 3, &format!("sp-{i}"), device)
+            .await;
+    }
+    let view = cluster.overview(owner).await.unwrap();
+    let holder_of = |device: &str| -> usize {
+        let shard = shers::domain::shards::device_shard(&device.into(), DEVICE_SHARDS as u32);
+        let name = format!("devices/{shard}");
+        let holder = view["shards"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["shard"] == name.as_str() && l["live"] == true)
+            .and_then(|l| l["holder"].as_str())
+            .unwrap_or_else(|| panic!("nobody holds {name}: {view}"));
+        cluster.index_of(holder)
+    };
+    let victim = (owner + 1) % 3;
+    let front = (owner + 2) % 3;
+
+    // The fall cancel: a device served by the victim, asked through the other front (which
+    // forwards to the dispatch holder, which sends it to the victim).
+    let faller = devices
+        .iter()
+        .find(|d| holder_of(d) == victim)
+        .expect("a wearable on the victim")
+        .clone();
+    let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let fell = json!({"device_id": faller, "timestamp": at, "heart_rate_bpm": 80,
+                      "spo2_pct": 97, "fall_detected": true});
+    let resp = cluster
+        .post(front, api::VITALS, &cluster.gateway, &fell)
+        .await;
+    let answer: Value = resp.json().await.unwrap();
+    assert_eq!(answer["results"][0]["status"], "abnormal", "{answer}");
+    let resp = cluster
+        .post_empty(front, &api::cancel_fall(&faller), &cluster.gateway)
+        .await;
+    assert_eq!(resp.status(), 200, "{}", cluster.logs());
+    assert_eq!(
+        resp.json::<Value>().await.unwrap(),
+        json!({"cancelled": true})
+    );
+    let cancelled = cluster.events_of("device.fall_cancelled").await;
+    assert_eq!(cancelled.len(), 1);
+    assert_eq!(cancelled[0].device_id.as_deref(), Some(faller.as_str()));
+    let resp = cluster
+        .post_empty(
+            front,
+            &api::cancel_fall("no-such-wearable"),
+            &cluster.gateway,
+        )
+        .await;
+    assert_eq!(resp.status(), 404);
+
+    // The silent wearable: one reading, then its holder dies.
+    let silent = devices
+        .iter()
+        .find(|d| holder_of(d) == victim && **d != faller)
+        .expect("two wearables on the victim")
+        .clone();
+    let at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let heard = chrono::Utc::now();
+    let resp = cluster
+        .post(
+            front,
+            api::VITALS,
+            &cluster.gateway,
+            &json!({"device_id": silent, "timestamp": at, "heart_rate_bpm": 72, "spo2_pct": 98}),
+        )
+        .await;
+    assert_eq!(resp.status(), 200);
+    cluster.kill9(victim);
+    let started = Instant::now();
+    let offline = loop {
+        let offline: Vec<_> = cluster
+            .events_of("device.offline")
+            .await
+            .into_iter()
+            .filter(|e| e.device_id.as_deref() == Some(silent.as_str()))
+            .collect();
+        if !offline.is_empty() {
+            break offline;
+        }
+        assert!(
+            started.elapsed() < crate::helpers::PATIENCE,
+            "the silence died with its node\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(offline.len(), 1, "{offline:?}");
+    assert!(
+        offline[0].at >= heard + chrono::Duration::seconds(limit_s),
+        "recorded at {} for a reading heard at {heard}",
+        offline[0].at
+    );
+    assert_eq!(offline[0].data["silent_s"], limit_s);
+}
+
 /// An SSE client on a node that does not hold dispatch is served from that node's own tail of
 /// the event store: it sees every event once and in order, the wearables' events stored on
 /// other nodes included, and its stream goes on through kill -9 of the dispatch holder.

@@ -70,6 +70,11 @@ pub mod api {
         format!("{INCIDENTS}/{id}")
     }
 
+    /// A wearer's "I'm OK" for device `id`.
+    pub fn cancel_fall(id: impl Display) -> String {
+        format!("{DEVICES}/{id}/fall/cancel")
+    }
+
     pub fn cancel_incident(id: impl Display) -> String {
         format!("{INCIDENTS}/{id}/cancel")
     }
@@ -140,6 +145,31 @@ macro_rules! both_backends {
             }
         )*
     };
+}
+
+/// How long [`eventually`] waits for something that must happen: far beyond what it takes on
+/// an idle machine, so a test fails only when it truly never happens, not when the machine is
+/// busy (a shared CI runner, two CPU-bound neighbours).
+pub const PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Polls `probe` (every 20 ms) until it gives `Some`, for up to [`PATIENCE`]; panics naming
+/// `what` if it never does.
+pub async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(found) = probe().await {
+            return found;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "{what}: not within {PATIENCE:?}"
+        );
+        actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 /// Quiet logs unless `TEST_LOG=1`.
@@ -516,10 +546,22 @@ impl TestApp {
     }
 
     /// Stops the server abruptly (no drain) and returns the database guard so a new app can
-    /// start on the same database.
+    /// start on the same database. Its device actors stop with it, timers and all, as they
+    /// would with the process (the other actors live on in this test process).
     pub async fn kill(mut self) -> TestDb {
         self.handle.stop(false).await;
+        let _ = self.devices.send(shers::actors::device::Retire).await;
         self.db_guard.take().unwrap()
+    }
+
+    /// `POST /api/v1/devices/{id}/fall/cancel` as the holder of `token`.
+    pub async fn cancel_fall(&self, device: &str, token: &str) -> reqwest::Response {
+        self.client
+            .post(self.url(&api::cancel_fall(device)))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
     }
 }
 

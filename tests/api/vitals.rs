@@ -770,3 +770,273 @@ async fn a_running_fall_watch_escalates_after_a_restart_without_another_reading(
     assert_eq!(stored.fall, None);
     assert_eq!(stored.last_status.as_deref(), Some("emergency"));
 }
+
+both_backends!(
+    a_silent_device_goes_offline_on_time_after_a_restart,
+    a_fall_cancel_stops_the_escalation,
+    a_fall_cancel_after_a_restart_stands_the_resumed_watch_down,
+    a_fall_cancel_is_false_without_a_watch_404_for_unknown_and_403_for_others,
+);
+
+/// A wearable read once, then the server died: the next server records its `device.offline`
+/// once, not before the silence limit, though no further reading comes and no actor of the
+/// device runs (the offline sweep of the stored `heard_at`).
+async fn a_silent_device_goes_offline_on_time_after_a_restart(backend: Backend) {
+    let limit_s = 2;
+    let limit = |s: &mut shers::config::Settings| s.triage.device_offline_s = limit_s;
+    let app = TestApp::builder(backend).with_settings(limit).start().await;
+    app.register_wearer("p-1", "o1").await;
+    let reading = normal("o1", 0);
+    let heard = Utc::now();
+    assert_eq!(app.post_vitals(&reading).await.status(), StatusCode::OK);
+    let tdb = app.kill().await;
+
+    let app = TestApp::builder(backend)
+        .with_settings(limit)
+        .start_on(tdb)
+        .await;
+    let offline = crate::helpers::eventually("device.offline after the restart", || async {
+        let found = app.events_of("device.offline").await;
+        (!found.is_empty()).then_some(found)
+    })
+    .await;
+    assert_eq!(offline.len(), 1, "{offline:?}");
+    let event = &offline[0];
+    assert_eq!(event.device_id.as_deref(), Some("o1"));
+    assert_eq!(event.data["patient_id"], "p-1");
+    assert_eq!(event.data["silent_s"], limit_s);
+    let measured: chrono::DateTime<Utc> = reading["timestamp"].as_str().unwrap().parse().unwrap();
+    let last_seen: chrono::DateTime<Utc> = event.data["last_seen_at"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(last_seen, measured);
+    // Never early: not before the limit has passed since the reading was answered.
+    assert!(
+        event.at >= heard + Duration::seconds(limit_s as i64),
+        "recorded at {} for a reading heard at {heard}",
+        event.at
+    );
+    // Without an actor, and once: the stored mark is cleared, so no later sweep finds it.
+    assert!(
+        app.devices
+            .send(Lookup(DeviceId::from("o1")))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let mut conn = app.db.conn().await.unwrap();
+    let stored = shers::persistence::patients::find_device(&mut conn, &DeviceId::from("o1"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.heard_at, None);
+    drop(conn);
+    // Heard again, it is tracked again.
+    assert_eq!(
+        app.post_vitals(&normal("o1", 5)).await.status(),
+        StatusCode::OK
+    );
+    let mut conn = app.db.conn().await.unwrap();
+    let stored = shers::persistence::patients::find_device(&mut conn, &DeviceId::from("o1"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(stored.heard_at.is_some_and(|h| h >= heard));
+    assert_eq!(app.events_of("device.offline").await.len(), 1);
+}
+
+fn fall(device: &str, t: i64) -> Value {
+    json!({"device_id": device, "timestamp": ts(t), "heart_rate_bpm": 80, "spo2_pct": 97,
+           "fall_detected": true})
+}
+
+/// The device's actor, which must be running.
+async fn actor_of(app: &TestApp, device: &str) -> actix::Addr<shers::actors::device::DeviceActor> {
+    app.devices
+        .send(Lookup(DeviceId::from(device)))
+        .await
+        .unwrap()
+        .expect("the device's actor runs")
+        .0
+}
+
+/// "I'm OK" from the wearer's app during the grace window: 200 `cancelled: true`, stored as
+/// `device.fall_cancelled`, the status back to normal, the stored watch cleared, and the
+/// deadline passes without an incident.
+async fn a_fall_cancel_stops_the_escalation(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.register_wearer("patient-1", "f1").await;
+    let body: Value = app.post_vitals(&fall("f1", 0)).await.json().await.unwrap();
+    assert_eq!(body["results"][0]["status"], "abnormal", "{body}");
+    let patient = app.token(Role::Patient).await;
+
+    let resp = app.cancel_fall("f1", &patient).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap(),
+        json!({"cancelled": true})
+    );
+
+    let cancelled = app.events_of("device.fall_cancelled").await;
+    assert_eq!(cancelled.len(), 1);
+    assert_eq!(cancelled[0].device_id.as_deref(), Some("f1"));
+    assert_eq!(cancelled[0].stream_id, "device-f1");
+    assert_eq!(cancelled[0].data["by"], "patient");
+    assert_eq!(cancelled[0].data["patient_id"], "patient-1");
+    assert!(cancelled[0].data["deadline"].is_string());
+    // The grace window runs out (the timer's message, sent with a later time): nothing.
+    let status = actor_of(&app, "f1")
+        .await
+        .send(CheckTimers {
+            now: Utc::now() + Duration::seconds(120),
+        })
+        .await
+        .unwrap();
+    assert_eq!(status, Some(TriageStatus::Normal));
+    assert!(app.events_of("incident.created").await.is_empty());
+    let changes: Vec<String> = app
+        .events_of("vitals.status_changed")
+        .await
+        .iter()
+        .map(|e| e.data["to"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(changes, ["abnormal", "normal"]);
+    // A restart finds no watch to resume.
+    let mut conn = app.db.conn().await.unwrap();
+    let stored = shers::persistence::patients::find_device(&mut conn, &DeviceId::from("f1"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.fall, None);
+    assert!(
+        shers::persistence::patients::pending_falls(&mut conn)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    drop(conn);
+    // Said twice: nothing runs any more.
+    let again: Value = app.cancel_fall("f1", &patient).await.json().await.unwrap();
+    assert_eq!(again, json!({"cancelled": false}));
+    assert_eq!(app.events_of("device.fall_cancelled").await.len(), 1);
+}
+
+/// A fall watch running when the server stopped is resumed by the next one; the gateway's
+/// "I'm OK" reaches it there, and neither that server nor a later one escalates it.
+async fn a_fall_cancel_after_a_restart_stands_the_resumed_watch_down(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    app.register_wearer("p-1", "f1").await;
+    app.post_vitals(&fall("f1", 0)).await;
+    let tdb = app.kill().await;
+    let app = TestApp::builder(backend).start_on(tdb).await;
+
+    let gateway = app.token(Role::Gateway).await;
+    let resp = app.cancel_fall("f1", &gateway).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap(),
+        json!({"cancelled": true})
+    );
+    let cancelled = app.events_of("device.fall_cancelled").await;
+    assert_eq!(cancelled.len(), 1);
+    assert_eq!(cancelled[0].data["by"], "gateway");
+    let status = actor_of(&app, "f1")
+        .await
+        .send(CheckTimers {
+            now: Utc::now() + Duration::seconds(120),
+        })
+        .await
+        .unwrap();
+    assert_eq!(status, Some(TriageStatus::Normal));
+    assert!(app.events_of("incident.created").await.is_empty());
+
+    let tdb = app.kill().await;
+    let app = TestApp::builder(backend).start_on(tdb).await;
+    let mut conn = app.db.conn().await.unwrap();
+    let stored = shers::persistence::patients::find_device(&mut conn, &DeviceId::from("f1"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.fall, None);
+    assert_eq!(stored.last_status.as_deref(), Some("normal"));
+    drop(conn);
+    // The third server resumed nothing: no actor was started for the device.
+    assert!(
+        app.devices
+            .send(Lookup(DeviceId::from("f1")))
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+/// Without a running watch the answer is `cancelled: false` and nothing is stored; an unknown
+/// device is a 404; another patient's wearable, or a console, is refused.
+async fn a_fall_cancel_is_false_without_a_watch_404_for_unknown_and_403_for_others(
+    backend: Backend,
+) {
+    let app = TestApp::spawn(backend).await;
+    app.register_wearer("patient-1", "mine").await;
+    app.register_wearer("p-2", "theirs").await;
+    let (patient, gateway) = (
+        app.token(Role::Patient).await,
+        app.token(Role::Gateway).await,
+    );
+
+    // Never read, then read without a fall: nothing to cancel.
+    let resp = app.cancel_fall("mine", &patient).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.json::<Value>().await.unwrap(),
+        json!({"cancelled": false})
+    );
+    app.post_vitals(&normal("mine", 0)).await;
+    let resp = app.cancel_fall("mine", &gateway).await;
+    assert_eq!(
+        resp.json::<Value>().await.unwrap(),
+        json!({"cancelled": false})
+    );
+
+    let resp = app.cancel_fall("nobody", &gateway).await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(resp.headers()["content-type"], "application/problem+json");
+
+    // Another patient's wearable, even with a watch running on it.
+    app.post_vitals(&fall("theirs", 0)).await;
+    let resp = app.cancel_fall("theirs", &patient).await;
+    assert_eq!(resp.status(), StatusCode::FORBIDDEN);
+    let problem: Value = resp.json().await.unwrap();
+    assert!(
+        problem["detail"].as_str().unwrap().contains("own"),
+        "{problem}"
+    );
+    for role in [Role::Console, Role::Admin, Role::Crew] {
+        let token = app.token(role).await;
+        assert_eq!(
+            app.cancel_fall("theirs", &token).await.status(),
+            StatusCode::FORBIDDEN,
+            "{role}"
+        );
+    }
+    let anonymous = app
+        .client
+        .post(app.url(&api::cancel_fall("theirs")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    assert!(app.events_of("device.fall_cancelled").await.is_empty());
+    // The refused cancels left the watch running.
+    let inspected: Value = app
+        .actor("device", "theirs", Role::Admin)
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        inspected["state"]["fall_deadline"].is_string(),
+        "{inspected}"
+    );
+}

@@ -1,8 +1,10 @@
 //! `DeviceActor`: one per wearable. It holds a short window of readings and the device's
 //! triage status, emits `vitals.status_changed` only when the status changes (persisted, with
-//! the readings behind it as evidence), runs the fall grace window, reports `device.offline`
-//! after a silence, and stops when idle (the [`DeviceDirectory`](super::devices::DeviceDirectory)
-//! starts a fresh one on the next reading, which resumes from the persisted status).
+//! the readings behind it as evidence), runs the fall grace window (which the wearer may cancel:
+//! `device.fall_cancelled`), reports `device.offline` at the exact end of a silence, and stops
+//! when idle (the [`DeviceDirectory`](super::DeviceDirectory) starts a fresh one on the next
+//! reading, which resumes from the persisted status, and records the silence of devices whose
+//! actor is not running).
 //!
 //! Triage of a reading is pure and already done by the caller; this actor decides what the
 //! reading means for the device over time. Handlers never panic; a persistence failure answers
@@ -23,10 +25,13 @@ use super::readings::{
 };
 use crate::actors::incident::EmergencyDetected;
 pub use crate::config::Retention;
-use crate::domain::events::DeviceEvent;
+use crate::domain::auth::Role;
+use crate::domain::events::{DeviceEvent, NewEvent};
 use crate::domain::ids::{DeviceId, IncidentId, PatientId};
 use crate::domain::news2::News2;
-use crate::domain::triage::{Assessment, FallEvent, FallWatch, TriageRules, TriageStatus, assess};
+use crate::domain::triage::{
+    Assessment, FallEvent, FallSignal, FallWatch, TriageRules, TriageStatus, assess,
+};
 use crate::domain::vitals::Reading;
 use crate::persistence::group::GroupCommit;
 use crate::persistence::patients::DeviceState;
@@ -120,12 +125,29 @@ pub struct CheckTimers {
     pub now: DateTime<Utc>,
 }
 
-/// The wearer pressed "I'm OK" on the device.
+/// The wearer said "I'm OK" (the device's button, through its gateway, or the patient app):
+/// a running fall watch stands down, stored as `device.fall_cancelled` with the device's state
+/// (so a restarted actor does not resume it).
 #[derive(Message, Debug)]
-#[rtype(result = "Option<TriageStatus>")]
+#[rtype(result = "Result<FallCancelled, StoreError>")]
 pub struct CancelFall {
     /// The instant to evaluate the timers at.
     pub now: DateTime<Utc>,
+    /// Who sent it (`gateway` or `patient`).
+    pub by: Role,
+}
+
+/// What a wearer's "I'm OK" did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FallCancelled {
+    /// A running fall watch stood down; no escalation follows.
+    Cancelled,
+    /// No fall watch was running (none started, it stood down already, or its grace window had
+    /// run out and it escalates).
+    NoWatch,
+    /// No such device is registered.
+    UnknownDevice,
 }
 
 /// The actor's live state, for `/admin/actors/device/{id}`.
@@ -206,10 +228,12 @@ pub(super) struct Live {
     status: TriageStatus,
     pub(super) window: VecDeque<WindowEntry>,
     pub(super) last_measured: Option<DateTime<Utc>>,
-    /// When the last reading arrived (wall clock), for the offline timer.
-    last_received: DateTime<Utc>,
-    /// The newest in-order reading's own triage (what the status returns to after a fall
-    /// alert is cancelled).
+    /// When the device is silent for the limit (`device.offline`) unless it is heard: the last
+    /// reading's arrival plus the limit, or, for an actor started without a reading, its stored
+    /// `heard_at` plus the limit (`None`: not heard since its last `device.offline`).
+    offline_due: Option<DateTime<Utc>>,
+    /// The newest in-order reading's own triage, a fall awaiting movement aside (what the
+    /// status returns to after a fall alert is cancelled).
     last_assessed: TriageStatus,
     pub(super) fall: FallWatch,
     offline_timer: Option<SpawnHandle>,
@@ -287,8 +311,18 @@ impl DeviceActor {
         }
     }
 
+    /// Arms the offline timer for the device's deadline (after a running fall watch, which
+    /// keeps a device from going offline), or for the silence limit when it has none (an idle
+    /// actor then stops).
     fn arm_offline_timer(&mut self, ctx: &mut Context<Self>) {
-        let after = self.runtime.offline_after;
+        let limit = self.runtime.offline_after;
+        let Some(live) = self.live() else { return };
+        let now = Utc::now();
+        let target = match (live.offline_due, live.fall.deadline()) {
+            (Some(due), Some(fall)) => Some(due.max(fall)),
+            (due, fall) => due.or(fall),
+        };
+        let after = target.map_or(limit, |t| (t - now).to_std().unwrap_or(Duration::ZERO));
         let handle = ctx.run_later(after, |_, ctx| ctx.notify(CheckTimers { now: Utc::now() }));
         if let Some(live) = self.live()
             && let Some(old) = live.offline_timer.replace(handle)
@@ -317,32 +351,36 @@ impl DeviceActor {
         }
     }
 
-    /// Silence for `offline_after`: record `device.offline`, then stop (idle).
-    fn went_offline(&mut self, ctx: &mut Context<Self>) {
-        let Some(live) = self.live() else { return };
-        let last_seen = live.last_measured;
-        let patient_id = live.patient_id.clone();
-        let event = DeviceEvent::Offline {
-            device_id: self.id.clone(),
-            patient_id,
-            last_seen_at: last_seen,
-            silent_s: self.runtime.offline_after.as_secs(),
-        }
-        .to_new();
-        let stream = format!("device-{}", self.id);
+    /// Silence for `offline_after`, as of `now`: record `device.offline` (unless the device was
+    /// heard since, or it is recorded already), after the device's earlier changes, then stop.
+    fn went_offline(&mut self, now: DateTime<Utc>, ctx: &mut Context<Self>) {
         let writer = self.runtime.writer.clone();
-        let id = self.id.clone();
-        ctx.wait(
-            async move { writer.append(&stream, vec![event], None, None).await }
-            .into_actor(self)
-            .map(move |res, _act, ctx| {
-                match res {
-                    Ok(_) => tracing::info!(device.id = %id, "device offline"),
-                    Err(e) => tracing::warn!(device.id = %id, error = %e, "could not record device.offline"),
+        let (id, silent_s) = (self.id.clone(), self.runtime.offline_after.as_secs());
+        let (before, done) = self.next_in_line();
+        let work = async move {
+            in_line(before).await?;
+            let ids = vec![id];
+            let recorded = writer
+                .write(move |conn| {
+                    let ids = ids.clone();
+                    Box::pin(async move {
+                        patients::record_offline(conn, &ids, now, silent_s, Utc::now()).await
+                    })
+                })
+                .await;
+            let _ = done.send(recorded.is_ok());
+            recorded
+        };
+        ctx.wait(work.into_actor(self).map(move |res, act, ctx| {
+            match res {
+                Ok(ids) if !ids.is_empty() => tracing::info!(device.id = %act.id, "device offline"),
+                Ok(_) => tracing::debug!(device.id = %act.id, "device heard meanwhile, or recorded offline already"),
+                Err(e) => {
+                    tracing::warn!(device.id = %act.id, error = %e, "could not record device.offline; the offline sweep retries");
                 }
-                ctx.stop();
-            }),
-        );
+            }
+            ctx.stop();
+        }));
     }
 
     /// A fall watch resumed from the stored state: its readings (the evidence of the change it
@@ -382,8 +420,9 @@ impl DeviceActor {
         &mut self,
         ctx: &mut Context<Self>,
         patient_id: PatientId,
+        leading: Vec<NewEvent>,
         projected: Projected,
-    ) -> ResponseActFuture<Self, Option<TriageStatus>> {
+    ) -> ResponseActFuture<Self, Result<TriageStatus, StoreError>> {
         let status = projected.status;
         let (writer, id) = (self.runtime.writer.clone(), self.id.clone());
         let (before, done) = self.next_in_line();
@@ -391,8 +430,15 @@ impl DeviceActor {
         let work = async move {
             let stored = match in_line(before).await {
                 Ok(()) => {
-                    persist_changes(&writer, id, patient_id, Vec::new(), Vec::new(), projected)
-                        .await
+                    persist_changes(
+                        &writer,
+                        id,
+                        patient_id,
+                        (leading, Vec::new()),
+                        Vec::new(),
+                        projected,
+                    )
+                    .await
                 }
                 Err(e) => Err(e),
             };
@@ -400,11 +446,11 @@ impl DeviceActor {
             stored
         };
         Box::pin(work.into_actor(self).map(move |res, act, ctx| match res {
-            Ok(()) => Some(status),
+            Ok(()) => Ok(status),
             Err(e) => {
                 tracing::warn!(device.id = %act.id, error = %e, "fall watch end not persisted");
                 ctx.stop();
-                None
+                Err(e)
             }
         }))
     }
@@ -433,7 +479,13 @@ impl DeviceActor {
         // A reading with only `moving`/`fall_detected` says nothing about vitals: it must not
         // read as a return to normal, so it keeps the last vitals-based verdict.
         let mut status = if reading.has_vital_sign() {
-            live.last_assessed = scored.assessment.status;
+            // The vitals' own verdict: a fall awaiting movement (normal vitals) is the fall
+            // watch's to judge, and a wearer's "I'm OK" returns the status to that verdict.
+            live.last_assessed = if scored.assessment.fall == FallSignal::AwaitingMovement {
+                TriageStatus::Normal
+            } else {
+                scored.assessment.status
+            };
             scored.assessment.status
         } else {
             live.last_assessed.max(scored.assessment.status)
@@ -471,6 +523,8 @@ impl Actor for DeviceActor {
         let db = self.db.clone();
         let id = self.id.clone();
         let grace = self.runtime.rules.fall_grace_s;
+        let offline_after =
+            chrono::Duration::from_std(self.runtime.offline_after).unwrap_or(chrono::Duration::MAX);
         let preload = match &mut self.phase {
             Phase::Loading(preload) => preload.take(),
             _ => None,
@@ -500,7 +554,7 @@ impl Actor for DeviceActor {
                         },
                         window: VecDeque::with_capacity(WINDOW),
                         last_measured: state.last_seen_at,
-                        last_received: Utc::now(),
+                        offline_due: state.heard_at.map(|heard| heard + offline_after),
                         last_assessed: TriageStatus::Normal,
                         fall: {
                             let mut watch = FallWatch::new(grace);
@@ -569,7 +623,10 @@ impl Handler<ProcessReadings> for DeviceActor {
             }
         };
         let patient_id = live.patient_id.clone();
-        live.last_received = now;
+        live.offline_due = Some(
+            now + chrono::Duration::from_std(self.runtime.offline_after)
+                .unwrap_or(chrono::Duration::MAX),
+        );
         let Batch {
             mut outcomes,
             changes,
@@ -628,7 +685,7 @@ impl Handler<ProcessReadings> for DeviceActor {
                         &writer,
                         persist_id,
                         persist_patient,
-                        changes,
+                        (Vec::new(), changes),
                         evidence_rows,
                         Projected {
                             status: final_status,
@@ -672,26 +729,61 @@ impl Handler<CheckTimers> for DeviceActor {
     type Result = ActorResponse<Self, Option<TriageStatus>>;
 
     fn handle(&mut self, msg: CheckTimers, ctx: &mut Self::Context) -> Self::Result {
-        let offline_after =
-            chrono::Duration::from_std(self.runtime.offline_after).unwrap_or(chrono::Duration::MAX);
         if let Some(live) = self.live()
             && live.fall.deadline().is_none()
-            && msg.now - live.last_received >= offline_after
         {
             let status = live.status;
-            self.went_offline(ctx);
-            // Answered now: the actor stops once `device.offline` is stored.
-            return ActorResponse::reply(Some(status));
+            match live.offline_due {
+                Some(due) if msg.now >= due => {
+                    self.went_offline(msg.now, ctx);
+                    // Answered now: the actor stops once `device.offline` is stored.
+                    return ActorResponse::reply(Some(status));
+                }
+                // Started without a reading for a device not heard since it went offline:
+                // nothing is left to watch.
+                None => {
+                    ctx.stop();
+                    return ActorResponse::reply(Some(status));
+                }
+                Some(_) => {}
+            }
         }
-        ActorResponse::r#async(self.fall_verdict(msg.now, false, ctx))
+        let verdict = self.fall_verdict(msg.now, None, ctx);
+        // A fall watch holds the offline timer back; after it, the silence counts again.
+        self.arm_offline_timer(ctx);
+        ActorResponse::r#async(verdict.map(|res, _, _| res.ok().map(|(status, _)| status)))
     }
 }
 
 impl Handler<CancelFall> for DeviceActor {
-    type Result = ActorResponse<Self, Option<TriageStatus>>;
+    type Result = ActorResponse<Self, Result<FallCancelled, StoreError>>;
 
     fn handle(&mut self, msg: CancelFall, ctx: &mut Self::Context) -> Self::Result {
-        ActorResponse::r#async(self.fall_verdict(msg.now, true, ctx))
+        self.messages += 1;
+        self.last_message_at = Some(msg.now);
+        match &self.phase {
+            Phase::Ready(_) => {}
+            Phase::Unknown => {
+                ctx.stop();
+                return ActorResponse::reply(Ok(FallCancelled::UnknownDevice));
+            }
+            Phase::Loading(_) | Phase::Failed => {
+                ctx.stop();
+                return ActorResponse::reply(Err(StoreError::Unavailable(
+                    "the device's state could not be loaded".to_owned(),
+                )));
+            }
+        }
+        let verdict = self.fall_verdict(msg.now, Some(msg.by), ctx);
+        ActorResponse::r#async(verdict.map(|res, _, _| {
+            res.map(|(_, stood_down)| {
+                if stood_down {
+                    FallCancelled::Cancelled
+                } else {
+                    FallCancelled::NoWatch
+                }
+            })
+        }))
     }
 }
 
@@ -699,17 +791,22 @@ impl DeviceActor {
     /// Runs the fall watch at `now` (a tick, or a wearer cancel) and persists what follows.
     // Long on purpose: the fall watch's counterpart of ProcessReadings (verdict, status
     // change, hand-off, persist), read top to bottom.
+    ///
+    /// Answers the status and whether a running watch stood down (a wearer's cancel, `by`).
     fn fall_verdict(
         &mut self,
         now: DateTime<Utc>,
-        cancel: bool,
+        cancel: Option<Role>,
         ctx: &mut Context<Self>,
-    ) -> ResponseActFuture<Self, Option<TriageStatus>> {
+    ) -> ResponseActFuture<Self, Result<(TriageStatus, bool), StoreError>> {
         let id = self.id.clone();
         let Some(live) = self.live() else {
-            return Box::pin(fut::ready(None));
+            return Box::pin(fut::ready(Err(StoreError::Unavailable(
+                "the device is not ready".to_owned(),
+            ))));
         };
-        let event = if cancel {
+        let watch = live.fall.active();
+        let event = if cancel.is_some() {
             live.fall.on_cancel(now)
         } else {
             live.fall.on_tick(now)
@@ -722,26 +819,44 @@ impl DeviceActor {
             ),
             FallEvent::None | FallEvent::Started => {
                 let status = live.status;
-                return Box::pin(fut::ready(Some(status)));
+                return Box::pin(fut::ready(Ok((status, false))));
             }
         };
+        let stood_down = event == FallEvent::StoodDown;
         let from = live.status;
         let (patient_id, last_seen, fall) = (
             live.patient_id.clone(),
             live.last_measured.unwrap_or(now),
             live.fall.active(),
         );
+        let leading: Vec<NewEvent> = match (cancel, watch) {
+            (Some(by), Some((fall_at, deadline))) if stood_down => vec![
+                DeviceEvent::FallCancelled {
+                    device_id: id.clone(),
+                    patient_id: patient_id.clone(),
+                    fall_at,
+                    deadline,
+                    cancelled_at: now,
+                    by,
+                }
+                .to_new(),
+            ],
+            _ => Vec::new(),
+        };
         if to == from {
             // No status change, but the watch ended: store that, or it resumes after a restart.
-            return self.store_fall_watch(
+            self.arm_offline_timer(ctx);
+            let stored = self.store_fall_watch(
                 ctx,
                 patient_id,
+                leading,
                 Projected {
                     status: to,
                     last_seen,
                     fall,
                 },
             );
+            return Box::pin(stored.map(move |res, _, _| res.map(|status| (status, stood_down))));
         }
         live.status = to;
         let evidence: Vec<Reading> = evidence(&live.window, &id);
@@ -773,7 +888,7 @@ impl DeviceActor {
                         &writer,
                         id.clone(),
                         patient_id.clone(),
-                        vec![change],
+                        (leading, vec![change]),
                         rows,
                         Projected {
                             status: to,
@@ -804,11 +919,11 @@ impl DeviceActor {
             Ok::<_, StoreError>(())
         };
         Box::pin(work.into_actor(self).map(move |res, act, ctx| match res {
-            Ok(()) => Some(to),
+            Ok(()) => Ok((to, stood_down)),
             Err(e) => {
                 tracing::warn!(device.id = %act.id, error = %e, "fall verdict not persisted");
                 ctx.stop();
-                None
+                Err(e)
             }
         }))
     }

@@ -232,13 +232,13 @@ pub(super) struct Projected {
     pub(super) fall: Option<FallWatchState>,
 }
 
-/// Appends the status events and updates the device projection (and evidence readings) in one
-/// transaction.
+/// Appends `leading` events, then the status events, and updates the device projection (and
+/// evidence readings) in one transaction.
 pub(super) async fn persist_changes(
     writer: &GroupCommit,
     device_id: DeviceId,
     patient_id: PatientId,
-    changes: Vec<Change>,
+    (leading, changes): (Vec<NewEvent>, Vec<Change>),
     evidence: Vec<RetainedReading>,
     projected: Projected,
 ) -> Result<(), StoreError> {
@@ -248,9 +248,9 @@ pub(super) async fn persist_changes(
         fall,
     } = projected;
     let stream = format!("device-{device_id}");
-    let events: Vec<NewEvent> = changes
+    let events: Vec<NewEvent> = leading
         .into_iter()
-        .map(|c| {
+        .chain(changes.into_iter().map(|c| {
             DeviceEvent::StatusChanged {
                 device_id: device_id.clone(),
                 patient_id: patient_id.clone(),
@@ -261,7 +261,7 @@ pub(super) async fn persist_changes(
                 evidence: c.evidence,
             }
             .to_new()
-        })
+        }))
         .collect();
     // Batched with the batch's other unit and device appends (see `GroupCommit::append`).
     let projection: Projection = Box::new(move |tx| {

@@ -1,0 +1,2 @@
+DROP INDEX devices_heard_at;
+ALTER TABLE devices DROP COLUMN heard_at;
