@@ -174,7 +174,9 @@ pub struct DatabaseSettings {
     /// Maximum pooled connections (PostgreSQL; SQLite uses at most 4 because it has one writer).
     pub pool_size: usize,
     /// How long a request waits for a pooled connection or a new connection, in milliseconds,
-    /// before the database counts as unavailable (503).
+    /// before it is answered 503 (busy: every connection stayed in use; unavailable: none
+    /// could be opened). On SQLite the wait for a pooled connection is at least its 10 s busy
+    /// timeout: a local file is never unreachable, so waiting there is only ever contention.
     pub timeout_ms: u64,
 }
 

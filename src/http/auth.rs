@@ -34,11 +34,53 @@ use crate::persistence::{Db, cluster, tokens};
 /// random tokens).
 const MAX_CACHE_ENTRIES: usize = 10_000;
 
-/// Verifies tokens against the database, with a short-lived in-memory cache.
+/// Requests waiting for a lookup of the same token already under way: each gets its verdict
+/// (`None`: the lookup failed, and the request looks the token up itself).
+type Waiters = Vec<tokio::sync::oneshot::Sender<Option<Option<Principal>>>>;
+
+/// Verifies tokens against the database, with a short-lived in-memory cache. Concurrent
+/// requests with the same uncached token share one lookup: a burst of a hundred requests from
+/// one client is one query, not a hundred queued for the pool.
 pub struct AuthService {
     db: Db,
     ttl: Duration,
     cache: Mutex<HashMap<String, (Option<Principal>, Instant)>>,
+    in_flight: Mutex<HashMap<String, Waiters>>,
+}
+
+/// The lookup of one token hash under way; whoever holds it answers the waiters. Dropped
+/// without answering (the request was abandoned), it lets them go to look it up themselves.
+struct Lookup<'a> {
+    in_flight: &'a Mutex<HashMap<String, Waiters>>,
+    hash: &'a str,
+    answered: bool,
+}
+
+impl Lookup<'_> {
+    /// Ends the lookup with `verdict` (`None`: it failed) for every waiter.
+    fn answer(mut self, verdict: Option<&Option<Principal>>) {
+        self.answered = true;
+        for waiter in self.end() {
+            let _ = waiter.send(verdict.cloned());
+        }
+    }
+
+    fn end(&self) -> Waiters {
+        self.in_flight
+            .lock()
+            .ok()
+            .and_then(|mut in_flight| in_flight.remove(self.hash))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Lookup<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            // Dropping the senders tells the waiters to look the token up themselves.
+            drop(self.end());
+        }
+    }
 }
 
 impl AuthService {
@@ -48,19 +90,53 @@ impl AuthService {
             db,
             ttl,
             cache: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(HashMap::new()),
         }
     }
 
     /// The principal for `token`, or `None` when it is unknown or revoked.
     pub async fn authenticate(&self, token: &str) -> Result<Option<Principal>, ApiError> {
         let hash = hash_token(token);
-        let now = Instant::now();
         if let Ok(cache) = self.cache.lock()
             && let Some((principal, at)) = cache.get(&hash)
-            && now.duration_since(*at) < self.ttl
+            && at.elapsed() < self.ttl
         {
             return Ok(principal.clone());
         }
+        // Join a lookup of the same token under way, or become the one that looks it up.
+        let joined = match self.in_flight.lock() {
+            Ok(mut in_flight) => match in_flight.get_mut(&hash) {
+                Some(waiters) => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    waiters.push(tx);
+                    Some(rx)
+                }
+                None => {
+                    in_flight.insert(hash.clone(), Vec::new());
+                    None
+                }
+            },
+            Err(_) => None,
+        };
+        if let Some(verdict) = joined {
+            if let Ok(Some(principal)) = verdict.await {
+                return Ok(principal);
+            }
+            return self.look_up(hash).await;
+        }
+        let lookup = Lookup {
+            in_flight: &self.in_flight,
+            hash: &hash,
+            answered: false,
+        };
+        let verdict = self.look_up(hash.clone()).await;
+        lookup.answer(verdict.as_ref().ok());
+        verdict
+    }
+
+    /// Reads `hash`'s token from the database and caches the verdict.
+    async fn look_up(&self, hash: String) -> Result<Option<Principal>, ApiError> {
+        let now = Instant::now();
         let lookup = hash.clone();
         let principal = self
             .db

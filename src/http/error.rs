@@ -290,6 +290,13 @@ impl From<StoreError> for ApiError {
                     retry_after_s: 2,
                 }
             }
+            StoreError::Busy(cause) => {
+                tracing::warn!(error.cause = %cause, "database busy");
+                ApiError::Unavailable {
+                    detail: "the database is busy; retry shortly".to_owned(),
+                    retry_after_s: 1,
+                }
+            }
             StoreError::Conflict(_) => ApiError::Conflict {
                 detail: "the resource already exists or was changed concurrently".to_owned(),
                 extensions: Map::new(),
@@ -403,6 +410,30 @@ mod tests {
                 expected["status"].as_u64().unwrap() as u16
             );
         }
+    }
+
+    /// A busy database and an unreachable one are both 503s that say which it is.
+    #[test]
+    fn store_errors_say_whether_the_database_is_busy_or_unreachable() {
+        let busy = ApiError::from(StoreError::Busy("every connection in use".into()));
+        assert_eq!(
+            body(&busy),
+            json!({"type": format!("{PROBLEM_BASE}unavailable"), "title": "Service unavailable",
+                   "status": 503, "detail": "the database is busy; retry shortly"})
+        );
+        assert_eq!(
+            busy.error_response().headers().get("retry-after").unwrap(),
+            "1"
+        );
+        let down = ApiError::from(StoreError::Unavailable("connection refused".into()));
+        assert_eq!(
+            down.problem().detail,
+            "the database is unavailable; retry shortly"
+        );
+        assert_eq!(
+            down.error_response().headers().get("retry-after").unwrap(),
+            "2"
+        );
     }
 
     #[test]

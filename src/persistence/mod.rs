@@ -195,9 +195,15 @@ pub enum Backed<'a> {
 /// Errors of the persistence layer.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database could not be reached (pool timeout, connection refused or closed).
+    /// The database could not be reached (connection refused or closed, or it could not be
+    /// opened).
     #[error("database unavailable: {0}")]
     Unavailable(String),
+    /// The database is there but contended: every pooled connection stayed in use for the
+    /// whole wait, or SQLite's write lock stayed taken for its whole busy timeout. Retrying
+    /// shortly succeeds once the load passes.
+    #[error("database busy: {0}")]
+    Busy(String),
     /// The row asked for does not exist.
     #[error("not found")]
     NotFound,
@@ -223,6 +229,10 @@ impl From<diesel::result::Error> for StoreError {
             Error::DatabaseError(DatabaseErrorKind::ClosedConnection, info) => {
                 Self::Unavailable(info.message().to_owned())
             }
+            // SQLITE_BUSY / SQLITE_LOCKED, after `busy_timeout` (diesel has no kind for them).
+            Error::DatabaseError(_, info) if is_sqlite_busy(info.message()) => {
+                Self::Busy(info.message().to_owned())
+            }
             Error::BrokenTransactionManager => {
                 Self::Unavailable("broken transaction manager".to_owned())
             }
@@ -231,9 +241,25 @@ impl From<diesel::result::Error> for StoreError {
     }
 }
 
+/// Whether a SQLite error message is `SQLITE_BUSY` or `SQLITE_LOCKED` (contention, not a
+/// fault).
+fn is_sqlite_busy(message: &str) -> bool {
+    matches!(
+        message,
+        "database is locked" | "database is busy" | "database table is locked"
+    )
+}
+
 impl From<PoolError> for StoreError {
     fn from(err: PoolError) -> Self {
-        Self::Unavailable(err.to_string())
+        use deadpool::managed::TimeoutType;
+        match err {
+            // Every connection is open and in use: the database answers, it is busy.
+            PoolError::Timeout(TimeoutType::Wait) => {
+                Self::Busy("every database connection stayed in use".to_owned())
+            }
+            other => Self::Unavailable(other.to_string()),
+        }
     }
 }
 
@@ -295,6 +321,11 @@ macro_rules! db_run {
 /// `busy_timeout` comes first so that switching to WAL waits for other connections too.
 const SQLITE_PRAGMAS: &str = "PRAGMA busy_timeout = 10000; PRAGMA journal_mode = WAL; \
      PRAGMA foreign_keys = ON; PRAGMA synchronous = FULL;";
+
+/// SQLite's `busy_timeout` (in [`SQLITE_PRAGMAS`]). A request waits at least this long for a
+/// pooled SQLite connection too: a local file is never unreachable, so the only reason to wait
+/// is contention (a busy machine, a burst of requests), which is waited out, not answered 503.
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Parses `sqlite://path` into the file path (`sqlite:///abs` → `/abs`).
 pub fn sqlite_path(url: &str) -> Option<&str> {
@@ -411,7 +442,7 @@ impl Db {
                     settings.pool_size.clamp(1, 4)
                 })
                 .runtime(deadpool::Runtime::Tokio1)
-                .wait_timeout(Some(timeout))
+                .wait_timeout(Some(timeout.max(SQLITE_BUSY_TIMEOUT)))
                 .create_timeout(Some(timeout))
                 .recycle_timeout(Some(timeout))
                 .build()
@@ -643,7 +674,7 @@ impl DbConn {
     /// otherwise. Query functions called inside that open their own transaction (such as
     /// `events::append`) become savepoints, so an event and its projections commit together.
     ///
-    /// On SQLite the transaction takes the write lock first (a no-op `UPDATE`), so it waits
+    /// On SQLite the transaction takes the write lock first (`BEGIN IMMEDIATE`), so it waits
     /// for other writers through `busy_timeout` instead of failing on a lock upgrade.
     ///
     /// On a shared connection (a pipelined batch) `work` runs directly in the batch's
@@ -659,19 +690,23 @@ impl DbConn {
         use diesel_async::TransactionManager as _;
         let top_level = !self.in_transaction();
         let begun: Result<(), diesel::result::Error> = match self {
+            // `BEGIN IMMEDIATE`: the write lock is taken first, waiting through `busy_timeout`.
+            // A deferred transaction would take it at its first write, and one that has read
+            // by then fails at once if another connection committed meanwhile
+            // (`SQLITE_BUSY_SNAPSHOT`, which no busy timeout waits out). Nested: a savepoint.
+            DbConn::Sqlite(c) if top_level => {
+                let c: &mut SqliteConn = c;
+                c.spawn_blocking(|inner| {
+                    diesel::connection::AnsiTransactionManager::begin_transaction_sql(
+                        inner,
+                        "BEGIN IMMEDIATE",
+                    )
+                })
+                .await
+            }
             DbConn::Sqlite(c) => {
                 let c: &mut SqliteConn = c;
-                match <SqliteConn as AsyncConnection>::TransactionManager::begin_transaction(c)
-                    .await
-                {
-                    Ok(()) => diesel::sql_query(
-                        "UPDATE event_sequence SET last_seq = last_seq WHERE 0 = 1",
-                    )
-                    .execute(c)
-                    .await
-                    .map(|_| ()),
-                    Err(e) => Err(e),
-                }
+                <SqliteConn as AsyncConnection>::TransactionManager::begin_transaction(c).await
             }
             DbConn::Postgres(c) => {
                 let c: &mut AsyncPgConnection = c;
@@ -735,6 +770,53 @@ pub(crate) fn from_db_time(t: chrono::NaiveDateTime) -> chrono::DateTime<chrono:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sqlite_busy_timeout_is_the_one_the_pragmas_set() {
+        let ms = SQLITE_BUSY_TIMEOUT.as_millis();
+        assert!(SQLITE_PRAGMAS.contains(&format!("PRAGMA busy_timeout = {ms};")));
+    }
+
+    /// Contention is `Busy`, an unreachable database `Unavailable`: both are 503s, which say
+    /// which it is.
+    #[test]
+    fn contention_is_busy_not_unavailable() {
+        use deadpool::managed::TimeoutType;
+        use diesel::result::{DatabaseErrorKind, Error};
+        assert!(matches!(
+            StoreError::from(PoolError::Timeout(TimeoutType::Wait)),
+            StoreError::Busy(_)
+        ));
+        assert!(matches!(
+            StoreError::from(PoolError::Timeout(TimeoutType::Create)),
+            StoreError::Unavailable(_)
+        ));
+        for message in [
+            "database is locked",
+            "database is busy",
+            "database table is locked",
+        ] {
+            let locked =
+                Error::DatabaseError(DatabaseErrorKind::Unknown, Box::new(message.to_owned()));
+            assert!(
+                matches!(StoreError::from(locked), StoreError::Busy(_)),
+                "{message}"
+            );
+        }
+        let closed = Error::DatabaseError(
+            DatabaseErrorKind::ClosedConnection,
+            Box::new("server closed the connection".to_owned()),
+        );
+        assert!(matches!(
+            StoreError::from(closed),
+            StoreError::Unavailable(_)
+        ));
+        let other = Error::DatabaseError(
+            DatabaseErrorKind::Unknown,
+            Box::new("no such table".to_owned()),
+        );
+        assert!(matches!(StoreError::from(other), StoreError::Database(_)));
+    }
 
     #[test]
     fn sqlite_urls_parse() {
