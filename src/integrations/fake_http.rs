@@ -117,9 +117,11 @@ mod tests {
         client.get(url).send().await?.text().await
     }
 
-    /// Connection refused within ~2 s, after the server was told to stop.
+    /// Connection refused, soon after the server was told to stop (within a minute, however
+    /// busy the machine).
     async fn refuses(url: &str) -> bool {
-        for _ in 0..100 {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
             // A fresh client each time: no pooled keep-alive connection to the old worker.
             if reqwest::Client::new().get(url).send().await.is_err() {
                 return true;

@@ -695,7 +695,6 @@ mod tests {
     use std::collections::HashMap;
     use std::net::SocketAddr;
     use std::sync::{Arc, Mutex};
-    use std::time::Instant;
 
     use actix_web::{HttpRequest, HttpResponse, web};
     use serde_json::json;
@@ -1104,12 +1103,11 @@ mod tests {
     async fn twilio_timeout_is_transient() {
         let fake = Fake::<FakeTwilio>::start().await;
         let twilio = fake.twilio("slow", Duration::from_millis(200));
-        let started = Instant::now();
+        // A timeout (not the fake's late answer) proves the client gave up first.
         let e = twilio
             .send(&outgoing(Channel::Sms, PHONE))
             .await
             .unwrap_err();
-        assert!(started.elapsed() < Duration::from_secs(2));
         assert_eq!(
             e,
             DeliveryError::Transient {

@@ -1485,7 +1485,8 @@ mod tests {
             Duration::from_millis(200),
         )
         .unwrap();
-        let started = Instant::now();
+        // A timeout (not the fake's late answer) proves the client gave up first; no clock
+        // is read, so a busy machine cannot fail it.
         let e = client
             .create_and_confirm(charge("cus_123"))
             .await
@@ -1497,7 +1498,6 @@ mod tests {
                 reason: "timeout".into()
             }
         );
-        assert!(started.elapsed() < Duration::from_secs(2));
         fake.stop().await;
     }
 

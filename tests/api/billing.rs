@@ -100,15 +100,11 @@ async fn partial_coverage_is_charged_and_closes(backend: Backend) {
     }
     assert!(incident["times"]["closed"].is_string());
     // The unit is available again.
-    let mut unit = Value::Null;
-    for _ in 0..100 {
-        unit = app.unit("A1", Role::Console).await.json().await.unwrap();
-        if unit["status"] == "available" {
-            break;
-        }
-        actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert_eq!(unit["status"], "available");
+    crate::helpers::eventually("the unit available again", || async {
+        let unit: Value = app.unit("A1", Role::Console).await.json().await.unwrap();
+        (unit["status"] == "available").then_some(())
+    })
+    .await;
 }
 
 async fn declined_charge_is_compensated(backend: Backend) {
@@ -216,12 +212,10 @@ async fn a_crash_after_the_charge_never_charges_twice(backend: Backend) {
     let id = run_to_hospital(&app, "pc-1", "M-777", 0).await;
     // Wait until the charge request reached the provider (which charged and is holding its
     // answer), then kill SHERS without a graceful shutdown.
-    for _ in 0..250 {
-        if stripe.requests.load(Ordering::SeqCst) >= 1 {
-            break;
-        }
-        actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    crate::helpers::eventually("the charge at the provider", || async {
+        (stripe.requests.load(Ordering::SeqCst) >= 1).then_some(())
+    })
+    .await;
     assert_eq!(stripe.requests.load(Ordering::SeqCst), 1);
     let tdb = app.kill().await;
     // A new process resumes the saga: the charge is retried with the same idempotency key and
@@ -273,21 +267,19 @@ async fn full_coverage_charges_nothing_and_every_message_is_queued(backend: Back
     );
     assert!(app.events_of("billing.payment_succeeded").await.is_empty());
     // Next of kin hear about every stage (email; no SMTP configured here, so logged, not sent).
-    let mut templates: Vec<String> = Vec::new();
-    for _ in 0..100 {
-        let detail: Value = app.incident(&id, Role::Console).await.json().await.unwrap();
-        templates = detail["notifications"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .filter(|n| n["status"] == "sent")
-            .map(|n| n["template"].as_str().unwrap().to_owned())
-            .collect();
-        if templates.len() == 4 {
-            break;
-        }
-        actix_web::rt::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let mut templates: Vec<String> =
+        crate::helpers::eventually("the four notifications sent", || async {
+            let detail: Value = app.incident(&id, Role::Console).await.json().await.unwrap();
+            let sent: Vec<String> = detail["notifications"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|n| n["status"] == "sent")
+                .map(|n| n["template"].as_str().unwrap().to_owned())
+                .collect();
+            (sent.len() >= 4).then_some(sent)
+        })
+        .await;
     templates.sort();
     assert_eq!(
         templates,

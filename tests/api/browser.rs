@@ -62,7 +62,7 @@ impl Driver {
             child,
             url: format!("http://127.0.0.1:{port}"),
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + crate::helpers::PATIENCE;
         loop {
             let ready = http
                 .get(format!("{}/status", driver.url))
@@ -180,7 +180,7 @@ impl Browser {
 
     /// Polls `body` (a script returning a value) until it returns `true`.
     async fn wait_for(&self, what: &str, body: &str, args: Value) {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + crate::helpers::PATIENCE;
         loop {
             if self.script(body, args.clone()).await == true {
                 return;
@@ -294,30 +294,19 @@ async fn the_dashboard_shows_a_new_emergency_live_and_markup_as_text() {
             "heart_rate_bpm": 165, "spo2_pct": 86, "location": {"lat": 51.51, "lng": -0.13}}))
         .await;
     assert!(resp.status().is_success(), "{}", resp.text().await.unwrap());
-    let page: Value = app
-        .list_incidents("status=open", Role::Console)
-        .await
-        .json()
-        .await
-        .unwrap();
-    let mut reference = page["items"][0]["reference"].as_str().map(str::to_owned);
-    let mut incident_id = page["items"][0]["id"].as_str().map(str::to_owned);
-    for _ in 0..100 {
-        if reference.is_some() {
-            break;
-        }
-        actix_web::rt::time::sleep(Duration::from_millis(50)).await;
-        let page: Value = app
-            .list_incidents("status=open", Role::Console)
-            .await
-            .json()
-            .await
-            .unwrap();
-        reference = page["items"][0]["reference"].as_str().map(str::to_owned);
-        incident_id = page["items"][0]["id"].as_str().map(str::to_owned);
-    }
-    let reference = reference.expect("the emergency opened an incident");
-    let incident_id = incident_id.expect("the incident has an id");
+    let (reference, incident_id) =
+        crate::helpers::eventually("the emergency opened an incident", || async {
+            let page: Value = app
+                .list_incidents("status=open", Role::Console)
+                .await
+                .json()
+                .await
+                .unwrap();
+            let reference = page["items"][0]["reference"].as_str().map(str::to_owned)?;
+            let id = page["items"][0]["id"].as_str().map(str::to_owned)?;
+            Some((reference, id))
+        })
+        .await;
 
     browser
         .wait_for(

@@ -166,35 +166,20 @@ async fn three_crews_racing_for_one_incident_200_times(backend: Backend) {
             }
         }
         assert_eq!(ok, 1, "round {round}: exactly one accept wins");
-        // Cancel to free the unit for the next round (retrying a 503 after its Retry-After,
-        // as a console does, when the loaded test machine makes the database wait).
-        let mut status = StatusCode::SERVICE_UNAVAILABLE;
-        for _ in 0..5 {
-            let resp = app.cancel_incident(&id, Role::Console, "drill").await;
-            status = resp.status();
-            if status != StatusCode::SERVICE_UNAVAILABLE {
-                break;
-            }
-            eprintln!(
-                "round {round}: cancel answered 503: {}",
-                resp.text().await.unwrap()
-            );
-            actix_web::rt::time::sleep(std::time::Duration::from_secs(1)).await;
-        }
-        assert_eq!(status, StatusCode::OK);
+        // Cancel to free the unit for the next round.
+        let resp = app.cancel_incident(&id, Role::Console, "drill").await;
+        assert_eq!(resp.status(), StatusCode::OK, "round {round}");
         // Wait until all three units are available again.
-        for _ in 0..250 {
+        crate::helpers::eventually("every unit available again", || async {
             let list: Value = app.units(Role::Console).await.json().await.unwrap();
-            if list["items"]
+            list["items"]
                 .as_array()
                 .unwrap()
                 .iter()
                 .all(|u| u["status"] == "available")
-            {
-                break;
-            }
-            actix_web::rt::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+                .then_some(())
+        })
+        .await;
     }
     assert_eq!(app.events_of("dispatch.assigned").await.len(), 200);
 }
@@ -423,14 +408,11 @@ async fn crew_websocket_gets_offers_and_replays_after_reconnect() {
         .await
         .unwrap();
     assert_eq!(next_json(&mut socket).await["type"], "location_ack");
-    let mut located = Vec::new();
-    for _ in 0..100 {
-        located = app.events_of("unit.location").await;
-        if !located.is_empty() {
-            break;
-        }
-        actix_web::rt::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    let located = crate::helpers::eventually("the unit.location stored", || async {
+        let located = app.events_of("unit.location").await;
+        (!located.is_empty()).then_some(located)
+    })
+    .await;
     assert_eq!(located.len(), 1);
     assert_eq!(located[0].data["lat"], 51.51);
     let unit: Value = app.unit("W1", Role::Console).await.json().await.unwrap();
@@ -448,9 +430,9 @@ async fn next_json(
     >,
 ) -> Value {
     loop {
-        let frame = tokio::time::timeout(std::time::Duration::from_secs(5), socket.next())
+        let frame = tokio::time::timeout(crate::helpers::PATIENCE, socket.next())
             .await
-            .expect("a frame within 5 s")
+            .expect("a frame")
             .unwrap()
             .unwrap();
         match frame {
@@ -520,17 +502,15 @@ async fn a_status_report_that_could_not_be_stored_is_stored_when_sent_again() {
     let resp = report().await;
     assert_eq!(resp.status(), 503, "{}", resp.text().await.unwrap());
     proxy.restore();
-    let mut stored = false;
-    for _ in 0..40 {
+    crate::helpers::eventually("the report stored once the database is back", || async {
         let resp = report().await;
         if resp.status() == 200 {
-            stored = true;
-            break;
+            return Some(());
         }
         assert_eq!(resp.status(), 503, "{}", resp.text().await.unwrap());
-        actix_web::rt::time::sleep(std::time::Duration::from_millis(250)).await;
-    }
-    assert!(stored, "the report was never stored");
+        None
+    })
+    .await;
     assert_eq!(stored_unit(&app, "M-1").await.status, "out_of_service");
     let changes = app.events_of("unit.status_changed").await;
     assert_eq!(changes.len(), 1, "{changes:?}");
@@ -562,16 +542,11 @@ async fn a_stopped_unit_actor_is_started_again_from_its_stored_state(backend: Ba
     let crash = app.crash_actor("unit", "M-1", Role::Admin).await;
     assert_eq!(crash.status(), StatusCode::ACCEPTED);
     // Nobody asks for the unit: the fleet's sweep finds its actor stopped.
-    let mut alive = false;
-    for _ in 0..150 {
-        actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
+    crate::helpers::eventually("the stopped unit actor started again", || async {
         let addrs = app.fleet.send(shers::actors::unit::AllUnits).await.unwrap();
-        if addrs.iter().all(actix::Addr::connected) {
-            alive = true;
-            break;
-        }
-    }
-    assert!(alive, "the stopped unit actor was not started again");
+        addrs.iter().all(actix::Addr::connected).then_some(())
+    })
+    .await;
     let after: Value = app
         .actor("unit", "M-1", Role::Admin)
         .await
@@ -629,10 +604,18 @@ async fn units_are_reconciled_with_open_incidents_at_start_up(backend: Backend) 
     let off = app.unit_status(&crew3, "M3", "out_of_service").await;
     assert_eq!(off.status(), StatusCode::OK);
 
+    // Let the writer store the units' last changes, then lose them: M1's report and accept
+    // (the incident has them), M2 and M3 still on an incident that has ended.
+    crate::helpers::eventually("the units' last changes stored", || async {
+        let stored = [
+            stored_unit(&app, "M1").await.status,
+            stored_unit(&app, "M2").await.status,
+            stored_unit(&app, "M3").await.status,
+        ];
+        (stored == ["enroute", "available", "out_of_service"]).then_some(())
+    })
+    .await;
     let tdb = app.kill().await;
-    // Let the stopped app's writer finish, then lose the units' last changes: M1's report
-    // and accept (the incident has them), M2 and M3 still on an incident that has ended.
-    actix_web::rt::time::sleep(std::time::Duration::from_millis(200)).await;
     let ended = uuid::Uuid::now_v7().to_string();
     let app = TestApp::builder(backend).start_on(tdb).await;
     overwrite_unit(&app, "M1", "available", None).await;
@@ -737,7 +720,9 @@ async fn routed_etas_beat_straight_line_and_fall_back_when_routing_is_down() {
     let app = TestApp::builder(Backend::Sqlite)
         .with_settings(|s| {
             s.routing.base_url = Some(osrm.url());
-            s.routing.timeout_ms = 2_000;
+            // The fake answers at once (500 when down): no call waits for this, and a busy
+            // machine never turns a routed ETA into a timeout.
+            s.routing.timeout_ms = 60_000;
             s.dispatch.offers_per_round = 1;
         })
         .start()
@@ -755,18 +740,16 @@ async fn routed_etas_beat_straight_line_and_fall_back_when_routing_is_down() {
 
     // Routing down: straight-line fallback picks the nearer unit.
     up.store(false, Ordering::SeqCst);
-    for _ in 0..100 {
+    crate::helpers::eventually("every unit available again", || async {
         let units: Value = app.units(Role::Console).await.json().await.unwrap();
-        if units["items"]
+        units["items"]
             .as_array()
             .unwrap()
             .iter()
             .all(|u| u["status"] == "available")
-        {
-            break;
-        }
-        actix_web::rt::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+            .then_some(())
+    })
+    .await;
     let id = open_incident(&app, "urgent").await;
     let incident = app
         .wait_incident(&id, |i| pending_offers(i).len() == 1)

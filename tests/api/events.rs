@@ -37,12 +37,12 @@ async fn next_event(socket: &mut Socket) -> Value {
     .await
 }
 
-/// The next text frame `wanted` accepts (others are skipped), within 10 s.
+/// The next text frame `wanted` accepts (others are skipped), within [`PATIENCE`](crate::helpers::PATIENCE).
 async fn next_frame(socket: &mut Socket, wanted: impl Fn(&Value) -> bool) -> Value {
     loop {
-        let frame = tokio::time::timeout(std::time::Duration::from_secs(10), socket.next())
+        let frame = tokio::time::timeout(crate::helpers::PATIENCE, socket.next())
             .await
-            .expect("a frame within 10 s")
+            .expect("a frame")
             .unwrap()
             .unwrap();
         if let tokio_tungstenite::tungstenite::Message::Text(t) = frame {
@@ -153,7 +153,7 @@ async fn sse_resumes_from_last_event_id(backend: Backend) {
     let mut resp = resp;
     let mut text = String::new();
     while text.matches("\n\n").count() < 2 {
-        let chunk = tokio::time::timeout(std::time::Duration::from_secs(10), resp.chunk())
+        let chunk = tokio::time::timeout(crate::helpers::PATIENCE, resp.chunk())
             .await
             .unwrap()
             .unwrap()
@@ -245,7 +245,7 @@ async fn console_commands_over_the_websocket() {
     let mut socket = connect(&app, 0).await;
     async fn answer(socket: &mut Socket, request_id: &str) -> Value {
         loop {
-            let frame = tokio::time::timeout(std::time::Duration::from_secs(10), socket.next())
+            let frame = tokio::time::timeout(crate::helpers::PATIENCE, socket.next())
                 .await
                 .expect("an answer")
                 .unwrap()
@@ -348,12 +348,21 @@ async fn a_slow_consumer_is_told_to_resync_and_loses_nothing() {
     )
     .await
     .unwrap();
-    // Give the broadcaster time to overflow this subscriber's buffer.
-    actix_web::rt::time::sleep(std::time::Duration::from_millis(800)).await;
+    // Until the broadcaster has tailed them all and dropped this subscriber, whose buffer
+    // overflowed.
+    crate::helpers::eventually("the slow subscriber overflowed", || async {
+        let (subscribers, head) = app
+            .broadcaster
+            .send(shers::actors::broadcaster::Stats)
+            .await
+            .unwrap();
+        (subscribers == 0 && head >= start + n as i64).then_some(())
+    })
+    .await;
     let mut seqs = Vec::new();
     let mut resyncs = 0;
     while seqs.len() < n {
-        match tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+        match tokio::time::timeout(crate::helpers::PATIENCE, rx.recv())
             .await
             .unwrap()
             .unwrap()

@@ -154,7 +154,20 @@ pub const PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Polls `probe` (every 20 ms) until it gives `Some`, for up to [`PATIENCE`]; panics naming
 /// `what` if it never does.
-pub async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    match eventually_or_none(probe).await {
+        Some(found) => found,
+        None => panic!("{what}: not within {PATIENCE:?}"),
+    }
+}
+
+/// Polls `probe` (every 20 ms) until it gives `Some`, for up to [`PATIENCE`]; `None` if it
+/// never does (the caller says what it waited for).
+pub async fn eventually_or_none<T, F, Fut>(mut probe: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -162,12 +175,11 @@ where
     let started = std::time::Instant::now();
     loop {
         if let Some(found) = probe().await {
-            return found;
+            return Some(found);
         }
-        assert!(
-            started.elapsed() < PATIENCE,
-            "{what}: not within {PATIENCE:?}"
-        );
+        if started.elapsed() >= PATIENCE {
+            return None;
+        }
         actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
@@ -463,17 +475,22 @@ impl TestApp {
             .unwrap()
     }
 
-    /// Polls `GET /api/v1/incidents/{id}` until `pred` holds (or panics after ~5 s).
+    /// Polls `GET /api/v1/incidents/{id}` until `pred` holds (or panics after [`PATIENCE`]).
     pub async fn wait_incident(&self, id: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        let mut last = Value::Null;
-        for _ in 0..250 {
-            last = self.incident(id, Role::Console).await.json().await.unwrap();
-            if pred(&last) {
-                return last;
-            }
-            actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        panic!("incident never reached the expected state: {last}");
+        let last = std::cell::RefCell::new(Value::Null);
+        let found = eventually_or_none(|| async {
+            let seen: Value = self.incident(id, Role::Console).await.json().await.unwrap();
+            let hit = pred(&seen);
+            *last.borrow_mut() = seen.clone();
+            hit.then_some(seen)
+        })
+        .await;
+        found.unwrap_or_else(|| {
+            panic!(
+                "incident never reached the expected state: {}",
+                last.borrow()
+            )
+        })
     }
 
     /// A cached token for `role`.

@@ -306,19 +306,16 @@ async fn a_crashed_incident_actor_comes_back_with_its_state(backend: Backend) {
     assert_eq!(before["restarts"], 0);
     let crash = app.crash_actor("incident", &id, Role::Admin).await;
     assert_eq!(crash.status(), StatusCode::ACCEPTED);
-    let mut after = Value::Null;
-    for _ in 0..100 {
-        after = app
+    let after: Value = crate::helpers::eventually("the incident actor restarted", || async {
+        let after: Value = app
             .actor("incident", &id, Role::Admin)
             .await
             .json()
             .await
             .unwrap();
-        if after["restarts"] == 1 && after["status"] == "dispatching" {
-            break;
-        }
-        actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+        (after["restarts"] == 1 && after["status"] == "dispatching").then_some(after)
+    })
+    .await;
     assert_eq!(after["restarts"], 1, "{after}");
     assert_eq!(after["status"], before["status"]);
     assert_eq!(after["version"], before["version"]);
@@ -374,34 +371,18 @@ async fn open_incidents_survive_an_abrupt_stop(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(actors["counts"]["incident"], 2, "{actors}");
-    let statuses: HashSet<(String, String)> = actors["items"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|a| {
-            (
-                a["id"].as_str().unwrap().to_owned(),
-                a["status"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
     let mut wanted = HashSet::new();
     wanted.insert((open.clone(), "dispatching".to_owned()));
     wanted.insert((assigned_id.clone(), "assigned".to_owned()));
     // Actors load asynchronously; poll until both report their state.
-    let mut seen = statuses;
-    for _ in 0..50 {
-        if seen == wanted {
-            break;
-        }
-        actix_web::rt::time::sleep(std::time::Duration::from_millis(20)).await;
+    crate::helpers::eventually("both recovered actors report their state", || async {
         let actors: Value = app
             .actors("incident", Role::Admin)
             .await
             .json()
             .await
             .unwrap();
-        seen = actors["items"]
+        let seen: HashSet<(String, String)> = actors["items"]
             .as_array()
             .unwrap()
             .iter()
@@ -412,8 +393,9 @@ async fn open_incidents_survive_an_abrupt_stop(backend: Backend) {
                 )
             })
             .collect();
-    }
-    assert_eq!(seen, wanted);
+        (seen == wanted).then_some(())
+    })
+    .await;
     // Dedup survives the restart: the patient's open incident is found again.
     assert_eq!(incident_of(&app, &emergency("w1", 10)).await, open);
     // And commands still apply to recovered incidents.

@@ -89,19 +89,16 @@ async fn next_of_kin_get_an_sms_even_without_vitals(backend: Backend) {
         .unwrap()
         .to_owned();
     // The worker retries after the 429's Retry-After and then delivers.
-    let mut detail = Value::Null;
-    for _ in 0..200 {
-        detail = app
+    let detail: Value = crate::helpers::eventually("the SMS delivered", || async {
+        let detail: Value = app
             .incident(&incident, Role::Console)
             .await
             .json()
             .await
             .unwrap();
-        if detail["notifications"][0]["status"] == "sent" {
-            break;
-        }
-        actix_web::rt::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+        (detail["notifications"][0]["status"] == "sent").then_some(detail)
+    })
+    .await;
     let note = &detail["notifications"][0];
     assert_eq!(note["status"], "sent", "{detail}");
     assert_eq!(note["attempts"], 2, "one 429, then delivered");

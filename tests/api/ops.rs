@@ -1,7 +1,5 @@
 //! Operational endpoints: readiness against a real outage, metrics, OpenAPI.
 
-use std::time::Duration;
-
 use reqwest::StatusCode;
 use serde_json::Value;
 use shers::domain::auth::Role;
@@ -10,16 +8,16 @@ use shers::persistence::Backend;
 use crate::helpers::{TestApp, api, app_behind_a_proxy};
 
 async fn wait_for_status(app: &TestApp, path: &str, want: StatusCode) -> Value {
-    let mut last = None;
-    for _ in 0..60 {
+    let what = format!("{path} answering {want}");
+    crate::helpers::eventually(&what, || async {
         let resp = app.get(path, None).await;
         if resp.status() == want {
-            return resp.json().await.unwrap();
+            Some(resp.json().await.unwrap())
+        } else {
+            None
         }
-        last = Some(resp.status());
-        actix_web::rt::time::sleep(Duration::from_millis(250)).await;
-    }
-    panic!("{path} never answered {want}; last {last:?}");
+    })
+    .await
 }
 
 #[actix_web::test]

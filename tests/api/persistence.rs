@@ -973,26 +973,37 @@ async fn group_commit_runs_a_lone_atomic_write_without_a_transaction(backend: Ba
             return;
         }
     }
-    // Keep the writer busy so that the next two writes share a batch.
-    let busy = atomic_statement(&writer, "SELECT pg_sleep(0.3)");
-    let queued = async {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        let vacuum = atomic_statement(&writer, "VACUUM event_sequence");
-        let companion = writer.write(move |tx| {
-            Box::pin(async move {
-                events::append(
-                    tx,
-                    "companion",
-                    ExpectedVersion::NoStream,
-                    &[event("c", 1)],
-                    Utc::now(),
-                )
-                .await
-            })
-        });
-        futures_util::future::join(vacuum, companion).await
+    // Hold the writer on a write that waits for a gate, so that the next two writes are both
+    // queued (sent on their first poll, before the gate opens) and share a batch.
+    let (open, gate) = tokio::sync::watch::channel(false);
+    let busy = writer.write(move |_tx| {
+        let mut gate = gate.clone();
+        Box::pin(async move {
+            let _ = gate.wait_for(|open| *open).await;
+            Ok::<(), shers::persistence::StoreError>(())
+        })
+    });
+    let vacuum = atomic_statement(&writer, "VACUUM event_sequence");
+    let companion = writer.write(move |tx| {
+        Box::pin(async move {
+            events::append(
+                tx,
+                "companion",
+                ExpectedVersion::NoStream,
+                &[event("c", 1)],
+                Utc::now(),
+            )
+            .await
+        })
+    });
+    let release = async {
+        open.send_replace(true);
     };
-    let (busy, (vacuum, companion)) = futures_util::future::join(busy, queued).await;
+    let (busy, (vacuum, companion, ())) = futures_util::future::join(
+        busy,
+        futures_util::future::join3(vacuum, companion, release),
+    )
+    .await;
     busy.unwrap();
     let refused = vacuum.unwrap_err().to_string();
     assert!(refused.contains("transaction block"), "{refused}");
