@@ -430,15 +430,7 @@ async fn a_processing_payment_is_read_again_not_created_again(backend: Backend) 
         .start()
         .await;
     let id = run_to_hospital(&app, "pp-1", "M-888", 0).await;
-    let mut incident = Value::Null;
-    for _ in 0..200 {
-        incident = app.incident(&id, Role::Console).await.json().await.unwrap();
-        if incident["status"] == "closed" {
-            break;
-        }
-        actix_web::rt::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert_eq!(incident["status"], "closed", "{incident:#}");
+    let incident = app.wait_incident(&id, |i| i["status"] == "closed").await;
     assert_eq!(
         incident["invoice"]["status"], "paid",
         "{:#}",
@@ -600,7 +592,7 @@ async fn an_external_insurance_service_takes_the_configured_token(backend: Backe
         .is_ok_and(|r| r.status() == StatusCode::OK)
     {
         assert!(
-            started.elapsed() < std::time::Duration::from_secs(30),
+            started.elapsed() < crate::helpers::PATIENCE,
             "shers insurance did not start"
         );
         actix_web::rt::time::sleep(std::time::Duration::from_millis(50)).await;

@@ -170,7 +170,7 @@ async fn answer(socket: &mut Socket) -> Value {
         "status_result",
     ];
     loop {
-        let message = tokio::time::timeout(std::time::Duration::from_secs(10), socket.next())
+        let message = tokio::time::timeout(crate::helpers::PATIENCE, socket.next())
             .await
             .expect("an answer within 10 s")
             .unwrap()
