@@ -15,14 +15,12 @@ use actix::{Actor as _, Arbiter};
 
 use crate::actors::billing::{Billing, BillingDeps, PaymentsNotConfigured, ResumeBilling};
 use crate::actors::broadcaster::Broadcaster;
-use crate::actors::device::DeviceDirectory;
-use crate::actors::device::TriageRuntime;
+use crate::actors::device::{DeviceDirectory, DeviceRouter, LocalDevices, TriageRuntime};
 use crate::actors::incident::{IncidentDeps, IncidentDirectory, Recover};
 use crate::actors::notifier::{Channels, NotifierActor};
 use crate::actors::unit::{Fleet, LoadFleet, SetUnitFreeRecipient};
 use crate::config::Settings;
 use crate::domain::billing::Tariff;
-use crate::domain::triage::TriageRules;
 use crate::http::auth::{AuthService, BillingCredential};
 use crate::http::json::BodyLimit;
 use crate::http::telemetry::{ShersRootSpan, observe, prometheus};
@@ -39,7 +37,7 @@ pub struct Application {
     port: u16,
     server: Server,
     db: Db,
-    devices: actix::Addr<DeviceDirectory>,
+    devices: Option<actix::Addr<DeviceDirectory>>,
     incidents: actix::Addr<IncidentDirectory>,
     billing: actix::Addr<Billing>,
     broadcaster: actix::Addr<Broadcaster>,
@@ -73,24 +71,6 @@ pub async fn open_database(settings: &Settings) -> anyhow::Result<Db> {
         );
     }
     Ok(db)
-}
-
-/// Loads the triage rules: the compiled-in defaults, or the rules file (an invalid file is a
-/// start-up error naming the problem), with `triage.fall_grace_s` applied on top when set.
-pub fn load_triage_rules(settings: &Settings) -> anyhow::Result<TriageRules> {
-    let mut rules = match &settings.triage.rules_file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading the triage rules file {}", path.display()))?;
-            TriageRules::from_toml_str(&text)
-                .with_context(|| format!("invalid triage rules file {}", path.display()))?
-        }
-        None => TriageRules::default(),
-    };
-    if let Some(grace) = settings.triage.fall_grace_s {
-        rules.fall_grace_s = grace;
-    }
-    Ok(rules)
 }
 
 /// The notification providers configured in `notify.*`; unconfigured channels go to the
@@ -281,6 +261,39 @@ async fn start_billing(
     Ok(billing)
 }
 
+/// What a host that runs the application as one part of something bigger (a cluster node
+/// holding the dispatch shard) puts in: the application starts no device actors of its own and
+/// leaves the stop signals to the host.
+pub struct Host {
+    /// The host's wearables, wherever their actors run.
+    pub devices: Arc<dyn DeviceRouter>,
+    /// Routes the host serves on the application's server besides the API (node-to-node
+    /// endpoints), with the app data they need.
+    pub routes: Arc<dyn Fn(&mut web::ServiceConfig) + Send + Sync>,
+}
+
+/// Starts a single node's device actors (on their own threads, one per core, sharded by device
+/// id) and resumes their running fall watches; the router to them, and their directory.
+async fn start_devices(
+    db: &Db,
+    triage: Arc<TriageRuntime>,
+    handoff: actix::Recipient<crate::actors::incident::EmergencyDetected>,
+) -> (Arc<dyn DeviceRouter>, actix::Addr<DeviceDirectory>) {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let arbiters: Vec<Arbiter> = (0..threads).map(|_| Arbiter::new()).collect();
+    let directory = DeviceDirectory::new(
+        db.clone(),
+        triage,
+        handoff,
+        arbiters.iter().map(Arbiter::handle).collect(),
+    )
+    .start();
+    if let Err(e) = crate::actors::device::wake_pending_falls(db, &directory, |_| true).await {
+        tracing::warn!(error = %e, "running fall watches not resumed yet; they resume on each wearable's next reading");
+    }
+    (LocalDevices::new(directory.clone(), arbiters), directory)
+}
+
 impl Application {
     /// Opens the database, migrates it and binds the listener.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
@@ -297,20 +310,19 @@ impl Application {
     }
 
     /// Builds the server on an already bound listener (a cluster node binds its internal
-    /// address at start, long before it owns anything to serve there). A single node (`node`
-    /// is `None`) stops on SIGINT/SIGTERM and applies readings to its own device actors. A
-    /// cluster node's dispatch shard (`node` is its device side) leaves the signals to the
-    /// node, which hands its shards over, sends readings to their device shards, and also
-    /// serves the node's internal device routes.
+    /// address at start, long before it owns anything to serve there). Standing alone
+    /// (`host` is `None`), it stops on SIGINT/SIGTERM and runs its own device actors. Run by a
+    /// host ([`Host`]: a cluster node holding the dispatch shard), it leaves the signals to the
+    /// host, reaches the wearables through the host's router, and serves the host's routes too.
     // Long on purpose: the whole wiring of the application, in start order.
     pub async fn build_with_listener(
         settings: Settings,
         db: Db,
         listener: TcpListener,
-        node: Option<Arc<crate::cluster::devices::NodeDevices>>,
+        host: Option<Host>,
     ) -> anyhow::Result<Self> {
-        let own_signals = node.is_none();
-        let rules = load_triage_rules(&settings)?;
+        let own_signals = host.is_none();
+        let rules = settings.triage.rules()?;
         let port = listener.local_addr()?.port();
         let _ = prometheus();
 
@@ -337,29 +349,14 @@ impl Application {
             .context("loading the fleet")?;
         tracing::info!(units, "fleet loaded");
         let incidents = start_incidents(&settings, &db, &writer, &fleet).await?;
-        let handoff = incidents.clone().recipient();
-        // Device actors run on their own threads, one per core, sharded by device id.
-        let shards = std::thread::available_parallelism().map_or(2, |n| n.get());
-        let arbiters: Vec<Arbiter> = (0..shards).map(|_| Arbiter::new()).collect();
-        let mut device_directory = DeviceDirectory::new(
-            db.clone(),
-            triage.clone(),
-            handoff,
-            arbiters.iter().map(Arbiter::handle).collect(),
-        );
-        // A cluster's wearables are served (and swept for silence) by their device shards.
-        if node.is_some() {
-            device_directory = device_directory.without_offline_sweep();
-        }
-        let device_directory = device_directory.start();
-        let devices = device_directory.clone();
-        // A cluster's wearables are served by their device shards, which resume their own.
-        if node.is_none()
-            && let Err(e) =
-                crate::actors::device::wake_pending_falls(&db, &device_directory, |_| true).await
-        {
-            tracing::warn!(error = %e, "running fall watches not resumed yet; they resume on each wearable's next reading");
-        }
+        let (devices, directory): (Arc<dyn DeviceRouter>, _) = match &host {
+            Some(host) => (host.devices.clone(), None),
+            None => {
+                let (router, directory) =
+                    start_devices(&db, triage.clone(), incidents.clone().recipient()).await;
+                (router, Some(directory))
+            }
+        };
 
         let notifier = NotifierActor::new(db.clone(), notification_channels(&settings)?).start();
         let broadcaster = Broadcaster::new(db.clone())
@@ -369,9 +366,7 @@ impl Application {
         let (insurance_token, billing_credential) = insurance_credential(&settings)?;
         let billing =
             start_billing(&settings, &db, port, insurance_token, &fleet, &incidents).await?;
-        // A cluster node's shard server accepts the other nodes' credentials on its
-        // node-to-node endpoints.
-        let peers = node.as_ref().map(|devices| devices.peers());
+        let host_routes = host.map(|h| h.routes);
 
         let settings = Arc::new(settings);
         let (closing, closing_rx) = tokio::sync::watch::channel(false);
@@ -384,16 +379,11 @@ impl Application {
             notifier: notifier.clone(),
             broadcaster: broadcaster.clone(),
             billing: billing.clone(),
-            devices: device_directory.clone(),
-            ingest: match &node {
-                Some(devices) => crate::cluster::devices::Ingestion::Cluster(devices.clone()),
-                None => crate::cluster::devices::Ingestion::Local(device_directory.clone()),
-            },
+            devices,
             ingest_gate: Arc::new(tokio::sync::Semaphore::new(
                 settings.triage.max_in_flight_readings.max(1),
             )),
             closing: closing_rx,
-            _arbiters: Arc::new(arbiters),
         });
         let auth = web::Data::new(AuthService::new(
             db.clone(),
@@ -409,17 +399,13 @@ impl Application {
                 .app_data(auth.clone())
                 .app_data(body_limit)
                 .app_data(db_data.clone());
-            if let Some(peers) = &peers {
-                app = app.app_data(peers.clone());
-            }
             if let Some(billing) = &billing_credential {
                 app = app.app_data(billing.clone());
             }
             app.configure(http::routes)
                 .configure(|cfg| {
-                    if let Some(devices) = &node {
-                        http::internal::dispatch_routes(cfg);
-                        http::internal::node_routes(cfg, web::Data::from(devices.clone()));
+                    if let Some(routes) = &host_routes {
+                        routes(cfg);
                     }
                     if embed_insurance {
                         crate::http::insurance::routes(cfg);
@@ -447,7 +433,7 @@ impl Application {
             port,
             server,
             db,
-            devices,
+            devices: directory,
             incidents,
             billing,
             broadcaster,
@@ -466,9 +452,10 @@ impl Application {
         &self.db
     }
 
-    /// The device directory (tests drive device timers through it).
-    pub fn devices(&self) -> &actix::Addr<DeviceDirectory> {
-        &self.devices
+    /// The device directory of a server standing alone (tests drive device timers through
+    /// it); `None` under a host, whose router serves the wearables.
+    pub fn devices(&self) -> Option<&actix::Addr<DeviceDirectory>> {
+        self.devices.as_ref()
     }
 
     /// The console event fan-out.
@@ -509,6 +496,29 @@ impl Application {
     /// Serves until the server is stopped (SIGINT/SIGTERM drain in-flight requests).
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         self.server.await
+    }
+}
+
+/// Ctrl-C or SIGTERM.
+pub async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(term) => term,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 

@@ -216,7 +216,7 @@ async fn demo(
             }
         }
         () = deadline => {}
-        () = stop_signal() => {}
+        () = crate::app::stop_signal() => {}
         () = banner_on_enter => {}
     }
     // The simulators are dropped by now; the server future handles the stop command, so
@@ -242,29 +242,6 @@ fn arm_crash_point(settings: &Settings) -> anyhow::Result<()> {
     let point = crate::fault::arm(name)?;
     tracing::warn!(fault.crash_at = point, "fault injection: crash point armed");
     Ok(())
-}
-
-/// Ctrl-C or SIGTERM.
-pub async fn stop_signal() {
-    #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(term) => term,
-                Err(_) => {
-                    let _ = tokio::signal::ctrl_c().await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }
 
 /// Runs a parsed command line.

@@ -325,6 +325,27 @@ pub struct TriageSettings {
     pub max_in_flight_readings: usize,
 }
 
+impl TriageSettings {
+    /// The triage rules: the compiled-in defaults, or the rules file (an invalid file is a
+    /// start-up error naming the problem), with `fall_grace_s` applied on top when set.
+    pub fn rules(&self) -> anyhow::Result<crate::domain::triage::TriageRules> {
+        use anyhow::Context as _;
+        let mut rules = match &self.rules_file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the triage rules file {}", path.display()))?;
+                crate::domain::triage::TriageRules::from_toml_str(&text)
+                    .with_context(|| format!("invalid triage rules file {}", path.display()))?
+            }
+            None => crate::domain::triage::TriageRules::default(),
+        };
+        if let Some(grace) = self.fall_grace_s {
+            rules.fall_grace_s = grace;
+        }
+        Ok(rules)
+    }
+}
+
 impl Default for TriageSettings {
     fn default() -> Self {
         Self {

@@ -22,9 +22,12 @@ use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
 
 use super::ClusterState;
+use futures_util::future::BoxFuture;
+
 use crate::actors::device::{
-    CancelDeviceFall, DeviceActor, DeviceDirectory, DeviceSummary, FallCancelled, Ingest,
-    ListDevices, Lookup, ReadingOutcome, Retire, TriageRuntime, wake_pending_falls,
+    CancelDeviceFall, DeviceDirectory, DeviceError, DevicePage, DeviceRouter, DeviceView,
+    FallCancelled, ReadingOutcome, Retire, TriageRuntime, apply_to, inspect_in, list_in,
+    wake_pending_falls,
 };
 use crate::actors::incident::EmergencyDetected;
 use crate::config::{Secret, Settings};
@@ -34,53 +37,9 @@ use crate::domain::triage::TriageRules;
 use crate::domain::vitals::Reading;
 use crate::http::auth::NodeCredentials;
 use crate::persistence::cluster::fenced_url;
+use crate::persistence::cluster::percent_encode;
 use crate::persistence::group::GroupCommit;
 use crate::persistence::{Db, StoreError};
-
-/// Where the readings of a server go: its own device directory (one node owns everything), or
-/// the cluster's device shards.
-#[derive(Clone)]
-pub enum Ingestion {
-    /// A single node: every device actor is local.
-    Local(Addr<DeviceDirectory>),
-    /// A cluster node: readings go to their device shard's holder.
-    Cluster(Arc<NodeDevices>),
-}
-
-impl Ingestion {
-    /// Applies readings (each with its index in the request); `None` when the local directory
-    /// is gone.
-    pub async fn apply(
-        &self,
-        readings: Vec<(usize, Reading)>,
-    ) -> Option<Vec<(usize, ReadingOutcome)>> {
-        match self {
-            Ingestion::Local(directory) => directory.send(Ingest(readings)).await.ok(),
-            Ingestion::Cluster(devices) => Some(devices.ingest(readings).await),
-        }
-    }
-
-    /// Sends a wearer's "I'm OK" to the device's actor, wherever its shard is served.
-    pub async fn cancel_fall(&self, cancel: CancelDeviceFall) -> Result<FallCancelled, StoreError> {
-        match self {
-            Ingestion::Local(directory) => directory
-                .send(cancel)
-                .await
-                .map_err(|e| StoreError::Unavailable(format!("device directory: {e}")))?,
-            Ingestion::Cluster(devices) => devices.cancel_fall(cancel).await,
-        }
-    }
-}
-
-/// Where a wearable's live device actor is, for `/admin/actors`.
-pub enum Located {
-    /// On this node: its address and restart count.
-    Here(Addr<DeviceActor>, u32),
-    /// Its shard is served by the node at this internal address.
-    Node(String),
-    /// Nowhere: no live actor, or its shard has no holder right now.
-    Nowhere,
-}
 
 /// The body of `POST /internal/v1/readings` and of its answer.
 #[derive(Debug, Serialize, Deserialize)]
@@ -157,7 +116,7 @@ impl NodeDevices {
             peers: actix_web::web::Data::new(NodeCredentials::new(db.clone(), lease)),
             db,
             settings: settings.clone(),
-            rules: crate::app::load_triage_rules(settings)?,
+            rules: settings.triage.rules()?,
             arbiters,
             handoff,
             local_dispatch,
@@ -263,48 +222,45 @@ impl NodeDevices {
         .await;
     }
 
-    /// Where `id`'s live actor is.
-    pub async fn locate(&self, id: &DeviceId) -> Located {
-        let index = device_shard(id, self.cluster.device_shards);
-        if let Some(shard) = self.local(index) {
-            return match shard.directory.send(Lookup(id.clone())).await {
-                Ok(Some((addr, restarts))) => Located::Here(addr, restarts),
-                _ => Located::Nowhere,
-            };
+    /// The live device actors of the shards served here: up to `limit`, and how many.
+    pub async fn list_local(&self, limit: usize) -> DevicePage {
+        let shards: Vec<Arc<LocalShard>> = self
+            .local
+            .read()
+            .map(|l| l.values().cloned().collect())
+            .unwrap_or_default();
+        let pages = join_all(shards.iter().map(|s| list_in(&s.directory, limit))).await;
+        let mut all = DevicePage::default();
+        for page in pages.into_iter().flatten() {
+            all.count += page.count;
+            all.items.extend(page.items);
         }
+        all.items.truncate(limit);
+        all
+    }
+
+    /// The state of `id`'s live actor, if its shard is served here and it has one.
+    pub async fn inspect_local(&self, id: DeviceId) -> Result<Option<DeviceView>, DeviceError> {
+        let index = device_shard(&id, self.cluster.device_shards);
+        match self.local(index) {
+            Some(shard) => inspect_in(&shard.directory, id).await,
+            None => Ok(None),
+        }
+    }
+
+    /// The internal address of the node serving device shard `index`, when it is not this one.
+    fn holder_of(&self, index: u32) -> Option<String> {
         self.cluster
             .owners()
             .devices
             .get(index as usize)
             .and_then(Option::as_ref)
             .filter(|o| o.node_id != self.cluster.node_id)
-            .map_or(Located::Nowhere, |o| Located::Node(o.address.clone()))
-    }
-
-    /// A page of the live device actors of the shards served here, and how many there are.
-    pub async fn list_local(&self, limit: usize) -> (usize, Vec<(DeviceSummary, u32)>) {
-        let shards: Vec<Arc<LocalShard>> = self
-            .local
-            .read()
-            .map(|l| l.values().cloned().collect())
-            .unwrap_or_default();
-        let pages = join_all(
-            shards
-                .iter()
-                .map(|s| s.directory.send(ListDevices { limit })),
-        )
-        .await;
-        let (mut total, mut items) = (0, Vec::new());
-        for (count, page) in pages.into_iter().flatten() {
-            total += count;
-            items.extend(page);
-        }
-        items.truncate(limit);
-        (total, items)
+            .map(|o| o.address.clone())
     }
 
     /// The internal addresses of the other nodes serving device shards.
-    pub fn other_holders(&self) -> Vec<String> {
+    fn other_holders(&self) -> Vec<String> {
         let mut addresses: Vec<String> = self
             .cluster
             .owners()
@@ -319,13 +275,12 @@ impl NodeDevices {
         addresses
     }
 
-    /// `GET {address}{path}` on another node with this node's token: its status and body, or
-    /// `None` when it cannot be reached.
-    pub async fn get_from(
+    /// `GET {address}{path}` on another node with this node's credential, decoded.
+    async fn get_from<T: serde::de::DeserializeOwned>(
         &self,
         address: &str,
         path: &str,
-    ) -> Option<(u16, actix_web::web::Bytes)> {
+    ) -> Result<Option<T>, DeviceError> {
         let resp = self
             .http
             .get(format!("{address}{path}"))
@@ -333,9 +288,57 @@ impl NodeDevices {
             .timeout(Duration::from_secs(2))
             .send()
             .await
-            .ok()?;
-        let status = resp.status().as_u16();
-        Some((status, resp.bytes().await.ok()?))
+            .map_err(|e| {
+                self.cluster.refresh_owners();
+                DeviceError::Unreachable(format!("a device shard's holder: {}", e.without_url()))
+            })?;
+        match resp.status().as_u16() {
+            200 => resp.json::<T>().await.map(Some).map_err(|e| {
+                DeviceError::Unreachable(format!("a device shard's holder's answer: {e}"))
+            }),
+            404 => Ok(None),
+            status => {
+                self.cluster.refresh_owners();
+                Err(DeviceError::Unreachable(format!(
+                    "a device shard's holder answered {status}"
+                )))
+            }
+        }
+    }
+
+    /// The live device actors of every node: this node's and the other holders' (a holder
+    /// that cannot be reached is left out of the page).
+    async fn list_all(&self, limit: usize) -> DevicePage {
+        let path = format!("/internal/v1/actors/devices?limit={limit}");
+        let (mut all, others) = futures_util::join!(
+            self.list_local(limit),
+            join_all(self.other_holders().into_iter().map(|address| {
+                let path = &path;
+                async move { self.get_from::<DevicePage>(&address, path).await }
+            }))
+        );
+        for page in others.into_iter().filter_map(|p| p.ok().flatten()) {
+            all.count += page.count;
+            all.items.extend(page.items);
+        }
+        all.items.truncate(limit);
+        all
+    }
+
+    /// The state of `id`'s live actor, wherever its shard is served.
+    async fn inspect_anywhere(&self, id: DeviceId) -> Result<Option<DeviceView>, DeviceError> {
+        let index = device_shard(&id, self.cluster.device_shards);
+        if self.local(index).is_some() {
+            return self.inspect_local(id).await;
+        }
+        let Some(address) = self.holder_of(index) else {
+            return Ok(None);
+        };
+        let path = format!(
+            "/internal/v1/actors/devices/{}",
+            percent_encode(id.as_str())
+        );
+        self.get_from::<DeviceView>(&address, &path).await
     }
 
     /// `readings` grouped by their devices' shard.
@@ -354,14 +357,8 @@ impl NodeDevices {
     /// Applies readings wherever their devices' shards are served, as one answer.
     pub async fn ingest(&self, readings: Vec<(usize, Reading)>) -> Vec<(usize, ReadingOutcome)> {
         let groups = self.by_shard(readings);
-        let owners = self.cluster.owners();
         let sends = groups.into_iter().map(|(index, group)| {
-            let owner = owners
-                .devices
-                .get(index as usize)
-                .and_then(Option::as_ref)
-                .filter(|o| o.node_id != self.cluster.node_id)
-                .map(|o| o.address.clone());
+            let owner = self.holder_of(index);
             async move {
                 match (self.local(index), owner) {
                     (Some(shard), _) => apply_local(&shard, group).await,
@@ -400,22 +397,17 @@ impl NodeDevices {
 
     /// Sends a wearer's "I'm OK" to the device's shard: here, or its holder's
     /// `/internal/v1/devices/fall/cancel`.
-    pub async fn cancel_fall(&self, cancel: CancelDeviceFall) -> Result<FallCancelled, StoreError> {
+    pub async fn cancel_fall(
+        &self,
+        cancel: CancelDeviceFall,
+    ) -> Result<FallCancelled, DeviceError> {
         let index = device_shard(&cancel.device_id, self.cluster.device_shards);
         if self.local(index).is_some() {
             return self.cancel_fall_local(cancel).await;
         }
-        let owner = self
-            .cluster
-            .owners()
-            .devices
-            .get(index as usize)
-            .and_then(Option::as_ref)
-            .filter(|o| o.node_id != self.cluster.node_id)
-            .map(|o| o.address.clone());
-        let Some(address) = owner else {
+        let Some(address) = self.holder_of(index) else {
             self.cluster.refresh_owners();
-            return Err(StoreError::Unavailable(
+            return Err(DeviceError::Unreachable(
                 "the device's shard has no holder right now".to_owned(),
             ));
         };
@@ -430,18 +422,19 @@ impl NodeDevices {
             Ok(r) if r.status().is_success() => r
                 .json::<FallCancelled>()
                 .await
-                .map_err(|e| StoreError::Unavailable(format!("the device's holder: {e}"))),
+                .map_err(|e| DeviceError::Unreachable(format!("the device's holder: {e}"))),
             Ok(r) => {
                 self.cluster.refresh_owners();
-                Err(StoreError::Unavailable(format!(
+                Err(DeviceError::Unreachable(format!(
                     "the device's holder answered {}",
                     r.status()
                 )))
             }
             Err(e) => {
                 self.cluster.refresh_owners();
-                Err(StoreError::Unavailable(format!(
-                    "the device's holder is unreachable: {e}"
+                Err(DeviceError::Unreachable(format!(
+                    "the device's holder is unreachable: {}",
+                    e.without_url()
                 )))
             }
         }
@@ -452,18 +445,18 @@ impl NodeDevices {
     pub async fn cancel_fall_local(
         &self,
         cancel: CancelDeviceFall,
-    ) -> Result<FallCancelled, StoreError> {
+    ) -> Result<FallCancelled, DeviceError> {
         let index = device_shard(&cancel.device_id, self.cluster.device_shards);
         let Some(shard) = self.local(index) else {
-            return Err(StoreError::Unavailable(
+            return Err(DeviceError::Unreachable(
                 "the device's shard is not served here".to_owned(),
             ));
         };
-        shard
+        Ok(shard
             .directory
             .send(cancel)
             .await
-            .map_err(|e| StoreError::Unavailable(format!("device directory: {e}")))?
+            .map_err(|e| DeviceError::Unreachable(format!("device directory: {e}")))??)
     }
 
     async fn post(
@@ -515,14 +508,7 @@ async fn apply_local(
     shard: &Arc<LocalShard>,
     group: Vec<(usize, Reading)>,
 ) -> Vec<(usize, ReadingOutcome)> {
-    let indices: Vec<usize> = group.iter().map(|(i, _)| *i).collect();
-    match shard.directory.send(Ingest(group)).await {
-        Ok(outcomes) => outcomes,
-        Err(_) => indices
-            .into_iter()
-            .map(|i| (i, ReadingOutcome::Unavailable))
-            .collect(),
-    }
+    apply_to(&shard.directory, group).await
 }
 
 fn unavailable(group: Vec<(usize, Reading)>) -> Vec<(usize, ReadingOutcome)> {
@@ -530,6 +516,32 @@ fn unavailable(group: Vec<(usize, Reading)>) -> Vec<(usize, ReadingOutcome)> {
         .into_iter()
         .map(|(i, _)| (i, ReadingOutcome::Unavailable))
         .collect()
+}
+
+/// A node's wearables, as every ingest edge sees them: each device's work goes to the node
+/// serving its shard.
+impl DeviceRouter for NodeDevices {
+    fn apply(
+        &self,
+        readings: Vec<(usize, Reading)>,
+    ) -> BoxFuture<'_, Vec<(usize, ReadingOutcome)>> {
+        Box::pin(self.ingest(readings))
+    }
+
+    fn cancel_fall(
+        &self,
+        cancel: CancelDeviceFall,
+    ) -> BoxFuture<'_, Result<FallCancelled, DeviceError>> {
+        Box::pin(NodeDevices::cancel_fall(self, cancel))
+    }
+
+    fn list(&self, limit: usize) -> BoxFuture<'_, Result<DevicePage, DeviceError>> {
+        Box::pin(async move { Ok(self.list_all(limit).await) })
+    }
+
+    fn inspect(&self, id: DeviceId) -> BoxFuture<'_, Result<Option<DeviceView>, DeviceError>> {
+        Box::pin(self.inspect_anywhere(id))
+    }
 }
 
 /// Hands emergencies detected by this node's device actors to the dispatch shard's holder,

@@ -24,6 +24,8 @@
 //! standby: stopping a live actor system in place is where split brains come from.
 
 pub mod devices;
+pub mod front;
+pub mod internal;
 pub mod lease;
 pub mod wakeups;
 
@@ -38,7 +40,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use actix::Actor as _;
 
 use crate::actors::broadcaster::Broadcaster;
-use crate::app::{Application, open_database};
+use crate::app::{Application, Host, open_database};
 use crate::config::{Secret, Settings};
 use crate::domain::shards::{MAX_DEVICE_SHARDS, parse_device_shard};
 use crate::persistence::Db;
@@ -233,11 +235,11 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
         .context("starting the node's event tail")?
         .start();
     let (closing, closing_rx) = tokio::sync::watch::channel(false);
-    let front = crate::http::front::server(
+    let front = front::server(
         &settings,
         db.clone(),
         state.clone(),
-        crate::http::front::Local {
+        front::Local {
             devices: devices.clone(),
             broadcaster,
             closing: closing_rx,
@@ -249,14 +251,14 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
 
     // The internal address serves the device routes until this node holds the dispatch
     // shard, whose server then serves them too.
-    let mut node_server = Some(Served::spawn(crate::http::front::node_server(
+    let mut node_server = Some(Served::spawn(front::node_server(
         &settings,
         devices.clone(),
         internal.try_clone()?,
     )?));
     let mut shard: Option<Shard> = None;
     let drain = Duration::from_secs(2);
-    let stop = crate::cli::stop_signal();
+    let stop = crate::app::stop_signal();
     tokio::pin!(stop);
     loop {
         tokio::select! {
@@ -389,7 +391,19 @@ async fn start_shard(
     let db = Db::connect(&fenced.database)
         .await
         .context("opening fenced database connections")?;
-    let app = Application::build_with_listener(fenced, db, listener, Some(devices)).await?;
+    let peers = devices.peers();
+    let routes_devices = actix_web::web::Data::from(devices.clone());
+    let host = Host {
+        devices,
+        routes: Arc::new(move |cfg: &mut actix_web::web::ServiceConfig| {
+            // The other nodes call this server's node-to-node endpoints with their own
+            // credentials.
+            cfg.app_data(peers.clone());
+            internal::dispatch_routes(cfg);
+            internal::node_routes(cfg, routes_devices.clone());
+        }),
+    };
+    let app = Application::build_with_listener(fenced, db, listener, Some(host)).await?;
     tracing::info!(
         shard = DISPATCH_SHARD,
         epoch,

@@ -355,7 +355,7 @@ pub enum FallEvent {
 /// the same second, the order they arrived in decides: movement that arrives after the fall
 /// stands it down (the wearer moved right after falling), a fall that arrives after movement
 /// starts a watch.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct FallWatch {
     grace_s: u64,
     active: Option<ActiveFall>,
@@ -363,7 +363,7 @@ pub struct FallWatch {
     last_moving_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 struct ActiveFall {
     fall_at: DateTime<Utc>,
     deadline: DateTime<Utc>,

@@ -6,11 +6,10 @@ use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
-use super::auth::{AdminOnly, AuthService, Authorized, FromNode};
+use super::auth::{AdminOnly, AuthService, Authorized};
 use super::error::ApiError;
 use super::json::JsonBody;
-use crate::actors::device::ListDevices;
-use crate::cluster::devices::{Ingestion, Located, NodeDevices};
+use crate::actors::device::{DeviceView, LiveDevice};
 use crate::domain::auth::{Role, validate_new_token};
 use crate::domain::ids::{DeviceId, PatientId, TokenId, UnitId};
 use crate::persistence::tokens::{self, TokenRecord};
@@ -192,9 +191,10 @@ pub async fn list_actors(
         retry_after_s: 1,
     };
     let mut items = Vec::new();
-    let (devices, page, elsewhere) = list_devices(&state.ingest, limit).await?;
+    let page = state.devices.list(limit).await?;
+    let devices = page.count;
     if wants("device") {
-        items.extend(page);
+        items.extend(page.items.into_iter().map(device_summary));
     }
     let (incidents, page) = state
         .incidents
@@ -225,132 +225,34 @@ pub async fn list_actors(
             last_message_at: u.last_message_at,
         }));
     }
-    let mut items: Vec<serde_json::Value> = items
-        .into_iter()
-        .filter_map(|i| serde_json::to_value(i).ok())
-        .collect();
-    if wants("device") {
-        items.extend(elsewhere);
-    }
     Ok(HttpResponse::Ok().json(serde_json::json!({
         "counts": {"device": devices, "unit": units.len(), "incident": incidents},
         "items": items,
     })))
 }
 
-/// The device actors' count and a page of them: this server's, and on a cluster node also
-/// those of the device shards other nodes serve (their summaries as they sent them).
-async fn list_devices(
-    ingest: &Ingestion,
-    limit: usize,
-) -> Result<(usize, Vec<ActorSummary>, Vec<serde_json::Value>), ApiError> {
-    let (count, page, elsewhere) =
-        match ingest {
-            Ingestion::Local(directory) => {
-                let (count, page) = directory.send(ListDevices { limit }).await.map_err(|_| {
-                    ApiError::Unavailable {
-                        detail: "actor directory busy".to_owned(),
-                        retry_after_s: 1,
-                    }
-                })?;
-                (count, page, Vec::new())
-            }
-            Ingestion::Cluster(devices) => {
-                let (mut count, page) = devices.list_local(limit).await;
-                let path = format!("/internal/v1/actors/devices?limit={limit}");
-                let answers = futures_util::future::join_all(
-                    devices.other_holders().into_iter().map(|address| {
-                        let path = &path;
-                        async move { devices.get_from(&address, path).await }
-                    }),
-                )
-                .await;
-                let mut elsewhere = Vec::new();
-                for (_, body) in answers.into_iter().flatten().filter(|(s, _)| *s == 200) {
-                    let Ok(listed) = serde_json::from_slice::<NodeDevicesPage>(&body) else {
-                        continue;
-                    };
-                    count += listed.count;
-                    elsewhere.extend(listed.items);
-                }
-                (count, page, elsewhere)
-            }
-        };
-    let summaries = page.into_iter().map(device_summary).collect();
-    Ok((
-        count,
-        summaries,
-        elsewhere.into_iter().take(limit).collect(),
-    ))
-}
-
 /// A device actor as `/admin/actors` lists it.
-fn device_summary(
-    (summary, restarts): (crate::actors::device::DeviceSummary, u32),
-) -> ActorSummary {
+fn device_summary(live: LiveDevice) -> ActorSummary {
     ActorSummary {
         kind: "device",
-        id: summary.id.0,
-        status: summary.status,
+        id: live.summary.id.0,
+        status: live.summary.status,
         mailbox_len: None,
-        restarts,
-        last_message_at: summary.last_message_at,
-    }
-}
-
-/// A node's own device actors, as `/internal/v1/actors/devices` answers.
-#[derive(Serialize, Deserialize)]
-struct NodeDevicesPage {
-    count: usize,
-    items: Vec<serde_json::Value>,
-}
-
-/// `GET /internal/v1/actors/devices`: the device actors of the shards this node serves.
-pub async fn node_devices(
-    _auth: FromNode,
-    devices: web::Data<NodeDevices>,
-    query: web::Query<ActorsQuery>,
-) -> Result<HttpResponse, ApiError> {
-    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
-    let (count, page) = devices.list_local(limit).await;
-    let items = page
-        .into_iter()
-        .map(device_summary)
-        .filter_map(|i| serde_json::to_value(i).ok())
-        .collect();
-    Ok(HttpResponse::Ok().json(NodeDevicesPage { count, items }))
-}
-
-/// `GET /internal/v1/actors/devices/{id}`: one device actor of a shard this node serves.
-pub async fn node_device(
-    _auth: FromNode,
-    devices: web::Data<NodeDevices>,
-    id: web::Path<String>,
-) -> Result<HttpResponse, ApiError> {
-    let id = super::path_id(id.into_inner(), "no live device actor with this id")?;
-    match devices.locate(&DeviceId(id)).await {
-        Located::Here(addr, restarts) => device_view(&addr, restarts).await,
-        _ => Err(ApiError::not_found("no live device actor with this id")),
+        restarts: live.restarts,
+        last_message_at: live.summary.last_message_at,
     }
 }
 
 /// A device actor's inspection as `/admin/actors/device/{id}` shows it.
-async fn device_view(
-    addr: &actix::Addr<crate::actors::device::DeviceActor>,
-    restarts: u32,
-) -> Result<HttpResponse, ApiError> {
-    let view = crate::actors::device::inspect(addr)
-        .await
-        .ok_or_else(|| ApiError::not_found("no live device actor with this id"))?;
-    Ok(HttpResponse::Ok().json(ActorView {
+fn device_view(view: DeviceView) -> HttpResponse {
+    HttpResponse::Ok().json(ActorView {
         kind: "device",
         mailbox_len: None,
-        view: DeviceView {
-            restarts,
-            status: view.state.status(),
+        view: DeviceApiView {
+            status: view.inspection.state.status(),
             view,
         },
-    }))
+    })
 }
 
 /// One live actor's full in-memory state.
@@ -362,47 +264,16 @@ pub async fn inspect_actor(
     state: web::Data<AppState>,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
-    use crate::actors::device::Lookup;
     use crate::actors::incident::{InspectIncident, LookupIncident};
     use crate::actors::unit::{InspectUnit, UnitAddr};
     let (kind, id) = path.into_inner();
     let gone = || ApiError::not_found(format!("no live {kind} actor with this id"));
     let id = super::path_id(id, "no live actor with this id")?;
     match kind.as_str() {
-        "device" => {
-            let id = DeviceId(id.clone());
-            match &state.ingest {
-                Ingestion::Local(directory) => {
-                    let (addr, restarts) = directory
-                        .send(Lookup(id))
-                        .await
-                        .ok()
-                        .flatten()
-                        .ok_or_else(gone)?;
-                    device_view(&addr, restarts).await
-                }
-                Ingestion::Cluster(devices) => match devices.locate(&id).await {
-                    Located::Here(addr, restarts) => device_view(&addr, restarts).await,
-                    Located::Nowhere => Err(gone()),
-                    Located::Node(address) => {
-                        let path = format!(
-                            "/internal/v1/actors/devices/{}",
-                            crate::persistence::cluster::percent_encode(id.as_str())
-                        );
-                        match devices.get_from(&address, &path).await {
-                            Some((200, body)) => Ok(HttpResponse::Ok()
-                                .content_type("application/json")
-                                .body(body)),
-                            Some((404, _)) => Err(gone()),
-                            _ => Err(ApiError::Unavailable {
-                                detail: "the node serving this device is unreachable".to_owned(),
-                                retry_after_s: 1,
-                            }),
-                        }
-                    }
-                },
-            }
-        }
+        "device" => match state.devices.inspect(DeviceId(id)).await? {
+            Some(view) => Ok(device_view(view)),
+            None => Err(gone()),
+        },
         "incident" => {
             let incident: crate::domain::ids::IncidentId = id.parse().map_err(|_| gone())?;
             let addr = state
@@ -435,13 +306,12 @@ pub async fn inspect_actor(
     }
 }
 
-/// A device actor's inspection with the directory's restart count and its listing status.
+/// A device actor's inspection with its restart count and its listing status.
 #[derive(Serialize)]
-struct DeviceView {
-    restarts: u32,
+struct DeviceApiView {
     status: &'static str,
     #[serde(flatten)]
-    view: crate::actors::device::DeviceInspection,
+    view: DeviceView,
 }
 
 /// An actor's inspection as the API shows it: its kind and mailbox length around what the

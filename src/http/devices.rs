@@ -1,6 +1,6 @@
 //! A wearer's "I'm OK": `POST /api/v1/devices/{id}/fall/cancel` stands down a running fall
 //! watch before it escalates. The device's actor decides (and stores `device.fall_cancelled`);
-//! on a cluster the cancel goes to the node serving the device's shard.
+//! the [`crate::actors::device::DeviceRouter`] takes it to the actor wherever it runs.
 
 use actix_web::{HttpResponse, web};
 use serde::Serialize;
@@ -55,7 +55,7 @@ pub async fn cancel_fall(
         });
     }
     let done = state
-        .ingest
+        .devices
         .cancel_fall(CancelDeviceFall {
             device_id: id,
             by: principal.role,

@@ -12,6 +12,7 @@ use actix_web::{HttpResponse, ResponseError};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::actors::device::DeviceError;
 use crate::domain::validation::FieldError;
 use crate::persistence::StoreError;
 
@@ -302,6 +303,23 @@ impl From<StoreError> for ApiError {
                 extensions: Map::new(),
             },
             other => ApiError::Internal(other.into()),
+        }
+    }
+}
+
+impl From<DeviceError> for ApiError {
+    fn from(err: DeviceError) -> Self {
+        match err {
+            DeviceError::Unreachable(cause) => {
+                tracing::warn!(error.cause = %cause, "device unreachable");
+                ApiError::Unavailable {
+                    detail:
+                        "the wearable's device actor cannot be reached right now; retry shortly"
+                            .to_owned(),
+                    retry_after_s: 1,
+                }
+            }
+            DeviceError::Store(e) => e.into(),
         }
     }
 }

@@ -11,10 +11,8 @@ pub mod devices;
 pub mod error;
 pub mod events;
 pub mod fleet;
-pub mod front;
 pub mod incidents;
 pub mod insurance;
-pub mod internal;
 pub mod json;
 pub mod openapi;
 pub mod ops;
@@ -29,7 +27,7 @@ use actix_web::{HttpRequest, web};
 
 use actix::Addr;
 
-use crate::actors::device::DeviceDirectory;
+use crate::actors::device::DeviceRouter;
 use crate::actors::device::TriageRuntime;
 use crate::actors::incident::IncidentDirectory;
 use crate::actors::unit::Fleet;
@@ -56,17 +54,14 @@ pub struct AppState {
     pub broadcaster: Addr<crate::actors::broadcaster::Broadcaster>,
     /// The notification outbox worker.
     pub notifier: Addr<crate::actors::notifier::NotifierActor>,
-    /// The per-wearable actors.
-    pub devices: Addr<DeviceDirectory>,
+    /// The wearables, wherever their actors run (this process, or a cluster's device shards):
+    /// every ingest edge goes through it.
+    pub devices: Arc<dyn DeviceRouter>,
     /// Admission control for ingest: one permit per reading being triaged.
     pub ingest_gate: Arc<tokio::sync::Semaphore>,
     /// Turns true when the node hands its work over: long-lived sessions (WebSocket, SSE)
     /// end so the drain does not wait on them, and their clients reconnect elsewhere.
     pub closing: tokio::sync::watch::Receiver<bool>,
-    /// Where readings go: the local device directory, or a cluster's device shards.
-    pub ingest: crate::cluster::devices::Ingestion,
-    /// The arbiters (threads) device actors run on; kept alive with the state.
-    pub _arbiters: Arc<Vec<actix::Arbiter>>,
 }
 
 /// The crew WebSocket.
@@ -89,7 +84,7 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
         .route("/healthz", web::get().to(ops::healthz))
         .route("/readyz", web::get().to(ops::readyz))
         .route("/metrics", web::get().to(ops::metrics))
-        .route("/api/openapi.json", web::get().to(ops::openapi))
+        .route("/api/openapi.json", web::get().to(openapi::serve))
         .route("/api/v1/whoami", web::get().to(ops::whoami))
         .route(
             "/api/v1/dashboard/config",

@@ -2,8 +2,12 @@
 
 use std::sync::OnceLock;
 
+use actix_web::HttpResponse;
+
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
+
+use super::auth::{AnyRole, Authorized};
 
 /// Registers the bearer security scheme.
 struct BearerAuth;
@@ -26,7 +30,7 @@ impl Modify for BearerAuth {
         super::ops::healthz,
         super::ops::readyz,
         super::ops::metrics,
-        super::ops::openapi,
+        serve,
         super::ops::whoami,
         super::ops::dashboard_config,
         super::admin::create_token,
@@ -79,4 +83,14 @@ pub fn document() -> &'static str {
             .to_json()
             .unwrap_or_else(|_| "{}".to_owned())
     })
+}
+
+/// The generated OpenAPI document (any role).
+#[utoipa::path(get, path = "/api/openapi.json", tag = "operations",
+    security(("bearer" = [])),
+    responses((status = 200, description = "OpenAPI 3.1 document")))]
+pub async fn serve(_auth: Authorized<AnyRole>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("application/json")
+        .body(document())
 }

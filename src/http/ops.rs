@@ -86,16 +86,6 @@ pub async fn metrics(_auth: Authorized<AdminOnly>) -> HttpResponse {
         .body(super::telemetry::prometheus().render())
 }
 
-/// The generated OpenAPI document (any role).
-#[utoipa::path(get, path = "/api/openapi.json", tag = "operations",
-    security(("bearer" = [])),
-    responses((status = 200, description = "OpenAPI 3.1 document")))]
-pub async fn openapi(_auth: Authorized<AnyRole>) -> HttpResponse {
-    HttpResponse::Ok()
-        .content_type("application/json")
-        .body(super::openapi::document())
-}
-
 /// The start page (static, embedded in the binary; no data without a token). The page may load
 /// images from the configured map tile server and nothing else from outside.
 pub async fn index(state: web::Data<AppState>) -> HttpResponse {

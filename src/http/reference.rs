@@ -10,7 +10,6 @@ use super::AppState;
 use super::auth::{AdminOnly, Authorized, Policy};
 use super::error::ApiError;
 use super::json::JsonBody;
-use crate::actors::device::RegisterDevice;
 use crate::actors::incident::RegisterPatient;
 use crate::domain::auth::Role;
 use crate::domain::ids::PatientId;
@@ -96,13 +95,8 @@ pub async fn create_device(
     body: JsonBody<NewDevice>,
 ) -> Result<HttpResponse, ApiError> {
     let device = body.0.validate(Utc::now()).map_err(ApiError::fields)?;
-    let outcome = state
-        .devices
-        .send(RegisterDevice(device.clone()))
+    let outcome = crate::actors::device::register(&state.db, device.clone())
         .await
-        .map_err(crate::actors::error::ActorError::mailbox(
-            "device directory",
-        ))?
         .map_err(|e| match e {
             StoreError::Conflict(_) => ApiError::Conflict {
                 detail: "a device with this id is already registered".to_owned(),

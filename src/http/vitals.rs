@@ -1,9 +1,10 @@
 //! Vitals ingest: `POST /api/v1/vitals` and the gateway WebSocket `GET /api/v1/ws/gateway`.
 //!
 //! Both take the same bodies and give the same answer. The body is parsed and validated by
-//! `domain::vitals`, scored by `domain::triage` on this worker thread, and applied by the
-//! per-device actors; the answer is sent once the device state (and any status event) is
-//! durable. Admission control bounds the readings in flight: beyond it, 503 + `Retry-After`.
+//! `domain::vitals` on this worker thread, then handed to the [`DeviceRouter`], whose device
+//! actors triage (`domain::triage`) and apply each reading wherever they run; the answer is
+//! sent once the device state (and any status event) is durable. Admission control bounds the
+//! readings in flight: beyond it, 503 + `Retry-After`.
 
 use std::sync::Arc;
 
@@ -16,8 +17,8 @@ use super::auth::{Authorized, Policy};
 use super::error::ApiError;
 use super::json::read_body;
 use super::ws::{Incoming, Socket};
+use crate::actors::device::DeviceRouter;
 use crate::actors::device::ReadingOutcome;
-use crate::cluster::devices::Ingestion;
 use crate::domain::auth::Role;
 use crate::domain::ids::{DeviceId, IncidentId};
 use crate::domain::news2::{News2, News2Param, News2Risk};
@@ -199,13 +200,13 @@ fn file_outcomes(
 
 /// Parses, triages and applies one ingest body.
 pub async fn ingest_body(state: &AppState, body: &[u8]) -> Result<IngestResponse, ApiError> {
-    ingest_with(&state.ingest, &state.ingest_gate, body).await
+    ingest_with(state.devices.as_ref(), &state.ingest_gate, body).await
 }
 
-/// Parses one ingest body and applies its readings through `ingest`, at most `gate`'s
+/// Parses one ingest body and applies its readings through `devices`, at most `gate`'s
 /// permits of readings in flight.
 pub async fn ingest_with(
-    ingest: &Ingestion,
+    devices: &dyn DeviceRouter,
     gate: &Arc<tokio::sync::Semaphore>,
     body: &[u8],
 ) -> Result<IngestResponse, ApiError> {
@@ -234,13 +235,7 @@ pub async fn ingest_with(
                     detail: "ingest is at capacity; retry shortly".to_owned(),
                     retry_after_s: 1,
                 })?;
-        let outcomes = ingest
-            .apply(readings)
-            .await
-            .ok_or_else(|| ApiError::Unavailable {
-                detail: "the device directory is unavailable; retry shortly".to_owned(),
-                retry_after_s: 1,
-            })?;
+        let outcomes = devices.apply(readings).await;
         file_outcomes(body, outcomes, &mut results, &mut rejected)?;
     }
     rejected.sort_by_key(|r| r.index);
@@ -288,7 +283,7 @@ pub async fn gateway_ws(
     body: web::Payload,
 ) -> Result<HttpResponse, actix_web::Error> {
     gateway_session(
-        state.ingest.clone(),
+        state.devices.clone(),
         state.ingest_gate.clone(),
         state.settings.http.body_limit_bytes,
         state.closing.clone(),
@@ -300,7 +295,7 @@ pub async fn gateway_ws(
 /// Upgrades `req` to a gateway WebSocket whose frames are applied through `ingest`; it closes
 /// when `closing` turns true. A cluster node's front serves it with the node's device shards.
 pub fn gateway_session(
-    ingest: Ingestion,
+    devices: Arc<dyn DeviceRouter>,
     gate: Arc<tokio::sync::Semaphore>,
     frame_limit: usize,
     closing: tokio::sync::watch::Receiver<bool>,
@@ -312,10 +307,12 @@ pub fn gateway_session(
     actix_web::rt::spawn(async move {
         let reason = loop {
             let reply = match socket.next().await {
-                Incoming::Text(text) => match ingest_with(&ingest, &gate, text.as_bytes()).await {
-                    Ok(answer) => serde_json::to_string(&answer),
-                    Err(err) => serde_json::to_string(&err.problem()),
-                },
+                Incoming::Text(text) => {
+                    match ingest_with(devices.as_ref(), &gate, text.as_bytes()).await {
+                        Ok(answer) => serde_json::to_string(&answer),
+                        Err(err) => serde_json::to_string(&err.problem()),
+                    }
+                }
                 Incoming::Binary => {
                     serde_json::to_string(&ApiError::UnsupportedMediaType.problem())
                 }

@@ -132,11 +132,10 @@ pub fn scale_settings(settings: &mut Settings, time_scale: f64) {
     }
     let scale = |s: u64| ((s as f64 / time_scale).ceil() as u64).max(1);
     settings.dispatch.offer_ttl_s = scale(settings.dispatch.offer_ttl_s);
-    let grace = settings.triage.fall_grace_s.or_else(|| {
-        crate::app::load_triage_rules(settings)
-            .ok()
-            .map(|rules| rules.fall_grace_s)
-    });
+    let grace = settings
+        .triage
+        .fall_grace_s
+        .or_else(|| settings.triage.rules().ok().map(|rules| rules.fall_grace_s));
     if let Some(grace) = grace {
         // The rules allow 1 s to an hour.
         settings.triage.fall_grace_s = Some(scale(grace).min(3600));

@@ -369,7 +369,10 @@ impl TestAppBuilder {
         let app = Application::build(self.settings).await.unwrap();
         let port = app.port();
         let db = app.db().clone();
-        let devices = app.devices().clone();
+        let devices = app
+            .devices()
+            .expect("a server standing alone runs its own device actors")
+            .clone();
         let incidents = app.incidents().clone();
         let billing = app.billing().clone();
         let broadcaster = app.broadcaster().clone();

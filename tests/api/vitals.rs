@@ -534,12 +534,12 @@ async fn an_invalid_rules_file_stops_start_up() {
     .unwrap();
     let mut settings = shers::config::Settings::default();
     settings.triage.rules_file = Some(file.clone());
-    let err = shers::app::load_triage_rules(&settings).unwrap_err();
+    let err = settings.triage.rules().unwrap_err();
     let text = format!("{err:#}");
     assert!(text.contains("invalid triage rules file"), "{text}");
     assert!(text.contains("heart_rate"), "{text}");
     std::fs::write(&file, "[heart_rate]\nemergency_above = 160\n").unwrap();
-    let rules = shers::app::load_triage_rules(&settings).unwrap();
+    let rules = settings.triage.rules().unwrap();
     assert_eq!(rules.fall_grace_s, 60);
 }
 

@@ -156,7 +156,7 @@ pub enum FallCancelled {
 pub struct InspectDevice;
 
 /// A device actor's state, as the admin inspector shows it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DeviceInspection {
     /// The device.
     pub id: DeviceId,
@@ -169,7 +169,7 @@ pub struct DeviceInspection {
 }
 
 /// Where a device actor is in its life.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "phase", rename_all = "snake_case")]
 pub enum DevicePhase {
     /// Its registration is being read.
@@ -208,7 +208,7 @@ impl DevicePhase {
 }
 
 /// A summary line for `/admin/actors`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DeviceSummary {
     /// Device id.
     pub id: DeviceId,

@@ -26,7 +26,6 @@ use super::actor::{
 };
 use crate::actors::incident::EmergencyDetected;
 use crate::domain::ids::DeviceId;
-use crate::domain::patients::Device;
 use crate::domain::shards::device_shard;
 use crate::domain::vitals::Reading;
 use crate::persistence::patients::{self, DeviceState};
@@ -79,9 +78,6 @@ pub struct DeviceDirectory {
     devices: HashMap<DeviceId, Entry>,
     /// The cluster device shard served (index, shard count); `None`: every device.
     shard: Option<(u32, u32)>,
-    /// Whether it sweeps for silent devices (a cluster node's own directory, which serves no
-    /// shard, does not).
-    sweeps: bool,
     /// Whether a sweep for silent devices is running.
     sweeping: bool,
 }
@@ -102,16 +98,8 @@ impl DeviceDirectory {
             hasher: RandomState::new(),
             devices: HashMap::new(),
             shard: None,
-            sweeps: true,
             sweeping: false,
         }
-    }
-
-    /// Leaves silent devices to other directories: a cluster node's own directory, which
-    /// registers devices but serves no device shard (its shards' directories sweep theirs).
-    pub fn without_offline_sweep(mut self) -> Self {
-        self.sweeps = false;
-        self
     }
 
     /// Serves only the devices of cluster device shard `index` of `shards`: the sweep leaves
@@ -262,9 +250,6 @@ impl Actor for DeviceDirectory {
         });
         // Silent devices without an actor: at once (those that fell silent while this server
         // was down, or while their shard had no holder), then every few seconds.
-        if !self.sweeps {
-            return;
-        }
         self.sweep(ctx);
         ctx.run_interval(sweep_every(self.runtime.offline_after), |act, ctx| {
             act.sweep(ctx)
@@ -289,7 +274,7 @@ impl Handler<MarkFailed> for DeviceDirectory {
     }
 }
 
-/// Triage readings (pure, on the caller's thread) and apply them to their devices.
+/// Apply readings to their devices (each device's actor triages its own, on its arbiter).
 #[derive(Message, Debug)]
 #[rtype(result = "Vec<(usize, ReadingOutcome)>")]
 pub struct Ingest(pub Vec<(usize, Reading)>);
@@ -496,31 +481,6 @@ impl Handler<ListDevices> for DeviceDirectory {
 /// The full in-memory state of one device actor.
 pub async fn inspect(addr: &Addr<DeviceActor>) -> Option<super::DeviceInspection> {
     addr.send(InspectDevice).await.ok()
-}
-
-/// Register a wearable to its patient. Answers `false` when no patient has the id named;
-/// `StoreError::Conflict` when the device id is taken.
-#[derive(Message, Debug)]
-#[rtype(result = "Result<bool, StoreError>")]
-pub struct RegisterDevice(pub Device);
-
-impl Handler<RegisterDevice> for DeviceDirectory {
-    type Result = ResponseFuture<Result<bool, StoreError>>;
-
-    fn handle(&mut self, msg: RegisterDevice, _: &mut Self::Context) -> Self::Result {
-        let db = self.db.clone();
-        let device = msg.0;
-        Box::pin(async move {
-            db.run(move |mut conn| async move {
-                if !patients::patient_exists(&mut conn, &device.patient_id).await? {
-                    return Ok(false);
-                }
-                patients::insert_device(&mut conn, &device).await?;
-                Ok(true)
-            })
-            .await
-        })
-    }
 }
 
 /// Stops every device actor and then the directory: the shard they belong to moved to another

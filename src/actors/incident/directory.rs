@@ -9,9 +9,7 @@ use chrono::{DateTime, Utc};
 use futures_util::future::join_all;
 use tokio::sync::oneshot;
 
-use super::create::REFERENCE_BLOCK;
-use super::create::ReferenceBlocks;
-use super::create::ReferenceTicket;
+use super::references::{REFERENCE_BLOCK, ReferenceBlocks, ReferenceTicket};
 use super::{
     Execute, IncidentActor, IncidentDeps, IncidentError, IncidentInspection, InspectIncident,
     NextRound, stream_of,

@@ -16,6 +16,7 @@ mod actor;
 mod create;
 mod directory;
 mod offers;
+mod references;
 mod store;
 
 pub use actor::*;

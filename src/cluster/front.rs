@@ -22,15 +22,16 @@ use serde::Serialize;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message as Up, client::IntoClientRequest as _};
 
-use super::auth::{AdminOnly, AnyRole, AuthService, Authorized, ConsoleOnly};
-use super::error::ApiError;
-use super::json::{BodyLimit, read_body};
-use super::telemetry::{ShersRootSpan, observe};
-use super::vitals::{GatewayOnly, ingest_with};
+use super::ClusterState;
+use super::devices::NodeDevices;
 use crate::actors::broadcaster::Broadcaster;
-use crate::cluster::ClusterState;
-use crate::cluster::devices::{Ingestion, NodeDevices};
+use crate::actors::device::DeviceRouter;
 use crate::config::Settings;
+use crate::http::auth::{AdminOnly, AnyRole, AuthService, Authorized, ConsoleOnly};
+use crate::http::error::ApiError;
+use crate::http::json::{BodyLimit, read_body};
+use crate::http::telemetry::{ShersRootSpan, observe};
+use crate::http::vitals::{GatewayOnly, ingest_with};
 use crate::persistence::cluster::{self, HandoverRow, LeaseRow, NodeRow, Owner};
 use crate::persistence::{Db, StoreError};
 
@@ -42,7 +43,7 @@ pub struct Front {
     body_limit: usize,
     /// Readings go straight to their device shards from here, not through the dispatch
     /// shard's holder.
-    ingest: Ingestion,
+    devices: Arc<dyn DeviceRouter>,
     ingest_gate: Arc<tokio::sync::Semaphore>,
     /// The largest gateway WebSocket frame.
     frame_limit: usize,
@@ -83,7 +84,7 @@ pub fn server(
         // Room above the owner's own limit, so the owner answers an oversized body with its
         // usual problem.
         body_limit: settings.http.body_limit_bytes.saturating_mul(2),
-        ingest: Ingestion::Cluster(local.devices),
+        devices: local.devices,
         frame_limit: settings.http.body_limit_bytes,
         broadcaster: local.broadcaster,
         closing: local.closing,
@@ -93,7 +94,7 @@ pub fn server(
     });
     let body_limit = BodyLimit(settings.http.body_limit_bytes);
     // The recorder, from the start: what the front counts before the first scrape counts too.
-    let _ = super::telemetry::prometheus();
+    let _ = crate::http::telemetry::prometheus();
     let auth = web::Data::new(AuthService::new(
         db,
         Duration::from_secs(settings.auth.cache_ttl_s),
@@ -103,36 +104,36 @@ pub fn server(
             .app_data(front.clone())
             .app_data(auth.clone())
             .app_data(body_limit)
-            .route("/healthz", web::get().to(super::ops::healthz))
+            .route("/healthz", web::get().to(crate::http::ops::healthz))
             .service(
                 web::resource("/api/v1/vitals")
                     .route(web::post().to(vitals))
-                    .wrap(from_fn(super::auth::authenticate)),
+                    .wrap(from_fn(crate::http::auth::authenticate)),
             )
             .service(
                 web::resource("/api/v1/ws/gateway")
                     .route(web::get().to(gateway))
-                    .wrap(from_fn(super::auth::authenticate)),
+                    .wrap(from_fn(crate::http::auth::authenticate)),
             )
             .service(
                 web::resource("/api/v1/events/stream")
                     .route(web::get().to(events_stream))
-                    .wrap(from_fn(super::auth::authenticate)),
+                    .wrap(from_fn(crate::http::auth::authenticate)),
             )
             .route("/readyz", web::get().to(readyz))
             .service(
                 web::resource("/metrics")
-                    .route(web::get().to(super::ops::metrics))
-                    .wrap(from_fn(super::auth::authenticate)),
+                    .route(web::get().to(crate::http::ops::metrics))
+                    .wrap(from_fn(crate::http::auth::authenticate)),
             )
             .service(
                 web::resource("/admin/cluster")
                     .route(web::get().to(cluster_overview))
-                    .wrap(from_fn(super::auth::authenticate)),
+                    .wrap(from_fn(crate::http::auth::authenticate)),
             )
             // Verified here, before anything is forwarded (`forward` admits only the public
             // start page without a token).
-            .default_service(web::to(forward).wrap(from_fn(super::auth::authenticate)))
+            .default_service(web::to(forward).wrap(from_fn(crate::http::auth::authenticate)))
             .wrap(from_fn(origin_form_only))
             .wrap(from_fn(observe))
             .wrap(tracing_actix_web::TracingLogger::<ShersRootSpan>::new())
@@ -155,7 +156,7 @@ async fn vitals(
     mut payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let body = read_body(&req, &mut payload).await?;
-    let response = ingest_with(&front.ingest, &front.ingest_gate, &body).await?;
+    let response = ingest_with(front.devices.as_ref(), &front.ingest_gate, &body).await?;
     Ok(HttpResponse::Ok().json(response))
 }
 
@@ -167,8 +168,8 @@ async fn gateway(
     req: HttpRequest,
     body: web::Payload,
 ) -> Result<HttpResponse, actix_web::Error> {
-    super::vitals::gateway_session(
-        front.ingest.clone(),
+    crate::http::vitals::gateway_session(
+        front.devices.clone(),
         front.ingest_gate.clone(),
         front.frame_limit,
         front.closing.clone(),
@@ -184,7 +185,7 @@ async fn events_stream(
     front: web::Data<Front>,
     req: HttpRequest,
 ) -> Result<HttpResponse, ApiError> {
-    super::events::sse(&front.db, &front.broadcaster, front.closing.clone(), &req).await
+    crate::http::events::sse(&front.db, &front.broadcaster, front.closing.clone(), &req).await
 }
 
 /// A node's internal server while it does not hold the dispatch shard: the routes of the
@@ -204,7 +205,7 @@ pub fn node_server(
             .app_data(peers.clone())
             .configure(|cfg| super::internal::node_routes(cfg, devices.clone()))
             .default_service(web::to(not_the_dispatch_holder))
-            .wrap(from_fn(super::auth::authenticate))
+            .wrap(from_fn(crate::http::auth::authenticate))
             .wrap(from_fn(observe))
     })
     .disable_signals()

@@ -1,4 +1,4 @@
-//! Node-to-node endpoints of a cluster (see `crate::cluster`); not part of the public API.
+//! Node-to-node endpoints of a cluster (see [`crate::cluster`]); not part of the public API.
 //! Only the cluster's nodes may call them, each with its own credential ([`FromNode`]); API
 //! tokens, admin ones included, are refused.
 //!
@@ -14,13 +14,16 @@
 
 use actix_web::{HttpRequest, HttpResponse, web};
 
-use super::AppState;
-use super::auth::FromNode;
-use super::error::ApiError;
-use super::json::{BodyLimit, parse_json, read_body};
+use serde::Deserialize;
+
+use super::devices::{HandedOff, NodeDevices, ShardOutcomes, ShardReadings};
 use crate::actors::device::CancelDeviceFall;
 use crate::actors::incident::EmergencyDetected;
-use crate::cluster::devices::{HandedOff, NodeDevices, ShardOutcomes, ShardReadings};
+use crate::domain::ids::DeviceId;
+use crate::http::AppState;
+use crate::http::auth::FromNode;
+use crate::http::error::ApiError;
+use crate::http::json::{BodyLimit, parse_json, read_body};
 
 /// Hands an emergency to the incidents: one incident per wearer, as on a single node.
 pub async fn emergency(
@@ -69,6 +72,37 @@ pub async fn cancel_fall(
     Ok(HttpResponse::Ok().json(done))
 }
 
+/// `GET /internal/v1/actors/devices` query.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PageQuery {
+    /// Most actors listed (default 100, at most 1000).
+    limit: Option<usize>,
+}
+
+/// `GET /internal/v1/actors/devices`: the device actors of the shards this node serves.
+async fn node_devices(
+    _auth: FromNode,
+    devices: web::Data<NodeDevices>,
+    query: web::Query<PageQuery>,
+) -> Result<HttpResponse, ApiError> {
+    let limit = query.limit.unwrap_or(100).clamp(1, 1000);
+    Ok(HttpResponse::Ok().json(devices.list_local(limit).await))
+}
+
+/// `GET /internal/v1/actors/devices/{id}`: one device actor of a shard this node serves.
+async fn node_device(
+    _auth: FromNode,
+    devices: web::Data<NodeDevices>,
+    id: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let id = crate::http::path_id(id.into_inner(), "no live device actor with this id")?;
+    match devices.inspect_local(DeviceId(id)).await? {
+        Some(view) => Ok(HttpResponse::Ok().json(view)),
+        None => Err(ApiError::not_found("no live device actor with this id")),
+    }
+}
+
 /// The routes of the dispatch shard's server, besides [`node_routes`].
 pub fn dispatch_routes(cfg: &mut web::ServiceConfig) {
     cfg.route("/internal/v1/emergencies", web::post().to(emergency));
@@ -91,12 +125,12 @@ pub fn node_routes(cfg: &mut web::ServiceConfig, devices: web::Data<NodeDevices>
     .service(
         web::resource("/internal/v1/actors/devices")
             .app_data(devices.clone())
-            .route(web::get().to(super::admin::node_devices)),
+            .route(web::get().to(node_devices)),
     )
     .service(
         web::resource("/internal/v1/actors/devices/{id}")
             .app_data(devices)
-            .route(web::get().to(super::admin::node_device)),
+            .route(web::get().to(node_device)),
     );
 }
 
