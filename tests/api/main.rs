@@ -23,6 +23,7 @@ mod extremes;
 mod incidents;
 mod input;
 mod insurance;
+mod layering;
 mod loadgen;
 mod notifications;
 mod ops;
