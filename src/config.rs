@@ -220,7 +220,7 @@ pub struct ClusterSettings {
     /// How many shards the wearables are spread over by a hash of their device id
     /// (`SHERS_CLUSTER__DEVICE_SHARDS`, default 16, at most 1024). Every node takes an equal
     /// share of them. All nodes of a cluster must agree on it.
-    pub device_shards: u32,
+    pub device_shards: u16,
 }
 
 impl Default for ClusterSettings {

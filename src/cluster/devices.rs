@@ -32,7 +32,7 @@ use crate::actors::device::{
 use crate::actors::incident::EmergencyDetected;
 use crate::config::{Secret, Settings};
 use crate::domain::ids::{DeviceId, IncidentId};
-use crate::domain::shards::{device_shard, device_shard_name};
+use crate::domain::shards::{Epoch, Shard, device_shard};
 use crate::domain::triage::TriageRules;
 use crate::domain::vitals::Reading;
 use crate::http::auth::NodeCredentials;
@@ -58,14 +58,14 @@ pub struct HandedOff {
 
 /// One device shard served here.
 struct LocalShard {
-    epoch: i64,
+    epoch: Epoch,
     directory: Addr<DeviceDirectory>,
 }
 
 /// The device shards this node serves and the router to the others'.
 pub struct NodeDevices {
     cluster: Arc<ClusterState>,
-    local: RwLock<HashMap<u32, Arc<LocalShard>>>,
+    local: RwLock<HashMap<u16, Arc<LocalShard>>>,
     http: reqwest::Client,
     token: String,
     peers: actix_web::web::Data<NodeCredentials>,
@@ -136,13 +136,13 @@ impl NodeDevices {
         }
     }
 
-    fn local(&self, index: u32) -> Option<Arc<LocalShard>> {
+    fn local(&self, index: u16) -> Option<Arc<LocalShard>> {
         self.local.read().ok()?.get(&index).cloned()
     }
 
     /// The device shards served here, with their epochs.
-    pub fn served(&self) -> Vec<(u32, i64)> {
-        let mut served: Vec<(u32, i64)> = self
+    pub fn served(&self) -> Vec<(u16, Epoch)> {
+        let mut served: Vec<(u16, Epoch)> = self
             .local
             .read()
             .map(|l| l.iter().map(|(i, s)| (*i, s.epoch)).collect())
@@ -153,12 +153,12 @@ impl NodeDevices {
 
     /// Starts serving device shard `index` at `epoch`: a directory of its own whose writes go
     /// through one connection fenced at that epoch.
-    pub async fn start_shard(&self, index: u32, epoch: i64) -> anyhow::Result<()> {
-        let shard = device_shard_name(index);
+    pub async fn start_shard(&self, index: u16, epoch: Epoch) -> anyhow::Result<()> {
+        let shard = Shard::Devices(index);
         let mut fenced = self.settings.database.clone();
         fenced.url = Secret::new(fenced_url(
             self.settings.database.url.expose(),
-            &shard,
+            shard,
             epoch,
         ));
         let writer = Db::connect_writer(&fenced)
@@ -193,13 +193,13 @@ impl NodeDevices {
         {
             tracing::warn!(shard = %shard, error = %e, "running fall watches not resumed yet; they resume on each wearable's next reading");
         }
-        tracing::info!(shard = %shard, epoch, "serving a device shard");
+        tracing::info!(shard = %shard, epoch = epoch.0, "serving a device shard");
         Ok(())
     }
 
     /// Stops serving device shard `index`: new readings are refused (503, retried), the ones in
     /// flight finish (up to `drain`), then its device actors stop.
-    pub async fn stop_shard(&self, index: u32, drain: Duration) {
+    pub async fn stop_shard(&self, index: u16, drain: Duration) {
         let Some(shard) = self.local.write().ok().and_then(|mut l| l.remove(&index)) else {
             return;
         };
@@ -208,7 +208,7 @@ impl NodeDevices {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         shard.directory.do_send(Retire);
-        tracing::info!(shard = %device_shard_name(index), epoch = shard.epoch, "stopped serving a device shard");
+        tracing::info!(shard = %Shard::Devices(index), epoch = shard.epoch.0, "stopped serving a device shard");
     }
 
     /// Stops serving every device shard (the node is stopping).
@@ -249,11 +249,11 @@ impl NodeDevices {
     }
 
     /// The internal address of the node serving device shard `index`, when it is not this one.
-    fn holder_of(&self, index: u32) -> Option<String> {
+    fn holder_of(&self, index: u16) -> Option<String> {
         self.cluster
             .owners()
             .devices
-            .get(index as usize)
+            .get(usize::from(index))
             .and_then(Option::as_ref)
             .filter(|o| o.node_id != self.cluster.node_id)
             .map(|o| o.address.clone())
@@ -342,9 +342,9 @@ impl NodeDevices {
     }
 
     /// `readings` grouped by their devices' shard.
-    fn by_shard(&self, readings: Vec<(usize, Reading)>) -> HashMap<u32, Vec<(usize, Reading)>> {
+    fn by_shard(&self, readings: Vec<(usize, Reading)>) -> HashMap<u16, Vec<(usize, Reading)>> {
         let shards = self.cluster.device_shards;
-        let mut groups: HashMap<u32, Vec<(usize, Reading)>> = HashMap::new();
+        let mut groups: HashMap<u16, Vec<(usize, Reading)>> = HashMap::new();
         for item in readings {
             groups
                 .entry(device_shard(&item.1.device_id, shards))

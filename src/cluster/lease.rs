@@ -18,8 +18,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{ClusterState, LOST_LEASE_EXIT, Owners};
 use crate::config::Settings;
-use crate::domain::shards::{device_shard_name, fair_share, parse_device_shard};
-use crate::persistence::cluster::{self, DISPATCH_SHARD};
+use crate::domain::shards::{Epoch, Shard, fair_share};
+use crate::persistence::cluster;
 use crate::persistence::{Db, DbConn, StoreError};
 
 /// The Redis channel for cluster wake-ups.
@@ -31,17 +31,17 @@ pub enum Event {
     /// This node now holds `shard` at `epoch`: start serving it.
     Acquired {
         /// The shard.
-        shard: String,
+        shard: Shard,
         /// The fencing epoch.
-        epoch: i64,
+        epoch: Epoch,
     },
     /// This node holds more device shards than its share: stop serving `shard`, then answer
     /// with [`Control::Release`] so another node takes it at once.
     Shed {
         /// The shard.
-        shard: String,
+        shard: Shard,
         /// The epoch held.
-        epoch: i64,
+        epoch: Epoch,
     },
 }
 
@@ -53,9 +53,9 @@ pub enum Control {
     /// A shed shard is no longer served here: release its lease.
     Release {
         /// The shard.
-        shard: String,
+        shard: Shard,
         /// The epoch held.
-        epoch: i64,
+        epoch: Epoch,
     },
 }
 
@@ -96,9 +96,9 @@ struct Lease {
     version: &'static str,
     /// The shards held: epoch, and when last renewed (by this node's clock, which only
     /// decides when to give up, never whether a write is allowed).
-    held: BTreeMap<String, (i64, Instant)>,
+    held: BTreeMap<Shard, (Epoch, Instant)>,
     /// Device shards told to the node as shed, waiting for its [`Control::Release`].
-    shedding: BTreeSet<String>,
+    shedding: BTreeSet<Shard>,
     redis: Option<redis::aio::ConnectionManager>,
     redis_url: Option<String>,
     pushes: mpsc::UnboundedSender<redis::PushInfo>,
@@ -144,7 +144,7 @@ async fn run(
             () = lease.state.wake.notified() => {}
             Some(_) = pushes.recv() => {}
             command = control.recv() => match command {
-                Some(Control::Release { shard, epoch }) => lease.release(&shard, epoch).await,
+                Some(Control::Release { shard, epoch }) => lease.release(shard, epoch).await,
                 Some(Control::Leave(done)) => {
                     lease.leave().await;
                     let _ = done.send(());
@@ -227,18 +227,14 @@ impl Lease {
             self.give_up_if_expired();
             return;
         };
-        // The renewals first (dispatch before devices): nothing else may delay them.
-        let mut shards: Vec<(String, i64)> = self
-            .held
-            .iter()
-            .map(|(s, (e, _))| (s.clone(), *e))
-            .collect();
-        shards.sort_by_key(|(s, _)| s != DISPATCH_SHARD);
+        // The renewals first (dispatch before devices, as shards order): nothing else may
+        // delay them.
+        let shards: Vec<(Shard, Epoch)> = self.held.iter().map(|(s, (e, _))| (*s, *e)).collect();
         for (shard, epoch) in shards {
-            self.renew(&mut conn, &shard, epoch).await;
+            self.renew(&mut conn, shard, epoch).await;
         }
-        if !self.held.contains_key(DISPATCH_SHARD) {
-            self.try_take(&mut conn, DISPATCH_SHARD, events).await;
+        if !self.held.contains_key(&Shard::Dispatch) {
+            self.try_take(&mut conn, Shard::Dispatch, events).await;
         }
         if let Err(e) =
             cluster::heartbeat(&mut conn, &self.state.node_id, &self.state.instance).await
@@ -262,15 +258,16 @@ impl Lease {
     fn owners_of(&self, held: Vec<cluster::Held>) -> Owners {
         let mut owners = Owners {
             dispatch: None,
-            devices: vec![None; self.state.device_shards as usize],
+            devices: vec![None; usize::from(self.state.device_shards)],
         };
         for h in held {
-            if h.shard == DISPATCH_SHARD {
-                owners.dispatch = Some(h.owner);
-            } else if let Some(slot) =
-                parse_device_shard(&h.shard).and_then(|i| owners.devices.get_mut(i as usize))
-            {
-                *slot = Some(h.owner);
+            match h.shard {
+                Shard::Dispatch => owners.dispatch = Some(h.owner),
+                Shard::Devices(index) => {
+                    if let Some(slot) = owners.devices.get_mut(usize::from(index)) {
+                        *slot = Some(h.owner);
+                    }
+                }
             }
         }
         owners
@@ -295,21 +292,21 @@ impl Lease {
                 return;
             }
         };
-        let share = fair_share(self.state.device_shards, live) as usize;
-        let mine: Vec<String> = self
+        let share = fair_share(self.state.device_shards, live);
+        let mine: Vec<Shard> = self
             .held
             .keys()
-            .filter(|s| parse_device_shard(s).is_some() && !self.shedding.contains(*s))
-            .cloned()
+            .filter(|s| !s.is_dispatch() && !self.shedding.contains(*s))
+            .copied()
             .collect();
         if mine.len() > share {
             // The highest-numbered first, so nodes agree on which move and none ping-pong.
             for shard in mine.iter().rev().take(mine.len() - share) {
                 if let Some((epoch, _)) = self.held.get(shard) {
-                    tracing::info!(shard = %shard, epoch, share, "shedding a device shard");
-                    self.shedding.insert(shard.clone());
+                    tracing::info!(shard = %shard, epoch = epoch.0, share, "shedding a device shard");
+                    self.shedding.insert(*shard);
                     let _ = events.send(Event::Shed {
-                        shard: shard.clone(),
+                        shard: *shard,
                         epoch: *epoch,
                     });
                 }
@@ -317,40 +314,40 @@ impl Lease {
             return;
         }
         let mut wanted = share - mine.len();
-        for (index, owner) in owners.devices.iter().enumerate() {
+        for (index, owner) in (0..self.state.device_shards).zip(owners.devices.iter()) {
             if wanted == 0 {
                 break;
             }
-            let shard = device_shard_name(u32::try_from(index).unwrap_or(u32::MAX));
+            let shard = Shard::Devices(index);
             if owner.is_none()
                 && !self.held.contains_key(&shard)
-                && self.try_take(conn, &shard, events).await
+                && self.try_take(conn, shard, events).await
             {
                 wanted -= 1;
             }
         }
     }
 
-    async fn renew(&mut self, conn: &mut DbConn, shard: &str, epoch: i64) {
+    async fn renew(&mut self, conn: &mut DbConn, shard: Shard, epoch: Epoch) {
         let started = Instant::now();
         match cluster::renew(conn, shard, &self.state.node_id, epoch, self.lease_ms).await {
             Ok(true) => {
                 metrics::histogram!("shers_lease_renew_seconds")
                     .record(started.elapsed().as_secs_f64());
-                self.held.insert(shard.to_owned(), (epoch, started));
+                self.held.insert(shard, (epoch, started));
             }
             Ok(false) => {
                 // Taken over while this node was paused or cut off: the fence already refuses
                 // its writes; stop before it does anything else.
                 tracing::error!(
-                    shard,
-                    epoch,
+                    shard = %shard,
+                    epoch = epoch.0,
                     "lost a shard's lease; exiting so the supervisor restarts this node"
                 );
                 std::process::exit(LOST_LEASE_EXIT);
             }
             Err(e) => {
-                tracing::warn!(shard, error = %e, "lease renewal failed");
+                tracing::warn!(shard = %shard, error = %e, "lease renewal failed");
                 self.give_up_if_expired();
             }
         }
@@ -362,7 +359,7 @@ impl Lease {
             if renewed.elapsed() >= self.state.lease {
                 tracing::error!(
                     shard = %shard,
-                    epoch,
+                    epoch = epoch.0,
                     "could not renew a shard's lease in time; exiting"
                 );
                 std::process::exit(LOST_LEASE_EXIT);
@@ -374,7 +371,7 @@ impl Lease {
     async fn try_take(
         &mut self,
         conn: &mut DbConn,
-        shard: &str,
+        shard: Shard,
         events: &mpsc::UnboundedSender<Event>,
     ) -> bool {
         let started = Instant::now();
@@ -384,7 +381,7 @@ impl Lease {
             Ok(Some(a)) => a,
             Ok(None) => return false,
             Err(e) => {
-                tracing::warn!(shard, error = %e, "taking a shard failed");
+                tracing::warn!(shard = %shard, error = %e, "taking a shard failed");
                 return false;
             }
         };
@@ -392,35 +389,29 @@ impl Lease {
         match cluster::end_stale_sessions(conn, shard, acquired.epoch).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(
-                shard,
+                shard = %shard,
                 sessions = n,
                 "ended the previous holder's database sessions"
             ),
             Err(e) => {
-                tracing::warn!(shard, error = %e, "could not end the previous holder's sessions")
+                tracing::warn!(shard = %shard, error = %e, "could not end the previous holder's sessions")
             }
         }
         tracing::info!(
-            shard,
-            epoch = acquired.epoch,
+            shard = %shard,
+            epoch = acquired.epoch.0,
             from = acquired.from.as_deref().unwrap_or("-"),
             reason = acquired.reason,
             "took a shard"
         );
-        let kind = if shard == DISPATCH_SHARD {
-            DISPATCH_SHARD
-        } else {
-            "devices"
-        };
-        metrics::counter!("shers_shard_handovers_total", "shard" => kind, "reason" => acquired.reason)
+        metrics::counter!("shers_shard_handovers_total", "shard" => shard.kind(), "reason" => acquired.reason)
             .increment(1);
-        if shard == DISPATCH_SHARD {
+        if shard.is_dispatch() {
             crate::fault::crash_point("lease.after_takeover");
         }
-        self.held
-            .insert(shard.to_owned(), (acquired.epoch, started));
+        self.held.insert(shard, (acquired.epoch, started));
         let _ = events.send(Event::Acquired {
-            shard: shard.to_owned(),
+            shard,
             epoch: acquired.epoch,
         });
         self.publish(&format!("acquired {shard} {}", acquired.epoch))
@@ -429,22 +420,22 @@ impl Lease {
     }
 
     /// Releases one shard at once (a shed device shard), and tells the other nodes.
-    async fn release(&mut self, shard: &str, epoch: i64) {
-        self.shedding.remove(shard);
-        if self.held.get(shard).is_none_or(|(e, _)| *e != epoch) {
+    async fn release(&mut self, shard: Shard, epoch: Epoch) {
+        self.shedding.remove(&shard);
+        if self.held.get(&shard).is_none_or(|(e, _)| *e != epoch) {
             return;
         }
-        self.held.remove(shard);
+        self.held.remove(&shard);
         let Ok(mut conn) = self.conn().await else {
             return;
         };
         match cluster::release(&mut conn, shard, &self.state.node_id, epoch).await {
             Ok(true) => {
-                tracing::info!(shard, epoch, "released a shard");
+                tracing::info!(shard = %shard, epoch = epoch.0, "released a shard");
                 self.publish(&format!("released {shard} {epoch}")).await;
             }
             Ok(false) => {}
-            Err(e) => tracing::warn!(shard, error = %e, "releasing a shard failed"),
+            Err(e) => tracing::warn!(shard = %shard, error = %e, "releasing a shard failed"),
         }
     }
 
@@ -454,9 +445,9 @@ impl Lease {
         };
         let held = std::mem::take(&mut self.held);
         for (shard, (epoch, _)) in held {
-            match cluster::release(&mut conn, &shard, &self.state.node_id, epoch).await {
+            match cluster::release(&mut conn, shard, &self.state.node_id, epoch).await {
                 Ok(true) => {
-                    tracing::info!(shard = %shard, epoch, "released a shard");
+                    tracing::info!(shard = %shard, epoch = epoch.0, "released a shard");
                     // Awaited: this thread ends next, and the others should not wait a round.
                     if let Some(redis) = self.redis.as_mut() {
                         let mut publish = redis::cmd("PUBLISH");

@@ -42,9 +42,9 @@ use actix::Actor as _;
 use crate::actors::broadcaster::Broadcaster;
 use crate::app::{Application, Host, open_database};
 use crate::config::{Secret, Settings};
-use crate::domain::shards::{MAX_DEVICE_SHARDS, parse_device_shard};
+use crate::domain::shards::{Epoch, MAX_DEVICE_SHARDS, Shard};
 use crate::persistence::Db;
-use crate::persistence::cluster::{DISPATCH_SHARD, Owner, fenced_url};
+use crate::persistence::cluster::{Owner, fenced_url};
 use devices::NodeDevices;
 
 /// Exit code of a node that lost a lease it held (EX_TEMPFAIL: restart me).
@@ -74,7 +74,7 @@ pub struct ClusterState {
     /// The lease duration.
     pub lease: Duration,
     /// How many device shards the wearables are spread over.
-    pub device_shards: u32,
+    pub device_shards: u16,
     owners: RwLock<Arc<Owners>>,
     joined: AtomicBool,
     stopping: AtomicBool,
@@ -88,7 +88,7 @@ impl ClusterState {
         credential_hash: String,
         address: String,
         lease: Duration,
-        device_shards: u32,
+        device_shards: u16,
     ) -> Self {
         Self {
             node_id,
@@ -185,158 +185,235 @@ fn advertised(settings: &Settings, listener: &TcpListener) -> anyhow::Result<Str
 
 /// Runs this process as a cluster node until SIGINT/SIGTERM (then hands its shards over at
 /// once) or until it loses a lease (then exits with [`LOST_LEASE_EXIT`]).
-// Long on purpose: the node's whole life (start, the lease events, the ordered handover).
 pub async fn serve(settings: Settings) -> anyhow::Result<()> {
-    let shards = settings.cluster.device_shards;
-    anyhow::ensure!(
-        (1..=MAX_DEVICE_SHARDS).contains(&shards),
-        "cluster.device_shards (SHERS_CLUSTER__DEVICE_SHARDS) must be 1 to {MAX_DEVICE_SHARDS}, not {shards}"
-    );
-    let db = open_database(&settings).await?;
-    let node_id = node_id(&settings);
-    let internal = TcpListener::bind(&settings.cluster.internal_bind)
-        .with_context(|| format!("binding {}", settings.cluster.internal_bind))?;
-    let address = advertised(&settings, &internal)?;
-    let public =
-        TcpListener::bind(&settings.bind).with_context(|| format!("binding {}", settings.bind))?;
-    // This incarnation's credential for the other nodes' internal endpoints: in memory only,
-    // known to them by its hash in the membership row, dead when this process is.
-    let credential = crate::http::auth::new_secret(crate::domain::auth::NODE_CREDENTIAL_PREFIX)
-        .context("making the node's credential")?;
-    let state = Arc::new(ClusterState::new(
-        node_id.clone(),
-        crate::domain::auth::hash_token(&credential),
-        address.clone(),
-        Duration::from_millis(settings.cluster.lease_ms.max(300)),
-        shards,
-    ));
-    tracing::info!(node = %node_id, instance = %state.instance, address = %address, "joining the cluster");
-    // Device actors run on their own threads, one per core, sharded by device id.
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let arbiters: Vec<actix::Arbiter> = (0..threads).map(|_| actix::Arbiter::new()).collect();
-    let devices = Arc::new(NodeDevices::new(
-        &settings,
-        state.clone(),
-        db.clone(),
-        credential,
-        arbiters.iter().map(actix::Arbiter::handle).collect(),
-    )?);
-
-    if let Some(url) = &settings.redis.url {
-        wakeups::spawn(url.expose().clone(), node_id.clone());
-    }
-    let (events_tx, mut events) = mpsc::unbounded_channel();
-    let (control, control_rx) = mpsc::unbounded_channel();
-    let lease_thread = lease::spawn(settings.clone(), state.clone(), events_tx, control_rx)?;
-
-    // SSE streams are served by every front from its own tail of the event store.
-    let broadcaster = Broadcaster::new(db.clone())
-        .await
-        .context("starting the node's event tail")?
-        .start();
-    let (closing, closing_rx) = tokio::sync::watch::channel(false);
-    let front = front::server(
-        &settings,
-        db.clone(),
-        state.clone(),
-        front::Local {
-            devices: devices.clone(),
-            broadcaster,
-            closing: closing_rx,
-        },
-        public,
-    )?;
-    let front_handle = front.handle();
-    let front_task = actix_web::rt::spawn(front);
-
-    // The internal address serves the device routes until this node holds the dispatch
-    // shard, whose server then serves them too.
-    let mut node_server = Some(Served::spawn(front::node_server(
-        &settings,
-        devices.clone(),
-        internal.try_clone()?,
-    )?));
-    let mut shard: Option<Shard> = None;
-    let drain = Duration::from_secs(2);
+    let (mut node, mut events) = Node::start(settings).await?;
     let stop = crate::app::stop_signal();
     tokio::pin!(stop);
     loop {
         tokio::select! {
             () = &mut stop => break,
             event = events.recv() => match event {
-                Some(lease::Event::Acquired { shard: name, epoch }) if name == DISPATCH_SHARD => {
-                    if shard.is_some() {
-                        continue;
-                    }
-                    if let Some(server) = node_server.take() {
-                        // At once, not gracefully: readings in flight may be waiting for this
-                        // very shard to hand their emergencies to. Their callers answer 503 and
-                        // the retries are deduplicated; new connections wait in the listener's
-                        // backlog meanwhile.
-                        server.abort().await;
-                    }
-                    let app =
-                        start_shard(&settings, epoch, internal.try_clone()?, devices.clone()).await?;
-                    crate::fault::crash_point("lease.after_recover");
-                    devices.serve_dispatch(app.incidents().clone().recipient());
-                    let (handle, close_sessions) = (app.handle(), Box::new(app.session_closer()));
-                    let task = actix_web::rt::spawn(async move {
-                        if let Err(e) = app.run_until_stopped().await {
-                            tracing::error!(error = %e, "the shard server failed");
-                        }
-                    });
-                    shard = Some(Shard { handle, close_sessions, task });
-                }
-                Some(lease::Event::Acquired { shard: name, epoch }) => {
-                    let Some(index) = parse_device_shard(&name) else { continue };
-                    if let Err(e) = devices.start_shard(index, epoch).await {
-                        tracing::error!(shard = %name, error = ?e, "cannot serve a device shard; giving it back");
-                        let _ = control.send(lease::Control::Release { shard: name, epoch });
-                    }
-                }
-                Some(lease::Event::Shed { shard: name, epoch }) => {
-                    let (devices, control) = (devices.clone(), control.clone());
-                    actix_web::rt::spawn(async move {
-                        if let Some(index) = parse_device_shard(&name) {
-                            devices.stop_shard(index, drain).await;
-                        }
-                        let _ = control.send(lease::Control::Release { shard: name, epoch });
-                    });
-                }
+                Some(event) => node.on_lease_event(event).await?,
                 // The lease thread ended: it has already logged why.
                 None => break,
             },
         }
     }
-
-    tracing::info!(node = %node_id, "stopping: handing the shards over");
-    state.stopping.store(true, Ordering::Release);
-    // This front's SSE streams end; their clients reconnect (through any node) and resume.
-    let _ = closing.send(true);
-    // The internal socket closes as soon as its server stops accepting: other nodes' calls are
-    // refused at once (and retried elsewhere) instead of waiting in its backlog.
-    drop(internal);
-    if let Some(shard) = shard {
-        // Sessions first (their clients reconnect through any front and resume), then the
-        // requests in flight, so every acknowledged write is done before the release.
-        (shard.close_sessions)();
-        shard.handle.stop(true).await;
-        let _ = shard.task.await;
-    }
-    if let Some(server) = node_server.take() {
-        server.stop().await;
-    }
-    devices.stop_all(drain).await;
-    let (done, released) = oneshot::channel();
-    if control.send(lease::Control::Leave(done)).is_ok() {
-        let _ = tokio::time::timeout(Duration::from_secs(5), released).await;
-    }
-    front_handle.stop(true).await;
-    let _ = front_task.await;
-    let _ = lease_thread.join();
-    drop(arbiters);
-    tracing::info!(node = %node_id, "left the cluster");
+    node.hand_over().await;
     Ok(())
+}
+
+/// One cluster node: its front, its device shards, the lease thread, and the dispatch shard's
+/// application while it holds that shard. [`Node::start`] joins; [`Node::on_lease_event`]
+/// starts or stops serving what the lease thread says this node took or must shed;
+/// [`Node::hand_over`] gives everything back in order and leaves.
+pub struct Node {
+    settings: Settings,
+    state: Arc<ClusterState>,
+    devices: Arc<NodeDevices>,
+    /// The internal address: served by the node server until this node holds dispatch, then
+    /// by the dispatch shard's application.
+    internal: TcpListener,
+    node_server: Option<Served>,
+    dispatch: Option<DispatchServer>,
+    front: Served,
+    /// Turns true when the node starts handing over: the front's SSE streams end.
+    closing: tokio::sync::watch::Sender<bool>,
+    control: mpsc::UnboundedSender<lease::Control>,
+    lease_thread: std::thread::JoinHandle<()>,
+    /// The threads the device actors run on.
+    _arbiters: Vec<actix::Arbiter>,
+}
+
+/// How long a shed device shard's readings in flight are given to finish.
+const DRAIN: Duration = Duration::from_secs(2);
+
+impl Node {
+    /// Opens the database, binds both addresses, joins the cluster and starts the front, the
+    /// node server and the lease thread; the lease thread's events arrive on the receiver.
+    pub async fn start(
+        settings: Settings,
+    ) -> anyhow::Result<(Self, mpsc::UnboundedReceiver<lease::Event>)> {
+        let shards = settings.cluster.device_shards;
+        anyhow::ensure!(
+            (1..=MAX_DEVICE_SHARDS).contains(&shards),
+            "cluster.device_shards (SHERS_CLUSTER__DEVICE_SHARDS) must be 1 to {MAX_DEVICE_SHARDS}, not {shards}"
+        );
+        let db = open_database(&settings).await?;
+        let node_id = node_id(&settings);
+        let internal = TcpListener::bind(&settings.cluster.internal_bind)
+            .with_context(|| format!("binding {}", settings.cluster.internal_bind))?;
+        let address = advertised(&settings, &internal)?;
+        let public = TcpListener::bind(&settings.bind)
+            .with_context(|| format!("binding {}", settings.bind))?;
+        // This incarnation's credential for the other nodes' internal endpoints: in memory
+        // only, known to them by its hash in the membership row, dead when this process is.
+        let credential = crate::http::auth::new_secret(crate::domain::auth::NODE_CREDENTIAL_PREFIX)
+            .context("making the node's credential")?;
+        let state = Arc::new(ClusterState::new(
+            node_id.clone(),
+            crate::domain::auth::hash_token(&credential),
+            address.clone(),
+            Duration::from_millis(settings.cluster.lease_ms.max(300)),
+            shards,
+        ));
+        tracing::info!(node = %node_id, instance = %state.instance, address = %address, "joining the cluster");
+        // Device actors run on their own threads, one per core, sharded by device id.
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let arbiters: Vec<actix::Arbiter> = (0..threads).map(|_| actix::Arbiter::new()).collect();
+        let devices = Arc::new(NodeDevices::new(
+            &settings,
+            state.clone(),
+            db.clone(),
+            credential,
+            arbiters.iter().map(actix::Arbiter::handle).collect(),
+        )?);
+
+        if let Some(url) = &settings.redis.url {
+            wakeups::spawn(url.expose().clone(), node_id);
+        }
+        // Unbounded: the lease thread sends an event only for a shard it took or sheds, at
+        // most one per shard per lease round, and the node handles each at once.
+        let (events_tx, events) = mpsc::unbounded_channel();
+        // Unbounded: the node sends one release per shed shard and one leave, never more.
+        let (control, control_rx) = mpsc::unbounded_channel();
+        let lease_thread = lease::spawn(settings.clone(), state.clone(), events_tx, control_rx)?;
+
+        // SSE streams are served by every front from its own tail of the event store.
+        let broadcaster = Broadcaster::new(db.clone())
+            .await
+            .context("starting the node's event tail")?
+            .start();
+        let (closing, closing_rx) = tokio::sync::watch::channel(false);
+        let front = Served::spawn(front::server(
+            &settings,
+            db,
+            state.clone(),
+            front::Local {
+                devices: devices.clone(),
+                broadcaster,
+                closing: closing_rx,
+            },
+            public,
+        )?);
+        // The internal address serves the device routes until this node holds the dispatch
+        // shard, whose server then serves them too.
+        let node_server = Some(Served::spawn(front::node_server(
+            &settings,
+            devices.clone(),
+            internal.try_clone()?,
+        )?));
+        Ok((
+            Self {
+                settings,
+                state,
+                devices,
+                internal,
+                node_server,
+                dispatch: None,
+                front,
+                closing,
+                control,
+                lease_thread,
+                _arbiters: arbiters,
+            },
+            events,
+        ))
+    }
+
+    /// Starts serving what the lease thread says this node took, or stops serving a shard it
+    /// must shed (then releases it). An error ends the node: it could not serve dispatch.
+    pub async fn on_lease_event(&mut self, event: lease::Event) -> anyhow::Result<()> {
+        match event {
+            lease::Event::Acquired {
+                shard: Shard::Dispatch,
+                epoch,
+            } => {
+                if self.dispatch.is_some() {
+                    return Ok(());
+                }
+                if let Some(server) = self.node_server.take() {
+                    // At once, not gracefully: readings in flight may be waiting for this very
+                    // shard to hand their emergencies to. Their callers answer 503 and the
+                    // retries are deduplicated; new connections wait in the listener's backlog
+                    // meanwhile.
+                    server.abort().await;
+                }
+                let app = start_dispatch(
+                    &self.settings,
+                    epoch,
+                    self.internal.try_clone()?,
+                    self.devices.clone(),
+                )
+                .await?;
+                crate::fault::crash_point("lease.after_recover");
+                self.devices
+                    .serve_dispatch(app.incidents().clone().recipient());
+                let (handle, close_sessions) = (app.handle(), Box::new(app.session_closer()));
+                let task = actix_web::rt::spawn(async move {
+                    if let Err(e) = app.run_until_stopped().await {
+                        tracing::error!(error = %e, "the dispatch shard's server failed");
+                    }
+                });
+                self.dispatch = Some(DispatchServer {
+                    handle,
+                    close_sessions,
+                    task,
+                });
+            }
+            lease::Event::Acquired {
+                shard: shard @ Shard::Devices(index),
+                epoch,
+            } => {
+                if let Err(e) = self.devices.start_shard(index, epoch).await {
+                    tracing::error!(shard = %shard, error = ?e, "cannot serve a device shard; giving it back");
+                    let _ = self.control.send(lease::Control::Release { shard, epoch });
+                }
+            }
+            lease::Event::Shed { shard, epoch } => {
+                let (devices, control) = (self.devices.clone(), self.control.clone());
+                actix_web::rt::spawn(async move {
+                    if let Shard::Devices(index) = shard {
+                        devices.stop_shard(index, DRAIN).await;
+                    }
+                    let _ = control.send(lease::Control::Release { shard, epoch });
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands every shard over and leaves: sessions end, requests in flight finish, the device
+    /// shards drain, the leases are released (the next holders take them at once), and the
+    /// front stops last.
+    pub async fn hand_over(self) {
+        let node_id = self.state.node_id.clone();
+        tracing::info!(node = %node_id, "stopping: handing the shards over");
+        self.state.stopping.store(true, Ordering::Release);
+        // This front's SSE streams end; their clients reconnect (through any node) and resume.
+        let _ = self.closing.send(true);
+        // The internal socket closes as soon as its server stops accepting: other nodes'
+        // calls are refused at once (and retried elsewhere) instead of waiting in its backlog.
+        drop(self.internal);
+        if let Some(dispatch) = self.dispatch {
+            // Sessions first (their clients reconnect through any front and resume), then the
+            // requests in flight, so every acknowledged write is done before the release.
+            (dispatch.close_sessions)();
+            dispatch.handle.stop(true).await;
+            let _ = dispatch.task.await;
+        }
+        if let Some(server) = self.node_server {
+            server.stop().await;
+        }
+        self.devices.stop_all(DRAIN).await;
+        let (done, released) = oneshot::channel();
+        if self.control.send(lease::Control::Leave(done)).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), released).await;
+        }
+        self.front.stop().await;
+        let _ = self.lease_thread.join();
+        tracing::info!(node = %node_id, "left the cluster");
+    }
 }
 
 /// A server running on its own task.
@@ -366,25 +443,25 @@ impl Served {
     }
 }
 
-/// The shard server while this node holds the dispatch shard.
-struct Shard {
+/// The dispatch shard's application while this node holds the shard.
+struct DispatchServer {
     handle: actix_web::dev::ServerHandle,
     close_sessions: Box<dyn Fn()>,
     task: tokio::task::JoinHandle<()>,
 }
 
-/// Starts the shard server: the whole application over connections fenced at `epoch`,
+/// Starts the dispatch shard's application: the whole application over connections fenced at `epoch`,
 /// recovering open incidents, timers, offers and sagas from the event store as a restart does.
-async fn start_shard(
+async fn start_dispatch(
     settings: &Settings,
-    epoch: i64,
+    epoch: Epoch,
     listener: TcpListener,
     devices: Arc<NodeDevices>,
 ) -> anyhow::Result<Application> {
     let mut fenced = settings.clone();
     fenced.database.url = Secret::new(fenced_url(
         settings.database.url.expose(),
-        DISPATCH_SHARD,
+        Shard::Dispatch,
         epoch,
     ));
     let started = std::time::Instant::now();
@@ -405,8 +482,8 @@ async fn start_shard(
     };
     let app = Application::build_with_listener(fenced, db, listener, Some(host)).await?;
     tracing::info!(
-        shard = DISPATCH_SHARD,
-        epoch,
+        shard = %Shard::Dispatch,
+        epoch = epoch.0,
         recovery_ms = started.elapsed().as_millis() as u64,
         "serving the dispatch shard"
     );

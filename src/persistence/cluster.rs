@@ -13,7 +13,7 @@ use diesel_async::RunQueryDsl;
 use super::{DbConn, StoreError};
 use crate::db_run;
 
-pub use crate::domain::shards::DISPATCH_SHARD;
+pub use crate::domain::shards::{DISPATCH_SHARD, Epoch, Shard};
 
 /// The prefix of `application_name` on fenced connections, so a new owner can find and end the
 /// old owner's sessions.
@@ -28,7 +28,7 @@ const HOLDING_INCARNATION: &str = "(l.holder_instance IS NULL OR n.instance = l.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Acquired {
     /// The new fencing epoch.
-    pub epoch: i64,
+    pub epoch: Epoch,
     /// The previous holder, if any.
     pub from: Option<String>,
     /// `first`, `released` or `expired`.
@@ -37,20 +37,16 @@ pub struct Acquired {
 
 /// Who holds a shard now: a node's incarnation (the process that took the lease), never
 /// merely its id, so a node restarted under its id is not sent what its previous process held.
-#[derive(Debug, Clone, PartialEq, Eq, diesel::QueryableByName)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {
     /// The holder's node id.
-    #[diesel(sql_type = Text)]
     pub node_id: String,
     /// The holder's incarnation (the process, fresh at every start).
-    #[diesel(sql_type = Text)]
     pub instance: String,
     /// Its internal base URL.
-    #[diesel(sql_type = Text)]
     pub address: String,
     /// The lease's epoch.
-    #[diesel(sql_type = BigInt)]
-    pub epoch: i64,
+    pub epoch: Epoch,
 }
 
 /// A member as listed by `/admin/cluster`.
@@ -142,7 +138,7 @@ struct Previous {
 }
 
 #[derive(diesel::QueryableByName)]
-struct Epoch {
+struct EpochRow {
     #[diesel(sql_type = BigInt)]
     epoch: i64,
 }
@@ -224,12 +220,12 @@ pub async fn leave(conn: &mut DbConn, node_id: &str, instance: &str) -> Result<(
 /// transaction. `None` when it is held.
 pub async fn try_acquire(
     conn: &mut DbConn,
-    shard: &str,
+    shard: Shard,
     node_id: &str,
     instance: &str,
     lease_ms: i64,
 ) -> Result<Option<Acquired>, StoreError> {
-    let shard = shard.to_owned();
+    let shard = shard.to_string();
     let node_id = node_id.to_owned();
     let instance = instance.to_owned();
     conn.write_transaction(async |conn| {
@@ -261,7 +257,7 @@ pub async fn try_acquire(
                 if !prev.free {
                     return Ok(None);
                 }
-                let e: Epoch = take.get_result(c).await?;
+                let e: EpochRow = take.get_result(c).await?;
                 Ok::<_, StoreError>((prev, Some(e.epoch)))
             })?;
         let Some(epoch) = epoch else {
@@ -286,7 +282,7 @@ pub async fn try_acquire(
             Ok::<_, StoreError>(())
         })?;
         Ok(Some(Acquired {
-            epoch,
+            epoch: Epoch(epoch),
             from: prev.holder,
             reason,
         }))
@@ -298,18 +294,18 @@ pub async fn try_acquire(
 /// or released), whatever the expiry.
 pub async fn renew(
     conn: &mut DbConn,
-    shard: &str,
+    shard: Shard,
     node_id: &str,
-    epoch: i64,
+    epoch: Epoch,
     lease_ms: i64,
 ) -> Result<bool, StoreError> {
     let q = diesel::sql_query(
         "UPDATE shard_leases SET expires_at = clock_timestamp() + $4 * interval '1 millisecond' \
          WHERE shard = $1 AND holder = $2 AND epoch = $3 AND released_at IS NULL",
     )
-    .bind::<Text, _>(shard)
+    .bind::<Text, _>(shard.to_string())
     .bind::<Text, _>(node_id)
-    .bind::<BigInt, _>(epoch)
+    .bind::<BigInt, _>(epoch.0)
     .bind::<BigInt, _>(lease_ms);
     db_run!(conn, |_c| { Err(postgres_only()) } else |c| {
         Ok(q.execute(c).await? == 1)
@@ -320,17 +316,17 @@ pub async fn renew(
 /// expiry. From here on the fence refuses writes made at `epoch`.
 pub async fn release(
     conn: &mut DbConn,
-    shard: &str,
+    shard: Shard,
     node_id: &str,
-    epoch: i64,
+    epoch: Epoch,
 ) -> Result<bool, StoreError> {
     let q = diesel::sql_query(
         "UPDATE shard_leases SET released_at = clock_timestamp(), expires_at = clock_timestamp() \
          WHERE shard = $1 AND holder = $2 AND epoch = $3 AND released_at IS NULL",
     )
-    .bind::<Text, _>(shard)
+    .bind::<Text, _>(shard.to_string())
     .bind::<Text, _>(node_id)
-    .bind::<BigInt, _>(epoch);
+    .bind::<BigInt, _>(epoch.0);
     db_run!(conn, |_c| { Err(postgres_only()) } else |c| {
         Ok(q.execute(c).await? == 1)
     })
@@ -341,8 +337,8 @@ pub async fn release(
 /// began recovering. Returns how many sessions were ended.
 pub async fn end_stale_sessions(
     conn: &mut DbConn,
-    shard: &str,
-    epoch: i64,
+    shard: Shard,
+    epoch: Epoch,
 ) -> Result<usize, StoreError> {
     let q = diesel::sql_query(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
@@ -371,24 +367,47 @@ pub async fn confirm_lease(conn: &mut DbConn) -> Result<(), StoreError> {
 
 /// The live holder of `shard` and where to reach it, if any: only while the incarnation that
 /// took the lease is still the member under its node id.
-pub async fn owner(conn: &mut DbConn, shard: &str) -> Result<Option<Owner>, StoreError> {
+pub async fn owner(conn: &mut DbConn, shard: Shard) -> Result<Option<Owner>, StoreError> {
     let q = diesel::sql_query(format!(
         "SELECT l.holder AS node_id, n.instance, n.address, l.epoch FROM shard_leases l \
          JOIN cluster_nodes n ON n.node_id = l.holder AND {HOLDING_INCARNATION} \
          WHERE l.shard = $1 AND l.released_at IS NULL AND l.expires_at > clock_timestamp()"
     ))
-    .bind::<Text, _>(shard);
+    .bind::<Text, _>(shard.to_string());
     db_run!(conn, |_c| { Err(postgres_only()) } else |c| {
         use diesel::OptionalExtension as _;
-        Ok(q.get_result::<Owner>(c).await.optional()?)
+        Ok(q.get_result::<OwnerRow>(c).await.optional()?.map(OwnerRow::into_owner))
     })
+}
+
+#[derive(diesel::QueryableByName)]
+struct OwnerRow {
+    #[diesel(sql_type = Text)]
+    node_id: String,
+    #[diesel(sql_type = Text)]
+    instance: String,
+    #[diesel(sql_type = Text)]
+    address: String,
+    #[diesel(sql_type = BigInt)]
+    epoch: i64,
+}
+
+impl OwnerRow {
+    fn into_owner(self) -> Owner {
+        Owner {
+            node_id: self.node_id,
+            instance: self.instance,
+            address: self.address,
+            epoch: Epoch(self.epoch),
+        }
+    }
 }
 
 /// A live lease and where its holder is reached.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Held {
     /// The shard.
-    pub shard: String,
+    pub shard: Shard,
     /// Its holder and epoch.
     pub owner: Owner,
 }
@@ -419,16 +438,19 @@ pub async fn owners(conn: &mut DbConn) -> Result<Vec<Held>, StoreError> {
     ));
     db_run!(conn, |_c| { Err(postgres_only()) } else |c| {
         let rows: Vec<HeldRow> = q.load(c).await?;
+        // A lease of a shard this build does not know (a newer build's) is not ours to serve.
         Ok(rows
             .into_iter()
-            .map(|r| Held {
-                shard: r.shard,
-                owner: Owner {
-                    node_id: r.node_id,
-                    instance: r.instance,
-                    address: r.address,
-                    epoch: r.epoch,
-                },
+            .filter_map(|r| {
+                Some(Held {
+                    shard: r.shard.parse().ok()?,
+                    owner: Owner {
+                        node_id: r.node_id,
+                        instance: r.instance,
+                        address: r.address,
+                        epoch: Epoch(r.epoch),
+                    },
+                })
             })
             .collect())
     })
@@ -507,13 +529,13 @@ pub async fn overview(
 }
 
 /// The `application_name` of connections fenced at `shard@epoch`.
-fn application_name(shard: &str, epoch: i64) -> String {
+fn application_name(shard: Shard, epoch: Epoch) -> String {
     format!("{FENCED_APP}{shard}@{epoch}")
 }
 
 /// `url` with the startup options that fence every connection opened from it at
 /// `shard@epoch` (and name it, so [`end_stale_sessions`] finds it).
-pub fn fenced_url(url: &str, shard: &str, epoch: i64) -> String {
+pub fn fenced_url(url: &str, shard: Shard, epoch: Epoch) -> String {
     let options = format!("-c shers.fence={shard}@{epoch}");
     let sep = if url.contains('?') { '&' } else { '?' };
     format!(
@@ -543,13 +565,17 @@ mod tests {
     #[test]
     fn fenced_urls_carry_the_fence_as_a_startup_option() {
         assert_eq!(
-            fenced_url("postgres://u@h/db", "dispatch/default", 7),
+            fenced_url("postgres://u@h/db", Shard::Dispatch, Epoch(7)),
             "postgres://u@h/db?application_name=shers-fence%3Adispatch%2Fdefault%407\
              &options=-c%20shers.fence%3Ddispatch%2Fdefault%407"
         );
         assert!(
-            fenced_url("postgres://u@h/db?sslmode=disable", "s", 1)
-                .contains("disable&application_name=")
+            fenced_url(
+                "postgres://u@h/db?sslmode=disable",
+                Shard::Devices(3),
+                Epoch(1)
+            )
+            .contains("disable&application_name=")
         );
     }
 }

@@ -809,7 +809,7 @@ async fn wearables_are_spread_over_the_nodes_and_outlive_their_holder() {
     }
     let view = cluster.overview(front).await.unwrap();
     let holder_of = |device: &str| -> String {
-        let shard = shers::domain::shards::device_shard(&device.into(), DEVICE_SHARDS as u32);
+        let shard = shers::domain::shards::device_shard(&device.into(), DEVICE_SHARDS as u16);
         let name = format!("devices/{shard}");
         view["shards"]
             .as_array()
@@ -1022,7 +1022,7 @@ async fn silence_outlives_a_shard_holder_and_a_fall_cancel_reaches_the_holder() 
     }
     let view = cluster.overview(owner).await.unwrap();
     let holder_of = |device: &str| -> usize {
-        let shard = shers::domain::shards::device_shard(&device.into(), DEVICE_SHARDS as u32);
+        let shard = shers::domain::shards::device_shard(&device.into(), DEVICE_SHARDS as u16);
         let name = format!("devices/{shard}");
         let holder = view["shards"]
             .as_array()
@@ -1295,24 +1295,24 @@ async fn a_write_fenced_at_a_stale_epoch_is_refused() {
     if !postgres_available().await {
         return;
     }
-    use shers::persistence::cluster::{self as lease, DISPATCH_SHARD, fenced_url};
+    use shers::persistence::cluster::{self as lease, Epoch, Shard, fenced_url};
     let guard = TestDb::new(Backend::Postgres).await;
     let db = guard.migrated().await;
     let mut conn = db.conn().await.unwrap();
-    let first = lease::try_acquire(&mut conn, DISPATCH_SHARD, "a", "a-1", 60_000)
+    let first = lease::try_acquire(&mut conn, Shard::Dispatch, "a", "a-1", 60_000)
         .await
         .unwrap()
         .unwrap();
-    assert_eq!((first.epoch, first.reason), (1, "first"));
+    assert_eq!((first.epoch, first.reason), (Epoch(1), "first"));
     assert!(
-        lease::try_acquire(&mut conn, DISPATCH_SHARD, "b", "b-1", 60_000)
+        lease::try_acquire(&mut conn, Shard::Dispatch, "b", "b-1", 60_000)
             .await
             .unwrap()
             .is_none(),
         "a live lease is not taken"
     );
     let mut settings = guard.settings();
-    settings.url = shers::config::Secret::new(fenced_url(&guard.url, DISPATCH_SHARD, 1));
+    settings.url = shers::config::Secret::new(fenced_url(&guard.url, Shard::Dispatch, Epoch(1)));
     let fenced = Db::connect(&settings).await.unwrap();
     let mut writer = fenced.conn().await.unwrap();
     let now = chrono::Utc::now();
@@ -1324,15 +1324,15 @@ async fn a_write_fenced_at_a_stale_epoch_is_refused() {
         .expect("the holder may call providers");
     // "a" releases; "b" takes over at epoch 2.
     assert!(
-        lease::release(&mut conn, DISPATCH_SHARD, "a", 1)
+        lease::release(&mut conn, Shard::Dispatch, "a", Epoch(1))
             .await
             .unwrap()
     );
-    let second = lease::try_acquire(&mut conn, DISPATCH_SHARD, "b", "b-1", 60_000)
+    let second = lease::try_acquire(&mut conn, Shard::Dispatch, "b", "b-1", 60_000)
         .await
         .unwrap()
         .unwrap();
-    assert_eq!((second.epoch, second.reason), (2, "released"));
+    assert_eq!((second.epoch, second.reason), (Epoch(2), "released"));
     let refused = tokens::create(&mut writer, Role::Admin, None, None, "after", now).await;
     let Err(error) = refused else {
         panic!("a stale epoch's write is refused");
@@ -2402,7 +2402,7 @@ async fn a_lease_belongs_to_the_incarnation_that_took_it() {
         return;
     }
     use shers::domain::auth::hash_token;
-    use shers::persistence::cluster::{self as lease, DISPATCH_SHARD, Member};
+    use shers::persistence::cluster::{self as lease, Epoch, Member, Shard};
     let guard = TestDb::new(Backend::Postgres).await;
     let db = guard.migrated().await;
     let mut conn = db.conn().await.unwrap();
@@ -2420,11 +2420,11 @@ async fn a_lease_belongs_to_the_incarnation_that_took_it() {
     lease::join(&mut conn, member("first", &first))
         .await
         .unwrap();
-    lease::try_acquire(&mut conn, DISPATCH_SHARD, "n1", "first", 60_000)
+    lease::try_acquire(&mut conn, Shard::Dispatch, "n1", "first", 60_000)
         .await
         .unwrap()
         .unwrap();
-    let owner = lease::owner(&mut conn, DISPATCH_SHARD).await.unwrap();
+    let owner = lease::owner(&mut conn, Shard::Dispatch).await.unwrap();
     assert_eq!(owner.map(|o| o.instance).as_deref(), Some("first"));
     let member_of = async |conn: &mut shers::persistence::DbConn, hash: &str| {
         lease::member_by_credential(conn, hash, 60_000)
@@ -2437,7 +2437,10 @@ async fn a_lease_belongs_to_the_incarnation_that_took_it() {
     lease::join(&mut conn, member("second", &second))
         .await
         .unwrap();
-    assert_eq!(lease::owner(&mut conn, DISPATCH_SHARD).await.unwrap(), None);
+    assert_eq!(
+        lease::owner(&mut conn, Shard::Dispatch).await.unwrap(),
+        None
+    );
     assert!(lease::owners(&mut conn).await.unwrap().is_empty());
     assert_eq!(member_of(&mut conn, &first).await, None);
     assert_eq!(member_of(&mut conn, &second).await.as_deref(), Some("n1"));
@@ -2446,15 +2449,15 @@ async fn a_lease_belongs_to_the_incarnation_that_took_it() {
     assert_eq!(member_of(&mut conn, &second).await.as_deref(), Some("n1"));
     // Its lease is released (or runs out); the new incarnation takes it and is routed to.
     assert!(
-        lease::release(&mut conn, DISPATCH_SHARD, "n1", 1)
+        lease::release(&mut conn, Shard::Dispatch, "n1", Epoch(1))
             .await
             .unwrap()
     );
-    lease::try_acquire(&mut conn, DISPATCH_SHARD, "n1", "second", 60_000)
+    lease::try_acquire(&mut conn, Shard::Dispatch, "n1", "second", 60_000)
         .await
         .unwrap()
         .unwrap();
-    let owner = lease::owner(&mut conn, DISPATCH_SHARD).await.unwrap();
+    let owner = lease::owner(&mut conn, Shard::Dispatch).await.unwrap();
     assert_eq!(owner.map(|o| o.instance).as_deref(), Some("second"));
     lease::leave(&mut conn, "n1", "second").await.unwrap();
     assert_eq!(member_of(&mut conn, &second).await, None, "left: dead");

@@ -77,7 +77,7 @@ pub struct DeviceDirectory {
     hasher: RandomState,
     devices: HashMap<DeviceId, Entry>,
     /// The cluster device shard served (index, shard count); `None`: every device.
-    shard: Option<(u32, u32)>,
+    shard: Option<(u16, u16)>,
     /// Whether a sweep for silent devices is running.
     sweeping: bool,
 }
@@ -104,7 +104,7 @@ impl DeviceDirectory {
 
     /// Serves only the devices of cluster device shard `index` of `shards`: the sweep leaves
     /// the other shards' devices to their holders.
-    pub fn for_shard(mut self, index: u32, shards: u32) -> Self {
+    pub fn for_shard(mut self, index: u16, shards: u16) -> Self {
         self.shard = Some((index, shards));
         self
     }
