@@ -14,7 +14,10 @@ WORKDIR /build
 # Dependency layer: build every dependency against stub sources, so that a change to the
 # application code does not recompile the dependency tree. (If Cargo.toml ever declares explicit
 # [[test]]/[[bench]]/[[example]] targets or a build.rs, copy/stub those here too.)
+# crates/ holds the workspace's test support: cargo must read it to load the workspace, but a
+# release build never compiles it.
 COPY Cargo.toml Cargo.lock ./
+COPY crates ./crates
 RUN mkdir src \
     && echo 'fn main() {}' > src/main.rs \
     && echo '//! stub' > src/lib.rs \

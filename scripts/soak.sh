@@ -81,7 +81,8 @@ for ((i = 0; i < ${SOAK_BURNERS:-2}; i++)); do
 done
 
 # Build first, outside the rounds, so a round's time is the tests' own.
-cargo test --locked --no-run --all-targets >/dev/null 2>&1 || cargo test --locked --no-run --all-targets
+cargo test --locked --workspace --no-run --all-targets >/dev/null 2>&1 ||
+    cargo test --locked --workspace --no-run --all-targets
 
 for ((round = 1; round <= rounds; round++)); do
     log="$out/$mode-$round.log"

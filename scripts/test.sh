@@ -354,8 +354,9 @@ setup_redis
 
 log "PostgreSQL: ${SHERS_TEST_DATABASE_URL:+$(redact "$SHERS_TEST_DATABASE_URL")  }[$PG_SOURCE]"
 log "Redis:      ${SHERS_TEST_REDIS_URL:+$(redact "$SHERS_TEST_REDIS_URL")  }[$REDIS_SOURCE]"
-log "running: cargo test --locked $*"
+# --workspace: the test support crate (crates/test-support) has tests of its own.
+log "running: cargo test --locked --workspace $*"
 
 rc=0
-cargo test --locked "$@" || rc=$?
+cargo test --locked --workspace "$@" || rc=$?
 exit "$rc"

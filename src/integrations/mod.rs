@@ -1,8 +1,7 @@
 //! Outbound adapters behind traits (routing, payments, insurance, notifications), each a real
-//! HTTP/SMTP client with a base URL from configuration so tests point them at local fakes.
+//! HTTP/SMTP client with a base URL from configuration so tests point them at local fakes
+//! (`shers_test_support::FakeHttp`, a dev-dependency: the fakes never ship).
 
-#[cfg(test)]
-pub(crate) mod fake_http;
 pub mod notify;
 pub mod payments;
 pub mod routing;

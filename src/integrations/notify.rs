@@ -703,7 +703,7 @@ mod tests {
     use tracing::instrument::WithSubscriber;
 
     use super::*;
-    use crate::integrations::fake_http::{FakeHttp, free_port, header, install_crypto};
+    use shers_test_support::{FakeHttp, Recorded, free_port, header, install_crypto};
 
     const PHONE: &str = "+15551234567";
     const EMAIL: &str = "jane.doe@example.org";
@@ -934,32 +934,15 @@ mod tests {
 
     // ---- a real local fake Twilio ----------------------------------------------------
 
-    #[derive(Clone, Debug)]
-    struct SeenSms {
-        path: String,
-        authorization: Option<String>,
-        idempotency: Option<String>,
-        form: HashMap<String, String>,
-    }
-
-    #[derive(Default)]
-    struct FakeTwilio {
-        seen: Mutex<Vec<SeenSms>>,
-    }
+    /// The fake Twilio: no state of its own, its journal keeps the requests.
+    struct FakeTwilio;
 
     /// `/{mode}/2010-04-01/Accounts/{sid}/Messages.json`: the first segment picks the answer.
-    /// `web::Form` decodes with actix's own parser (and rejects a wrong content type).
+    /// The `web::Form` argument refuses a body that is not a form (a 400 the test would see).
     async fn twilio_messages(
         req: HttpRequest,
-        form: web::Form<HashMap<String, String>>,
-        fake: web::Data<FakeTwilio>,
+        _form: web::Form<HashMap<String, String>>,
     ) -> HttpResponse {
-        fake.seen.lock().unwrap().push(SeenSms {
-            path: req.path().to_owned(),
-            authorization: header(&req, "authorization"),
-            idempotency: header(&req, TWILIO_IDEMPOTENCY_HEADER),
-            form: form.into_inner(),
-        });
         match req.match_info().get("mode").unwrap_or_default() {
             "ok" => HttpResponse::Created().json(json!({
                 "sid": "SM0123456789abcdef", "status": "queued"
@@ -977,40 +960,46 @@ mod tests {
                 "code": 20003, "message": "Authenticate", "status": 401
             })),
             "nosid" => HttpResponse::Created().body("<html>ok</html>"),
-            "slow" => {
-                actix_web::rt::time::sleep(Duration::from_secs(3)).await;
-                HttpResponse::Created().json(json!({"sid": "SMlate", "status": "queued"}))
-            }
             _ => HttpResponse::NotFound().finish(),
         }
     }
 
-    /// The fake Twilio and the webhook receiver share the server scaffolding.
-    type Fake<S> = FakeHttp<S>;
+    /// The fake Twilio or the webhook receiver, with the adapter built against it.
+    struct Fake<S: 'static>(FakeHttp<S>);
+
+    impl<S> std::ops::Deref for Fake<S> {
+        type Target = FakeHttp<S>;
+
+        fn deref(&self) -> &Self::Target {
+            &self.0
+        }
+    }
+
+    impl<S> Fake<S> {
+        async fn stop(self) {
+            self.0.stop().await;
+        }
+    }
 
     impl Fake<FakeTwilio> {
         async fn start() -> Self {
-            FakeHttp::serve(FakeTwilio::default(), |cfg| {
+            Self(FakeHttp::start(FakeTwilio, |cfg| {
                 cfg.route(
                     "/{mode}/2010-04-01/Accounts/{sid}/Messages.json",
                     web::post().to(twilio_messages),
                 );
-            })
+            }))
         }
 
         fn twilio(&self, mode: &str, timeout: Duration) -> TwilioSms {
             TwilioSms::new(
-                &format!("{}/{mode}/", self.url),
+                &format!("{}/{mode}/", self.url()),
                 "AC123",
                 "tok3n",
                 "+15550000000",
                 timeout,
             )
             .unwrap()
-        }
-
-        fn seen(&self) -> Vec<SeenSms> {
-            self.state.seen.lock().unwrap().clone()
         }
     }
 
@@ -1022,24 +1011,28 @@ mod tests {
         msg.body = "SHERS ref INC-1: ambulance A12 is on its way & 100% = 🚑 +1".to_owned();
         assert_eq!(twilio.send(&msg).await.unwrap(), "SM0123456789abcdef");
 
-        let seen = fake.seen();
+        let seen = fake.requests();
         assert_eq!(seen.len(), 1);
         let req = &seen[0];
         assert_eq!(req.path, "/ok/2010-04-01/Accounts/AC123/Messages.json");
         assert_eq!(
-            req.authorization.as_deref(),
+            req.header("authorization"),
             Some("Basic QUMxMjM6dG9rM24=") // base64("AC123:tok3n")
         );
-        assert_eq!(req.idempotency.as_deref(), Some(KEY));
-        assert_eq!(req.form.len(), 3);
-        assert_eq!(req.form["To"], PHONE);
-        assert_eq!(req.form["From"], "+15550000000");
-        assert_eq!(req.form["Body"], msg.body);
+        assert_eq!(req.header(TWILIO_IDEMPOTENCY_HEADER), Some(KEY));
+        let form = req.form();
+        assert_eq!(form.len(), 3);
+        assert_eq!(form["To"], PHONE);
+        assert_eq!(form["From"], "+15550000000");
+        assert_eq!(form["Body"], msg.body);
 
         // A retry carries the same token.
         twilio.send(&msg).await.unwrap();
-        let seen = fake.seen();
-        assert_eq!(seen[1].idempotency, seen[0].idempotency);
+        let seen = fake.requests();
+        assert_eq!(
+            seen[1].header(TWILIO_IDEMPOTENCY_HEADER),
+            seen[0].header(TWILIO_IDEMPOTENCY_HEADER)
+        );
         fake.stop().await;
     }
 
@@ -1081,7 +1074,7 @@ mod tests {
         // 201 without a sid: retried (the idempotency token prevents a double send).
         assert!(err("nosid").await.is_transient());
         assert!(!err("nowhere").await.is_transient());
-        assert_eq!(fake.seen().len(), 6);
+        assert_eq!(fake.count(), 6);
 
         // A message for another channel never reaches the provider.
         let twilio = fake.twilio("ok", Duration::from_secs(2));
@@ -1095,15 +1088,17 @@ mod tests {
                 reason: "email message given to the sms adapter".to_owned()
             }
         );
-        assert_eq!(fake.seen().len(), 6);
+        assert_eq!(fake.count(), 6);
         fake.stop().await;
     }
 
     #[actix_web::test]
     async fn twilio_timeout_is_transient() {
         let fake = Fake::<FakeTwilio>::start().await;
-        let twilio = fake.twilio("slow", Duration::from_millis(200));
-        // A timeout (not the fake's late answer) proves the client gave up first.
+        // Every answer is held for as long as the fake lives: only the client's own timeout
+        // can end the call.
+        fake.hold(usize::MAX);
+        let twilio = fake.twilio("ok", Duration::from_millis(200));
         let e = twilio
             .send(&outgoing(Channel::Sms, PHONE))
             .await
@@ -1397,24 +1392,14 @@ mod tests {
 
     const HOOK_SECRET: &[u8] = b"whsec_test_0123456789";
 
-    #[derive(Clone, Debug)]
-    struct SeenHook {
-        content_type: Option<String>,
-        idempotency: Option<String>,
-        signature_valid: bool,
-        body: serde_json::Value,
-    }
+    /// The webhook receiver: no state of its own, its journal keeps the requests.
+    struct FakeHook;
 
-    #[derive(Default)]
-    struct FakeHook {
-        seen: Mutex<Vec<SeenHook>>,
-    }
-
-    /// Verifies the signature the way a receiver would (hmac's constant-time check over the
-    /// raw body), answers 401 if it is wrong, else as the mode says.
-    async fn hook(req: HttpRequest, body: web::Bytes, fake: web::Data<FakeHook>) -> HttpResponse {
-        let signature_valid = header(&req, SIGNATURE_HEADER)
-            .and_then(|s| s.strip_prefix("sha256=").map(str::to_owned))
+    /// Whether `signature` signs `body` with [`HOOK_SECRET`], checked the way a receiver
+    /// would (hmac's constant-time check over the raw body).
+    fn signature_valid(signature: Option<&str>, body: &[u8]) -> bool {
+        signature
+            .and_then(|s| s.strip_prefix("sha256="))
             .and_then(|hex| {
                 (0..hex.len())
                     .step_by(2)
@@ -1423,16 +1408,19 @@ mod tests {
             })
             .is_some_and(|tag| {
                 let mut mac = <HmacSha256 as Mac>::new_from_slice(HOOK_SECRET).unwrap();
-                mac.update(&body);
+                mac.update(body);
                 mac.verify_slice(&tag).is_ok()
-            });
-        fake.seen.lock().unwrap().push(SeenHook {
-            content_type: header(&req, "content-type"),
-            idempotency: header(&req, IDEMPOTENCY_HEADER),
-            signature_valid,
-            body: serde_json::from_slice(&body).unwrap_or_default(),
-        });
-        if !signature_valid {
+            })
+    }
+
+    /// A request the receiver got: was it signed with the right secret?
+    fn signed(req: &Recorded) -> bool {
+        signature_valid(req.header(SIGNATURE_HEADER), &req.body)
+    }
+
+    /// Answers 401 if the signature is wrong, else as the mode says.
+    async fn hook(req: HttpRequest, body: web::Bytes) -> HttpResponse {
+        if !signature_valid(header(&req, SIGNATURE_HEADER).as_deref(), &body) {
             return HttpResponse::Unauthorized().body("bad signature");
         }
         match req.match_info().get("mode").unwrap_or_default() {
@@ -1443,27 +1431,19 @@ mod tests {
                 .finish(),
             "down" => HttpResponse::ServiceUnavailable().finish(),
             "bad" => HttpResponse::UnprocessableEntity().finish(),
-            "slow" => {
-                actix_web::rt::time::sleep(Duration::from_secs(3)).await;
-                HttpResponse::Ok().finish()
-            }
             _ => HttpResponse::NotFound().finish(),
         }
     }
 
     impl Fake<FakeHook> {
         async fn start() -> Self {
-            FakeHttp::serve(FakeHook::default(), |cfg| {
+            Self(FakeHttp::start(FakeHook, |cfg| {
                 cfg.route("/{mode}/hook", web::post().to(hook));
-            })
+            }))
         }
 
         fn webhook(&self, mode: &str, secret: &[u8], timeout: Duration) -> SignedWebhook {
-            SignedWebhook::new(&format!("{}/{mode}/hook", self.url), secret, timeout).unwrap()
-        }
-
-        fn seen(&self) -> Vec<SeenHook> {
-            self.state.seen.lock().unwrap().clone()
+            SignedWebhook::new(&format!("{}/{mode}/hook", self.url()), secret, timeout).unwrap()
         }
     }
 
@@ -1476,14 +1456,14 @@ mod tests {
         let hook = fake.webhook("empty", HOOK_SECRET, Duration::from_secs(2));
         assert_eq!(hook.send(&msg).await.unwrap(), KEY);
 
-        let seen = fake.seen();
+        let seen = fake.requests();
         assert_eq!(seen.len(), 2);
         let req = &seen[0];
-        assert!(req.signature_valid);
-        assert_eq!(req.content_type.as_deref(), Some("application/json"));
-        assert_eq!(req.idempotency.as_deref(), Some(KEY));
+        assert!(signed(req));
+        assert_eq!(req.header("content-type"), Some("application/json"));
+        assert_eq!(req.header(IDEMPOTENCY_HEADER), Some(KEY));
         assert_eq!(
-            req.body,
+            serde_json::from_slice::<serde_json::Value>(&req.body).unwrap_or_default(),
             json!({
                 "incident_id": msg.incident_id,
                 "template": "unit_assigned",
@@ -1519,8 +1499,11 @@ mod tests {
                 reason: "webhook answered HTTP 422".to_owned()
             }
         );
+        // This answer is held for as long as the fake lives: only the client's own timeout
+        // can end the call.
+        fake.hold(1);
         assert_eq!(
-            err("slow", HOOK_SECRET).await,
+            err("ok", HOOK_SECRET).await,
             DeliveryError::Transient {
                 retry_after: None,
                 reason: "webhook timed out".to_owned()
@@ -1533,10 +1516,10 @@ mod tests {
                 reason: "webhook answered HTTP 401".to_owned()
             }
         );
-        let seen = fake.seen();
+        let seen = fake.requests();
         assert_eq!(seen.len(), 5);
-        assert!(seen[..4].iter().all(|s| s.signature_valid));
-        assert!(!seen[4].signature_valid);
+        assert!(seen[..4].iter().all(signed));
+        assert!(!signed(&seen[4]));
         fake.stop().await;
     }
 }

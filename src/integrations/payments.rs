@@ -913,7 +913,7 @@ mod tests {
 
     use super::*;
     use crate::domain::billing::{Step, idempotency_key};
-    use crate::integrations::fake_http::{FakeHttp, free_port, header, install_crypto};
+    use shers_test_support::{FakeHttp, free_port, header, install_crypto};
 
     const API_KEY: &str = "sk_test_4eC39HqLyjWDarjtT1zdp7dc";
     const INCIDENT: &str = "0190f1e2-aaaa-7bbb-8ccc-123456789abc";
@@ -1044,39 +1044,21 @@ mod tests {
 
     // ---- a real local fake Stripe ----------------------------------------------------------
 
-    /// One request as the fake saw it.
-    #[derive(Clone, Debug)]
-    struct Seen {
-        method: String,
-        path: String,
-        authorization: Option<String>,
-        idempotency_key: Option<String>,
-        content_type: Option<String>,
-        body: String,
-    }
-
-    /// What the fake saw, and Stripe's idempotency replay store.
+    /// Stripe's idempotency replay store (the fake's journal keeps the requests).
     #[derive(Default)]
     struct FakeStripe {
-        seen: Mutex<Vec<Seen>>,
         /// Idempotency key → the first answer (status, JSON).
         replays: Mutex<HashMap<String, (u16, Value)>>,
         /// Intents created (replays do not count).
         created: AtomicUsize,
     }
 
-    impl FakeStripe {
-        fn seen(&self) -> Vec<Seen> {
-            self.seen.lock().unwrap().clone()
-        }
-    }
-
     fn stripe_error(kind: &str, code: Option<&str>, message: &str) -> Value {
         json!({"error": {"type": kind, "code": code, "message": message}})
     }
 
-    /// Every route: records the request, then answers by the first path segment (`mode`), so
-    /// one server plays every scenario (the adapter's base URL is `http://addr/{mode}`).
+    /// Every route: answers by the first path segment (`mode`), so one server plays every
+    /// scenario (the adapter's base URL is `http://addr/{mode}`); the fake records the request.
     /// Executed POSTs are stored under their idempotency key and replayed like Stripe does.
     // Long on purpose: one fake server for every Stripe scenario, one arm per mode, so the
     // scenarios read side by side.
@@ -1088,14 +1070,6 @@ mod tests {
     ) -> HttpResponse {
         let body = String::from_utf8(body.to_vec()).unwrap();
         let key = header(&req, "idempotency-key");
-        fake.seen.lock().unwrap().push(Seen {
-            method: req.method().to_string(),
-            path: req.path().to_owned(),
-            authorization: header(&req, "authorization"),
-            idempotency_key: key.clone(),
-            content_type: header(&req, "content-type"),
-            body: body.clone(),
-        });
         // Each mode is its own Stripe account: keys are scoped to it.
         let mode = req.match_info().get("mode").unwrap_or_default().to_owned();
         let scoped_key = key.as_ref().map(|k| format!("{mode} {k}"));
@@ -1117,10 +1091,6 @@ mod tests {
                    "currency": "usd", "status": status})
         };
         let (status, json): (u16, Value) = match (mode.as_str(), op) {
-            ("slow", _) => {
-                actix_web::rt::time::sleep(Duration::from_secs(3)).await;
-                (200, new_intent("succeeded"))
-            }
             ("ratelimited", _) => {
                 return HttpResponse::TooManyRequests()
                     .insert_header(("Retry-After", "2"))
@@ -1229,11 +1199,20 @@ mod tests {
         HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap()).json(json)
     }
 
-    type Fake = FakeHttp<FakeStripe>;
+    /// The fake Stripe server, with the adapter built against it.
+    struct Fake(FakeHttp<FakeStripe>);
+
+    impl std::ops::Deref for Fake {
+        type Target = FakeHttp<FakeStripe>;
+
+        fn deref(&self) -> &Self::Target {
+            &self.0
+        }
+    }
 
     impl Fake {
         async fn start() -> Self {
-            FakeHttp::serve(FakeStripe::default(), |cfg| {
+            Self(FakeHttp::start(FakeStripe::default(), |cfg| {
                 cfg.route("/{mode}/v1/payment_intents", web::post().to(create))
                     .route(
                         "/{mode}/v1/payment_intents/{id}/cancel",
@@ -1241,12 +1220,16 @@ mod tests {
                     )
                     .route("/{mode}/v1/payment_intents/{id}", web::get().to(retrieve))
                     .route("/{mode}/v1/refunds", web::post().to(refund));
-            })
+            }))
+        }
+
+        async fn stop(self) {
+            self.0.stop().await;
         }
 
         fn client(&self, mode: &str) -> StripeClient {
             StripeClient::new(
-                &format!("{}/{mode}", self.url),
+                &format!("{}/{mode}", self.url()),
                 API_KEY,
                 Duration::from_secs(2),
             )
@@ -1302,31 +1285,31 @@ mod tests {
                 amount_cents: 44_880
             }
         );
-        let seen = fake.state.seen();
+        let seen = fake.requests();
         assert_eq!(seen.len(), 1);
         let req = &seen[0];
         assert_eq!(req.method, "POST");
         assert_eq!(req.path, "/ok/v1/payment_intents");
         assert_eq!(
-            req.authorization.as_deref(),
+            req.header("authorization"),
             Some(format!("Bearer {API_KEY}").as_str())
         );
         assert_eq!(
-            req.idempotency_key.as_deref(),
+            req.header("idempotency-key"),
             Some(format!("shers-{INCIDENT}-charge").as_str())
         );
         assert_eq!(
-            req.content_type.as_deref(),
+            req.header("content-type"),
             Some("application/x-www-form-urlencoded")
         );
         assert_eq!(
-            req.body,
+            req.text(),
             "amount=44880&currency=usd&customer=cus_123\
              &description=SHERS+incident+INC-2026-000042\
              &confirm=true&off_session=true&payment_method_types%5B%5D=card"
         );
         assert_eq!(
-            decode(&req.body),
+            decode(&req.text()),
             pairs(&[
                 ("amount", "44880"),
                 ("currency", "usd"),
@@ -1348,7 +1331,7 @@ mod tests {
         req.description.clear();
         client.create_and_confirm(req).await.unwrap();
         assert_eq!(
-            fake.state.seen()[0].body,
+            fake.requests()[0].text(),
             "amount=44880&currency=usd&confirm=true&off_session=true&payment_method_types%5B%5D=card"
         );
         let mut zero = charge("cus_1");
@@ -1381,7 +1364,7 @@ mod tests {
             client.refund("pi_1", 0, "k").await,
             Err(PaymentError::Malformed(_))
         ));
-        assert_eq!(fake.state.seen().len(), 1);
+        assert_eq!(fake.requests().len(), 1);
         fake.stop().await;
     }
 
@@ -1479,14 +1462,15 @@ mod tests {
     #[actix_web::test]
     async fn timeout_is_transient() {
         let fake = Fake::start().await;
+        // Every answer is held for as long as the fake lives: only the client's own timeout
+        // can end the call, so no clock is raced and a busy machine cannot fail it.
+        fake.hold(usize::MAX);
         let client = StripeClient::new(
-            &format!("{}/slow", fake.url),
+            &format!("{}/ok", fake.url()),
             API_KEY,
             Duration::from_millis(200),
         )
         .unwrap();
-        // A timeout (not the fake's late answer) proves the client gave up first; no clock
-        // is read, so a busy machine cannot fail it.
         let e = client
             .create_and_confirm(charge("cus_123"))
             .await
@@ -1526,10 +1510,13 @@ mod tests {
         let first = client.create_and_confirm(charge("cus_123")).await.unwrap();
         let again = client.create_and_confirm(charge("cus_123")).await.unwrap();
         assert_eq!(first, again);
-        assert_eq!(fake.state.created.load(Ordering::SeqCst), 1);
-        let seen = fake.state.seen();
+        assert_eq!(fake.state().created.load(Ordering::SeqCst), 1);
+        let seen = fake.requests();
         assert_eq!(seen.len(), 2);
-        assert_eq!(seen[0].idempotency_key, seen[1].idempotency_key);
+        assert_eq!(
+            seen[0].header("idempotency-key"),
+            seen[1].header("idempotency-key")
+        );
         assert_eq!(seen[0].body, seen[1].body);
         // A declined charge replays its decline too.
         let declined = fake.client("declined");
@@ -1538,7 +1525,7 @@ mod tests {
         let e1 = declined.create_and_confirm(req.clone()).await.unwrap_err();
         let e2 = declined.create_and_confirm(req).await.unwrap_err();
         assert_eq!(e1, e2);
-        assert_eq!(fake.state.created.load(Ordering::SeqCst), 2);
+        assert_eq!(fake.state().created.load(Ordering::SeqCst), 2);
         // Another key is another intent.
         let mut other = charge("cus_123");
         other.idempotency_key = idempotency_key("third-incident", Step::Charge);
@@ -1568,34 +1555,28 @@ mod tests {
         let read = client.retrieve("pi_fake_9").await.unwrap();
         assert_eq!(read.status, PaymentIntentStatus::Processing);
 
-        let seen = fake.state.seen();
+        let seen = fake.requests();
         assert_eq!(seen.len(), 3);
         assert_eq!(
             (seen[0].method.as_str(), seen[0].path.as_str()),
             ("POST", "/ok/v1/payment_intents/pi_fake_7/cancel")
         );
-        assert_eq!(
-            seen[0].idempotency_key.as_deref(),
-            Some(cancel_key.as_str())
-        );
-        assert_eq!(seen[0].body, "");
+        assert_eq!(seen[0].header("idempotency-key"), Some(cancel_key.as_str()));
+        assert_eq!(seen[0].text(), "");
         assert_eq!(
             (seen[1].method.as_str(), seen[1].path.as_str()),
             ("POST", "/ok/v1/refunds")
         );
-        assert_eq!(
-            seen[1].idempotency_key.as_deref(),
-            Some(refund_key.as_str())
-        );
-        assert_eq!(seen[1].body, "payment_intent=pi_fake_8&amount=44880");
+        assert_eq!(seen[1].header("idempotency-key"), Some(refund_key.as_str()));
+        assert_eq!(seen[1].text(), "payment_intent=pi_fake_8&amount=44880");
         assert_eq!(
             (seen[2].method.as_str(), seen[2].path.as_str()),
             ("GET", "/ok/v1/payment_intents/pi_fake_9")
         );
-        assert_eq!(seen[2].idempotency_key, None);
+        assert_eq!(seen[2].header("idempotency-key"), None);
         for req in &seen {
             assert_eq!(
-                req.authorization.as_deref(),
+                req.header("authorization"),
                 Some(format!("Bearer {API_KEY}").as_str())
             );
         }

@@ -511,7 +511,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::integrations::fake_http::{FakeHttp, free_port, install_crypto};
+    use shers_test_support::{FakeHttp, Recorded, free_port, install_crypto};
 
     /// Unit positions (Berlin) and the scene; the adapter sends them as lon,lat.
     const SOURCES: [LatLng; 3] = [
@@ -654,32 +654,16 @@ mod tests {
 
     // ---- a real local fake OSRM -----------------------------------------------------------
 
-    /// What the fake saw and how it behaves.
+    /// How the fake behaves (its journal keeps the requests).
     #[derive(Default)]
     struct FakeOsrm {
-        /// `path?query` of every request, in order.
-        requests: Mutex<Vec<String>>,
         /// For mode `flaky`: answer 200 when true, 500 when false.
         healthy: AtomicBool,
-    }
-
-    impl FakeOsrm {
-        fn requests(&self) -> Vec<String> {
-            self.requests.lock().unwrap().clone()
-        }
-
-        fn count(&self) -> usize {
-            self.requests.lock().unwrap().len()
-        }
     }
 
     /// `/{mode}/table/v1/driving/{coords}`: the first path segment picks the behaviour, so
     /// one server plays every scenario (the adapter's base URL is `http://addr/{mode}`).
     async fn table(req: HttpRequest, fake: web::Data<FakeOsrm>) -> HttpResponse {
-        fake.requests
-            .lock()
-            .unwrap()
-            .push(format!("{}?{}", req.path(), req.query_string()));
         let ok = |durations: serde_json::Value| {
             HttpResponse::Ok().json(json!({"code": "Ok", "durations": durations}))
         };
@@ -687,10 +671,6 @@ mod tests {
             "ok" => ok(json!([[254.3], [0.0], [100.0]])),
             "nulls" => ok(json!([[null], [61.2], [null]])),
             "one" => ok(json!([[42.0]])),
-            "slow" => {
-                actix_web::rt::time::sleep(Duration::from_secs(3)).await;
-                ok(json!([[1.0]]))
-            }
             "down" => HttpResponse::InternalServerError().body("internal error"),
             "noroute" => HttpResponse::Ok().json(json!({
                 "code": "NoRoute", "message": "Impossible route between points"
@@ -708,17 +688,30 @@ mod tests {
         }
     }
 
-    type Fake = FakeHttp<FakeOsrm>;
+    /// The fake OSRM server, with the adapter built against it.
+    struct Fake(FakeHttp<FakeOsrm>);
+
+    impl std::ops::Deref for Fake {
+        type Target = FakeHttp<FakeOsrm>;
+
+        fn deref(&self) -> &Self::Target {
+            &self.0
+        }
+    }
 
     impl Fake {
         async fn start() -> Self {
-            FakeHttp::serve(FakeOsrm::default(), |cfg| {
+            Self(FakeHttp::start(FakeOsrm::default(), |cfg| {
                 cfg.route("/{mode}/table/v1/driving/{coords}", web::get().to(table));
-            })
+            }))
+        }
+
+        async fn stop(self) {
+            self.0.stop().await;
         }
 
         fn base(&self, mode: &str) -> String {
-            format!("{}/{mode}", self.url)
+            format!("{}/{mode}", self.url())
         }
 
         fn osrm(&self, mode: &str) -> OsrmRouting {
@@ -745,7 +738,10 @@ mod tests {
         let etas = osrm.durations(&SOURCES, &SCENE).await.unwrap();
         assert_eq!(etas, [Some(255), Some(0), Some(100)]);
         assert_eq!(
-            fake.state.requests(),
+            fake.requests()
+                .iter()
+                .map(Recorded::path_and_query)
+                .collect::<Vec<_>>(),
             [
                 "/ok/table/v1/driving/13.388860,52.517037;13.397634,52.529407;\
               13.428555,52.523219;13.400000,52.520000\
@@ -754,7 +750,7 @@ mod tests {
         );
         // No sources, no request.
         assert_eq!(osrm.durations(&[], &SCENE).await.unwrap(), []);
-        assert_eq!(fake.state.count(), 1);
+        assert_eq!(fake.count(), 1);
         fake.stop().await;
     }
 
@@ -793,9 +789,11 @@ mod tests {
     #[actix_web::test]
     async fn timeout_is_an_error_and_trips_the_breaker() {
         let fake = Fake::start().await;
-        let osrm = OsrmRouting::new(&fake.base("slow"), Duration::from_millis(200)).unwrap();
+        // Every answer is held for as long as the fake lives: only the client's own timeout
+        // can end a call.
+        fake.hold(usize::MAX);
+        let osrm = OsrmRouting::new(&fake.base("ok"), Duration::from_millis(200)).unwrap();
         for _ in 0..3 {
-            // A timeout (not the fake's late answer) proves the client gave up first.
             let e = osrm.durations(&SOURCES, &SCENE).await.unwrap_err();
             assert!(matches!(e, RoutingError::Timeout), "{e:?}");
         }
@@ -803,7 +801,7 @@ mod tests {
             osrm.durations(&SOURCES, &SCENE).await,
             Err(RoutingError::CircuitOpen)
         ));
-        assert_eq!(fake.state.count(), 3);
+        assert_eq!(fake.count(), 3);
         fake.stop().await;
     }
 
@@ -846,13 +844,13 @@ mod tests {
             osrm.durations(&one, &SCENE).await,
             Err(RoutingError::CircuitOpen)
         ));
-        assert_eq!(fake.state.count(), 3);
+        assert_eq!(fake.count(), 3);
         advance(&now, Duration::from_secs(29));
         assert!(matches!(
             osrm.durations(&one, &SCENE).await,
             Err(RoutingError::CircuitOpen)
         ));
-        assert_eq!(fake.state.count(), 3);
+        assert_eq!(fake.count(), 3);
 
         // Half-open, router still down: the one trial goes out, fails, the breaker re-opens.
         advance(&now, Duration::from_secs(1));
@@ -860,20 +858,20 @@ mod tests {
             osrm.durations(&one, &SCENE).await,
             Err(RoutingError::Status(500))
         ));
-        assert_eq!(fake.state.count(), 4);
+        assert_eq!(fake.count(), 4);
         assert!(matches!(
             osrm.durations(&one, &SCENE).await,
             Err(RoutingError::CircuitOpen)
         ));
-        assert_eq!(fake.state.count(), 4);
+        assert_eq!(fake.count(), 4);
 
         // Half-open, router back: the trial succeeds and closes the breaker.
-        fake.state.healthy.store(true, Ordering::SeqCst);
+        fake.state().healthy.store(true, Ordering::SeqCst);
         advance(&now, Duration::from_secs(30));
         assert_eq!(osrm.durations(&one, &SCENE).await.unwrap(), [Some(42)]);
         assert!(!osrm.breaker().is_open());
         assert_eq!(osrm.durations(&one, &SCENE).await.unwrap(), [Some(42)]);
-        assert_eq!(fake.state.count(), 6);
+        assert_eq!(fake.count(), 6);
         fake.stop().await;
     }
 
@@ -887,7 +885,7 @@ mod tests {
                 Err(RoutingError::Osrm { .. })
             ));
         }
-        assert_eq!(fake.state.count(), 5);
+        assert_eq!(fake.count(), 5);
         assert!(!osrm.breaker().is_open());
         fake.stop().await;
     }
@@ -926,7 +924,7 @@ mod tests {
             );
         }
         // Three failures opened the breaker; the last two never reached the fake.
-        assert_eq!(fake.state.count(), 3);
+        assert_eq!(fake.count(), 3);
 
         let routing = RoutingWithFallback::new(None);
         assert!(!routing.has_primary());

@@ -6,9 +6,10 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use shers::domain::auth::Role;
 use shers::persistence::{Backend, tokens};
+use shers_test_support::FakeHttp;
 
 use crate::both_backends;
-use crate::helpers::{FakeServer, TestApp, TestDb, api};
+use crate::helpers::{TestApp, TestDb, api};
 
 both_backends!(
     partial_coverage_is_charged_and_closes,
@@ -142,7 +143,9 @@ async fn declined_charge_is_compensated(backend: Backend) {
 }
 
 /// A Stripe-compatible fake that replays by `Idempotency-Key` (as Stripe does) and can hold its
-/// first answer long enough for the test to kill SHERS mid-charge.
+/// first answer long enough for the test to kill SHERS mid-charge. The cluster tests drive it
+/// too, through these fields (`requests`, `hold_first`, `intents`), so they stay as they are
+/// rather than moving to the fake's own journal and [`FakeHttp::hold`].
 pub(crate) mod fake_stripe {
     use std::collections::HashMap;
     use std::sync::Mutex;
@@ -151,7 +154,7 @@ pub(crate) mod fake_stripe {
     use actix_web::{HttpRequest, HttpResponse, web};
     use serde_json::json;
 
-    use crate::helpers::FakeServer;
+    use shers_test_support::FakeHttp;
 
     #[derive(Default)]
     pub struct Stripe {
@@ -184,8 +187,8 @@ pub(crate) mod fake_stripe {
             .json(json!({"id": id, "object": "payment_intent", "status": "succeeded", "amount": 1}))
     }
 
-    pub fn start(state: Stripe) -> FakeServer<Stripe> {
-        FakeServer::start(state, |cfg| {
+    pub fn start(state: Stripe) -> FakeHttp<Stripe> {
+        FakeHttp::start(state, |cfg| {
             cfg.route("/v1/payment_intents", web::post().to(payment_intent));
         })
     }
@@ -295,24 +298,23 @@ async fn full_coverage_charges_nothing_and_every_message_is_queued(backend: Back
 #[actix_web::test]
 async fn an_insurer_outage_is_retried_until_it_answers() {
     use actix_web::{HttpResponse, web};
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use shers_test_support::Nth;
     // A separate insurance service that is down (503) for its first two calls.
-    async fn verify(calls: web::Data<AtomicUsize>, body: web::Json<Value>) -> HttpResponse {
-        if calls.fetch_add(1, Ordering::SeqCst) < 2 {
+    async fn verify(Nth(n): Nth, body: web::Json<Value>) -> HttpResponse {
+        if n < 2 {
             return HttpResponse::ServiceUnavailable().finish();
         }
         let amount = body["amount_cents"].as_i64().unwrap_or(0);
         HttpResponse::Ok().json(json!({"verified": true, "coverage_status": "fully_covered",
             "covered_cents": amount, "patient_due_cents": 0, "claim_id": "clm_ext"}))
     }
-    let insurer = FakeServer::start(AtomicUsize::new(0), |cfg| {
+    let insurer = FakeHttp::start((), |cfg| {
         cfg.route(api::INSURANCE_VERIFY, web::post().to(verify));
     });
-    let calls = insurer.state();
     let app = TestApp::builder(Backend::Sqlite)
         .with_settings(|s| {
             s.payments.provider = shers::config::PaymentProvider::Sandbox;
-            s.insurance.base_url = Some(insurer.url());
+            s.insurance.base_url = Some(insurer.url().to_owned());
             s.insurance.api_token = Some(shers::config::Secret::new("external-token".into()));
         })
         .start()
@@ -325,7 +327,7 @@ async fn an_insurer_outage_is_retried_until_it_answers() {
         incident["invoice"]["amount_cents"]
     );
     assert_eq!(
-        calls.load(Ordering::SeqCst),
+        insurer.count_where(|r| r.path == api::INSURANCE_VERIFY),
         3,
         "two failures, then verified"
     );
@@ -350,7 +352,7 @@ async fn the_same_billing_command_twice_charges_once(backend: Backend) {
     let app = TestApp::builder(backend)
         .with_settings(|s| {
             s.payments.provider = shers::config::PaymentProvider::Stripe;
-            s.payments.base_url = fake.url();
+            s.payments.base_url = fake.url().to_owned();
             s.payments.api_key = Some(shers::config::Secret::new("sk_test_fake".into()));
         })
         .start()
@@ -394,29 +396,20 @@ both_backends!(a_processing_payment_is_read_again_not_created_again);
 /// until it settles. Creating it again with the same idempotency key would get Stripe's
 /// replay of the first answer, `processing`, for ever.
 async fn a_processing_payment_is_read_again_not_created_again(backend: Backend) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
     use actix_web::{HttpRequest, HttpResponse, web};
 
-    #[derive(Default)]
-    struct Provider {
-        creates: AtomicUsize,
-        reads: AtomicUsize,
-    }
-    async fn create(state: web::Data<Provider>) -> HttpResponse {
-        state.creates.fetch_add(1, Ordering::SeqCst);
+    async fn create() -> HttpResponse {
         // Every create (a replay included) answers what the first one did.
         HttpResponse::Ok().json(
             json!({"id": "pi_slow", "object": "payment_intent", "status": "processing", "amount": 1}),
         )
     }
-    async fn read(state: web::Data<Provider>, req: HttpRequest) -> HttpResponse {
-        state.reads.fetch_add(1, Ordering::SeqCst);
+    async fn read(req: HttpRequest) -> HttpResponse {
         let id = req.match_info().get("id").unwrap_or_default().to_owned();
         HttpResponse::Ok()
             .json(json!({"id": id, "object": "payment_intent", "status": "succeeded", "amount": 1}))
     }
-    let fake = FakeServer::start(Provider::default(), |cfg| {
+    let fake = FakeHttp::start((), |cfg| {
         cfg.route("/v1/payment_intents", web::post().to(create))
             .route("/v1/payment_intents/{id}", web::get().to(read));
     });
@@ -436,9 +429,15 @@ async fn a_processing_payment_is_read_again_not_created_again(backend: Backend) 
         "{:#}",
         incident["invoice"]
     );
-    let provider = fake.state();
-    assert_eq!(provider.creates.load(Ordering::SeqCst), 1, "created once");
-    assert!(provider.reads.load(Ordering::SeqCst) >= 1, "read again");
+    let creates = fake.count_where(|r| r.method == "POST" && r.path == "/v1/payment_intents");
+    let reads = fake.count_where(|r| {
+        r.method == "GET"
+            && r.path
+                .strip_prefix("/v1/payment_intents/")
+                .is_some_and(|id| !id.is_empty() && !id.contains('/'))
+    });
+    assert_eq!(creates, 1, "created once");
+    assert!(reads >= 1, "read again");
 }
 
 both_backends!(billings_own_credential_is_good_for_its_insurance_calls_only);
@@ -448,29 +447,16 @@ both_backends!(billings_own_credential_is_good_for_its_insurance_calls_only);
 /// public route takes it), it works for billing's insurance calls on that same server, and it
 /// dies with the process.
 async fn billings_own_credential_is_good_for_its_insurance_calls_only(backend: Backend) {
-    use actix_web::{HttpRequest, HttpResponse, web};
-    use std::sync::Mutex;
-    async fn verify(
-        seen: web::Data<Mutex<Vec<String>>>,
-        req: HttpRequest,
-        body: web::Json<Value>,
-    ) -> HttpResponse {
-        if let Some(credential) = req
-            .headers()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-        {
-            seen.lock().unwrap().push(credential.to_owned());
-        }
+    use actix_web::{HttpResponse, web};
+    async fn verify(body: web::Json<Value>) -> HttpResponse {
         let amount = body["amount_cents"].as_i64().unwrap_or(0);
         HttpResponse::Ok().json(json!({"verified": true, "coverage_status": "fully_covered",
             "covered_cents": amount, "patient_due_cents": 0, "claim_id": "clm_fake"}))
     }
-    let insurer = FakeServer::start(Mutex::new(Vec::<String>::new()), |cfg| {
+    let insurer = FakeHttp::start((), |cfg| {
         cfg.route(api::INSURANCE_VERIFY, web::post().to(verify));
     });
-    let url = insurer.url();
+    let url = insurer.url().to_owned();
     let settings = move |s: &mut shers::config::Settings| {
         s.payments.provider = shers::config::PaymentProvider::Sandbox;
         s.insurance.base_url = Some(url.clone());
@@ -481,7 +467,16 @@ async fn billings_own_credential_is_good_for_its_insurance_calls_only(backend: B
         .await;
     let id = run_to_hospital(&app, "pc-1", "M-1", 0).await;
     app.wait_incident(&id, |i| i["status"] == "closed").await;
-    let credential = insurer.state().lock().unwrap()[0].clone();
+    let credential = insurer
+        .requests()
+        .iter()
+        .filter(|r| r.path == api::INSURANCE_VERIFY)
+        .find_map(|r| {
+            r.header("authorization")?
+                .strip_prefix("Bearer ")
+                .map(str::to_owned)
+        })
+        .unwrap();
     let client = reqwest::Client::new();
     let send = async |method: reqwest::Method, path: &str, body: &Value| {
         client

@@ -25,9 +25,10 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use shers::domain::auth::Role;
 use shers::persistence::{Backend, tokens};
+use shers_test_support::FakeHttp;
 
 use crate::both_backends;
-use crate::helpers::{FakeServer, TestDb, api};
+use crate::helpers::{TestDb, api};
 
 /// What the fake payment provider does with a charge.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -121,8 +122,8 @@ async fn refund(state: web::Data<Stripe>) -> HttpResponse {
     HttpResponse::Ok().json(json!({"id": "re_crash", "object": "refund", "status": "succeeded"}))
 }
 
-fn fake_stripe(charge: Charge) -> FakeServer<Stripe> {
-    FakeServer::start(Stripe::new(charge), |cfg| {
+fn fake_stripe(charge: Charge) -> FakeHttp<Stripe> {
+    FakeHttp::start(Stripe::new(charge), |cfg| {
         cfg.route("/v1/payment_intents", web::post().to(create))
             .route("/v1/payment_intents/{id}/cancel", web::post().to(cancel))
             .route("/v1/refunds", web::post().to(refund));

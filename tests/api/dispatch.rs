@@ -9,9 +9,10 @@ use serde_json::{Value, json};
 use shers::actors::incident::{LookupIncident, RoundExpired};
 use shers::domain::auth::Role;
 use shers::persistence::Backend;
+use shers_test_support::FakeHttp;
 
 use crate::both_backends;
-use crate::helpers::{FakeServer, TestApp, api};
+use crate::helpers::{TestApp, api};
 
 both_backends!(
     offers_go_to_the_nearest_and_the_first_accept_wins,
@@ -712,14 +713,14 @@ async fn routed_etas_beat_straight_line_and_fall_back_when_routing_is_down() {
             .collect();
         HttpResponse::Ok().json(json!({"code": "Ok", "durations": durations}))
     }
-    let osrm = FakeServer::start(AtomicBool::new(true), |cfg| {
+    let osrm = FakeHttp::start(AtomicBool::new(true), |cfg| {
         cfg.route("/table/v1/driving/{coords}", web::get().to(table));
     });
     let up = osrm.state();
 
     let app = TestApp::builder(Backend::Sqlite)
         .with_settings(|s| {
-            s.routing.base_url = Some(osrm.url());
+            s.routing.base_url = Some(osrm.url().to_owned());
             // The fake answers at once (500 when down): no call waits for this, and a busy
             // machine never turns a routed ETA into a timeout.
             s.routing.timeout_ms = 60_000;

@@ -1,8 +1,8 @@
 //! Test harness: [`TestDb`] (a fresh self-cleaning database per test), [`TestApp`] (the real
 //! application on port 0 with typed request helpers), [`api`] (every path the tests call,
-//! written once), [`FakeServer`] (a local fake of an outside HTTP service), a TCP proxy that
-//! can cut PostgreSQL, and the [`both_backends!`] macro that runs a test on SQLite and on
-//! PostgreSQL.
+//! written once), a TCP proxy that can cut PostgreSQL, and the [`both_backends!`] macro that
+//! runs a test on SQLite and on PostgreSQL. A fake of an outside HTTP service (OSRM, Stripe, an
+//! insurer, Twilio) is `shers_test_support::FakeHttp`, the one the unit tests use too.
 
 use std::collections::HashMap;
 use std::fmt::Display;
@@ -11,7 +11,6 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use actix_web::dev::ServerHandle;
-use actix_web::{App, HttpServer, web};
 use chrono::Utc;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl as _};
 use serde_json::{Value, json};
@@ -816,71 +815,6 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         let handle = self.handle.clone();
         actix_web::rt::spawn(async move { handle.stop(false).await });
-    }
-}
-
-/// A fake of an outside HTTP service (OSRM, Stripe, an insurer, Twilio): an actix-web server
-/// with one worker on a free loopback port, its state shared with the handlers as
-/// `web::Data<S>` and readable by the test through [`FakeServer::state`]. The server stops
-/// when the value is dropped, so a fake never outlives its test (nor a panicking one).
-///
-/// (`shers::integrations::fake_http` is the same idea for the unit tests, but it is
-/// `#[cfg(test)]` in the library and not visible from here.)
-pub struct FakeServer<S: 'static> {
-    port: u16,
-    state: web::Data<S>,
-    handle: ServerHandle,
-}
-
-impl<S: Send + Sync + 'static> FakeServer<S> {
-    /// Starts the fake on `127.0.0.1:0` with `state` and the routes `routes` adds. Call it
-    /// inside an actix runtime (`#[actix_web::test]`): the server runs as a task of it.
-    pub fn start<F>(state: S, routes: F) -> Self
-    where
-        F: FnOnce(&mut web::ServiceConfig) + Clone + Send + 'static,
-    {
-        let state = web::Data::new(state);
-        let data = state.clone();
-        let server =
-            HttpServer::new(move || App::new().app_data(data.clone()).configure(routes.clone()))
-                .workers(1)
-                .disable_signals()
-                .shutdown_timeout(0)
-                .bind(("127.0.0.1", 0))
-                .unwrap();
-        let port = server.addrs()[0].port();
-        let server = server.run();
-        let handle = server.handle();
-        actix_web::rt::spawn(server);
-        Self {
-            port,
-            state,
-            handle,
-        }
-    }
-}
-
-impl<S: 'static> FakeServer<S> {
-    pub fn port(&self) -> u16 {
-        self.port
-    }
-
-    /// `http://127.0.0.1:{port}`, without a trailing slash: the base URL to configure.
-    pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port())
-    }
-
-    /// The state the handlers see as `web::Data<S>`.
-    pub fn state(&self) -> &S {
-        &self.state
-    }
-}
-
-impl<S: 'static> Drop for FakeServer<S> {
-    fn drop(&mut self) {
-        // `stop` sends the command at once; the future it returns only waits for the server
-        // to finish, which a synchronous drop cannot do.
-        drop(self.handle.stop(false));
     }
 }
 

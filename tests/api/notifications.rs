@@ -2,46 +2,24 @@
 //! fake Twilio, honours `Retry-After`, records the outcome on the incident, and never drops an
 //! alert whose reading had no vital signs.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
-
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpResponse, web};
 use chrono::{Duration, SecondsFormat, Utc};
 use serde_json::{Value, json};
 use shers::domain::auth::Role;
 use shers::persistence::Backend;
+use shers_test_support::{FakeHttp, Nth};
 
 use crate::both_backends;
-use crate::helpers::{FakeServer, TestApp};
+use crate::helpers::TestApp;
 
 both_backends!(next_of_kin_get_an_sms_even_without_vitals);
 
-#[derive(Default)]
+/// How the fake Twilio answers (its journal keeps the requests).
 struct Fake {
     fail_first_with_429: bool,
-    calls: AtomicUsize,
-    bodies: Mutex<Vec<String>>,
-    auth: Mutex<Vec<String>>,
-    keys: Mutex<Vec<String>>,
 }
 
-async fn send_message(fake: web::Data<Fake>, req: HttpRequest, body: String) -> HttpResponse {
-    let n = fake.calls.fetch_add(1, Ordering::SeqCst);
-    fake.bodies.lock().unwrap().push(body);
-    let auth = req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    fake.auth.lock().unwrap().push(auth);
-    let key = req
-        .headers()
-        .get("i-twilio-idempotency-token")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
-    fake.keys.lock().unwrap().push(key);
+async fn send_message(fake: web::Data<Fake>, Nth(n): Nth) -> HttpResponse {
     if fake.fail_first_with_429 && n == 0 {
         return HttpResponse::TooManyRequests()
             .insert_header(("Retry-After", "1"))
@@ -50,25 +28,25 @@ async fn send_message(fake: web::Data<Fake>, req: HttpRequest, body: String) -> 
     HttpResponse::Created().json(json!({"sid": format!("SM{n:032}"), "status": "queued"}))
 }
 
-fn fake_twilio(fail_first_with_429: bool) -> FakeServer<Fake> {
-    let fake = Fake {
-        fail_first_with_429,
-        ..Fake::default()
-    };
-    FakeServer::start(fake, |cfg| {
-        cfg.route(
-            "/2010-04-01/Accounts/{sid}/Messages.json",
-            web::post().to(send_message),
-        );
-    })
+fn fake_twilio(fail_first_with_429: bool) -> FakeHttp<Fake> {
+    FakeHttp::start(
+        Fake {
+            fail_first_with_429,
+        },
+        |cfg| {
+            cfg.route(
+                "/2010-04-01/Accounts/{sid}/Messages.json",
+                web::post().to(send_message),
+            );
+        },
+    )
 }
 
 async fn next_of_kin_get_an_sms_even_without_vitals(backend: Backend) {
     let twilio = fake_twilio(true);
-    let fake = twilio.state();
     let app = TestApp::builder(backend)
         .with_settings(|s| {
-            s.notify.sms_base_url = Some(twilio.url());
+            s.notify.sms_base_url = Some(twilio.url().to_owned());
             s.notify.sms_account_sid = Some("AC123".into());
             s.notify.sms_auth_token = Some(shers::config::Secret::new("tok".into()));
             s.notify.sms_from = Some("+15550000000".into());
@@ -102,18 +80,27 @@ async fn next_of_kin_get_an_sms_even_without_vitals(backend: Backend) {
     let note = &detail["notifications"][0];
     assert_eq!(note["status"], "sent", "{detail}");
     assert_eq!(note["attempts"], 2, "one 429, then delivered");
-    assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
-    let sent_body = fake.bodies.lock().unwrap()[1].clone();
+    assert_eq!(twilio.count(), 2);
+    let sent = twilio.requests();
+    let sent_body = sent[1].text();
     assert!(sent_body.contains("To=%2B447700900123"), "{sent_body}");
     assert!(sent_body.contains("From=%2B15550000000"), "{sent_body}");
     assert!(
         sent_body.contains("INC-"),
         "the message names the incident reference: {sent_body}"
     );
-    assert!(fake.auth.lock().unwrap()[0].starts_with("Basic "));
+    assert!(
+        sent[0]
+            .header("authorization")
+            .unwrap_or("")
+            .starts_with("Basic ")
+    );
     // The idempotency key is the same on the retry, and a hash: it is logged and sent in a
     // header, so it must not carry the next of kin's phone number.
-    let keys = fake.keys.lock().unwrap().clone();
+    let keys: Vec<&str> = sent
+        .iter()
+        .map(|r| r.header("i-twilio-idempotency-token").unwrap_or(""))
+        .collect();
     assert_eq!(keys[0], keys[1]);
     assert!(keys[0].starts_with("incident_created-"), "{keys:?}");
     assert!(!keys[0].contains("7700900123"), "{keys:?}");
