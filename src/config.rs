@@ -173,10 +173,10 @@ pub struct DatabaseSettings {
     pub url: Secret<String>,
     /// Maximum pooled connections (PostgreSQL; SQLite uses at most 4 because it has one writer).
     pub pool_size: usize,
-    /// How long a request waits for a pooled connection or a new connection, in milliseconds,
-    /// before it is answered 503 (busy: every connection stayed in use; unavailable: none
-    /// could be opened). On SQLite the wait for a pooled connection is at least its 10 s busy
-    /// timeout: a local file is never unreachable, so waiting there is only ever contention.
+    /// How long opening a database connection may take, in milliseconds, before the request
+    /// is answered 503 (unavailable). A request that finds every pooled connection in use
+    /// waits for one longer, at least 10 s (then 503, busy): that is contention, waited out,
+    /// while an unreachable database fails the opening within this time.
     pub timeout_ms: u64,
 }
 

@@ -323,9 +323,15 @@ const SQLITE_PRAGMAS: &str = "PRAGMA busy_timeout = 10000; PRAGMA journal_mode =
      PRAGMA foreign_keys = ON; PRAGMA synchronous = FULL;";
 
 /// SQLite's `busy_timeout` (in [`SQLITE_PRAGMAS`]). A request waits at least this long for a
-/// pooled SQLite connection too: a local file is never unreachable, so the only reason to wait
-/// is contention (a busy machine, a burst of requests), which is waited out, not answered 503.
+/// pooled connection too, on either database ([`POOL_WAIT_MIN`]).
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The least a request waits for a pooled connection when every one is in use. Every
+/// connection being in use is contention (a busy machine, a burst of requests), not an outage:
+/// an unreachable database fails the connection's opening, bounded by `database.timeout_ms`,
+/// not this wait. Contention is waited out, not answered 503; on SQLite it matches the busy
+/// timeout that the write lock is waited for anyway.
+const POOL_WAIT_MIN: Duration = SQLITE_BUSY_TIMEOUT;
 
 /// Parses `sqlite://path` into the file path (`sqlite:///abs` → `/abs`).
 pub fn sqlite_path(url: &str) -> Option<&str> {
@@ -442,7 +448,7 @@ impl Db {
                     settings.pool_size.clamp(1, 4)
                 })
                 .runtime(deadpool::Runtime::Tokio1)
-                .wait_timeout(Some(timeout.max(SQLITE_BUSY_TIMEOUT)))
+                .wait_timeout(Some(timeout.max(POOL_WAIT_MIN)))
                 .create_timeout(Some(timeout))
                 .recycle_timeout(Some(timeout))
                 .build()
@@ -463,7 +469,7 @@ impl Db {
             let pool = Pool::builder(manager)
                 .max_size(if writer { 1 } else { settings.pool_size.max(1) })
                 .runtime(deadpool::Runtime::Tokio1)
-                .wait_timeout(Some(timeout))
+                .wait_timeout(Some(timeout.max(POOL_WAIT_MIN)))
                 .create_timeout(Some(timeout))
                 .recycle_timeout(Some(timeout))
                 .build()
