@@ -13,6 +13,9 @@
 //! - [`sim`]: the demo city and the load generator, which use only the public API.
 //! - [`fault`]: named crash points for recovery drills (imports nothing of the crate).
 //! - [`app`]: the composition root; [`config`]: layered settings; [`cli`]: the command line.
+//! - [`cluster`]: one node of several sharing PostgreSQL and Redis: the front, the lease
+//!   thread, the device shards and the node-to-node endpoints. It sits above [`app`], which it
+//!   builds as the dispatch shard's application; nothing below it imports it.
 
 pub mod actors;
 pub mod app;

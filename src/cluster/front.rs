@@ -189,7 +189,7 @@ async fn events_stream(
 }
 
 /// A node's internal server while it does not hold the dispatch shard: the routes of the
-/// device shards it serves (`http::internal::node_routes`), for the other nodes only. Anything
+/// device shards it serves (`cluster::internal::node_routes`), for the other nodes only. Anything
 /// else is dispatch work sent here by a node whose view of the owners is out of date (this node
 /// just lost or was restarted out of the dispatch shard, or has not taken it yet): answered 503
 /// with `Retry-After`, never 404, so no client takes it as final.

@@ -107,7 +107,7 @@ pub async fn stream(
 }
 
 /// The SSE stream of `req` from `broadcaster`'s tail of `db`, ending when `closing` turns
-/// true. A cluster node's front serves it from its own tail (`http::front`).
+/// true. A cluster node's front serves it from its own tail (`cluster::front`).
 pub async fn sse(
     db: &Db,
     broadcaster: &Addr<Broadcaster>,
