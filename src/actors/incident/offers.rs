@@ -89,6 +89,8 @@ pub struct AcceptOffer {
     pub offer_id: OfferId,
     /// The crew's unit.
     pub unit_id: UnitId,
+    /// The unit's actor, when the caller already has it: the fleet is not asked again.
+    pub unit: Option<Addr<crate::actors::unit::AmbulanceActor>>,
 }
 
 /// A crew declines its offer.
@@ -627,6 +629,7 @@ impl Handler<AcceptOffer> for IncidentActor {
             Err(_) => return ready(Ok(OfferOutcome::Taken)),
         };
         let fleet = self.deps.fleet.clone();
+        let known = msg.unit.clone();
         let (id, offer_id, unit_id) = (self.id, msg.offer_id, msg.unit_id.clone());
         let mut closing: Vec<(OfferId, UnitId, &'static str, String)> =
             vec![(offer_id, unit_id.clone(), "accepted", "accepted".to_owned())];
@@ -639,13 +642,16 @@ impl Handler<AcceptOffer> for IncidentActor {
         let persist = self.commit(next.clone(), events, Vec::new(), closing, now);
         // The unit must still hold the offer (it is the arbiter of its own commitments).
         let work = async move {
-            let fleet = fleet.ok_or(IncidentError::NotFound)?;
-            let addr = fleet
-                .send(UnitAddr(unit_id))
-                .await
-                .ok()
-                .flatten()
-                .ok_or(IncidentError::NotFound)?;
+            let addr = match known.filter(Addr::connected) {
+                Some(addr) => addr,
+                None => fleet
+                    .ok_or(IncidentError::NotFound)?
+                    .send(UnitAddr(unit_id))
+                    .await
+                    .ok()
+                    .flatten()
+                    .ok_or(IncidentError::NotFound)?,
+            };
             match addr
                 .send(Commit {
                     incident_id: id,

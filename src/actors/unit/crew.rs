@@ -10,7 +10,7 @@ use crate::actors::incident::{
     AcceptOffer, DeclineOffer, IncidentDirectory, IncidentError, OfferOutcome, Route, ToIncident,
 };
 use crate::actors::unit::{
-    ACTOR_TIMEOUT, ApplyReport, Commitments, Fleet, Locate, ReleaseBed, ReportFailure,
+    ACTOR_TIMEOUT, AcceptRoute, ApplyReport, Commitments, Fleet, Locate, ReleaseBed, ReportFailure,
     StatusUpdate, TakeBed, UnitAddr, ViewUnit,
 };
 use crate::domain::dispatch::{CrewReport, apply_report};
@@ -127,28 +127,53 @@ impl Crew {
         })
     }
 
-    /// The crew of `unit` accepts `offer_id`: `Assigned`, or why not.
+    /// The crew of `unit` accepts `offer_id`: `Assigned`, or why not. The fleet is asked once
+    /// (the unit's actor, and the offer's incident when it reserved the unit for it), the
+    /// incident decides, and it commits the unit: one ask of each on the hot path. Without the
+    /// fleet's hint (an offer made before a restart) the unit says which incident its pending
+    /// offer is for.
     pub async fn accept(
         &self,
         unit: &UnitId,
         offer_id: OfferId,
     ) -> Result<OfferOutcome, CrewError> {
-        let addr = self.unit(unit).await?;
-        let (_, _, pending) = addr.send(Commitments).await.map_err(gone)?;
-        let outcome = match pending {
-            Some((offer, incident_id)) if offer == offer_id => self
+        let (addr, hinted) = self
+            .fleet
+            .send(AcceptRoute {
+                unit_id: unit.clone(),
+                offer_id,
+            })
+            .await
+            .map_err(gone)?
+            .ok_or(CrewError::UnknownUnit)?;
+        let incident = match hinted {
+            Some(incident_id) => Some(incident_id),
+            None => match addr.send(Commitments).await.map_err(gone)? {
+                (_, _, Some((offer, incident_id))) if offer == offer_id => Some(incident_id),
+                _ => None,
+            },
+        };
+        let decided = match incident {
+            Some(incident_id) => self
                 .incidents
                 .send(ToIncident {
                     incident_id,
                     message: AcceptOffer {
                         offer_id,
                         unit_id: unit.clone(),
+                        unit: Some(addr),
                     },
                 })
                 .timeout(ACTOR_TIMEOUT * 2)
                 .await
-                .map_err(gone)??,
-            _ => self.settled_outcome(unit, offer_id).await?,
+                .map_err(gone)?,
+            None => Err(IncidentError::NotFound),
+        };
+        let outcome = match decided {
+            Ok(outcome) => outcome,
+            // The incident has no live actor (closed, or never offered this): the store says.
+            Err(IncidentError::NotFound) => self.settled_outcome(unit, offer_id).await?,
+            Err(e) => return Err(e.into()),
         };
         match outcome {
             OfferOutcome::Assigned => Ok(outcome),

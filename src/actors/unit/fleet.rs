@@ -51,6 +51,11 @@ pub struct Fleet {
     /// Incidents waiting for a unit (escalated), served by priority then age.
     waiting: Vec<(Priority, DateTime<Utc>, IncidentId)>,
     on_unit_free: Option<Recipient<UnitFree>>,
+    /// The offers this fleet reserved units for: offer → (unit, incident, lapses at). A hint
+    /// that routes a crew's accept to its incident without asking the unit first
+    /// ([`AcceptRoute`]); the incident and the unit still decide. Lapsed ones are dropped by
+    /// the sweep.
+    offered: HashMap<OfferId, (UnitId, IncidentId, DateTime<Utc>)>,
 }
 
 impl Fleet {
@@ -65,6 +70,7 @@ impl Fleet {
             hospitals: HashMap::new(),
             waiting: Vec::new(),
             on_unit_free: None,
+            offered: HashMap::new(),
         }
     }
 
@@ -135,6 +141,8 @@ impl Fleet {
 
     /// Every second: units whose actor has stopped are started again.
     fn sweep(&mut self, ctx: &mut Context<Self>) {
+        let now = Utc::now();
+        self.offered.retain(|_, (_, _, lapses)| *lapses > now);
         let stopped: Vec<UnitId> = self
             .units
             .iter()
@@ -375,7 +383,7 @@ pub struct ReservedUnit {
 }
 
 impl Handler<ReserveRound> for Fleet {
-    type Result = ResponseFuture<Vec<ReservedUnit>>;
+    type Result = ResponseActFuture<Self, Vec<ReservedUnit>>;
 
     fn handle(&mut self, msg: ReserveRound, _: &mut Self::Context) -> Self::Result {
         let now = Utc::now();
@@ -408,7 +416,7 @@ impl Handler<ReserveRound> for Fleet {
             expires_at,
             ..
         } = msg;
-        Box::pin(async move {
+        let round = async move {
             if shortlisted.is_empty() || k == 0 {
                 return Vec::new();
             }
@@ -441,7 +449,43 @@ impl Handler<ReserveRound> for Fleet {
                 reserved.extend(join_all(asks).await.into_iter().flatten());
             }
             reserved
-        })
+        };
+        Box::pin(round.into_actor(self).map(move |reserved, act, _| {
+            for unit in &reserved {
+                act.offered.insert(
+                    unit.offer_id,
+                    (unit.candidate.unit_id.clone(), incident_id, expires_at),
+                );
+            }
+            reserved
+        }))
+    }
+}
+
+/// Where a crew's accept goes: the unit's actor, and the incident its offer is for when this
+/// fleet reserved the unit for that offer (`None`: ask the unit, e.g. after a restart).
+#[derive(Message, Debug)]
+#[rtype(result = "Option<(Addr<AmbulanceActor>, Option<IncidentId>)>")]
+pub struct AcceptRoute {
+    /// The crew's unit.
+    pub unit_id: UnitId,
+    /// The offer accepted.
+    pub offer_id: OfferId,
+}
+
+impl Handler<AcceptRoute> for Fleet {
+    type Result = ResponseActFuture<Self, Option<(Addr<AmbulanceActor>, Option<IncidentId>)>>;
+
+    fn handle(&mut self, msg: AcceptRoute, ctx: &mut Self::Context) -> Self::Result {
+        let incident = self
+            .offered
+            .get(&msg.offer_id)
+            .filter(|(unit, _, _)| *unit == msg.unit_id)
+            .map(|(_, incident, _)| *incident);
+        Box::pin(
+            <Self as Handler<UnitAddr>>::handle(self, UnitAddr(msg.unit_id), ctx)
+                .map(move |addr, _, _| addr.map(|addr| (addr, incident))),
+        )
     }
 }
 
