@@ -22,24 +22,26 @@ use futures_util::future::join_all;
 use serde::{Deserialize, Serialize};
 
 use super::ClusterState;
+use super::wire::{self, PeerError};
 use futures_util::future::BoxFuture;
+use reqwest::header::CONTENT_TYPE;
 
 use crate::actors::device::{
     CancelDeviceFall, DeviceDirectory, DeviceError, DevicePage, DeviceRouter, DeviceView,
     FallCancelled, ReadingOutcome, Retire, TriageRuntime, apply_to, inspect_in, list_in,
     wake_pending_falls,
 };
-use crate::actors::incident::EmergencyDetected;
+use crate::actors::incident::{EmergencyDetected, HandoffError};
 use crate::config::{Secret, Settings};
 use crate::domain::ids::{DeviceId, IncidentId};
 use crate::domain::shards::{Epoch, Shard, device_shard};
 use crate::domain::triage::TriageRules;
 use crate::domain::vitals::Reading;
 use crate::http::auth::NodeCredentials;
+use crate::persistence::Db;
 use crate::persistence::cluster::fenced_url;
 use crate::persistence::cluster::percent_encode;
 use crate::persistence::group::GroupCommit;
-use crate::persistence::{Db, StoreError};
 
 /// The body of `POST /internal/v1/readings` and of its answer.
 #[derive(Debug, Serialize, Deserialize)]
@@ -280,7 +282,7 @@ impl NodeDevices {
         &self,
         address: &str,
         path: &str,
-    ) -> Result<Option<T>, DeviceError> {
+    ) -> Result<Option<T>, PeerError> {
         let resp = self
             .http
             .get(format!("{address}{path}"))
@@ -290,18 +292,18 @@ impl NodeDevices {
             .await
             .map_err(|e| {
                 self.cluster.refresh_owners();
-                DeviceError::Unreachable(format!("a device shard's holder: {}", e.without_url()))
+                PeerError::from_reqwest(e)
             })?;
         match resp.status().as_u16() {
-            200 => resp.json::<T>().await.map(Some).map_err(|e| {
-                DeviceError::Unreachable(format!("a device shard's holder's answer: {e}"))
-            }),
+            200 => resp
+                .json::<T>()
+                .await
+                .map(Some)
+                .map_err(|e| PeerError::BadAnswer(e.without_url().to_string())),
             404 => Ok(None),
             status => {
                 self.cluster.refresh_owners();
-                Err(DeviceError::Unreachable(format!(
-                    "a device shard's holder answered {status}"
-                )))
+                Err(PeerError::Refused(status))
             }
         }
     }
@@ -338,7 +340,7 @@ impl NodeDevices {
             "/internal/v1/actors/devices/{}",
             percent_encode(id.as_str())
         );
-        self.get_from::<DeviceView>(&address, &path).await
+        Ok(self.get_from::<DeviceView>(&address, &path).await?)
     }
 
     /// `readings` grouped by their devices' shard.
@@ -407,9 +409,7 @@ impl NodeDevices {
         }
         let Some(address) = self.holder_of(index) else {
             self.cluster.refresh_owners();
-            return Err(DeviceError::Unreachable(
-                "the device's shard has no holder right now".to_owned(),
-            ));
+            return Err(PeerError::NoHolder.into());
         };
         let sent = self
             .http
@@ -422,20 +422,14 @@ impl NodeDevices {
             Ok(r) if r.status().is_success() => r
                 .json::<FallCancelled>()
                 .await
-                .map_err(|e| DeviceError::Unreachable(format!("the device's holder: {e}"))),
+                .map_err(|e| PeerError::BadAnswer(e.without_url().to_string()).into()),
             Ok(r) => {
                 self.cluster.refresh_owners();
-                Err(DeviceError::Unreachable(format!(
-                    "the device's holder answered {}",
-                    r.status()
-                )))
+                Err(PeerError::Refused(r.status().as_u16()).into())
             }
             Err(e) => {
                 self.cluster.refresh_owners();
-                Err(DeviceError::Unreachable(format!(
-                    "the device's holder is unreachable: {}",
-                    e.without_url()
-                )))
+                Err(PeerError::from_reqwest(e).into())
             }
         }
     }
@@ -465,26 +459,8 @@ impl NodeDevices {
         group: Vec<(usize, Reading)>,
     ) -> Vec<(usize, ReadingOutcome)> {
         let indices: Vec<usize> = group.iter().map(|(i, _)| *i).collect();
-        let sent = self
-            .http
-            .post(format!("{address}/internal/v1/readings"))
-            .bearer_auth(&self.token)
-            .json(&ShardReadings(group))
-            .send()
-            .await;
-        let answer = match sent {
-            Ok(r) if r.status().is_success() => r.json::<ShardOutcomes>().await.ok(),
-            Ok(r) => {
-                tracing::debug!(status = %r.status(), "a device shard's holder refused readings");
-                None
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "a device shard's holder is unreachable");
-                None
-            }
-        };
-        match answer {
-            Some(ShardOutcomes(outcomes)) => {
+        match self.post_readings(address, &ShardReadings(group)).await {
+            Ok(ShardOutcomes(outcomes)) => {
                 if outcomes
                     .iter()
                     .any(|(_, o)| *o == ReadingOutcome::Unavailable)
@@ -493,7 +469,8 @@ impl NodeDevices {
                 }
                 outcomes
             }
-            None => {
+            Err(e) => {
+                tracing::debug!(error = %e, "readings not applied by their device shard's holder");
                 self.cluster.refresh_owners();
                 indices
                     .into_iter()
@@ -501,6 +478,30 @@ impl NodeDevices {
                     .collect()
             }
         }
+    }
+
+    /// `POST /internal/v1/readings` on the node at `address`: the readings in their validated
+    /// form, encoded once ([`wire`]).
+    async fn post_readings(
+        &self,
+        address: &str,
+        readings: &ShardReadings,
+    ) -> Result<ShardOutcomes, PeerError> {
+        let body = wire::encode(readings)?;
+        let resp = self
+            .http
+            .post(format!("{address}/internal/v1/readings"))
+            .bearer_auth(&self.token)
+            .header(CONTENT_TYPE, wire::MSGPACK)
+            .body(body)
+            .send()
+            .await
+            .map_err(PeerError::from_reqwest)?;
+        if !resp.status().is_success() {
+            return Err(PeerError::Refused(resp.status().as_u16()));
+        }
+        let bytes = resp.bytes().await.map_err(PeerError::from_reqwest)?;
+        wire::decode(&bytes)
     }
 }
 
@@ -560,7 +561,7 @@ impl Actor for RemoteHandoff {
 }
 
 impl Handler<EmergencyDetected> for RemoteHandoff {
-    type Result = ResponseFuture<Result<Option<IncidentId>, StoreError>>;
+    type Result = ResponseFuture<Result<Option<IncidentId>, HandoffError>>;
 
     fn handle(&mut self, msg: EmergencyDetected, _: &mut Self::Context) -> Self::Result {
         let (cluster, http, token) = (self.cluster.clone(), self.http.clone(), self.token.clone());
@@ -570,50 +571,53 @@ impl Handler<EmergencyDetected> for RemoteHandoff {
             && !cluster.stopping()
         {
             return Box::pin(async move {
-                incidents
-                    .send(msg)
-                    .await
-                    .map_err(|e| StoreError::Unavailable(format!("incident hand-off: {e}")))?
+                incidents.send(msg).await.map_err(|e| {
+                    HandoffError::Unreachable(format!("the incident directory: {e}"))
+                })?
             });
         }
         Box::pin(async move {
             let deadline = Instant::now() + cluster.lease * 2 + Duration::from_secs(2);
+            // Encoded once, whichever holder it is sent to and however often.
+            let body = wire::encode(&msg).map_err(|e| HandoffError::Unreachable(e.to_string()))?;
             loop {
                 let last = match cluster.owner() {
                     // This node is handing dispatch over: the reading is refused (503) and
                     // retried, rather than holding up the drain that lets the next holder in.
                     Some(owner) if owner.node_id == cluster.node_id && cluster.stopping() => {
-                        return Err(StoreError::Unavailable(
-                            "incident hand-off: dispatch is being handed over".to_owned(),
+                        return Err(HandoffError::Unreachable(
+                            "dispatch is being handed over".to_owned(),
                         ));
                     }
                     None => {
                         cluster.refresh_owners();
-                        "no dispatch holder".to_owned()
+                        PeerError::NoHolder
                     }
                     Some(owner) => {
                         let sent = http
                             .post(format!("{}/internal/v1/emergencies", owner.address))
                             .bearer_auth(&token)
-                            .json(&msg)
+                            .header(CONTENT_TYPE, wire::MSGPACK)
+                            .body(body.clone())
                             .send()
                             .await;
                         match sent {
                             Ok(r) if r.status().is_success() => {
-                                return r.json::<HandedOff>().await.map(|h| h.incident_id).map_err(
-                                    |e| StoreError::Unavailable(format!("incident hand-off: {e}")),
-                                );
+                                let answer = r.bytes().await.map_err(PeerError::from_reqwest);
+                                return answer
+                                    .and_then(|bytes| wire::decode::<HandedOff>(&bytes))
+                                    .map(|h| h.incident_id)
+                                    .map_err(|e| HandoffError::Unreachable(e.to_string()));
                             }
                             Ok(r) if r.status().is_client_error() => {
-                                return Err(StoreError::Unavailable(format!(
-                                    "incident hand-off refused: {}",
-                                    r.status()
-                                )));
+                                return Err(HandoffError::Unreachable(
+                                    PeerError::Refused(r.status().as_u16()).to_string(),
+                                ));
                             }
                             // Not the holder (any more): read the owners again.
                             Ok(r) => {
                                 cluster.refresh_owners();
-                                format!("dispatch holder answered {}", r.status())
+                                PeerError::Refused(r.status().as_u16())
                             }
                             Err(e) => {
                                 if e.is_connect() {
@@ -621,14 +625,14 @@ impl Handler<EmergencyDetected> for RemoteHandoff {
                                 } else {
                                     cluster.refresh_owners();
                                 }
-                                format!("dispatch holder unreachable: {}", e.without_url())
+                                PeerError::from_reqwest(e)
                             }
                         }
                     }
                 };
                 if Instant::now() >= deadline {
-                    return Err(StoreError::Unavailable(format!(
-                        "incident hand-off: {last}"
+                    return Err(HandoffError::Unreachable(format!(
+                        "the dispatch holder: {last}"
                     )));
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;

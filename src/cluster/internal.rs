@@ -2,6 +2,9 @@
 //! Only the cluster's nodes may call them, each with its own credential ([`FromNode`]); API
 //! tokens, admin ones included, are refused.
 //!
+//! The hot-path bodies (emergencies, readings) are MessagePack, or JSON when sent as JSON
+//! ([`super::wire`]).
+//!
 //! - `POST /internal/v1/emergencies` (the dispatch shard's server): an emergency detected by a
 //!   device actor on another node, handed to this server's incidents as a local device actor
 //!   would.
@@ -17,8 +20,9 @@ use actix_web::{HttpRequest, HttpResponse, web};
 use serde::Deserialize;
 
 use super::devices::{HandedOff, NodeDevices, ShardOutcomes, ShardReadings};
+use super::wire;
 use crate::actors::device::CancelDeviceFall;
-use crate::actors::incident::EmergencyDetected;
+use crate::actors::incident::{EmergencyDetected, HandoffError};
 use crate::domain::ids::DeviceId;
 use crate::http::AppState;
 use crate::http::auth::FromNode;
@@ -33,17 +37,21 @@ pub async fn emergency(
     mut payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let body = read_body(&req, &mut payload).await?;
-    let detected: EmergencyDetected = parse_json(&body)?;
-    let incident_id =
-        state
-            .incidents
-            .send(detected)
-            .await
-            .map_err(|_| ApiError::Unavailable {
-                detail: "the incident directory is unavailable; retry shortly".to_owned(),
-                retry_after_s: 1,
-            })??;
-    Ok(HttpResponse::Ok().json(HandedOff { incident_id }))
+    let detected: EmergencyDetected = wire::read(&req, &body)?;
+    let unavailable = |detail: &str| ApiError::Unavailable {
+        detail: detail.to_owned(),
+        retry_after_s: 1,
+    };
+    let incident_id = match state.incidents.send(detected).await {
+        Ok(Ok(incident_id)) => incident_id,
+        Ok(Err(HandoffError::Store(e))) => return Err(e.into()),
+        Ok(Err(HandoffError::Unreachable(_))) | Err(_) => {
+            return Err(unavailable(
+                "the incident directory is unavailable; retry shortly",
+            ));
+        }
+    };
+    wire::answer(&req, &HandedOff { incident_id })
 }
 
 /// Applies readings to the device shards served here (the others' are answered unavailable).
@@ -54,9 +62,9 @@ pub async fn readings(
     mut payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let body = read_body(&req, &mut payload).await?;
-    let ShardReadings(readings) = parse_json(&body)?;
+    let ShardReadings(readings) = wire::read(&req, &body)?;
     let outcomes = devices.ingest_local(readings).await;
-    Ok(HttpResponse::Ok().json(ShardOutcomes(outcomes)))
+    wire::answer(&req, &ShardOutcomes(outcomes))
 }
 
 /// Sends a wearer's "I'm OK" to a device of a shard served here; answers what it did.

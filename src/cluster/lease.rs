@@ -116,6 +116,9 @@ async fn run(
     let db = Db::connect(&db_settings)
         .await
         .context("opening the lease thread's database connections")?;
+    // Unbounded because Redis's push sender must never block the connection's reader. What
+    // arrives on `shers:cluster` is one message per lease taken or released anywhere in the
+    // cluster, a handful per handover; each only starts a lease round early.
     let (push_tx, mut pushes) = mpsc::unbounded_channel();
     let redis_url = settings.redis.url.as_ref().map(|u| u.expose().clone());
     let redis = match &redis_url {

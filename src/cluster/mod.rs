@@ -28,6 +28,7 @@ pub mod front;
 pub mod internal;
 pub mod lease;
 pub mod wakeups;
+pub mod wire;
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, Ordering};

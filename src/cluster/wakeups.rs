@@ -32,6 +32,10 @@ const RECONNECT_EVERY: Duration = Duration::from_secs(2);
 /// current runtime, until the process ends).
 pub fn spawn(redis_url: String, node_id: String) {
     actix_web::rt::spawn(async move {
+        // Unbounded because Redis's push sender must never block the connection's reader. What
+        // arrives is bounded by what the nodes publish (at most one wake-up a millisecond
+        // each, [`SPACING`]), and the task below drains it at once: each push costs a compare
+        // and a notify.
         let (pushes, mut heard) = mpsc::unbounded_channel::<redis::PushInfo>();
         let own = node_id.clone();
         actix_web::rt::spawn(async move {

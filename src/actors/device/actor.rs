@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 use super::readings::{
     Batch, Projected, WindowEntry, evidence, in_line, persist_changes, retained, take_readings,
 };
-use crate::actors::incident::EmergencyDetected;
+use crate::actors::incident::{EmergencyDetected, HandoffError};
 pub use crate::config::Retention;
 use crate::domain::auth::Role;
 use crate::domain::events::{DeviceEvent, NewEvent};
@@ -666,7 +666,7 @@ impl Handler<ProcessReadings> for DeviceActor {
                     Ok(Err(e)) => handed_off = Err(e),
                     Err(e) => {
                         handed_off =
-                            Err(StoreError::Unavailable(format!("incident hand-off: {e}")));
+                            Err(HandoffError::Unreachable(format!("incident hand-off: {e}")));
                     }
                 }
                 if handed_off.is_err() {
@@ -914,7 +914,7 @@ impl DeviceActor {
                         onset: true,
                     })
                     .await
-                    .map_err(|e| StoreError::Unavailable(format!("incident hand-off: {e}")))??;
+                    .map_err(|e| HandoffError::Unreachable(format!("incident hand-off: {e}")))??;
             }
             Ok::<_, StoreError>(())
         };

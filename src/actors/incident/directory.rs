@@ -353,7 +353,7 @@ impl IncidentDirectory {
 }
 
 impl Handler<EmergencyDetected> for IncidentDirectory {
-    type Result = ResponseActFuture<Self, Result<Option<IncidentId>, StoreError>>;
+    type Result = ResponseActFuture<Self, Result<Option<IncidentId>, HandoffError>>;
 
     fn handle(&mut self, msg: EmergencyDetected, ctx: &mut Self::Context) -> Self::Result {
         let request = OpenRequest {
@@ -380,7 +380,7 @@ impl Handler<EmergencyDetected> for IncidentDirectory {
             <Self as Handler<OpenIncident>>::handle(self, OpenIncident(request), ctx).map(
                 |opened, _, _| match opened {
                     Ok(opened) => Ok(Some(opened.incident.id)),
-                    Err(IncidentError::Store(e)) => Err(e),
+                    Err(IncidentError::Store(e)) => Err(HandoffError::Store(e)),
                     Err(e) => {
                         tracing::warn!(error = %e, "emergency hand-off did not open an incident");
                         Ok(None)
@@ -571,9 +571,33 @@ impl Handler<UnitFree> for IncidentDirectory {
     }
 }
 
+/// Why an emergency could not be handed to the incidents. The reading behind it is refused
+/// (503) and sent again by its gateway; the repeat is recognised.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffError {
+    /// The incidents could not store it.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The incidents could not be reached: their directory is gone, or on a cluster no node
+    /// holding dispatch answered in time.
+    #[error("the incidents cannot be reached: {0}")]
+    Unreachable(String),
+}
+
+/// The device actors' own answers are in the store's terms: a hand-off that could not be made
+/// leaves the device's change unfinished, to be retried like any unavailable store.
+impl From<HandoffError> for StoreError {
+    fn from(e: HandoffError) -> Self {
+        match e {
+            HandoffError::Store(e) => e,
+            HandoffError::Unreachable(why) => StoreError::Unavailable(why),
+        }
+    }
+}
+
 /// A wearer's readings are `emergency`: an incident is needed (or the open one gets evidence).
 #[derive(Message, Clone, Debug, serde::Serialize, serde::Deserialize)]
-#[rtype(result = "Result<Option<IncidentId>, StoreError>")]
+#[rtype(result = "Result<Option<IncidentId>, HandoffError>")]
 pub struct EmergencyDetected {
     /// The wearer.
     pub patient_id: PatientId,
