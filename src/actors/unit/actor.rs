@@ -278,7 +278,7 @@ pub struct Reserve {
 
 /// `event`, tagged with the unit it is about.
 fn event_with_unit(mut event: NewEvent, record: &UnitRecord) -> NewEvent {
-    event.unit_id = Some(record.id.0.clone());
+    event.unit_id = Some(record.id.clone());
     event
 }
 
