@@ -211,6 +211,11 @@ impl AmbulanceActor {
             };
             match &result {
                 Ok(_) => crate::fault::crash_point_opt(crash_at),
+                // The writer is behind and dropped the fix (counted by the writer): not worth a
+                // warning per fix and unit while it catches up.
+                Err(e @ StoreError::Busy(_)) if position => {
+                    tracing::debug!(unit.id = %id, error = %e, "unit {what} not persisted");
+                }
                 Err(e) => tracing::warn!(unit.id = %id, error = %e, "unit {what} not persisted"),
             }
             let _ = stored.send(result);
