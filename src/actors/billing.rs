@@ -151,8 +151,7 @@ async fn record(db: &Db, saga: &Saga, event: Option<BillingEvent>) -> Result<(),
     db.run(move |mut conn| async move {
         conn.write_transaction(async |tx| {
             invoices::save(tx, &saga, done, Utc::now()).await?;
-            if let Some(mut e) = event {
-                e.incident_id = Some(saga.incident_id.clone());
+            if let Some(e) = event {
                 events::append(
                     tx,
                     &format!("billing-{}", saga.incident_id),
@@ -175,9 +174,8 @@ async fn load_or_create(
     incident: IncidentId,
 ) -> Result<(Saga, String), StoreError> {
     let db = deps.db.clone();
-    let id = incident.to_string();
     if let Some(inv) = db
-        .run(move |mut conn| async move { invoices::for_incident(&mut conn, &id).await })
+        .run(move |mut conn| async move { invoices::for_incident(&mut conn, incident).await })
         .await?
     {
         return Ok((inv.saga, inv.id));
@@ -219,8 +217,7 @@ async fn load_or_create(
             conn.write_transaction(async |tx| {
                 let now = Utc::now();
                 invoices::insert(tx, &id2, &stored, provider, now).await?;
-                let mut event = started.to_new();
-                event.incident_id = Some(stored.incident_id.clone());
+                let event = started.to_new();
                 let stream = format!("billing-{}", stored.incident_id);
                 events::append(tx, &stream, ExpectedVersion::Any, &[event], now).await?;
                 Ok::<_, StoreError>(())
@@ -235,9 +232,8 @@ async fn load_or_create(
         }
         // Another run created it first: use that one (one invoice per incident).
         Err(StoreError::Conflict(_)) => {
-            let id = incident.to_string();
             let inv = db
-                .run(move |mut conn| async move { invoices::for_incident(&mut conn, &id).await })
+                .run(move |mut conn| async move { invoices::for_incident(&mut conn, incident).await })
                 .await?
                 .ok_or(StoreError::NotFound)?;
             Ok((inv.saga, inv.id))
@@ -569,14 +565,11 @@ async fn enter_billing(deps: &BillingDeps, incident: IncidentId) -> Result<bool,
         }
         // Ended already: only an invoice left unfinished can still need its saga finished (its
         // compensations, say); never open a new one.
-        IncidentStatus::Closed | IncidentStatus::Cancelled => {
-            let id = incident.to_string();
-            Ok(deps
-                .db
-                .run(move |mut conn| async move { invoices::for_incident(&mut conn, &id).await })
-                .await?
-                .is_some_and(|inv| !inv.done))
-        }
+        IncidentStatus::Closed | IncidentStatus::Cancelled => Ok(deps
+            .db
+            .run(move |mut conn| async move { invoices::for_incident(&mut conn, incident).await })
+            .await?
+            .is_some_and(|inv| !inv.done)),
         // Not at the hospital yet: there is nothing to bill.
         _ => Ok(false),
     }

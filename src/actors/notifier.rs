@@ -95,15 +95,13 @@ async fn context_for(
     n: &DueNotification,
     template: Template,
 ) -> Result<MessageContext, StoreError> {
-    let (incident_id, recipient) = (n.incident_id.clone(), n.recipient_name.clone());
+    let (id, recipient) = (n.incident_id, n.recipient_name.clone());
     db.run(move |mut conn| async move {
         let mut ctx = MessageContext {
             recipient_name: Some(recipient),
             ..MessageContext::default()
         };
-        if let Ok(id) = incident_id.parse()
-            && let Some((incident, _)) = store::find(&mut conn, id).await?
-        {
+        if let Some((incident, _)) = store::find(&mut conn, id).await? {
             ctx.incident_reference = incident.reference;
             if let Some(pid) = &incident.patient_id {
                 ctx.patient_name = patients::find_patient(&mut conn, pid)
@@ -120,7 +118,7 @@ async fn context_for(
                 }
                 Template::BillingOutcome => {
                     if let Some(inv) =
-                        crate::persistence::invoices::for_incident(&mut conn, &incident_id).await?
+                        crate::persistence::invoices::for_incident(&mut conn, id).await?
                     {
                         let saga = inv.saga;
                         let paid = saga.status == crate::domain::billing::InvoiceStatus::Paid;
@@ -140,7 +138,7 @@ async fn context_for(
             }
         }
         if ctx.incident_reference.is_empty() {
-            ctx.incident_reference = incident_id;
+            ctx.incident_reference = id.to_string();
         }
         Ok(ctx)
     })
@@ -203,7 +201,7 @@ async fn deliver_due(db: &Db, channels: &Channels) -> Result<(), StoreError> {
                 rendered.body
             },
             idempotency_key: n.idempotency_key.clone(),
-            incident_id: n.incident_id.clone(),
+            incident_id: n.incident_id.to_string(),
             template: n.template.clone(),
         };
         // Not sent by a node that lost dispatch (it would be sent twice).
@@ -220,7 +218,7 @@ async fn deliver_due(db: &Db, channels: &Channels) -> Result<(), StoreError> {
         tracing::info!(notification.id = %n.id, notification.channel = %n.channel, notification.status = status, attempts, "notification attempt");
         let (id, incident, channel_name, template_name) = (
             n.id.clone(),
-            n.incident_id.clone(),
+            n.incident_id,
             n.channel.clone(),
             n.template.clone(),
         );
@@ -231,7 +229,7 @@ async fn deliver_due(db: &Db, channels: &Channels) -> Result<(), StoreError> {
                 if let Some(delivered) = delivered {
                     let outcome = DeliveryOutcome {
                         notification_id: &id,
-                        incident_id: &incident,
+                        incident_id: incident,
                         channel: &channel_name,
                         template: &template_name,
                         attempts,

@@ -19,11 +19,11 @@ pub struct NewEvent {
     /// Stable kind name, e.g. `incident.created`.
     pub kind: String,
     /// The incident this event concerns, if any.
-    pub incident_id: Option<String>,
+    pub incident_id: Option<IncidentId>,
     /// The unit this event concerns, if any.
-    pub unit_id: Option<String>,
+    pub unit_id: Option<UnitId>,
     /// The device this event concerns, if any.
-    pub device_id: Option<String>,
+    pub device_id: Option<DeviceId>,
     /// Event-specific data.
     pub data: serde_json::Value,
 }
@@ -52,16 +52,17 @@ pub struct RecordedEvent {
     pub kind: String,
     /// The incident this event concerns, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub incident_id: Option<String>,
+    pub incident_id: Option<IncidentId>,
     /// The unit this event concerns, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub unit_id: Option<String>,
+    pub unit_id: Option<UnitId>,
     /// The device this event concerns, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub device_id: Option<String>,
+    pub device_id: Option<DeviceId>,
     /// Event-specific data.
     pub data: serde_json::Value,
-    /// The stream this event belongs to (not part of the console frame).
+    /// The stream this event belongs to (not part of the console frame): a stream name such as
+    /// `incident-<uuid>` or `unit-<id>`, not an id, so it stays text.
     #[serde(skip)]
     pub stream_id: String,
     /// Position within the stream, starting at 1 (not part of the console frame).
@@ -163,8 +164,8 @@ impl UnitEvent {
             UnitEvent::Location { unit_id, .. } => ("unit.location", unit_id, None),
         };
         let mut event = NewEvent::new(kind, data_of(self));
-        event.unit_id = Some(unit_id.0.clone());
-        event.incident_id = incident_id.map(|i| i.to_string());
+        event.unit_id = Some(unit_id.clone());
+        event.incident_id = incident_id;
         event
     }
 }
@@ -231,7 +232,7 @@ impl DeviceEvent {
             DeviceEvent::FallCancelled { device_id, .. } => ("device.fall_cancelled", device_id),
         };
         let mut event = NewEvent::new(kind, data_of(self));
-        event.device_id = Some(device_id.0.clone());
+        event.device_id = Some(device_id.clone());
         event
     }
 }
@@ -262,8 +263,8 @@ impl OfferClosed<'_> {
     /// The `dispatch.offer_{status}` event to append, with its correlation ids.
     pub fn to_new(&self, status: &str) -> NewEvent {
         let mut event = NewEvent::new(format!("dispatch.offer_{status}"), value_of(self));
-        event.incident_id = Some(self.incident_id.to_string());
-        event.unit_id = Some(self.unit_id.0.clone());
+        event.incident_id = Some(self.incident_id);
+        event.unit_id = Some(self.unit_id.clone());
         event
     }
 }
@@ -333,7 +334,7 @@ pub struct DeliveryOutcome<'a> {
     /// The outbox row.
     pub notification_id: &'a str,
     /// The incident it is about.
-    pub incident_id: &'a str,
+    pub incident_id: IncidentId,
     /// `sms`, `email` or `webhook`.
     pub channel: &'a str,
     /// Template name.
@@ -348,11 +349,9 @@ impl NotificationEvent<'_> {
     /// The event to append, with its correlation id.
     pub fn to_new(&self) -> NewEvent {
         let (kind, incident_id) = match self {
-            NotificationEvent::Queued { incident_id, .. } => {
-                ("notification.queued", incident_id.to_string())
-            }
-            NotificationEvent::Sent(o) => ("notification.sent", o.incident_id.to_owned()),
-            NotificationEvent::Failed(o) => ("notification.failed", o.incident_id.to_owned()),
+            NotificationEvent::Queued { incident_id, .. } => ("notification.queued", *incident_id),
+            NotificationEvent::Sent(o) => ("notification.sent", o.incident_id),
+            NotificationEvent::Failed(o) => ("notification.failed", o.incident_id),
         };
         let mut event = NewEvent::new(kind, data_of(self));
         event.incident_id = Some(incident_id);
@@ -459,7 +458,7 @@ impl BillingEvent {
             BillingEvent::Failed(o) => ("billing.failed", &o.incident_id),
         };
         let mut event = NewEvent::new(kind, data_of(self));
-        event.incident_id = Some(incident_id.to_string());
+        event.incident_id = Some(*incident_id);
         event
     }
 }
@@ -467,6 +466,39 @@ impl BillingEvent {
 #[cfg(test)]
 mod typed_event_tests {
     use super::*;
+
+    #[test]
+    fn the_envelope_keeps_its_wire_shape_with_typed_ids() {
+        let at: DateTime<Utc> = "2026-12-05T08:00:00Z".parse().unwrap_or_default();
+        let id = "0190a1b2-0000-7000-8000-00000000000a";
+        let event = RecordedEvent {
+            seq: 7,
+            at,
+            kind: "dispatch.offer_accepted".into(),
+            incident_id: id.parse().ok(),
+            unit_id: Some(UnitId::from("U-1")),
+            device_id: Some(DeviceId::from("d-1")),
+            data: serde_json::json!({}),
+            stream_id: format!("incident-{id}"),
+            version: 3,
+        };
+        assert_eq!(
+            serde_json::to_string(&event).unwrap_or_default(),
+            format!(
+                r#"{{"seq":7,"at":"2026-12-05T08:00:00Z","kind":"dispatch.offer_accepted","incident_id":"{id}","unit_id":"U-1","device_id":"d-1","data":{{}}}}"#
+            )
+        );
+        let bare = RecordedEvent {
+            incident_id: None,
+            unit_id: None,
+            device_id: None,
+            ..event
+        };
+        assert_eq!(
+            serde_json::to_string(&bare).unwrap_or_default(),
+            r#"{"seq":7,"at":"2026-12-05T08:00:00Z","kind":"dispatch.offer_accepted","data":{}}"#
+        );
+    }
 
     #[test]
     fn unit_and_device_events_keep_their_stored_shape() {
@@ -480,7 +512,7 @@ mod typed_event_tests {
         }
         .to_new();
         assert_eq!(changed.kind, "unit.status_changed");
-        assert_eq!(changed.unit_id.as_deref(), Some("U-1"));
+        assert_eq!(changed.unit_id, Some(UnitId::from("U-1")));
         assert_eq!(
             changed.data,
             serde_json::json!({"unit_id": "U-1", "from": "available", "to": "offered",
@@ -507,7 +539,7 @@ mod typed_event_tests {
         }
         .to_new();
         assert_eq!(offline.kind, "device.offline");
-        assert_eq!(offline.device_id.as_deref(), Some("d-1"));
+        assert_eq!(offline.device_id, Some(DeviceId::from("d-1")));
         assert_eq!(
             offline.data,
             serde_json::json!({"device_id": "d-1", "patient_id": "p-1",
@@ -523,7 +555,7 @@ mod typed_event_tests {
         }
         .to_new();
         assert_eq!(cancelled.kind, "device.fall_cancelled");
-        assert_eq!(cancelled.device_id.as_deref(), Some("d-1"));
+        assert_eq!(cancelled.device_id, Some(DeviceId::from("d-1")));
         assert_eq!(
             cancelled.data,
             serde_json::json!({"device_id": "d-1", "patient_id": "p-1",
@@ -547,7 +579,7 @@ mod typed_event_tests {
         }
         .to_new();
         assert_eq!(queued.kind, "notification.queued");
-        assert_eq!(queued.incident_id.as_deref(), Some(nil));
+        assert_eq!(queued.incident_id, Some(incident));
         assert_eq!(
             queued.data,
             serde_json::json!({"notification_id": "n-1", "incident_id": nil, "recipient": "Ann",
@@ -555,7 +587,7 @@ mod typed_event_tests {
         );
         let failed = NotificationEvent::Failed(DeliveryOutcome {
             notification_id: "n-1",
-            incident_id: nil,
+            incident_id: incident,
             channel: "sms",
             template: "incident_created",
             attempts: 5,
@@ -563,7 +595,7 @@ mod typed_event_tests {
         })
         .to_new();
         assert_eq!(failed.kind, "notification.failed");
-        assert_eq!(failed.incident_id.as_deref(), Some(nil));
+        assert_eq!(failed.incident_id, Some(incident));
         assert_eq!(
             failed.data,
             serde_json::json!({"notification_id": "n-1", "incident_id": nil, "channel": "sms",
@@ -579,7 +611,7 @@ mod typed_event_tests {
         }
         .to_new("withdrawn");
         assert_eq!(closed.kind, "dispatch.offer_withdrawn");
-        assert_eq!(closed.unit_id.as_deref(), Some("U-1"));
+        assert_eq!(closed.unit_id, Some(UnitId::from("U-1")));
         assert_eq!(
             closed.data,
             serde_json::json!({"offer_id": nil, "incident_id": nil, "unit_id": "U-1",
@@ -623,7 +655,7 @@ mod typed_event_tests {
         }
         .to_new();
         assert_eq!(started.kind, "billing.started");
-        assert_eq!(started.incident_id.as_deref(), Some(nil));
+        assert_eq!(started.incident_id, Some(incident));
         assert_eq!(
             started.data,
             serde_json::json!({"incident_id": nil, "invoice_id": "inv_1", "amount_cents": 12_345,

@@ -59,6 +59,15 @@ macro_rules! string_id {
                 Self(s.to_owned())
             }
         }
+
+        /// Reads as its text (`Option<&Self>::as_deref()`, `&str` arguments); nothing converts
+        /// the other way but an explicit `From`, so one kind of id never passes for another.
+        impl std::ops::Deref for $name {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
     };
 }
 

@@ -19,7 +19,7 @@ use actix::Addr;
 
 use crate::actors::broadcaster::{Broadcast, Broadcaster, FeedItem, Stats, feed};
 use crate::domain::events::RecordedEvent;
-use crate::domain::ids::UnitId;
+use crate::domain::ids::{IncidentId, UnitId};
 use crate::persistence::{Db, events};
 
 /// `?since=SEQ&limit=N`.
@@ -167,8 +167,16 @@ impl Filter {
             && self
                 .incident_id
                 .as_ref()
-                .is_none_or(|i| e.incident_id.as_deref() == Some(i.as_str()))
+                .is_none_or(|i| e.incident_id.is_some_and(|id| same_id(id, i)))
     }
+}
+
+/// Whether `filter` is `id` as text (exactly, as it is stored), without allocating: the filter
+/// is what the console sent, and one that is not an incident id matches nothing.
+fn same_id(id: IncidentId, filter: &str) -> bool {
+    id.0.hyphenated()
+        .encode_lower(&mut uuid::Uuid::encode_buffer())
+        == filter
 }
 
 #[derive(Deserialize)]

@@ -172,9 +172,7 @@ async fn detail(state: &AppState, incident: Incident) -> Result<IncidentView, Ap
                     async |c| {
                         c.try_both(
                             async |c| crate::persistence::fleet::offers_for(c, id).await,
-                            async |c| {
-                                crate::persistence::invoices::for_incident(c, &id.to_string()).await
-                            },
+                            async |c| crate::persistence::invoices::for_incident(c, id).await,
                         )
                         .await
                     },
@@ -615,11 +613,11 @@ pub async fn invoice(
     id: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
     let incident = load(&state, &auth.principal, &id).await?;
-    let key = incident.id.to_string();
+    let key = incident.id;
     let found = state
         .db
         .run(move |mut conn| async move {
-            crate::persistence::invoices::for_incident(&mut conn, &key).await
+            crate::persistence::invoices::for_incident(&mut conn, key).await
         })
         .await?
         .ok_or_else(|| ApiError::not_found("this incident has no invoice yet"))?;

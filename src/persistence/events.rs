@@ -14,11 +14,13 @@ use diesel::prelude::*;
 use diesel::sql_types::BigInt;
 use diesel_async::RunQueryDsl;
 
+use super::ids::UuidText;
 use super::schema::{event_sequence, events};
 use super::statement::{Bind, Statement};
 use super::{Backend, DbConn, StoreError, from_db_time, to_db_time};
 use crate::db_run;
 use crate::domain::events::{ExpectedVersion, NewEvent, RecordedEvent};
+use crate::domain::ids::{DeviceId, IncidentId, UnitId};
 
 /// Woken after each top-level commit of a write transaction (which is where every append
 /// happens), so tailers (the console broadcaster) look at once instead of waiting for their
@@ -76,9 +78,9 @@ struct EventRow {
     stream_id: String,
     version: i64,
     kind: String,
-    incident_id: Option<String>,
-    unit_id: Option<String>,
-    device_id: Option<String>,
+    incident_id: Option<IncidentId>,
+    unit_id: Option<UnitId>,
+    device_id: Option<DeviceId>,
     payload: String,
     recorded_at: chrono::NaiveDateTime,
 }
@@ -211,26 +213,38 @@ const INSERT_SQLITE: &[&str] = &[
 ];
 struct InsertSqlite;
 
+/// An event's correlation ids, borrowed for binding: incident, unit, device.
+type Ids<'a> = (Option<IncidentId>, Option<&'a UnitId>, Option<&'a DeviceId>);
+
+/// The correlation ids of `event`, for [`insert_sqlite`].
+fn ids_of(event: &NewEvent) -> Ids<'_> {
+    (
+        event.incident_id,
+        event.unit_id.as_ref(),
+        event.device_id.as_ref(),
+    )
+}
+
 /// One SQLite event insert ([`INSERT_SQLITE`]); `ids` are the incident, unit and device ids.
 fn insert_sqlite<'a>(
     seq: i64,
     stream: &'a str,
     kind: &'a str,
-    ids: [Option<&'a str>; 3],
+    ids: Ids<'a>,
     payload: &'a str,
     recorded_at: chrono::NaiveDateTime,
     check: Option<i64>,
 ) -> Statement<'a, InsertSqlite> {
-    let [incident, unit, device] = ids;
+    let (incident, unit, device) = ids;
     Statement::new(
         INSERT_SQLITE,
         vec![
             Bind::BigInt(seq),
             Bind::Text(stream),
             Bind::Text(kind),
-            Bind::OptText(incident),
-            Bind::OptText(unit),
-            Bind::OptText(device),
+            Bind::OptUuid(incident.map(UuidText::from)),
+            Bind::OptText(unit.map(UnitId::as_str)),
+            Bind::OptText(device.map(DeviceId::as_str)),
             Bind::Text(payload),
             Bind::Timestamp(recorded_at),
             Bind::Text(stream),
@@ -284,9 +298,21 @@ impl<'a> Batch<'a> {
 pub(crate) fn columns<'a>(new: &'a [NewEvent], payloads: &'a [String]) -> [Bind<'a>; 5] {
     [
         Bind::Texts(new.iter().map(|e| e.kind.as_str()).collect()),
-        Bind::OptTexts(new.iter().map(|e| e.incident_id.as_deref()).collect()),
-        Bind::OptTexts(new.iter().map(|e| e.unit_id.as_deref()).collect()),
-        Bind::OptTexts(new.iter().map(|e| e.device_id.as_deref()).collect()),
+        Bind::OptUuids(
+            new.iter()
+                .map(|e| e.incident_id.map(UuidText::from))
+                .collect(),
+        ),
+        Bind::OptTexts(
+            new.iter()
+                .map(|e| e.unit_id.as_ref().map(UnitId::as_str))
+                .collect(),
+        ),
+        Bind::OptTexts(
+            new.iter()
+                .map(|e| e.device_id.as_ref().map(DeviceId::as_str))
+                .collect(),
+        ),
         Bind::Texts(payloads.iter().map(String::as_str).collect()),
     ]
 }
@@ -337,7 +363,7 @@ async fn append_in_transaction(
                 first_seq + i,
                 batch.stream,
                 event.kind.as_str(),
-                [event.incident_id.as_deref(), event.unit_id.as_deref(), event.device_id.as_deref()],
+                ids_of(event),
                 payload,
                 batch.recorded_at,
                 check,
@@ -489,7 +515,7 @@ pub async fn append(
             seq: first_seq + i,
             at,
             kind: event.kind.clone(),
-            incident_id: event.incident_id.clone(),
+            incident_id: event.incident_id,
             unit_id: event.unit_id.clone(),
             device_id: event.device_id.clone(),
             data: event.data.clone(),
@@ -505,9 +531,9 @@ pub async fn append(
 pub struct Prepared {
     stream: String,
     kind: String,
-    incident_id: Option<String>,
-    unit_id: Option<String>,
-    device_id: Option<String>,
+    incident_id: Option<IncidentId>,
+    unit_id: Option<UnitId>,
+    device_id: Option<DeviceId>,
     payload: String,
 }
 
@@ -577,7 +603,7 @@ pub async fn append_many(
                 first_seq + i,
                 &event.stream,
                 &event.kind,
-                [event.incident_id.as_deref(), event.unit_id.as_deref(), event.device_id.as_deref()],
+                (event.incident_id, event.unit_id.as_ref(), event.device_id.as_ref()),
                 &event.payload,
                 recorded_at,
                 None,
@@ -593,6 +619,7 @@ pub async fn append_many(
         let optional = |f: fn(&Prepared) -> Option<&str>| {
             events.iter().map(|e| f(e)).collect::<Vec<Option<&str>>>()
         };
+        let incidents = events.iter().map(|e| e.incident_id.map(UuidText::from)).collect();
         Statement::<InsertManyPg>::new(
             INSERT_MANY_PG,
             vec![
@@ -601,9 +628,9 @@ pub async fn append_many(
                 Bind::Timestamp(recorded_at),
                 Bind::Texts(column(|e| e.stream.as_str())),
                 Bind::Texts(column(|e| e.kind.as_str())),
-                Bind::OptTexts(optional(|e| e.incident_id.as_deref())),
-                Bind::OptTexts(optional(|e| e.unit_id.as_deref())),
-                Bind::OptTexts(optional(|e| e.device_id.as_deref())),
+                Bind::OptUuids(incidents),
+                Bind::OptTexts(optional(|e| e.unit_id.as_ref().map(UnitId::as_str))),
+                Bind::OptTexts(optional(|e| e.device_id.as_ref().map(DeviceId::as_str))),
                 Bind::Texts(column(|e| e.payload.as_str())),
             ],
         )

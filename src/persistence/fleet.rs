@@ -5,6 +5,7 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 use serde::Serialize;
 
+use super::ids::UuidText;
 use super::schema::{hospitals, offers, units};
 use super::statement::{Bind, Statement};
 use super::{Backend, DbConn, StoreError, from_db_time, to_db_time};
@@ -36,7 +37,7 @@ pub struct UnitRecord {
 #[derive(Insertable, AsChangeset, Queryable, Selectable)]
 #[diesel(table_name = units, treat_none_as_default_value = false, treat_none_as_null = true)]
 struct UnitRow {
-    id: String,
+    id: UnitId,
     call_sign: String,
     capability: String,
     status: String,
@@ -45,6 +46,7 @@ struct UnitRow {
     fix_at: chrono::NaiveDateTime,
     base_lat: Option<f64>,
     base_lng: Option<f64>,
+    /// Text on purpose: read leniently (see [`UnitRow::into_record`]).
     current_incident_id: Option<String>,
     created_at: chrono::NaiveDateTime,
     updated_at: chrono::NaiveDateTime,
@@ -53,7 +55,7 @@ struct UnitRow {
 impl UnitRow {
     fn from_record(u: &UnitRecord, now: DateTime<Utc>) -> Self {
         Self {
-            id: u.id.0.clone(),
+            id: u.id.clone(),
             call_sign: u.call_sign.clone(),
             capability: u.capability.clone(),
             status: u.status.clone(),
@@ -70,7 +72,7 @@ impl UnitRow {
 
     fn into_record(self) -> UnitRecord {
         UnitRecord {
-            id: UnitId(self.id),
+            id: self.id,
             call_sign: self.call_sign,
             capability: self.capability,
             status: self.status,
@@ -83,7 +85,8 @@ impl UnitRow {
                 .base_lat
                 .zip(self.base_lng)
                 .map(|(lat, lng)| LatLng { lat, lng }),
-            // A value that is not an incident id (never written by SHERS) reads as none.
+            // A value that is not an incident id (never written by SHERS) reads as none rather
+            // than failing the load of every unit at start-up, hence text, not `IncidentId`.
             current_incident_id: self.current_incident_id.and_then(|i| i.parse().ok()),
         }
     }
@@ -154,10 +157,6 @@ pub async fn save_units(
             }
         }
         Backend::Postgres => {
-            let incident_ids: Vec<Option<String>> = units
-                .iter()
-                .map(|u| u.current_incident_id.map(|i| i.to_string()))
-                .collect();
             let statement = Statement::<SaveUnitsPg>::new(
                 SAVE_UNITS_PG,
                 vec![
@@ -167,7 +166,12 @@ pub async fn save_units(
                     Bind::Floats(units.iter().map(|u| u.location.lat).collect()),
                     Bind::Floats(units.iter().map(|u| u.location.lng).collect()),
                     Bind::Timestamps(units.iter().map(|u| to_db_time(u.fix_at)).collect()),
-                    Bind::OptTexts(incident_ids.iter().map(Option::as_deref).collect()),
+                    Bind::OptUuids(
+                        units
+                            .iter()
+                            .map(|u| u.current_incident_id.map(UuidText::from))
+                            .collect(),
+                    ),
                 ],
             );
             db_run!(conn, |c| statement.execute(c).await)?;
@@ -190,10 +194,9 @@ pub async fn all_units(conn: &mut DbConn) -> Result<Vec<UnitRecord>, StoreError>
 
 /// One unit, as last stored.
 pub async fn find_unit(conn: &mut DbConn, id: &UnitId) -> Result<Option<UnitRecord>, StoreError> {
-    let id = id.as_str().to_owned();
     let rows: Vec<UnitRow> = db_run!(conn, |c| {
         units::table
-            .filter(units::id.eq(&id))
+            .filter(units::id.eq(id))
             .select(UnitRow::as_select())
             .load(c)
             .await?
@@ -229,7 +232,7 @@ pub async fn insert_hospital(
     db_run!(conn, |c| {
         diesel::insert_into(hospitals::table)
             .values((
-                hospitals::id.eq(h.id.as_str()),
+                hospitals::id.eq(&h.id),
                 hospitals::name.eq(&h.name),
                 hospitals::lat.eq(h.location.lat),
                 hospitals::lng.eq(h.location.lng),
@@ -251,7 +254,7 @@ pub async fn set_occupied(
     occupied: u32,
 ) -> Result<(), StoreError> {
     db_run!(conn, |c| {
-        diesel::update(hospitals::table.find(id.as_str()))
+        diesel::update(hospitals::table.find(id))
             .set(hospitals::occupied.eq(i32::try_from(occupied).unwrap_or(i32::MAX)))
             .execute(c)
             .await?
@@ -261,7 +264,7 @@ pub async fn set_occupied(
 
 /// Every hospital.
 pub async fn all_hospitals(conn: &mut DbConn) -> Result<Vec<HospitalRecord>, StoreError> {
-    let rows: Vec<(String, String, f64, f64, String, i32, i32)> = db_run!(conn, |c| {
+    let rows: Vec<(HospitalId, String, f64, f64, String, i32, i32)> = db_run!(conn, |c| {
         hospitals::table
             .order(hospitals::id.asc())
             .select((
@@ -279,7 +282,7 @@ pub async fn all_hospitals(conn: &mut DbConn) -> Result<Vec<HospitalRecord>, Sto
     rows.into_iter()
         .map(|(id, name, lat, lng, caps, capacity, occupied)| {
             Ok(HospitalRecord {
-                id: HospitalId(id),
+                id,
                 name,
                 location: LatLng { lat, lng },
                 capabilities: serde_json::from_str(&caps)
@@ -321,9 +324,9 @@ pub struct OfferRecord {
 #[derive(Insertable, Queryable, Selectable)]
 #[diesel(table_name = offers, treat_none_as_default_value = false)]
 struct OfferRow {
-    id: String,
-    incident_id: String,
-    unit_id: String,
+    id: OfferId,
+    incident_id: IncidentId,
+    unit_id: UnitId,
     round: i32,
     status: String,
     eta_s: i32,
@@ -343,9 +346,9 @@ impl OfferRows {
             batch
                 .iter()
                 .map(|o| OfferRow {
-                    id: o.id.to_string(),
-                    incident_id: o.incident_id.to_string(),
-                    unit_id: o.unit_id.0.clone(),
+                    id: o.id,
+                    incident_id: o.incident_id,
+                    unit_id: o.unit_id.clone(),
                     round: i32::try_from(o.round).unwrap_or(i32::MAX),
                     status: o.status.clone(),
                     eta_s: i32::try_from(o.eta_s).unwrap_or(i32::MAX),
@@ -366,8 +369,8 @@ impl OfferRows {
     pub(crate) fn columns(&self) -> Vec<Bind<'_>> {
         let rows = &self.0;
         vec![
-            Bind::Texts(rows.iter().map(|r| r.id.as_str()).collect()),
-            Bind::Texts(rows.iter().map(|r| r.incident_id.as_str()).collect()),
+            Bind::Uuids(rows.iter().map(|r| r.id.into()).collect()),
+            Bind::Uuids(rows.iter().map(|r| r.incident_id.into()).collect()),
             Bind::Texts(rows.iter().map(|r| r.unit_id.as_str()).collect()),
             Bind::Ints(rows.iter().map(|r| r.round).collect()),
             Bind::Texts(rows.iter().map(|r| r.status.as_str()).collect()),
@@ -438,23 +441,21 @@ pub async fn close_offers(
         offers::responded_at.eq(Some(to_db_time(at))),
         offers::decline_reason.eq(decline_reason),
     );
-    let moved: Vec<String> = db_run!(conn, |c| {
+    let moved: Vec<OfferId> = db_run!(conn, |c| {
         // SQLite (in-process): a statement per offer, since diesel has no RETURNING there.
         let mut moved = Vec::with_capacity(ids.len());
         for id in ids {
-            let id = id.to_string();
             let pending = offers::table
-                .filter(offers::id.eq(&id))
+                .filter(offers::id.eq(id))
                 .filter(offers::status.eq("pending"));
             if diesel::update(pending).set(changes).execute(c).await? == 1 {
-                moved.push(id);
+                moved.push(*id);
             }
         }
         moved
     } else |c| {
-        let keys: Vec<String> = ids.iter().map(ToString::to_string).collect();
         let pending = offers::table
-            .filter(offers::id.eq_any(&keys))
+            .filter(offers::id.eq_any(ids))
             .filter(offers::status.eq("pending"));
         diesel::update(pending)
             .set(changes)
@@ -464,22 +465,16 @@ pub async fn close_offers(
     });
     Ok(ids
         .iter()
-        .filter(|id| moved.contains(&id.to_string()))
+        .filter(|id| moved.contains(id))
         .copied()
         .collect())
 }
 
-fn offer_from_row(r: OfferRow) -> Result<OfferRecord, StoreError> {
-    Ok(OfferRecord {
-        id: r
-            .id
-            .parse()
-            .map_err(|e| StoreError::Corrupt(format!("offer id: {e}")))?,
-        incident_id: r
-            .incident_id
-            .parse()
-            .map_err(|e| StoreError::Corrupt(format!("offer incident: {e}")))?,
-        unit_id: UnitId(r.unit_id),
+fn offer_from_row(r: OfferRow) -> OfferRecord {
+    OfferRecord {
+        id: r.id,
+        incident_id: r.incident_id,
+        unit_id: r.unit_id,
         round: u32::try_from(r.round).unwrap_or(0),
         status: r.status,
         eta_s: u32::try_from(r.eta_s).unwrap_or(0),
@@ -488,7 +483,7 @@ fn offer_from_row(r: OfferRow) -> Result<OfferRecord, StoreError> {
         expires_at: from_db_time(r.expires_at),
         responded_at: r.responded_at.map(from_db_time),
         decline_reason: r.decline_reason,
-    })
+    }
 }
 
 /// The offers of an incident, oldest first.
@@ -498,13 +493,13 @@ pub async fn offers_for(
 ) -> Result<Vec<OfferRecord>, StoreError> {
     let rows: Vec<OfferRow> = db_run!(conn, |c| {
         offers::table
-            .filter(offers::incident_id.eq(incident.to_string()))
+            .filter(offers::incident_id.eq(incident))
             .order((offers::offered_at.asc(), offers::id.asc()))
             .select(OfferRow::as_select())
             .load(c)
             .await?
     });
-    rows.into_iter().map(offer_from_row).collect()
+    Ok(rows.into_iter().map(offer_from_row).collect())
 }
 
 /// The offers of each of `incidents` (bulk form of [`offers_for`], for start-up).
@@ -515,17 +510,16 @@ pub async fn offers_for_many(
     let mut by_incident: std::collections::HashMap<IncidentId, Vec<OfferRecord>> =
         std::collections::HashMap::new();
     for chunk in incidents.chunks(500) {
-        let ids: Vec<String> = chunk.iter().map(ToString::to_string).collect();
         let rows: Vec<OfferRow> = db_run!(conn, |c| {
             offers::table
-                .filter(offers::incident_id.eq_any(&ids))
+                .filter(offers::incident_id.eq_any(chunk))
                 .order((offers::offered_at.asc(), offers::id.asc()))
                 .select(OfferRow::as_select())
                 .load(c)
                 .await?
         });
         for row in rows {
-            let offer = offer_from_row(row)?;
+            let offer = offer_from_row(row);
             by_incident
                 .entry(offer.incident_id)
                 .or_default()
@@ -539,11 +533,11 @@ pub async fn offers_for_many(
 pub async fn find_offer(conn: &mut DbConn, id: OfferId) -> Result<Option<OfferRecord>, StoreError> {
     let row: Option<OfferRow> = db_run!(conn, |c| {
         offers::table
-            .find(id.to_string())
+            .find(id)
             .select(OfferRow::as_select())
             .first(c)
             .await
             .optional()?
     });
-    row.map(offer_from_row).transpose()
+    Ok(row.map(offer_from_row))
 }

@@ -32,6 +32,12 @@
 //! it free instead of queueing behind a batch of positions, and the status changes of the
 //! units reserved for that emergency's first offer round are stored just after its write
 //! instead of just before it. When one is due, everything waiting goes with it, in order.
+//!
+//! The writer's queue is bounded ([`QUEUED_BATCHES`] batches): however far the database falls
+//! behind (a stall, an outage while the writer waits for a connection), what waits for it stays
+//! bounded. A write or an append waits for room, which its caller would spend waiting for the
+//! commit anyway; a unit's position fix, which nobody waits for and the next fix supersedes, is
+//! dropped instead and counted (`shers_group_commit_dropped_total`).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -39,6 +45,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
 use super::events::{self, Prepared};
@@ -127,6 +134,28 @@ struct Deferred {
     answer: oneshot::Sender<Result<(), StoreError>>,
 }
 
+impl Deferred {
+    /// An append with no events yet ([`GroupCommit::send`] adds them) and the receiver of its
+    /// answer.
+    fn new(
+        unit: Option<UnitRecord>,
+        key: Option<String>,
+        projection: Option<Projection>,
+        linger: Option<Duration>,
+    ) -> (Self, oneshot::Receiver<Result<(), StoreError>>) {
+        let (answer, answered) = oneshot::channel();
+        let deferred = Self {
+            events: Vec::new(),
+            unit,
+            key,
+            projection,
+            linger,
+            answer,
+        };
+        (deferred, answered)
+    }
+}
+
 /// What the writer is sent.
 enum Item {
     Job(Job),
@@ -142,10 +171,25 @@ pub const UNIT_STATUS_LINGER: Duration = Duration::from_millis(5);
 /// the writer free. The live map shows a fix this much later at most.
 pub const UNIT_POSITION_LINGER: Duration = Duration::from_millis(50);
 
+/// How many full batches may queue for the writer (with 128 writes a batch, 4,096 writes):
+/// about what the writer commits in a second when the database keeps up, so a burst is
+/// absorbed, and little memory (a write or an append is a boxed closure or a few hundred
+/// bytes) when it does not.
+pub const QUEUED_BATCHES: usize = 32;
+
+/// What a queued item does when the writer's queue is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WhenFull {
+    /// Waits for room (the caller waits for the commit anyway).
+    Wait,
+    /// Is dropped and counted: only for what the next change supersedes (position fixes).
+    Drop,
+}
+
 /// Handle to the group-commit writer; cheap to clone and usable from any thread.
 #[derive(Clone, Debug)]
 pub struct GroupCommit {
-    jobs: mpsc::UnboundedSender<Item>,
+    jobs: mpsc::Sender<Item>,
     stats: Arc<Stats>,
 }
 
@@ -158,17 +202,18 @@ struct Stats {
 
 impl GroupCommit {
     /// Starts the writer on a thread of its own (an arbiter that stops when every handle is
-    /// gone); at most `max_batch` writes per commit. `db` is best a pool of its own
-    /// ([`Db::connect_writer`]): the writer keeps one connection checked out, and one opened
-    /// on its thread does its I/O there.
+    /// gone); at most `max_batch` writes per commit, and [`QUEUED_BATCHES`] batches queued.
+    /// `db` is best a pool of its own ([`Db::connect_writer`]): the writer keeps one
+    /// connection checked out, and one opened on its thread does its I/O there.
     pub fn start(db: Db, max_batch: usize) -> Self {
-        let (jobs, rx) = mpsc::unbounded_channel();
+        let max_batch = max_batch.max(1);
+        let (jobs, rx) = mpsc::channel(max_batch.saturating_mul(QUEUED_BATCHES));
         let stats = Arc::new(Stats::default());
         let arbiter = actix::Arbiter::new();
         let writer_stats = stats.clone();
         arbiter.spawn_fn(move || {
             actix::spawn(async move {
-                writer(db, rx, max_batch.max(1), writer_stats).await;
+                writer(db, rx, max_batch, writer_stats).await;
                 actix::Arbiter::current().stop();
             });
         });
@@ -184,8 +229,10 @@ impl GroupCommit {
     }
 
     /// Runs `work` in a transaction shared with other writes; returns its result once the
-    /// shared commit has succeeded (or its own error, with its changes rolled back). If the
-    /// caller stops waiting, the write still completes or rolls back as a whole. `work` may run
+    /// shared commit has succeeded (or its own error, with its changes rolled back). It first
+    /// waits for room in the writer's queue if that is full ([`QUEUED_BATCHES`]). If the caller
+    /// stops waiting once the write is queued, it still completes or rolls back as a whole; if
+    /// it stops while the write waits for room, nothing is written. `work` may run
     /// twice (optimistically, then again in a savepoint if its batch is replayed): it must only
     /// touch the database, and rebuild anything it moves into its future on each call.
     pub async fn write<T, E, F>(&self, work: F) -> Result<T, E>
@@ -215,7 +262,7 @@ impl GroupCommit {
             answer,
             atomic,
         });
-        if self.jobs.send(Item::Job(job)).is_err() {
+        if self.jobs.send(Item::Job(job)).await.is_err() {
             return Err(writer_stopped().into());
         }
         answered
@@ -237,7 +284,8 @@ impl GroupCommit {
         key: Option<String>,
         projection: Option<Projection>,
     ) -> Result<(), StoreError> {
-        self.send(stream, events, None, key, projection, None).await
+        let deferred = Deferred::new(None, key, projection, None);
+        self.send(stream, events, deferred, WhenFull::Wait).await
     }
 
     /// Appends `events` to a unit's stream and saves `unit`'s live state, within
@@ -249,62 +297,55 @@ impl GroupCommit {
         events: Vec<NewEvent>,
         unit: UnitRecord,
     ) -> Result<(), StoreError> {
-        self.send(
-            stream,
-            events,
-            Some(unit),
-            None,
-            None,
-            Some(UNIT_STATUS_LINGER),
-        )
-        .await
+        let deferred = Deferred::new(Some(unit), None, None, Some(UNIT_STATUS_LINGER));
+        self.send(stream, events, deferred, WhenFull::Wait).await
     }
 
     /// Like [`GroupCommit::append_unit`], for a position fix: it waits in the writer for up
     /// to [`UNIT_POSITION_LINGER`] and is stored with the other units' fixes (or earlier, with
-    /// the unit's next other change, which it precedes). Returns once committed.
+    /// the unit's next other change, which it precedes). Returns once committed. When the
+    /// writer's queue is full it is not queued: `StoreError::Busy` at once, and
+    /// `shers_group_commit_dropped_total{write="unit_position"}` counts it (the unit's live
+    /// state stays authoritative, and its next fix or change stores it).
     pub async fn append_unit_position(
         &self,
         stream: &str,
         events: Vec<NewEvent>,
         unit: UnitRecord,
     ) -> Result<(), StoreError> {
-        self.send(
-            stream,
-            events,
-            Some(unit),
-            None,
-            None,
-            Some(UNIT_POSITION_LINGER),
-        )
-        .await
+        let deferred = Deferred::new(Some(unit), None, None, Some(UNIT_POSITION_LINGER));
+        self.send(stream, events, deferred, WhenFull::Drop).await
     }
 
-    /// Queues a deferred append (serialised here, off the writer's thread) and waits for its
-    /// batch's commit.
+    /// Queues a deferred append (its `events` serialised here, off the writer's thread) and
+    /// waits for its batch's commit.
     async fn send(
         &self,
         stream: &str,
         events: Vec<NewEvent>,
-        unit: Option<UnitRecord>,
-        key: Option<String>,
-        projection: Option<Projection>,
-        linger: Option<Duration>,
+        (mut deferred, answered): (Deferred, oneshot::Receiver<Result<(), StoreError>>),
+        when_full: WhenFull,
     ) -> Result<(), StoreError> {
-        let events = events
+        deferred.events = events
             .into_iter()
             .map(|e| Prepared::new(stream, e))
             .collect::<Result<Vec<_>, _>>()?;
-        let (answer, answered) = oneshot::channel();
-        let deferred = Deferred {
-            events,
-            unit,
-            key,
-            projection,
-            linger,
-            answer,
+        let item = Item::Append(Box::new(deferred));
+        let queued = match when_full {
+            WhenFull::Wait => self.jobs.send(item).await.is_ok(),
+            WhenFull::Drop => match self.jobs.try_send(item) {
+                Ok(()) => true,
+                Err(TrySendError::Full(_)) => {
+                    metrics::counter!("shers_group_commit_dropped_total", "write" => "unit_position")
+                        .increment(1);
+                    return Err(StoreError::Busy(
+                        "the database writer's queue is full; the position fix was dropped".into(),
+                    ));
+                }
+                Err(TrySendError::Closed(_)) => false,
+            },
         };
-        if self.jobs.send(Item::Append(Box::new(deferred))).is_err() {
+        if !queued {
             return Err(writer_stopped());
         }
         answered.await.unwrap_or_else(|_| Err(commit_failed()))
@@ -559,12 +600,7 @@ async fn timed<T>(started: std::time::Instant, future: impl Future<Output = T>) 
 
 // Long on purpose: the group-commit loop (collect, run, replay, answer), read top to bottom;
 // every write in the process passes here, so it stays one loop with no extra awaits.
-async fn writer(
-    db: Db,
-    mut items: mpsc::UnboundedReceiver<Item>,
-    max_batch: usize,
-    stats: Arc<Stats>,
-) {
+async fn writer(db: Db, mut items: mpsc::Receiver<Item>, max_batch: usize, stats: Arc<Stats>) {
     let mut batch = Vec::with_capacity(max_batch);
     // Kept between batches; dropped after a failed commit (it may be broken) and opened again.
     let mut held: Option<DbConn> = None;
@@ -706,5 +742,73 @@ async fn writer(
             }
         }
         metrics::histogram!("shers_group_commit_batch_size").record(size as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::geo::LatLng;
+    use crate::domain::ids::UnitId;
+
+    fn unit() -> UnitRecord {
+        UnitRecord {
+            id: UnitId::from("M-1"),
+            call_sign: "M-1".into(),
+            capability: "als".into(),
+            status: "available".into(),
+            location: LatLng {
+                lat: 51.5,
+                lng: 0.0,
+            },
+            fix_at: chrono::DateTime::UNIX_EPOCH,
+            base: None,
+            current_incident_id: None,
+        }
+    }
+
+    /// A full queue: a position fix is dropped at once, a status change waits for room.
+    #[tokio::test]
+    async fn a_full_queue_drops_position_fixes_and_makes_other_writes_wait() {
+        let (jobs, mut queue) = mpsc::channel(1);
+        let writer = GroupCommit {
+            jobs,
+            stats: Arc::default(),
+        };
+        let first = tokio::spawn({
+            let writer = writer.clone();
+            async move { writer.append_unit("unit-M-1", Vec::new(), unit()).await }
+        });
+        while queue.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        let fix = NewEvent::new("unit.location", serde_json::json!({}));
+        let dropped = writer
+            .append_unit_position("unit-M-1", vec![fix], unit())
+            .await;
+        assert!(matches!(dropped, Err(StoreError::Busy(_))), "{dropped:?}");
+        let second = tokio::spawn({
+            let writer = writer.clone();
+            async move { writer.append_unit("unit-M-1", Vec::new(), unit()).await }
+        });
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(queue.len(), 1, "the second change waits for room");
+        assert!(!second.is_finished());
+        // The writer takes the first change (and answers it): the second is queued.
+        let Some(Item::Append(taken)) = queue.recv().await else {
+            panic!("the first change was not queued");
+        };
+        let _ = taken.answer.send(Ok(()));
+        assert!(matches!(first.await, Ok(Ok(()))));
+        let Some(Item::Append(taken)) = queue.recv().await else {
+            panic!("the second change was not queued");
+        };
+        drop(taken);
+        assert!(
+            matches!(second.await, Ok(Err(StoreError::Unavailable(_)))),
+            "an unanswered change is reported as not written"
+        );
     }
 }

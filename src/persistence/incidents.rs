@@ -6,6 +6,7 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
 use super::fleet::{OfferRecord, OfferRows};
+use super::ids::UuidText;
 use super::schema::{idempotency_keys, incident_evidence, incidents, notifications};
 use super::statement::{Bind, Statement};
 use super::{DbConn, StoreError, from_db_time, to_db_time};
@@ -18,19 +19,19 @@ use crate::domain::incident::{Incident, IncidentStatus, Priority, Source, Times}
 #[derive(Insertable, AsChangeset, Queryable, Selectable, Clone, Debug)]
 #[diesel(table_name = incidents, treat_none_as_default_value = false, treat_none_as_null = true)]
 struct IncidentRow {
-    id: String,
+    id: IncidentId,
     reference: String,
     status: String,
     priority: String,
     source: String,
-    patient_id: Option<String>,
-    open_patient_id: Option<String>,
+    patient_id: Option<PatientId>,
+    open_patient_id: Option<PatientId>,
     lat: f64,
     lng: f64,
     description: Option<String>,
     escalated: bool,
-    assigned_unit_id: Option<String>,
-    hospital_id: Option<String>,
+    assigned_unit_id: Option<UnitId>,
+    hospital_id: Option<HospitalId>,
     dispatch_round: i32,
     evidence_count: i32,
     cancel_reason: Option<String>,
@@ -62,23 +63,19 @@ impl IncidentRow {
     fn from_domain(i: &Incident, version: i64, now: DateTime<Utc>) -> Self {
         let t = |x: Option<DateTime<Utc>>| x.map(to_db_time);
         Self {
-            id: i.id.to_string(),
+            id: i.id,
             reference: i.reference.clone(),
             status: i.status.as_str().to_owned(),
             priority: enum_str(&i.priority),
             source: enum_str(&i.source),
-            patient_id: i.patient_id.as_ref().map(|p| p.0.clone()),
-            open_patient_id: i
-                .patient_id
-                .as_ref()
-                .filter(|_| i.status.is_open())
-                .map(|p| p.0.clone()),
+            patient_id: i.patient_id.clone(),
+            open_patient_id: i.patient_id.clone().filter(|_| i.status.is_open()),
             lat: i.location.lat,
             lng: i.location.lng,
             description: i.description.clone(),
             escalated: i.escalated,
-            assigned_unit_id: i.assigned_unit_id.as_ref().map(|u| u.0.clone()),
-            hospital_id: i.hospital_id.as_ref().map(|h| h.0.clone()),
+            assigned_unit_id: i.assigned_unit_id.clone(),
+            hospital_id: i.hospital_id.clone(),
             dispatch_round: i32::try_from(i.dispatch_round).unwrap_or(i32::MAX),
             evidence_count: i32::try_from(i.evidence_count).unwrap_or(i32::MAX),
             cancel_reason: i.cancel_reason.clone(),
@@ -98,16 +95,13 @@ impl IncidentRow {
     fn into_domain(self) -> Result<(Incident, i64), StoreError> {
         let t = |x: Option<chrono::NaiveDateTime>| x.map(from_db_time);
         let incident = Incident {
-            id: self
-                .id
-                .parse()
-                .map_err(|e| StoreError::Corrupt(format!("incident id: {e}")))?,
+            id: self.id,
             reference: self.reference,
             status: IncidentStatus::parse(&self.status)
                 .ok_or_else(|| StoreError::Corrupt(format!("incident status {}", self.status)))?,
             priority: enum_parse::<Priority>(&self.priority, "priority")?,
             source: enum_parse::<Source>(&self.source, "source")?,
-            patient_id: self.patient_id.map(PatientId),
+            patient_id: self.patient_id,
             location: LatLng {
                 lat: self.lat,
                 lng: self.lng,
@@ -115,8 +109,8 @@ impl IncidentRow {
             description: self.description,
             created_at: from_db_time(self.created_at),
             escalated: self.escalated,
-            assigned_unit_id: self.assigned_unit_id.map(UnitId),
-            hospital_id: self.hospital_id.map(HospitalId),
+            assigned_unit_id: self.assigned_unit_id,
+            hospital_id: self.hospital_id,
             dispatch_round: u32::try_from(self.dispatch_round).unwrap_or(0),
             times: Times {
                 call_received: t(self.call_received),
@@ -241,7 +235,7 @@ pub async fn add_evidence(
         diesel::insert_into(incident_evidence::table)
             .values((
                 incident_evidence::id.eq(uuid::Uuid::now_v7().to_string()),
-                incident_evidence::incident_id.eq(incident.to_string()),
+                incident_evidence::incident_id.eq(incident),
                 incident_evidence::added_at.eq(to_db_time(at)),
                 incident_evidence::evidence.eq(body),
             ))
@@ -258,7 +252,7 @@ pub async fn evidence_for(
 ) -> Result<Vec<(DateTime<Utc>, serde_json::Value)>, StoreError> {
     let rows: Vec<(chrono::NaiveDateTime, String)> = db_run!(conn, |c| {
         incident_evidence::table
-            .filter(incident_evidence::incident_id.eq(incident.to_string()))
+            .filter(incident_evidence::incident_id.eq(incident))
             .order((
                 incident_evidence::added_at.asc(),
                 incident_evidence::id.asc(),
@@ -283,7 +277,7 @@ pub async fn find(
 ) -> Result<Option<(Incident, i64)>, StoreError> {
     let row: Option<IncidentRow> = db_run!(conn, |c| {
         incidents::table
-            .find(id.to_string())
+            .find(id)
             .select(IncidentRow::as_select())
             .first(c)
             .await
@@ -297,36 +291,25 @@ pub async fn open_for_patient(
     conn: &mut DbConn,
     patient: &PatientId,
 ) -> Result<Option<IncidentId>, StoreError> {
-    let id: Option<String> = db_run!(conn, |c| {
+    Ok(db_run!(conn, |c| {
         incidents::table
-            .filter(incidents::open_patient_id.eq(patient.as_str()))
+            .filter(incidents::open_patient_id.eq(patient))
             .select(incidents::id)
             .first(c)
             .await
             .optional()?
-    });
-    id.map(|s| {
-        s.parse()
-            .map_err(|e| StoreError::Corrupt(format!("incident id: {e}")))
-    })
-    .transpose()
+    }))
 }
 
 /// Ids of every open incident (recovery at start-up).
 pub async fn open_ids(conn: &mut DbConn) -> Result<Vec<IncidentId>, StoreError> {
-    let ids: Vec<String> = db_run!(conn, |c| {
+    Ok(db_run!(conn, |c| {
         incidents::table
             .filter(incidents::status.ne_all(["closed", "cancelled"]))
             .select(incidents::id)
             .load(c)
             .await?
-    });
-    ids.into_iter()
-        .map(|s| {
-            s.parse()
-                .map_err(|e| StoreError::Corrupt(format!("incident id: {e}")))
-        })
-        .collect()
+    }))
 }
 
 /// Ids of the incidents in any of `statuses` (billing's recovery: those at the hospital or in
@@ -336,19 +319,13 @@ pub async fn ids_in_status(
     statuses: &[IncidentStatus],
 ) -> Result<Vec<IncidentId>, StoreError> {
     let names: Vec<&'static str> = statuses.iter().map(|s| s.as_str()).collect();
-    let ids: Vec<String> = db_run!(conn, |c| {
+    Ok(db_run!(conn, |c| {
         incidents::table
             .filter(incidents::status.eq_any(&names))
             .select(incidents::id)
             .load(c)
             .await?
-    });
-    ids.into_iter()
-        .map(|s| {
-            s.parse()
-                .map_err(|e| StoreError::Corrupt(format!("incident id: {e}")))
-        })
-        .collect()
+    }))
 }
 
 /// How many incidents there are in each status (`(status, count)`, one row per status present).
@@ -539,6 +516,7 @@ pub async fn create_pg(
     let recorded_at = to_db_time(super::events::recorded_at(now));
     let row = IncidentRow::from_domain(new.incident, count, now);
     let stream = format!("incident-{}", row.id);
+    let id = UuidText::from(row.id);
     let now = to_db_time(now);
     let evidence = new
         .evidence
@@ -560,19 +538,19 @@ pub async fn create_pg(
     ];
     binds.extend(super::events::columns(new.events, &payloads));
     binds.extend([
-        Bind::Text(&row.id),
+        Bind::Uuid(id),
         Bind::Text(&row.reference),
         Bind::Text(&row.status),
         Bind::Text(&row.priority),
         Bind::Text(&row.source),
-        Bind::OptText(row.patient_id.as_deref()),
-        Bind::OptText(row.open_patient_id.as_deref()),
+        Bind::OptText(row.patient_id.as_ref().map(PatientId::as_str)),
+        Bind::OptText(row.open_patient_id.as_ref().map(PatientId::as_str)),
         Bind::Double(row.lat),
         Bind::Double(row.lng),
         Bind::OptText(row.description.as_deref()),
         Bind::Bool(row.escalated),
-        Bind::OptText(row.assigned_unit_id.as_deref()),
-        Bind::OptText(row.hospital_id.as_deref()),
+        Bind::OptText(row.assigned_unit_id.as_ref().map(UnitId::as_str)),
+        Bind::OptText(row.hospital_id.as_ref().map(HospitalId::as_str)),
         Bind::Int(row.dispatch_round),
         Bind::Int(row.evidence_count),
         Bind::OptText(row.cancel_reason.as_deref()),
@@ -586,11 +564,11 @@ pub async fn create_pg(
         Bind::Timestamp(row.created_at),
         Bind::Timestamp(row.updated_at),
         Bind::BigInt(row.version),
-        Bind::Text(&row.id),
+        Bind::Uuid(id),
         Bind::Timestamp(now),
         Bind::Texts(evidence_ids.iter().map(String::as_str).collect()),
         Bind::Texts(evidence.iter().map(String::as_str).collect()),
-        Bind::Text(&row.id),
+        Bind::Uuid(id),
         Bind::Timestamp(now),
         Bind::Timestamp(now),
         Bind::Timestamp(now),
@@ -650,7 +628,7 @@ pub async fn queue_notifications(
     conn.try_each(batch, async |conn, n| {
         let values = (
             notifications::id.eq(&n.id),
-            notifications::incident_id.eq(n.incident_id.to_string()),
+            notifications::incident_id.eq(n.incident_id),
             notifications::recipient_name.eq(&n.recipient_name),
             notifications::channel.eq(n.channel),
             notifications::address.eq(&n.address),
@@ -702,7 +680,7 @@ pub async fn notifications_for(
 ) -> Result<Vec<NotificationView>, StoreError> {
     Ok(db_run!(conn, |c| {
         notifications::table
-            .filter(notifications::incident_id.eq(incident.to_string()))
+            .filter(notifications::incident_id.eq(incident))
             .order(notifications::created_at.asc())
             .select((
                 notifications::id,
@@ -805,7 +783,7 @@ pub struct DueNotification {
     /// Row id.
     pub id: String,
     /// The incident this concerns.
-    pub incident_id: String,
+    pub incident_id: IncidentId,
     /// Recipient's name (patient data: never logged).
     pub recipient_name: String,
     /// `sms`, `email`, `webhook`.

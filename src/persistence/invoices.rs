@@ -9,6 +9,7 @@ use super::schema::invoices;
 use super::{DbConn, StoreError, to_db_time};
 use crate::db_run;
 use crate::domain::billing::Saga;
+use crate::domain::ids::IncidentId;
 
 /// A stored invoice.
 #[derive(Clone, Debug)]
@@ -107,7 +108,7 @@ fn decode(row: (String, String, String, bool)) -> Result<Invoice, StoreError> {
 /// The invoice of an incident.
 pub async fn for_incident(
     conn: &mut DbConn,
-    incident_id: &str,
+    incident_id: IncidentId,
 ) -> Result<Option<Invoice>, StoreError> {
     let row: Option<(String, String, String, bool)> = db_run!(conn, |c| {
         invoices::table

@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod events;
 pub mod fleet;
 pub mod group;
+pub mod ids;
 pub mod incidents;
 pub mod insurance;
 pub mod invoices;
@@ -235,6 +236,17 @@ impl From<diesel::result::Error> for StoreError {
             }
             Error::BrokenTransactionManager => {
                 Self::Unavailable("broken transaction manager".to_owned())
+            }
+            // A stored value its Rust type refuses (an id column that is not an id): the
+            // field, then why.
+            Error::DeserializationError(e) => {
+                let mut message = e.to_string();
+                let mut source = e.source();
+                while let Some(cause) = source {
+                    message.push_str(&format!(": {cause}"));
+                    source = cause.source();
+                }
+                Self::Corrupt(message)
             }
             other => Self::Database(other),
         }
@@ -822,6 +834,11 @@ mod tests {
             Box::new("no such table".to_owned()),
         );
         assert!(matches!(StoreError::from(other), StoreError::Database(_)));
+        let undecodable = Error::DeserializationError("incident id \"inc-1\": invalid".into());
+        assert!(matches!(
+            StoreError::from(undecodable),
+            StoreError::Corrupt(m) if m.contains("inc-1")
+        ));
     }
 
     #[test]

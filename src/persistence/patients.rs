@@ -17,7 +17,7 @@ use crate::domain::patients::{Device, Insurance, NextOfKin, Patient};
 #[derive(Insertable, Queryable, Selectable)]
 #[diesel(table_name = patients, treat_none_as_default_value = false)]
 struct PatientRow {
-    id: String,
+    id: PatientId,
     name: String,
     date_of_birth: Option<String>,
     home_lat: Option<f64>,
@@ -30,8 +30,9 @@ struct PatientRow {
 #[derive(Insertable, Queryable, Selectable)]
 #[diesel(table_name = next_of_kin, treat_none_as_default_value = false)]
 struct KinRow {
+    /// The row's own key (a UUID no other table refers to): text.
     id: String,
-    patient_id: String,
+    patient_id: PatientId,
     position: i32,
     name: String,
     relation: Option<String>,
@@ -43,7 +44,7 @@ struct KinRow {
 /// `StoreError::Conflict`.
 pub async fn insert_patient(conn: &mut DbConn, patient: &Patient) -> Result<(), StoreError> {
     let row = PatientRow {
-        id: patient.id.0.clone(),
+        id: patient.id.clone(),
         name: patient.name.clone(),
         date_of_birth: patient.date_of_birth.map(|d| d.to_string()),
         home_lat: patient.home_location.map(|l| l.lat),
@@ -58,7 +59,7 @@ pub async fn insert_patient(conn: &mut DbConn, patient: &Patient) -> Result<(), 
         .zip(0_i32..)
         .map(|(k, position)| KinRow {
             id: uuid::Uuid::now_v7().to_string(),
-            patient_id: patient.id.0.clone(),
+            patient_id: patient.id.clone(),
             position,
             name: k.name.clone(),
             relation: k.relation.clone(),
@@ -96,7 +97,7 @@ pub async fn find_patient(
             async |c| {
                 let row: Option<PatientRow> = db_run!(c, |c| {
                     patients::table
-                        .find(id.as_str())
+                        .find(id)
                         .select(PatientRow::as_select())
                         .first(c)
                         .await
@@ -107,7 +108,7 @@ pub async fn find_patient(
             async |c| {
                 let kin: Vec<KinRow> = db_run!(c, |c| {
                     next_of_kin::table
-                        .filter(next_of_kin::patient_id.eq(id.as_str()))
+                        .filter(next_of_kin::patient_id.eq(id))
                         .order(next_of_kin::position.asc())
                         .select(KinRow::as_select())
                         .load(c)
@@ -127,7 +128,7 @@ pub async fn find_patient(
         .transpose()
         .map_err(|e| StoreError::Corrupt(format!("patient date_of_birth: {e}")))?;
     Ok(Some(Patient {
-        id: PatientId(row.id),
+        id: row.id,
         name: row.name,
         date_of_birth,
         home_location: row
@@ -157,7 +158,7 @@ pub async fn find_patient(
 pub async fn patient_exists(conn: &mut DbConn, id: &PatientId) -> Result<bool, StoreError> {
     let n: i64 = db_run!(conn, |c| {
         patients::table
-            .filter(patients::id.eq(id.as_str()))
+            .filter(patients::id.eq(id))
             .count()
             .get_result(c)
             .await?
@@ -168,8 +169,8 @@ pub async fn patient_exists(conn: &mut DbConn, id: &PatientId) -> Result<bool, S
 #[derive(Insertable, Queryable, Selectable)]
 #[diesel(table_name = devices, treat_none_as_default_value = false)]
 struct DeviceRow {
-    id: String,
-    patient_id: String,
+    id: DeviceId,
+    patient_id: PatientId,
     model: Option<String>,
     registered_at: chrono::NaiveDateTime,
     last_status: Option<String>,
@@ -201,8 +202,8 @@ pub struct DeviceState {
 /// Registers a device. A duplicate id is a `StoreError::Conflict`.
 pub async fn insert_device(conn: &mut DbConn, device: &Device) -> Result<(), StoreError> {
     let row = DeviceRow {
-        id: device.id.0.clone(),
-        patient_id: device.patient_id.0.clone(),
+        id: device.id.clone(),
+        patient_id: device.patient_id.clone(),
         model: device.model.clone(),
         registered_at: to_db_time(device.registered_at),
         last_status: None,
@@ -227,7 +228,7 @@ pub async fn find_device(
 ) -> Result<Option<DeviceState>, StoreError> {
     let row: Option<DeviceRow> = db_run!(conn, |c| {
         devices::table
-            .find(id.as_str())
+            .find(id)
             .select(DeviceRow::as_select())
             .first(c)
             .await
@@ -240,8 +241,8 @@ impl DeviceRow {
     fn into_state(self) -> DeviceState {
         DeviceState {
             device: Device {
-                id: DeviceId(self.id),
-                patient_id: PatientId(self.patient_id),
+                id: self.id,
+                patient_id: self.patient_id,
                 model: self.model,
                 registered_at: from_db_time(self.registered_at),
             },
@@ -262,10 +263,9 @@ pub async fn find_devices(
     conn: &mut DbConn,
     ids: &[DeviceId],
 ) -> Result<Vec<DeviceState>, StoreError> {
-    let ids: Vec<&str> = ids.iter().map(DeviceId::as_str).collect();
     let rows: Vec<DeviceRow> = db_run!(conn, |c| {
         devices::table
-            .filter(devices::id.eq_any(&ids))
+            .filter(devices::id.eq_any(ids))
             .select(DeviceRow::as_select())
             .load(c)
             .await?
@@ -286,7 +286,7 @@ pub async fn set_device_status(
         None => (None, None),
     };
     db_run!(conn, |c| {
-        diesel::update(devices::table.find(id.as_str()))
+        diesel::update(devices::table.find(id))
             .set((
                 devices::last_status.eq(Some(status)),
                 devices::last_seen_at.eq(Some(to_db_time(seen_at))),
@@ -303,14 +303,13 @@ pub async fn set_device_status(
 /// (at start-up, or when their cluster shard is taken over) so the watch escalates on time
 /// even if the wearable says nothing more.
 pub async fn pending_falls(conn: &mut DbConn) -> Result<Vec<DeviceId>, StoreError> {
-    let ids: Vec<String> = db_run!(conn, |c| {
+    Ok(db_run!(conn, |c| {
         devices::table
             .filter(devices::fall_deadline.is_not_null())
             .select(devices::id)
             .load(c)
             .await?
-    });
-    Ok(ids.into_iter().map(DeviceId).collect())
+    }))
 }
 
 /// Most devices named in one SQLite statement (its limit is 32,766 binds).
@@ -388,21 +387,20 @@ pub async fn silent_devices(
     heard_before: DateTime<Utc>,
 ) -> Result<Vec<DeviceId>, StoreError> {
     let before = to_db_time(heard_before);
-    let ids: Vec<String> = db_run!(conn, |c| {
+    Ok(db_run!(conn, |c| {
         devices::table
             .filter(devices::heard_at.is_not_null())
             .filter(devices::heard_at.lt(before))
             .select(devices::id)
             .load(c)
             .await?
-    });
-    Ok(ids.into_iter().map(DeviceId).collect())
+    }))
 }
 
 #[derive(Queryable)]
 struct SilentRow {
-    id: String,
-    patient_id: String,
+    id: DeviceId,
+    patient_id: PatientId,
     last_seen_at: Option<chrono::NaiveDateTime>,
 }
 
@@ -421,10 +419,9 @@ pub async fn record_offline(
     let before = to_db_time(heard_before);
     let mut silent: Vec<SilentRow> = Vec::new();
     for chunk in ids.chunks(IDS_PER_STATEMENT) {
-        let chunk: Vec<&str> = chunk.iter().map(DeviceId::as_str).collect();
         let rows: Vec<SilentRow> = db_run!(&mut *conn, |c| {
             devices::table
-                .filter(devices::id.eq_any(&chunk))
+                .filter(devices::id.eq_any(chunk))
                 .filter(devices::heard_at.is_not_null())
                 .filter(devices::heard_at.lt(before))
                 .select((devices::id, devices::patient_id, devices::last_seen_at))
@@ -437,7 +434,7 @@ pub async fn record_offline(
         return Ok(Vec::new());
     }
     for chunk in silent.chunks(IDS_PER_STATEMENT) {
-        let chunk: Vec<&str> = chunk.iter().map(|r| r.id.as_str()).collect();
+        let chunk: Vec<&DeviceId> = chunk.iter().map(|r| &r.id).collect();
         db_run!(&mut *conn, |c| {
             diesel::update(devices::table.filter(devices::id.eq_any(&chunk)))
                 .set(devices::heard_at.eq(None::<chrono::NaiveDateTime>))
@@ -449,8 +446,8 @@ pub async fn record_offline(
         .iter()
         .map(|row| {
             let event = DeviceEvent::Offline {
-                device_id: DeviceId(row.id.clone()),
-                patient_id: PatientId(row.patient_id.clone()),
+                device_id: row.id.clone(),
+                patient_id: row.patient_id.clone(),
                 last_seen_at: row.last_seen_at.map(from_db_time),
                 silent_s,
             }
@@ -460,5 +457,5 @@ pub async fn record_offline(
         .collect::<Result<Vec<_>, _>>()?;
     let refs: Vec<&Prepared> = prepared.iter().collect();
     events::append_many(conn, &refs, now).await?;
-    Ok(silent.into_iter().map(|r| DeviceId(r.id)).collect())
+    Ok(silent.into_iter().map(|r| r.id).collect())
 }

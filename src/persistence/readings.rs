@@ -32,8 +32,8 @@ pub struct RetainedReading {
 #[derive(Insertable)]
 #[diesel(table_name = readings, treat_none_as_default_value = false)]
 struct Row<'a> {
-    device_id: &'a str,
-    patient_id: &'a str,
+    device_id: &'a DeviceId,
+    patient_id: &'a PatientId,
     measured_at: chrono::NaiveDateTime,
     received_at: chrono::NaiveDateTime,
     status: &'a str,
@@ -53,8 +53,8 @@ pub async fn insert_many(
     let rows: Vec<Row<'_>> = batch
         .iter()
         .map(|r| Row {
-            device_id: &r.device_id.0,
-            patient_id: &r.patient_id.0,
+            device_id: &r.device_id,
+            patient_id: &r.patient_id,
             measured_at: to_db_time(r.measured_at),
             received_at: to_db_time(r.received_at),
             status: r.status,
@@ -86,8 +86,8 @@ pub async fn insert_many(
             n += Statement::<InsertReadingsPg>::new(
                 INSERT_READINGS_PG,
                 vec![
-                    Bind::Texts(chunk.iter().map(|r| r.device_id).collect()),
-                    Bind::Texts(chunk.iter().map(|r| r.patient_id).collect()),
+                    Bind::Texts(chunk.iter().map(|r| r.device_id.as_str()).collect()),
+                    Bind::Texts(chunk.iter().map(|r| r.patient_id.as_str()).collect()),
                     Bind::Timestamps(chunk.iter().map(|r| r.measured_at).collect()),
                     Bind::Timestamps(chunk.iter().map(|r| r.received_at).collect()),
                     Bind::Texts(chunk.iter().map(|r| r.status).collect()),
@@ -103,7 +103,7 @@ pub async fn insert_many(
 }
 
 /// How many readings are retained for `device_id`.
-pub async fn count_for_device(conn: &mut DbConn, device_id: &str) -> Result<i64, StoreError> {
+pub async fn count_for_device(conn: &mut DbConn, device_id: &DeviceId) -> Result<i64, StoreError> {
     Ok(db_run!(conn, |c| {
         readings::table
             .filter(readings::device_id.eq(device_id))

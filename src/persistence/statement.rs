@@ -18,6 +18,8 @@ use diesel::sql_types::{Array, BigInt, Bool, Double, Integer, Nullable, Text, Ti
 use diesel::sqlite::Sqlite;
 use diesel::{QueryResult, result::Error};
 
+use super::ids::UuidText;
+
 /// One bind value.
 #[derive(Debug)]
 pub(crate) enum Bind<'a> {
@@ -28,12 +30,20 @@ pub(crate) enum Bind<'a> {
     Bool(bool),
     Text(&'a str),
     OptText(Option<&'a str>),
+    /// A UUID id as its stored text.
+    Uuid(UuidText),
+    /// A UUID id as its stored text, or `NULL`.
+    OptUuid(Option<UuidText>),
     Timestamp(chrono::NaiveDateTime),
     OptTimestamp(Option<chrono::NaiveDateTime>),
     /// PostgreSQL only.
     Texts(Vec<&'a str>),
     /// PostgreSQL only.
     OptTexts(Vec<Option<&'a str>>),
+    /// PostgreSQL only: UUID ids as `text[]`.
+    Uuids(Vec<UuidText>),
+    /// PostgreSQL only: UUID ids or `NULL`s as `text[]`.
+    OptUuids(Vec<Option<UuidText>>),
     /// PostgreSQL only.
     Floats(Vec<f64>),
     /// PostgreSQL only.
@@ -91,6 +101,8 @@ macro_rules! walk_statement {
                 Some(Bind::Bool(v)) => $out.push_bind_param::<Bool, _>(v)?,
                 Some(Bind::Text(v)) => $out.push_bind_param::<Text, _>(*v)?,
                 Some(Bind::OptText(v)) => $out.push_bind_param::<Nullable<Text>, _>(v)?,
+                Some(Bind::Uuid(v)) => $out.push_bind_param::<Text, _>(v)?,
+                Some(Bind::OptUuid(v)) => $out.push_bind_param::<Nullable<Text>, _>(v)?,
                 Some(Bind::Timestamp(v)) => $out.push_bind_param::<Timestamp, _>(v)?,
                 Some(Bind::OptTimestamp(v)) => $out.push_bind_param::<Nullable<Timestamp>, _>(v)?,
                 Some($bind) => $arrays,
@@ -105,6 +117,8 @@ impl<K> QueryFragment<Pg> for Statement<'_, K> {
         walk_statement!(self, out, |bind| match bind {
             Bind::Texts(v) => out.push_bind_param::<Array<Text>, _>(v)?,
             Bind::OptTexts(v) => out.push_bind_param::<Array<Nullable<Text>>, _>(v)?,
+            Bind::Uuids(v) => out.push_bind_param::<Array<Text>, _>(v)?,
+            Bind::OptUuids(v) => out.push_bind_param::<Array<Nullable<Text>>, _>(v)?,
             Bind::Floats(v) => out.push_bind_param::<Array<Double>, _>(v)?,
             Bind::Timestamps(v) => out.push_bind_param::<Array<Timestamp>, _>(v)?,
             Bind::OptTimestamps(v) => out.push_bind_param::<Array<Nullable<Timestamp>>, _>(v)?,

@@ -48,15 +48,15 @@ impl TokenRecord {
 #[diesel(table_name = api_tokens, treat_none_as_default_value = false)]
 pub struct NewToken<'a> {
     /// Row id.
-    pub id: String,
+    pub id: TokenId,
     /// SHA-256 hex of the secret.
     pub token_hash: &'a str,
     /// Role name.
     pub role: &'a str,
     /// Unit binding.
-    pub unit_id: Option<&'a str>,
+    pub unit_id: Option<&'a UnitId>,
     /// Patient binding.
-    pub patient_id: Option<&'a str>,
+    pub patient_id: Option<&'a PatientId>,
     /// A label for people (which token is which); never the secret.
     pub name: &'a str,
     /// Creation time.
@@ -66,10 +66,10 @@ pub struct NewToken<'a> {
 #[derive(Queryable, Selectable)]
 #[diesel(table_name = api_tokens)]
 struct TokenRow {
-    id: String,
+    id: TokenId,
     role: String,
-    unit_id: Option<String>,
-    patient_id: Option<String>,
+    unit_id: Option<UnitId>,
+    patient_id: Option<PatientId>,
     name: String,
     created_at: chrono::NaiveDateTime,
     revoked_at: Option<chrono::NaiveDateTime>,
@@ -79,16 +79,13 @@ impl TryFrom<TokenRow> for TokenRecord {
     type Error = StoreError;
     fn try_from(row: TokenRow) -> Result<Self, StoreError> {
         Ok(TokenRecord {
-            id: row
-                .id
-                .parse()
-                .map_err(|e| StoreError::Corrupt(format!("token id: {e}")))?,
+            id: row.id,
             role: row
                 .role
                 .parse()
                 .map_err(|e| StoreError::Corrupt(format!("token role: {e}")))?,
-            unit_id: row.unit_id.map(UnitId),
-            patient_id: row.patient_id.map(PatientId),
+            unit_id: row.unit_id,
+            patient_id: row.patient_id,
             name: row.name,
             created_at: from_db_time(row.created_at),
             revoked_at: row.revoked_at.map(from_db_time),
@@ -103,11 +100,11 @@ pub async fn insert(
     record: &TokenRecord,
 ) -> Result<(), StoreError> {
     let row = NewToken {
-        id: record.id.to_string(),
+        id: record.id,
         token_hash,
         role: record.role.as_str(),
-        unit_id: record.unit_id.as_ref().map(UnitId::as_str),
-        patient_id: record.patient_id.as_ref().map(PatientId::as_str),
+        unit_id: record.unit_id.as_ref(),
+        patient_id: record.patient_id.as_ref(),
         name: &record.name,
         created_at: to_db_time(record.created_at),
     };
@@ -154,7 +151,7 @@ pub async fn revoke(conn: &mut DbConn, id: TokenId, now: DateTime<Utc>) -> Resul
     let updated = db_run!(conn, |c| {
         diesel::update(
             api_tokens::table
-                .filter(api_tokens::id.eq(id.to_string()))
+                .filter(api_tokens::id.eq(id))
                 .filter(api_tokens::revoked_at.is_null()),
         )
         .set(api_tokens::revoked_at.eq(Some(to_db_time(now))))

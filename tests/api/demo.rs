@@ -144,7 +144,7 @@ async fn twenty_simulated_minutes_close_and_bill_incidents(backend: Backend) {
     assert_eq!(closed.len() as i64, count("closed"), "{line}");
     let mut paid = 0;
     for incident in &closed {
-        let invoice = invoices::for_incident(&mut conn, &incident.id.to_string())
+        let invoice = invoices::for_incident(&mut conn, incident.id)
             .await
             .unwrap()
             .unwrap_or_else(|| panic!("closed incident {} has no invoice", incident.id));

@@ -6,7 +6,7 @@ use shers::domain::auth::Role;
 use shers::domain::events::{ExpectedVersion, NewEvent};
 use shers::domain::ids::IncidentId;
 use shers::persistence::events::{self, AppendError};
-use shers::persistence::{Backend, migrations, tokens};
+use shers::persistence::{Backend, StoreError, migrations, tokens};
 
 use crate::both_backends;
 use crate::helpers::TestDb;
@@ -14,6 +14,7 @@ use crate::helpers::TestDb;
 both_backends!(
     migrations_go_up_down_up,
     append_and_read_back,
+    typed_ids_are_stored_as_the_text_they_always_were,
     append_conflicts_are_typed,
     a_conflict_inside_a_committed_transaction_leaves_no_gap,
     concurrent_appenders_exactly_one_wins,
@@ -29,9 +30,12 @@ both_backends!(
     a_new_incident_is_one_statement_and_all_or_nothing,
 );
 
+/// The incident the events of [`event`] concern.
+const INCIDENT_1: &str = "0190a1b2-0000-7000-8000-000000000001";
+
 fn event(kind: &str, n: i64) -> NewEvent {
     let mut e = NewEvent::new(kind, json!({"n": n}));
-    e.incident_id = Some("inc-1".into());
+    e.incident_id = INCIDENT_1.parse().ok();
     e
 }
 
@@ -73,6 +77,65 @@ async fn migrations_go_up_down_up(backend: Backend) {
     );
     // Running again is a no-op.
     assert_eq!(migrations::run_pending(&db, &tdb.url).await.unwrap(), 0);
+}
+
+/// The id columns of an event, as stored.
+#[derive(diesel::QueryableByName, Debug, PartialEq)]
+struct StoredIds {
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    incident_id: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    unit_id: Option<String>,
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Text>)]
+    device_id: Option<String>,
+}
+
+/// Ids are typed in Rust and plain text in the database, as before they were typed: a UUID id
+/// as its hyphenated lower-case form, a string id as itself. A stored value that is not the
+/// kind of id its column holds (never written by SHERS) is reported as corrupt data.
+async fn typed_ids_are_stored_as_the_text_they_always_were(backend: Backend) {
+    let tdb = TestDb::new(backend).await;
+    let db = tdb.migrated().await;
+    let mut conn = db.conn().await.unwrap();
+    let incident: IncidentId = "0190A1B2-0000-7000-8000-00000000000F".parse().unwrap();
+    let mut e = NewEvent::new("dispatch.offer_accepted", json!({}));
+    e.incident_id = Some(incident);
+    e.unit_id = Some("M-1".into());
+    e.device_id = Some("watch-1".into());
+    let appended = events::append(&mut conn, "s", ExpectedVersion::Any, &[e], Utc::now())
+        .await
+        .unwrap();
+    let query = "SELECT incident_id, unit_id, device_id FROM events WHERE stream_id = 's'";
+    let stored: Vec<StoredIds> = shers::db_run!(&mut conn, |c| {
+        diesel_async::RunQueryDsl::load(diesel::sql_query(query), c)
+            .await
+            .unwrap()
+    });
+    assert_eq!(
+        stored,
+        [StoredIds {
+            incident_id: Some("0190a1b2-0000-7000-8000-00000000000f".into()),
+            unit_id: Some("M-1".into()),
+            device_id: Some("watch-1".into()),
+        }]
+    );
+    let read = events::read_stream(&mut conn, "s").await.unwrap();
+    assert_eq!(read, appended);
+    assert_eq!(read[0].incident_id, Some(incident));
+
+    let corrupt = "INSERT INTO events \
+        (seq, stream_id, version, kind, incident_id, payload, recorded_at) \
+        VALUES (1000, 'bad', 1, 'x', 'inc-1', '{}', '2026-12-05 08:00:00')";
+    shers::db_run!(&mut conn, |c| {
+        diesel_async::RunQueryDsl::execute(diesel::sql_query(corrupt), c)
+            .await
+            .unwrap()
+    });
+    let err = events::read_stream(&mut conn, "bad").await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::Corrupt(m) if m.contains("incident id \"inc-1\"")),
+        "{err:?}"
+    );
 }
 
 async fn append_and_read_back(backend: Backend) {
@@ -121,7 +184,7 @@ async fn append_and_read_back(backend: Backend) {
     assert_eq!(stream.len(), 3);
     assert_eq!(stream[0].kind, "incident.created");
     assert_eq!(stream[0].data, json!({"n": 1}));
-    assert_eq!(stream[0].incident_id.as_deref(), Some("inc-1"));
+    assert_eq!(stream[0].incident_id, INCIDENT_1.parse().ok());
     assert_eq!(stream[0], first[0], "what append returns is what is stored");
     assert_eq!(
         stream.iter().map(|e| e.version).collect::<Vec<_>>(),
@@ -1065,7 +1128,7 @@ async fn a_new_incident_is_one_statement_and_all_or_nothing(backend: Backend) {
         .iter()
         .map(|e| {
             let mut n = NewEvent::new(e.kind(), e.data());
-            n.incident_id = Some(id.to_string());
+            n.incident_id = Some(id);
             n
         })
         .collect();

@@ -77,14 +77,14 @@ async fn emergency_reading_is_triaged_and_recorded(backend: Backend) {
     assert_eq!(created.len(), 1);
     assert_eq!(
         result["incident_id"],
-        created[0].incident_id.clone().unwrap().as_str()
+        created[0].incident_id.unwrap().to_string()
     );
     assert_eq!(created[0].data["patient_id"], "p-1");
     assert_eq!(created[0].data["source"], "wearable");
     assert_eq!(created[0].data["location"]["lat"], 51.51);
     // Evidence readings are retained by default.
     let mut conn = app.db.conn().await.unwrap();
-    let kept = shers::persistence::readings::count_for_device(&mut conn, "watch-1")
+    let kept = shers::persistence::readings::count_for_device(&mut conn, &"watch-1".into())
         .await
         .unwrap();
     assert_eq!(kept, 1);
@@ -395,7 +395,7 @@ async fn retention_all_keeps_every_reading(backend: Backend) {
         .unwrap();
     assert_eq!(body["accepted"], 50);
     let mut conn = app.db.conn().await.unwrap();
-    let kept = shers::persistence::readings::count_for_device(&mut conn, "r1")
+    let kept = shers::persistence::readings::count_for_device(&mut conn, &"r1".into())
         .await
         .unwrap();
     assert_eq!(kept, 50);
@@ -593,7 +593,7 @@ async fn devices_first_seen_together_resume_from_their_stored_status(backend: Ba
         .skip(before)
         .map(|e| {
             (
-                e.device_id.unwrap(),
+                e.device_id.unwrap().0,
                 e.data["from"].as_str().unwrap().to_owned(),
                 e.data["to"].as_str().unwrap().to_owned(),
             )

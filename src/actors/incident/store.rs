@@ -53,9 +53,9 @@ pub fn stream_of(id: IncidentId) -> String {
 
 pub(super) fn to_new_event(id: IncidentId, event: &IncidentEvent) -> NewEvent {
     let mut e = NewEvent::new(event.kind(), event.data());
-    e.incident_id = Some(id.to_string());
+    e.incident_id = Some(id);
     match event {
-        IncidentEvent::Assigned { unit_id, .. } => e.unit_id = Some(unit_id.0.clone()),
+        IncidentEvent::Assigned { unit_id, .. } => e.unit_id = Some(unit_id.clone()),
         IncidentEvent::Created(i) if i.patient_id.is_some() => {}
         _ => {}
     }

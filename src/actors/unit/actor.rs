@@ -211,6 +211,11 @@ impl AmbulanceActor {
             };
             match &result {
                 Ok(_) => crate::fault::crash_point_opt(crash_at),
+                // The writer is behind and dropped the fix (counted by the writer): not worth a
+                // warning per fix and unit while it catches up.
+                Err(e @ StoreError::Busy(_)) if position => {
+                    tracing::debug!(unit.id = %id, error = %e, "unit {what} not persisted");
+                }
                 Err(e) => tracing::warn!(unit.id = %id, error = %e, "unit {what} not persisted"),
             }
             let _ = stored.send(result);
@@ -278,7 +283,7 @@ pub struct Reserve {
 
 /// `event`, tagged with the unit it is about.
 fn event_with_unit(mut event: NewEvent, record: &UnitRecord) -> NewEvent {
-    event.unit_id = Some(record.id.0.clone());
+    event.unit_id = Some(record.id.clone());
     event
 }
 
