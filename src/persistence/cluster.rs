@@ -7,6 +7,7 @@
 //! `shers_fence` trigger on every table refuses its writes once the lease moved on.
 
 use chrono::{DateTime, Utc};
+use diesel::QueryableByName;
 use diesel::sql_types::{BigInt, Nullable, Text, Timestamptz};
 use diesel_async::RunQueryDsl;
 
@@ -416,14 +417,8 @@ pub struct Held {
 struct HeldRow {
     #[diesel(sql_type = Text)]
     shard: String,
-    #[diesel(sql_type = Text)]
-    node_id: String,
-    #[diesel(sql_type = Text)]
-    instance: String,
-    #[diesel(sql_type = Text)]
-    address: String,
-    #[diesel(sql_type = BigInt)]
-    epoch: i64,
+    #[diesel(embed)]
+    owner: OwnerRow,
 }
 
 /// Every live lease (not released, not expired) whose holding incarnation is still the member
@@ -444,12 +439,7 @@ pub async fn owners(conn: &mut DbConn) -> Result<Vec<Held>, StoreError> {
             .filter_map(|r| {
                 Some(Held {
                     shard: r.shard.parse().ok()?,
-                    owner: Owner {
-                        node_id: r.node_id,
-                        instance: r.instance,
-                        address: r.address,
-                        epoch: Epoch(r.epoch),
-                    },
+                    owner: r.owner.into_owner(),
                 })
             })
             .collect())
