@@ -370,6 +370,25 @@ impl Application {
 
         let settings = Arc::new(settings);
         let (closing, closing_rx) = tokio::sync::watch::channel(false);
+        let ingest_gate = Arc::new(tokio::sync::Semaphore::new(
+            settings.triage.max_in_flight_readings.max(1),
+        ));
+        if own_signals {
+            // Standing alone, this process is every node: it consumes the buses. Under a
+            // host, the host does (on every node, whichever holds dispatch).
+            crate::bus::start_ingest(
+                &settings,
+                crate::bus::IngestDeps {
+                    devices: devices.clone(),
+                    gate: ingest_gate.clone(),
+                    db: db.clone(),
+                    closing: closing_rx.clone(),
+                },
+            );
+        }
+        // The relay to the buses runs with the application: on the dispatch shard's holder in
+        // a cluster, over its fenced connections.
+        crate::bus::start_relay(&settings, db.clone(), closing_rx.clone());
         let state = web::Data::new(AppState {
             db: db.clone(),
             settings: settings.clone(),
@@ -380,9 +399,7 @@ impl Application {
             broadcaster: broadcaster.clone(),
             billing: billing.clone(),
             devices,
-            ingest_gate: Arc::new(tokio::sync::Semaphore::new(
-                settings.triage.max_in_flight_readings.max(1),
-            )),
+            ingest_gate,
             closing: closing_rx,
         });
         let auth = web::Data::new(AuthService::new(
@@ -495,7 +512,10 @@ impl Application {
 
     /// Serves until the server is stopped (SIGINT/SIGTERM drain in-flight requests).
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
-        self.server.await
+        let served = self.server.await;
+        // What runs beside the server (the buses' consumers and relay) stops with it.
+        self.closing.send_replace(true);
+        served
     }
 }
 

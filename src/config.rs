@@ -76,6 +76,124 @@ pub struct Settings {
     pub analytics: crate::domain::analytics::Thresholds,
     /// The embedded dashboard.
     pub dashboard: DashboardSettings,
+    /// RabbitMQ: SHERS's `wearable.data` in, the lifecycle out (off until `amqp.url` is set).
+    pub amqp: AmqpSettings,
+    /// MQTT: wearables and gateways on a broker (off until `mqtt.url` is set).
+    pub mqtt: MqttSettings,
+}
+
+/// RabbitMQ (AMQP 0-9-1), as SHERS's services speak it: readings in from `wearable.data`,
+/// the lifecycle out on their routing keys and every stored event on `shers.event.<kind>`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpSettings {
+    /// `amqp://user:pass@host:5672/%2f`, or `amqps://` (TLS on rustls). Unset: off.
+    pub url: Option<Secret<String>>,
+    /// The topic exchange SHERS's services share (declared durable if missing).
+    pub exchange: String,
+    /// Consume `wearable.data`.
+    pub ingest: bool,
+    /// Publish the lifecycle and the event stream.
+    pub publish: bool,
+    /// Unacknowledged deliveries per consumer: the back-pressure on ingest.
+    pub prefetch: u16,
+    /// Names SHERS's own queues and dead-letter exchange, so two deployments can share a
+    /// broker.
+    pub queue_prefix: String,
+}
+
+impl Default for AmqpSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            exchange: "amqp.topic".to_owned(),
+            ingest: true,
+            publish: true,
+            prefetch: 64,
+            queue_prefix: "shers".to_owned(),
+        }
+    }
+}
+
+impl AmqpSettings {
+    fn check(&self) -> Result<(), String> {
+        if let Some(url) = &self.url {
+            let url = url.expose();
+            if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+                return Err("amqp.url must start with amqp:// or amqps://".to_owned());
+            }
+        }
+        if self.prefetch == 0 {
+            return Err("amqp.prefetch must be at least 1".to_owned());
+        }
+        for (key, value) in [
+            ("amqp.exchange", &self.exchange),
+            ("amqp.queue_prefix", &self.queue_prefix),
+        ] {
+            if value.is_empty() || value.len() > 200 || value.chars().any(char::is_control) {
+                return Err(format!(
+                    "{key} must be 1 to 200 characters without control characters"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// MQTT (3.1.1): wearables and gateways publishing to a broker.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MqttSettings {
+    /// `mqtt://user:pass@host:1883`, or `mqtts://` (TLS on rustls). Unset: off.
+    pub url: Option<Secret<String>>,
+    /// Devices publish under `<topic_prefix>/<device_id>/…`.
+    pub topic_prefix: String,
+    /// The client id, stable across restarts (a persistent session): `shers-<node id>` in a
+    /// cluster, `shers-<host name>` on a single node, when unset.
+    pub client_id: Option<String>,
+}
+
+impl Default for MqttSettings {
+    fn default() -> Self {
+        Self {
+            url: None,
+            topic_prefix: "shers/devices".to_owned(),
+            client_id: None,
+        }
+    }
+}
+
+impl MqttSettings {
+    fn check(&self) -> Result<(), String> {
+        if let Some(url) = &self.url {
+            let url = url.expose();
+            if !(url.starts_with("mqtt://") || url.starts_with("mqtts://")) {
+                return Err("mqtt.url must start with mqtt:// or mqtts://".to_owned());
+            }
+        }
+        let prefix = &self.topic_prefix;
+        if prefix.is_empty()
+            || prefix.len() > 200
+            || prefix.starts_with('/')
+            || prefix.ends_with('/')
+            || prefix.starts_with('$')
+            || prefix
+                .chars()
+                .any(|c| matches!(c, '+' | '#') || c.is_control())
+        {
+            return Err(
+                "mqtt.topic_prefix must be a topic without wildcards, a leading `$` or \
+                        slashes at either end"
+                    .to_owned(),
+            );
+        }
+        if let Some(id) = &self.client_id
+            && (id.is_empty() || id.len() > 128 || id.chars().any(char::is_control))
+        {
+            return Err("mqtt.client_id must be 1 to 128 characters".to_owned());
+        }
+        Ok(())
+    }
 }
 
 /// Dashboard settings.
@@ -160,6 +278,8 @@ impl Default for Settings {
             fault: FaultSettings::default(),
             analytics: crate::domain::analytics::Thresholds::default(),
             dashboard: DashboardSettings::default(),
+            amqp: AmqpSettings::default(),
+            mqtt: MqttSettings::default(),
         }
     }
 }
@@ -543,6 +663,8 @@ impl Settings {
         settings
             .dashboard
             .check()
+            .and_then(|()| settings.amqp.check())
+            .and_then(|()| settings.mqtt.check())
             .map_err(|m| ConfigError(config::ConfigError::Message(m)))?;
         Ok(settings)
     }

@@ -19,12 +19,14 @@
 
 pub mod actors;
 pub mod app;
+pub mod bus;
 pub mod cli;
 pub mod cluster;
 pub mod config;
 pub mod domain;
 pub mod fault;
 pub mod http;
+pub mod ingest;
 pub mod integrations;
 pub mod persistence;
 pub mod sim;

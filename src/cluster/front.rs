@@ -31,7 +31,8 @@ use crate::http::auth::{AdminOnly, AnyRole, AuthService, Authorized, ConsoleOnly
 use crate::http::error::ApiError;
 use crate::http::json::{BodyLimit, read_body};
 use crate::http::telemetry::{ShersRootSpan, observe};
-use crate::http::vitals::{GatewayOnly, ingest_with};
+use crate::http::vitals::GatewayOnly;
+use crate::ingest::ingest_with;
 use crate::persistence::cluster::{self, HandoverRow, LeaseRow, NodeRow, Owner};
 use crate::persistence::{Db, StoreError};
 
@@ -61,6 +62,8 @@ pub struct Local {
     pub broadcaster: actix::Addr<Broadcaster>,
     /// Turns true when the node starts handing over.
     pub closing: tokio::sync::watch::Receiver<bool>,
+    /// Readings in flight on this node, over every transport (HTTP, the buses).
+    pub ingest_gate: Arc<tokio::sync::Semaphore>,
 }
 
 /// Builds the front server on `listener` (signals are the node's to handle).
@@ -88,9 +91,7 @@ pub fn server(
         frame_limit: settings.http.body_limit_bytes,
         broadcaster: local.broadcaster,
         closing: local.closing,
-        ingest_gate: Arc::new(tokio::sync::Semaphore::new(
-            settings.triage.max_in_flight_readings.max(1),
-        )),
+        ingest_gate: local.ingest_gate,
     });
     let body_limit = BodyLimit(settings.http.body_limit_bytes);
     // The recorder, from the start: what the front counts before the first scrape counts too.
@@ -254,12 +255,15 @@ fn is_public(req: &HttpRequest) -> bool {
 /// `Retry-After` for the few seconds nobody owns the shard.
 async fn readyz(front: web::Data<Front>) -> HttpResponse {
     let owner = front.cluster.owner();
+    let buses = crate::bus::links();
     let body = serde_json::json!({
         "status": if front.cluster.joined() { "ready" } else { "not_ready" },
         "database": "postgres",
         "node": front.cluster.node_id,
         "dispatch_owner": owner.as_ref().map(|o| &o.node_id),
         "reason": (!front.cluster.joined()).then_some("not joined the cluster yet"),
+        "amqp": buses.amqp,
+        "mqtt": buses.mqtt,
     });
     if front.cluster.joined() {
         HttpResponse::Ok().json(body)

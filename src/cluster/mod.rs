@@ -286,6 +286,19 @@ impl Node {
             .context("starting the node's event tail")?
             .start();
         let (closing, closing_rx) = tokio::sync::watch::channel(false);
+        let ingest_gate = Arc::new(tokio::sync::Semaphore::new(
+            settings.triage.max_in_flight_readings.max(1),
+        ));
+        // Every node consumes the buses: each reading goes to its device's shard.
+        crate::bus::start_ingest(
+            &settings,
+            crate::bus::IngestDeps {
+                devices: devices.clone(),
+                gate: ingest_gate.clone(),
+                db: db.clone(),
+                closing: closing_rx.clone(),
+            },
+        );
         let front = Served::spawn(front::server(
             &settings,
             db,
@@ -294,6 +307,7 @@ impl Node {
                 devices: devices.clone(),
                 broadcaster,
                 closing: closing_rx,
+                ingest_gate,
             },
             public,
         )?);

@@ -14,6 +14,8 @@ use serde_json::{Map, Value};
 
 use crate::actors::device::DeviceError;
 use crate::domain::validation::FieldError;
+use crate::domain::vitals::BodyError;
+use crate::ingest::IngestError;
 use crate::persistence::StoreError;
 
 /// Base of every problem `type` URI.
@@ -267,6 +269,34 @@ impl ResponseError for ApiError {
         match serde_json::to_vec(&self.problem()) {
             Ok(body) => response.body(body),
             Err(_) => response.finish(),
+        }
+    }
+}
+
+impl From<IngestError> for ApiError {
+    fn from(e: IngestError) -> Self {
+        match e {
+            IngestError::Body(e) => {
+                let pointer = e.pointer().to_owned();
+                let message = e.to_string();
+                match e {
+                    BodyError::Malformed { .. } => Self::Malformed {
+                        detail: message.clone(),
+                        errors: vec![FieldError::new(pointer, message)],
+                    },
+                    BodyError::TooMany { .. } | BodyError::NotAReading { .. } => Self::Validation {
+                        detail: format!("{pointer}: {message}"),
+                        errors: vec![FieldError::new(pointer, message)],
+                    },
+                }
+            }
+            IngestError::Refused(rejected) => {
+                Self::fields(rejected.into_iter().flat_map(|r| r.errors).collect())
+            }
+            IngestError::AtCapacity | IngestError::Unavailable => Self::Unavailable {
+                detail: e.to_string(),
+                retry_after_s: 1,
+            },
         }
     }
 }

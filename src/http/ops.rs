@@ -31,6 +31,10 @@ pub struct Readiness {
     /// Why not ready, when not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// Each configured bus (`amqp`, `mqtt`): `connected` or `connecting`. A broker outage
+    /// never makes the process unready.
+    #[serde(flatten)]
+    pub buses: crate::bus::Links,
 }
 
 /// How long a readiness probe waits for the database.
@@ -61,6 +65,7 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
             status: "ready",
             database: db.backend(),
             reason: None,
+            buses: crate::bus::links(),
         }),
         Err(reason) => {
             tracing::warn!(reason = %reason, "not ready");
@@ -70,6 +75,7 @@ pub async fn readyz(state: web::Data<AppState>) -> HttpResponse {
                     status: "not_ready",
                     database: db.backend(),
                     reason: Some(reason),
+                    buses: crate::bus::links(),
                 })
         }
     }
