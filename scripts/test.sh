@@ -9,9 +9,14 @@
 #               -> a throwaway cluster (initdb + pg_ctl) in a temp dir on a random port
 #   Redis:      $SHERS_TEST_REDIS_URL -> a server answering on 127.0.0.1:6379
 #               -> a throwaway redis-server on a random port
+#   RabbitMQ:   $SHERS_TEST_AMQP_URL -> a broker on 127.0.0.1:5672 (guest/guest)
+#               -> a throwaway rabbitmq-server node on a random port
+#   Mosquitto:  $SHERS_TEST_MQTT_URL -> a broker on 127.0.0.1:1883 (anonymous)
+#               -> a throwaway mosquitto on a random port
 # Throwaway servers are stopped and deleted when the script exits.
 # If a service cannot be found or started: with CI=true the script fails; otherwise it says what
-# to install and runs the tests with SHERS_TEST_SKIP_POSTGRES=1 / SHERS_TEST_SKIP_REDIS=1.
+# to install and runs the tests with SHERS_TEST_SKIP_POSTGRES=1 / SHERS_TEST_SKIP_REDIS=1 /
+# SHERS_TEST_SKIP_AMQP=1 / SHERS_TEST_SKIP_MQTT=1.
 #
 # Knobs (mostly for testing this script): SHERS_TEST_PG_PORT (default 5432) and
 # SHERS_TEST_REDIS_PORT (default 6379) are the ports probed for already-running servers.
@@ -27,6 +32,9 @@ PG_TMP=""        # temp dir of a throwaway PostgreSQL cluster (if we started one
 PG_BIN=""        # directory holding its initdb/pg_ctl
 PG_RUN_AS=""     # OS user that owns it (when we are root)
 REDIS_TMP=""     # temp dir of a throwaway redis-server (if we started one)
+RABBIT_TMP=""    # temp dir of a throwaway RabbitMQ node (if we started one)
+RABBIT_NODE=""   # its node name
+MQTT_TMP=""      # temp dir of a throwaway mosquitto (if we started one)
 
 log() { printf '[test.sh] %s\n' "$*" >&2; }
 
@@ -68,6 +76,19 @@ free_port() {
 # shellcheck disable=SC2317  # invoked by the EXIT trap
 cleanup() {
     local rc=$?
+    if [[ -n "$RABBIT_TMP" ]]; then
+        RABBITMQ_MNESIA_BASE="$RABBIT_TMP/mnesia" RABBITMQ_LOG_BASE="$RABBIT_TMP/log" \
+            with_timeout 60 rabbitmqctl -n "$RABBIT_NODE" stop >/dev/null 2>&1 || true
+        rm -rf "$RABBIT_TMP"
+        log "stopped and removed the throwaway RabbitMQ"
+    fi
+    if [[ -n "$MQTT_TMP" ]]; then
+        if [[ -f "$MQTT_TMP/mosquitto.pid" ]]; then
+            kill "$(cat "$MQTT_TMP/mosquitto.pid")" 2>/dev/null || true
+        fi
+        rm -rf "$MQTT_TMP"
+        log "stopped and removed the throwaway Mosquitto"
+    fi
     if [[ -n "$REDIS_TMP" ]]; then
         if [[ -f "$REDIS_TMP/redis.pid" ]]; then
             local pid
@@ -341,19 +362,146 @@ EOF
     REDIS_SOURCE="none (Redis tests skipped)"
 }
 
+# ---------------------------------------------------------------- RabbitMQ and Mosquitto
+
+# The path of an installed program, also in sbin directories a user's PATH may lack.
+find_program() {
+    local c
+    if command -v "$1" >/dev/null 2>&1; then
+        command -v "$1"
+        return 0
+    fi
+    for c in "/usr/sbin/$1" "/usr/local/sbin/$1" "/opt/homebrew/sbin/$1" "/opt/homebrew/opt/rabbitmq/sbin/$1"; do
+        if [[ -x "$c" ]]; then
+            printf '%s\n' "$c"
+            return 0
+        fi
+    done
+    return 1
+}
+
+start_throwaway_rabbitmq() {
+    local server port
+    server=$(find_program rabbitmq-server) || return 1
+    port=$(free_port) || return 1
+    RABBIT_TMP=$(mktemp -d /tmp/shers-rabbit.XXXXXX)
+    RABBIT_NODE="shers-test-$$@localhost"
+    log "starting a throwaway RabbitMQ node $RABBIT_NODE ($server) on 127.0.0.1:$port"
+    if ! RABBITMQ_NODENAME="$RABBIT_NODE" RABBITMQ_NODE_PORT="$port" RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
+        RABBITMQ_DIST_PORT=$((port + 20000)) RABBITMQ_MNESIA_BASE="$RABBIT_TMP/mnesia" \
+        RABBITMQ_LOG_BASE="$RABBIT_TMP/log" "$server" -detached >/dev/null 2>&1; then
+        return 1
+    fi
+    for _ in $(seq 1 120); do
+        if port_open "$port"; then
+            export SHERS_TEST_AMQP_URL="amqp://guest:guest@127.0.0.1:$port/%2f"
+            return 0
+        fi
+        sleep 0.5
+    done
+    log "throwaway RabbitMQ did not open port $port within 60 s"
+    return 1
+}
+
+setup_amqp() {
+    if [[ -n "${SHERS_TEST_AMQP_URL:-}" ]]; then
+        AMQP_SOURCE="given by SHERS_TEST_AMQP_URL"
+        return 0
+    fi
+    if [[ "${SHERS_TEST_SKIP_AMQP:-}" == "1" ]] && ! is_ci; then
+        AMQP_SOURCE="skipped (SHERS_TEST_SKIP_AMQP=1)"
+        return 0
+    fi
+    if port_open 5672; then
+        export SHERS_TEST_AMQP_URL="amqp://guest:guest@127.0.0.1:5672/%2f"
+        AMQP_SOURCE="already running on 127.0.0.1:5672"
+        return 0
+    fi
+    if start_throwaway_rabbitmq; then
+        AMQP_SOURCE="throwaway node in $RABBIT_TMP"
+        return 0
+    fi
+    if is_ci; then
+        log "ERROR: CI=true and no RabbitMQ is available (SHERS_TEST_AMQP_URL unset, nothing on" \
+            "127.0.0.1:5672, no rabbitmq-server to start). Debian/Ubuntu: apt-get install rabbitmq-server"
+        exit 1
+    fi
+    log "WARNING: no RabbitMQ found; the AMQP tests will be SKIPPED (apt-get install rabbitmq-server," \
+        "or set SHERS_TEST_AMQP_URL)"
+    export SHERS_TEST_SKIP_AMQP=1
+    AMQP_SOURCE="none (AMQP tests skipped)"
+}
+
+start_throwaway_mosquitto() {
+    local server port attempt
+    server=$(find_program mosquitto) || return 1
+    MQTT_TMP=$(mktemp -d /tmp/shers-mqtt.XXXXXX)
+    for attempt in 1 2 3; do
+        port=$(free_port) || return 1
+        printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\npid_file %s\n' \
+            "$port" "$MQTT_TMP/mosquitto.pid" >"$MQTT_TMP/mosquitto.conf"
+        log "starting a throwaway Mosquitto ($server) on 127.0.0.1:$port"
+        "$server" -d -c "$MQTT_TMP/mosquitto.conf" >/dev/null 2>&1 || true
+        for _ in $(seq 1 50); do
+            if port_open "$port"; then
+                export SHERS_TEST_MQTT_URL="mqtt://127.0.0.1:$port"
+                return 0
+            fi
+            sleep 0.1
+        done
+        log "throwaway Mosquitto did not start on port $port (attempt $attempt)"
+    done
+    return 1
+}
+
+setup_mqtt() {
+    if [[ -n "${SHERS_TEST_MQTT_URL:-}" ]]; then
+        MQTT_SOURCE="given by SHERS_TEST_MQTT_URL"
+        return 0
+    fi
+    if [[ "${SHERS_TEST_SKIP_MQTT:-}" == "1" ]] && ! is_ci; then
+        MQTT_SOURCE="skipped (SHERS_TEST_SKIP_MQTT=1)"
+        return 0
+    fi
+    if port_open 1883; then
+        export SHERS_TEST_MQTT_URL="mqtt://127.0.0.1:1883"
+        MQTT_SOURCE="already running on 127.0.0.1:1883"
+        return 0
+    fi
+    if start_throwaway_mosquitto; then
+        MQTT_SOURCE="throwaway broker in $MQTT_TMP"
+        return 0
+    fi
+    if is_ci; then
+        log "ERROR: CI=true and no MQTT broker is available (SHERS_TEST_MQTT_URL unset, nothing on" \
+            "127.0.0.1:1883, no mosquitto to start). Debian/Ubuntu: apt-get install mosquitto mosquitto-clients"
+        exit 1
+    fi
+    log "WARNING: no MQTT broker found; the MQTT tests will be SKIPPED (apt-get install mosquitto" \
+        "mosquitto-clients, or set SHERS_TEST_MQTT_URL)"
+    export SHERS_TEST_SKIP_MQTT=1
+    MQTT_SOURCE="none (MQTT tests skipped)"
+}
+
 # ---------------------------------------------------------------- main
 
 PG_SOURCE=""
 REDIS_SOURCE=""
+AMQP_SOURCE=""
+MQTT_SOURCE=""
 if is_ci; then
     # In CI a missing service is a failure, never a skip.
-    unset SHERS_TEST_SKIP_POSTGRES SHERS_TEST_SKIP_REDIS
+    unset SHERS_TEST_SKIP_POSTGRES SHERS_TEST_SKIP_REDIS SHERS_TEST_SKIP_AMQP SHERS_TEST_SKIP_MQTT
 fi
 setup_postgres
 setup_redis
+setup_amqp
+setup_mqtt
 
 log "PostgreSQL: ${SHERS_TEST_DATABASE_URL:+$(redact "$SHERS_TEST_DATABASE_URL")  }[$PG_SOURCE]"
 log "Redis:      ${SHERS_TEST_REDIS_URL:+$(redact "$SHERS_TEST_REDIS_URL")  }[$REDIS_SOURCE]"
+log "RabbitMQ:   ${SHERS_TEST_AMQP_URL:+$(redact "$SHERS_TEST_AMQP_URL")  }[$AMQP_SOURCE]"
+log "Mosquitto:  ${SHERS_TEST_MQTT_URL:+$(redact "$SHERS_TEST_MQTT_URL")  }[$MQTT_SOURCE]"
 # --workspace: the test support crate (crates/test-support) has tests of its own.
 log "running: cargo test --locked --workspace $*"
 

@@ -182,6 +182,42 @@ pub struct Reading {
 }
 
 impl Reading {
+    /// A digest of everything the reading says (device, patient, time and every value), equal
+    /// for equal readings: how a repeated delivery of one reading (a broker's redelivery, a
+    /// client's retry) is recognised without keeping the reading.
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash as _, Hasher as _};
+        let mut h = std::hash::DefaultHasher::new();
+        self.device_id.as_str().hash(&mut h);
+        self.patient_id.as_ref().map(|p| p.as_str()).hash(&mut h);
+        self.timestamp.timestamp_micros().hash(&mut h);
+        for v in [
+            self.heart_rate_bpm,
+            self.spo2_pct,
+            self.respiration_rate_bpm,
+            self.body_temp_c,
+            self.systolic_bp_mmhg,
+            self.diastolic_bp_mmhg,
+        ] {
+            v.map(f64::to_bits).hash(&mut h);
+        }
+        self.fall_detected.hash(&mut h);
+        self.moving.hash(&mut h);
+        self.on_oxygen.hash(&mut h);
+        self.consciousness.hash(&mut h);
+        self.location
+            .map(|l| {
+                (
+                    l.lat.to_bits(),
+                    l.lng.to_bits(),
+                    l.accuracy_m.map(f64::to_bits),
+                )
+            })
+            .hash(&mut h);
+        self.steps.hash(&mut h);
+        h.finish()
+    }
+
     /// Whether the reading carries a vital sign: a measured [`Vital`] or consciousness.
     ///
     /// `fall_detected` and `moving` are not vital signs, but [`parse_body`] also accepts a

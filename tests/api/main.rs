@@ -9,6 +9,7 @@
 
 mod helpers;
 
+mod amqp;
 mod auth;
 mod billing;
 mod browser;

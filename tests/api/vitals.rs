@@ -24,6 +24,7 @@ both_backends!(
     movement_in_the_same_second_as_the_fall_stands_it_down,
     a_device_takes_readings_while_its_emergency_is_dispatched,
     retention_all_keeps_every_reading,
+    a_repeated_reading_is_answered_as_before_and_stores_nothing,
     a_single_node_serves_no_node_to_node_endpoint,
     a_running_fall_watch_escalates_after_a_restart_without_another_reading,
 );
@@ -399,6 +400,50 @@ async fn retention_all_keeps_every_reading(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(kept, 50);
+}
+
+async fn a_repeated_reading_is_answered_as_before_and_stores_nothing(backend: Backend) {
+    let app = TestApp::builder(backend)
+        .with_settings(|s| s.triage.raw_retention = shers::config::Retention::All)
+        .start()
+        .await;
+    app.register_wearer("p-1", "r1").await;
+    // Bodies built once: `ts` reads the clock.
+    let calm = normal("r1", 0);
+    let first: Value = app.post_vitals(&calm).await.json().await.unwrap();
+    let abnormal = json!({"device_id": "r1", "timestamp": ts(1), "heart_rate_bpm": 118,
+                          "spo2_pct": 98, "respiration_rate_bpm": 14, "body_temp_c": 36.8});
+    let second: Value = app.post_vitals(&abnormal).await.json().await.unwrap();
+    // Both again, as a client's retry or a broker's redelivery would send them.
+    let again: Value = app
+        .post_vitals(&json!({"readings": [calm, abnormal]}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(again["accepted"], 2, "{again}");
+    assert_eq!(again["results"][0]["status"], first["results"][0]["status"]);
+    assert_eq!(
+        again["results"][1]["status"],
+        second["results"][0]["status"]
+    );
+    assert_eq!(second["results"][0]["status"], "abnormal", "{second}");
+    let mut conn = app.db.conn().await.unwrap();
+    let kept = shers::persistence::readings::count_for_device(&mut conn, &"r1".into())
+        .await
+        .unwrap();
+    assert_eq!(kept, 2, "the repeats stored nothing");
+    let changes = app.events_of("vitals.status_changed").await.len();
+    // A reading differing in one value is new.
+    let mut changed = abnormal.clone();
+    changed["heart_rate_bpm"] = json!(119);
+    let third: Value = app.post_vitals(&changed).await.json().await.unwrap();
+    assert_eq!(third["accepted"], 1);
+    let kept = shers::persistence::readings::count_for_device(&mut conn, &"r1".into())
+        .await
+        .unwrap();
+    assert_eq!(kept, 3);
+    assert_eq!(app.events_of("vitals.status_changed").await.len(), changes);
 }
 
 #[actix_web::test]

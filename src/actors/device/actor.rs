@@ -236,6 +236,8 @@ pub(super) struct Live {
     /// status returns to after a fall alert is cancelled).
     last_assessed: TriageStatus,
     pub(super) fall: FallWatch,
+    /// The last few stored readings, so a repeated delivery applies nothing.
+    pub(super) recent: super::readings::Recent,
     offline_timer: Option<SpawnHandle>,
     fall_timer: Option<SpawnHandle>,
 }
@@ -563,6 +565,7 @@ impl Actor for DeviceActor {
                             }
                             watch
                         },
+                        recent: super::readings::Recent::default(),
                         offline_timer: None,
                         fall_timer: None,
                     })),
@@ -629,6 +632,7 @@ impl Handler<ProcessReadings> for DeviceActor {
         );
         let Batch {
             mut outcomes,
+            applied,
             changes,
             handoffs,
             evidence_rows,
@@ -708,6 +712,11 @@ impl Handler<ProcessReadings> for DeviceActor {
                     for (slot, incident) in incidents {
                         if let Some((_, ReadingOutcome::Accepted(a))) = outcomes.get_mut(slot) {
                             a.incident_id = incident;
+                        }
+                    }
+                    if let Some(live) = act.live() {
+                        for (print, status) in applied {
+                            live.recent.remember(print, status);
                         }
                     }
                     outcomes

@@ -90,6 +90,8 @@ pub(super) fn evidence(window: &VecDeque<WindowEntry>, device: &DeviceId) -> Vec
 /// retain, and whether any was in order (the fall timer is re-armed then).
 pub(super) struct Batch {
     pub(super) outcomes: Vec<(usize, ReadingOutcome)>,
+    /// Each applied reading's fingerprint and answer, remembered once the batch is stored.
+    pub(super) applied: Vec<(u64, TriageStatus)>,
     pub(super) changes: Vec<Change>,
     pub(super) handoffs: Vec<(usize, EmergencyDetected)>,
     pub(super) evidence_rows: Vec<RetainedReading>,
@@ -116,6 +118,7 @@ pub(super) fn take_readings(
     let mut handoffs = Vec::new();
     let mut evidence_rows = Vec::new();
     let mut any_in_order = false;
+    let mut applied = Vec::with_capacity(readings.len());
     let fall_before = live.fall.active();
     let rules = &runtime.rules;
     let scored: Vec<Scored> = readings
@@ -130,6 +133,24 @@ pub(super) fn take_readings(
             .is_some_and(|p| *p != patient_id)
         {
             outcomes.push((scored.index, ReadingOutcome::PatientMismatch));
+            continue;
+        }
+        let print = scored.reading.fingerprint();
+        if let Some(status) = live.recent.answered(print) {
+            // Delivered again (a broker's redelivery, a client's retry): answered as before,
+            // nothing applied or stored.
+            metrics::counter!("shers_readings_repeated_total").increment(1);
+            outcomes.push((
+                scored.index,
+                ReadingOutcome::Accepted(Accepted {
+                    device_id: id.clone(),
+                    patient_id: patient_id.clone(),
+                    status,
+                    reasons: scored.assessment.reasons.clone(),
+                    news2: scored.assessment.news2.clone(),
+                    incident_id: None,
+                }),
+            ));
             continue;
         }
         let in_order = in_arrival_order(live.last_measured, scored.reading.timestamp);
@@ -164,6 +185,7 @@ pub(super) fn take_readings(
             row.news2_score = Some(i32::from(scored.assessment.news2.score));
             evidence_rows.push(row);
         }
+        applied.push((print, status));
         outcomes.push((
             scored.index,
             ReadingOutcome::Accepted(Accepted {
@@ -185,11 +207,37 @@ pub(super) fn take_readings(
     }
     Batch {
         outcomes,
+        applied,
         changes,
         handoffs,
         evidence_rows,
         any_in_order,
         fall_changed: live.fall.active() != fall_before,
+    }
+}
+
+/// The fingerprints of a device's last few stored readings and how each was answered: a
+/// repeated delivery is answered as before and applies nothing. Kept in memory only: a
+/// successor actor (after a restart or a failed store) applies a repeat again, which changes no
+/// status it already stored.
+#[derive(Debug, Default)]
+pub(super) struct Recent {
+    seen: [(u64, Option<TriageStatus>); 8],
+    next: usize,
+}
+
+impl Recent {
+    /// How `print`'s reading was answered, if it is one of the last few stored.
+    pub(super) fn answered(&self, print: u64) -> Option<TriageStatus> {
+        self.seen
+            .iter()
+            .find_map(|&(p, status)| if p == print { status } else { None })
+    }
+
+    /// Remembers a stored reading.
+    pub(super) fn remember(&mut self, print: u64, status: TriageStatus) {
+        self.seen[self.next] = (print, Some(status));
+        self.next = (self.next + 1) % self.seen.len();
     }
 }
 

@@ -30,7 +30,8 @@ const HOLD_AT_MOST: Duration = Duration::from_secs(60);
 
 /// Starts consuming `wearable.data` on its own task, reconnecting until the process closes.
 pub fn spawn_ingest(settings: AmqpSettings, deps: IngestDeps) {
-    tokio::spawn(run(settings, deps));
+    // On the arbiter's local set: the device router and the database pool spawn local tasks.
+    actix_web::rt::spawn(run(settings, deps));
 }
 
 async fn run(settings: AmqpSettings, mut deps: IngestDeps) {
