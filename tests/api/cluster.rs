@@ -2263,12 +2263,33 @@ async fn node_credentials_work_between_nodes_only_and_die_with_their_process() {
     let stolen = tap.bearers()[0].clone();
     let n3 = format!("http://127.0.0.1:{internal}/internal/v1/actors/devices");
     let client = cluster.client.clone();
+    let log_files: Vec<(String, std::path::PathBuf)> = cluster
+        .nodes
+        .iter()
+        .map(|n| (n.id.clone(), n.log.clone()))
+        .collect();
+    let logs = || {
+        log_files
+            .iter()
+            .map(|(id, path)| {
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                format!(
+                    "--- {id} ---\n{}\n",
+                    lines[lines.len().saturating_sub(25)..].join("\n")
+                )
+            })
+            .collect::<String>()
+    };
     let status = async |url: &str, token: Option<&str>| {
         let mut request = client.get(url);
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
-        request.send().await.unwrap().status()
+        match request.send().await {
+            Ok(resp) => resp.status(),
+            Err(e) => panic!("{url}: {e:?}\n{}", logs()),
+        }
     };
     assert_eq!(status(&n3, Some(&stolen)).await, 200, "it is a node's");
     // A node's internal server knows no API token, an admin's included.
