@@ -18,8 +18,9 @@
 # to install and runs the tests with SHERS_TEST_SKIP_POSTGRES=1 / SHERS_TEST_SKIP_REDIS=1 /
 # SHERS_TEST_SKIP_AMQP=1 / SHERS_TEST_SKIP_MQTT=1.
 #
-# Knobs (mostly for testing this script): SHERS_TEST_PG_PORT (default 5432) and
-# SHERS_TEST_REDIS_PORT (default 6379) are the ports probed for already-running servers.
+# Knobs (mostly for testing this script): SHERS_TEST_PG_PORT (default 5432),
+# SHERS_TEST_REDIS_PORT (default 6379), SHERS_TEST_AMQP_PORT (default 5672) and
+# SHERS_TEST_MQTT_PORT (default 1883) are the ports probed for already-running servers.
 # The exit code is cargo's.
 set -euo pipefail
 
@@ -27,6 +28,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PG_PROBE_PORT="${SHERS_TEST_PG_PORT:-5432}"
 REDIS_PROBE_PORT="${SHERS_TEST_REDIS_PORT:-6379}"
+AMQP_PROBE_PORT="${SHERS_TEST_AMQP_PORT:-5672}"
+MQTT_PROBE_PORT="${SHERS_TEST_MQTT_PORT:-1883}"
 
 PG_TMP=""        # temp dir of a throwaway PostgreSQL cluster (if we started one)
 PG_BIN=""        # directory holding its initdb/pg_ctl
@@ -385,9 +388,14 @@ start_throwaway_rabbitmq() {
     server=$(find_program rabbitmq-server) || return 1
     port=$(free_port) || return 1
     RABBIT_TMP=$(mktemp -d /tmp/shers-rabbit.XXXXXX)
+    # The server may drop to its own user (Debian's does): it must write here.
+    chmod 777 "$RABBIT_TMP"
+    # Its own config file, so a system-wide one (e.g. listeners.tcp on 5672) does not apply.
+    printf 'listeners.tcp.local = 127.0.0.1:%s\n' "$port" >"$RABBIT_TMP/rabbitmq.conf"
+    chmod 644 "$RABBIT_TMP/rabbitmq.conf"
     RABBIT_NODE="shers-test-$$@localhost"
     log "starting a throwaway RabbitMQ node $RABBIT_NODE ($server) on 127.0.0.1:$port"
-    if ! RABBITMQ_NODENAME="$RABBIT_NODE" RABBITMQ_NODE_PORT="$port" RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
+    if ! RABBITMQ_NODENAME="$RABBIT_NODE" RABBITMQ_CONFIG_FILE="$RABBIT_TMP/rabbitmq.conf" \
         RABBITMQ_DIST_PORT=$((port + 20000)) RABBITMQ_MNESIA_BASE="$RABBIT_TMP/mnesia" \
         RABBITMQ_LOG_BASE="$RABBIT_TMP/log" "$server" -detached >/dev/null 2>&1; then
         return 1
@@ -412,9 +420,9 @@ setup_amqp() {
         AMQP_SOURCE="skipped (SHERS_TEST_SKIP_AMQP=1)"
         return 0
     fi
-    if port_open 5672; then
-        export SHERS_TEST_AMQP_URL="amqp://guest:guest@127.0.0.1:5672/%2f"
-        AMQP_SOURCE="already running on 127.0.0.1:5672"
+    if port_open "$AMQP_PROBE_PORT"; then
+        export SHERS_TEST_AMQP_URL="amqp://guest:guest@127.0.0.1:$AMQP_PROBE_PORT/%2f"
+        AMQP_SOURCE="already running on 127.0.0.1:$AMQP_PROBE_PORT"
         return 0
     fi
     if start_throwaway_rabbitmq; then
@@ -436,6 +444,8 @@ start_throwaway_mosquitto() {
     local server port attempt
     server=$(find_program mosquitto) || return 1
     MQTT_TMP=$(mktemp -d /tmp/shers-mqtt.XXXXXX)
+    # Started as root, mosquitto drops to its own user, which writes the pid file here.
+    chmod 777 "$MQTT_TMP"
     for attempt in 1 2 3; do
         port=$(free_port) || return 1
         printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\npid_file %s\n' \
@@ -463,9 +473,9 @@ setup_mqtt() {
         MQTT_SOURCE="skipped (SHERS_TEST_SKIP_MQTT=1)"
         return 0
     fi
-    if port_open 1883; then
-        export SHERS_TEST_MQTT_URL="mqtt://127.0.0.1:1883"
-        MQTT_SOURCE="already running on 127.0.0.1:1883"
+    if port_open "$MQTT_PROBE_PORT"; then
+        export SHERS_TEST_MQTT_URL="mqtt://127.0.0.1:$MQTT_PROBE_PORT"
+        MQTT_SOURCE="already running on 127.0.0.1:$MQTT_PROBE_PORT"
         return 0
     fi
     if start_throwaway_mosquitto; then
