@@ -188,8 +188,25 @@ pub(crate) fn covers(seen: &[Received], head: i64) -> bool {
 
 both_backends!(
     the_lifecycle_reaches_shers_keys_and_every_event_its_own,
-    a_restart_carries_on_from_the_stored_cursor
+    a_restart_carries_on_from_the_stored_cursor,
+    the_cursor_only_moves_forwards
 );
+
+async fn the_cursor_only_moves_forwards(backend: Backend) {
+    let db = crate::helpers::TestDb::new(backend).await;
+    let pool = db.migrated().await;
+    let mut conn = pool.conn().await.unwrap();
+    let now = chrono::Utc::now();
+    assert_eq!(cursors::read(&mut conn, "amqp").await.unwrap(), 0);
+    assert!(cursors::advance(&mut conn, "amqp", 5, now).await.unwrap());
+    assert!(!cursors::advance(&mut conn, "amqp", 3, now).await.unwrap());
+    assert!(!cursors::advance(&mut conn, "amqp", 5, now).await.unwrap());
+    assert_eq!(cursors::read(&mut conn, "amqp").await.unwrap(), 5);
+    assert!(cursors::advance(&mut conn, "amqp", 9, now).await.unwrap());
+    assert_eq!(cursors::read(&mut conn, "amqp").await.unwrap(), 9);
+    // Cursors are independent of each other.
+    assert_eq!(cursors::read(&mut conn, "other").await.unwrap(), 0);
+}
 
 const SCENE: (f64, f64) = (51.5000, -0.1200);
 
