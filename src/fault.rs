@@ -178,6 +178,10 @@ pub const POINTS: &[(&str, &str)] = &[
         "the invoice is void; billing.failed is not stored",
     ),
     (
+        "bus.after_publish",
+        "the broker confirmed a batch of the event store; the relay's cursor is not stored (it is published again)",
+    ),
+    (
         "lease.after_takeover",
         "this node took a dispatch lease (epoch bumped); it has recovered nothing yet",
     ),
@@ -268,7 +272,10 @@ mod tests {
             assert!(!what.is_empty());
             let (area, step) = name.split_once('.').unwrap_or(("", ""));
             assert!(
-                ["billing", "dispatch", "incident", "unit", "notify", "lease"].contains(&area),
+                [
+                    "billing", "dispatch", "incident", "unit", "notify", "lease", "bus"
+                ]
+                .contains(&area),
                 "{name}: unknown area"
             );
             assert!(

@@ -52,7 +52,7 @@ pub fn start_ingest(settings: &Settings, deps: IngestDeps) {
 /// turns true.
 pub fn start_relay(settings: &Settings, db: Db, closing: tokio::sync::watch::Receiver<bool>) {
     if settings.amqp.url.is_some() && settings.amqp.publish {
-        let _ = (db, closing);
+        amqp::spawn_relay(settings.amqp.clone(), db, closing);
     }
 }
 

@@ -9,6 +9,7 @@
 //! JSON payloads are `TEXT`. This module knows domain types, never actors or HTTP.
 
 pub mod cluster;
+pub mod cursors;
 pub mod events;
 pub mod fleet;
 pub mod group;

@@ -265,3 +265,11 @@ diesel::table! {
         updated_at -> Timestamp,
     }
 }
+
+diesel::table! {
+    bus_cursors (name) {
+        name -> Text,
+        seq -> BigInt,
+        updated_at -> Timestamp,
+    }
+}

@@ -52,6 +52,9 @@ struct Scenario {
     /// The process runs as a one-node cluster on this Redis (and PostgreSQL): it takes the
     /// dispatch lease from the process before it, which was killed holding it.
     cluster: Option<&'static str>,
+    /// The process relays the event store to a private exchange on RabbitMQ, and the run
+    /// checks that every stored event reached it.
+    amqp: bool,
 }
 
 const PLAIN: Scenario = Scenario {
@@ -59,6 +62,7 @@ const PLAIN: Scenario = Scenario {
     decline_first: false,
     cancel: false,
     cluster: None,
+    amqp: false,
 };
 
 /// A Stripe stand-in that keeps what Stripe keeps: one intent per idempotency key (a replayed
@@ -152,6 +156,8 @@ struct Server {
     stripe_port: u16,
     offers_per_round: usize,
     redis: Option<&'static str>,
+    /// `SHERS_AMQP__*` for every start (the relay on, ingest off).
+    amqp: Vec<(&'static str, String)>,
     dir: tempfile::TempDir,
     child: Option<Child>,
     starts: usize,
@@ -169,6 +175,7 @@ impl Server {
             stripe_port,
             offers_per_round: if scenario.decline_first { 1 } else { 3 },
             redis: scenario.cluster,
+            amqp: Vec::new(),
             dir: tempfile::tempdir().unwrap(),
             child: None,
             starts: 0,
@@ -223,6 +230,9 @@ impl Server {
             .stderr(file);
         if let Some(point) = crash_at {
             command.env("SHERS_FAULT__CRASH_AT", point);
+        }
+        for (key, value) in &self.amqp {
+            command.env(key, value);
         }
         if let Some(redis) = self.redis {
             command
@@ -561,6 +571,20 @@ async fn run_point(backend: Backend, point: &'static str, scenario: Scenario) {
     let charge = scenario.charge;
     let stripe = fake_stripe(charge);
     let mut server = Server::new(backend, stripe.port(), scenario).await;
+    let mut tap = None;
+    if scenario.amqp {
+        let Some(url) = crate::amqp_relay::amqp_url() else {
+            return;
+        };
+        let private = crate::amqp_relay::Tap::new(&url, "crash").await;
+        server.amqp = vec![
+            ("SHERS_AMQP__URL", url),
+            ("SHERS_AMQP__EXCHANGE", private.exchange.clone()),
+            ("SHERS_AMQP__QUEUE_PREFIX", private.prefix.clone()),
+            ("SHERS_AMQP__INGEST", "false".to_owned()),
+        ];
+        tap = Some(private);
+    }
     let t = tokens_for(&server).await;
     server.start(None).await;
     seed(&server, &t).await;
@@ -638,6 +662,35 @@ async fn run_point(backend: Backend, point: &'static str, scenario: Scenario) {
         "{point}: billing outcomes"
     );
     assert_eq!(count(ends), 1, "{point}: {ends}");
+    if let Some(mut tap) = tap {
+        // Every committed event reached the exchange, and what the crash left unstored was
+        // published again under the same message_id, with the same body.
+        let head = all.last().map_or(0, |e| e.seq);
+        tap.until(point, |seen| crate::amqp_relay::covers(seen, head))
+            .await;
+        let mut bodies: HashMap<String, Vec<&Value>> = HashMap::new();
+        for m in &tap.seen {
+            bodies
+                .entry(m.message_id.clone().unwrap_or_default())
+                .or_default()
+                .push(&m.body);
+        }
+        let again: Vec<&String> = bodies
+            .iter()
+            .filter(|(_, b)| b.len() > 1)
+            .map(|(id, _)| id)
+            .collect();
+        assert!(
+            !again.is_empty(),
+            "{point}: nothing was published again after the crash\n{logs}"
+        );
+        for (id, b) in &bodies {
+            assert!(
+                b.iter().all(|x| *x == b[0]),
+                "{point}: {id} published again with another body"
+            );
+        }
+    }
     server.kill();
 }
 
@@ -680,6 +733,9 @@ async fn run_all(backend: Backend, points: &[&'static str], scenario: Scenario) 
     }
 }
 
+/// The relay's points, on a process publishing to RabbitMQ.
+const BUS_POINTS: &[&str] = &["bus.after_publish"];
+
 /// Points of the other dispatch paths: a declined offer's next round, and a cancellation.
 const DECLINED_OFFER_POINTS: &[&str] = &["dispatch.after_round_stored"];
 const CANCEL_POINTS: &[&str] = &["incident.stored_cancel"];
@@ -693,8 +749,17 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 both_backends!(
     every_point_of_a_plain_emergency_recovers,
     every_point_of_a_declined_charge_recovers,
-    every_point_of_a_declined_offer_and_a_cancellation_recovers
+    every_point_of_a_declined_offer_and_a_cancellation_recovers,
+    every_point_of_the_amqp_relay_recovers
 );
+
+async fn every_point_of_the_amqp_relay_recovers(backend: Backend) {
+    let relayed = Scenario {
+        amqp: true,
+        ..PLAIN
+    };
+    run_all(backend, BUS_POINTS, relayed).await;
+}
 
 async fn every_point_of_a_plain_emergency_recovers(backend: Backend) {
     run_all(backend, &plain_points(), PLAIN).await;
@@ -745,6 +810,7 @@ fn every_point_is_driven_by_a_test() {
         .chain(DECLINE_POINTS.iter().copied())
         .chain(DECLINED_OFFER_POINTS.iter().copied())
         .chain(CANCEL_POINTS.iter().copied())
+        .chain(BUS_POINTS.iter().copied())
         .chain(LEASE_POINTS.iter().copied())
         .chain(NOT_DRIVEN_HERE.iter().map(|(n, _)| *n))
         .collect();

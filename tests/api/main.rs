@@ -10,6 +10,7 @@
 mod helpers;
 
 mod amqp;
+mod amqp_relay;
 mod auth;
 mod billing;
 mod browser;

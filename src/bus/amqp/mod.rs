@@ -4,13 +4,19 @@
 //! - [`spawn_ingest`]: SHERS's `wearable.data` messages become readings through the device
 //!   router, acknowledged once applied; what can never be applied is dead-lettered once, a
 //!   transient failure is retried while the delivery is held (prefetch bounds the backlog).
+//! - [`spawn_relay`]: the event store, in sequence order from a stored cursor, onto the
+//!   exchange: every event on `shers.event.<kind>` and the lifecycle on SHERS's routing keys,
+//!   confirmed by the broker before the cursor moves (at least once, stable `message_id`s).
 //!
 //! Every connection reconnects with jittered back-off when the broker goes away, and counts in
 //! [`amqp_link`](super::amqp_link) for `/readyz`.
 
 mod ingest;
+mod relay;
+mod shers;
 
 pub use ingest::spawn_ingest;
+pub use relay::{CURSOR, spawn_relay};
 
 use std::time::Duration;
 
