@@ -767,7 +767,7 @@ impl Handler<CheckTimers> for DeviceActor {
                 Some(due) if msg.now >= due => {
                     let silent_s = self.runtime.offline_after.as_secs();
                     // Answered by the stored event: the sweep retries a failure.
-                    let _ = self.went_offline(msg.now, silent_s, true, ctx);
+                    drop(self.went_offline(msg.now, silent_s, true, ctx));
                     // Answered now: the actor stops once `device.offline` is stored.
                     return ActorResponse::reply(Some(status));
                 }
