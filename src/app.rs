@@ -383,6 +383,7 @@ impl Application {
                     gate: ingest_gate.clone(),
                     db: db.clone(),
                     closing: closing_rx.clone(),
+                    node_name: crate::bus::host_name(),
                 },
             );
         }

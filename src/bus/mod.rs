@@ -15,6 +15,7 @@
 //! [`DeviceRouter`]: crate::actors::device::DeviceRouter
 
 pub mod amqp;
+pub mod mqtt;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,13 +38,30 @@ pub struct IngestDeps {
     pub db: Db,
     /// Turns true when the process stops: consumers stop taking deliveries.
     pub closing: tokio::sync::watch::Receiver<bool>,
+    /// This process's name on the brokers: the cluster node id, or the host name of a single
+    /// node ([`host_name`]). The MQTT client id is `shers-<node_name>` unless configured.
+    pub node_name: String,
+}
+
+/// This machine's host name (`/etc/hostname`, else `$HOSTNAME`, else `shers`): a single
+/// node's [`IngestDeps::node_name`].
+pub fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "shers".to_owned())
 }
 
 /// Starts the configured ingest edges (AMQP `wearable.data`, MQTT vitals); nothing when no bus
 /// is configured.
 pub fn start_ingest(settings: &Settings, deps: IngestDeps) {
     if settings.amqp.url.is_some() && settings.amqp.ingest {
-        amqp::spawn_ingest(settings.amqp.clone(), deps);
+        amqp::spawn_ingest(settings.amqp.clone(), deps.clone());
+    }
+    if settings.mqtt.url.is_some() {
+        mqtt::spawn_ingest(settings.mqtt.clone(), settings.http.body_limit_bytes, deps);
     }
 }
 

@@ -7,7 +7,8 @@
 //! the shard (even one paused and woken up) cannot store a device's state. A reading batch
 //! arriving anywhere is split by shard, applied locally or posted to the holders'
 //! `/internal/v1/readings`, and answered as one. A wearer's "I'm OK" goes the same way, to
-//! the holder's `/internal/v1/devices/fall/cancel`. An emergency is handed to the dispatch
+//! the holder's `/internal/v1/devices/fall/cancel`, and a device's own report that it is offline
+//! (MQTT) to `/internal/v1/devices/offline`. An emergency is handed to the dispatch
 //! shard's holder over `/internal/v1/emergencies` ([`RemoteHandoff`]), waiting out a failover.
 //! Every node-to-node call carries this incarnation's own credential, and this node accepts the
 //! other nodes' ([`NodeDevices::peers`]).
@@ -28,8 +29,8 @@ use reqwest::header::CONTENT_TYPE;
 
 use crate::actors::device::{
     CancelDeviceFall, DeviceDirectory, DeviceError, DevicePage, DeviceRouter, DeviceView,
-    FallCancelled, ReadingOutcome, Retire, TriageRuntime, apply_to, inspect_in, list_in,
-    wake_pending_falls,
+    FallCancelled, ReadingOutcome, ReportOffline, Retire, TriageRuntime, apply_to, inspect_in,
+    list_in, report_offline_to, wake_pending_falls,
 };
 use crate::actors::incident::{EmergencyDetected, HandoffError};
 use crate::config::{Secret, Settings};
@@ -453,6 +454,52 @@ impl NodeDevices {
             .map_err(|e| DeviceError::Unreachable(format!("device directory: {e}")))??)
     }
 
+    /// Records `device.offline` now for a device that said it is offline, on the node serving
+    /// its shard: here, or its holder's `/internal/v1/devices/offline`.
+    pub async fn report_offline(&self, device_id: DeviceId) -> Result<bool, DeviceError> {
+        let index = device_shard(&device_id, self.cluster.device_shards);
+        if self.local(index).is_some() {
+            return self.report_offline_local(device_id).await;
+        }
+        let Some(address) = self.holder_of(index) else {
+            self.cluster.refresh_owners();
+            return Err(PeerError::NoHolder.into());
+        };
+        let sent = self
+            .http
+            .post(format!("{address}/internal/v1/devices/offline"))
+            .bearer_auth(&self.token)
+            .json(&ReportOffline { device_id })
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status().is_success() => r
+                .json::<bool>()
+                .await
+                .map_err(|e| PeerError::BadAnswer(e.without_url().to_string()).into()),
+            Ok(r) => {
+                self.cluster.refresh_owners();
+                Err(PeerError::Refused(r.status().as_u16()).into())
+            }
+            Err(e) => {
+                self.cluster.refresh_owners();
+                Err(PeerError::from_reqwest(e).into())
+            }
+        }
+    }
+
+    /// A device's report that it is offline, for a shard served here (another's is refused:
+    /// the caller's view of the owners was stale, and it retries).
+    pub async fn report_offline_local(&self, device_id: DeviceId) -> Result<bool, DeviceError> {
+        let index = device_shard(&device_id, self.cluster.device_shards);
+        let Some(shard) = self.local(index) else {
+            return Err(DeviceError::Unreachable(
+                "the device's shard is not served here".to_owned(),
+            ));
+        };
+        report_offline_to(&shard.directory, device_id).await
+    }
+
     async fn post(
         &self,
         address: &str,
@@ -534,6 +581,10 @@ impl DeviceRouter for NodeDevices {
         cancel: CancelDeviceFall,
     ) -> BoxFuture<'_, Result<FallCancelled, DeviceError>> {
         Box::pin(NodeDevices::cancel_fall(self, cancel))
+    }
+
+    fn report_offline(&self, device_id: DeviceId) -> BoxFuture<'_, Result<bool, DeviceError>> {
+        Box::pin(NodeDevices::report_offline(self, device_id))
     }
 
     fn list(&self, limit: usize) -> BoxFuture<'_, Result<DevicePage, DeviceError>> {

@@ -12,6 +12,8 @@
 //!   this node serves.
 //! - `POST /internal/v1/devices/fall/cancel` (cluster nodes): a wearer's "I'm OK" for a device
 //!   of a shard this node serves.
+//! - `POST /internal/v1/devices/offline` (cluster nodes): a device of a shard this node serves
+//!   said it is offline (its MQTT status); `device.offline` is recorded now.
 //! - `GET /internal/v1/actors/devices[/{id}]` (cluster nodes): the live device actors of the
 //!   shards this node serves, for `/admin/actors` on the dispatch holder.
 
@@ -21,7 +23,7 @@ use serde::Deserialize;
 
 use super::devices::{HandedOff, NodeDevices, ShardOutcomes, ShardReadings};
 use super::wire;
-use crate::actors::device::CancelDeviceFall;
+use crate::actors::device::{CancelDeviceFall, ReportOffline};
 use crate::actors::incident::{EmergencyDetected, HandoffError};
 use crate::domain::ids::DeviceId;
 use crate::http::AppState;
@@ -80,6 +82,20 @@ pub async fn cancel_fall(
     Ok(HttpResponse::Ok().json(done))
 }
 
+/// Records `device.offline` now for a device of a shard served here; answers whether it was
+/// recorded (`false`: unknown, or not heard since its last `device.offline`).
+pub async fn report_offline(
+    _auth: FromNode,
+    devices: web::Data<NodeDevices>,
+    req: HttpRequest,
+    mut payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = read_body(&req, &mut payload).await?;
+    let ReportOffline { device_id } = parse_json(&body)?;
+    let recorded = devices.report_offline_local(device_id).await?;
+    Ok(HttpResponse::Ok().json(recorded))
+}
+
 /// `GET /internal/v1/actors/devices` query.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -129,6 +145,11 @@ pub fn node_routes(cfg: &mut web::ServiceConfig, devices: web::Data<NodeDevices>
         web::resource("/internal/v1/devices/fall/cancel")
             .app_data(devices.clone())
             .route(web::post().to(cancel_fall)),
+    )
+    .service(
+        web::resource("/internal/v1/devices/offline")
+            .app_data(devices.clone())
+            .route(web::post().to(report_offline)),
     )
     .service(
         web::resource("/internal/v1/actors/devices")

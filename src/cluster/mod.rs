@@ -297,6 +297,7 @@ impl Node {
                 gate: ingest_gate.clone(),
                 db: db.clone(),
                 closing: closing_rx.clone(),
+                node_name: state.node_id.clone(),
             },
         );
         let front = Served::spawn(front::server(

@@ -27,6 +27,7 @@ mod input;
 mod insurance;
 mod layering;
 mod loadgen;
+mod mqtt;
 mod notifications;
 mod ops;
 mod persistence;

@@ -1,7 +1,8 @@
 //! `DeviceActor`: one per wearable. It holds a short window of readings and the device's
 //! triage status, emits `vitals.status_changed` only when the status changes (persisted, with
 //! the readings behind it as evidence), runs the fall grace window (which the wearer may cancel:
-//! `device.fall_cancelled`), reports `device.offline` at the exact end of a silence, and stops
+//! `device.fall_cancelled`), reports `device.offline` at the exact end of a silence (or at once
+//! when the device says it is offline: [`ReportedOffline`]), and stops
 //! when idle (the [`DeviceDirectory`](super::DeviceDirectory) starts a fresh one on the next
 //! reading, which resumes from the persisted status, and records the silence of devices whose
 //! actor is not running).
@@ -353,12 +354,20 @@ impl DeviceActor {
         }
     }
 
-    /// Silence for `offline_after`, as of `now`: record `device.offline` (unless the device was
-    /// heard since, or it is recorded already), after the device's earlier changes, then stop.
-    fn went_offline(&mut self, now: DateTime<Utc>, ctx: &mut Context<Self>) {
+    /// Records `device.offline` (a silence of `silent_s` seconds) unless the device was heard
+    /// since `heard_before` or it is recorded already, after the device's earlier changes;
+    /// then stops the actor when `stop`. The receiver answers whether it was recorded now.
+    fn went_offline(
+        &mut self,
+        heard_before: DateTime<Utc>,
+        silent_s: u64,
+        stop: bool,
+        ctx: &mut Context<Self>,
+    ) -> oneshot::Receiver<Result<bool, StoreError>> {
         let writer = self.runtime.writer.clone();
-        let (id, silent_s) = (self.id.clone(), self.runtime.offline_after.as_secs());
+        let id = self.id.clone();
         let (before, done) = self.next_in_line();
+        let (answer, answered) = oneshot::channel();
         let work = async move {
             in_line(before).await?;
             let ids = vec![id];
@@ -366,7 +375,8 @@ impl DeviceActor {
                 .write(move |conn| {
                     let ids = ids.clone();
                     Box::pin(async move {
-                        patients::record_offline(conn, &ids, now, silent_s, Utc::now()).await
+                        patients::record_offline(conn, &ids, heard_before, silent_s, Utc::now())
+                            .await
                     })
                 })
                 .await;
@@ -374,15 +384,26 @@ impl DeviceActor {
             recorded
         };
         ctx.wait(work.into_actor(self).map(move |res, act, ctx| {
-            match res {
-                Ok(ids) if !ids.is_empty() => tracing::info!(device.id = %act.id, "device offline"),
-                Ok(_) => tracing::debug!(device.id = %act.id, "device heard meanwhile, or recorded offline already"),
+            let outcome = match res {
+                Ok(ids) if !ids.is_empty() => {
+                    tracing::info!(device.id = %act.id, "device offline");
+                    Ok(true)
+                }
+                Ok(_) => {
+                    tracing::debug!(device.id = %act.id, "device heard meanwhile, or recorded offline already");
+                    Ok(false)
+                }
                 Err(e) => {
                     tracing::warn!(device.id = %act.id, error = %e, "could not record device.offline; the offline sweep retries");
+                    Err(e)
                 }
+            };
+            let _ = answer.send(outcome);
+            if stop {
+                ctx.stop();
             }
-            ctx.stop();
         }));
+        answered
     }
 
     /// A fall watch resumed from the stored state: its readings (the evidence of the change it
@@ -744,7 +765,9 @@ impl Handler<CheckTimers> for DeviceActor {
             let status = live.status;
             match live.offline_due {
                 Some(due) if msg.now >= due => {
-                    self.went_offline(msg.now, ctx);
+                    let silent_s = self.runtime.offline_after.as_secs();
+                    // Answered by the stored event: the sweep retries a failure.
+                    drop(self.went_offline(msg.now, silent_s, true, ctx));
                     // Answered now: the actor stops once `device.offline` is stored.
                     return ActorResponse::reply(Some(status));
                 }
@@ -793,6 +816,50 @@ impl Handler<CancelFall> for DeviceActor {
                 }
             })
         }))
+    }
+}
+
+/// The device said it is offline (its MQTT status, usually its Will): record `device.offline`
+/// now rather than at the end of the silence. Answers whether it was recorded now (`false`:
+/// no such device, or not heard since its last `device.offline`).
+#[derive(Message, Debug)]
+#[rtype(result = "Result<bool, StoreError>")]
+pub struct ReportedOffline {
+    /// Readings whose stored `heard_at` mark is before this count as heard before the report.
+    pub heard_before: DateTime<Utc>,
+}
+
+impl Handler<ReportedOffline> for DeviceActor {
+    type Result = ResponseFuture<Result<bool, StoreError>>;
+
+    fn handle(&mut self, msg: ReportedOffline, ctx: &mut Self::Context) -> Self::Result {
+        self.messages += 1;
+        self.last_message_at = Some(Utc::now());
+        let Some(live) = self.live() else {
+            let known = !matches!(self.phase, Phase::Unknown);
+            ctx.stop();
+            return Box::pin(async move {
+                if known {
+                    Err(StoreError::Unavailable(
+                        "the device's state could not be loaded".to_owned(),
+                    ))
+                } else {
+                    Ok(false)
+                }
+            });
+        };
+        // Nothing more to wait for: the silence timer finds the device recorded already.
+        live.offline_due = None;
+        // A running fall watch keeps the actor (it escalates on time, offline or not).
+        let stop = live.fall.deadline().is_none();
+        let recorded = self.went_offline(msg.heard_before, 0, stop, ctx);
+        Box::pin(async move {
+            recorded.await.unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(
+                    "the device actor stopped".to_owned(),
+                ))
+            })
+        })
     }
 }
 

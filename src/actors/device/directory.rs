@@ -22,7 +22,7 @@ use futures_util::future::join_all;
 
 use super::actor::{
     CancelFall, DeviceActor, DeviceSummary, FallCancelled, InspectDevice, Preload, ProcessReadings,
-    ReadingOutcome, Summarise, TriageRuntime,
+    ReadingOutcome, ReportedOffline, Summarise, TriageRuntime,
 };
 use crate::actors::incident::EmergencyDetected;
 use crate::domain::ids::DeviceId;
@@ -399,6 +399,55 @@ impl Handler<CancelDeviceFall> for DeviceDirectory {
             })
             .await
             .map_err(|e| StoreError::Unavailable(format!("device actor: {e}")))?
+        })
+    }
+}
+
+/// A device said it is offline (an MQTT status `offline`, usually its Will): `device.offline`
+/// is recorded at once, not at the end of the silence, by its actor when one runs (in line
+/// after its earlier changes), else here. Answers whether it was recorded now (`false`: an
+/// unknown device, or one not heard since its last `device.offline`).
+#[derive(Message, Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[rtype(result = "Result<bool, StoreError>")]
+pub struct ReportOffline {
+    /// The device.
+    pub device_id: DeviceId,
+}
+
+impl Handler<ReportOffline> for DeviceDirectory {
+    type Result = ResponseFuture<Result<bool, StoreError>>;
+
+    fn handle(&mut self, msg: ReportOffline, _: &mut Self::Context) -> Self::Result {
+        let now = Utc::now();
+        // Every reading that arrived until now has a stored mark before this one.
+        let heard_before = heard_mark(now, heard_step(self.runtime.offline_after))
+            + chrono::Duration::milliseconds(1);
+        if let Some(entry) = self.devices.get_mut(&msg.device_id) {
+            // The mark is cleared with the event: the device's next reading stores it again.
+            entry.heard = None;
+        }
+        if let Some(addr) = self.live(&msg.device_id) {
+            return Box::pin(async move {
+                addr.send(ReportedOffline { heard_before })
+                    .await
+                    .map_err(|e| StoreError::Unavailable(format!("device actor: {e}")))?
+            });
+        }
+        let writer = self.runtime.writer.clone();
+        Box::pin(async move {
+            let ids = vec![msg.device_id];
+            let recorded = writer
+                .write(move |conn| {
+                    let ids = ids.clone();
+                    Box::pin(async move {
+                        patients::record_offline(conn, &ids, heard_before, 0, Utc::now()).await
+                    })
+                })
+                .await?;
+            if !recorded.is_empty() {
+                tracing::info!(device.id = %recorded[0], "device offline (reported)");
+            }
+            Ok(!recorded.is_empty())
         })
     }
 }

@@ -11,7 +11,9 @@ use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use super::actor::{DeviceInspection, DeviceSummary, FallCancelled, ReadingOutcome};
-use super::directory::{CancelDeviceFall, DeviceDirectory, Ingest, ListDevices, Lookup, inspect};
+use super::directory::{
+    CancelDeviceFall, DeviceDirectory, Ingest, ListDevices, Lookup, ReportOffline, inspect,
+};
 use crate::domain::ids::DeviceId;
 use crate::domain::patients::Device;
 use crate::domain::vitals::Reading;
@@ -73,6 +75,11 @@ pub trait DeviceRouter: Send + Sync + 'static {
         cancel: CancelDeviceFall,
     ) -> BoxFuture<'_, Result<FallCancelled, DeviceError>>;
 
+    /// The device said it is offline (an MQTT status): `device.offline` is recorded at once,
+    /// in line after the device's earlier changes. `Ok(false)`: nothing recorded (an unknown
+    /// device, or one not heard since its last `device.offline`); an error is transient.
+    fn report_offline(&self, device_id: DeviceId) -> BoxFuture<'_, Result<bool, DeviceError>>;
+
     /// Up to `limit` live device actors, and how many there are.
     fn list(&self, limit: usize) -> BoxFuture<'_, Result<DevicePage, DeviceError>>;
 
@@ -122,6 +129,10 @@ impl DeviceRouter for LocalDevices {
         })
     }
 
+    fn report_offline(&self, device_id: DeviceId) -> BoxFuture<'_, Result<bool, DeviceError>> {
+        Box::pin(report_offline_to(&self.directory, device_id))
+    }
+
     fn list(&self, limit: usize) -> BoxFuture<'_, Result<DevicePage, DeviceError>> {
         Box::pin(list_in(&self.directory, limit))
     }
@@ -145,6 +156,18 @@ pub async fn apply_to(
             .map(|i| (i, ReadingOutcome::Unavailable))
             .collect(),
     }
+}
+
+/// Records `device.offline` now for `device_id`, one of `directory`'s devices (see
+/// [`DeviceRouter::report_offline`]).
+pub async fn report_offline_to(
+    directory: &Addr<DeviceDirectory>,
+    device_id: DeviceId,
+) -> Result<bool, DeviceError> {
+    Ok(directory
+        .send(ReportOffline { device_id })
+        .await
+        .map_err(directory_gone)??)
 }
 
 /// Up to `limit` of `directory`'s live device actors, and how many it has.
