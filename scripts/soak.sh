@@ -19,8 +19,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # escalation, fall grace, offline sweep, lease expiry, saga back-off), on other processes (a
 # restarted or killed `shers serve`, a cluster, NGINX, a browser), or on delivery that is
 # asynchronous to the request (WebSocket and SSE streams, notifications, the group-commit
-# writer under concurrency). Substring filters of `cargo test`.
+# writer under concurrency, the buses' consumers and relay). Substring filters of `cargo test`.
 TIMING=(
+    amqp::
+    amqp_relay::
     auth::acknowledged_tokens_survive_an_abrupt_stop
     billing::a_crash_after_the_charge_never_charges_twice
     billing::an_insurer_outage_is_retried_until_it_answers
@@ -35,6 +37,7 @@ TIMING=(
     incidents::concurrent_readings_and_requests_make_one_incident
     incidents::open_incidents_survive_an_abrupt_stop
     loadgen::
+    mqtt::
     notifications::
     ops::emergencies_open_incidents_again_after_a_postgres_outage
     ops::readyz_follows_a_postgres_outage_through_a_proxy
