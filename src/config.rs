@@ -100,6 +100,9 @@ pub struct AmqpSettings {
     /// Names SHERS's own queues and dead-letter exchange, so two deployments can share a
     /// broker.
     pub queue_prefix: String,
+    /// A PEM file of CA certificates trusted for `amqps://` besides the public roots (a
+    /// broker whose certificate a private CA signed).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for AmqpSettings {
@@ -111,6 +114,7 @@ impl Default for AmqpSettings {
             publish: true,
             prefetch: 64,
             queue_prefix: "shers".to_owned(),
+            ca_file: None,
         }
     }
 }
@@ -151,6 +155,9 @@ pub struct MqttSettings {
     /// The client id, stable across restarts (a persistent session): `shers-<node id>` in a
     /// cluster, `shers-<host name>` on a single node, when unset.
     pub client_id: Option<String>,
+    /// A PEM file of CA certificates trusted for `mqtts://` besides the platform's and the
+    /// public roots (a broker whose certificate a private CA signed).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Default for MqttSettings {
@@ -159,6 +166,7 @@ impl Default for MqttSettings {
             url: None,
             topic_prefix: "shers/devices".to_owned(),
             client_id: None,
+            ca_file: None,
         }
     }
 }

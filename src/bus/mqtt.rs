@@ -277,16 +277,28 @@ fn options(settings: &MqttSettings, client_id: &str) -> anyhow::Result<MqttOptio
     }
     if tls {
         options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            Arc::new(tls_config()?),
+            Arc::new(tls_config(settings.ca_file.as_deref())?),
         )));
     }
     Ok(options)
 }
 
-/// A rustls client trusting the platform's roots (with any private CA installed there) and
-/// Mozilla's.
-fn tls_config() -> anyhow::Result<rustls::ClientConfig> {
+/// A rustls client trusting the platform's roots (with any private CA installed there),
+/// Mozilla's, and those in `ca_file` (`mqtt.ca_file`).
+fn tls_config(ca_file: Option<&std::path::Path>) -> anyhow::Result<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject as _;
     let mut roots = rustls::RootCertStore::empty();
+    if let Some(path) = ca_file {
+        for cert in rustls::pki_types::CertificateDer::pem_file_iter(path)
+            .with_context(|| format!("reading mqtt.ca_file {}", path.display()))?
+        {
+            let cert =
+                cert.with_context(|| format!("a certificate in mqtt.ca_file {}", path.display()))?;
+            roots
+                .add(cert)
+                .with_context(|| format!("a CA certificate in mqtt.ca_file {}", path.display()))?;
+        }
+    }
     let native = rustls_native_certs::load_native_certs();
     for cert in native.certs {
         // A certificate the platform holds but rustls cannot use is skipped, not fatal.

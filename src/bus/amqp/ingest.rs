@@ -62,10 +62,10 @@ async fn consume(
     link: &mut LinkGuard,
     backoff: &mut Backoff,
 ) -> anyhow::Result<()> {
-    let Some(url) = &settings.url else {
+    if settings.url.is_none() {
         return Ok(());
-    };
-    let connection = connect(url.expose(), "shers ingest").await?;
+    }
+    let connection = connect(settings, "shers ingest").await?;
     let channel = connection.create_channel().await?;
     declare_ingest(&channel, names).await?;
     channel

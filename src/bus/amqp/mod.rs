@@ -55,13 +55,29 @@ impl Names {
     }
 }
 
-/// Opens a connection named `name` (shown in the broker's management UI) to `url`.
-pub(crate) async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
-    Connection::connect(
-        url,
+/// Opens a connection named `name` (shown in the broker's management UI) to `amqp.url`;
+/// `amqps://` is TLS on rustls, trusting the public roots and `amqp.ca_file`.
+pub(crate) async fn connect(settings: &AmqpSettings, name: &str) -> anyhow::Result<Connection> {
+    let Some(url) = &settings.url else {
+        anyhow::bail!("amqp.url is not set");
+    };
+    let tls = lapin::tcp::OwnedTLSConfig {
+        identity: None,
+        cert_chain: match &settings.ca_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| anyhow::anyhow!("reading amqp.ca_file {}: {e}", path.display()))?,
+            ),
+            None => None,
+        },
+    };
+    Ok(Connection::connect_with_config(
+        url.expose(),
         ConnectionProperties::default().with_connection_name(name.into()),
+        tls,
+        lapin::runtime::default_runtime()?,
     )
-    .await
+    .await?)
 }
 
 /// Declares the shared exchange: durable, type topic; a no-op when it exists as such.

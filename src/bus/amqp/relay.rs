@@ -91,10 +91,10 @@ async fn connected(
     known: &mut Known,
     closing: &tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let Some(url) = &settings.url else {
+    if settings.url.is_none() {
         return Ok(());
-    };
-    let connection = connect(url.expose(), "shers relay").await?;
+    }
+    let connection = connect(settings, "shers relay").await?;
     let channel = connection.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
