@@ -271,14 +271,16 @@ async fn a_wearable_data_message_opens_an_incident_a_crew_is_offered(backend: Ba
         })
         .await;
     assert_eq!(incident["patient_id"], "bus-p1");
-    // The device is now the patient's.
-    let mut conn = app.db.conn().await.unwrap();
-    let device = shers::persistence::patients::find_device(&mut conn, &"bus-w1".into())
-        .await
-        .unwrap()
-        .expect("the device was registered");
+    // The device is now the patient's; its status change is stored once the incident exists.
+    let device = eventually("the device's emergency stored", || async {
+        let mut conn = app.db.conn().await.ok()?;
+        let state = shers::persistence::patients::find_device(&mut conn, &"bus-w1".into())
+            .await
+            .ok()??;
+        (state.last_status.as_deref() == Some("emergency")).then_some(state)
+    })
+    .await;
     assert_eq!(device.device.patient_id.as_str(), "bus-p1");
-    assert_eq!(device.last_status.as_deref(), Some("emergency"));
     // Acknowledged: nothing left in the queue, nothing dead-lettered.
     eventually("the delivery to be acknowledged", || async {
         (bus.depth(&bus.ingest_queue()).await.0 == 0).then_some(())
