@@ -16,7 +16,7 @@
 //! shared subscriptions (`$share/shers/<prefix>/+/vitals`, `…/status`), so the nodes of a
 //! cluster split the load and nothing acknowledged is lost when the broker or SHERS restarts.
 //! The connection comes back with jittered back-off and counts in
-//! [`mqtt_link`](super::mqtt_link) for `/readyz`. Payloads hold patient data: they are never
+//! [`mqtt_link`] for `/readyz`. Payloads hold patient data: they are never
 //! logged, only reason labels and JSON pointers.
 //!
 //! [`DeviceRouter::report_offline`]: crate::actors::device::DeviceRouter::report_offline
