@@ -195,7 +195,7 @@ fn now_ms() -> i64 {
 }
 
 /// A message as SHERS's wearable service publishes it (interop.md §1).
-fn shers_wearable(patient: &str, device: &str, at_ms: i64, emergency: bool) -> Vec<u8> {
+pub(crate) fn shers_wearable(patient: &str, device: &str, at_ms: i64, emergency: bool) -> Vec<u8> {
     let metrics = if emergency {
         json!({"heartRateBpm": 172, "spO2Percentage": 86.5, "respirationRateBpm": 27,
                "bodyTemperatureCelsius": 36.6, "stepsSinceLastReading": 0})

@@ -14,6 +14,8 @@ use shers::persistence::{Backend, Db, tokens};
 
 use crate::helpers::{TestDb, api, postgres_available};
 
+mod buses;
+
 /// The default lease. A shorter one made the failover tests quicker, but on a busy machine
 /// (three nodes and their neighbours on two cores) a starved lease thread missed renewals for
 /// 1.5 s, and a node that loses a lease exits (its supervisor would restart it; here nothing
@@ -216,7 +218,8 @@ impl Cluster {
             .env("SHERS_PAYMENTS__PROVIDER", "sandbox")
             .env("SHERS_HTTP__WORKERS", "2")
             .env("RUST_LOG", "info,shers::access=warn")
-            .envs(self.env.iter().copied())
+            // `{node}` in a value is this node's id (a per-node MQTT client id, say).
+            .envs(self.env.iter().map(|(k, v)| (*k, v.replace("{node}", id))))
             .envs(extra.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())

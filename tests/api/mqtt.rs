@@ -35,7 +35,7 @@ fn ci() -> bool {
 
 /// The shared broker's URL, or `None` (with a message) when MQTT tests are skipped: asked to,
 /// or no broker listens there outside CI.
-fn broker() -> Option<String> {
+pub(crate) fn broker() -> Option<String> {
     if std::env::var("SHERS_TEST_SKIP_MQTT").is_ok_and(|v| v == "1") {
         assert!(!ci(), "CI=true but SHERS_TEST_SKIP_MQTT=1");
         eprintln!("SKIPPED: MQTT test (SHERS_TEST_SKIP_MQTT=1)");
@@ -80,14 +80,14 @@ fn emergency(device: &str, t: i64) -> Value {
 }
 
 /// A test's own MQTT client (a device, or anyone), its packets forwarded to a channel.
-struct Client {
+pub(crate) struct Client {
     client: AsyncClient,
     packets: mpsc::UnboundedReceiver<Packet>,
 }
 
 impl Client {
     /// Connects to `url` as `id` (with `login`), clean session; waits for the CONNACK.
-    async fn connect(url: &str, id: &str, login: Option<(&str, &str)>) -> Self {
+    pub(crate) async fn connect(url: &str, id: &str, login: Option<(&str, &str)>) -> Self {
         let mut options = MqttOptions::parse_url(format!("{url}?client_id={id}")).unwrap();
         options.set_keep_alive(Duration::from_secs(5));
         if let Some((user, password)) = login {
@@ -142,7 +142,7 @@ impl Client {
         }
     }
 
-    async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
+    pub(crate) async fn publish(&self, topic: &str, payload: impl Into<Vec<u8>>) {
         self.client
             .publish(topic, QoS::AtLeastOnce, false, payload)
             .await
