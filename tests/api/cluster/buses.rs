@@ -21,7 +21,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use serde_json::{Value, json};
-use shers::persistence::{cursors, events, patients, readings};
+use shers::persistence::{cursors, events, patients};
 
 use super::{Cluster, DEVICE_SHARDS, SCENE};
 use crate::amqp::{Bus, broker, shers_wearable};
@@ -43,6 +43,19 @@ struct BusCluster {
 
 fn leak(s: String) -> &'static str {
     Box::leak(s.into_boxed_str())
+}
+
+/// Polls `probe` until it gives `Some`, for up to [`PATIENCE`]; panics naming `what`, with the
+/// nodes' logs, if it never does.
+async fn wait<T, F, Fut>(cluster: &Cluster, what: &str, probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    match crate::helpers::eventually_or_none(probe).await {
+        Some(found) => found,
+        None => panic!("{what}: not within {PATIENCE:?}\n{}", cluster.logs()),
+    }
 }
 
 fn now_ms() -> i64 {
@@ -166,11 +179,23 @@ impl BusCluster {
         Client::connect(&self.mqtt_url, &id, None).await
     }
 
-    async fn readings_of(&self, device: &str) -> i64 {
-        let mut conn = self.cluster.db.conn().await.unwrap();
-        readings::count_for_device(&mut conn, &device.into())
-            .await
-            .unwrap()
+    /// Waits until `device`'s live actor, on the holder of its shard (asked through a front,
+    /// `/admin/actors/device/{id}`), has applied a reading; its inspection.
+    async fn until_applied(&self, device: &str) -> Value {
+        let c = &self.cluster;
+        let path = format!("/admin/actors/device/{device}");
+        wait(c, &format!("{device}'s reading applied"), || async {
+            let resp = c.get(0, &path, &c.admin).await;
+            if resp.status() != 200 {
+                return None;
+            }
+            let view: Value = resp.json().await.ok()?;
+            let applied = view["state"]["phase"] == "ready"
+                && view["messages"].as_u64().is_some_and(|m| m >= 1)
+                && view["state"]["last_measured_at"].is_string();
+            applied.then_some(view)
+        })
+        .await
     }
 }
 
@@ -253,10 +278,7 @@ async fn readings_over_both_buses_reach_their_shards_from_every_node() {
 
     // Every reading stored, each device bound to its wearer.
     for device in amqp.iter().chain(&mqtt) {
-        eventually(&format!("{device}'s reading stored"), || async {
-            (bc.readings_of(device).await >= 1).then_some(())
-        })
-        .await;
+        bc.until_applied(device).await;
     }
     let mut conn = c.db.conn().await.unwrap();
     for (i, device) in amqp.iter().enumerate() {
@@ -664,10 +686,7 @@ async fn mqtt_offline_on_another_nodes_shard_is_recorded_once() {
             .await;
     }
     for device in &devices {
-        eventually(&format!("{device} heard"), || async {
-            (bc.readings_of(device).await >= 1).then_some(())
-        })
-        .await;
+        bc.until_applied(device).await;
     }
 
     for device in &devices {
