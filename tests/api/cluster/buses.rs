@@ -511,10 +511,30 @@ async fn one_node_relays_and_the_next_holder_carries_on_from_the_cursor() {
             .register_wearer(i % 3, &format!("rp-{i}"), &format!("rw-{i}"))
             .await;
     }
-    bc.cluster.add_units_in_a_line(owner, "RU", 3).await;
+    bc.cluster.add_units_in_a_line(owner, "RU", 2).await;
+    let crews = [
+        bc.cluster.crew_token("RU-0").await,
+        bc.cluster.crew_token("RU-1").await,
+    ];
+    // Events before the relay's first look: a status change of every wearer.
+    let at = now_rfc3339();
+    for i in 0..6 {
+        let resp = bc
+            .cluster
+            .post(
+                i % 3,
+                api::VITALS,
+                &bc.cluster.gateway,
+                &json!({"device_id": format!("rw-{i}"), "timestamp": at,
+                        "heart_rate_bpm": 125, "spo2_pct": 93}),
+            )
+            .await;
+        assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    }
 
     // Caught up: every stored event once, in sequence order, from the dispatch holder alone.
     let stored = tap.until_caught_up(&bc).await;
+    assert!(stored.len() >= 6, "{stored:?}");
     let arrived: Vec<i64> = tap.seen.iter().map(|s| s.0).collect();
     assert_eq!(arrived, stored, "every stored event once, in order");
     for (seq, id) in &tap.seen {
@@ -522,15 +542,17 @@ async fn one_node_relays_and_the_next_holder_carries_on_from_the_cursor() {
     }
     assert_eq!(publishers(&bc).await, vec![owner], "only the holder relays");
 
-    // Events committed all along: units (dispatch work, through a front that survives) and
-    // readings changing their wearers' status (stored by the device shards' holders).
+    // Events committed all along: units going out of service and back (dispatch work,
+    // through a front that survives) and readings changing their wearers' status (stored by
+    // the device shards' holders).
     let front = (owner + 1) % 3;
     let stop = Arc::new(AtomicBool::new(false));
     let produced = Arc::new(AtomicU64::new(0));
     let producer = {
         let (stop, produced) = (stop.clone(), produced.clone());
         let (client, base) = (bc.cluster.client.clone(), bc.cluster.url(front, ""));
-        let (admin, gateway) = (bc.cluster.admin.clone(), bc.cluster.gateway.clone());
+        let gateway = bc.cluster.gateway.clone();
+        let crews = crews.clone();
         actix_web::rt::spawn(async move {
             let send = async |path: &str, token: &str, body: Value| {
                 let started = Instant::now();
@@ -544,7 +566,7 @@ async fn one_node_relays_and_the_next_holder_carries_on_from_the_cursor() {
                     match sent {
                         Ok(r) if r.status().is_success() => return,
                         Ok(r) if r.status() == 503 => {}
-                        Ok(r) => panic!("{path}: {}", r.status()),
+                        Ok(r) => panic!("{path}: {} {}", r.status(), r.text().await.unwrap()),
                         Err(_) => {}
                     }
                     assert!(started.elapsed() < PATIENCE, "{path} never answered");
@@ -553,16 +575,28 @@ async fn one_node_relays_and_the_next_holder_carries_on_from_the_cursor() {
             };
             let mut i: u64 = 0;
             while !stop.load(Ordering::Relaxed) {
-                send(
-                    api::UNITS,
-                    &admin,
-                    json!({"id": format!("PU-{i}"), "call_sign": format!("PU-{i}"),
-                           "capability": "bls", "location": {"lat": 51.6, "lng": -0.2}}),
-                )
-                .await;
-                let hr = if i % 2 == 0 { 125 } else { 72 };
-                let spo2 = if i % 2 == 0 { 93 } else { 98 };
-                let device = format!("rw-{}", (i / 2) % 6);
+                // Each unit in turn: out of service, then available again.
+                let unit = (i / 2) % 2;
+                let status = if (i / 4) % 2 == 0 {
+                    "out_of_service"
+                } else {
+                    "available"
+                };
+                if i % 2 == 0 {
+                    send(
+                        &api::unit_status(format!("RU-{unit}")),
+                        &crews[unit as usize],
+                        json!({"status": status}),
+                    )
+                    .await;
+                }
+                // Every wearer abnormal (the setup), then normal, then abnormal…
+                let (hr, spo2) = if (i / 6) % 2 == 0 {
+                    (72, 98)
+                } else {
+                    (125, 93)
+                };
+                let device = format!("rw-{}", i % 6);
                 send(
                     api::VITALS,
                     &gateway,
