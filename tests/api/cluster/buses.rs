@@ -235,10 +235,9 @@ async fn readings_over_both_buses_reach_their_shards_from_every_node() {
     let amqp: Vec<String> = (0..N).map(|i| format!("ba-{i}")).collect();
     // MQTT: registered devices (the topic's device is the identity).
     let mqtt: Vec<String> = (0..N).map(|i| format!("bm-{i}")).collect();
-    for i in 0..N {
+    for (i, device) in mqtt.iter().enumerate() {
         bc.create_patient(i % 3, &format!("bap-{i}")).await;
-        c.register_wearer(i % 3, &format!("bmp-{i}"), &mqtt[i])
-            .await;
+        c.register_wearer(i % 3, &format!("bmp-{i}"), device).await;
     }
     let mut holders: HashMap<String, usize> = HashMap::new();
     for d in amqp.iter().chain(&mqtt) {
@@ -577,12 +576,12 @@ async fn one_node_relays_and_the_next_holder_carries_on_from_the_cursor() {
             while !stop.load(Ordering::Relaxed) {
                 // Each unit in turn: out of service, then available again.
                 let unit = (i / 2) % 2;
-                let status = if (i / 4) % 2 == 0 {
+                let status = if (i / 4).is_multiple_of(2) {
                     "out_of_service"
                 } else {
                     "available"
                 };
-                if i % 2 == 0 {
+                if i.is_multiple_of(2) {
                     send(
                         &api::unit_status(format!("RU-{unit}")),
                         &crews[unit as usize],
@@ -591,7 +590,7 @@ async fn one_node_relays_and_the_next_holder_carries_on_from_the_cursor() {
                     .await;
                 }
                 // Every wearer abnormal (the setup), then normal, then abnormal…
-                let (hr, spo2) = if (i / 6) % 2 == 0 {
+                let (hr, spo2) = if (i / 6).is_multiple_of(2) {
                     (72, 98)
                 } else {
                     (125, 93)
