@@ -13,6 +13,7 @@ mod amqp;
 mod amqp_relay;
 mod auth;
 mod billing;
+mod bus_restart;
 mod browser;
 mod bus_tls;
 mod cluster;
