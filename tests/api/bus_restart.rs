@@ -30,11 +30,11 @@ use shers::domain::ids::DeviceId;
 use shers::persistence::{Backend, events, readings};
 
 use crate::amqp::{Bus, shers_wearable};
+use crate::both_backends;
 use crate::helpers::{
-    TcpProxy, TestApp, TestDb, api, eventually, pg_host_port, with_database,
+    TcpProxy, TestApp, TestDb, api, eventually, eventually_or_none, pg_host_port, with_database,
 };
 use crate::mqtt::{Client, normal, until_shers_listens};
-use crate::both_backends;
 
 both_backends!(
     amqp_ingest_stores_every_reading_once_across_a_broker_restart,
@@ -232,7 +232,11 @@ impl Drop for PrivateRabbit {
 /// `/readyz`, which must answer 200 whatever the buses do: its body.
 async fn readyz(app: &TestApp) -> Value {
     let resp = app.get(api::READYZ, None).await;
-    assert_eq!(resp.status(), 200, "a broker outage must not fail readiness");
+    assert_eq!(
+        resp.status(),
+        200,
+        "a broker outage must not fail readiness"
+    );
     resp.json().await.unwrap()
 }
 
@@ -274,7 +278,13 @@ async fn stored_readings(app: &TestApp, device: &str) -> i64 {
 
 /// Publishes SHERS wearable readings of `device` one second apart, reading `i` at
 /// `t0 + i` s, without waiting for each confirmation in turn.
-async fn publish_readings(bus: &Bus, patient: &str, device: &str, t0: i64, range: std::ops::Range<i64>) {
+async fn publish_readings(
+    bus: &Bus,
+    patient: &str,
+    device: &str,
+    t0: i64,
+    range: std::ops::Range<i64>,
+) {
     let mut confirms = Vec::new();
     for i in range {
         let body = shers_wearable(patient, device, t0 + i * 1000, false);
@@ -316,7 +326,7 @@ async fn amqp_ingest_stores_every_reading_once_across_a_broker_restart(backend: 
     // One device, readings a second apart over the last half hour: one actor takes them in
     // order, many deliveries of the same device in flight at once.
     let t0 = crate::amqp::now_ms() - 30 * 60 * 1000;
-    let (before, after) = (1500_i64, 200_i64);
+    let (before, after) = (800_i64, 100_i64);
     publish_readings(&bus, "bus-p1", "bus-w1", t0, 0..before).await;
     eventually("the first readings stored", || async {
         (stored_readings(&app, "bus-w1").await >= 50).then_some(())
@@ -344,12 +354,19 @@ async fn amqp_ingest_stores_every_reading_once_across_a_broker_restart(backend: 
     publish_readings(&bus, "bus-p1", "bus-w1", t0, before..before + after).await;
 
     let total = before + after;
-    eventually("every reading stored and acknowledged", || async {
+    let last = std::cell::Cell::new((0, (0, 0)));
+    let done = eventually_or_none(|| async {
         let stored = stored_readings(&app, "bus-w1").await;
-        let (ready, unacked) = rabbit.counts(&bus.ingest_queue()).await;
-        (stored >= total && ready == 0 && unacked == 0).then_some(())
+        let counts = rabbit.counts(&bus.ingest_queue()).await;
+        last.set((stored, counts));
+        (stored >= total && counts == (0, 0)).then_some(())
     })
     .await;
+    assert!(
+        done.is_some(),
+        "every reading stored and acknowledged: (stored, (ready, unacked)) = {:?} of {total}",
+        last.get()
+    );
     // Exactly once: none lost, none stored twice, none dead-lettered.
     let (rows, times) = rows_and_times(&app, "bus-w1").await;
     assert_eq!(
@@ -523,7 +540,11 @@ async fn the_relay_skips_nothing_committed_while_the_broker_was_down(backend: Ba
         if seq > last {
             continue;
         }
-        assert_eq!(m.message_id, format!("shers-{seq}"), "one message id per event");
+        assert_eq!(
+            m.message_id,
+            format!("shers-{seq}"),
+            "one message id per event"
+        );
         match by_id.get(m.message_id.as_str()) {
             // A repeat (published again after a lost confirm) is the same message.
             Some(earlier) => assert_eq!(*earlier, &m.body, "a repeat differs"),
@@ -623,10 +644,7 @@ async fn a_delivery_failing_transiently_is_held_never_dead_lettered(backend: Bac
             (Outage::Postgres(proxy), Duration::from_secs(4))
         }
         // Another connection holds SQLite's write lock past its 10 s busy timeout.
-        None => (
-            sqlite_write_lock(&app).await,
-            Duration::from_secs(13),
-        ),
+        None => (sqlite_write_lock(&app).await, Duration::from_secs(13)),
     };
     let direct = match &direct {
         Some(url) => {
@@ -717,7 +735,9 @@ async fn sqlite_write_lock(app: &TestApp) -> Outage {
     let (locked, is_locked) = tokio::sync::oneshot::channel();
     let holder = std::thread::spawn(move || {
         let mut c = diesel::SqliteConnection::establish(&path).unwrap();
-        diesel::sql_query("BEGIN IMMEDIATE").execute(&mut c).unwrap();
+        diesel::sql_query("BEGIN IMMEDIATE")
+            .execute(&mut c)
+            .unwrap();
         locked.send(()).unwrap();
         let _ = released.recv();
         diesel::sql_query("COMMIT").execute(&mut c).unwrap();
@@ -842,9 +862,7 @@ async fn mqtt_readings_flow_again_after_a_mosquitto_restart(backend: Backend) {
     until_shers_listens(&mut device, &prefix, "probe").await;
     until_bus(&app, "mqtt", "connected").await;
     for t in 0..3 {
-        device
-            .publish(&topic, normal("mq-w1", t).to_string())
-            .await;
+        device.publish(&topic, normal("mq-w1", t).to_string()).await;
     }
     eventually("the first readings applied", || async {
         (stored_readings(&app, "mq-w1").await == 3).then_some(())
@@ -862,9 +880,7 @@ async fn mqtt_readings_flow_again_after_a_mosquitto_restart(backend: Backend) {
     device.subscribe(&format!("{prefix}/probe/error")).await;
     until_shers_listens(&mut device, &prefix, "probe").await;
     for t in 3..6 {
-        device
-            .publish(&topic, normal("mq-w1", t).to_string())
-            .await;
+        device.publish(&topic, normal("mq-w1", t).to_string()).await;
     }
     eventually("the readings after the restart applied", || async {
         (stored_readings(&app, "mq-w1").await == 6).then_some(())
