@@ -339,6 +339,7 @@ impl Application {
             rules,
             offline_after: Duration::from_secs(settings.triage.device_offline_s.max(1)),
             retention: settings.triage.raw_retention,
+            repeat_window: settings.repeat_window(),
         });
         let routing = routing_service(&settings)?;
         let fleet = Fleet::new(db.clone(), writer.clone(), routing).start();

@@ -629,7 +629,33 @@ pub struct ConfigError(#[from] config::ConfigError);
 const CONVENTIONAL_ENV: &[(&str, &str)] =
     &[("DATABASE_URL", "database.url"), ("REDIS_URL", "redis.url")];
 
+/// The fewest readings a device remembers to recognise a repeat (an HTTP client's retry).
+const REPEAT_WINDOW_MIN: usize = 8;
+/// The MQTT broker's in-flight window SHERS allows for: the shipped Mosquitto recipe's
+/// `max_inflight_messages` (deploy/mosquitto/mosquitto.conf; Mosquitto's default is 20).
+const MQTT_IN_FLIGHT: usize = 64;
+
 impl Settings {
+    /// How many of a device's last stored readings a repeated delivery is recognised among.
+    /// A broker redelivers, after a lost connection, every delivery it had handed over and not
+    /// seen acknowledged: up to `amqp.prefetch` from RabbitMQ and the broker's in-flight
+    /// window from MQTT, all possibly of one device (a gateway's backlog). Readings beyond the
+    /// window are applied again as out of order (no status changes) and, with
+    /// `raw_retention = "all"`, stored again.
+    pub fn repeat_window(&self) -> usize {
+        let amqp = if self.amqp.url.is_some() && self.amqp.ingest {
+            usize::from(self.amqp.prefetch)
+        } else {
+            0
+        };
+        let mqtt = if self.mqtt.url.is_some() {
+            MQTT_IN_FLIGHT
+        } else {
+            0
+        };
+        (amqp + mqtt).max(REPEAT_WINDOW_MIN)
+    }
+
     /// Loads defaults → `config_file` → the process environment. Flags are applied by the
     /// caller afterwards with [`Settings::with_overrides`].
     pub fn load(config_file: Option<&Path>) -> Result<Self, ConfigError> {

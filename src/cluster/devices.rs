@@ -172,6 +172,7 @@ impl NodeDevices {
             rules: self.rules.clone(),
             offline_after: Duration::from_secs(self.settings.triage.device_offline_s.max(1)),
             retention: self.settings.triage.raw_retention,
+            repeat_window: self.settings.repeat_window(),
         });
         let directory = DeviceDirectory::new(
             self.db.clone(),

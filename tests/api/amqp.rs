@@ -77,6 +77,21 @@ impl Bus {
         }
     }
 
+    /// A new connection to the same broker and names (after the broker restarted).
+    pub async fn reopen(&self) -> Self {
+        let connection = Connection::connect(&self.url, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel = connection.create_channel().await.unwrap();
+        Self {
+            url: self.url.clone(),
+            exchange: self.exchange.clone(),
+            prefix: self.prefix.clone(),
+            channel,
+            connection,
+        }
+    }
+
     /// Points `settings` at this test's exchange and queues, ingest only.
     pub fn configure(&self, s: &mut shers::config::Settings) {
         s.amqp.url = Some(Secret::new(self.url.clone()));
@@ -190,7 +205,7 @@ fn death(properties: &BasicProperties) -> (String, String) {
     )
 }
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
@@ -214,7 +229,7 @@ pub(crate) fn shers_wearable(patient: &str, device: &str, at_ms: i64, emergency:
     .unwrap()
 }
 
-async fn create_patient(app: &TestApp, id: &str) {
+pub(crate) async fn create_patient(app: &TestApp, id: &str) {
     let resp = app
         .create_patient(
             Role::Admin,

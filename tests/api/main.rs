@@ -14,6 +14,7 @@ mod amqp_relay;
 mod auth;
 mod billing;
 mod browser;
+mod bus_restart;
 mod bus_tls;
 mod cluster;
 mod crash;

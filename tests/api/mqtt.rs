@@ -60,7 +60,7 @@ pub(crate) fn broker() -> Option<String> {
     Some(url)
 }
 
-fn unique() -> String {
+pub(crate) fn unique() -> String {
     uuid::Uuid::new_v4().simple().to_string()
 }
 
@@ -69,7 +69,7 @@ fn ts(offset_s: i64) -> String {
         .to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
-fn normal(device: &str, t: i64) -> Value {
+pub(crate) fn normal(device: &str, t: i64) -> Value {
     json!({"device_id": device, "timestamp": ts(t), "heart_rate_bpm": 72, "spo2_pct": 98,
            "respiration_rate_bpm": 14, "body_temp_c": 36.8})
 }
@@ -128,7 +128,7 @@ impl Client {
     }
 
     /// Subscribes to `filter` at QoS 1; what the broker granted.
-    async fn subscribe(&mut self, filter: &str) -> SubscribeReasonCode {
+    pub(crate) async fn subscribe(&mut self, filter: &str) -> SubscribeReasonCode {
         self.client
             .subscribe(filter, QoS::AtLeastOnce)
             .await
@@ -150,7 +150,7 @@ impl Client {
     }
 
     /// The next message on `topic`, within `within`.
-    async fn message_on(&mut self, topic: &str, within: Duration) -> Option<Publish> {
+    pub(crate) async fn message_on(&mut self, topic: &str, within: Duration) -> Option<Publish> {
         match self
             .next(
                 |p| matches!(p, Packet::Publish(m) if m.topic == topic),
@@ -176,7 +176,7 @@ impl Client {
 /// Waits until SHERS answers on `prefix`: a body that is not JSON, published for `probe` again
 /// and again, until its refusal comes back on `probe`'s error topic (`client` subscribed to
 /// it). Until SHERS has subscribed, the broker drops what is published.
-async fn until_shers_listens(client: &mut Client, prefix: &str, probe: &str) {
+pub(crate) async fn until_shers_listens(client: &mut Client, prefix: &str, probe: &str) {
     let started = std::time::Instant::now();
     loop {
         client
@@ -498,7 +498,7 @@ impl Drop for PrivateBroker {
     }
 }
 
-fn binary(name: &str) -> String {
+pub(crate) fn binary(name: &str) -> String {
     for dir in [
         "/usr/sbin",
         "/usr/local/sbin",

@@ -54,6 +54,9 @@ pub struct TriageRuntime {
     pub retention: Retention,
     /// The group-commit writer status changes go through (shared with incidents and units).
     pub writer: GroupCommit,
+    /// How many of a device's last stored readings a repeated delivery is recognised among
+    /// ([`Settings::repeat_window`](crate::config::Settings::repeat_window)).
+    pub repeat_window: usize,
 }
 
 /// One triaged reading for a device.
@@ -735,9 +738,10 @@ impl Handler<ProcessReadings> for DeviceActor {
                             a.incident_id = incident;
                         }
                     }
+                    let window = act.runtime.repeat_window;
                     if let Some(live) = act.live() {
                         for (print, status) in applied {
-                            live.recent.remember(print, status);
+                            live.recent.remember(print, status, window);
                         }
                     }
                     outcomes

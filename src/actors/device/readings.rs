@@ -216,28 +216,60 @@ pub(super) fn take_readings(
     }
 }
 
-/// The fingerprints of a device's last few stored readings and how each was answered: a
-/// repeated delivery is answered as before and applies nothing. Kept in memory only: a
-/// successor actor (after a restart or a failed store) applies a repeat again, which changes no
-/// status it already stored.
+/// The fingerprints of a device's last stored readings and how each was answered: a repeated
+/// delivery is answered as before and applies nothing (and, with `raw_retention = "all"`, is
+/// not stored again). It remembers the last [`TriageRuntime::repeat_window`] readings: at
+/// least as many as a broker can redeliver after a lost connection (each delivery applied
+/// whose acknowledgement was lost). Kept in memory only: a successor actor (after a restart or
+/// a failed store) applies a repeat again, which changes no status it already stored.
+///
+/// [`TriageRuntime::repeat_window`]: super::TriageRuntime::repeat_window
 #[derive(Debug, Default)]
 pub(super) struct Recent {
-    seen: [(u64, Option<TriageStatus>); 8],
+    /// Oldest first until full, then a ring from `next`: each entry a fingerprint whose two
+    /// low bits are replaced by the answer (8 bytes a reading: a device actor stays small).
+    seen: Vec<u64>,
     next: usize,
 }
 
 impl Recent {
-    /// How `print`'s reading was answered, if it is one of the last few stored.
-    pub(super) fn answered(&self, print: u64) -> Option<TriageStatus> {
-        self.seen
-            .iter()
-            .find_map(|&(p, status)| if p == print { status } else { None })
+    const STATUS: u64 = 0b11;
+
+    fn code(status: TriageStatus) -> u64 {
+        match status {
+            TriageStatus::Normal => 0,
+            TriageStatus::Abnormal => 1,
+            TriageStatus::Emergency => 2,
+        }
     }
 
-    /// Remembers a stored reading.
-    pub(super) fn remember(&mut self, print: u64, status: TriageStatus) {
-        self.seen[self.next] = (print, Some(status));
-        self.next = (self.next + 1) % self.seen.len();
+    /// How `print`'s reading was answered, if it is one of the last stored.
+    pub(super) fn answered(&self, print: u64) -> Option<TriageStatus> {
+        let key = print & !Self::STATUS;
+        self.seen
+            .iter()
+            .find(|&&entry| entry & !Self::STATUS == key)
+            .map(|&entry| match entry & Self::STATUS {
+                0 => TriageStatus::Normal,
+                1 => TriageStatus::Abnormal,
+                _ => TriageStatus::Emergency,
+            })
+    }
+
+    /// Remembers a stored reading, forgetting the oldest beyond `window` readings.
+    pub(super) fn remember(&mut self, print: u64, status: TriageStatus, window: usize) {
+        let entry = (print & !Self::STATUS) | Self::code(status);
+        let window = window.max(1);
+        if self.seen.len() < window {
+            if self.seen.capacity() == 0 {
+                self.seen.reserve_exact(window);
+            }
+            self.seen.push(entry);
+        } else {
+            let at = self.next % self.seen.len();
+            self.seen[at] = entry;
+            self.next = (at + 1) % self.seen.len();
+        }
     }
 }
 

@@ -95,6 +95,9 @@ async fn connected(
         return Ok(());
     }
     let connection = connect(settings, "shers relay").await?;
+    // A connection the broker closes (a restart) is noticed at once, not at the next publish:
+    // `/readyz` says `connecting` while the broker is away, however quiet the event store.
+    let events = connection.events_listener();
     let channel = connection.create_channel().await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
@@ -108,7 +111,7 @@ async fn connected(
         exchange: &names.exchange,
         db,
     };
-    relay.run(known, closing.clone()).await?;
+    relay.run(known, closing.clone(), events).await?;
     let _ = connection.close(200, "shers stopping".into()).await;
     Ok(())
 }
@@ -165,12 +168,16 @@ struct Relay<'a> {
 }
 
 impl Relay<'_> {
-    /// Steps until the process closes (`Ok`) or the broker fails.
+    /// Steps until the process closes (`Ok`) or the broker fails (a publish fails, or the
+    /// connection reports an error or ends while the relay waits for commits).
     async fn run(
         &self,
         known: &mut Known,
         mut closing: tokio::sync::watch::Receiver<bool>,
-    ) -> Result<(), lapin::Error> {
+        events: impl futures_util::Stream<Item = lapin::Event> + Unpin,
+    ) -> anyhow::Result<()> {
+        let lost = lost(events);
+        tokio::pin!(lost);
         // Re-read from the store after any failure: the stored cursor is the truth.
         let mut cursor: Option<i64> = None;
         let mut retry = Duration::from_millis(200);
@@ -190,7 +197,7 @@ impl Relay<'_> {
                     continue;
                 }
                 Ok(Step::CaughtUp) => retry = Duration::from_millis(200),
-                Err(StepError::Broker(e)) => return Err(e),
+                Err(StepError::Broker(e)) => return Err(e.into()),
                 Err(e) => {
                     metrics::counter!("shers_amqp_publish_failures_total").increment(1);
                     tracing::warn!(error = %e, "AMQP relay: a batch did not go out; retrying it");
@@ -207,6 +214,7 @@ impl Relay<'_> {
                 () = &mut local => {}
                 () = &mut elsewhere => {}
                 () = tokio::time::sleep(POLL) => {}
+                e = &mut lost => return Err(e),
                 _ = closing.wait_for(|c| *c) => return Ok(()),
             }
         }
@@ -424,6 +432,17 @@ impl Relay<'_> {
         }
         Ok(Some((kind, Some(id), body)))
     }
+}
+
+/// Waits for the connection to fail: the error it reports, or the end of its events.
+async fn lost(mut events: impl futures_util::Stream<Item = lapin::Event> + Unpin) -> anyhow::Error {
+    use futures_util::StreamExt as _;
+    while let Some(event) = events.next().await {
+        if let lapin::Event::Error(e) = event {
+            return e.into();
+        }
+    }
+    anyhow::anyhow!("the connection to the broker ended")
 }
 
 /// The unit on incident `id` and the offer it accepted (none when assigned by hand).
