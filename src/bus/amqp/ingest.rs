@@ -20,7 +20,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 
-use super::{Backoff, Names, connect, declare_ingest, pause};
+use super::{Backoff, Names, connect, declare_ingest, pause, within};
 use crate::bus::{IngestDeps, LinkGuard, amqp_link};
 use crate::config::AmqpSettings;
 use crate::ingest::{Expect, IngestError, UnknownDevices, ingest};
@@ -66,19 +66,22 @@ async fn consume(
         return Ok(());
     }
     let connection = connect(settings, "shers ingest").await?;
-    let channel = connection.create_channel().await?;
-    declare_ingest(&channel, names).await?;
-    channel
-        .basic_qos(settings.prefetch, BasicQosOptions::default())
-        .await?;
-    let consumer = channel
-        .basic_consume(
-            names.ingest_queue.as_str().into(),
-            "shers-ingest".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let consumer = within("setting up the AMQP consumer", async {
+        let channel = connection.create_channel().await?;
+        declare_ingest(&channel, names).await?;
+        channel
+            .basic_qos(settings.prefetch, BasicQosOptions::default())
+            .await?;
+        channel
+            .basic_consume(
+                names.ingest_queue.as_str().into(),
+                "shers-ingest".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+    })
+    .await??;
     link.set_up(true);
     backoff.reset();
     tracing::info!(queue = %names.ingest_queue, "AMQP ingest: consuming");

@@ -71,13 +71,29 @@ pub(crate) async fn connect(settings: &AmqpSettings, name: &str) -> anyhow::Resu
             None => None,
         },
     };
-    Ok(Connection::connect_with_config(
+    let connecting = Connection::connect_with_config(
         url.expose(),
         ConnectionProperties::default().with_connection_name(name.into()),
         tls,
         lapin::runtime::default_runtime()?,
-    )
-    .await?)
+    );
+    // A broker that is stopping (or a host that accepts TCP but never speaks AMQP) would
+    // otherwise hold the handshake forever, and the reconnect loop with it.
+    Ok(within("the AMQP handshake", connecting).await??)
+}
+
+/// How long one broker exchange of setting up a connection (the handshake, a declaration, a
+/// consumer) may take before the connection is given up and made again.
+pub(crate) const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// `step`, or an error naming `what` after [`SETUP_TIMEOUT`].
+pub(crate) async fn within<T>(
+    what: &str,
+    step: impl std::future::Future<Output = T>,
+) -> anyhow::Result<T> {
+    tokio::time::timeout(SETUP_TIMEOUT, step)
+        .await
+        .map_err(|_| anyhow::anyhow!("{what} took longer than {SETUP_TIMEOUT:?}"))
 }
 
 /// Declares the shared exchange: durable, type topic; a no-op when it exists as such.

@@ -26,7 +26,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel};
 
 use super::shers::{self, Assignment, Copy, IncidentFacts, InvoiceFacts};
-use super::{Backoff, Names, connect, declare_exchange, pause};
+use super::{Backoff, Names, connect, declare_exchange, pause, within};
 use crate::bus::{LinkGuard, amqp_link};
 use crate::config::AmqpSettings;
 use crate::domain::events::RecordedEvent;
@@ -98,11 +98,15 @@ async fn connected(
     // A connection the broker closes (a restart) is noticed at once, not at the next publish:
     // `/readyz` says `connecting` while the broker is away, however quiet the event store.
     let events = connection.events_listener();
-    let channel = connection.create_channel().await?;
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    declare_exchange(&channel, names).await?;
+    let channel = within("setting up the AMQP relay's channel", async {
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        declare_exchange(&channel, names).await?;
+        Ok::<_, lapin::Error>(channel)
+    })
+    .await??;
     link.set_up(true);
     backoff.reset();
     tracing::info!(exchange = %names.exchange, "AMQP relay: publishing the event store");
