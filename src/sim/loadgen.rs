@@ -13,6 +13,15 @@
 //!   console; every console must see every event.
 //! - `connections`: `/healthz` and a console read, alone and then beside thousands of open
 //!   console WebSockets and slow-header (slowloris) connections.
+//! - `amqp-ingest`: SHERS wearable messages (single or batched) published to `wearable.data`
+//!   with publisher confirms; readings/s the server applied, from its `/metrics`.
+//! - `mqtt-ingest`: readings at QoS 1 on `<prefix>/<device>/vitals` (single or batched);
+//!   readings/s the server applied, from its `/metrics`.
+//! - `relay-lag`: unit positions at ~1,000 events/s; each event's append time (`at`) →
+//!   delivery on `shers.event.#` to loadgen's own queue.
+//!
+//! The brokers count as public interfaces: the bus scenarios publish and consume there, and
+//! read the server's counters on `/metrics` (admin token), never its internals.
 //!
 //! Every run creates its own fixtures (patients, devices, units, tokens) with the admin token
 //! under a random per-run prefix and a random region, so runs never meet each other's units.
@@ -27,13 +36,17 @@
 //! This module must not reach into actors or the database: only [`super::client`].
 
 mod accept_race;
+mod amqp_ingest;
+mod bus;
 mod connections;
 mod crews;
 mod detect;
 mod fanout;
 mod fixtures;
 mod ingest;
+mod mqtt_ingest;
 mod progress;
+mod relay_lag;
 mod report;
 mod stats;
 mod svg;
@@ -63,6 +76,12 @@ pub enum Scenario {
     Fanout,
     /// Probes alone, then beside many open consoles and slow-header connections.
     Connections,
+    /// SHERS wearable messages over RabbitMQ: readings/s applied; publish→confirm latency.
+    AmqpIngest,
+    /// Readings over MQTT (QoS 1): readings/s applied; publish→PUBACK latency.
+    MqttIngest,
+    /// Event append (`at`) → delivery on `shers.event.#` under ~1,000 events/s.
+    RelayLag,
 }
 
 impl Scenario {
@@ -74,6 +93,9 @@ impl Scenario {
             Self::AcceptRace => "accept-race",
             Self::Fanout => "fanout",
             Self::Connections => "connections",
+            Self::AmqpIngest => "amqp-ingest",
+            Self::MqttIngest => "mqtt-ingest",
+            Self::RelayLag => "relay-lag",
         }
     }
 }
@@ -97,20 +119,24 @@ pub struct LoadgenArgs {
     /// Tiny sizes and a couple of seconds, for CI.
     #[arg(long)]
     pub smoke: bool,
-    /// Wearables sending vitals (ingest: 10000; detect-to-offer background: 10000).
+    /// Wearables sending vitals (ingest: 10000; detect-to-offer background: 10000; amqp-ingest,
+    /// mqtt-ingest: 2000).
     #[arg(long, value_name = "N")]
     pub devices: Option<usize>,
-    /// Readings per second per device (ingest: 10; detect-to-offer background: 1).
+    /// Readings per second per device (ingest: 10; detect-to-offer background: 1; amqp-ingest,
+    /// mqtt-ingest: 1 message a second per device).
     #[arg(long, value_name = "HZ")]
     pub hz: Option<f64>,
-    /// Readings per HTTP batch (default 500; the API takes up to 1000).
+    /// Readings per HTTP batch (default 500; the API takes up to 1000); per AMQP message
+    /// (devices' messages in `{"readings":[…]}`) or MQTT message (one device's; both default 1).
     #[arg(long, value_name = "N")]
     pub batch: Option<usize>,
-    /// Concurrent ingest connections (ingest: 8; detect-to-offer background: 4).
+    /// Concurrent ingest connections (ingest: 8; detect-to-offer background: 4; AMQP and MQTT
+    /// publishers: 4).
     #[arg(long, value_name = "N")]
     pub connections: Option<usize>,
     /// Ambulance units (detect-to-offer: 500 at 1 Hz; accept-race: 600, i.e. 200 clusters;
-    /// fanout: 50 event sources at 1 Hz).
+    /// fanout: 50 event sources at 1 Hz; relay-lag: 1000 at ~1 Hz).
     #[arg(long, value_name = "N")]
     pub units: Option<usize>,
     /// Console WebSockets (fanout: default 500; connections: 2000).
@@ -126,7 +152,8 @@ pub struct LoadgenArgs {
     /// Requests in flight while creating fixtures and incident waves (default 16).
     #[arg(long, value_name = "N")]
     pub concurrency: Option<usize>,
-    /// Seconds of background load before detect-to-offer starts measuring (default 5).
+    /// Seconds of background load before detect-to-offer or relay-lag starts measuring
+    /// (default 5).
     #[arg(long, value_name = "SECONDS")]
     pub warmup: Option<f64>,
     /// Pause between detect-to-offer probes, milliseconds (default 20).
@@ -137,6 +164,29 @@ pub struct LoadgenArgs {
     /// another (`detect-to-offer`).
     #[arg(long, value_name = "URL")]
     pub crew_url: Option<String>,
+    /// Bus ingest: publish as fast as the broker confirms (AMQP) or the client's in-flight
+    /// window allows (MQTT) instead of devices × Hz.
+    #[arg(long)]
+    pub flat_out: bool,
+    /// The RabbitMQ the server uses (amqp-ingest, relay-lag).
+    #[arg(
+        long,
+        value_name = "URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    pub amqp_url: String,
+    /// The server's `amqp.exchange`.
+    #[arg(long, value_name = "NAME", default_value = "amqp.topic")]
+    pub amqp_exchange: String,
+    /// The server's `amqp.queue_prefix` (its ingest queue must exist).
+    #[arg(long, value_name = "PREFIX", default_value = "shers")]
+    pub amqp_queue_prefix: String,
+    /// The Mosquitto the server uses (mqtt-ingest).
+    #[arg(long, value_name = "URL", default_value = "mqtt://127.0.0.1:1883")]
+    pub mqtt_url: String,
+    /// The server's `mqtt.topic_prefix`.
+    #[arg(long, value_name = "PREFIX", default_value = "shers/devices")]
+    pub mqtt_prefix: String,
     /// Write the report as JSON to this file.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
@@ -182,6 +232,9 @@ pub async fn run(args: LoadgenArgs) -> anyhow::Result<Report> {
         Scenario::AcceptRace => accept_race::run(&args, &fixtures).await,
         Scenario::Fanout => fanout::run(&args, &fixtures).await,
         Scenario::Connections => connections::run(&args, &fixtures).await,
+        Scenario::AmqpIngest => amqp_ingest::run(&args, &fixtures).await,
+        Scenario::MqttIngest => mqtt_ingest::run(&args, &fixtures).await,
+        Scenario::RelayLag => relay_lag::run(&args, &fixtures).await,
     };
     // Clean up whatever happened: units out of service, tokens revoked.
     let cleanup = fixtures.cleanup().await;

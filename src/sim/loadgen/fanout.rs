@@ -310,7 +310,7 @@ async fn read_console(
 
 /// Reports `unit`'s position (near its base) every [`REPORT_INTERVAL`] until `stop`; returns
 /// the failed reports.
-async fn report_positions(
+pub(super) async fn report_positions(
     crew: Api,
     unit: Unit,
     mut rng: SimRng,
