@@ -12,7 +12,7 @@
 # queues are deleted at the end when rabbitmqctl works (the empty exchange stays).
 # BENCH_BIN overrides the binary; BENCH_LOG the server's RUST_LOG (default warn);
 # LOADGEN_ARGS adds loadgen options to every scenario; DURATION sets each run's seconds
-# (default 10).
+# (default 10), DEVICES the wearables of each ingest run (default 2000).
 set -euo pipefail
 BIN=${BENCH_BIN:-target/release/shers}
 if [[ $# -lt 3 ]]; then
@@ -21,6 +21,7 @@ if [[ $# -lt 3 ]]; then
 fi
 URL=$1; PORT=$2; OUT=$3; ROUNDS=${4:-3}
 DURATION=${DURATION:-10}
+DEVICES=${DEVICES:-2000}
 AMQP_URL=${BUS_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 MQTT_URL=${BUS_MQTT_URL:-mqtt://127.0.0.1:1883}
 TAG=bus-bench-$$
@@ -62,12 +63,13 @@ run() {
         --json "$OUT-$name.json" "$@" ${LOADGEN_ARGS:-}
 }
 for round in $(seq 1 "$ROUNDS"); do
-    # Ingest, the same 2,000 wearables each way: HTTP batches of 500 paced at 100,000
-    # readings/s, the buses flat out (as fast as the broker confirms / the in-flight window).
-    run "r$round-http" --scenario ingest --devices 2000 --hz 50 --batch 500
-    run "r$round-amqp-single" --scenario amqp-ingest --devices 2000 --flat-out "${BUS[@]}"
-    run "r$round-amqp-batch100" --scenario amqp-ingest --devices 2000 --batch 100 --flat-out "${BUS[@]}"
-    run "r$round-mqtt-single" --scenario mqtt-ingest --devices 2000 --flat-out "${BUS[@]}"
-    run "r$round-mqtt-batch10" --scenario mqtt-ingest --devices 2000 --batch 10 --flat-out "${BUS[@]}"
+    # Ingest, the same DEVICES wearables each way: HTTP batches of 500 paced at DEVICES × 50
+    # readings/s (100,000 with 2,000), the buses flat out (as fast as the broker confirms /
+    # the in-flight window allows).
+    run "r$round-http" --scenario ingest --devices "$DEVICES" --hz 50 --batch 500
+    run "r$round-amqp-single" --scenario amqp-ingest --devices "$DEVICES" --flat-out "${BUS[@]}"
+    run "r$round-amqp-batch100" --scenario amqp-ingest --devices "$DEVICES" --batch 100 --flat-out "${BUS[@]}"
+    run "r$round-mqtt-single" --scenario mqtt-ingest --devices "$DEVICES" --flat-out "${BUS[@]}"
+    run "r$round-mqtt-batch10" --scenario mqtt-ingest --devices "$DEVICES" --batch 10 --flat-out "${BUS[@]}"
     run "r$round-relay-lag" --scenario relay-lag --units 1000 "${BUS[@]}"
 done
