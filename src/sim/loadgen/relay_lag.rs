@@ -62,6 +62,53 @@ struct Seen {
     negative: u64,
 }
 
+/// What one delivery was.
+#[derive(Debug, PartialEq, Eq)]
+enum Delivered {
+    /// An event of another run, or of none.
+    Other,
+    /// This run's event, first seen.
+    Ours,
+    /// This run's event again (a republished batch).
+    Repeat,
+}
+
+impl Seen {
+    /// Counts one delivery received at `received`: events of units named `prefix…` are
+    /// this run's; those appended from `timed_from` on are timed, each sequence once.
+    fn classify(
+        &mut self,
+        body: &[u8],
+        received: DateTime<Utc>,
+        prefix: &str,
+        timed_from: DateTime<Utc>,
+        seqs: &mut HashSet<i64>,
+    ) -> Delivered {
+        self.deliveries += 1;
+        let Ok(event) = serde_json::from_slice::<Envelope>(body) else {
+            self.bad += 1;
+            return Delivered::Other;
+        };
+        if !event.unit_id.is_some_and(|u| u.starts_with(prefix)) {
+            return Delivered::Other;
+        }
+        if !seqs.insert(event.seq) {
+            self.repeats += 1;
+            return Delivered::Repeat;
+        }
+        if event.at < timed_from {
+            self.warming += 1;
+        } else {
+            let lag = (received - event.at).num_microseconds().unwrap_or(0) as f64 / 1e3;
+            if lag < 0.0 {
+                self.negative += 1;
+            }
+            self.lags_ms.push(lag.max(0.0));
+        }
+        Delivered::Ours
+    }
+}
+
 /// `--scenario relay-lag`.
 pub async fn run(args: &LoadgenArgs, fixtures: &Fixtures) -> anyhow::Result<Report> {
     let units = args.pick(args.units, 1_000, 10).max(1);
@@ -145,25 +192,10 @@ pub async fn run(args: &LoadgenArgs, fixtures: &Fixtures) -> anyhow::Result<Repo
                 };
                 let Some(Ok(delivery)) = delivery else { break };
                 let received = Utc::now();
-                seen.deliveries += 1;
-                let Ok(event) = serde_json::from_slice::<Envelope>(&delivery.data) else {
-                    seen.bad += 1;
-                    continue;
-                };
-                if !event.unit_id.is_some_and(|u| u.starts_with(&prefix)) {
-                    continue;
-                }
-                ours.fetch_add(1, Ordering::Relaxed);
-                if !seqs.insert(event.seq) {
-                    seen.repeats += 1;
-                } else if event.at < timed_from {
-                    seen.warming += 1;
-                } else {
-                    let lag = (received - event.at).num_microseconds().unwrap_or(0) as f64 / 1e3;
-                    if lag < 0.0 {
-                        seen.negative += 1;
-                    }
-                    seen.lags_ms.push(lag.max(0.0));
+                if seen.classify(&delivery.data, received, &prefix, timed_from, &mut seqs)
+                    == Delivered::Ours
+                {
+                    ours.fetch_add(1, Ordering::Relaxed);
                     progress.sample();
                     progress.worked(1);
                 }
@@ -226,4 +258,62 @@ pub async fn run(args: &LoadgenArgs, fixtures: &Fixtures) -> anyhow::Result<Repo
     ));
     report.target(Figure::Throughput, TARGET_EVENTS_PER_S * 0.95);
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deliveries_are_timed_once_after_the_warm_up_and_only_ours() {
+        let t0 = Utc::now();
+        let from = t0 + chrono::TimeDelta::seconds(5);
+        let mut seen = Seen::default();
+        let mut seqs = HashSet::new();
+        let event = |seq: i64, at: DateTime<Utc>, unit: &str| {
+            serde_json::json!({"seq": seq, "at": at, "kind": "unit.location",
+                               "unit_id": unit, "data": {}})
+            .to_string()
+            .into_bytes()
+        };
+        let ms = chrono::TimeDelta::milliseconds;
+        let mut at =
+            |body: Vec<u8>, received| seen.classify(&body, received, "lg-1-", from, &mut seqs);
+        // During the warm-up: ours, not timed.
+        assert_eq!(at(event(1, t0, "lg-1-rl-0"), t0 + ms(3)), Delivered::Ours);
+        // Timed: 7 ms after its append.
+        assert_eq!(
+            at(event(2, from, "lg-1-rl-1"), from + ms(7)),
+            Delivered::Ours
+        );
+        // The same sequence again (a republished batch): counted once.
+        assert_eq!(
+            at(event(2, from, "lg-1-rl-1"), from + ms(9)),
+            Delivered::Repeat
+        );
+        // Another run's unit, a device event, a body that is not an event.
+        assert_eq!(at(event(3, from, "lg-2-rl-0"), from), Delivered::Other);
+        assert_eq!(
+            at(
+                serde_json::json!({"seq": 4, "at": from, "kind": "device.offline",
+                                   "device_id": "d"})
+                .to_string()
+                .into_bytes(),
+                from
+            ),
+            Delivered::Other
+        );
+        assert_eq!(at(b"not json".to_vec(), from), Delivered::Other);
+        // A receipt before the append (clocks): timed as 0 and counted.
+        assert_eq!(
+            at(event(5, from + ms(2), "lg-1-rl-2"), from),
+            Delivered::Ours
+        );
+        assert_eq!(seen.lags_ms, [7.0, 0.0]);
+        assert_eq!(seen.deliveries, 7);
+        assert_eq!(
+            (seen.warming, seen.repeats, seen.bad, seen.negative),
+            (1, 1, 1, 1)
+        );
+    }
 }
