@@ -90,33 +90,38 @@ async fn consume(
     let closed = async move {
         let _ = closing.wait_for(|c| *c).await;
     };
-    let failure = std::sync::Mutex::new(None);
-    consumer
-        .take_until(closed)
-        .for_each_concurrent(usize::from(settings.prefetch), |delivery| {
-            let failure = &failure;
-            async move {
-                match delivery {
-                    Ok(delivery) => handle(deps, delivery).await,
-                    Err(e) => {
-                        if let Ok(mut slot) = failure.lock() {
-                            *slot = Some(e);
-                        }
-                    }
-                }
-            }
-        })
-        .await;
-    if let Some(e) = failure.into_inner().ok().flatten() {
-        return Err(e.into());
+    // Each delivery is applied on a task of its own, at most `prefetch` at once. A lost
+    // connection is made again at once: the deliveries still being applied (a transient
+    // failure may hold one for up to a minute) finish on their own, their acknowledgements
+    // fail with the old channel, and the broker's redelivery is answered from the device's
+    // repeat memory.
+    let prefetch = usize::from(settings.prefetch);
+    let in_flight = std::sync::Arc::new(tokio::sync::Semaphore::new(prefetch));
+    let mut deliveries = std::pin::pin!(consumer.take_until(closed));
+    while let Some(delivery) = deliveries.next().await {
+        let delivery = delivery?;
+        let Ok(permit) = in_flight.clone().acquire_owned().await else {
+            break;
+        };
+        let deps = deps.clone();
+        actix_web::rt::spawn(async move {
+            handle(&deps, delivery).await;
+            drop(permit);
+        });
     }
     if !*deps.closing.borrow() {
         anyhow::bail!("the broker ended the consumer");
     }
-    // Deliveries not yet acknowledged go back to the queue when the channel closes.
+    // Stopping: the deliveries being applied get a few seconds to finish and be acknowledged;
+    // the rest go back to the queue when the channel closes.
+    let all = u32::try_from(prefetch).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(DRAIN, in_flight.acquire_many(all)).await;
     let _ = connection.close(200, "shers stopping".into()).await;
     Ok(())
 }
+
+/// How long a stopping consumer waits for the deliveries it is applying.
+const DRAIN: Duration = Duration::from_secs(5);
 
 /// What became of one delivery.
 enum Verdict {

@@ -84,7 +84,7 @@ pub(crate) async fn connect(settings: &AmqpSettings, name: &str) -> anyhow::Resu
 
 /// How long one broker exchange of setting up a connection (the handshake, a declaration, a
 /// consumer) may take before the connection is given up and made again.
-pub(crate) const SETUP_TIMEOUT: Duration = Duration::from_secs(15);
+pub(crate) const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `step`, or an error naming `what` after [`SETUP_TIMEOUT`].
 pub(crate) async fn within<T>(
@@ -164,8 +164,9 @@ pub(crate) async fn declare_ingest(channel: &Channel, names: &Names) -> lapin::R
         .await
 }
 
-/// Reconnection back-off: 0.5 s doubling to 30 s, with up to 25 % jitter so the nodes of a
-/// cluster do not reconnect in step after a broker restart.
+/// Reconnection back-off: 0.5 s doubling to 5 s, with up to 25 % jitter so the nodes of a
+/// cluster do not reconnect in step after a broker restart. Short: readings wait in the
+/// broker while SHERS is away, and a connection attempt costs the broker little.
 #[derive(Debug)]
 pub(crate) struct Backoff {
     next: Duration,
@@ -173,7 +174,7 @@ pub(crate) struct Backoff {
 
 impl Backoff {
     const FIRST: Duration = Duration::from_millis(500);
-    const MAX: Duration = Duration::from_secs(30);
+    const MAX: Duration = Duration::from_secs(5);
 
     pub(crate) fn new() -> Self {
         Self { next: Self::FIRST }
