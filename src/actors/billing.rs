@@ -627,6 +627,21 @@ async fn run_step(
         Step::CancelPayment => match &saga.payment {
             Some(p) => match deps.payments.cancel(&p.intent_id, &key).await {
                 Ok(intent) if intent.status.as_str() == "canceled" => StepResult::Cancelled,
+                Err(PaymentError::Transient { reason, .. }) => StepResult::Transient(reason),
+                // Refused: the intent moved on since it was stored (Stripe answers 400
+                // `payment_intent_unexpected_state` when the cardholder completed it in the
+                // meantime). What it is now decides the compensation: a captured one is
+                // refunded, one still open is cancelled again.
+                Err(refused) => match deps.payments.retrieve(&p.intent_id).await {
+                    Ok(intent) => StepResult::Charged {
+                        intent_id: intent.id,
+                        status: intent.status.as_str().to_owned(),
+                    },
+                    Err(e) => StepResult::Transient(format!(
+                        "cancel refused ({}), and the intent could not be read: {e}",
+                        refused.kind()
+                    )),
+                },
                 other => payment_result(other),
             },
             None => StepResult::Cancelled,
