@@ -52,6 +52,17 @@ pub(crate) async fn broker() -> Option<String> {
     }
 }
 
+/// A channel in confirm mode: a publish is done when the broker has taken the message (for a
+/// persistent one on a durable queue, written it to disk), as a wearable service publishes.
+async fn confirming(connection: &Connection) -> Channel {
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    channel
+}
+
 /// A test's own names on the broker and a channel to it.
 pub(crate) struct Bus {
     pub url: String,
@@ -67,7 +78,7 @@ impl Bus {
         let connection = Connection::connect(&url, ConnectionProperties::default())
             .await
             .unwrap();
-        let channel = connection.create_channel().await.unwrap();
+        let channel = confirming(&connection).await;
         Self {
             url,
             exchange: format!("t.amqp.topic.{suffix}"),
@@ -82,7 +93,7 @@ impl Bus {
         let connection = Connection::connect(&self.url, ConnectionProperties::default())
             .await
             .unwrap();
-        let channel = connection.create_channel().await.unwrap();
+        let channel = confirming(&connection).await;
         Self {
             url: self.url.clone(),
             exchange: self.exchange.clone(),
@@ -102,7 +113,8 @@ impl Bus {
 
     /// Publishes `body` on `wearable.data` as SHERS's wearable service does (persistent, JSON).
     pub async fn publish(&self, body: &[u8]) {
-        self.channel
+        let confirmation = self
+            .channel
             .basic_publish(
                 self.exchange.as_str().into(),
                 "wearable.data".into(),
@@ -116,6 +128,10 @@ impl Bus {
             .unwrap()
             .await
             .unwrap();
+        assert!(
+            confirmation.is_ack(),
+            "the broker refused a message: {confirmation:?}"
+        );
     }
 
     /// Messages ready in `queue` (declared passively: it must exist).
