@@ -27,6 +27,7 @@ TIMING=(
     billing::a_crash_after_the_charge_never_charges_twice
     billing::an_insurer_outage_is_retried_until_it_answers
     browser::the_dashboard_shows_a_new_emergency_live
+    bus_restart::
     cluster::
     crash::
     demo::
