@@ -18,6 +18,7 @@ use crate::actors::broadcaster::Broadcaster;
 use crate::actors::device::{DeviceDirectory, DeviceRouter, LocalDevices, TriageRuntime};
 use crate::actors::incident::{IncidentDeps, IncidentDirectory, Recover};
 use crate::actors::notifier::{Channels, NotifierActor};
+use crate::actors::pusher::CrewPusher;
 use crate::actors::unit::{Fleet, LoadFleet, SetUnitFreeRecipient};
 use crate::config::Settings;
 use crate::domain::billing::Tariff;
@@ -27,6 +28,7 @@ use crate::http::telemetry::{ShersRootSpan, observe, prometheus};
 use crate::http::{self, AppState};
 use crate::integrations::notify::{LogOnlyNotifier, Notifier, SignedWebhook, SmtpEmail, TwilioSms};
 use crate::integrations::payments::{PaymentProvider, SandboxPayments, StripeClient};
+use crate::integrations::push::FcmClient;
 use crate::integrations::routing::{OsrmRouting, Routing, RoutingWithFallback};
 use crate::persistence::group::GroupCommit;
 use crate::persistence::tokens;
@@ -342,7 +344,21 @@ impl Application {
             repeat_window: settings.repeat_window(),
         });
         let routing = routing_service(&settings)?;
-        let fleet = Fleet::new(db.clone(), writer.clone(), routing).start();
+        let pusher = FcmClient::from_settings(&settings.push)
+            .context("setting up push to crews' phones")?
+            .map(|fcm| {
+                CrewPusher::new(db.clone(), Arc::new(fcm))
+                    .start()
+                    .recipient()
+            });
+        if pusher.is_some() {
+            tracing::info!(
+                "push: offers to units without a crew session go to their phones through FCM"
+            );
+        }
+        let fleet = Fleet::new(db.clone(), writer.clone(), routing)
+            .with_pusher(pusher)
+            .start();
         let units = fleet
             .send(LoadFleet)
             .await

@@ -80,6 +80,8 @@ pub struct Settings {
     pub amqp: AmqpSettings,
     /// MQTT: wearables and gateways on a broker (off until `mqtt.url` is set).
     pub mqtt: MqttSettings,
+    /// Offers pushed to crews' phones through FCM (off until `push.fcm_credentials_file`).
+    pub push: PushSettings,
 }
 
 /// RabbitMQ (AMQP 0-9-1), as SHERS's services speak it: readings in from `wearable.data`,
@@ -288,6 +290,7 @@ impl Default for Settings {
             dashboard: DashboardSettings::default(),
             amqp: AmqpSettings::default(),
             mqtt: MqttSettings::default(),
+            push: PushSettings::default(),
         }
     }
 }
@@ -624,6 +627,33 @@ pub struct NotifySettings {
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: {0}")]
 pub struct ConfigError(#[from] config::ConfigError);
+
+/// Push to crews' phones through Firebase Cloud Messaging HTTP v1: an offer to a unit with no
+/// live crew WebSocket is pushed to each of the unit's registered tokens.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PushSettings {
+    /// A Google service account's JSON key file (`client_email`, `private_key`, `token_uri`,
+    /// `project_id`). Set: push is on. Unset: off.
+    pub fcm_credentials_file: Option<String>,
+    /// The Firebase project; default: the credentials file's `project_id`.
+    pub fcm_project_id: Option<String>,
+    /// FCM's base URL (tests point it at a local fake).
+    pub fcm_base_url: String,
+    /// Milliseconds one FCM or token call may take.
+    pub timeout_ms: u64,
+}
+
+impl Default for PushSettings {
+    fn default() -> Self {
+        Self {
+            fcm_credentials_file: None,
+            fcm_project_id: None,
+            fcm_base_url: "https://fcm.googleapis.com".to_owned(),
+            timeout_ms: 5_000,
+        }
+    }
+}
 
 /// Environment variables with the conventional names outside the `SHERS_` prefix.
 const CONVENTIONAL_ENV: &[(&str, &str)] =

@@ -8,4 +8,5 @@ pub mod device;
 pub mod error;
 pub mod incident;
 pub mod notifier;
+pub mod pusher;
 pub mod unit;

@@ -127,6 +127,17 @@ pub enum Priority {
     NonUrgent,
 }
 
+impl Priority {
+    /// The wire name (as serialised).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Emergency => "emergency",
+            Priority::Urgent => "urgent",
+            Priority::NonUrgent => "non_urgent",
+        }
+    }
+}
+
 /// Where an incident came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]

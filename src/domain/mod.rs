@@ -14,6 +14,7 @@ pub mod incident;
 pub mod news2;
 pub mod notify;
 pub mod patients;
+pub mod push;
 pub mod shards;
 pub mod strict_json;
 pub mod triage;

@@ -3,7 +3,7 @@
 
 use actix_web::{HttpRequest, HttpResponse, web};
 use chrono::{DateTime, Utc};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::AppState;
@@ -20,9 +20,11 @@ use crate::domain::auth::{Principal, Role};
 use crate::domain::dispatch::{Capability, CrewReport, UnitStatus};
 use crate::domain::geo::LatLng;
 use crate::domain::ids::{HospitalId, OfferId, UnitId};
+use crate::domain::push::{MAX_TOKEN_LEN, MAX_TOKENS_PER_UNIT, Platform};
 use crate::domain::validation::{FieldError, TextKind, check_id, check_text};
 use crate::persistence::StoreError;
 use crate::persistence::fleet::{HospitalRecord, UnitRecord};
+use crate::persistence::push_tokens;
 
 /// Crews (bound to a unit).
 pub struct CrewOnly;
@@ -211,6 +213,118 @@ pub async fn get_unit(
         .map_err(busy)?
         .ok_or_else(|| ApiError::not_found("no such unit"))?;
     Ok(HttpResponse::Ok().json(addr.send(ViewUnit).await.map_err(busy)?))
+}
+
+/// `POST /api/v1/units/{id}/push-tokens` body: a crew phone's push registration.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PushTokenBody {
+    /// The FCM registration token of the crew's app.
+    pub token: String,
+    /// `android`, `ios` or `web`.
+    pub platform: Platform,
+}
+
+/// A push token as registered.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct PushTokenView {
+    /// The unit.
+    #[schema(value_type = String)]
+    pub unit_id: UnitId,
+    /// The token.
+    pub token: String,
+    /// Its platform.
+    pub platform: Platform,
+    /// When it was registered.
+    pub registered_at: DateTime<Utc>,
+}
+
+/// Checks a push token at `pointer`: present, not longer than FCM could make it, one word.
+fn check_push_token(pointer: &str, token: &str) -> Result<(), ApiError> {
+    if token.is_empty() {
+        return Err(ApiError::field(pointer, "must not be empty"));
+    }
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(ApiError::field(
+            pointer,
+            format!("must be at most {MAX_TOKEN_LEN} bytes"),
+        ));
+    }
+    if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(ApiError::field(
+            pointer,
+            "must not contain spaces or control characters",
+        ));
+    }
+    Ok(())
+}
+
+/// The unit `id` names, which must exist.
+async fn existing_unit(state: &AppState, id: String) -> Result<UnitId, ApiError> {
+    let unit = UnitId(path_id(id, "no such unit")?);
+    state
+        .fleet
+        .send(UnitAddr(unit.clone()))
+        .await
+        .map_err(busy)?
+        .ok_or_else(|| ApiError::not_found("no such unit"))?;
+    Ok(unit)
+}
+
+/// A crew registers its phone for offers pushed while its app is not connected (a token
+/// registered before, for this unit or another, moves here; the unit keeps its newest 16).
+#[utoipa::path(post, path = "/api/v1/units/{id}/push-tokens", tag = "crews", request_body = PushTokenBody,
+    security(("bearer" = [])), params(("id" = String, Path)),
+    responses((status = 201, body = PushTokenView), (status = 403, body = super::error::Problem),
+        (status = 404, body = super::error::Problem), (status = 422, body = super::error::Problem)))]
+pub async fn register_push_token(
+    auth: Authorized<CrewOnly>,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+    body: JsonBody<PushTokenBody>,
+) -> Result<HttpResponse, ApiError> {
+    let unit = UnitId(path_id(id.into_inner(), "no such unit")?);
+    own_unit(&auth.principal, &unit)?;
+    let PushTokenBody { token, platform } = body.0;
+    check_push_token("/token", &token)?;
+    let unit = existing_unit(&state, unit.0).await?;
+    let now = Utc::now();
+    let (u, t) = (unit.clone(), token.clone());
+    state
+        .db
+        .run(move |mut conn| async move {
+            push_tokens::register(&mut conn, &u, &t, platform, now, MAX_TOKENS_PER_UNIT).await
+        })
+        .await
+        .map_err(ApiError::from)?;
+    tracing::info!(unit.id = %unit, platform = platform.as_str(), "push token registered");
+    Ok(HttpResponse::Created().json(PushTokenView {
+        unit_id: unit,
+        token,
+        platform,
+        registered_at: now,
+    }))
+}
+
+/// A crew removes its phone's push registration (204 whether or not it was registered).
+#[utoipa::path(delete, path = "/api/v1/units/{id}/push-tokens/{token}", tag = "crews",
+    security(("bearer" = [])), params(("id" = String, Path), ("token" = String, Path)),
+    responses((status = 204), (status = 403, body = super::error::Problem), (status = 404, body = super::error::Problem)))]
+pub async fn remove_push_token(
+    auth: Authorized<CrewOnly>,
+    state: web::Data<AppState>,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let (id, token) = path.into_inner();
+    let unit = UnitId(path_id(id, "no such unit")?);
+    own_unit(&auth.principal, &unit)?;
+    check_push_token("/token", &token).map_err(|_| ApiError::not_found("no such push token"))?;
+    state
+        .db
+        .run(move |mut conn| async move { push_tokens::remove(&mut conn, &unit, &token).await })
+        .await
+        .map_err(ApiError::from)?;
+    Ok(HttpResponse::NoContent().finish())
 }
 
 /// `POST /api/v1/hospitals` body.

@@ -101,8 +101,16 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         StrictError::Refused(refused) => ApiError::fields(vec![refused]),
     })?;
     serde_path_to_error::deserialize(value).map_err(|err| {
-        let pointer = pointer_of(err.path());
+        let mut pointer = pointer_of(err.path());
         let message = err.into_inner().to_string();
+        // serde names a missing field in its message, at the path of the object that lacks
+        // it: the pointer names the field itself.
+        if let Some(field) = message
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.strip_suffix('`'))
+        {
+            push_pointer_token(&mut pointer, field);
+        }
         ApiError::Validation {
             detail: format!("{pointer}: {message}"),
             errors: vec![FieldError::new(pointer, message)],
@@ -167,6 +175,24 @@ mod tests {
         assert_eq!(err.status_code().as_u16(), 422);
         let problem = err.problem();
         assert_eq!(problem.errors[0].pointer, "/readings/1/heart_rate_bpm");
+    }
+
+    #[test]
+    fn a_missing_field_is_named_by_its_pointer() {
+        for (body, pointer) in [
+            (&br#"{}"#[..], "/readings"),
+            (
+                br#"{"readings":[{"heart_rate_bpm":1},{}]}"#,
+                "/readings/1/heart_rate_bpm",
+            ),
+        ] {
+            let problem = parse_json::<Batch>(body).unwrap_err().problem();
+            assert_eq!(problem.errors[0].pointer, pointer);
+            assert_eq!(
+                problem.errors[0].message,
+                format!("missing field `{}`", pointer.rsplit('/').next().unwrap())
+            );
+        }
     }
 
     #[test]

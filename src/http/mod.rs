@@ -133,6 +133,14 @@ pub fn routes(cfg: &mut web::ServiceConfig) {
             "/api/v1/units/{id}/status",
             web::post().to(fleet::unit_status),
         )
+        .route(
+            "/api/v1/units/{id}/push-tokens",
+            web::post().to(fleet::register_push_token),
+        )
+        .route(
+            "/api/v1/units/{id}/push-tokens/{token}",
+            web::delete().to(fleet::remove_push_token),
+        )
         .service(
             web::resource("/api/v1/hospitals")
                 .route(web::get().to(fleet::list_hospitals))

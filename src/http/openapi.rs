@@ -60,6 +60,8 @@ impl Modify for BearerAuth {
         super::fleet::get_unit,
         super::fleet::unit_location,
         super::fleet::unit_status,
+        super::fleet::register_push_token,
+        super::fleet::remove_push_token,
         super::fleet::create_hospital,
         super::fleet::list_hospitals,
         super::fleet::accept_offer,

@@ -4,4 +4,5 @@
 
 pub mod notify;
 pub mod payments;
+pub mod push;
 pub mod routing;

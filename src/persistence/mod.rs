@@ -19,6 +19,7 @@ pub mod insurance;
 pub mod invoices;
 pub mod migrations;
 pub mod patients;
+pub mod push_tokens;
 pub mod readings;
 pub mod schema;
 mod statement;

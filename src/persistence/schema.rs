@@ -273,3 +273,12 @@ diesel::table! {
         updated_at -> Timestamp,
     }
 }
+
+diesel::table! {
+    push_tokens (token) {
+        token -> Text,
+        unit_id -> Text,
+        platform -> Text,
+        created_at -> Timestamp,
+    }
+}

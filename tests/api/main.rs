@@ -33,4 +33,5 @@ mod mqtt;
 mod notifications;
 mod ops;
 mod persistence;
+mod push;
 mod vitals;

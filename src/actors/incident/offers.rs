@@ -199,6 +199,7 @@ pub(super) fn send_offers(
                 eta_s: record.eta_s,
                 expires_at,
             },
+            reference: state.reference.clone(),
         });
     }
 }

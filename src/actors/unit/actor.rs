@@ -9,6 +9,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::fleet::{Fleet, UnitChanged};
+use crate::actors::pusher::PushOffer;
 use crate::domain::dispatch::{
     Capability, CrewReport, StatusRejection, UnitClaim, UnitSnapshot, UnitStatus, apply_report,
     reconcile_unit,
@@ -17,6 +18,7 @@ use crate::domain::events::{NewEvent, Reconciled, UnitEvent};
 use crate::domain::geo::LatLng;
 use crate::domain::ids::{IncidentId, OfferId, UnitId};
 use crate::domain::incident::Priority;
+use crate::integrations::push::OfferPush;
 use crate::persistence::StoreError;
 use crate::persistence::fleet::UnitRecord;
 use crate::persistence::group::GroupCommit;
@@ -104,6 +106,8 @@ pub struct AmbulanceActor {
     pub(super) unsaved_status: Option<UnitStatus>,
     pub(super) messages: u64,
     pub(super) last_message_at: Option<DateTime<Utc>>,
+    /// Where an offer goes when no crew session is open (push to the crew's phones).
+    pub(super) pusher: Option<Recipient<PushOffer>>,
 }
 
 /// When a unit's change is stored (dropped: stored in the background all the same).
@@ -145,6 +149,7 @@ impl AmbulanceActor {
             unsaved_status: None,
             messages: 0,
             last_message_at: None,
+            pusher: None,
             record,
         }
     }
@@ -315,6 +320,8 @@ pub struct PublishOffer {
     pub offer_id: OfferId,
     /// What the crew is shown.
     pub frame: OfferFrame,
+    /// The incident's reference (for a push to the crew's phones).
+    pub reference: String,
 }
 
 impl Handler<PublishOffer> for AmbulanceActor {
@@ -325,6 +332,21 @@ impl Handler<PublishOffer> for AmbulanceActor {
             && p.offer_id == msg.offer_id
         {
             p.frame = Some(msg.frame.clone());
+            if self.sessions.is_empty()
+                && let Some(pusher) = &self.pusher
+            {
+                // Nobody is listening: wake the crew's phones.
+                pusher.do_send(PushOffer {
+                    unit_id: self.record.id.clone(),
+                    offer: OfferPush {
+                        offer_id: msg.frame.offer_id,
+                        incident_id: msg.frame.incident_id,
+                        reference: msg.reference,
+                        priority: msg.frame.priority,
+                        expires_at: msg.frame.expires_at,
+                    },
+                });
+            }
             self.push(CrewPush::Offer(msg.frame));
             crate::fault::crash_point("dispatch.after_offer");
         }

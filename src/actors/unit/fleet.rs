@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 use futures_util::future::join_all;
 
 use super::{ACTOR_TIMEOUT, AmbulanceActor, Reconcile, Reserve, UnitView};
+use crate::actors::pusher::PushOffer;
 use crate::domain::dispatch::{
     Candidate, CandidateQuery, FleetIndex, HospitalSnapshot, UnitClaim, UnitSnapshot, UnitStatus,
     choose_hospital, rank, shortlist,
@@ -56,6 +57,8 @@ pub struct Fleet {
     /// ([`AcceptRoute`]); the incident and the unit still decide. Lapsed ones are dropped by
     /// the sweep.
     offered: HashMap<OfferId, (UnitId, IncidentId, DateTime<Utc>)>,
+    /// Where units send offers no crew session hears (push to phones); `None`: push is off.
+    pusher: Option<Recipient<PushOffer>>,
 }
 
 impl Fleet {
@@ -71,7 +74,14 @@ impl Fleet {
             waiting: Vec::new(),
             on_unit_free: None,
             offered: HashMap::new(),
+            pusher: None,
         }
+    }
+
+    /// Units push offers their crews' sessions would miss to `pusher` (set before start).
+    pub fn with_pusher(mut self, pusher: Option<Recipient<PushOffer>>) -> Self {
+        self.pusher = pusher;
+        self
     }
 
     fn start_unit(
@@ -90,7 +100,8 @@ impl Fleet {
         restarts: u32,
         ctx: &mut Context<Self>,
     ) -> (Addr<AmbulanceActor>, UnitView) {
-        let actor = AmbulanceActor::new(record, self.writer.clone(), ctx.address(), restarts);
+        let mut actor = AmbulanceActor::new(record, self.writer.clone(), ctx.address(), restarts);
+        actor.pusher = self.pusher.clone();
         let view = actor.view();
         let snapshot = actor.snapshot();
         let addr = actor.start();
