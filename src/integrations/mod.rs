@@ -6,3 +6,4 @@ pub mod notify;
 pub mod payments;
 pub mod push;
 pub mod routing;
+pub mod sigv4;
