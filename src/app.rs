@@ -26,7 +26,9 @@ use crate::http::auth::{AuthService, BillingCredential};
 use crate::http::json::BodyLimit;
 use crate::http::telemetry::{ShersRootSpan, observe, prometheus};
 use crate::http::{self, AppState};
-use crate::integrations::notify::{LogOnlyNotifier, Notifier, SignedWebhook, SmtpEmail, TwilioSms};
+use crate::integrations::notify::{
+    AmazonSns, LogOnlyNotifier, Notifier, SignedWebhook, SmtpEmail, SnsTarget, TwilioSms,
+};
 use crate::integrations::payments::{PaymentProvider, SandboxPayments, StripeClient};
 use crate::integrations::push::FcmClient;
 use crate::integrations::routing::{OsrmRouting, Routing, RoutingWithFallback};
@@ -80,7 +82,7 @@ pub async fn open_database(settings: &Settings) -> anyhow::Result<Db> {
 pub fn notification_channels(settings: &Settings) -> anyhow::Result<Channels> {
     let n = &settings.notify;
     let timeout = Duration::from_secs(n.timeout_s.unwrap_or(10));
-    let sms: Option<Arc<dyn Notifier>> = match (
+    let mut sms: Option<Arc<dyn Notifier>> = match (
         &n.sms_base_url,
         &n.sms_account_sid,
         &n.sms_auth_token,
@@ -117,6 +119,50 @@ pub fn notification_channels(settings: &Settings) -> anyhow::Result<Channels> {
             anyhow::bail!("notify.webhook_url needs notify.webhook_secret to sign requests")
         }
     };
+    let mut sns: Option<Arc<dyn Notifier>> = None;
+    match (
+        &n.sns_region,
+        &n.sns_access_key_id,
+        &n.sns_secret_access_key,
+    ) {
+        (Some(region), Some(key_id), Some(secret)) => {
+            let base = n
+                .sns_base_url
+                .clone()
+                .unwrap_or_else(|| AmazonSns::default_base_url(region));
+            let target = match &n.sns_topic_arn {
+                Some(arn) => SnsTarget::Topic(arn.clone()),
+                None => SnsTarget::Sms,
+            };
+            let topic = matches!(target, SnsTarget::Topic(_));
+            let client: Arc<dyn Notifier> = Arc::new(
+                AmazonSns::new(&base, region, key_id, secret.expose(), target, timeout)
+                    .context("configuring Amazon SNS (notify.sns_*)")?,
+            );
+            if topic {
+                sns = Some(client);
+            } else if sms.is_some() {
+                anyhow::bail!(
+                    "notify.sms_* (Twilio) and SNS SMS (notify.sns_* without notify.sns_topic_arn) \
+                     are both configured: the sms channel has one provider; unset one of them, \
+                     or set notify.sns_topic_arn to publish to a topic instead"
+                );
+            } else {
+                sms = Some(client);
+            }
+        }
+        (None, None, None) => {
+            if n.sns_topic_arn.is_some() || n.sns_base_url.is_some() {
+                anyhow::bail!(
+                    "notify.sns_topic_arn and notify.sns_base_url need notify.sns_region, \
+                     sns_access_key_id and sns_secret_access_key"
+                );
+            }
+        }
+        _ => anyhow::bail!(
+            "notify.sns_region, sns_access_key_id and sns_secret_access_key must be set together"
+        ),
+    }
     for (name, configured) in [("SMS", sms.is_some()), ("email", email.is_some())] {
         if !configured {
             tracing::warn!(
@@ -129,6 +175,7 @@ pub fn notification_channels(settings: &Settings) -> anyhow::Result<Channels> {
         sms,
         email,
         webhook,
+        sns,
         fallback: Arc::new(LogOnlyNotifier),
     })
 }
@@ -147,6 +194,18 @@ fn routing_service(settings: &Settings) -> anyhow::Result<Arc<RoutingWithFallbac
     )))
 }
 
+/// The SNS topic incidents queue a publish for: `notify.sns_topic_arn` when SNS is configured
+/// (a topic without keys is refused by [`notification_channels`]).
+fn sns_topic(settings: &Settings) -> Option<Arc<str>> {
+    let n = &settings.notify;
+    if n.sns_region.is_some() && n.sns_access_key_id.is_some() && n.sns_secret_access_key.is_some()
+    {
+        n.sns_topic_arn.as_deref().map(Arc::from)
+    } else {
+        None
+    }
+}
+
 /// Starts the incident directory (with a reader connection of its own on PostgreSQL), tells
 /// the fleet where freed units go, and resumes the open incidents before anything is served.
 async fn start_incidents(
@@ -161,6 +220,7 @@ async fn start_incidents(
         fleet: Some(fleet.clone()),
         dispatch: settings.dispatch.clone(),
         writer: writer.clone(),
+        sns_topic: sns_topic(settings),
     });
     if db.backend() == crate::persistence::Backend::Postgres {
         // A connection of the directory's own, opened on its thread.

@@ -621,6 +621,18 @@ pub struct NotifySettings {
     pub webhook_url: Option<String>,
     /// HMAC-SHA256 key for the webhook signature.
     pub webhook_secret: Option<Secret<String>>,
+    /// Amazon SNS region (`eu-west-1`). SNS is on when this and both SNS keys are set.
+    pub sns_region: Option<String>,
+    /// Amazon SNS access key id (`AKIA…`).
+    pub sns_access_key_id: Option<String>,
+    /// Amazon SNS secret access key.
+    pub sns_secret_access_key: Option<Secret<String>>,
+    /// SNS Query API endpoint (default `https://sns.<region>.amazonaws.com`).
+    pub sns_base_url: Option<String>,
+    /// Publish once per incident and template to this topic (with message attribute
+    /// `patient_id`). Unset: SNS sends the `sms` channel's texts to each next-of-kin phone,
+    /// and Twilio (`sms_*`) must then be unset.
+    pub sns_topic_arn: Option<String>,
 }
 
 /// Errors while loading configuration.

@@ -5,7 +5,7 @@
 //! addresses never reach the logs.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use chrono::Utc;
@@ -30,6 +30,8 @@ pub struct Channels {
     pub email: Option<Arc<dyn Notifier>>,
     /// The signed webhook channel, when configured.
     pub webhook: Option<Arc<dyn Notifier>>,
+    /// The Amazon SNS topic (`notify.sns_topic_arn`), when configured.
+    pub sns: Option<Arc<dyn Notifier>>,
     /// Where messages for unconfigured channels go (the log-only sink).
     pub fallback: Arc<dyn Notifier>,
 }
@@ -90,19 +92,24 @@ impl Handler<Kick> for NotifierActor {
     }
 }
 
+/// The message's context and the incident's patient id. A topic message greets no one by
+/// name: it goes to every subscriber.
 async fn context_for(
     db: &Db,
     n: &DueNotification,
+    channel: Channel,
     template: Template,
-) -> Result<MessageContext, StoreError> {
+) -> Result<(MessageContext, Option<String>), StoreError> {
     let (id, recipient) = (n.incident_id, n.recipient_name.clone());
     db.run(move |mut conn| async move {
         let mut ctx = MessageContext {
-            recipient_name: Some(recipient),
+            recipient_name: (channel != Channel::Sns).then_some(recipient),
             ..MessageContext::default()
         };
+        let mut patient_id = None;
         if let Some((incident, _)) = store::find(&mut conn, id).await? {
             ctx.incident_reference = incident.reference;
+            patient_id = incident.patient_id.as_ref().map(|p| p.to_string());
             if let Some(pid) = &incident.patient_id {
                 ctx.patient_name = patients::find_patient(&mut conn, pid)
                     .await?
@@ -140,7 +147,7 @@ async fn context_for(
         if ctx.incident_reference.is_empty() {
             ctx.incident_reference = id.to_string();
         }
-        Ok(ctx)
+        Ok((ctx, patient_id))
     })
     .await
 }
@@ -176,6 +183,31 @@ fn outcome_of(
     }
 }
 
+/// Per provider and channel: `shers_notification_calls_total`,
+/// `shers_notification_failures_total{kind}` (`transient`/`permanent`) and
+/// `shers_notification_call_seconds`.
+fn record_call(
+    provider: &'static str,
+    channel: Channel,
+    result: &Result<String, DeliveryError>,
+    took: Duration,
+) {
+    let channel = channel.as_str();
+    metrics::counter!("shers_notification_calls_total", "provider" => provider, "channel" => channel)
+        .increment(1);
+    if let Err(e) = result {
+        metrics::counter!(
+            "shers_notification_failures_total",
+            "provider" => provider,
+            "channel" => channel,
+            "kind" => e.kind()
+        )
+        .increment(1);
+    }
+    metrics::histogram!("shers_notification_call_seconds", "provider" => provider, "channel" => channel)
+        .record(took.as_secs_f64());
+}
+
 async fn deliver_due(db: &Db, channels: &Channels) -> Result<(), StoreError> {
     let due = db
         .run(|mut conn| async move { store::due_notifications(&mut conn, Utc::now(), BATCH).await })
@@ -183,19 +215,21 @@ async fn deliver_due(db: &Db, channels: &Channels) -> Result<(), StoreError> {
     for n in due {
         let channel = Channel::parse(&n.channel).unwrap_or(Channel::Sms);
         let template = Template::parse(&n.template).unwrap_or(Template::IncidentCreated);
-        let ctx = context_for(db, &n, template).await?;
+        let (ctx, patient_id) = context_for(db, &n, channel, template).await?;
         let rendered = render(template, &ctx);
         let provider = match channel {
             Channel::Sms => channels.sms.clone(),
             Channel::Email => channels.email.clone(),
             Channel::Webhook => channels.webhook.clone(),
+            Channel::Sns => channels.sns.clone(),
         }
         .unwrap_or_else(|| channels.fallback.clone());
         let outgoing = Outgoing {
             channel,
             to: n.address.clone(),
             subject: rendered.subject,
-            body: if channel == Channel::Sms {
+            // A topic's subscribers may read it as a text message: the short form.
+            body: if matches!(channel, Channel::Sms | Channel::Sns) {
                 rendered.sms
             } else {
                 rendered.body
@@ -203,6 +237,7 @@ async fn deliver_due(db: &Db, channels: &Channels) -> Result<(), StoreError> {
             idempotency_key: n.idempotency_key.clone(),
             incident_id: n.incident_id.to_string(),
             template: n.template.clone(),
+            patient_id,
         };
         // Not sent by a node that lost dispatch (it would be sent twice).
         db.run(
@@ -210,7 +245,9 @@ async fn deliver_due(db: &Db, channels: &Channels) -> Result<(), StoreError> {
         )
         .await?;
         crate::fault::crash_point("notify.before_send");
+        let started = Instant::now();
         let result = provider.send(&outgoing).await;
+        record_call(provider.provider(), channel, &result, started.elapsed());
         crate::fault::crash_point("notify.after_send");
         let attempts = n.attempts.saturating_add(1);
         let now = Utc::now();

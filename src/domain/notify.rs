@@ -74,11 +74,14 @@ pub enum Channel {
     Email,
     /// A signed JSON POST to a configured URL (hospital or insurer systems).
     Webhook,
+    /// One publish per incident and template to the configured Amazon SNS topic, whose
+    /// subscribers are the next of kin.
+    Sns,
 }
 
 impl Channel {
     /// Every channel.
-    pub const ALL: [Channel; 3] = [Channel::Sms, Channel::Email, Channel::Webhook];
+    pub const ALL: [Channel; 4] = [Channel::Sms, Channel::Email, Channel::Webhook, Channel::Sns];
 
     /// The wire name (as serialized).
     pub fn as_str(self) -> &'static str {
@@ -86,6 +89,7 @@ impl Channel {
             Channel::Sms => "sms",
             Channel::Email => "email",
             Channel::Webhook => "webhook",
+            Channel::Sns => "sns",
         }
     }
 

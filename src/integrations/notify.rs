@@ -37,6 +37,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::Secret;
 pub use crate::domain::notify::Channel;
+use crate::integrations::sigv4;
 
 /// The future returned by [`Notifier::send`]: the provider's message id on success.
 pub type SendFuture<'a> = Pin<Box<dyn Future<Output = Result<String, DeliveryError>> + Send + 'a>>;
@@ -46,6 +47,10 @@ pub trait Notifier: Send + Sync {
     /// Delivers `msg` once. Safe to call again with the same message after a
     /// [`DeliveryError::Transient`]: the idempotency key travels with every attempt.
     fn send<'a>(&'a self, msg: &'a Outgoing) -> SendFuture<'a>;
+
+    /// A short, stable name of the provider (`twilio`, `smtp`, `webhook`, `sns`, `log`), for
+    /// metrics and logs.
+    fn provider(&self) -> &'static str;
 }
 
 /// Why a delivery failed. Reasons carry status codes and error kinds, never addresses or
@@ -126,6 +131,9 @@ pub enum NotifierConfigError {
     /// The sender is not a valid email address.
     #[error("invalid sender address")]
     InvalidFrom,
+    /// An SNS region, access key id or secret is empty or malformed.
+    #[error("invalid SNS region or credentials")]
+    InvalidSnsCredentials,
     /// The webhook signing secret is empty.
     #[error("empty webhook secret")]
     EmptySecret,
@@ -152,6 +160,8 @@ pub struct Outgoing {
     pub incident_id: String,
     /// The template's wire name.
     pub template: String,
+    /// The incident's patient, when known (the SNS topic's `patient_id` message attribute).
+    pub patient_id: Option<String>,
 }
 
 impl fmt::Debug for Outgoing {
@@ -410,6 +420,9 @@ impl Notifier for TwilioSms {
             result
         })
     }
+    fn provider(&self) -> &'static str {
+        "twilio"
+    }
 }
 
 // ---- email -----------------------------------------------------------------------------
@@ -539,6 +552,9 @@ impl Notifier for SmtpEmail {
             result
         })
     }
+    fn provider(&self) -> &'static str {
+        "smtp"
+    }
 }
 
 // ---- webhook ---------------------------------------------------------------------------
@@ -665,6 +681,253 @@ impl Notifier for SignedWebhook {
             result
         })
     }
+    fn provider(&self) -> &'static str {
+        "webhook"
+    }
+}
+
+// ---- Amazon SNS ------------------------------------------------------------------------
+
+/// The Query API version SHERS speaks.
+pub const SNS_API_VERSION: &str = "2010-03-31";
+/// The `Content-Type` of a Query API request (signed, so it must be sent exactly so).
+const SNS_CONTENT_TYPE: &str = "application/x-www-form-urlencoded; charset=utf-8";
+/// Error codes AWS answers when it sheds load; retried even though they come with a 400.
+const SNS_THROTTLING_CODES: [&str; 4] = [
+    "Throttling",
+    "ThrottlingException",
+    "ThrottledException",
+    "RequestThrottled",
+];
+
+/// Where an [`AmazonSns`] publishes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SnsTarget {
+    /// An SMS to each message's phone number (`PhoneNumber`), `Transactional`: the provider
+    /// of the `sms` channel.
+    Sms,
+    /// One message per incident and template to this topic, with the `patient_id` message
+    /// attribute: the provider of the `sns` channel.
+    Topic(String),
+}
+
+/// Amazon SNS through its Query API (`POST /`, `Action=Publish`), signed with AWS Signature
+/// Version 4 ([`crate::integrations::sigv4`]).
+///
+/// SNS has no idempotency token for standard topics and SMS: a retry after an answer that was
+/// lost on the way may publish twice (at-least-once, like every channel here).
+pub struct AmazonSns {
+    client: reqwest::Client,
+    url: String,
+    host: String,
+    region: String,
+    access_key_id: String,
+    secret_access_key: Secret<String>,
+    target: SnsTarget,
+}
+
+impl fmt::Debug for AmazonSns {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AmazonSns")
+            .field("url", &self.url)
+            .field("region", &self.region)
+            .field("target", &self.target)
+            .field("secret_access_key", &self.secret_access_key)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The text of the first `<tag>…</tag>` in `xml` (the Query API's answers are flat enough
+/// that this needs no XML parser), entity-decoded for the five predefined entities.
+fn xml_text(xml: &str, tag: &str) -> Option<String> {
+    let open = format!("<{tag}>");
+    let close = format!("</{tag}>");
+    let start = xml.find(&open)?.checked_add(open.len())?;
+    let len = xml.get(start..)?.find(&close)?;
+    let raw = xml.get(start..start.checked_add(len)?)?.trim();
+    Some(
+        raw.replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&quot;", "\"")
+            .replace("&apos;", "'")
+            .replace("&amp;", "&"),
+    )
+}
+
+impl AmazonSns {
+    /// The public endpoint of `region`: `https://sns.<region>.amazonaws.com`.
+    pub fn default_base_url(region: &str) -> String {
+        format!("https://sns.{region}.amazonaws.com")
+    }
+
+    /// A client for the SNS Query API at `base_url` (e.g. [`AmazonSns::default_base_url`]),
+    /// signing for `region` with the given keys, publishing to `target`, each call limited to
+    /// `timeout` (connect included).
+    ///
+    /// A rustls crypto provider must be installed first (`app` and the CLI do it).
+    pub fn new(
+        base_url: &str,
+        region: &str,
+        access_key_id: &str,
+        secret_access_key: &str,
+        target: SnsTarget,
+        timeout: Duration,
+    ) -> Result<Self, NotifierConfigError> {
+        let base = checked_base(base_url)?;
+        let parsed = reqwest::Url::parse(&base).map_err(|_| NotifierConfigError::InvalidUrl)?;
+        let host = match (parsed.host_str(), parsed.port()) {
+            (Some(h), Some(p)) => format!("{h}:{p}"),
+            (Some(h), None) => h.to_owned(),
+            (None, _) => return Err(NotifierConfigError::InvalidUrl),
+        };
+        let token_ok = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        };
+        if !token_ok(region) || !token_ok(access_key_id) || secret_access_key.is_empty() {
+            return Err(NotifierConfigError::InvalidSnsCredentials);
+        }
+        if matches!(&target, SnsTarget::Topic(arn) if !arn.starts_with("arn:")) {
+            return Err(NotifierConfigError::InvalidSnsCredentials);
+        }
+        Ok(Self {
+            client: http_client(timeout)?,
+            url: format!("{base}/"),
+            host,
+            region: region.to_owned(),
+            access_key_id: access_key_id.to_owned(),
+            secret_access_key: Secret::new(secret_access_key.to_owned()),
+            target,
+        })
+    }
+
+    /// The form body publishing `msg` (patient data: never logged).
+    pub fn publish_body(&self, msg: &Outgoing) -> Result<String, DeliveryError> {
+        let mut pairs: Vec<(&str, &str)> =
+            vec![("Action", "Publish"), ("Version", SNS_API_VERSION)];
+        match &self.target {
+            SnsTarget::Sms => {
+                check_channel(Channel::Sms, msg)?;
+                if msg.to.is_empty() {
+                    return Err(DeliveryError::permanent("no phone number"));
+                }
+                pairs.extend([
+                    ("PhoneNumber", msg.to.as_str()),
+                    ("Message", msg.body.as_str()),
+                    ("MessageAttributes.entry.1.Name", "AWS.SNS.SMS.SMSType"),
+                    ("MessageAttributes.entry.1.Value.DataType", "String"),
+                    (
+                        "MessageAttributes.entry.1.Value.StringValue",
+                        "Transactional",
+                    ),
+                ]);
+            }
+            SnsTarget::Topic(arn) => {
+                check_channel(Channel::Sns, msg)?;
+                pairs.extend([("TopicArn", arn.as_str()), ("Message", msg.body.as_str())]);
+                if !msg.subject.is_empty() {
+                    pairs.push(("Subject", msg.subject.as_str()));
+                }
+                if let Some(pid) = msg.patient_id.as_deref().filter(|p| !p.is_empty()) {
+                    pairs.extend([
+                        ("MessageAttributes.entry.1.Name", "patient_id"),
+                        ("MessageAttributes.entry.1.Value.DataType", "String"),
+                        ("MessageAttributes.entry.1.Value.StringValue", pid),
+                    ]);
+                }
+            }
+        }
+        Ok(form_encode(&pairs))
+    }
+
+    async fn deliver(&self, msg: &Outgoing) -> Result<String, DeliveryError> {
+        let body = self.publish_body(msg)?;
+        let now = chrono::Utc::now();
+        let amz_date = sigv4::amz_date(now);
+        let signer = sigv4::Signer {
+            access_key_id: &self.access_key_id,
+            secret_access_key: self.secret_access_key.expose(),
+            region: &self.region,
+            service: "sns",
+        };
+        let signed = [
+            ("content-type", SNS_CONTENT_TYPE),
+            ("host", self.host.as_str()),
+            ("x-amz-date", amz_date.as_str()),
+        ];
+        let authorization = sigv4::authorization(
+            &signer,
+            &sigv4::Request {
+                method: "POST",
+                path: "/",
+                query: &[],
+                headers: &signed,
+                body: body.as_bytes(),
+            },
+            now,
+        );
+        let response = self
+            .client
+            .post(&self.url)
+            .header(reqwest::header::CONTENT_TYPE, SNS_CONTENT_TYPE)
+            .header("x-amz-date", &amz_date)
+            .header(reqwest::header::AUTHORIZATION, authorization)
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| transport_error("sns", &e))?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let text = response
+            .text()
+            .await
+            .map_err(|e| transport_error("sns", &e))?;
+        if status.is_success() {
+            return match xml_text(&text, "MessageId") {
+                Some(id) if !id.is_empty() => Ok(id),
+                // Perhaps published: retried rather than lost (a duplicate beats no message).
+                _ => Err(DeliveryError::transient(format!(
+                    "sns answered HTTP {} without a MessageId",
+                    status.as_u16()
+                ))),
+            };
+        }
+        // The code only: the error's `Message` may quote the phone number.
+        let code = xml_text(&text, "Code").filter(|c| {
+            !c.is_empty()
+                && c.len() <= 64
+                && c.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '.')
+        });
+        let detail = code
+            .as_deref()
+            .map(|c| format!(" ({c})"))
+            .unwrap_or_default();
+        if code
+            .as_deref()
+            .is_some_and(|c| SNS_THROTTLING_CODES.contains(&c))
+        {
+            return Err(DeliveryError::Transient {
+                retry_after: parse_retry_after(&headers, SystemTime::now()),
+                reason: format!("sns answered HTTP {}{detail}", status.as_u16()),
+            });
+        }
+        Err(status_error("sns", status, &headers, &detail))
+    }
+}
+
+impl Notifier for AmazonSns {
+    fn send<'a>(&'a self, msg: &'a Outgoing) -> SendFuture<'a> {
+        Box::pin(async move {
+            let result = self.deliver(msg).await;
+            log_outcome(msg, &result);
+            result
+        })
+    }
+
+    fn provider(&self) -> &'static str {
+        "sns"
+    }
 }
 
 // ---- demo sink -------------------------------------------------------------------------
@@ -686,6 +949,9 @@ impl Notifier for LogOnlyNotifier {
             );
             Ok(format!("logged-{}", msg.idempotency_key))
         })
+    }
+    fn provider(&self) -> &'static str {
+        "log"
     }
 }
 
@@ -719,7 +985,96 @@ mod tests {
             idempotency_key: KEY.to_owned(),
             incident_id: "0190a1b2-0000-7000-8000-000000000001".to_owned(),
             template: "unit_assigned".to_owned(),
+            patient_id: Some("p-1".to_owned()),
         }
+    }
+
+    fn sns(target: SnsTarget) -> AmazonSns {
+        AmazonSns::new(
+            "https://sns.us-east-1.amazonaws.com",
+            "us-east-1",
+            "AKIDEXAMPLE",
+            "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY",
+            target,
+            Duration::from_secs(5),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn an_sns_sms_publish_is_the_body_the_signer_is_pinned_on() {
+        // The body of sigv4's botocore vector `an_sms_publish_signs_as_botocore_signs_it`.
+        let mut msg = outgoing(Channel::Sms, "+447700900123");
+        msg.body = "Help is on its way. Ref INC-1".to_owned();
+        assert_eq!(
+            sns(SnsTarget::Sms).publish_body(&msg).unwrap(),
+            "Action=Publish&Version=2010-03-31&PhoneNumber=%2B447700900123&\
+             Message=Help+is+on+its+way.+Ref+INC-1&\
+             MessageAttributes.entry.1.Name=AWS.SNS.SMS.SMSType&\
+             MessageAttributes.entry.1.Value.DataType=String&\
+             MessageAttributes.entry.1.Value.StringValue=Transactional"
+        );
+        assert!(
+            sns(SnsTarget::Sms)
+                .publish_body(&outgoing(Channel::Email, "a@b.c"))
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn an_sns_topic_publish_carries_the_patient_id_attribute() {
+        let arn = "arn:aws:sns:us-east-1:123456789012:next-of-kin";
+        let body = sns(SnsTarget::Topic(arn.to_owned()))
+            .publish_body(&outgoing(Channel::Sns, arn))
+            .unwrap();
+        assert!(body.starts_with(
+            "Action=Publish&Version=2010-03-31&\
+             TopicArn=arn%3Aaws%3Asns%3Aus-east-1%3A123456789012%3Anext-of-kin&Message="
+        ));
+        assert!(body.ends_with(
+            "&MessageAttributes.entry.1.Name=patient_id&\
+             MessageAttributes.entry.1.Value.DataType=String&\
+             MessageAttributes.entry.1.Value.StringValue=p-1"
+        ));
+        assert!(!body.contains("PhoneNumber"));
+    }
+
+    #[test]
+    fn sns_answers_are_read_without_an_xml_parser() {
+        let ok = "<PublishResponse xmlns=\"http://sns.amazonaws.com/doc/2010-03-31/\">\
+                  <PublishResult><MessageId>abc-1</MessageId></PublishResult></PublishResponse>";
+        assert_eq!(xml_text(ok, "MessageId").as_deref(), Some("abc-1"));
+        let err = "<ErrorResponse><Error><Type>Sender</Type><Code>Throttling</Code>\
+                   <Message>Rate exceeded &amp; more</Message></Error></ErrorResponse>";
+        assert_eq!(xml_text(err, "Code").as_deref(), Some("Throttling"));
+        assert_eq!(
+            xml_text(err, "Message").as_deref(),
+            Some("Rate exceeded & more")
+        );
+        assert_eq!(xml_text(err, "MessageId"), None);
+        assert_eq!(xml_text("<Code>unterminated", "Code"), None);
+    }
+
+    #[test]
+    fn sns_refuses_bad_configuration() {
+        let build = |base: &str, region: &str, key: &str, secret: &str, target: SnsTarget| {
+            AmazonSns::new(base, region, key, secret, target, Duration::from_secs(1)).is_ok()
+        };
+        let base = "https://sns.eu-west-1.amazonaws.com";
+        assert!(build(base, "eu-west-1", "AKID", "s", SnsTarget::Sms));
+        assert!(!build("ftp://x", "eu-west-1", "AKID", "s", SnsTarget::Sms));
+        assert!(!build(base, "", "AKID", "s", SnsTarget::Sms));
+        assert!(!build(base, "eu west", "AKID", "s", SnsTarget::Sms));
+        assert!(!build(base, "eu-west-1", "AKID", "", SnsTarget::Sms));
+        assert!(!build(
+            base,
+            "eu-west-1",
+            "AKID",
+            "s",
+            SnsTarget::Topic("x".into())
+        ));
+        let debug = format!("{:?}", sns(SnsTarget::Sms));
+        assert!(!debug.contains("EXAMPLEKEY"), "{debug}");
     }
 
     /// Reasons must never carry the address or the content.

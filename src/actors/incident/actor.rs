@@ -73,6 +73,9 @@ pub struct IncidentDeps {
     pub dispatch: DispatchSettings,
     /// The group-commit writer every incident change goes through.
     pub writer: GroupCommit,
+    /// The Amazon SNS topic next-of-kin messages are also published to, once per incident and
+    /// template (`notify.sns_topic_arn`, with SNS configured); `None` queues no topic rows.
+    pub sns_topic: Option<std::sync::Arc<str>>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -241,6 +244,7 @@ impl Handler<Execute> for IncidentActor {
         }
         let crash_at = stored_point(&msg.0);
         let writer = self.deps.writer.clone();
+        let sns_topic = self.deps.sns_topic.clone();
         let expected = self.version;
         let to_store = next.clone();
         // A cancelled incident withdraws its offers in the same transaction.
@@ -258,13 +262,18 @@ impl Handler<Execute> for IncidentActor {
             writer
                 .write(move |tx| {
                     // The writer may run this twice (see `GroupCommit::write`).
-                    let (to_store, closing, events) =
-                        (to_store.clone(), closing.clone(), events.clone());
+                    let (to_store, closing, events, sns_topic) = (
+                        to_store.clone(),
+                        closing.clone(),
+                        events.clone(),
+                        sns_topic.clone(),
+                    );
                     Box::pin(async move {
                         let extra =
                             close_offers(tx, to_store.id, &closing, "withdrawn", "cancelled", now)
                                 .await?;
-                        persist(tx, &to_store, expected, &events, extra, now).await
+                        let topic = sns_topic.as_deref();
+                        persist(tx, &to_store, expected, &events, extra, now, topic).await
                     })
                 })
                 .await

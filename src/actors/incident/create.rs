@@ -150,14 +150,19 @@ async fn create(
     first_offers: Vec<OfferRecord>,
     prefetched: Option<Prefetched>,
     now: DateTime<Utc>,
+    sns_topic: Option<std::sync::Arc<str>>,
 ) -> Result<(Incident, i64), IncidentError> {
     crate::fault::crash_point("incident.before_create");
     let one_statement = prefetched.is_some();
     writer
         .write_as(one_statement, move |tx| {
             // The writer may run this twice (see `GroupCommit::write`).
-            let (req, first_offers, prefetched) =
-                (req.clone(), first_offers.clone(), prefetched.clone());
+            let (req, first_offers, prefetched, sns_topic) = (
+                req.clone(),
+                first_offers.clone(),
+                prefetched.clone(),
+                sns_topic.clone(),
+            );
             Box::pin(async move {
                 let (patient, reference) = match prefetched {
                     Some(Prefetched { patient, reference }) => (patient, reference),
@@ -183,8 +188,12 @@ async fn create(
                     evidence: req.evidence.clone(),
                 };
                 let (state, events) = opened_state(&open, &first_offers, now)?;
-                let (outbox, queued) =
-                    next_of_kin_outbox(patient.as_deref(), id, "incident_created");
+                let (outbox, queued) = next_of_kin_outbox(
+                    patient.as_deref(),
+                    id,
+                    "incident_created",
+                    sns_topic.as_deref(),
+                );
                 if one_statement && tx.backend() == crate::persistence::Backend::Postgres {
                     let mut new: Vec<NewEvent> =
                         events.iter().map(|e| to_new_event(id, e)).collect();
@@ -201,7 +210,10 @@ async fn create(
                 }
                 let (version, ()) = tx
                     .try_both(
-                        async |c| persist(c, &state, 0, &events, queued, now).await,
+                        async |c| {
+                            let topic = sns_topic.as_deref();
+                            persist(c, &state, 0, &events, queued, now, topic).await
+                        },
                         async |c| {
                             c.try_both(
                                 async |c| fleet_store::insert_offers(c, &first_offers).await,
@@ -294,6 +306,7 @@ impl Handler<OpenIncident> for IncidentDirectory {
         let db = self.db.clone();
         let patient = req.patient_id.clone();
         let writer = self.deps.writer.clone();
+        let sns_topic = self.deps.sns_topic.clone();
         let fleet = self.deps.fleet.clone();
         let settings = self.deps.dispatch.clone();
         let id = IncidentId::new_v7();
@@ -355,7 +368,9 @@ impl Handler<OpenIncident> for IncidentDirectory {
                 .and_then(|p| p.as_ref())
                 .and_then(|p| p.patient.clone());
             let created = match prefetched {
-                Ok(prefetched) => create(writer, id, req, records, prefetched, now).await,
+                Ok(prefetched) => {
+                    create(writer, id, req, records, prefetched, now, sns_topic).await
+                }
                 Err(e) => Err(e),
             };
             if created.is_err()

@@ -340,16 +340,18 @@ impl IncidentActor {
         now: DateTime<Utc>,
     ) -> impl std::future::Future<Output = Result<i64, IncidentError>> + 'static {
         let writer = self.deps.writer.clone();
+        let sns_topic = self.deps.sns_topic.clone();
         let expected = self.version;
         async move {
             writer
                 .write(move |tx| {
                     // The writer may run this twice (see `GroupCommit::write`).
-                    let (next, events, offers_to_insert, closing) = (
+                    let (next, events, offers_to_insert, closing, sns_topic) = (
                         next.clone(),
                         events.clone(),
                         offers_to_insert.clone(),
                         closing.clone(),
+                        sns_topic.clone(),
                     );
                     Box::pin(async move {
                         // One statement per distinct (status, reason): an accept closes
@@ -382,7 +384,8 @@ impl IncidentActor {
                             )
                             .await?;
                         extra.extend(closed.into_iter().flatten());
-                        persist(tx, &next, expected, &events, extra, now).await
+                        let topic = sns_topic.as_deref();
+                        persist(tx, &next, expected, &events, extra, now, topic).await
                     })
                 })
                 .await

@@ -82,15 +82,47 @@ pub(super) fn rebuild(stored: &[RecordedEvent]) -> (Option<Incident>, i64) {
     (replay(events.iter()), version)
 }
 
+/// The recipient name of an SNS topic row (its subscribers are not known here).
+pub(super) const SNS_TOPIC_RECIPIENT: &str = "SNS topic subscribers";
+
 /// Outbox rows and `notification.queued` events telling the patient's next of kin about
-/// `template` (one per contact and channel; the idempotency key makes a repeat a no-op).
+/// `template` (one per contact and channel, plus one for the SNS topic when `sns_topic` is
+/// set; the idempotency key makes a repeat a no-op).
 pub(super) fn next_of_kin_outbox(
     patient: Option<&crate::domain::patients::Patient>,
     id: IncidentId,
     template: &'static str,
+    sns_topic: Option<&str>,
 ) -> (Vec<NewNotification>, Vec<NewEvent>) {
     let mut outbox = Vec::new();
     let mut queued = Vec::new();
+    // One publish per incident and template to the SNS topic, whose subscribers filter on
+    // the `patient_id` attribute (so a patient must be known).
+    if let (Some(topic), Some(_), Some(known)) = (
+        sns_topic,
+        patient,
+        crate::domain::notify::Template::parse(template),
+    ) {
+        let notification_id = uuid::Uuid::now_v7().to_string();
+        let recipient = SNS_TOPIC_RECIPIENT;
+        let event = NotificationEvent::Queued {
+            notification_id: &notification_id,
+            incident_id: id,
+            recipient,
+            channel: "sns",
+            template,
+        };
+        queued.push(event.to_new());
+        outbox.push(NewNotification {
+            id: notification_id,
+            incident_id: id,
+            recipient_name: recipient.to_owned(),
+            channel: "sns",
+            address: topic.to_owned(),
+            template,
+            idempotency_key: crate::domain::notify::idempotency_key(&id.to_string(), topic, known),
+        });
+    }
     for kin in patient.iter().flat_map(|p| p.next_of_kin.iter()) {
         let channels = [("sms", kin.phone.as_ref()), ("email", kin.email.as_ref())];
         for (channel, address) in channels {
@@ -153,6 +185,7 @@ pub(super) async fn persist(
     events: &[IncidentEvent],
     extra: Vec<NewEvent>,
     now: DateTime<Utc>,
+    sns_topic: Option<&str>,
 ) -> Result<i64, IncidentError> {
     let id = incident.id;
     let mut new: Vec<NewEvent> = events.iter().map(|e| to_new_event(id, e)).collect();
@@ -165,7 +198,7 @@ pub(super) async fn persist(
     {
         let patient = patients::find_patient(conn, pid).await?;
         for template in templates {
-            let (rows, queued) = next_of_kin_outbox(patient.as_ref(), id, template);
+            let (rows, queued) = next_of_kin_outbox(patient.as_ref(), id, template, sns_topic);
             outbox.extend(rows);
             new.extend(queued);
         }
