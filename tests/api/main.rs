@@ -34,4 +34,5 @@ mod notifications;
 mod ops;
 mod persistence;
 mod push;
+mod sns;
 mod vitals;
