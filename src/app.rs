@@ -653,3 +653,66 @@ pub async fn serve_insurance(settings: Settings) -> anyhow::Result<()> {
     .await?;
     Ok(())
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    fn with_sns(topic: Option<&str>) -> Settings {
+        let mut s = Settings::default();
+        s.notify.sns_region = Some("eu-west-1".into());
+        s.notify.sns_access_key_id = Some("AKIDEXAMPLE".into());
+        s.notify.sns_secret_access_key = Some(Secret::new("secret".into()));
+        s.notify.sns_topic_arn = topic.map(str::to_owned);
+        s
+    }
+
+    fn with_twilio(mut s: Settings) -> Settings {
+        s.notify.sms_base_url = Some("https://api.twilio.com".into());
+        s.notify.sms_account_sid = Some("AC123".into());
+        s.notify.sms_auth_token = Some(Secret::new("tok".into()));
+        s.notify.sms_from = Some("+15550000000".into());
+        s
+    }
+
+    fn providers(s: &Settings) -> anyhow::Result<(Option<&'static str>, Option<&'static str>)> {
+        let c = notification_channels(s)?;
+        Ok((
+            c.sms.as_ref().map(|n| n.provider()),
+            c.sns.as_ref().map(|n| n.provider()),
+        ))
+    }
+
+    #[test]
+    fn sns_is_off_by_default_and_on_with_region_and_keys() {
+        shers_test_support::install_crypto();
+        assert_eq!(providers(&Settings::default()).unwrap(), (None, None));
+        assert!(sns_topic(&Settings::default()).is_none());
+        assert_eq!(providers(&with_sns(None)).unwrap(), (Some("sns"), None));
+        let topic = "arn:aws:sns:eu-west-1:123456789012:nok";
+        assert_eq!(providers(&with_sns(Some(topic))).unwrap(), (None, Some("sns")));
+        assert_eq!(sns_topic(&with_sns(Some(topic))).as_deref(), Some(topic));
+        // A topic beside Twilio: Twilio keeps the sms channel.
+        assert_eq!(
+            providers(&with_twilio(with_sns(Some(topic)))).unwrap(),
+            (Some("twilio"), Some("sns"))
+        );
+    }
+
+    #[test]
+    fn twilio_and_sns_sms_together_are_refused_at_start() {
+        shers_test_support::install_crypto();
+        let err = providers(&with_twilio(with_sns(None))).unwrap_err().to_string();
+        assert!(err.contains("both configured"), "{err}");
+        let mut partial = with_sns(None);
+        partial.notify.sns_secret_access_key = None;
+        let err = providers(&partial).unwrap_err().to_string();
+        assert!(err.contains("must be set together"), "{err}");
+        let mut keyless = Settings::default();
+        keyless.notify.sns_topic_arn = Some("arn:aws:sns:eu-west-1:1:nok".into());
+        assert!(providers(&keyless).is_err());
+        assert!(sns_topic(&keyless).is_none());
+    }
+}
