@@ -13,6 +13,9 @@
 #               -> a throwaway rabbitmq-server node on a random port
 #   Mosquitto:  $SHERS_TEST_MQTT_URL -> a broker on 127.0.0.1:1883 (anonymous)
 #               -> a throwaway mosquitto on a random port
+#   moto:       $SHERS_TEST_MOTO_SERVER -> moto_server on the PATH -> the CI tools environment
+#               (target/ci-tools/venv/bin/moto_server, made by .ci/run); the SNS tests start
+#               private servers from it (pip install 'moto[server]')
 # Throwaway servers are stopped and deleted when the script exits.
 # If a service cannot be found or started: with CI=true the script fails; otherwise it says what
 # to install and runs the tests with SHERS_TEST_SKIP_POSTGRES=1 / SHERS_TEST_SKIP_REDIS=1 /
@@ -38,6 +41,7 @@ REDIS_TMP=""     # temp dir of a throwaway redis-server (if we started one)
 RABBIT_TMP=""    # temp dir of a throwaway RabbitMQ node (if we started one)
 RABBIT_NODE=""   # its node name
 MQTT_TMP=""      # temp dir of a throwaway mosquitto (if we started one)
+CI_VENV=target/ci-tools/venv  # where .ci/run installs its Python tools (moto among them)
 
 log() { printf '[test.sh] %s\n' "$*" >&2; }
 
@@ -493,12 +497,41 @@ setup_mqtt() {
     MQTT_SOURCE="none (MQTT tests skipped)"
 }
 
+# ---------------------------------------------------------------- moto (Amazon SNS)
+
+setup_moto() {
+    if [[ -n "${SHERS_TEST_MOTO_SERVER:-}" ]]; then
+        MOTO_SOURCE="given by SHERS_TEST_MOTO_SERVER"
+        return 0
+    fi
+    local found=""
+    if command -v moto_server >/dev/null 2>&1; then
+        found=$(command -v moto_server)
+    elif [[ -x "$CI_VENV/bin/moto_server" ]]; then
+        found="$PWD/$CI_VENV/bin/moto_server"
+    fi
+    if [[ -n "$found" ]]; then
+        export SHERS_TEST_MOTO_SERVER="$found"
+        MOTO_SOURCE="found"
+        return 0
+    fi
+    if is_ci; then
+        log "ERROR: CI=true and no moto_server is available (SHERS_TEST_MOTO_SERVER unset, none on" \
+            "the PATH or in $CI_VENV). .ci/run installs it; or: pip install 'moto[server]'"
+        exit 1
+    fi
+    log "WARNING: no moto_server found; the SNS tests will be SKIPPED (pip install 'moto[server]'," \
+        "or set SHERS_TEST_MOTO_SERVER)"
+    MOTO_SOURCE="none (SNS tests skipped)"
+}
+
 # ---------------------------------------------------------------- main
 
 PG_SOURCE=""
 REDIS_SOURCE=""
 AMQP_SOURCE=""
 MQTT_SOURCE=""
+MOTO_SOURCE=""
 if is_ci; then
     # In CI a missing service is a failure, never a skip.
     unset SHERS_TEST_SKIP_POSTGRES SHERS_TEST_SKIP_REDIS SHERS_TEST_SKIP_AMQP SHERS_TEST_SKIP_MQTT
@@ -507,11 +540,13 @@ setup_postgres
 setup_redis
 setup_amqp
 setup_mqtt
+setup_moto
 
 log "PostgreSQL: ${SHERS_TEST_DATABASE_URL:+$(redact "$SHERS_TEST_DATABASE_URL")  }[$PG_SOURCE]"
 log "Redis:      ${SHERS_TEST_REDIS_URL:+$(redact "$SHERS_TEST_REDIS_URL")  }[$REDIS_SOURCE]"
 log "RabbitMQ:   ${SHERS_TEST_AMQP_URL:+$(redact "$SHERS_TEST_AMQP_URL")  }[$AMQP_SOURCE]"
 log "Mosquitto:  ${SHERS_TEST_MQTT_URL:+$(redact "$SHERS_TEST_MQTT_URL")  }[$MQTT_SOURCE]"
+log "moto:       ${SHERS_TEST_MOTO_SERVER:+$SHERS_TEST_MOTO_SERVER  }[$MOTO_SOURCE]"
 # --workspace: the test support crate (crates/test-support) has tests of its own.
 log "running: cargo test --locked --workspace $*"
 

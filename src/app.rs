@@ -692,7 +692,10 @@ mod tests {
         assert!(sns_topic(&Settings::default()).is_none());
         assert_eq!(providers(&with_sns(None)).unwrap(), (Some("sns"), None));
         let topic = "arn:aws:sns:eu-west-1:123456789012:nok";
-        assert_eq!(providers(&with_sns(Some(topic))).unwrap(), (None, Some("sns")));
+        assert_eq!(
+            providers(&with_sns(Some(topic))).unwrap(),
+            (None, Some("sns"))
+        );
         assert_eq!(sns_topic(&with_sns(Some(topic))).as_deref(), Some(topic));
         // A topic beside Twilio: Twilio keeps the sms channel.
         assert_eq!(
@@ -704,7 +707,9 @@ mod tests {
     #[test]
     fn twilio_and_sns_sms_together_are_refused_at_start() {
         shers_test_support::install_crypto();
-        let err = providers(&with_twilio(with_sns(None))).unwrap_err().to_string();
+        let err = providers(&with_twilio(with_sns(None)))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("both configured"), "{err}");
         let mut partial = with_sns(None);
         partial.notify.sns_secret_access_key = None;

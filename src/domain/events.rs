@@ -335,7 +335,7 @@ pub struct DeliveryOutcome<'a> {
     pub notification_id: &'a str,
     /// The incident it is about.
     pub incident_id: IncidentId,
-    /// `sms`, `email` or `webhook`.
+    /// `sms`, `email`, `webhook` or `sns` (the SNS topic).
     pub channel: &'a str,
     /// Template name.
     pub template: &'a str,

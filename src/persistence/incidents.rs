@@ -607,7 +607,7 @@ pub struct NewNotification {
     pub incident_id: IncidentId,
     /// Who (a name: patient data, never logged).
     pub recipient_name: String,
-    /// `sms`, `email` or `webhook`.
+    /// `sms`, `email`, `webhook` or `sns` (the SNS topic).
     pub channel: &'static str,
     /// Phone, email or URL (patient data, never logged).
     pub address: String,
@@ -661,7 +661,7 @@ pub struct NotificationView {
     pub id: String,
     /// Recipient's name.
     pub recipient_name: String,
-    /// How it is delivered: `sms`, `email` or `webhook`.
+    /// How it is delivered: `sms`, `email`, `webhook` or `sns` (the SNS topic).
     pub channel: String,
     /// Which message it is (`incident_created`, `unit_assigned`, ...).
     pub template: String,
@@ -786,7 +786,7 @@ pub struct DueNotification {
     pub incident_id: IncidentId,
     /// Recipient's name (patient data: never logged).
     pub recipient_name: String,
-    /// `sms`, `email`, `webhook`.
+    /// `sms`, `email`, `webhook`, `sns`.
     pub channel: String,
     /// Phone, email or URL (patient data: never logged).
     pub address: String,

@@ -131,7 +131,9 @@ impl Moto {
                 !ci(),
                 "CI=true and moto_server is not installed (pip install 'moto[server]')"
             );
-            eprintln!("SKIPPED: SNS test, moto_server is not installed (pip install 'moto[server]')");
+            eprintln!(
+                "SKIPPED: SNS test, moto_server is not installed (pip install 'moto[server]')"
+            );
             return None;
         };
         let port = shers_test_support::free_port();
@@ -167,7 +169,11 @@ impl Moto {
                 body
             }
         };
-        iam(vec![("Action", "CreateUser".into()), ("UserName", "shers".into())]).await;
+        iam(vec![
+            ("Action", "CreateUser".into()),
+            ("UserName", "shers".into()),
+        ])
+        .await;
         let key = iam(vec![
             ("Action", "CreateAccessKey".into()),
             ("UserName", "shers".into()),
@@ -235,7 +241,8 @@ impl Drop for Moto {
 /// A patient with one next of kin, a fall with abnormal vitals (an emergency); the incident.
 async fn emergency(app: &TestApp) -> String {
     app.register_wearer("p-1", "w1").await;
-    let ts = (Utc::now() - chrono::Duration::seconds(30)).to_rfc3339_opts(SecondsFormat::Millis, true);
+    let ts =
+        (Utc::now() - chrono::Duration::seconds(30)).to_rfc3339_opts(SecondsFormat::Millis, true);
     let body: Value = app
         .post_vitals(&json!({"device_id": "w1", "timestamp": ts, "fall_detected": true, "heart_rate_bpm": 160}))
         .await
@@ -284,7 +291,10 @@ async fn sns_sends_next_of_kin_texts_as_transactional_sms(backend: Backend) {
     assert_eq!(sms.len(), 1, "{sms:?}");
     assert_eq!(sms[0]["phone_number"], PHONE);
     let text = sms[0]["message"].as_str().unwrap();
-    assert!(text.contains("INC-"), "the text names the reference: {text}");
+    assert!(
+        text.contains("INC-"),
+        "the text names the reference: {text}"
+    );
     assert_eq!(app.events_of("notification.sent").await.len(), 1);
 }
 
@@ -330,7 +340,10 @@ async fn a_topic_that_does_not_exist_fails_the_notification_at_once(backend: Bac
     assert_eq!(note["status"], "failed", "{note}");
     assert_eq!(note["attempts"], 1, "a 4xx is not retried: {note}");
     let error = note["last_error"].as_str().unwrap();
-    assert!(error.contains("HTTP 404") && error.contains("NotFound"), "{error}");
+    assert!(
+        error.contains("HTTP 404") && error.contains("NotFound"),
+        "{error}"
+    );
     assert_eq!(app.events_of("notification.failed").await.len(), 1);
 }
 
@@ -413,7 +426,10 @@ async fn throttling_and_a_503_are_retried_until_sns_accepts(backend: Backend) {
     let incident = emergency(&app).await;
     let note = settled(&app, &incident, "sms").await;
     assert_eq!(note["status"], "sent", "{note}");
-    assert_eq!(note["attempts"], 3, "a 503, a Throttling, then accepted: {note}");
+    assert_eq!(
+        note["attempts"], 3,
+        "a 503, a Throttling, then accepted: {note}"
+    );
     assert_eq!(relay.count(), 3);
     let sms = moto.sns_state().await["SMS"].clone();
     assert_eq!(sms.as_array().unwrap().len(), 1, "{sms}");
