@@ -13,9 +13,9 @@
 #               -> a throwaway rabbitmq-server node on a random port
 #   Mosquitto:  $SHERS_TEST_MQTT_URL -> a broker on 127.0.0.1:1883 (anonymous)
 #               -> a throwaway mosquitto on a random port
-#   moto:       $SHERS_TEST_MOTO_SERVER -> moto_server on the PATH -> the CI tools environment
-#               (target/ci-tools/venv/bin/moto_server, made by .ci/run); the SNS tests start
-#               private servers from it (pip install 'moto[server]')
+#   moto:       $SHERS_TEST_MOTO_SERVER -> the CI tools environment (target/ci-tools/venv/bin/
+#               moto_server, pinned, made by .ci/run) -> moto_server on the PATH; the SNS tests
+#               start private servers from it (pip install 'moto[server]')
 # Throwaway servers are stopped and deleted when the script exits.
 # If a service cannot be found or started: with CI=true the script fails; otherwise it says what
 # to install and runs the tests with SHERS_TEST_SKIP_POSTGRES=1 / SHERS_TEST_SKIP_REDIS=1 /
@@ -504,11 +504,14 @@ setup_moto() {
         MOTO_SOURCE="given by SHERS_TEST_MOTO_SERVER"
         return 0
     fi
+    # The pinned one .ci/run installs first; a PATH entry only if it runs (a pyenv shim may
+    # name a program the active Python lacks).
     local found=""
-    if command -v moto_server >/dev/null 2>&1; then
-        found=$(command -v moto_server)
-    elif [[ -x "$CI_VENV/bin/moto_server" ]]; then
+    if [[ -x "$CI_VENV/bin/moto_server" ]]; then
         found="$PWD/$CI_VENV/bin/moto_server"
+    elif command -v moto_server >/dev/null 2>&1 &&
+        with_timeout 30 moto_server --help >/dev/null 2>&1; then
+        found=$(command -v moto_server)
     fi
     if [[ -n "$found" ]]; then
         export SHERS_TEST_MOTO_SERVER="$found"

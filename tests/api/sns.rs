@@ -4,8 +4,8 @@
 //! reads what moto received from `GET /moto-api/data.json` (`sns.SMS` for texts,
 //! `sns.Topic[].sent_notifications` for topic messages).
 //!
-//! `moto_server` comes from `SHERS_TEST_MOTO_SERVER` (scripts/test.sh sets it), the `PATH`,
-//! or the CI tools environment (`target/ci-tools/venv`, made by .ci/run). Without it the tests
+//! `moto_server` comes from `SHERS_TEST_MOTO_SERVER` (scripts/test.sh sets it), the CI tools
+//! environment (`target/ci-tools/venv`, made by .ci/run) or the `PATH`. Without it the tests
 //! skip with a message, outside CI; in CI they fail.
 
 use std::path::{Path, PathBuf};
@@ -39,7 +39,7 @@ fn ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
 }
 
-/// `moto_server`: `SHERS_TEST_MOTO_SERVER`, the `PATH`, or the CI tools environment.
+/// `moto_server`: `SHERS_TEST_MOTO_SERVER`, the CI tools environment, or the `PATH`.
 fn moto_server() -> Option<PathBuf> {
     if let Some(given) = std::env::var_os("SHERS_TEST_MOTO_SERVER") {
         return Some(PathBuf::from(given));
@@ -48,9 +48,8 @@ fn moto_server() -> Option<PathBuf> {
         .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
         .unwrap_or_default();
     let ci_venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/ci-tools/venv/bin");
-    on_path
-        .into_iter()
-        .chain([ci_venv])
+    std::iter::once(ci_venv)
+        .chain(on_path)
         .map(|dir| dir.join("moto_server"))
         .find(|p| p.is_file())
 }
