@@ -20,8 +20,9 @@ use crate::actors::incident::{IncidentDeps, IncidentDirectory, Recover};
 use crate::actors::notifier::{Channels, NotifierActor};
 use crate::actors::pusher::CrewPusher;
 use crate::actors::unit::{Fleet, LoadFleet, SetUnitFreeRecipient};
-use crate::config::Settings;
+use crate::config::{RoutingProvider, Settings};
 use crate::domain::billing::Tariff;
+use crate::domain::dispatch::EtaSource;
 use crate::http::auth::{AuthService, BillingCredential};
 use crate::http::json::BodyLimit;
 use crate::http::telemetry::{ShersRootSpan, observe, prometheus};
@@ -31,7 +32,9 @@ use crate::integrations::notify::{
 };
 use crate::integrations::payments::{PaymentProvider, SandboxPayments, StripeClient};
 use crate::integrations::push::FcmClient;
-use crate::integrations::routing::{OsrmRouting, Routing, RoutingWithFallback};
+use crate::integrations::routing::{
+    GoogleRouting, OsrmRouting, Provider, Routing, RoutingWithFallback,
+};
 use crate::persistence::group::GroupCommit;
 use crate::persistence::tokens;
 use crate::persistence::{Db, migrations};
@@ -180,18 +183,47 @@ pub fn notification_channels(settings: &Settings) -> anyhow::Result<Channels> {
     })
 }
 
-/// The routing service for ETAs: OSRM when configured, always with the straight-line
-/// fallback.
+/// The routing service for ETAs: the providers `routing.providers` lists, in order, each that
+/// is configured (OSRM needs `routing.base_url`; Google's key is checked when the settings
+/// load), always with the straight line last.
 fn routing_service(settings: &Settings) -> anyhow::Result<Arc<RoutingWithFallback>> {
-    Ok(Arc::new(RoutingWithFallback::new(
-        match &settings.routing.base_url {
-            Some(url) => Some(Arc::new(
-                OsrmRouting::new(url, Duration::from_millis(settings.routing.timeout_ms))
-                    .context("configuring the routing service")?,
-            ) as Arc<dyn Routing>),
-            None => None,
-        },
-    )))
+    let r = &settings.routing;
+    let mut providers = Vec::with_capacity(r.providers.len());
+    for provider in &r.providers {
+        match provider {
+            RoutingProvider::Google => {
+                let Some(key) = r.google_api_key.clone() else {
+                    anyhow::bail!(
+                        "routing.providers lists google but routing.google_api_key is not set"
+                    );
+                };
+                providers.push(Provider {
+                    source: EtaSource::Google,
+                    router: Arc::new(
+                        GoogleRouting::new(
+                            &r.google_base_url,
+                            key,
+                            Duration::from_millis(r.google_timeout_ms),
+                        )
+                        .context("configuring the Google routing provider")?,
+                    ) as Arc<dyn Routing>,
+                });
+            }
+            RoutingProvider::Osrm => match &r.base_url {
+                Some(url) => providers.push(Provider {
+                    source: EtaSource::Osrm,
+                    router: Arc::new(
+                        OsrmRouting::new(url, Duration::from_millis(r.timeout_ms))
+                            .context("configuring the OSRM routing provider")?,
+                    ) as Arc<dyn Routing>,
+                }),
+                None => tracing::debug!("osrm is listed but routing.base_url is unset: skipped"),
+            },
+        }
+    }
+    let routing = RoutingWithFallback::new(providers);
+    tracing::info!(providers = ?routing.sources(), "ETA providers (straight line last)");
+    Ok(Arc::new(routing))
 }
 
 /// The SNS topic incidents queue a publish for: `notify.sns_topic_arn` when SNS is configured

@@ -511,23 +511,134 @@ impl Default for DispatchSettings {
     }
 }
 
-/// Routing (ETA) settings.
+/// Routing (ETA) settings (`docs/interop.md` §5).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RoutingSettings {
-    /// OSRM base URL (`SHERS_ROUTING__BASE_URL`); unset uses the straight-line ETA.
+    /// The ETA providers in the order they are asked (`SHERS_ROUTING__PROVIDERS`; default
+    /// `["osrm"]`): a TOML array or a comma-separated string (`google,osrm`, one name alone
+    /// included). A listed provider that is not configured is skipped (OSRM needs `base_url`);
+    /// `google` without `google_api_key` stops start-up. The straight line is always last.
+    #[serde(deserialize_with = "provider_list")]
+    pub providers: Vec<RoutingProvider>,
+    /// OSRM base URL (`SHERS_ROUTING__BASE_URL`); unset skips OSRM in the chain.
     pub base_url: Option<String>,
-    /// Milliseconds before a routing call is abandoned for the straight-line fallback.
+    /// Milliseconds before an OSRM call is abandoned for the next provider.
     pub timeout_ms: u64,
+    /// Google Routes API key (`SHERS_ROUTING__GOOGLE_API_KEY`), sent as `X-Goog-Api-Key`.
+    pub google_api_key: Option<Secret<String>>,
+    /// Google Routes API base URL (default `https://routes.googleapis.com`; tests point it at a
+    /// local fake).
+    pub google_base_url: String,
+    /// Milliseconds before a Google call is abandoned for the next provider (default 1,000).
+    pub google_timeout_ms: u64,
 }
 
 impl Default for RoutingSettings {
     fn default() -> Self {
         Self {
+            providers: vec![RoutingProvider::Osrm],
             base_url: None,
             timeout_ms: 300,
+            google_api_key: None,
+            google_base_url: "https://routes.googleapis.com".to_owned(),
+            google_timeout_ms: 1_000,
         }
     }
+}
+
+impl RoutingSettings {
+    fn check(&self) -> Result<(), String> {
+        for (i, p) in self.providers.iter().enumerate() {
+            if self.providers[..i].contains(p) {
+                return Err(format!("routing.providers lists {} twice", p.as_str()));
+            }
+        }
+        let has_key = self
+            .google_api_key
+            .as_ref()
+            .is_some_and(|k| !k.expose().trim().is_empty());
+        if self.providers.contains(&RoutingProvider::Google) && !has_key {
+            return Err(
+                "routing.providers lists google but routing.google_api_key is not set".to_owned(),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A road-ETA provider that `routing.providers` can name.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum RoutingProvider {
+    /// The Google Routes API (`computeRouteMatrix`).
+    Google,
+    /// An OSRM `table` service at `routing.base_url`.
+    Osrm,
+}
+
+impl RoutingProvider {
+    /// The configuration name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoutingProvider::Google => "google",
+            RoutingProvider::Osrm => "osrm",
+        }
+    }
+
+    fn parse(name: &str) -> Option<Self> {
+        match name {
+            "google" => Some(RoutingProvider::Google),
+            "osrm" => Some(RoutingProvider::Osrm),
+            _ => None,
+        }
+    }
+}
+
+/// Reads `routing.providers` from a list of names or one comma-separated string (environment
+/// variables are strings).
+fn provider_list<'de, D>(deserializer: D) -> Result<Vec<RoutingProvider>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    struct Names;
+
+    fn one<E: serde::de::Error>(name: &str) -> Result<RoutingProvider, E> {
+        RoutingProvider::parse(name.trim()).ok_or_else(|| {
+            E::custom(format!(
+                "unknown routing provider `{}` (expected google or osrm)",
+                name.trim()
+            ))
+        })
+    }
+
+    impl<'de> serde::de::Visitor<'de> for Names {
+        type Value = Vec<RoutingProvider>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a list of provider names or a comma-separated string")
+        }
+
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            if v.trim().is_empty() {
+                return Ok(Vec::new());
+            }
+            v.split(',').map(one).collect()
+        }
+
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(name) = seq.next_element::<String>()? {
+                out.push(one(&name)?);
+            }
+            Ok(out)
+        }
+    }
+
+    deserializer.deserialize_any(Names)
 }
 
 /// Payment provider kind.
@@ -741,6 +852,7 @@ impl Settings {
             .check()
             .and_then(|()| settings.amqp.check())
             .and_then(|()| settings.mqtt.check())
+            .and_then(|()| settings.routing.check())
             .map_err(|m| ConfigError(config::ConfigError::Message(m)))?;
         Ok(settings)
     }
@@ -793,6 +905,68 @@ mod tests {
             assert!(err.contains("dashboard.tile_url"), "{bad}: {err}");
         }
         assert_eq!(Settings::default().dashboard.tile_origin(), None);
+    }
+
+    #[test]
+    fn routing_providers_parse_from_a_string_a_name_or_an_array() {
+        use RoutingProvider::{Google, Osrm};
+        let key = ("SHERS_ROUTING__GOOGLE_API_KEY", "AIza-test");
+        let providers = |pairs: &[(&str, &str)]| {
+            Settings::load_from(None, env(pairs)).map(|s| s.routing.providers)
+        };
+        assert_eq!(providers(&[]).unwrap(), [Osrm], "default");
+        assert_eq!(
+            providers(&[("SHERS_ROUTING__PROVIDERS", "google,osrm"), key]).unwrap(),
+            [Google, Osrm]
+        );
+        assert_eq!(
+            providers(&[("SHERS_ROUTING__PROVIDERS", " osrm , google "), key]).unwrap(),
+            [Osrm, Google]
+        );
+        assert_eq!(
+            providers(&[("SHERS_ROUTING__PROVIDERS", "google"), key]).unwrap(),
+            [Google]
+        );
+        assert_eq!(
+            providers(&[("SHERS_ROUTING__PROVIDERS", "")]).unwrap(),
+            [],
+            "straight line only"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("shers.toml");
+        std::fs::write(
+            &file,
+            "[routing]\nproviders = [\"google\", \"osrm\"]\ngoogle_api_key = \"k\"\n",
+        )
+        .unwrap();
+        let s = Settings::load_from(Some(&file), HashMap::new()).unwrap();
+        assert_eq!(s.routing.providers, [Google, Osrm]);
+        assert_eq!(s.routing.google_base_url, "https://routes.googleapis.com");
+        assert_eq!(s.routing.google_timeout_ms, 1_000);
+        assert!(!format!("{s:?}").contains("\"k\""), "the key is redacted");
+
+        for (value, needle) in [("google,bing", "bing"), ("osrm,osrm", "twice")] {
+            let err = providers(&[("SHERS_ROUTING__PROVIDERS", value), key])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(needle), "{value}: {err}");
+        }
+    }
+
+    #[test]
+    fn google_without_a_key_stops_start_up() {
+        for pairs in [
+            &[("SHERS_ROUTING__PROVIDERS", "google,osrm")][..],
+            &[
+                ("SHERS_ROUTING__PROVIDERS", "osrm,google"),
+                ("SHERS_ROUTING__GOOGLE_API_KEY", " "),
+            ][..],
+        ] {
+            let err = Settings::load_from(None, env(pairs))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("routing.google_api_key"), "{err}");
+        }
     }
 
     #[test]

@@ -375,6 +375,49 @@ pub enum PickReason {
     Manual,
 }
 
+/// Which provider gave a candidate its ETA (`docs/interop.md` §5), reported with each offer.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum EtaSource {
+    /// The Google Routes API (`computeRouteMatrix`, traffic-aware).
+    Google,
+    /// An OSRM `table` service.
+    Osrm,
+    /// Haversine distance × [`ROAD_FACTOR`] at [`FALLBACK_SPEED_KMH`]: no router answered.
+    #[default]
+    StraightLine,
+}
+
+impl EtaSource {
+    /// Every source, in the order a chain may end with.
+    pub const ALL: [EtaSource; 3] = [EtaSource::Google, EtaSource::Osrm, EtaSource::StraightLine];
+
+    /// The wire name (`google`, `osrm`, `straight_line`), as stored and served.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EtaSource::Google => "google",
+            EtaSource::Osrm => "osrm",
+            EtaSource::StraightLine => "straight_line",
+        }
+    }
+
+    /// The source with this wire name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|e| e.as_str() == s)
+    }
+}
+
+/// A routed ETA for one candidate: seconds and the provider that gave them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RoutedEta {
+    /// Travel time to the scene, whole seconds.
+    pub eta_s: u32,
+    /// Who answered.
+    pub source: EtaSource,
+}
+
 /// A unit that may be offered the job, with its ETA to the scene.
 #[derive(Clone, Debug, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Candidate {
@@ -389,6 +432,8 @@ pub struct Candidate {
     pub eta_s: u32,
     /// How the ETA was obtained.
     pub reason: PickReason,
+    /// Which provider gave `eta_s`.
+    pub eta_source: EtaSource,
 }
 
 /// Parameters of a candidate search.
@@ -458,6 +503,7 @@ pub fn shortlist<'u>(
                 distance_m,
                 eta_s: eta_for_distance_s(distance_m),
                 reason: PickReason::ClosestByDistance,
+                eta_source: EtaSource::StraightLine,
             })
         })
         .collect();
@@ -473,11 +519,13 @@ pub fn shortlist<'u>(
 
 /// Final ranking of a shortlist.
 ///
-/// `routed`, when present, holds one routed ETA per candidate in the same order (`None` =
-/// unreachable by road). Routed values replace the straight-line ETAs and the reason becomes
-/// [`PickReason::ClosestByEta`]; unreachable candidates are dropped. If every value is `None`
-/// (or the slice does not match the candidates one to one) the router is not trusted: the
-/// straight-line ETAs stay, with [`PickReason::ClosestByDistance`].
+/// `routed`, when present, holds one ETA per candidate in the same order (`None` = unreachable
+/// by road), each with the provider that gave it. Those values replace the straight-line ETAs;
+/// the reason becomes [`PickReason::ClosestByEta`] for a routed source and stays
+/// [`PickReason::ClosestByDistance`] for [`EtaSource::StraightLine`] (a unit no router could
+/// answer for); unreachable candidates are dropped. If every value is `None` (or the slice does
+/// not match the candidates one to one) the routers are not trusted: the straight-line ETAs
+/// stay, with [`PickReason::ClosestByDistance`] and [`EtaSource::StraightLine`].
 ///
 /// Capability policy: for [`Priority::Emergency`] an ALS unit ranks ahead of a BLS unit unless
 /// the BLS unit is more than [`ALS_PREFERENCE_S`] (120 s) faster, i.e. ALS units are sorted as
@@ -486,7 +534,7 @@ pub fn shortlist<'u>(
 /// `Urgent` and `NonUrgent` the order is pure ETA. Ties: distance, then unit id.
 pub fn rank(
     mut candidates: Vec<Candidate>,
-    routed: Option<&[Option<u32>]>,
+    routed: Option<&[Option<RoutedEta>]>,
     priority: Priority,
 ) -> Vec<Candidate> {
     if let Some(routed) = routed {
@@ -497,14 +545,20 @@ pub fn rank(
                 .zip(routed.iter().copied())
                 .filter_map(|(mut c, eta)| {
                     let eta = eta?;
-                    c.eta_s = eta;
-                    c.reason = PickReason::ClosestByEta;
+                    c.eta_s = eta.eta_s;
+                    c.eta_source = eta.source;
+                    c.reason = if eta.source == EtaSource::StraightLine {
+                        PickReason::ClosestByDistance
+                    } else {
+                        PickReason::ClosestByEta
+                    };
                     Some(c)
                 })
                 .collect();
         } else {
             for c in &mut candidates {
                 c.reason = PickReason::ClosestByDistance;
+                c.eta_source = EtaSource::StraightLine;
             }
         }
     }
@@ -800,7 +854,20 @@ mod tests {
             distance_m,
             eta_s,
             reason: PickReason::ClosestByDistance,
+            eta_source: EtaSource::StraightLine,
         }
+    }
+
+    /// Routed ETAs as OSRM would give them.
+    fn osrm(etas: &[Option<u32>]) -> Vec<Option<RoutedEta>> {
+        etas.iter()
+            .map(|e| {
+                e.map(|eta_s| RoutedEta {
+                    eta_s,
+                    source: EtaSource::Osrm,
+                })
+            })
+            .collect()
     }
 
     #[test]
@@ -850,9 +917,17 @@ mod tests {
             serde_json::to_value(cand("u1", Capability::Als, 10.0, 5)).unwrap(),
             serde_json::json!({
                 "unit_id": "u1", "capability": "als", "distance_m": 10.0, "eta_s": 5,
-                "reason": "closest_by_distance"
+                "reason": "closest_by_distance", "eta_source": "straight_line"
             })
         );
+        for e in EtaSource::ALL {
+            assert_eq!(EtaSource::parse(e.as_str()), Some(e));
+            assert_eq!(
+                serde_json::to_value(e).unwrap(),
+                serde_json::json!(e.as_str())
+            );
+        }
+        assert_eq!(EtaSource::parse("Google"), None);
     }
 
     #[test]
@@ -1069,7 +1144,7 @@ mod tests {
             cand("c", Capability::Bls, 3_000.0, 281),
         ];
         // "a" is behind a river: the road takes 600 s. "c" is on the motorway.
-        let routed = [Some(600), Some(200), Some(150)];
+        let routed = osrm(&[Some(600), Some(200), Some(150)]);
         let ranked = rank(cs, Some(&routed), Priority::Urgent);
         assert_eq!(ids(&ranked), ["c", "b", "a"]);
         assert_eq!(
@@ -1085,7 +1160,7 @@ mod tests {
             cand("bls", Capability::Bls, 1_000.0, 94),
             cand("als", Capability::Als, 5_000.0, 468),
         ];
-        let routed = [Some(300), Some(400)];
+        let routed = osrm(&[Some(300), Some(400)]);
         assert_eq!(
             ids(&rank(cs.clone(), Some(&routed), Priority::Emergency)),
             ["als", "bls"]
@@ -1097,13 +1172,52 @@ mod tests {
     }
 
     #[test]
+    fn rank_mixes_sources_unit_by_unit() {
+        let cs = vec![
+            cand("near", Capability::Bls, 1_000.0, 94),
+            cand("far", Capability::Bls, 4_000.0, 375),
+            cand("lost", Capability::Bls, 2_000.0, 188),
+        ];
+        // Google answered for two units; the third had no route there and fell back.
+        let routed = [
+            Some(RoutedEta {
+                eta_s: 500,
+                source: EtaSource::Google,
+            }),
+            Some(RoutedEta {
+                eta_s: 120,
+                source: EtaSource::Google,
+            }),
+            Some(RoutedEta {
+                eta_s: 188,
+                source: EtaSource::StraightLine,
+            }),
+        ];
+        let ranked = rank(cs, Some(&routed), Priority::Urgent);
+        assert_eq!(ids(&ranked), ["far", "lost", "near"]);
+        let how: Vec<_> = ranked.iter().map(|c| (c.reason, c.eta_source)).collect();
+        assert_eq!(
+            how,
+            [
+                (PickReason::ClosestByEta, EtaSource::Google),
+                (PickReason::ClosestByDistance, EtaSource::StraightLine),
+                (PickReason::ClosestByEta, EtaSource::Google),
+            ]
+        );
+    }
+
+    #[test]
     fn rank_drops_unreachable_units() {
         let cs = vec![
             cand("island", Capability::Bls, 500.0, 47),
             cand("b", Capability::Bls, 2_000.0, 188),
             cand("c", Capability::Bls, 3_000.0, 281),
         ];
-        let ranked = rank(cs, Some(&[None, Some(300), Some(250)]), Priority::Urgent);
+        let ranked = rank(
+            cs,
+            Some(&osrm(&[None, Some(300), Some(250)])),
+            Priority::Urgent,
+        );
         assert_eq!(ids(&ranked), ["c", "b"]);
         assert!(ranked.iter().all(|c| c.reason == PickReason::ClosestByEta));
     }
@@ -1114,8 +1228,8 @@ mod tests {
             cand("b", Capability::Bls, 2_000.0, 188),
             cand("a", Capability::Bls, 1_000.0, 94),
         ];
-        for routed in [&[None, None][..], &[Some(10)][..]] {
-            let ranked = rank(cs.clone(), Some(routed), Priority::Urgent);
+        for routed in [osrm(&[None, None]), osrm(&[Some(10)])] {
+            let ranked = rank(cs.clone(), Some(&routed), Priority::Urgent);
             assert_eq!(ids(&ranked), ["a", "b"]);
             assert_eq!(ranked[0].eta_s, 94);
             assert!(

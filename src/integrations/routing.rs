@@ -1,29 +1,38 @@
-//! Road ETAs for dispatch ranking: the OSRM `table` adapter, a straight-line stand-in, and the
-//! fallback wrapper the fleet uses.
+//! Road ETAs for dispatch ranking: the Google Routes and OSRM `table` adapters, a
+//! straight-line stand-in, and the provider chain the fleet uses (`docs/interop.md` §5).
 //!
 //! - [`Routing`] is the port: seconds from each source to one destination, `None` when a source
-//!   cannot reach it by road. It returns a boxed future so the fleet can hold
+//!   has no ETA from this provider. It returns a boxed future so the fleet can hold
 //!   `Arc<dyn Routing>`.
-//! - [`OsrmRouting`] calls `GET {base}/table/v1/driving/{lon,lat;…}` with one shared
-//!   `reqwest::Client` and a [`CircuitBreaker`], so an OSRM outage costs one timeout per
-//!   30 s instead of one per dispatch.
+//! - [`GoogleRouting`] calls `POST {base}/distanceMatrix/v2:computeRouteMatrix` (traffic-aware,
+//!   at most [`GOOGLE_MAX_ELEMENTS`] elements a request), matches the answer by
+//!   `originIndex`/`destinationIndex`, and keeps whole answers for at most
+//!   [`GOOGLE_CACHE_TTL`] so a burst of emergencies is not a burst of billed requests.
+//! - [`OsrmRouting`] calls `GET {base}/table/v1/driving/{lon,lat;…}`.
+//! - Each adapter has its own [`CircuitBreaker`], so an outage costs one timeout per 30 s
+//!   instead of one per dispatch.
 //! - [`StraightLine`] never fails: haversine × road factor at a fixed speed
 //!   ([`straight_line_eta_s`]).
-//! - [`RoutingWithFallback`] tries the router and falls back to the straight line on any
-//!   error, telling the caller which one answered.
+//! - [`RoutingWithFallback`] asks the configured providers in order: a provider that fails
+//!   hands the whole request to the next, a Google element without an ETA hands that unit
+//!   alone to the next, and the straight line answers whatever is left. Every ETA carries the
+//!   [`EtaSource`] that gave it.
 //!
 //! Scene and unit positions are patient locations: they never appear in logs or in error
-//! messages (reqwest errors are stripped of their URL, which carries the coordinates).
+//! messages (reqwest errors are stripped of their URL, which carries the coordinates). The
+//! Google API key is never logged either.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use crate::domain::dispatch::straight_line_eta_s;
+use crate::config::Secret;
+use crate::domain::dispatch::{EtaSource, RoutedEta, straight_line_eta_s};
 use crate::domain::geo::LatLng;
 
 /// The future returned by [`Routing::durations`].
@@ -39,6 +48,18 @@ pub trait Routing: Send + Sync {
         sources: &'a [LatLng],
         destination: &'a LatLng,
     ) -> DurationsFuture<'a>;
+
+    /// What a `None` in an answer means: `false` (the default, OSRM's `null`) = unreachable by
+    /// road, the unit is dropped; `true` (Google's element errors and `ROUTE_NOT_FOUND`) = no
+    /// ETA from this provider, the unit alone is asked of the next provider.
+    fn none_falls_back(&self) -> bool {
+        false
+    }
+
+    /// The provider's circuit breaker, for metrics and health.
+    fn breaker(&self) -> Option<&CircuitBreaker> {
+        None
+    }
 }
 
 /// Why a routing call failed. Messages carry no coordinates.
@@ -56,9 +77,14 @@ pub enum RoutingError {
     /// Connection refused, reset, DNS failure and the like.
     #[error("routing request failed: {0}")]
     Transport(#[source] reqwest::Error),
-    /// The router answered with an HTTP error status (and no OSRM error code).
+    /// The router answered with an HTTP error status that says it is unhealthy or refusing
+    /// service (OSRM: any without an OSRM error code; Google: 403, 429, 5xx).
     #[error("routing service answered HTTP {0}")]
     Status(u16),
+    /// Google refused this request (a 4xx other than 403 and 429): the question was the
+    /// problem, not the provider's health.
+    #[error("routing service refused the request with HTTP {0}")]
+    Refused(u16),
     /// The router answered with an OSRM error code (`NoRoute`, `InvalidQuery`, …).
     #[error("routing service answered code {code}")]
     Osrm {
@@ -85,6 +111,7 @@ impl RoutingError {
             RoutingError::Timeout => "timeout",
             RoutingError::Transport(_) => "transport",
             RoutingError::Status(_) => "status",
+            RoutingError::Refused(_) => "refused",
             RoutingError::Osrm { .. } => "osrm_code",
             RoutingError::Malformed(_) => "malformed",
             RoutingError::Shape(_) => "shape",
@@ -105,6 +132,7 @@ impl RoutingError {
             RoutingError::InvalidBaseUrl
             | RoutingError::Client(_)
             | RoutingError::Osrm { .. }
+            | RoutingError::Refused(_)
             | RoutingError::CircuitOpen => false,
         }
     }
@@ -266,27 +294,13 @@ impl OsrmRouting {
         breaker: CircuitBreaker,
         clock: Clock,
     ) -> Result<Self, RoutingError> {
-        let base_url = base_url.trim_end_matches('/').to_owned();
-        let parsed = reqwest::Url::parse(&base_url).map_err(|_| RoutingError::InvalidBaseUrl)?;
-        if !matches!(parsed.scheme(), "http" | "https") || parsed.cannot_be_a_base() {
-            return Err(RoutingError::InvalidBaseUrl);
-        }
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .build()
-            .map_err(|e| RoutingError::Client(e.without_url()))?;
+        let (base_url, client) = http_client(base_url, timeout)?;
         Ok(Self {
             client,
             base_url,
             breaker,
             clock,
         })
-    }
-
-    /// The breaker, for health reporting.
-    pub fn breaker(&self) -> &CircuitBreaker {
-        &self.breaker
     }
 
     /// The request URL: sources first, destination last, `lon,lat` with 6 decimals.
@@ -370,6 +384,29 @@ impl Routing for OsrmRouting {
             result
         })
     }
+
+    fn breaker(&self) -> Option<&CircuitBreaker> {
+        Some(&self.breaker)
+    }
+}
+
+/// Checks `base_url` (absolute http(s), trailing slashes dropped) and builds a client whose
+/// every call, connect included, is limited to `timeout`.
+fn http_client(
+    base_url: &str,
+    timeout: Duration,
+) -> Result<(String, reqwest::Client), RoutingError> {
+    let base_url = base_url.trim_end_matches('/').to_owned();
+    let parsed = reqwest::Url::parse(&base_url).map_err(|_| RoutingError::InvalidBaseUrl)?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.cannot_be_a_base() {
+        return Err(RoutingError::InvalidBaseUrl);
+    }
+    let client = reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .build()
+        .map_err(|e| RoutingError::Client(e.without_url()))?;
+    Ok((base_url, client))
 }
 
 /// The part of an OSRM `table` answer we read.
@@ -444,61 +481,490 @@ impl Routing for StraightLine {
     }
 }
 
-/// A router with a straight-line fallback, as the fleet uses it.
+/// The most elements (origins × destinations) Google accepts in one `computeRouteMatrix`
+/// request; larger candidate sets are split.
+pub const GOOGLE_MAX_ELEMENTS: usize = 625;
+/// The Routes API path, under `routing.google_base_url`.
+pub const GOOGLE_MATRIX_PATH: &str = "/distanceMatrix/v2:computeRouteMatrix";
+/// The response fields asked for (`X-Goog-FieldMask`); Google bills by them.
+pub const GOOGLE_FIELD_MASK: &str =
+    "originIndex,destinationIndex,status,condition,duration,distanceMeters";
+/// How long a whole Google answer (same origins, same destination) is reused.
+pub const GOOGLE_CACHE_TTL: Duration = Duration::from_secs(30);
+/// The most answers the Google cache holds (the oldest goes first when full).
+pub const GOOGLE_CACHE_CAPACITY: usize = 1024;
+
+/// The Google Routes API `computeRouteMatrix` as a [`Routing`] adapter.
+///
+/// Origins are the sources (candidate units), the one destination the scene; `DRIVE`,
+/// `TRAFFIC_AWARE`. An element with a non-zero `status.code`, `condition: ROUTE_NOT_FOUND`, or
+/// no usable `duration` is `None` ([`Routing::none_falls_back`]: the unit is asked of the next
+/// provider). HTTP 403, 429, 5xx, timeouts and transport errors trip the breaker; other 4xx
+/// answers ([`RoutingError::Refused`]) do not.
+pub struct GoogleRouting {
+    client: reqwest::Client,
+    base_url: String,
+    api_key: Secret<String>,
+    breaker: CircuitBreaker,
+    clock: Clock,
+    cache: AnswerCache,
+}
+
+impl std::fmt::Debug for GoogleRouting {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GoogleRouting")
+            .field("base_url", &self.base_url)
+            .field("api_key", &self.api_key)
+            .field("breaker", &self.breaker)
+            .finish_non_exhaustive()
+    }
+}
+
+impl GoogleRouting {
+    /// An adapter for the Routes API at `base_url` (`https://routes.googleapis.com`), each
+    /// call limited to `timeout`, with the default breaker (3 failures, 30 s) and a
+    /// [`GOOGLE_CACHE_TTL`] answer cache.
+    ///
+    /// A rustls crypto provider must be installed first (`app` and the CLI do it).
+    pub fn new(
+        base_url: &str,
+        api_key: Secret<String>,
+        timeout: Duration,
+    ) -> Result<Self, RoutingError> {
+        Self::with_clock(
+            base_url,
+            api_key,
+            timeout,
+            CircuitBreaker::default(),
+            Arc::new(Instant::now),
+        )
+    }
+
+    /// Like [`GoogleRouting::new`] with an explicit breaker and clock (the clock also ages
+    /// the cache; tests move it).
+    pub fn with_clock(
+        base_url: &str,
+        api_key: Secret<String>,
+        timeout: Duration,
+        breaker: CircuitBreaker,
+        clock: Clock,
+    ) -> Result<Self, RoutingError> {
+        let (base_url, client) = http_client(base_url, timeout)?;
+        Ok(Self {
+            client,
+            base_url,
+            api_key,
+            breaker,
+            clock,
+            cache: AnswerCache::new(GOOGLE_CACHE_TTL, GOOGLE_CACHE_CAPACITY),
+        })
+    }
+
+    /// One request for at most [`GOOGLE_MAX_ELEMENTS`] origins.
+    async fn call(
+        &self,
+        sources: &[LatLng],
+        destination: &LatLng,
+    ) -> Result<Vec<Option<u32>>, RoutingError> {
+        let waypoint = |p: &LatLng| MatrixWaypoint {
+            waypoint: Waypoint {
+                location: Location {
+                    lat_lng: GoogleLatLng {
+                        latitude: p.lat,
+                        longitude: p.lng,
+                    },
+                },
+            },
+        };
+        let body = MatrixRequest {
+            origins: sources.iter().map(waypoint).collect(),
+            destinations: vec![waypoint(destination)],
+            travel_mode: "DRIVE",
+            routing_preference: "TRAFFIC_AWARE",
+        };
+        let response = self
+            .client
+            .post(format!("{}{GOOGLE_MATRIX_PATH}", self.base_url))
+            .header("X-Goog-Api-Key", self.api_key.expose())
+            .header("X-Goog-FieldMask", GOOGLE_FIELD_MASK)
+            .json(&body)
+            .send()
+            .await
+            .map_err(classify)?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(classify)?;
+        if !status.is_success() {
+            let code = status.as_u16();
+            return Err(if code == 403 || code == 429 || status.is_server_error() {
+                RoutingError::Status(code)
+            } else {
+                RoutingError::Refused(code)
+            });
+        }
+        let elements: Vec<MatrixElement> = serde_json::from_slice(&bytes).map_err(|e| {
+            RoutingError::Malformed(format!(
+                "{:?} error at line {} column {}",
+                e.classify(),
+                e.line(),
+                e.column()
+            ))
+        })?;
+        match_elements(elements, sources.len())
+    }
+}
+
+impl Routing for GoogleRouting {
+    fn durations<'a>(
+        &'a self,
+        sources: &'a [LatLng],
+        destination: &'a LatLng,
+    ) -> DurationsFuture<'a> {
+        Box::pin(async move {
+            if sources.is_empty() {
+                return Ok(Vec::new());
+            }
+            let key = AnswerKey::new(sources, destination);
+            if let Some(answer) = self.cache.get(&key, (self.clock)()) {
+                metrics::counter!("shers_routing_cache_hits_total", "provider" => "google")
+                    .increment(1);
+                return Ok(answer);
+            }
+            if self.breaker.acquire((self.clock)()) == Admission::Refuse {
+                return Err(RoutingError::CircuitOpen);
+            }
+            let mut answer = Vec::with_capacity(sources.len());
+            let mut result = Ok(());
+            for chunk in sources.chunks(GOOGLE_MAX_ELEMENTS) {
+                match self.call(chunk, destination).await {
+                    Ok(part) => answer.extend(part),
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+            match result {
+                Err(e) => {
+                    if e.trips_breaker() {
+                        self.breaker.on_failure((self.clock)());
+                    } else {
+                        self.breaker.on_success();
+                    }
+                    Err(e)
+                }
+                Ok(()) => {
+                    self.breaker.on_success();
+                    self.cache.put(key, answer.clone(), (self.clock)());
+                    Ok(answer)
+                }
+            }
+        })
+    }
+
+    fn none_falls_back(&self) -> bool {
+        true
+    }
+
+    fn breaker(&self) -> Option<&CircuitBreaker> {
+        Some(&self.breaker)
+    }
+}
+
+/// `computeRouteMatrix` request body.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct MatrixRequest {
+    origins: Vec<MatrixWaypoint>,
+    destinations: Vec<MatrixWaypoint>,
+    travel_mode: &'static str,
+    routing_preference: &'static str,
+}
+
+#[derive(Serialize)]
+struct MatrixWaypoint {
+    waypoint: Waypoint,
+}
+
+#[derive(Serialize)]
+struct Waypoint {
+    location: Location,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Location {
+    lat_lng: GoogleLatLng,
+}
+
+#[derive(Serialize)]
+struct GoogleLatLng {
+    latitude: f64,
+    longitude: f64,
+}
+
+/// One element of a `computeRouteMatrix` answer. Indices default to 0 because proto3 JSON
+/// omits zero values.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct MatrixElement {
+    #[serde(default)]
+    origin_index: usize,
+    #[serde(default)]
+    destination_index: usize,
+    #[serde(default)]
+    status: Option<RpcStatus>,
+    #[serde(default)]
+    condition: Option<String>,
+    #[serde(default)]
+    duration: Option<String>,
+}
+
+/// `google.rpc.Status`; an absent or zero code is OK.
+#[derive(Deserialize)]
+struct RpcStatus {
+    #[serde(default)]
+    code: i32,
+}
+
+/// Places each element by its `originIndex` (never by its position in the array): one ETA per
+/// origin, `None` for an element in error, without a route, or missing. An index out of range
+/// or given twice makes the whole answer untrustworthy.
+fn match_elements(
+    elements: Vec<MatrixElement>,
+    n: usize,
+) -> Result<Vec<Option<u32>>, RoutingError> {
+    let mut etas: Vec<Option<u32>> = vec![None; n];
+    let mut seen = vec![false; n];
+    for e in elements {
+        if e.destination_index != 0 {
+            return Err(RoutingError::Shape(format!(
+                "destination index {} for one destination",
+                e.destination_index
+            )));
+        }
+        let Some(slot) = seen.get_mut(e.origin_index) else {
+            return Err(RoutingError::Shape(format!(
+                "origin index {} for {n} origins",
+                e.origin_index
+            )));
+        };
+        if std::mem::replace(slot, true) {
+            return Err(RoutingError::Shape(format!(
+                "origin index {} twice",
+                e.origin_index
+            )));
+        }
+        let failed = e.status.is_some_and(|s| s.code != 0)
+            || e.condition.as_deref() == Some("ROUTE_NOT_FOUND");
+        if !failed && let Some(eta) = e.duration.as_deref().and_then(parse_google_duration) {
+            etas[e.origin_index] = Some(eta);
+        }
+    }
+    Ok(etas)
+}
+
+/// A protobuf JSON duration (`"123s"`, `"12.5s"`) in whole seconds, rounded up.
+fn parse_google_duration(d: &str) -> Option<u32> {
+    let secs: f64 = d.strip_suffix('s')?.parse().ok()?;
+    // `as` saturates: a duration beyond u32::MAX seconds is unreachable in practice.
+    (secs.is_finite() && secs >= 0.0).then(|| secs.ceil() as u32)
+}
+
+/// A whole question: the origins and the destination, bit for bit.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct AnswerKey(Vec<(u64, u64)>);
+
+impl AnswerKey {
+    fn new(sources: &[LatLng], destination: &LatLng) -> Self {
+        Self(
+            sources
+                .iter()
+                .chain(std::iter::once(destination))
+                .map(|p| (p.lat.to_bits(), p.lng.to_bits()))
+                .collect(),
+        )
+    }
+}
+
+/// Recent whole answers, bounded in age and in count.
+struct AnswerCache {
+    ttl: Duration,
+    capacity: usize,
+    entries: Mutex<HashMap<AnswerKey, (Instant, Vec<Option<u32>>)>>,
+}
+
+impl AnswerCache {
+    fn new(ttl: Duration, capacity: usize) -> Self {
+        Self {
+            ttl,
+            capacity: capacity.max(1),
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<AnswerKey, (Instant, Vec<Option<u32>>)>> {
+        // Every update is one insert or remove: the map stays usable after a panic.
+        self.entries.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn get(&self, key: &AnswerKey, now: Instant) -> Option<Vec<Option<u32>>> {
+        let mut entries = self.lock();
+        match entries.get(key) {
+            Some((at, answer)) if now.saturating_duration_since(*at) < self.ttl => {
+                Some(answer.clone())
+            }
+            Some(_) => {
+                entries.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn put(&self, key: AnswerKey, answer: Vec<Option<u32>>, now: Instant) {
+        let mut entries = self.lock();
+        if entries.len() >= self.capacity && !entries.contains_key(&key) {
+            entries.retain(|_, (at, _)| now.saturating_duration_since(*at) < self.ttl);
+            if entries.len() >= self.capacity {
+                let oldest = entries
+                    .iter()
+                    .min_by_key(|(_, (at, _))| *at)
+                    .map(|(k, _)| k.clone());
+                if let Some(oldest) = oldest {
+                    entries.remove(&oldest);
+                }
+            }
+        }
+        entries.insert(key, (now, answer));
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// One link of the chain: a router and the source its ETAs are reported as.
+#[derive(Clone)]
+pub struct Provider {
+    /// Reported with each ETA it gives (`google`, `osrm`).
+    pub source: EtaSource,
+    /// The adapter.
+    pub router: Arc<dyn Routing>,
+}
+
+/// The ordered chain of ETA providers with the straight line last, as the fleet uses it.
 #[derive(Clone, Default)]
 pub struct RoutingWithFallback {
-    primary: Option<Arc<dyn Routing>>,
+    providers: Vec<Provider>,
 }
 
 impl std::fmt::Debug for RoutingWithFallback {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RoutingWithFallback")
-            .field("primary", &self.primary.is_some())
+            .field("providers", &self.sources())
             .finish()
     }
 }
 
 impl RoutingWithFallback {
-    /// Uses `primary` when given (e.g. [`OsrmRouting`]); `None` = straight line only (no
-    /// routing URL configured).
-    pub fn new(primary: Option<Arc<dyn Routing>>) -> Self {
-        Self { primary }
+    /// Asks `providers` in this order; an empty chain is straight line only.
+    pub fn new(providers: Vec<Provider>) -> Self {
+        Self { providers }
     }
 
-    /// Whether a router is configured.
-    pub fn has_primary(&self) -> bool {
-        self.primary.is_some()
+    /// The configured sources, in order (the straight line, always last, not included).
+    pub fn sources(&self) -> Vec<EtaSource> {
+        self.providers.iter().map(|p| p.source).collect()
     }
 
-    /// ETAs from each source to `destination` and whether they are routed (`true`) or
-    /// straight-line (`false`).
+    /// One ETA per source (same order) with the provider that gave it; `None` = unreachable
+    /// by road (an OSRM `null`), for [`crate::domain::dispatch::rank`] to drop.
     ///
-    /// Any router error (including an open breaker, or an answer of the wrong length) falls
-    /// back to the straight line, logged at warn with the error kind only (open breaker at
-    /// debug: the breaker logged its opening once). Routed `None` entries (unreachable) are
-    /// passed through for [`crate::domain::dispatch::rank`] to drop.
-    pub async fn etas(&self, sources: &[LatLng], destination: &LatLng) -> (Vec<Option<u32>>, bool) {
-        if let Some(primary) = &self.primary {
-            match primary.durations(sources, destination).await {
-                Ok(etas) if etas.len() == sources.len() => return (etas, true),
-                Ok(etas) => tracing::warn!(
-                    error.kind = "shape",
-                    expected = sources.len(),
-                    got = etas.len(),
-                    "routing answered the wrong number of ETAs; using straight-line ETAs"
-                ),
-                Err(RoutingError::CircuitOpen) => tracing::debug!(
-                    error.kind = "circuit_open",
-                    "routing circuit open; using straight-line ETAs"
-                ),
-                Err(e) => tracing::warn!(
-                    error.kind = e.kind(),
-                    error = %e,
-                    "routing failed; using straight-line ETAs"
-                ),
+    /// Each provider is asked for the units still without an ETA. Any error (an open breaker,
+    /// an answer of the wrong length included) hands all of them to the next provider; a `None`
+    /// from a provider whose [`Routing::none_falls_back`] hands that unit alone on. The straight
+    /// line answers whatever is left. Failures are logged with their kind only (an open breaker
+    /// at debug: the breaker logged its opening once) and counted per provider.
+    pub async fn etas(&self, sources: &[LatLng], destination: &LatLng) -> Vec<Option<RoutedEta>> {
+        let mut out: Vec<Option<RoutedEta>> = vec![None; sources.len()];
+        let mut pending: Vec<usize> = (0..sources.len()).collect();
+        for provider in &self.providers {
+            if pending.is_empty() {
+                break;
             }
+            let name = provider.source.as_str();
+            let asked: Vec<LatLng> = pending.iter().map(|&i| sources[i]).collect();
+            let started = Instant::now();
+            let result = provider.router.durations(&asked, destination).await;
+            metrics::counter!("shers_routing_calls_total", "provider" => name).increment(1);
+            metrics::histogram!("shers_routing_latency_seconds", "provider" => name)
+                .record(started.elapsed().as_secs_f64());
+            if let Some(breaker) = provider.router.breaker() {
+                metrics::gauge!("shers_routing_breaker_open", "provider" => name)
+                    .set(if breaker.is_open() { 1.0 } else { 0.0 });
+            }
+            let answer = match result {
+                Ok(etas) if etas.len() == asked.len() => etas,
+                Ok(etas) => {
+                    metrics::counter!("shers_routing_failures_total", "provider" => name, "kind" => "shape")
+                        .increment(1);
+                    tracing::warn!(
+                        routing.provider = name,
+                        error.kind = "shape",
+                        expected = asked.len(),
+                        got = etas.len(),
+                        "routing answered the wrong number of ETAs; asking the next provider"
+                    );
+                    continue;
+                }
+                Err(e) => {
+                    metrics::counter!("shers_routing_failures_total", "provider" => name, "kind" => e.kind())
+                        .increment(1);
+                    if matches!(e, RoutingError::CircuitOpen) {
+                        tracing::debug!(
+                            routing.provider = name,
+                            error.kind = "circuit_open",
+                            "routing circuit open; asking the next provider"
+                        );
+                    } else {
+                        tracing::warn!(
+                            routing.provider = name,
+                            error.kind = e.kind(),
+                            error = %e,
+                            "routing failed; asking the next provider"
+                        );
+                    }
+                    continue;
+                }
+            };
+            let falls_back = provider.router.none_falls_back();
+            let mut still = Vec::new();
+            for (i, eta) in pending.into_iter().zip(answer) {
+                match eta {
+                    Some(eta_s) => {
+                        out[i] = Some(RoutedEta {
+                            eta_s,
+                            source: provider.source,
+                        });
+                    }
+                    None if falls_back => still.push(i),
+                    None => {}
+                }
+            }
+            if !still.is_empty() {
+                metrics::counter!("shers_routing_unanswered_total", "provider" => name)
+                    .increment(still.len() as u64);
+            }
+            pending = still;
         }
-        (StraightLine::etas(sources, destination), false)
+        for i in pending {
+            out[i] = Some(RoutedEta {
+                eta_s: straight_line_eta_s(&sources[i], destination),
+                source: EtaSource::StraightLine,
+            });
+        }
+        out
     }
 }
 
@@ -869,7 +1335,7 @@ mod tests {
         fake.state().healthy.store(true, Ordering::SeqCst);
         advance(&now, Duration::from_secs(30));
         assert_eq!(osrm.durations(&one, &SCENE).await.unwrap(), [Some(42)]);
-        assert!(!osrm.breaker().is_open());
+        assert!(!osrm.breaker.is_open());
         assert_eq!(osrm.durations(&one, &SCENE).await.unwrap(), [Some(42)]);
         assert_eq!(fake.count(), 6);
         fake.stop().await;
@@ -886,7 +1352,7 @@ mod tests {
             ));
         }
         assert_eq!(fake.count(), 5);
-        assert!(!osrm.breaker().is_open());
+        assert!(!osrm.breaker.is_open());
         fake.stop().await;
     }
 
@@ -901,38 +1367,434 @@ mod tests {
         assert!(etas.iter().all(|e| e.is_some_and(|s| s > 0)));
     }
 
+    // ---- a real local fake Google Routes API ---------------------------------------------
+
+    /// For mode `flaky`: the HTTP status to answer (200 = the `ok` answer).
+    struct FakeGoogleState {
+        status: std::sync::atomic::AtomicU16,
+    }
+
+    /// `/{mode}/distanceMatrix/v2:computeRouteMatrix`. `ok` answers origin 0 with
+    /// `duration = 100 × (i + 1)` seconds, origin 1 with `ROUTE_NOT_FOUND`, origin 2 with an
+    /// element error, any further origin like origin 0, all in reverse order (origin 0's
+    /// `originIndex` omitted, as proto3 JSON omits zeros). `index` answers every origin with
+    /// `i + 1` s. A number mode answers that HTTP status.
+    async fn matrix(
+        req: HttpRequest,
+        body: web::Json<serde_json::Value>,
+        fake: web::Data<FakeGoogleState>,
+    ) -> HttpResponse {
+        let n = body["origins"].as_array().map_or(0, Vec::len);
+        let mode = req.match_info().get("mode").unwrap_or_default().to_owned();
+        let status = match mode.as_str() {
+            "flaky" => fake.status.load(Ordering::SeqCst),
+            m => m.parse().unwrap_or(200),
+        };
+        if status != 200 {
+            return HttpResponse::build(actix_web::http::StatusCode::from_u16(status).unwrap())
+                .json(json!({"error": {"code": status, "status": "UNAVAILABLE"}}));
+        }
+        let mut elements: Vec<serde_json::Value> = (0..n)
+            .map(|i| {
+                let mut e = match (mode.as_str(), i) {
+                    ("index", _) => json!({"status": {}, "condition": "ROUTE_EXISTS",
+                        "duration": format!("{}s", i + 1), "distanceMeters": 1000}),
+                    (_, 1) => json!({"status": {}, "condition": "ROUTE_NOT_FOUND"}),
+                    (_, 2) => json!({"status": {"code": 3, "message": "INVALID_ARGUMENT"}}),
+                    _ => json!({"status": {}, "condition": "ROUTE_EXISTS",
+                        "duration": format!("{}.5s", 100 * (i + 1) - 1),
+                        "distanceMeters": 1234}),
+                };
+                e["destinationIndex"] = json!(0);
+                if i > 0 {
+                    e["originIndex"] = json!(i);
+                }
+                e
+            })
+            .collect();
+        elements.reverse();
+        HttpResponse::Ok().json(elements)
+    }
+
+    struct FakeGoogle(FakeHttp<FakeGoogleState>);
+
+    impl FakeGoogle {
+        async fn start() -> Self {
+            Self(FakeHttp::start(
+                FakeGoogleState {
+                    status: std::sync::atomic::AtomicU16::new(200),
+                },
+                |cfg| {
+                    cfg.route(
+                        "/{mode}/distanceMatrix/v2:computeRouteMatrix",
+                        web::post().to(matrix),
+                    );
+                },
+            ))
+        }
+
+        fn base(&self, mode: &str) -> String {
+            format!("{}/{mode}", self.0.url())
+        }
+
+        fn google(&self, mode: &str) -> GoogleRouting {
+            GoogleRouting::new(
+                &self.base(mode),
+                Secret::new("test-key".to_owned()),
+                Duration::from_secs(2),
+            )
+            .unwrap()
+        }
+
+        fn google_with_clock(&self, mode: &str, clock: Clock) -> GoogleRouting {
+            GoogleRouting::with_clock(
+                &self.base(mode),
+                Secret::new("test-key".to_owned()),
+                Duration::from_secs(2),
+                CircuitBreaker::default(),
+                clock,
+            )
+            .unwrap()
+        }
+    }
+
+    fn google_waypoint(p: &LatLng) -> serde_json::Value {
+        json!({"waypoint": {"location": {"latLng": {"latitude": p.lat, "longitude": p.lng}}}})
+    }
+
     #[actix_web::test]
-    async fn fallback_uses_the_router_when_it_answers() {
-        let fake = Fake::start().await;
-        let routing = RoutingWithFallback::new(Some(Arc::new(fake.osrm("nulls"))));
+    async fn google_request_follows_the_contract_and_answers_match_by_index() {
+        let fake = FakeGoogle::start().await;
+        let google = fake.google("ok");
+        // Out of order, origin 1 ROUTE_NOT_FOUND, origin 2 an element error: no ETA for those.
         assert_eq!(
-            routing.etas(&SOURCES, &SCENE).await,
-            (vec![None, Some(62), None], true)
+            google.durations(&SOURCES, &SCENE).await.unwrap(),
+            [Some(100), None, None]
+        );
+        let requests = fake.0.requests();
+        assert_eq!(requests.len(), 1);
+        let r = &requests[0];
+        assert_eq!(r.method, actix_web::http::Method::POST);
+        assert_eq!(r.path, "/ok/distanceMatrix/v2:computeRouteMatrix");
+        assert_eq!(r.header("x-goog-api-key"), Some("test-key"));
+        assert_eq!(
+            r.header("x-goog-fieldmask"),
+            Some("originIndex,destinationIndex,status,condition,duration,distanceMeters")
+        );
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(
+            body,
+            json!({
+                "origins": SOURCES.iter().map(google_waypoint).collect::<Vec<_>>(),
+                "destinations": [google_waypoint(&SCENE)],
+                "travelMode": "DRIVE",
+                "routingPreference": "TRAFFIC_AWARE",
+            })
+        );
+        assert!(google.none_falls_back());
+        // No sources, no request; the key never shows in Debug.
+        assert_eq!(google.durations(&[], &SCENE).await.unwrap(), []);
+        assert_eq!(fake.0.count(), 1);
+        assert!(!format!("{google:?}").contains("test-key"));
+        fake.0.stop().await;
+    }
+
+    #[test]
+    fn google_elements_are_placed_by_index_and_checked() {
+        let parse = |v: serde_json::Value, n| match_elements(serde_json::from_value(v).unwrap(), n);
+        assert_eq!(
+            parse(
+                json!([
+                    {"originIndex": 2, "destinationIndex": 0, "duration": "7s"},
+                    {"originIndex": 1, "duration": "0s", "status": {"code": 0}},
+                    {"originIndex": 3, "duration": "12s", "condition": "ROUTE_NOT_FOUND"},
+                    {"duration": "30.2s", "condition": "ROUTE_EXISTS"},
+                    {"originIndex": 4, "duration": "soon"},
+                    {"originIndex": 5, "duration": "-3s"},
+                ]),
+                7
+            )
+            .unwrap(),
+            [Some(31), Some(0), Some(7), None, None, None, None]
+        );
+        for (bad, n) in [
+            (json!([{"originIndex": 3, "duration": "1s"}]), 3),
+            (json!([{"originIndex": 0}, {"originIndex": 0}]), 2),
+            (json!([{"originIndex": 0, "destinationIndex": 1}]), 1),
+        ] {
+            assert!(matches!(parse(bad, n), Err(RoutingError::Shape(_))));
+        }
+        assert_eq!(parse_google_duration("123s"), Some(123));
+        assert_eq!(parse_google_duration("123"), None);
+    }
+
+    #[actix_web::test]
+    async fn google_splits_more_than_625_elements() {
+        let fake = FakeGoogle::start().await;
+        let sources: Vec<LatLng> = (0..700)
+            .map(|i| LatLng {
+                lat: 52.0 + f64::from(i) * 1e-4,
+                lng: 13.0,
+            })
+            .collect();
+        let etas = fake
+            .google("index")
+            .durations(&sources, &SCENE)
+            .await
+            .unwrap();
+        let expected: Vec<Option<u32>> = (0..700u32).map(|i| Some(i % 625 + 1)).collect();
+        assert_eq!(etas, expected);
+        let sizes: Vec<usize> = fake
+            .0
+            .requests()
+            .iter()
+            .map(|r| {
+                let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+                body["origins"].as_array().unwrap().len()
+            })
+            .collect();
+        assert_eq!(sizes, [625, 75]);
+        fake.0.stop().await;
+    }
+
+    #[actix_web::test]
+    async fn google_errors_are_classified_and_trip_the_breaker_when_they_should() {
+        let fake = FakeGoogle::start().await;
+        for code in [429u16, 503, 500, 403] {
+            let google = fake.google(&code.to_string());
+            for _ in 0..3 {
+                let e = google.durations(&SOURCES, &SCENE).await.unwrap_err();
+                assert!(matches!(e, RoutingError::Status(c) if c == code), "{e:?}");
+            }
+            assert!(google.breaker.is_open(), "{code}");
+            assert!(matches!(
+                google.durations(&SOURCES, &SCENE).await,
+                Err(RoutingError::CircuitOpen)
+            ));
+        }
+        assert_eq!(fake.0.count(), 12);
+        // A refused question is not an outage.
+        let google = fake.google("400");
+        for _ in 0..4 {
+            let e = google.durations(&SOURCES, &SCENE).await.unwrap_err();
+            assert!(matches!(e, RoutingError::Refused(400)), "{e:?}");
+        }
+        assert!(!google.breaker.is_open());
+        fake.0.stop().await;
+    }
+
+    #[actix_web::test]
+    async fn google_timeout_trips_the_breaker() {
+        let fake = FakeGoogle::start().await;
+        fake.0.hold(usize::MAX);
+        let google = GoogleRouting::new(
+            &fake.base("ok"),
+            Secret::new("k".to_owned()),
+            Duration::from_millis(200),
+        )
+        .unwrap();
+        for _ in 0..3 {
+            let e = google.durations(&SOURCES, &SCENE).await.unwrap_err();
+            assert!(matches!(e, RoutingError::Timeout), "{e:?}");
+        }
+        assert!(google.breaker.is_open());
+        assert_eq!(fake.0.count(), 3);
+        fake.0.stop().await;
+    }
+
+    #[actix_web::test]
+    async fn google_answers_are_reused_for_at_most_30_s() {
+        let fake = FakeGoogle::start().await;
+        let (clock, now) = manual_clock();
+        let google = fake.google_with_clock("ok", clock);
+        let first = google.durations(&SOURCES, &SCENE).await.unwrap();
+        advance(&now, Duration::from_secs(29));
+        assert_eq!(google.durations(&SOURCES, &SCENE).await.unwrap(), first);
+        assert_eq!(
+            fake.0.count(),
+            1,
+            "same question within 30 s: no second call"
+        );
+        // Another question is asked.
+        google.durations(&SOURCES[..2], &SCENE).await.unwrap();
+        assert_eq!(fake.0.count(), 2);
+        // 30 s after the first answer it is stale.
+        advance(&now, Duration::from_secs(1));
+        google.durations(&SOURCES, &SCENE).await.unwrap();
+        assert_eq!(fake.0.count(), 3);
+        // Failures are not cached.
+        fake.0.state().status.store(503, Ordering::SeqCst);
+        let flaky = fake.google("flaky");
+        assert!(flaky.durations(&SOURCES, &SCENE).await.is_err());
+        fake.0.state().status.store(200, Ordering::SeqCst);
+        assert!(flaky.durations(&SOURCES, &SCENE).await.is_ok());
+        assert_eq!(fake.0.count(), 5);
+        fake.0.stop().await;
+    }
+
+    #[test]
+    fn the_answer_cache_is_bounded() {
+        let cache = AnswerCache::new(Duration::from_secs(30), 2);
+        let t = Instant::now();
+        let key = |i: u32| {
+            AnswerKey::new(
+                &[LatLng {
+                    lat: f64::from(i),
+                    lng: 0.0,
+                }],
+                &SCENE,
+            )
+        };
+        cache.put(key(1), vec![Some(1)], t);
+        cache.put(key(2), vec![Some(2)], t + Duration::from_secs(1));
+        cache.put(key(3), vec![Some(3)], t + Duration::from_secs(2));
+        assert_eq!(cache.len(), 2);
+        let at = t + Duration::from_secs(3);
+        assert_eq!(cache.get(&key(1), at), None, "the oldest went first");
+        assert_eq!(cache.get(&key(2), at), Some(vec![Some(2)]));
+        assert_eq!(cache.get(&key(3), at), Some(vec![Some(3)]));
+        assert_eq!(cache.get(&key(3), t + Duration::from_secs(32)), None);
+        assert_eq!(cache.len(), 1, "a stale entry read is dropped");
+    }
+
+    // ---- the provider chain ----------------------------------------------------------------
+
+    /// `/count/table/v1/driving/{coords}` on the fake OSRM answers `200 + i` s per source.
+    async fn counting_table(coords: web::Path<String>) -> HttpResponse {
+        let n = coords.split(';').count().saturating_sub(1);
+        let durations: Vec<Vec<f64>> = (0..n).map(|i| vec![200.0 + i as f64]).collect();
+        HttpResponse::Ok().json(json!({"code": "Ok", "durations": durations}))
+    }
+
+    fn counting_osrm() -> FakeHttp<()> {
+        FakeHttp::start((), |cfg| {
+            cfg.route("/table/v1/driving/{coords}", web::get().to(counting_table));
+        })
+    }
+
+    fn link(source: EtaSource, router: impl Routing + 'static) -> Provider {
+        Provider {
+            source,
+            router: Arc::new(router),
+        }
+    }
+
+    fn eta(eta_s: u32, source: EtaSource) -> Option<RoutedEta> {
+        Some(RoutedEta { eta_s, source })
+    }
+
+    fn straight(i: usize) -> Option<RoutedEta> {
+        eta(
+            straight_line_eta_s(&SOURCES[i], &SCENE),
+            EtaSource::StraightLine,
+        )
+    }
+
+    #[actix_web::test]
+    async fn units_without_a_google_eta_fall_back_alone() {
+        let google = FakeGoogle::start().await;
+        let osrm = counting_osrm();
+        let chain = RoutingWithFallback::new(vec![
+            link(EtaSource::Google, google.google("ok")),
+            link(
+                EtaSource::Osrm,
+                OsrmRouting::new(osrm.url(), Duration::from_secs(2)).unwrap(),
+            ),
+        ]);
+        assert_eq!(chain.sources(), [EtaSource::Google, EtaSource::Osrm]);
+        assert_eq!(
+            chain.etas(&SOURCES, &SCENE).await,
+            [
+                eta(100, EtaSource::Google),
+                eta(200, EtaSource::Osrm),
+                eta(201, EtaSource::Osrm)
+            ]
+        );
+        // OSRM was asked about the two units Google had no ETA for, only.
+        let osrm_asked = osrm.requests()[0].path.clone();
+        assert!(
+            osrm_asked.starts_with(
+                "/table/v1/driving/13.397634,52.529407;13.428555,52.523219;13.400000,52.520000"
+            ),
+            "{osrm_asked}"
+        );
+
+        // Google alone: those two take the straight line.
+        let chain = RoutingWithFallback::new(vec![link(EtaSource::Google, google.google("ok"))]);
+        assert_eq!(
+            chain.etas(&SOURCES, &SCENE).await,
+            [eta(100, EtaSource::Google), straight(1), straight(2)]
+        );
+        osrm.stop().await;
+        google.0.stop().await;
+    }
+
+    #[actix_web::test]
+    async fn a_failing_google_hands_the_whole_request_on_and_its_breaker_opens() {
+        let google = FakeGoogle::start().await;
+        let osrm = counting_osrm();
+        for code in ["429", "503"] {
+            let chain = RoutingWithFallback::new(vec![
+                link(EtaSource::Google, google.google(code)),
+                link(
+                    EtaSource::Osrm,
+                    OsrmRouting::new(osrm.url(), Duration::from_secs(2)).unwrap(),
+                ),
+            ]);
+            for _ in 0..5 {
+                assert_eq!(
+                    chain.etas(&SOURCES, &SCENE).await,
+                    [
+                        eta(200, EtaSource::Osrm),
+                        eta(201, EtaSource::Osrm),
+                        eta(202, EtaSource::Osrm)
+                    ]
+                );
+            }
+        }
+        // Three calls each opened Google's breaker; OSRM's stayed closed and answered all ten.
+        assert_eq!(google.0.count(), 6);
+        assert_eq!(osrm.count(), 10);
+
+        // OSRM down too: the straight line answers.
+        let chain = RoutingWithFallback::new(vec![
+            link(EtaSource::Google, google.google("503")),
+            link(
+                EtaSource::Osrm,
+                OsrmRouting::new(
+                    &format!("http://127.0.0.1:{}", free_port()),
+                    Duration::from_secs(2),
+                )
+                .unwrap(),
+            ),
+        ]);
+        assert_eq!(
+            chain.etas(&SOURCES, &SCENE).await,
+            [straight(0), straight(1), straight(2)]
+        );
+        osrm.stop().await;
+        google.0.stop().await;
+    }
+
+    #[actix_web::test]
+    async fn osrm_unreachable_units_stay_unreachable() {
+        let fake = Fake::start().await;
+        let chain = RoutingWithFallback::new(vec![link(EtaSource::Osrm, fake.osrm("nulls"))]);
+        assert_eq!(
+            chain.etas(&SOURCES, &SCENE).await,
+            [None, eta(62, EtaSource::Osrm), None]
         );
         fake.stop().await;
     }
 
     #[actix_web::test]
-    async fn fallback_returns_straight_line_etas_when_routing_fails() {
-        let fake = Fake::start().await;
-        let straight = StraightLine::etas(&SOURCES, &SCENE);
-        let routing = RoutingWithFallback::new(Some(Arc::new(fake.osrm("down"))));
-        for _ in 0..5 {
-            assert_eq!(
-                routing.etas(&SOURCES, &SCENE).await,
-                (straight.clone(), false)
-            );
-        }
-        // Three failures opened the breaker; the last two never reached the fake.
-        assert_eq!(fake.count(), 3);
-
-        let routing = RoutingWithFallback::new(None);
-        assert!(!routing.has_primary());
+    async fn an_empty_chain_is_the_straight_line() {
+        let chain = RoutingWithFallback::default();
+        assert!(chain.sources().is_empty());
         assert_eq!(
-            routing.etas(&SOURCES, &SCENE).await,
-            (straight.clone(), false)
+            chain.etas(&SOURCES, &SCENE).await,
+            [straight(0), straight(1), straight(2)]
         );
-        fake.stop().await;
     }
 
     /// A router that answers with the wrong number of ETAs.
@@ -949,11 +1811,11 @@ mod tests {
     }
 
     #[actix_web::test]
-    async fn fallback_rejects_an_answer_of_the_wrong_length() {
-        let routing = RoutingWithFallback::new(Some(Arc::new(Short)));
+    async fn an_answer_of_the_wrong_length_is_handed_on() {
+        let chain = RoutingWithFallback::new(vec![link(EtaSource::Osrm, Short)]);
         assert_eq!(
-            routing.etas(&SOURCES, &SCENE).await,
-            (StraightLine::etas(&SOURCES, &SCENE), false)
+            chain.etas(&SOURCES, &SCENE).await,
+            [straight(0), straight(1), straight(2)]
         );
     }
 }

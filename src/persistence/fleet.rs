@@ -311,6 +311,8 @@ pub struct OfferRecord {
     pub eta_s: u32,
     /// Why this unit (`closest_by_eta`, `closest_by_distance`, `manual`).
     pub reason: String,
+    /// Which provider gave `eta_s` (`google`, `osrm`, `straight_line`).
+    pub eta_source: String,
     /// When offered (NEMSIS eTimes.03 for the first).
     pub offered_at: DateTime<Utc>,
     /// When it lapses.
@@ -335,6 +337,7 @@ struct OfferRow {
     expires_at: chrono::NaiveDateTime,
     responded_at: Option<chrono::NaiveDateTime>,
     decline_reason: Option<String>,
+    eta_source: String,
 }
 
 /// Offers as stored, ready to insert or bind.
@@ -357,15 +360,16 @@ impl OfferRows {
                     expires_at: to_db_time(o.expires_at),
                     responded_at: o.responded_at.map(to_db_time),
                     decline_reason: o.decline_reason.clone(),
+                    eta_source: o.eta_source.clone(),
                 })
                 .collect(),
         )
     }
 
     /// The columns as PostgreSQL arrays, in table order: id, incident id, unit id, round,
-    /// status, ETA, reason, offered, expires, responded, decline reason (`text[]`, `text[]`,
-    /// `text[]`, `int4[]`, `text[]`, `int4[]`, `text[]`, then `timestamp[]` three times and
-    /// `text[]`).
+    /// status, ETA, reason, offered, expires, responded, decline reason, ETA source (`text[]`,
+    /// `text[]`, `text[]`, `int4[]`, `text[]`, `int4[]`, `text[]`, then `timestamp[]` three
+    /// times and `text[]` twice).
     pub(crate) fn columns(&self) -> Vec<Bind<'_>> {
         let rows = &self.0;
         vec![
@@ -380,6 +384,7 @@ impl OfferRows {
             Bind::Timestamps(rows.iter().map(|r| r.expires_at).collect()),
             Bind::OptTimestamps(rows.iter().map(|r| r.responded_at).collect()),
             Bind::OptTexts(rows.iter().map(|r| r.decline_reason.as_deref()).collect()),
+            Bind::Texts(rows.iter().map(|r| r.eta_source.as_str()).collect()),
         ]
     }
 }
@@ -403,7 +408,8 @@ pub async fn insert_offers(conn: &mut DbConn, batch: &[OfferRecord]) -> Result<(
         // `values(&rows)` is parsed anew each time, a round trip that stalls a pipelined batch).
         const INSERT_OFFERS_PG: &[&str] = &[
             "INSERT INTO offers (id, incident_id, unit_id, round, status, eta_s, reason, \
-             offered_at, expires_at, responded_at, decline_reason) SELECT * FROM unnest(",
+             offered_at, expires_at, responded_at, decline_reason, eta_source) \
+             SELECT * FROM unnest(",
             "::text[], ",
             "::text[], ",
             "::text[], ",
@@ -414,6 +420,7 @@ pub async fn insert_offers(conn: &mut DbConn, batch: &[OfferRecord]) -> Result<(
             "::timestamp[], ",
             "::timestamp[], ",
             "::timestamp[], ",
+            "::text[], ",
             "::text[])",
         ];
         struct InsertOffersPg;
@@ -483,6 +490,7 @@ fn offer_from_row(r: OfferRow) -> OfferRecord {
         expires_at: from_db_time(r.expires_at),
         responded_at: r.responded_at.map(from_db_time),
         decline_reason: r.decline_reason,
+        eta_source: r.eta_source,
     }
 }
 

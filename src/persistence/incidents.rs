@@ -477,7 +477,7 @@ const CREATE_PG: &[&str] = &[
     "::text[]) AS t(id, recipient_name, channel, address, template, idempotency_key) \
      ON CONFLICT (idempotency_key) DO NOTHING), \
      off AS (INSERT INTO offers (id, incident_id, unit_id, round, status, eta_s, reason, \
-     offered_at, expires_at, responded_at, decline_reason) SELECT * FROM unnest(",
+     offered_at, expires_at, responded_at, decline_reason, eta_source) SELECT * FROM unnest(",
     "::text[], ",
     "::text[], ",
     "::text[], ",
@@ -488,6 +488,7 @@ const CREATE_PG: &[&str] = &[
     "::timestamp[], ",
     "::timestamp[], ",
     "::timestamp[], ",
+    "::text[], ",
     "::text[])) \
      SELECT count(*) AS stored FROM ev",
 ];

@@ -221,6 +221,7 @@ diesel::table! {
         expires_at -> Timestamp,
         responded_at -> Nullable<Timestamp>,
         decline_reason -> Nullable<Text>,
+        eta_source -> Text,
     }
 }
 

@@ -1142,6 +1142,7 @@ async fn a_new_incident_is_one_statement_and_all_or_nothing(backend: Backend) {
             status: "pending".into(),
             eta_s: 240,
             reason: "closest_by_distance".into(),
+            eta_source: "google".into(),
             offered_at: now,
             expires_at: now + chrono::Duration::seconds(30),
             responded_at: None,

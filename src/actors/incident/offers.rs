@@ -171,6 +171,7 @@ pub(super) fn offer_records(
                     .ok()
                     .and_then(|v| v.as_str().map(str::to_owned))
                     .unwrap_or_default(),
+                eta_source: c.eta_source.as_str().to_owned(),
                 offered_at: now,
                 expires_at,
                 responded_at: None,
@@ -197,6 +198,7 @@ pub(super) fn send_offers(
                 priority,
                 location,
                 eta_s: record.eta_s,
+                eta_source: record.eta_source.clone(),
                 expires_at,
             },
             reference: state.reference.clone(),

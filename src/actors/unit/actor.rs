@@ -49,6 +49,8 @@ pub struct OfferFrame {
     pub location: LatLng,
     /// Estimated drive, seconds.
     pub eta_s: u32,
+    /// Which provider gave `eta_s` (`google`, `osrm`, `straight_line`).
+    pub eta_source: String,
     /// When the offer lapses.
     pub expires_at: DateTime<Utc>,
 }

@@ -431,8 +431,8 @@ impl Handler<ReserveRound> for Fleet {
             if shortlisted.is_empty() || k == 0 {
                 return Vec::new();
             }
-            let (etas, routed) = routing.etas(&positions, &scene).await;
-            let mut ranked = rank(shortlisted, routed.then_some(etas.as_slice()), priority)
+            let etas = routing.etas(&positions, &scene).await;
+            let mut ranked = rank(shortlisted, Some(&etas), priority)
                 .into_iter()
                 .filter_map(|c| addrs.get(&c.unit_id).cloned().map(|addr| (c, addr)));
             let mut reserved = Vec::with_capacity(k);
