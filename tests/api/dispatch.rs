@@ -379,6 +379,7 @@ async fn crew_websocket_gets_offers_and_replays_after_reconnect() {
     assert_eq!(offer["type"], "offer");
     assert_eq!(offer["incident_id"], id.as_str());
     assert!(offer["eta_s"].as_u64().unwrap() > 0);
+    assert_eq!(offer["eta_source"], "straight_line", "no router configured");
     assert!(offer["expires_at"].is_string());
     socket.close(None).await.unwrap();
     // Reconnect: the pending offer comes again.
@@ -737,6 +738,7 @@ async fn routed_etas_beat_straight_line_and_fall_back_when_routing_is_down() {
     assert_eq!(pending_offers(&incident)[0].1, "FAR", "routed ETA wins");
     assert_eq!(incident["offers"][0]["reason"], "closest_by_eta");
     assert_eq!(incident["offers"][0]["eta_s"], 60);
+    assert_eq!(incident["offers"][0]["eta_source"], "osrm");
     app.cancel_incident(&id, Role::Console, "x").await;
 
     // Routing down: straight-line fallback picks the nearer unit.
@@ -757,6 +759,207 @@ async fn routed_etas_beat_straight_line_and_fall_back_when_routing_is_down() {
         .await;
     assert_eq!(pending_offers(&incident)[0].1, "NEAR");
     assert_eq!(incident["offers"][0]["reason"], "closest_by_distance");
+    assert_eq!(incident["offers"][0]["eta_source"], "straight_line");
+}
+
+both_backends!(google_etas_rank_offers_and_fall_back_per_unit_and_per_outage);
+
+/// Units of the Google routing test, by offset north of the scene: NEAR is nearest in a
+/// straight line, FAR farthest; Google has no route for NOROUTE and an element error for ERR.
+const GOOGLE_UNITS: [(&str, f64); 4] = [
+    ("NEAR", 0.002),
+    ("NOROUTE", 0.005),
+    ("ERR", 0.008),
+    ("FAR", 0.02),
+];
+
+/// Which of [`GOOGLE_UNITS`] sits at this latitude.
+fn google_unit_at(lat: f64) -> &'static str {
+    GOOGLE_UNITS
+        .iter()
+        .find(|(_, off)| (lat - SCENE.0 - off).abs() < 1e-4)
+        .map_or("?", |(name, _)| name)
+}
+
+/// A fake Google Routes API: answers out of order (reversed), FAR 60 s, NEAR 900 s, NOROUTE
+/// `ROUTE_NOT_FOUND`, ERR an element error; or, when its state holds a status, that status.
+async fn fake_google_matrix(
+    status: actix_web::web::Data<std::sync::atomic::AtomicU16>,
+    body: actix_web::web::Json<Value>,
+) -> actix_web::HttpResponse {
+    use std::sync::atomic::Ordering;
+    let code = status.load(Ordering::SeqCst);
+    if code != 200 {
+        return actix_web::HttpResponse::build(
+            actix_web::http::StatusCode::from_u16(code).unwrap(),
+        )
+        .json(json!({"error": {"code": code}}));
+    }
+    let origins = body["origins"].as_array().unwrap();
+    let mut elements: Vec<Value> = origins
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let lat = o["waypoint"]["location"]["latLng"]["latitude"]
+                .as_f64()
+                .unwrap();
+            let mut e = match google_unit_at(lat) {
+                "FAR" => json!({"status": {}, "condition": "ROUTE_EXISTS", "duration": "60s"}),
+                "NEAR" => json!({"status": {}, "condition": "ROUTE_EXISTS", "duration": "900s"}),
+                "NOROUTE" => json!({"status": {}, "condition": "ROUTE_NOT_FOUND"}),
+                _ => json!({"status": {"code": 3, "message": "INVALID_ARGUMENT"}}),
+            };
+            e["originIndex"] = json!(i);
+            e["destinationIndex"] = json!(0);
+            e
+        })
+        .collect();
+    elements.reverse();
+    actix_web::HttpResponse::Ok().json(elements)
+}
+
+/// A fake OSRM: NEAR 50 s, ERR 100 s, NOROUTE 200 s, FAR 1000 s; 500 when down.
+async fn fake_osrm_table(
+    up: actix_web::web::Data<std::sync::atomic::AtomicBool>,
+    coords: actix_web::web::Path<String>,
+) -> actix_web::HttpResponse {
+    if !up.load(std::sync::atomic::Ordering::SeqCst) {
+        return actix_web::HttpResponse::InternalServerError().finish();
+    }
+    let points: Vec<&str> = coords.split(';').collect();
+    let durations: Vec<Vec<f64>> = points[..points.len() - 1]
+        .iter()
+        .map(|p| {
+            let lat: f64 = p.split(',').nth(1).unwrap().parse().unwrap();
+            vec![match google_unit_at(lat) {
+                "NEAR" => 50.0,
+                "ERR" => 100.0,
+                "NOROUTE" => 200.0,
+                _ => 1000.0,
+            }]
+        })
+        .collect();
+    actix_web::HttpResponse::Ok().json(json!({"code": "Ok", "durations": durations}))
+}
+
+async fn google_etas_rank_offers_and_fall_back_per_unit_and_per_outage(backend: Backend) {
+    use actix_web::web;
+    use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+    let google = FakeHttp::start(AtomicU16::new(200), |cfg| {
+        cfg.route(
+            "/distanceMatrix/v2:computeRouteMatrix",
+            web::post().to(fake_google_matrix),
+        );
+    });
+    let osrm = FakeHttp::start(AtomicBool::new(true), |cfg| {
+        cfg.route("/table/v1/driving/{coords}", web::get().to(fake_osrm_table));
+    });
+    let app = TestApp::builder(backend)
+        .with_settings(|s| {
+            s.routing.providers = vec![
+                shers::config::RoutingProvider::Google,
+                shers::config::RoutingProvider::Osrm,
+            ];
+            s.routing.google_api_key = Some(shers::config::Secret::new("test-key".to_owned()));
+            s.routing.google_base_url = google.url().to_owned();
+            s.routing.base_url = Some(osrm.url().to_owned());
+            // The fakes answer at once: no call waits for these, and a busy machine never
+            // turns an answer into a timeout.
+            s.routing.google_timeout_ms = 60_000;
+            s.routing.timeout_ms = 60_000;
+            s.dispatch.offers_per_round = 3;
+        })
+        .start()
+        .await;
+    for (name, off) in GOOGLE_UNITS {
+        app.add_unit(name, SCENE.0 + off, SCENE.1, "als").await;
+    }
+    // One emergency: the three best of four by ETA, each ETA with the provider that gave it.
+    let offered = async |lat: f64| -> Vec<(String, u64, String)> {
+        let body: Value = app
+            .create_incident(
+                Role::Console,
+                &json!({"location": {"lat": lat, "lng": SCENE.1}, "priority": "urgent"}),
+            )
+            .await
+            .json()
+            .await
+            .unwrap();
+        let id = body["id"].as_str().unwrap().to_owned();
+        let incident = app
+            .wait_incident(&id, |i| pending_offers(i).len() == 3)
+            .await;
+        let mut offers: Vec<(String, u64, String)> = incident["offers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| {
+                (
+                    o["unit_id"].as_str().unwrap().to_owned(),
+                    o["eta_s"].as_u64().unwrap(),
+                    o["eta_source"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        offers.sort_by_key(|o| o.1);
+        app.cancel_incident(&id, Role::Console, "x").await;
+        crate::helpers::eventually("every unit available again", || async {
+            let units: Value = app.units(Role::Console).await.json().await.unwrap();
+            units["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|u| u["status"] == "available")
+                .then_some(())
+        })
+        .await;
+        offers
+    };
+    let o = |unit: &str, eta: u64, source: &str| (unit.to_owned(), eta, source.to_owned());
+
+    // Google ranks: FAR (farthest in a straight line, 60 s by Google) first, NEAR (900 s) not
+    // offered; NOROUTE and ERR had no Google ETA and took OSRM's, unit by unit.
+    let google_ranked = vec![
+        o("FAR", 60, "google"),
+        o("ERR", 100, "osrm"),
+        o("NOROUTE", 200, "osrm"),
+    ];
+    assert_eq!(offered(SCENE.0).await, google_ranked);
+    assert_eq!(google.count(), 1);
+    let r = &google.requests()[0];
+    assert_eq!(r.header("x-goog-api-key"), Some("test-key"));
+    // A second emergency at the same scene within 30 s: Google's answer is reused.
+    assert_eq!(offered(SCENE.0).await, google_ranked);
+    assert_eq!(google.count(), 1, "no second billed call");
+
+    // Google out (429, then 503 twice; another scene, so nothing cached): OSRM answers the
+    // whole request, and after three failures Google's breaker stops the calls.
+    let elsewhere = SCENE.0 - 0.0005;
+    let osrm_ranked = vec![
+        o("NEAR", 50, "osrm"),
+        o("ERR", 100, "osrm"),
+        o("NOROUTE", 200, "osrm"),
+    ];
+    for code in [429, 503, 503, 503] {
+        google.state().store(code, Ordering::SeqCst);
+        assert_eq!(offered(elsewhere).await, osrm_ranked, "{code}");
+    }
+    assert_eq!(google.count(), 4, "the breaker opened after three failures");
+
+    // OSRM down too: the straight line, nearest first.
+    osrm.state().store(false, Ordering::SeqCst);
+    let offers = offered(elsewhere).await;
+    assert_eq!(
+        offers
+            .iter()
+            .map(|o| (o.0.as_str(), o.2.as_str()))
+            .collect::<Vec<_>>(),
+        [
+            ("NEAR", "straight_line"),
+            ("NOROUTE", "straight_line"),
+            ("ERR", "straight_line")
+        ]
+    );
 }
 
 both_backends!(pending_offers_are_offered_again_after_an_abrupt_stop);
