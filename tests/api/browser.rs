@@ -431,6 +431,14 @@ async fn the_dashboard_shows_a_new_emergency_live_and_markup_as_text() {
             json!([reference]),
         )
         .await;
+    // Each offer shows its ETA and who gave it (no router here: the straight line).
+    browser
+        .wait_for(
+            "the offer's ETA source",
+            "return [...document.querySelectorAll('#detail dd')].some(d => d.textContent.startsWith('Bravo 1: ') && d.textContent.includes('(straight line)'))",
+            json!([]),
+        )
+        .await;
     let shot = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/dashboard-screenshot.png");
     // `target/` is absent when the build went to another CARGO_TARGET_DIR.
     std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
