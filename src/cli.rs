@@ -52,6 +52,9 @@ pub enum Command {
     /// Crash-point drills.
     #[command(subcommand)]
     Fault(FaultCommand),
+    /// Serve a stand-in Google Routes / OSRM router that answers after a fixed delay
+    /// (benchmarks only: `scripts/routing-bench.sh`).
+    FakeRouting(crate::sim::fake_routing::FakeRoutingArgs),
 }
 
 /// `fault` subcommands.
@@ -277,6 +280,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Loadgen(args) => {
             init_tracing(crate::config::LogFormat::Text);
             crate::sim::loadgen::run((**args).clone()).await?;
+        }
+        Command::FakeRouting(args) => {
+            init_tracing(crate::config::LogFormat::Text);
+            crate::sim::fake_routing::run(args.clone()).await?;
         }
         Command::Migrate(args) => {
             let settings = settings(&cli, None)?;

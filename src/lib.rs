@@ -10,7 +10,8 @@
 //! - [`persistence`]: diesel + diesel-async on SQLite and PostgreSQL; the event store.
 //! - [`integrations`]: outbound adapters (routing, payments, insurance, notifications).
 //! - [`http`]: actix-web handlers; validate, authorise, send a message; no business rules.
-//! - [`sim`]: the demo city and the load generator, which use only the public API.
+//! - [`sim`]: the demo city, the load generator and a stand-in router for benchmarks, which use
+//!   only the public API.
 //! - [`fault`]: named crash points for recovery drills (imports nothing of the crate).
 //! - [`app`]: the composition root; [`config`]: layered settings; [`cli`]: the command line.
 //! - [`cluster`]: one node of several sharing PostgreSQL and Redis: the front, the lease

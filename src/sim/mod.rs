@@ -7,6 +7,7 @@ pub mod client;
 pub mod clock;
 pub mod crews;
 pub mod demo;
+pub mod fake_routing;
 pub mod loadgen;
 pub mod rng;
 pub mod wearables;
