@@ -786,11 +786,14 @@ impl AnswerKey {
     }
 }
 
+/// Cached answers by question, with when each was stored.
+type Answers = HashMap<AnswerKey, (Instant, Vec<Option<u32>>)>;
+
 /// Recent whole answers, bounded in age and in count.
 struct AnswerCache {
     ttl: Duration,
     capacity: usize,
-    entries: Mutex<HashMap<AnswerKey, (Instant, Vec<Option<u32>>)>>,
+    entries: Mutex<Answers>,
 }
 
 impl AnswerCache {
@@ -802,7 +805,7 @@ impl AnswerCache {
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<AnswerKey, (Instant, Vec<Option<u32>>)>> {
+    fn lock(&self) -> MutexGuard<'_, Answers> {
         // Every update is one insert or remove: the map stays usable after a panic.
         self.entries.lock().unwrap_or_else(|e| e.into_inner())
     }
