@@ -326,6 +326,14 @@ async fn control_characters_are_refused_in_every_field(backend: Backend) {
         },
         BodyCase {
             method: Method::POST,
+            template: "/api/v1/units/{id}/push-tokens",
+            path: "/api/v1/units/UNIT-1/push-tokens".into(),
+            caller: Caller::Crew,
+            body: json!({"token": "fcm-token-1", "platform": "android"}),
+            fields: vec![("/token", Line), ("/platform", Line)],
+        },
+        BodyCase {
+            method: Method::POST,
             template: "/insurance/v1/policies",
             path: api::INSURANCE_POLICIES.into(),
             caller: Caller::Admin,
